@@ -1,0 +1,3 @@
+//! (being written)
+/// The validated configuration.
+pub struct Config {}

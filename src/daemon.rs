@@ -1,0 +1,5 @@
+//! (being written)
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn main(_config: crate::config::Config) -> anyhow::Result<()> {
+    Ok(())
+}

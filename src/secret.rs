@@ -1,0 +1,57 @@
+//! A string that must never be printed: refresh tokens, access tokens, client secrets.
+//!
+//! `Secret` has no `Display`, no `Serialize`, and a `Debug` that prints `[redacted]`, so a
+//! secret cannot reach a log line, an error body or a panic message by accident. Reading the
+//! value takes an explicit [`Secret::expose`], which is easy to grep for in review.
+//!
+//! **Architecture Invariant:** every token or secret in tokend's memory is a `Secret` until
+//! the instant it is written to the wire, the ledger, or a caller that asked for it.
+
+use std::fmt;
+
+/// A secret string. Compare with [`Secret::expose`]; there is deliberately no `PartialEq`
+/// so that secrets are not compared (and timed) casually.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value that must never be printed.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The raw value, for the wire, the ledger, or the caller who asked for a token.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when the secret is the empty string (an unset credential).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let s = Secret::new("rt-super-secret");
+        let printed = format!("{s:?} {:?}", Some(s.clone()));
+        assert!(!printed.contains("super-secret"), "{printed}");
+        assert_eq!(s.expose(), "rt-super-secret");
+    }
+}
