@@ -1,5 +1,136 @@
-//! (being written)
-/// Runs the daemon until SIGTERM/SIGINT.
-pub fn main(_config: crate::config::Config) -> anyhow::Result<()> {
+//! Daemon wiring: logging, the runtime, the ledger, the engine, the socket, and shutdown.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future (so tests and socket
+//! activation can hand in their own); [`main`] binds the configured socket, installs the
+//! signal handlers and calls it. Shutdown order: stop accepting, let requests in progress
+//! finish (bounded), let in-flight refreshes commit (bounded), remove the socket.
+
+use crate::api::{self, AccessPolicy, ApiState};
+use crate::config::{Config, LogFormat};
+use crate::ledger::Ledger;
+use crate::provider::Atlassian;
+use crate::refresh::Engine;
+use anyhow::Context;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::UnixListener;
+
+/// How long requests in progress may take to finish after a stop signal.
+pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
+
+/// How long in-flight refreshes may take to commit after a stop signal. A refresh is bounded
+/// by `refresh.request_timeout`; this adds room for the commit. One that does not finish is
+/// not lost: its attempt marker makes the next start retry it inside the reuse leeway.
+pub const REFRESH_GRACE_EXTRA: Duration = Duration::from_secs(5);
+
+/// Sets up logging: text on stderr (no timestamps when journald adds its own), or JSON.
+/// The level comes from `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text if under_journald => builder.without_time().with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn main(config: Config) -> anyhow::Result<()> {
+    init_logging(config.daemon.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = api::server::bind(&config.daemon.socket_path, config.daemon.socket_mode)?;
+        let socket_path = config.daemon.socket_path.clone();
+        let result = run(config, listener, shutdown_signal()).await;
+        let _ = std::fs::remove_file(&socket_path);
+        result
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// Runs the daemon on an already-bound socket until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ledger = Ledger::open(&config.daemon.state_dir)?;
+    tracing::info!(ledger = %ledger.path().display(), "ledger open");
+    let provider = Atlassian::new(
+        config.providers.atlassian.clone(),
+        config.refresh.request_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(reason) = provider.not_configured() {
+        tracing::warn!("{reason}; tokend serves, but cannot add or refresh connections until then");
+    }
+    let engine = Engine::load(ledger, provider, config.refresh.clone())
+        .await
+        .context("cannot load the ledger")?;
+    let (active, needs_reauth) = engine.status_counts();
+    tracing::info!(
+        active,
+        needs_reauth,
+        socket = %config.daemon.socket_path.display(),
+        "tokend serving"
+    );
+    let state = ApiState {
+        engine: engine.clone(),
+        access: Arc::new(RwLock::new(AccessPolicy {
+            own_uid: rustix::process::geteuid().as_raw(),
+            config: config.access.clone(),
+        })),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let scheduler = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(engine.clone().run_scheduler(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    api::server::serve(listener, api::router(state), shutdown, REQUEST_GRACE).await;
+    let _ = stop_tx.send(true);
+    let _ = scheduler.await;
+    if !engine
+        .drain(config.refresh.request_timeout + REFRESH_GRACE_EXTRA)
+        .await
+    {
+        tracing::warn!("stopping with a refresh still in flight; it is retried at the next start");
+    }
+    tracing::info!("tokend stopped");
     Ok(())
 }

@@ -1,1 +1,897 @@
-//! (being written)
+//! The ledger: tokend's SQLite database of connections, sites and their history.
+//!
+//! This is the only module that knows SQL. It owns the schema and its migrations, opens the
+//! database with WAL and `synchronous=FULL` (a committed rotation survives power loss), holds
+//! an exclusive lock file so that only one daemon writes a state directory, and exposes a
+//! handful of operations that each run in one transaction.
+//!
+//! **Architecture Invariant:** a rotated refresh token is committed here, and the commit has
+//! returned, before any caller is handed the access token that came with it.
+//!
+//! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
+//! and never holds a secret; only housekeeping deletes its oldest rows.
+
+use crate::model::{AccessToken, Chain, Connection, Event, LastError, Record, Site, Status, Time};
+use crate::secret::Secret;
+use chrono::{TimeZone, Utc};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a statement waits for a lock held by another connection (a backup tool, say)
+/// before failing. Long enough to ride out `sqlite3 .backup`, short enough to surface a
+/// stuck disk.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one entry per version. Entry `i` takes a ledger from `user_version = i` to
+/// `i + 1`. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: connections, sites, events.
+    r#"
+    CREATE TABLE connections (
+        id TEXT PRIMARY KEY,
+        label TEXT NOT NULL UNIQUE,
+        provider TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        account_id TEXT,
+        status TEXT NOT NULL CHECK (status IN ('active', 'needs_reauth')),
+        scopes TEXT NOT NULL,
+        refresh_token TEXT NOT NULL,
+        refresh_token_rotated_at INTEGER NOT NULL,
+        previous_refresh_token TEXT,
+        previous_rotated_at INTEGER,
+        attempt_started_at INTEGER,
+        access_token TEXT,
+        access_token_expires_at INTEGER,
+        consented_at INTEGER NOT NULL,
+        last_refresh_at INTEGER,
+        last_error_code TEXT,
+        last_error_message TEXT,
+        last_error_at INTEGER,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX connections_chain_identity
+        ON connections (provider, client_id, account_id) WHERE account_id IS NOT NULL;
+    CREATE TABLE sites (
+        connection_id TEXT NOT NULL REFERENCES connections (id) ON DELETE CASCADE,
+        cloud_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        first_seen_at INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        removed_at INTEGER,
+        PRIMARY KEY (connection_id, cloud_id, url)
+    ) STRICT;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        connection_id TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX events_by_connection ON events (connection_id, seq);
+    CREATE TRIGGER events_append_only BEFORE UPDATE ON events
+    BEGIN
+        SELECT RAISE(ABORT, 'events are append-only');
+    END;
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// What can go wrong with the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The state directory or database file could not be created or opened.
+    #[error("cannot open ledger {path}: {source}")]
+    Open {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another process holds the state directory's lock.
+    #[error(
+        "another tokend is already using the state directory {0} (lock file held); only one daemon may write a ledger"
+    )]
+    Locked(PathBuf),
+    /// The ledger was written by a newer tokend.
+    #[error(
+        "ledger {path} has schema version {found}, newer than this tokend understands ({supported}); run a newer tokend or restore a backup"
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// [`SCHEMA_VERSION`].
+        supported: i64,
+    },
+    /// A row could not be understood (a corrupt or hand-edited ledger).
+    #[error("ledger row is invalid: {0}")]
+    Corrupt(String),
+    /// A compare-and-swap on the refresh token failed: someone changed the chain under us.
+    #[error("connection {0} changed concurrently; refusing to overwrite its chain")]
+    Conflict(String),
+    /// The label is already taken by another connection.
+    #[error("the label {0:?} is already used by another connection")]
+    LabelTaken(String),
+    /// SQLite failed (full disk, I/O error, ...).
+    #[error("ledger write failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The blocking task running the statement died.
+    #[error("ledger task failed: {0}")]
+    Task(String),
+}
+
+/// A cheap, cloneable handle on the ledger. Statements run on tokio's blocking pool.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Mutex<rusqlite::Connection>,
+    path: PathBuf,
+    /// Held for the life of the daemon: an exclusive `flock` on `<state_dir>/tokend.lock`.
+    _lock: File,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) `<state_dir>/ledger.db`, takes the state directory's lock,
+    /// and migrates the schema to [`SCHEMA_VERSION`].
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let open_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LedgerError::Open { path, source }
+        };
+        if !state_dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(open_err(state_dir))?;
+        }
+        let lock_path = state_dir.join("tokend.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(open_err(&lock_path))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                return Err(LedgerError::Locked(state_dir.to_path_buf()));
+            }
+            Err(e) => return Err(open_err(&lock_path)(e.into())),
+        }
+        let path = state_dir.join("ledger.db");
+        // Create the file ourselves so it is 0600 from the first byte; SQLite gives the WAL
+        // and shm files the same mode.
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(open_err(&path))?;
+        let mut db = rusqlite::Connection::open(&path)?;
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+        db.busy_timeout(BUSY_TIMEOUT)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut db, &path)?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                db: Mutex::new(db),
+                path,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with the database on the blocking pool.
+    async fn call<R, F>(&self, f: F) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> Result<R, LedgerError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = inner.db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut db)
+        })
+        .await
+        .map_err(|e| LedgerError::Task(e.to_string()))?
+    }
+
+    /// Every connection with its chain and sites (removed sites excluded).
+    pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
+        self.call(|db| {
+            let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
+            let mut records = stmt
+                .query_map([], row_to_record)?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            for rec in &mut records {
+                rec.conn.sites = load_sites(db, &rec.conn.id)?;
+            }
+            Ok(records)
+        })
+        .await
+    }
+
+    /// Inserts a new connection with its first events.
+    pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let taken: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM connections WHERE label = ?1",
+                    [&rec.conn.label],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if taken.is_some() {
+                return Err(LedgerError::LabelTaken(rec.conn.label.clone()));
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
+                    placeholders(CONNECTION_COLUMN_COUNT)
+                ),
+                rusqlite::params_from_iter(record_values(&rec)),
+            )?;
+            write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
+            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Overwrites a connection's row (not its sites) and appends events, in one durable
+    /// transaction. With `expect_refresh_token`, the write happens only if the stored refresh
+    /// token is still that one (compare-and-swap), so a stale writer can never replace a newer
+    /// chain with an older one.
+    pub async fn save(
+        &self,
+        rec: Record,
+        expect_refresh_token: Option<Secret>,
+        events: Vec<Event>,
+    ) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(expected) = &expect_refresh_token {
+                let stored: Option<String> = tx
+                    .query_row(
+                        "SELECT refresh_token FROM connections WHERE id = ?1",
+                        [&rec.conn.id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if stored.as_deref() != Some(expected.expose()) {
+                    return Err(LedgerError::Conflict(rec.conn.id.clone()));
+                }
+            }
+            let n = update_row(&tx, &rec)?;
+            if n == 0 {
+                return Err(LedgerError::Conflict(rec.conn.id.clone()));
+            }
+            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves the chain of `from` (a connection just created by an import or a consent) into
+    /// `into` (the existing connection of the same account) and deletes `from`, in one
+    /// transaction. `merged` is the resulting record of `into`.
+    pub async fn merge(
+        &self,
+        from: String,
+        merged: Record,
+        events: Vec<Event>,
+    ) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM connections WHERE id = ?1", [&from])?;
+            if update_row(&tx, &merged)? == 0 {
+                return Err(LedgerError::Conflict(merged.conn.id.clone()));
+            }
+            append_events(
+                &tx,
+                Some(&from),
+                merged.conn.updated_at,
+                &[Event::new(
+                    "merged",
+                    format!("chain moved into connection {}", merged.conn.id),
+                )],
+            )?;
+            append_events(&tx, Some(&merged.conn.id), merged.conn.updated_at, &events)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Replaces the sites of a connection with what accessible-resources listed. A site no
+    /// longer listed is kept with a `removed_at`; one listed again is revived. Returns the
+    /// events describing the changes (already appended).
+    pub async fn sync_sites(
+        &self,
+        connection_id: String,
+        sites: Vec<Site>,
+        now: Time,
+    ) -> Result<Vec<Event>, LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let before = load_sites(&tx, &connection_id)?;
+            let mut events = Vec::new();
+            for site in &sites {
+                match before
+                    .iter()
+                    .find(|b| b.cloud_id == site.cloud_id && b.url == site.url)
+                {
+                    None => events.push(Event::new(
+                        "site_added",
+                        format!("{} ({}) added", site.url, site.cloud_id),
+                    )),
+                    Some(b) if b.scopes != site.scopes => events.push(Event::new(
+                        "site_scopes_changed",
+                        format!(
+                            "{} scopes changed from [{}] to [{}]",
+                            site.url,
+                            b.scopes.join(" "),
+                            site.scopes.join(" ")
+                        ),
+                    )),
+                    Some(_) => {}
+                }
+            }
+            for b in &before {
+                if !sites
+                    .iter()
+                    .any(|s| s.cloud_id == b.cloud_id && s.url == b.url)
+                {
+                    events.push(Event::new(
+                        "site_removed",
+                        format!("{} ({}) no longer accessible", b.url, b.cloud_id),
+                    ));
+                    tx.execute(
+                        "UPDATE sites SET removed_at = ?3 WHERE connection_id = ?1 AND cloud_id = ?2 AND url = ?4 AND removed_at IS NULL",
+                        params![connection_id, b.cloud_id, ms(now), b.url],
+                    )?;
+                }
+            }
+            write_sites(&tx, &connection_id, &sites, now)?;
+            append_events(&tx, Some(&connection_id), now, &events)?;
+            tx.commit()?;
+            Ok(events)
+        })
+        .await
+    }
+
+    /// Deletes a connection (its sites go with it); the history keeps a `removed` event.
+    /// Returns false when there was no such connection.
+    pub async fn delete(&self, connection_id: String, now: Time) -> Result<bool, LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute("DELETE FROM connections WHERE id = ?1", [&connection_id])?;
+            if n > 0 {
+                append_events(
+                    &tx,
+                    Some(&connection_id),
+                    now,
+                    &[Event::new("removed", "connection removed")],
+                )?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Appends events without changing any row.
+    pub async fn append(
+        &self,
+        connection_id: Option<String>,
+        now: Time,
+        events: Vec<Event>,
+    ) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            append_events(&tx, connection_id.as_deref(), now, &events)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The history of one connection, oldest first: `(at, kind, message)`.
+    pub async fn events(
+        &self,
+        connection_id: String,
+    ) -> Result<Vec<(Time, String, String)>, LedgerError> {
+        self.call(move |db| {
+            let mut stmt = db.prepare(
+                "SELECT at, kind, message FROM events WHERE connection_id = ?1 ORDER BY seq",
+            )?;
+            let rows = stmt
+                .query_map([&connection_id], |r| {
+                    Ok((from_ms(r.get(0)?), r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Proves the ledger is writable: a write transaction that touches the database file.
+    pub async fn check_writable(&self) -> Result<(), LedgerError> {
+        self.call(|db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at INTEGER NOT NULL) STRICT;",
+            )?;
+            tx.execute(
+                "INSERT INTO health (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [ms(Utc::now())],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn migrate(db: &mut rusqlite::Connection, path: &Path) -> Result<(), LedgerError> {
+    let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(LedgerError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "ledger migrated");
+    }
+    Ok(())
+}
+
+const CONNECTION_COLUMNS: &str = "id, label, provider, client_id, account_id, status, scopes, \
+    refresh_token, refresh_token_rotated_at, previous_refresh_token, previous_rotated_at, \
+    attempt_started_at, access_token, access_token_expires_at, consented_at, last_refresh_at, \
+    last_error_code, last_error_message, last_error_at, consecutive_failures, created_at, updated_at";
+const CONNECTION_COLUMN_COUNT: usize = 22;
+
+/// Overwrites every column of the row `rec.conn.id`; returns the number of rows changed.
+fn update_row(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, LedgerError> {
+    let mut values = record_values(rec);
+    let id = values.remove(0);
+    values.push(id);
+    let assignments = CONNECTION_COLUMNS
+        .split(", ")
+        .skip(1)
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(tx.execute(
+        &format!("UPDATE connections SET {assignments} WHERE id = ?{CONNECTION_COLUMN_COUNT}"),
+        rusqlite::params_from_iter(values),
+    )?)
+}
+
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn ms(t: Time) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> Time {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+fn join_scopes(scopes: &[String]) -> String {
+    scopes.join(" ")
+}
+
+fn split_scopes(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+fn record_values(rec: &Record) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value as V;
+    let c = &rec.conn;
+    let ch = &rec.chain;
+    let text = |s: &str| V::Text(s.to_owned());
+    let opt_text = |s: Option<&str>| s.map(|s| V::Text(s.to_owned())).unwrap_or(V::Null);
+    let time = |t: Time| V::Integer(ms(t));
+    let opt_time = |t: Option<Time>| t.map(|t| V::Integer(ms(t))).unwrap_or(V::Null);
+    vec![
+        text(&c.id),
+        text(&c.label),
+        text(&c.provider),
+        text(&c.client_id),
+        opt_text(c.account_id.as_deref()),
+        text(c.status.as_str()),
+        text(&join_scopes(&c.scopes)),
+        text(ch.refresh_token.expose()),
+        time(ch.rotated_at),
+        opt_text(ch.previous.as_ref().map(|(s, _)| s.expose())),
+        opt_time(ch.previous.as_ref().map(|(_, t)| *t)),
+        opt_time(ch.attempt_started_at),
+        opt_text(ch.access.as_ref().map(|a| a.token.expose())),
+        opt_time(ch.access.as_ref().map(|a| a.expires_at)),
+        time(c.consented_at),
+        opt_time(c.last_refresh_at),
+        opt_text(c.last_error.as_ref().map(|e| e.code.as_str())),
+        opt_text(c.last_error.as_ref().map(|e| e.message.as_str())),
+        opt_time(c.last_error.as_ref().map(|e| e.at)),
+        V::Integer(c.consecutive_failures as i64),
+        time(c.created_at),
+        time(c.updated_at),
+    ]
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, LedgerError>> {
+    let status: String = r.get(5)?;
+    let Some(status) = Status::parse(&status) else {
+        return Ok(Err(LedgerError::Corrupt(format!(
+            "unknown status {status:?}"
+        ))));
+    };
+    let opt_time = |i: usize| -> rusqlite::Result<Option<Time>> {
+        Ok(r.get::<_, Option<i64>>(i)?.map(from_ms))
+    };
+    let previous = match (r.get::<_, Option<String>>(9)?, opt_time(10)?) {
+        (Some(t), Some(at)) => Some((Secret::new(t), at)),
+        _ => None,
+    };
+    let access = match (r.get::<_, Option<String>>(12)?, opt_time(13)?) {
+        (Some(t), Some(at)) => Some(AccessToken {
+            token: Secret::new(t),
+            expires_at: at,
+        }),
+        _ => None,
+    };
+    let last_error = match (
+        r.get::<_, Option<String>>(16)?,
+        r.get::<_, Option<String>>(17)?,
+        opt_time(18)?,
+    ) {
+        (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
+        _ => None,
+    };
+    Ok(Ok(Record {
+        conn: Connection {
+            id: r.get(0)?,
+            label: r.get(1)?,
+            provider: r.get(2)?,
+            client_id: r.get(3)?,
+            account_id: r.get(4)?,
+            status,
+            scopes: split_scopes(&r.get::<_, String>(6)?),
+            sites: Vec::new(),
+            consented_at: from_ms(r.get(14)?),
+            last_refresh_at: opt_time(15)?,
+            last_error,
+            consecutive_failures: r.get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
+            created_at: from_ms(r.get(20)?),
+            updated_at: from_ms(r.get(21)?),
+        },
+        chain: Chain {
+            refresh_token: Secret::new(r.get::<_, String>(7)?),
+            rotated_at: from_ms(r.get(8)?),
+            previous,
+            attempt_started_at: opt_time(11)?,
+            access,
+        },
+    }))
+}
+
+fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {
+    let mut stmt = db.prepare(
+        "SELECT cloud_id, url, name, scopes, last_seen_at FROM sites \
+         WHERE connection_id = ?1 AND removed_at IS NULL ORDER BY url, cloud_id",
+    )?;
+    let sites = stmt
+        .query_map([connection_id], |r| {
+            Ok(Site {
+                cloud_id: r.get(0)?,
+                url: r.get(1)?,
+                name: r.get(2)?,
+                scopes: split_scopes(&r.get::<_, String>(3)?),
+                last_seen_at: from_ms(r.get(4)?),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sites)
+}
+
+fn write_sites(
+    tx: &rusqlite::Transaction<'_>,
+    connection_id: &str,
+    sites: &[Site],
+    now: Time,
+) -> Result<(), LedgerError> {
+    for s in sites {
+        tx.execute(
+            "INSERT INTO sites (connection_id, cloud_id, url, name, scopes, first_seen_at, last_seen_at, removed_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL) \
+             ON CONFLICT (connection_id, cloud_id, url) DO UPDATE SET \
+               name = excluded.name, scopes = excluded.scopes, \
+               last_seen_at = excluded.last_seen_at, removed_at = NULL",
+            params![
+                connection_id,
+                s.cloud_id,
+                s.url,
+                s.name,
+                join_scopes(&s.scopes),
+                ms(now),
+                ms(s.last_seen_at)
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn append_events(
+    tx: &rusqlite::Transaction<'_>,
+    connection_id: Option<&str>,
+    now: Time,
+    events: &[Event],
+) -> Result<(), LedgerError> {
+    for e in events {
+        tx.execute(
+            "INSERT INTO events (at, connection_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![ms(now), connection_id, e.kind, e.message],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PROVIDER_ATLASSIAN;
+
+    fn record(id: &str, label: &str, rt: &str) -> Record {
+        let now = from_ms(Utc::now().timestamp_millis());
+        Record {
+            conn: Connection {
+                id: id.into(),
+                label: label.into(),
+                provider: PROVIDER_ATLASSIAN.into(),
+                client_id: "client".into(),
+                account_id: Some(format!("acct-{id}")),
+                status: Status::Active,
+                scopes: vec!["offline_access".into(), "read:page:confluence".into()],
+                sites: vec![Site {
+                    cloud_id: "cloud-1".into(),
+                    url: "https://acme.atlassian.net".into(),
+                    name: "acme".into(),
+                    scopes: vec!["read:page:confluence".into()],
+                    last_seen_at: now,
+                }],
+                consented_at: now,
+                last_refresh_at: None,
+                last_error: None,
+                consecutive_failures: 0,
+                created_at: now,
+                updated_at: now,
+            },
+            chain: Chain {
+                refresh_token: Secret::new(rt),
+                rotated_at: now,
+                previous: None,
+                attempt_started_at: None,
+                access: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn insert_save_reload_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let rec = record("c1", "conf", "rt-1");
+        ledger
+            .insert(rec.clone(), vec![Event::new("imported", "x")])
+            .await
+            .unwrap();
+        let mut next = rec.clone();
+        next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
+        next.chain.refresh_token = Secret::new("rt-2");
+        next.chain.attempt_started_at = None;
+        next.conn.last_error = Some(LastError {
+            code: "x".into(),
+            message: "y".into(),
+            at: next.conn.created_at,
+        });
+        ledger
+            .save(
+                next,
+                Some(Secret::new("rt-1")),
+                vec![Event::new("rotated", "ok")],
+            )
+            .await
+            .unwrap();
+        drop(ledger);
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all.len(), 1);
+        let got = &all[0];
+        assert_eq!(got.chain.refresh_token.expose(), "rt-2");
+        assert_eq!(got.chain.previous.as_ref().unwrap().0.expose(), "rt-1");
+        assert_eq!(got.conn.sites.len(), 1);
+        assert_eq!(got.conn.last_error.as_ref().unwrap().code, "x");
+        assert_eq!(got.conn.scopes, rec.conn.scopes);
+        let kinds: Vec<String> = ledger
+            .events("c1".into())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(kinds, vec!["imported", "rotated"]);
+    }
+
+    #[tokio::test]
+    async fn compare_and_swap_refuses_a_stale_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let rec = record("c1", "conf", "rt-1");
+        ledger.insert(rec.clone(), vec![]).await.unwrap();
+        let mut stale = rec.clone();
+        stale.chain.refresh_token = Secret::new("rt-9");
+        let err = ledger
+            .save(stale, Some(Secret::new("rt-0")), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::Conflict(_)), "{err}");
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all[0].chain.refresh_token.expose(), "rt-1");
+    }
+
+    #[tokio::test]
+    async fn labels_and_accounts_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger
+            .insert(record("c1", "conf", "a"), vec![])
+            .await
+            .unwrap();
+        let err = ledger
+            .insert(record("c2", "conf", "b"), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::LabelTaken(_)));
+        let mut same_account = record("c3", "other", "c");
+        same_account.conn.account_id = Some("acct-c1".into());
+        assert!(ledger.insert(same_account, vec![]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn second_open_of_the_same_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Ledger::open(dir.path()).unwrap();
+        let err = Ledger::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused_and_older_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+            db.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let err = Ledger::open(dir.path()).err().expect("must refuse");
+        assert!(err.to_string().contains("newer"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // An empty file at version 0 is what a first start or an older layout looks like.
+            rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let v: i64 = ledger
+            .call(|db| Ok(db.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = ledger
+            .call(|db| Ok(db.pragma_query_value(None, "journal_mode", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = ledger
+            .call(|db| Ok(db.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous must be FULL");
+    }
+
+    #[tokio::test]
+    async fn events_are_append_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger
+            .append(None, Utc::now(), vec![Event::new("x", "y")])
+            .await
+            .unwrap();
+        let err = ledger
+            .call(|db| Ok(db.execute("UPDATE events SET message = 'z'", [])?))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sites_removed_are_kept_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let rec = record("c1", "conf", "a");
+        ledger.insert(rec.clone(), vec![]).await.unwrap();
+        let now = Utc::now();
+        let jira = Site {
+            cloud_id: "cloud-2".into(),
+            url: "https://jira.atlassian.net".into(),
+            name: "jira".into(),
+            scopes: vec!["read:jira-work".into()],
+            last_seen_at: now,
+        };
+        let events = ledger
+            .sync_sites("c1".into(), vec![jira.clone()], now)
+            .await
+            .unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec!["site_added", "site_removed"]);
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all[0].conn.sites.len(), 1);
+        assert_eq!(all[0].conn.sites[0].cloud_id, "cloud-2");
+        let kept: i64 = ledger
+            .call(|db| {
+                Ok(db.query_row(
+                    "SELECT count(*) FROM sites WHERE removed_at IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(kept, 1);
+    }
+}

@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ledger;
+pub mod model;
 pub mod provider;
 pub mod refresh;
 pub mod secret;

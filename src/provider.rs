@@ -1,1 +1,711 @@
-//! (being written)
+//! The Atlassian client: the only module that knows Atlassian's endpoints and answers.
+//!
+//! It speaks to three endpoints: the token endpoint (`refresh_token` and
+//! `authorization_code` grants, JSON bodies with the client id and secret in the body, as
+//! Atlassian documents), `oauth/token/accessible-resources` (which sites a token reaches) and
+//! `/me` (which account it belongs to). Every answer is turned into a typed outcome; every
+//! failure is classified once, here, as [`ProviderError::Rejected`] (the chain is dead) or
+//! [`ProviderError::Transient`] (try again later), so that no other module has to guess.
+//!
+//! The `oauth2` crate builds the authorize URL and its `state`; the token requests are made
+//! with reqwest directly because the classification needs the HTTP status and `Retry-After`,
+//! which `oauth2`'s error type drops, and because `oauth2` sends form bodies while Atlassian
+//! documents JSON. `oauth2`'s errors are never formatted: their `Debug` prints raw bodies,
+//! tokens included.
+//!
+//! **Architecture Invariant:** nothing this module returns or logs contains a token or the
+//! client secret; provider texts are cut short and scrubbed of the token that was sent.
+
+use crate::config::AtlassianConfig;
+use crate::model::{Site, Time};
+use crate::secret::Secret;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// What tokend assumes an access token lives when the provider does not send `expires_in`.
+/// Atlassian documents one hour; assuming exactly that would hand out tokens that expire
+/// the moment the assumption is slightly off, so take a little less.
+pub const ASSUMED_ACCESS_LIFETIME: Duration = Duration::from_secs(50 * 60);
+
+/// Atlassian's reuse leeway: a rotated refresh token may be presented again for this long
+/// (to recover from a lost answer) before the provider treats it as a breach and revokes the
+/// whole chain.
+pub const REUSE_LEEWAY: Duration = Duration::from_secs(10 * 60);
+
+/// How much of [`REUSE_LEEWAY`] tokend leaves unused as a safety margin for clock skew and
+/// request latency: it never presents an old token later than `LEEWAY - this`.
+pub const LEEWAY_SAFETY_MARGIN: Duration = Duration::from_secs(90);
+
+/// Longest provider text kept in an error message: enough to be useful, short enough that a
+/// provider echoing a body back cannot flood the ledger and logs.
+const MAX_DESCRIPTION: usize = 200;
+
+/// The largest `Retry-After` honoured. A provider asking for more is capped so that a bogus
+/// header cannot park a chain past its inactivity expiry.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// Tokens obtained from the token endpoint.
+#[derive(Debug)]
+pub struct Grant {
+    /// The new access token.
+    pub access_token: Secret,
+    /// The new refresh token; `None` when the provider did not send one (keep the old one).
+    pub refresh_token: Option<Secret>,
+    /// The access token's lifetime, when the provider said.
+    pub expires_in: Option<Duration>,
+    /// Granted scopes, when the provider listed them.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why a transient failure happened: decides whether the request may have been processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransientKind {
+    /// The connection could not be made: the request never left.
+    Connect,
+    /// No answer within `refresh.request_timeout` (or the connection broke mid-way): the
+    /// provider may have rotated the token.
+    Timeout,
+    /// 429: the provider asks us to slow down; the request was not processed.
+    RateLimited,
+    /// 5xx or 408: the provider failed; it may or may not have rotated the token.
+    ServerError,
+    /// A 2xx whose body could not be understood: the provider did rotate the token.
+    Malformed,
+    /// A 4xx that is not a definite rejection of the chain (e.g. `invalid_client`: a
+    /// configuration problem, not the chain's fault).
+    Refused,
+}
+
+/// A failed provider call.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider definitely refused the chain (`invalid_grant`, `unauthorized_client`
+    /// with 400/401/403): a person has to consent again.
+    #[error("{code}: {description}")]
+    Rejected {
+        /// The OAuth error code.
+        code: String,
+        /// The provider's description, scrubbed and shortened.
+        description: String,
+    },
+    /// Anything else: try again later.
+    #[error("{message}")]
+    Transient {
+        /// What kind of failure.
+        kind: TransientKind,
+        /// The provider's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+        /// A sentence for a human, without secrets.
+        message: String,
+    },
+    /// tokend lacks what it needs to talk to the provider (client id or secret).
+    #[error("{0}")]
+    NotConfigured(String),
+}
+
+impl ProviderError {
+    /// Whether the request may have reached the provider and rotated the refresh token, so
+    /// that the outcome is unknown and the same token must be retried inside the leeway.
+    pub fn maybe_processed(&self) -> bool {
+        match self {
+            ProviderError::Transient { kind, .. } => matches!(
+                kind,
+                TransientKind::Timeout | TransientKind::ServerError | TransientKind::Malformed
+            ),
+            _ => false,
+        }
+    }
+
+    /// A stable code for `last_error` and metrics.
+    pub fn code(&self) -> String {
+        match self {
+            ProviderError::Rejected { code, .. } => code.clone(),
+            ProviderError::Transient { kind, .. } => match kind {
+                TransientKind::Connect => "connect_error",
+                TransientKind::Timeout => "timeout",
+                TransientKind::RateLimited => "rate_limited",
+                TransientKind::ServerError => "server_error",
+                TransientKind::Malformed => "malformed_response",
+                TransientKind::Refused => "refused",
+            }
+            .to_owned(),
+            ProviderError::NotConfigured(_) => "not_configured".to_owned(),
+        }
+    }
+
+    /// The provider's `Retry-After`, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Transient { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The account behind a token, from `/me`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// The Atlassian account id.
+    pub account_id: String,
+}
+
+/// A client for one Atlassian OAuth app.
+#[derive(Clone)]
+pub struct Atlassian {
+    http: reqwest::Client,
+    config: AtlassianConfig,
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResourceBody {
+    id: String,
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct MeBody {
+    account_id: Option<String>,
+}
+
+impl Atlassian {
+    /// Builds a client. `request_timeout` bounds every call, connect included; redirects are
+    /// never followed (a redirected token request is a misconfiguration or an attack).
+    pub fn new(config: AtlassianConfig, request_timeout: Duration) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(request_timeout)
+            .connect_timeout(request_timeout)
+            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Atlassian { http, config })
+    }
+
+    /// The app's client id (part of a chain's identity).
+    pub fn client_id(&self) -> &str {
+        &self.config.client_id
+    }
+
+    /// The configuration this client was built from.
+    pub fn config(&self) -> &AtlassianConfig {
+        &self.config
+    }
+
+    fn credentials(&self) -> Result<&Secret, ProviderError> {
+        if let Some(missing) = self.config.missing_credentials() {
+            return Err(ProviderError::NotConfigured(missing));
+        }
+        match &self.config.client_secret {
+            Some(s) if !s.is_empty() && !self.config.client_id.is_empty() => Ok(s),
+            _ => Err(ProviderError::NotConfigured(
+                "the Atlassian app is not configured: set providers.atlassian.client_id and \
+                 client_secret_file (or the environment variable TOKEND_ATLASSIAN_CLIENT_SECRET)"
+                    .to_owned(),
+            )),
+        }
+    }
+
+    /// Why this client cannot talk to Atlassian, if it cannot.
+    pub fn not_configured(&self) -> Option<String> {
+        self.credentials().err().map(|e| e.to_string())
+    }
+
+    /// Exchanges a refresh token for a new access token (and, normally, a new refresh token).
+    pub async fn refresh(&self, refresh_token: &Secret) -> Result<Grant, ProviderError> {
+        let secret = self.credentials()?;
+        let body = serde_json::json!({
+            "grant_type": "refresh_token",
+            "client_id": self.config.client_id,
+            "client_secret": secret.expose(),
+            "refresh_token": refresh_token.expose(),
+        });
+        self.token_request(body, &[refresh_token.expose(), secret.expose()])
+            .await
+    }
+
+    /// Exchanges an authorization code from the consent screen.
+    pub async fn exchange_code(&self, code: &Secret) -> Result<Grant, ProviderError> {
+        let secret = self.credentials()?;
+        let body = serde_json::json!({
+            "grant_type": "authorization_code",
+            "client_id": self.config.client_id,
+            "client_secret": secret.expose(),
+            "code": code.expose(),
+            "redirect_uri": self.config.redirect_uri.as_str(),
+        });
+        self.token_request(body, &[code.expose(), secret.expose()])
+            .await
+    }
+
+    async fn token_request(
+        &self,
+        body: serde_json::Value,
+        sent_secrets: &[&str],
+    ) -> Result<Grant, ProviderError> {
+        let response = self
+            .http
+            .post(self.config.token_url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        if status.is_success() {
+            let parsed: TokenBody = serde_json::from_slice(&bytes).map_err(|e| {
+                ProviderError::Transient {
+                    kind: TransientKind::Malformed,
+                    retry_after: None,
+                    message: format!(
+                        "the token endpoint answered {status} with a body that is not a token response ({})",
+                        json_problem(&e)
+                    ),
+                }
+            })?;
+            let Some(access) = parsed.access_token.filter(|a| !a.is_empty()) else {
+                return Err(ProviderError::Transient {
+                    kind: TransientKind::Malformed,
+                    retry_after: None,
+                    message: format!(
+                        "the token endpoint answered {status} without an access_token"
+                    ),
+                });
+            };
+            return Ok(Grant {
+                access_token: Secret::new(access),
+                refresh_token: parsed
+                    .refresh_token
+                    .filter(|r| !r.is_empty())
+                    .map(Secret::new),
+                expires_in: parsed.expires_in.as_ref().and_then(parse_expires_in),
+                scopes: parsed
+                    .scope
+                    .map(|s| s.split_whitespace().map(str::to_owned).collect()),
+            });
+        }
+        Err(classify_error(status, retry_after, &bytes, sent_secrets))
+    }
+
+    /// The sites an access token reaches.
+    pub async fn accessible_resources(
+        &self,
+        access_token: &Secret,
+        now: Time,
+    ) -> Result<Vec<Site>, ProviderError> {
+        let url = self.api_url("oauth/token/accessible-resources");
+        let (status, retry_after, bytes) = self.get(url, access_token).await?;
+        if !status.is_success() {
+            return Err(api_error("accessible-resources", status, retry_after));
+        }
+        let list: Vec<ResourceBody> =
+            serde_json::from_slice(&bytes).map_err(|e| ProviderError::Transient {
+                kind: TransientKind::Malformed,
+                retry_after: None,
+                message: format!(
+                    "accessible-resources answered a body that is not a list of sites ({})",
+                    json_problem(&e)
+                ),
+            })?;
+        Ok(list
+            .into_iter()
+            .map(|r| Site {
+                cloud_id: r.id,
+                url: r.url,
+                name: r.name,
+                scopes: r.scopes,
+                last_seen_at: now,
+            })
+            .collect())
+    }
+
+    /// The account behind an access token; `Ok(None)` when the provider will not say (401 or
+    /// 403: the app lacks `read:me` / the User Identity API), which is not a failure.
+    pub async fn me(&self, access_token: &Secret) -> Result<Option<Account>, ProviderError> {
+        let url = self.api_url("me");
+        let (status, retry_after, bytes) = self.get(url, access_token).await?;
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(api_error("/me", status, retry_after));
+        }
+        let me: MeBody = serde_json::from_slice(&bytes).map_err(|e| ProviderError::Transient {
+            kind: TransientKind::Malformed,
+            retry_after: None,
+            message: format!(
+                "/me answered a body that is not a profile ({})",
+                json_problem(&e)
+            ),
+        })?;
+        Ok(me
+            .account_id
+            .filter(|a| !a.is_empty())
+            .map(|account_id| Account { account_id }))
+    }
+
+    /// The URL of the consent screen for a new connection, with the given `state`.
+    pub fn authorize_url(&self, state: &str) -> String {
+        let client =
+            oauth2::basic::BasicClient::new(oauth2::ClientId::new(self.config.client_id.clone()))
+                .set_auth_uri(oauth2::AuthUrl::from_url(self.config.authorize_url.clone()))
+                .set_redirect_uri(oauth2::RedirectUrl::from_url(
+                    self.config.redirect_uri.clone(),
+                ));
+        let state = state.to_owned();
+        let (url, _) = client
+            .authorize_url(move || oauth2::CsrfToken::new(state))
+            .add_scopes(
+                self.config
+                    .scopes
+                    .iter()
+                    .map(|s| oauth2::Scope::new(s.clone())),
+            )
+            .add_extra_param("audience", "api.atlassian.com")
+            .add_extra_param("prompt", "consent")
+            .url();
+        url.to_string()
+    }
+
+    /// The base URL of a product API for a site: `{api_url}/ex/{product}/{cloud_id}`.
+    pub fn api_base_url(&self, product: &str, cloud_id: &str) -> String {
+        format!(
+            "{}/ex/{product}/{cloud_id}",
+            self.config.api_url.as_str().trim_end_matches('/')
+        )
+    }
+
+    fn api_url(&self, path: &str) -> String {
+        format!(
+            "{}/{path}",
+            self.config.api_url.as_str().trim_end_matches('/')
+        )
+    }
+
+    async fn get(
+        &self,
+        url: String,
+        access_token: &Secret,
+    ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), ProviderError> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(access_token.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        Ok((status, retry_after, bytes))
+    }
+}
+
+/// A new random, unguessable `state` for the consent flow.
+pub fn new_state() -> String {
+    oauth2::CsrfToken::new_random().secret().clone()
+}
+
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    // reqwest's Display includes the URL, which holds no secret (tokens travel in bodies
+    // and headers); walk the source chain for the useful part.
+    let kind = if e.is_connect() {
+        TransientKind::Connect
+    } else {
+        TransientKind::Timeout
+    };
+    let mut causes = String::new();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        causes.push_str(": ");
+        causes.push_str(&s.to_string());
+        source = s.source();
+    }
+    let message = format!("{}{causes}", e.without_url());
+    ProviderError::Transient {
+        kind,
+        retry_after: None,
+        message: shorten(&message),
+    }
+}
+
+/// Describes a JSON error without its Display, which can quote values from the body.
+fn json_problem(e: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
+}
+
+fn api_error(what: &str, status: StatusCode, retry_after: Option<Duration>) -> ProviderError {
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+        TransientKind::RateLimited
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        TransientKind::ServerError
+    } else {
+        TransientKind::Refused
+    };
+    ProviderError::Transient {
+        kind,
+        retry_after,
+        message: format!("{what} answered {status}"),
+    }
+}
+
+/// Classifies a non-2xx answer of the token endpoint.
+fn classify_error(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    sent_secrets: &[&str],
+) -> ProviderError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let code = parsed.as_ref().and_then(|b| b.error.clone());
+    let description = parsed
+        .as_ref()
+        .and_then(|b| b.error_description.clone())
+        .map(|d| scrub(&d, sent_secrets))
+        .unwrap_or_default();
+    let definite_status = matches!(status.as_u16(), 400 | 401 | 403);
+    if let Some(code) = &code {
+        // Only these two say "this chain is dead". `access_denied` with a 401 is what a wrong
+        // client secret looks like: a configuration problem that must not condemn every
+        // chain, so it stays transient (it shows in last_error and the logs).
+        if definite_status && (code == "invalid_grant" || code == "unauthorized_client") {
+            return ProviderError::Rejected {
+                code: scrub(code, sent_secrets),
+                description: if description.is_empty() {
+                    "the provider rejected the refresh token".to_owned()
+                } else {
+                    description
+                },
+            };
+        }
+    }
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+        TransientKind::RateLimited
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        TransientKind::ServerError
+    } else {
+        TransientKind::Refused
+    };
+    let mut message = format!("the token endpoint answered {status}");
+    if let Some(code) = code {
+        message.push_str(&format!(" ({}", scrub(&code, sent_secrets)));
+        if !description.is_empty() {
+            message.push_str(&format!(": {description}"));
+        }
+        message.push(')');
+    }
+    ProviderError::Transient {
+        kind,
+        retry_after,
+        message,
+    }
+}
+
+/// Parses `Retry-After` as delay-seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let delay = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate_parse(value)?;
+        (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+fn httpdate_parse(value: &str) -> Option<Time> {
+    chrono::DateTime::parse_from_rfc2822(value)
+        .ok()
+        .map(|d| d.with_timezone(&chrono::Utc))
+}
+
+fn parse_expires_in(v: &serde_json::Value) -> Option<Duration> {
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)))
+}
+
+/// Removes any secret that was sent from a provider text and shortens it.
+fn scrub(text: &str, sent_secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for s in sent_secrets {
+        if s.len() >= 4 {
+            out = out.replace(s, "[redacted]");
+        }
+    }
+    shorten(&out)
+}
+
+fn shorten(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() <= MAX_DESCRIPTION {
+        clean
+    } else {
+        let mut s: String = clean.chars().take(MAX_DESCRIPTION).collect();
+        s.push('…');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, body: &str) -> ProviderError {
+        classify_error(
+            StatusCode::from_u16(status).unwrap(),
+            None,
+            body.as_bytes(),
+            &["rt-secret-1234"],
+        )
+    }
+
+    #[test]
+    fn invalid_grant_and_unauthorized_client_are_rejections() {
+        for (status, body) in [
+            (
+                403,
+                r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#,
+            ),
+            (
+                403,
+                r#"{"error":"unauthorized_client","error_description":"refresh_token is invalid"}"#,
+            ),
+            (400, r#"{"error":"invalid_grant"}"#),
+            (401, r#"{"error":"unauthorized_client"}"#),
+        ] {
+            let e = classify(status, body);
+            assert!(
+                matches!(e, ProviderError::Rejected { .. }),
+                "{status} {body}: {e:?}"
+            );
+            assert!(!e.maybe_processed());
+        }
+    }
+
+    #[test]
+    fn everything_else_is_transient() {
+        for (status, body, kind) in [
+            (500, "<html>oops</html>", TransientKind::ServerError),
+            (
+                503,
+                r#"{"error":"invalid_grant"}"#,
+                TransientKind::ServerError,
+            ),
+            (429, "", TransientKind::RateLimited),
+            (408, "", TransientKind::ServerError),
+            (
+                401,
+                r#"{"error":"access_denied","error_description":"Unauthorized"}"#,
+                TransientKind::Refused,
+            ),
+            (
+                400,
+                r#"{"error":"invalid_request"}"#,
+                TransientKind::Refused,
+            ),
+            (403, "not json", TransientKind::Refused),
+        ] {
+            match classify(status, body) {
+                ProviderError::Transient { kind: k, .. } => assert_eq!(k, kind, "{status} {body}"),
+                other => panic!("{status} {body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn provider_text_is_scrubbed_of_the_sent_token() {
+        let e = classify(
+            403,
+            r#"{"error":"invalid_grant","error_description":"token rt-secret-1234 is unknown"}"#,
+        );
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("rt-secret-1234"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        let long = format!(
+            r#"{{"error":"x","error_description":"{}"}}"#,
+            "a".repeat(5000)
+        );
+        assert!(classify(400, &long).to_string().len() < 400);
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "5".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(5)));
+        h.insert(RETRY_AFTER, "999999999".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Some(MAX_RETRY_AFTER));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+        h.insert(RETRY_AFTER, later.parse().unwrap());
+        let d = parse_retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), None);
+    }
+
+    #[test]
+    fn expires_in_forms() {
+        assert_eq!(
+            parse_expires_in(&serde_json::json!(3600)),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_expires_in(&serde_json::json!("60")),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(parse_expires_in(&serde_json::json!(-1)), None);
+        assert_eq!(parse_expires_in(&serde_json::json!(null)), None);
+    }
+
+    #[test]
+    fn ambiguity_follows_the_kind() {
+        let t = |kind| ProviderError::Transient {
+            kind,
+            retry_after: None,
+            message: String::new(),
+        };
+        assert!(!t(TransientKind::Connect).maybe_processed());
+        assert!(!t(TransientKind::RateLimited).maybe_processed());
+        assert!(t(TransientKind::Timeout).maybe_processed());
+        assert!(t(TransientKind::ServerError).maybe_processed());
+        assert!(t(TransientKind::Malformed).maybe_processed());
+    }
+}

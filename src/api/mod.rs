@@ -1,0 +1,630 @@
+//! The socket API: routes, access checks and JSON shapes. The only module that knows JSON
+//! (besides the CLI's client side).
+//!
+//! Every response body is JSON; every error is `{"error":{"code","message"}}` with the codes
+//! of INTERFACE.md. Handlers never use extractors whose rejections could echo request
+//! bytes (a request body may hold a refresh token): bodies and queries are parsed here, and a
+//! last layer turns any other non-JSON error response into the standard shape.
+//!
+//! **Architecture Invariant:** no error body carries a token or secret; the only response
+//! with a token is the `Token` answer to a caller allowed to read it.
+
+pub mod server;
+
+use crate::config::AccessConfig;
+use crate::model::{Site, Time};
+use crate::refresh::{ConnectionInfo, Engine, Failure, TokenGrant};
+use crate::secret::Secret;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The largest request body accepted. Real bodies are a label and a token (a few KiB at
+/// most); anything larger is refused with 413 before it is read.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// How long `/v1/health` waits for the ledger write probe before calling it degraded.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The credentials of the process on the other end of the socket (SO_PEERCRED), captured
+/// when it connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Effective uid of the peer.
+    pub uid: u32,
+    /// Effective (primary) gid of the peer. Supplementary groups are not visible through
+    /// SO_PEERCRED.
+    pub gid: u32,
+}
+
+/// Who may do what, from `[access]`.
+#[derive(Clone, Debug)]
+pub struct AccessPolicy {
+    /// The daemon's own uid: always admin.
+    pub own_uid: u32,
+    /// The `[access]` section.
+    pub config: AccessConfig,
+}
+
+impl AccessPolicy {
+    /// Admin routes need root, the daemon's own uid, or a listed uid or gid.
+    pub fn is_admin(&self, peer: Peer) -> bool {
+        peer.uid == 0
+            || peer.uid == self.own_uid
+            || self.config.admin_uids.contains(&peer.uid)
+            || self.config.admin_gids.contains(&peer.gid)
+    }
+
+    /// Whether a peer may read the tokens of a connection.
+    pub fn may_read(&self, peer: Peer, conn_id: &str, label: &str) -> bool {
+        if self.config.clients.is_empty() || self.is_admin(peer) {
+            return true;
+        }
+        self.config
+            .clients
+            .iter()
+            .filter(|c| c.uid == Some(peer.uid) || c.gid == Some(peer.gid))
+            .any(|c| c.connections.iter().any(|x| x == conn_id || x == label))
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The refresh engine.
+    pub engine: Arc<Engine>,
+    /// Access rules; behind a lock so that a reload can replace them.
+    pub access: Arc<RwLock<AccessPolicy>>,
+}
+
+impl ApiState {
+    fn policy(&self) -> AccessPolicy {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// An API error: one of INTERFACE.md's codes, a message, and for 503 a `Retry-After`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::NotFound => ApiError::not_found("no such connection"),
+            Failure::NeedsReauth(m) => ApiError::new(StatusCode::CONFLICT, "needs_reauth", m),
+            Failure::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            Failure::BadRequest(m) => ApiError::bad_request(m),
+            Failure::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+            Failure::Unavailable {
+                retry_after,
+                message,
+            } => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "provider_unavailable",
+                message,
+                retry_after: Some(retry_after),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(r) = self.retry_after {
+            let secs = r.as_secs() + u64::from(r.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        resp
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The router. Requests must carry a [`Peer`] extension (the server inserts it).
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/connections", get(list).post(add))
+        .route("/v1/connections/{id}", get(show).delete(remove))
+        .route("/v1/connections/{id}/refresh", post(refresh))
+        .route("/v1/connections/{id}/token", get(connection_token))
+        .route("/v1/token", get(site_token))
+        .route("/v1/authorizations", post(authorize))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(standard_errors))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::bad_request(format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// Turns an error response that is not already ours (an extractor rejection, a body-limit
+/// hit) into the standard shape, without its original text (which could echo input).
+async fn standard_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let err = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            status,
+            "payload_too_large",
+            format!("request bodies are limited to {MAX_BODY} bytes"),
+        ),
+        StatusCode::NOT_FOUND => ApiError::not_found("not found"),
+        s if s.is_server_error() => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        ),
+        _ => ApiError::bad_request("malformed request"),
+    };
+    err.into_response()
+}
+
+fn require_admin(state: &ApiState, peer: Peer) -> Result<(), ApiError> {
+    if state.policy().is_admin(peer) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "uid {} is not an admin of this tokend (see access.admin_uids / admin_gids)",
+            peer.uid
+        )))
+    }
+}
+
+fn rfc3339(t: Time) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn opt_time(t: Option<Time>) -> Value {
+    t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
+}
+
+fn site_json(engine: &Engine, s: &Site) -> Value {
+    let mut bases = serde_json::Map::new();
+    for product in s.products() {
+        bases.insert(
+            product.to_owned(),
+            Value::String(engine.provider().api_base_url(product, &s.cloud_id)),
+        );
+    }
+    json!({
+        "cloud_id": s.cloud_id,
+        "url": s.url,
+        "name": s.name,
+        "scopes": s.scopes,
+        "api_base_urls": bases,
+        "last_seen_at": rfc3339(s.last_seen_at),
+    })
+}
+
+fn connection_json(engine: &Engine, info: &ConnectionInfo) -> Value {
+    let c = &info.conn;
+    json!({
+        "id": c.id,
+        "label": c.label,
+        "provider": c.provider,
+        "account_id": c.account_id,
+        "status": c.status.as_str(),
+        "scopes": c.scopes,
+        "sites": c.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
+        "access_token_expires_at": opt_time(info.access_token_expires_at),
+        "refresh_token_rotated_at": rfc3339(info.refresh_token_rotated_at),
+        "next_rotation_at": opt_time(info.next_rotation_at),
+        "inactivity_expires_at": rfc3339(info.inactivity_expires_at),
+        "absolute_expires_at": opt_time(info.absolute_expires_at),
+        "last_refresh_at": opt_time(c.last_refresh_at),
+        "last_error": c.last_error.as_ref().map(|e| json!({
+            "code": e.code, "message": e.message, "at": rfc3339(e.at),
+        })),
+        "consecutive_failures": c.consecutive_failures,
+        "created_at": rfc3339(c.created_at),
+        "updated_at": rfc3339(c.updated_at),
+    })
+}
+
+fn token_json(engine: &Engine, g: &TokenGrant) -> Value {
+    let expires_in = (g.expires_at - Utc::now()).num_seconds().max(0);
+    json!({
+        "connection_id": g.info.conn.id,
+        "access_token": g.access_token.expose(),
+        "token_type": "Bearer",
+        "expires_at": rfc3339(g.expires_at),
+        "expires_in": expires_in,
+        "scopes": g.info.conn.scopes,
+        "sites": g.info.conn.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
+    })
+}
+
+fn ok_json(status: StatusCode, v: Value) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+async fn health(State(state): State<ApiState>) -> Response {
+    let ledger =
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.ledger().check_writable()).await;
+    let (active, needs_reauth) = state.engine.status_counts();
+    let (status, ledger_state) = match ledger {
+        Ok(Ok(())) => ("ok", "writable".to_owned()),
+        Ok(Err(e)) => ("degraded", format!("not writable: {e}")),
+        Err(_) => (
+            "degraded",
+            "not writable: the write probe timed out".to_owned(),
+        ),
+    };
+    let body = json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ledger": ledger_state,
+        "connections": {"active": active, "needs_reauth": needs_reauth},
+        "provider_configured": state.engine.provider().not_configured().is_none(),
+    });
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    ok_json(code, body)
+}
+
+async fn list(State(state): State<ApiState>) -> Response {
+    let engine = &state.engine;
+    let all: Vec<Value> = engine
+        .list()
+        .iter()
+        .map(|c| connection_json(engine, c))
+        .collect();
+    ok_json(StatusCode::OK, Value::Array(all))
+}
+
+async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+    let info = state
+        .engine
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no connection {id:?}")))?;
+    Ok(ok_json(
+        StatusCode::OK,
+        connection_json(&state.engine, &info),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    provider: String,
+    label: String,
+    refresh_token: Option<String>,
+    code: Option<String>,
+    state: Option<String>,
+}
+
+/// Parses a JSON body after checking its content type, with messages that never quote it.
+fn json_body<T: for<'de> Deserialize<'de>>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::bad_request(
+            "the body must be JSON with Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not valid JSON for this route ({:?} error at line {} column {}; expected fields are documented in INTERFACE.md)",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+async fn add(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    require_admin(&state, peer)?;
+    let req: AddBody = json_body(&headers, &body)?;
+    if req.provider != crate::model::PROVIDER_ATLASSIAN {
+        return Err(ApiError::bad_request(
+            "unknown provider: only \"atlassian\" is supported",
+        ));
+    }
+    let added = match (req.refresh_token, req.code, req.state) {
+        (Some(rt), None, None) => state.engine.import(&req.label, Secret::new(rt)).await?,
+        (None, Some(code), Some(st)) => {
+            state
+                .engine
+                .connect(&req.label, Secret::new(code), &st)
+                .await?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either refresh_token, or code and state",
+            ));
+        }
+    };
+    let status = if added.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(ok_json(status, connection_json(&state.engine, &added.info)))
+}
+
+async fn remove(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    require_admin(&state, peer)?;
+    state.engine.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn refresh(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    require_admin(&state, peer)?;
+    let info = state.engine.refresh_now(&id).await?;
+    Ok(ok_json(
+        StatusCode::OK,
+        connection_json(&state.engine, &info),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    provider: String,
+}
+
+async fn authorize(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    require_admin(&state, peer)?;
+    let req: AuthorizeBody = json_body(&headers, &body)?;
+    if req.provider != crate::model::PROVIDER_ATLASSIAN {
+        return Err(ApiError::bad_request(
+            "unknown provider: only \"atlassian\" is supported",
+        ));
+    }
+    let (url, st, redirect) = state.engine.authorize()?;
+    Ok(ok_json(
+        StatusCode::OK,
+        json!({"authorize_url": url, "state": st, "redirect_uri": redirect}),
+    ))
+}
+
+/// Parses the query string: `min_valid` (seconds) and optionally `site`.
+fn parse_query(
+    raw: Option<String>,
+    default_min_valid: Duration,
+) -> Result<(Duration, Option<String>), ApiError> {
+    let mut min_valid = default_min_valid;
+    let mut site = None;
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "min_valid" => {
+                let secs: u64 = v.trim().parse().map_err(|_| {
+                    ApiError::bad_request("min_valid must be a whole number of seconds")
+                })?;
+                min_valid = Duration::from_secs(secs.min(366 * 86_400));
+            }
+            "site" => site = Some(v.into_owned()),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {:?}",
+                    other.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+    }
+    Ok((min_valid, site))
+}
+
+async fn connection_token(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult {
+    let (min_valid, site) = parse_query(query, state.engine.settings().access_token_margin)?;
+    if site.is_some() {
+        return Err(ApiError::bad_request("site is a parameter of /v1/token"));
+    }
+    let info = state
+        .engine
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no connection {id:?}")))?;
+    if !state
+        .policy()
+        .may_read(peer, &info.conn.id, &info.conn.label)
+    {
+        return Err(ApiError::forbidden(format!(
+            "uid {} may not read the tokens of {}",
+            peer.uid, info.conn.label
+        )));
+    }
+    hand_out(&state, &info.conn.id, min_valid).await
+}
+
+async fn site_token(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    RawQuery(query): RawQuery,
+) -> ApiResult {
+    let (min_valid, site) = parse_query(query, state.engine.settings().access_token_margin)?;
+    let site = site
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("give ?site=HOST_OR_CLOUD_ID"))?;
+    let policy = state.policy();
+    let candidates = state.engine.connections_for_site(&site);
+    let readable: Vec<String> = candidates
+        .iter()
+        .filter(|id| {
+            state
+                .engine
+                .get(id)
+                .is_some_and(|i| policy.may_read(peer, &i.conn.id, &i.conn.label))
+        })
+        .cloned()
+        .collect();
+    match (candidates.len(), readable.as_slice()) {
+        (0, _) => Err(ApiError::not_found(format!(
+            "no active connection reaches {site:?}"
+        ))),
+        (_, []) => Err(ApiError::forbidden(format!(
+            "uid {} may not read the tokens of the connection reaching {site:?}",
+            peer.uid
+        ))),
+        (_, [one]) => hand_out(&state, one, min_valid).await,
+        (_, many) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "several connections reach {site:?} ({}); ask for one by id",
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+async fn hand_out(state: &ApiState, id: &str, min_valid: Duration) -> ApiResult {
+    let grant = state.engine.token(id, min_valid).await?;
+    let mut resp = ok_json(StatusCode::OK, token_json(&state.engine, &grant));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientAccess;
+
+    fn policy(clients: Vec<ClientAccess>) -> AccessPolicy {
+        AccessPolicy {
+            own_uid: 500,
+            config: AccessConfig {
+                admin_uids: vec![700],
+                admin_gids: vec![800],
+                clients,
+            },
+        }
+    }
+
+    #[test]
+    fn admins_are_root_self_and_listed() {
+        let p = policy(vec![]);
+        for (uid, gid, admin) in [
+            (0, 1, true),
+            (500, 1, true),
+            (700, 1, true),
+            (1, 800, true),
+            (1001, 1001, false),
+        ] {
+            assert_eq!(p.is_admin(Peer { uid, gid }), admin, "{uid}/{gid}");
+        }
+    }
+
+    #[test]
+    fn client_lists_restrict_token_reads() {
+        let open = policy(vec![]);
+        assert!(open.may_read(
+            Peer {
+                uid: 1001,
+                gid: 1001
+            },
+            "c1",
+            "conf"
+        ));
+        let p = policy(vec![ClientAccess {
+            uid: Some(1001),
+            gid: None,
+            connections: vec!["conf".into()],
+        }]);
+        assert!(p.may_read(Peer { uid: 1001, gid: 5 }, "c1", "conf"));
+        assert!(!p.may_read(Peer { uid: 1001, gid: 5 }, "c2", "jira"));
+        assert!(!p.may_read(Peer { uid: 1002, gid: 5 }, "c1", "conf"));
+        assert!(p.may_read(Peer { uid: 0, gid: 0 }, "c2", "jira"));
+    }
+
+    #[test]
+    fn query_parsing() {
+        let d = Duration::from_secs(900);
+        assert_eq!(parse_query(None, d).unwrap(), (d, None));
+        assert_eq!(
+            parse_query(Some("min_valid=60&site=acme.atlassian.net".into()), d).unwrap(),
+            (Duration::from_secs(60), Some("acme.atlassian.net".into()))
+        );
+        assert!(parse_query(Some("min_valid=-1".into()), d).is_err());
+        assert!(parse_query(Some("min_valid=abc".into()), d).is_err());
+        assert!(parse_query(Some("bogus=1".into()), d).is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! The domain records every module shares: a connection, its sites, and its chain.
+//!
+//! These types carry no serialization: the ledger maps them to rows and the API maps them to
+//! JSON. [`Connection`] is the public face of a connection (safe to show anyone who may list
+//! connections); [`Chain`] is the secret part (refresh and access tokens) and never leaves
+//! the refresh engine except toward the provider, the ledger, or a caller asking for a token.
+
+use crate::secret::Secret;
+use chrono::{DateTime, Utc};
+
+/// A wall-clock instant, as stored in the ledger and shown in the API.
+pub type Time = DateTime<Utc>;
+
+/// The only provider tokend knows today. Kept as a string in the ledger so that another
+/// provider can be added without a migration.
+pub const PROVIDER_ATLASSIAN: &str = "atlassian";
+
+/// Whether a chain can still be refreshed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// The chain is alive as far as tokend knows; refreshes are attempted.
+    Active,
+    /// The provider definitely rejected the chain (`invalid_grant` or `unauthorized_client`):
+    /// a person has to consent again. Never retried automatically.
+    NeedsReauth,
+}
+
+impl Status {
+    /// The wire and ledger spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::NeedsReauth => "needs_reauth",
+        }
+    }
+
+    /// Parses the wire and ledger spelling.
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "active" => Some(Status::Active),
+            "needs_reauth" => Some(Status::NeedsReauth),
+            _ => None,
+        }
+    }
+}
+
+/// The last failure of a connection, as shown to operators. Never contains a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastError {
+    /// A stable machine-readable code, e.g. `invalid_grant`, `provider_unavailable`.
+    pub code: String,
+    /// A sentence for a human.
+    pub message: String,
+    /// When it happened.
+    pub at: Time,
+}
+
+/// One Atlassian site (a Jira or Confluence cloud instance) a connection can reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    /// The cloud id, used in `https://api.atlassian.com/ex/{product}/{cloud_id}`. Not unique
+    /// across products: the same id can be listed once for Jira and once for Confluence.
+    pub cloud_id: String,
+    /// `https://acme.atlassian.net`.
+    pub url: String,
+    /// The site's display name.
+    pub name: String,
+    /// The scopes granted on this site; they tell Jira from Confluence.
+    pub scopes: Vec<String>,
+    /// When accessible-resources last listed this site.
+    pub last_seen_at: Time,
+}
+
+impl Site {
+    /// The host of the site URL (`acme.atlassian.net`), used by `/v1/token?site=`.
+    pub fn host(&self) -> Option<String> {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
+    }
+
+    /// The products this site's scopes give access to (`jira`, `confluence`), sorted.
+    pub fn products(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.scopes.iter().any(|s| s.contains("confluence")) {
+            out.push("confluence");
+        }
+        if self
+            .scopes
+            .iter()
+            .any(|s| s.contains("jira") || s.contains("servicedesk") || s.contains("jsm"))
+        {
+            out.push("jira");
+        }
+        out
+    }
+}
+
+/// The public face of a connection: everything but its tokens.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// Stable id, `c` followed by 12 hex digits; never reused.
+    pub id: String,
+    /// A unique human name chosen at import (`confluence-prod`).
+    pub label: String,
+    /// Always [`PROVIDER_ATLASSIAN`] today.
+    pub provider: String,
+    /// The OAuth app the chain belongs to: with `account_id`, the chain's identity.
+    pub client_id: String,
+    /// The Atlassian account behind the chain; `None` when `/me` is not granted.
+    pub account_id: Option<String>,
+    /// Whether the chain is alive.
+    pub status: Status,
+    /// Scopes granted to the chain, from the last token response that listed them.
+    pub scopes: Vec<String>,
+    /// Sites the chain reaches, from accessible-resources.
+    pub sites: Vec<Site>,
+    /// When consent was given (or, for an imported token, when it was imported): the start
+    /// of the provider's absolute expiry.
+    pub consented_at: Time,
+    /// When the last refresh (of any kind) succeeded.
+    pub last_refresh_at: Option<Time>,
+    /// The last failure, cleared by the next success.
+    pub last_error: Option<LastError>,
+    /// Failures since the last success; drives the backoff.
+    pub consecutive_failures: u32,
+    /// When this connection was created in the ledger.
+    pub created_at: Time,
+    /// When the ledger row last changed.
+    pub updated_at: Time,
+}
+
+/// The secret half of a connection: the refresh chain and the current access token.
+#[derive(Clone, Debug)]
+pub struct Chain {
+    /// The refresh token to use next. Rotated by every successful refresh.
+    pub refresh_token: Secret,
+    /// When `refresh_token` was obtained: the start of its inactivity expiry.
+    pub rotated_at: Time,
+    /// The token that `refresh_token` replaced and when, kept for the provider's reuse
+    /// leeway: within it, the previous token may be presented again to recover from a lost
+    /// response. Never used outside the leeway.
+    pub previous: Option<(Secret, Time)>,
+    /// Set (durably) before a refresh request is sent with `refresh_token`, cleared when the
+    /// outcome is known. If set at startup, the daemon died or lost the answer while the
+    /// provider may already have rotated the token: retry at once, inside the leeway.
+    pub attempt_started_at: Option<Time>,
+    /// The current access token and when it expires.
+    pub access: Option<AccessToken>,
+}
+
+/// An access token and its expiry.
+#[derive(Clone, Debug)]
+pub struct AccessToken {
+    /// The bearer token handed to services.
+    pub token: Secret,
+    /// When it expires. When the provider did not say, tokend assumes
+    /// [`crate::provider::ASSUMED_ACCESS_LIFETIME`].
+    pub expires_at: Time,
+}
+
+/// A connection with its chain, as the refresh engine and the ledger hold it.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// The public face.
+    pub conn: Connection,
+    /// The secrets.
+    pub chain: Chain,
+}
+
+/// A line of the append-only history. Never carries a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// What happened: `imported`, `rotated`, `refreshed`, `failed`, `status_changed`,
+    /// `site_added`, `site_removed`, `account_resolved`, `merged`, `removed`, `recovered`.
+    pub kind: &'static str,
+    /// A sentence for a human.
+    pub message: String,
+}
+
+impl Event {
+    /// Builds an event.
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Event {
+        Event {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A fresh random connection id.
+pub fn new_connection_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("c{:012x}", n & 0xffff_ffff_ffff)
+}

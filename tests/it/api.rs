@@ -1,0 +1,306 @@
+//! The socket API under bad input, access control, and the daemon's start-up rules.
+
+use crate::fake::{FakeAtlassian, FakeSite};
+use crate::util::{TestDaemon, assert_no_secrets, assert_success, import, toml_str};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+fn assert_error(r: &crate::util::HttpResponse, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+fn healthy(d: &TestDaemon) {
+    let (code, v) = d.get_json("/v1/health");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "ok");
+}
+
+#[test]
+fn bad_requests_get_documented_errors_and_the_daemon_keeps_serving() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+
+    let json = "application/json";
+    assert_error(
+        &d.request("POST", "/v1/connections", Some((json, b"{not json"))),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        &d.request(
+            "POST",
+            "/v1/connections",
+            Some((
+                "text/plain",
+                br#"{"provider":"atlassian","label":"x","refresh_token":"y"}"#,
+            )),
+        ),
+        400,
+        "bad_request",
+    );
+    // A body that echoes a secret-looking value must not be quoted back.
+    let r = d.request(
+        "POST",
+        "/v1/connections",
+        Some((
+            json,
+            br#"{"provider":"atlassian","label":5,"refresh_token":"rt-echo-me-please-0123456789"}"#,
+        )),
+    );
+    assert_error(&r, 400, "bad_request");
+    assert!(!r.text().contains("rt-echo-me"), "{}", r.text());
+    assert_error(
+        &d.request(
+            "POST",
+            "/v1/connections",
+            Some((
+                json,
+                br#"{"provider":"github","label":"x","refresh_token":"y"}"#,
+            )),
+        ),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        &d.request(
+            "POST",
+            "/v1/connections",
+            Some((
+                json,
+                br#"{"provider":"atlassian","label":"../etc","refresh_token":"y"}"#,
+            )),
+        ),
+        400,
+        "bad_request",
+    );
+    let big = vec![b'a'; 10 * 1024 * 1024];
+    assert_error(
+        &d.request("POST", "/v1/connections", Some((json, &big))),
+        413,
+        "payload_too_large",
+    );
+    assert_error(
+        &d.request("GET", "/v1/connections/nope", None),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &d.request("GET", "/v1/connections/nope/token", None),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &d.request("GET", "/v1/connections/..%2F..%2Fetc%2Fpasswd", None),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &d.request("GET", "/v1/connections/conf/../../x", None),
+        404,
+        "not_found",
+    );
+    assert_error(&d.request("GET", "/etc/passwd", None), 404, "not_found");
+    assert_error(&d.request("GET", "/v1/token", None), 400, "bad_request");
+    assert_error(
+        &d.request("GET", "/v1/connections/conf/token?min_valid=soon", None),
+        400,
+        "bad_request",
+    );
+    assert_error(
+        &d.request("PUT", "/v1/connections/conf", None),
+        400,
+        "bad_request",
+    );
+    // Garbage that is not HTTP at all.
+    let r = d.raw(b"\x00\x01\x02 hello\r\n\r\n");
+    if let Ok(r) = r {
+        assert_eq!(r.status, 400);
+    }
+    // A client that connects and says nothing does not block others.
+    let _silent = std::os::unix::net::UnixStream::connect(d.socket_path()).unwrap();
+    healthy(&d);
+    let (code, tok) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200, "{tok}");
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn admin_routes_refuse_other_users_but_tokens_are_readable() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .start();
+    import(&d, "conf", &rt);
+    let nobody = 65534;
+    for args in [vec!["refresh", "conf"], vec!["remove", "conf"]] {
+        let out = d.cli_as(nobody, nobody, &args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("forbidden"), "{args:?}: {err}");
+    }
+    let rt2 = fake.issue_grant("acct-2", &[FakeSite::jira("beta")]);
+    let out = d.cli_as(nobody, nobody, &["import", "--label", "x"], Some(&rt2));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    assert_eq!(
+        fake.rotations("acct-2"),
+        0,
+        "a refused import never touches the token"
+    );
+    // Reading is open when access.clients is empty.
+    let out = d.cli_as(nobody, nobody, &["token", "conf"], None);
+    assert_success("token as nobody", &out);
+    let out = d.cli_as(nobody, nobody, &["list"], None);
+    assert_success("list as nobody", &out);
+    assert_eq!(d.get_json("/v1/connections/conf").1["status"], "active");
+    healthy(&d);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn client_lists_limit_who_reads_which_token() {
+    let fake = FakeAtlassian::start();
+    let rt1 = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let rt2 = fake.issue_grant("acct-2", &[FakeSite::jira("beta")]);
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .extra("[[access.clients]]\nuid = 65534\nconnections = [\"conf\"]")
+        .start();
+    import(&d, "conf", &rt1);
+    import(&d, "jira", &rt2);
+    let out = d.cli_as(65534, 65534, &["token", "conf"], None);
+    assert_success("listed connection", &out);
+    let out = d.cli_as(65534, 65534, &["token", "jira"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    let out = d.cli_as(65533, 65533, &["token", "conf"], None);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a peer matching no entry reads nothing"
+    );
+    let out = d.cli_as(
+        65534,
+        65534,
+        &["token", "--site", "beta.atlassian.net"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_and_a_stale_socket_is_replaced() {
+    let fake = FakeAtlassian::start();
+    let mut d = TestDaemon::start(&fake);
+    let mut second = d.spawn_raw();
+    let status = wait_child(&mut second, Duration::from_secs(10)).expect("second daemon exits");
+    assert!(!status.success());
+    let logs = d.logs();
+    healthy(&d);
+    // A crash leaves the socket file behind; the next start replaces it.
+    d.kill9();
+    assert!(d.socket_path().exists());
+    d.restart();
+    healthy(&d);
+    assert!(logs.contains("already"), "{logs}");
+}
+
+fn wait_child(c: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    None
+}
+
+#[test]
+fn the_socket_gets_its_mode_and_the_state_dir_is_private() {
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0600"))
+        .start();
+    let mode = std::fs::metadata(d.socket_path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let state = std::fs::metadata(d.state_dir())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(state, 0o700);
+    let db = std::fs::metadata(d.ledger_path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(db, 0o600);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let fake = FakeAtlassian::start();
+    let mut d = TestDaemon::start(&fake);
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert!(status.success(), "{status:?}\n{}", d.logs());
+    assert!(!d.socket_path().exists());
+}
+
+#[test]
+fn unconfigured_provider_starts_and_explains() {
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::builder(&fake)
+        .set("providers.atlassian", "client_id", &toml_str(""))
+        .unset("providers.atlassian", "client_secret_file")
+        .client_secret(None)
+        .start();
+    healthy(&d);
+    let out = d.cli(&["import", "--label", "x"], Some("rt-whatever"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("client_id"), "{err}");
+}
+
+#[test]
+fn bad_config_is_refused_with_exit_64_naming_key_and_line() {
+    let fake = FakeAtlassian::start();
+    let mut d = TestDaemon::builder(&fake)
+        .set("refresh", "rotate_after", &toml_str("7 dayz"))
+        .prepare();
+    let out = d.cli(&["check-config"], None);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rotate_after") && err.contains("daemon.toml:"),
+        "{err}"
+    );
+    let mut run = d.spawn_raw();
+    let status = wait_child(&mut run, Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(64));
+    let _ = &mut d;
+    let good = TestDaemon::builder(&fake).prepare();
+    let out = good.cli(&["check-config"], None);
+    assert_success("check-config", &out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(crate::fake::CLIENT_SECRET), "{text}");
+}

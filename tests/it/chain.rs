@@ -1,0 +1,480 @@
+//! The chain keeper end to end: import, tokens, single-flight, crash recovery, failure
+//! classification — the real binary against the strict fake.
+
+use crate::fake::{ErrorShape, FakeAtlassian, FakeSite, Fault};
+use crate::util::{TestDaemon, assert_no_secrets, assert_success, import};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon).
+fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
+    let db = rusqlite::Connection::open_with_flags(
+        d.ledger_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open ledger read-only");
+    db.query_row(
+        "SELECT refresh_token FROM connections WHERE label = ?1",
+        [label],
+        |r| r.get(0),
+    )
+    .expect("connection row")
+}
+
+fn token_of(d: &TestDaemon, label: &str) -> (u16, Value) {
+    d.get_json(&format!("/v1/connections/{label}/token"))
+}
+
+fn status_of(d: &TestDaemon, label: &str) -> String {
+    let (code, v) = d.get_json(&format!("/v1/connections/{label}"));
+    assert_eq!(code, 200, "{v}");
+    v["status"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `f` holds, up to `timeout`.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+#[test]
+fn import_then_token_rotates_once_and_the_ledger_holds_the_new_token() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+
+    let conn = import(&d, "confluence-prod", &rt);
+    assert_eq!(conn["status"], "active");
+    assert_eq!(conn["account_id"], "acct-1");
+    assert_eq!(conn["provider"], "atlassian");
+    let sites = conn["sites"].as_array().unwrap();
+    assert!(
+        sites
+            .iter()
+            .any(|s| s["url"] == "https://acme.atlassian.net"
+                && s["api_base_urls"]["confluence"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(s["cloud_id"].as_str().unwrap())),
+        "{conn}"
+    );
+    assert_eq!(
+        fake.rotations("acct-1"),
+        1,
+        "import proves the chain with one refresh"
+    );
+    assert!(fake.family_alive("acct-1"));
+    let current = fake.current_refresh_token("acct-1").unwrap();
+    assert_ne!(current, rt);
+    assert_eq!(ledger_refresh_token(&d, "confluence-prod"), current);
+
+    // `tokend token` prints the access token and nothing else, from cache.
+    let out = d.cli(&["token", "confluence-prod"], None);
+    assert_success("tokend token", &out);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.ends_with('\n') && stdout.lines().count() == 1,
+        "{stdout:?}"
+    );
+    let access = stdout.trim_end();
+    assert_eq!(fake.access_token_account(access).as_deref(), Some("acct-1"));
+    assert_eq!(
+        fake.rotations("acct-1"),
+        1,
+        "a cached token needs no refresh"
+    );
+
+    // By site host and by cloud id.
+    let by_host = d.request("GET", "/v1/token?site=acme.atlassian.net", None);
+    assert_eq!(by_host.status, 200, "{}", by_host.text());
+    let tok = by_host.json();
+    assert_eq!(tok["access_token"], access);
+    assert_eq!(tok["token_type"], "Bearer");
+    assert!(tok["expires_in"].as_i64().unwrap() > 3000);
+    let cloud = FakeSite::cloud_id_for("acme");
+    let by_cloud = d.get_json(&format!("/v1/token?site={cloud}"));
+    assert_eq!(by_cloud.0, 200, "{}", by_cloud.1);
+    assert_eq!(
+        d.request("GET", "/v1/token?site=nowhere.atlassian.net", None)
+            .error_code()
+            .as_deref(),
+        Some("not_found")
+    );
+
+    // The token survives a restart (served from the ledger, no refresh).
+    let mut d = d;
+    d.restart();
+    let (code, again) = token_of(&d, "confluence-prod");
+    assert_eq!(code, 200);
+    assert_eq!(again["access_token"], access);
+    assert_eq!(fake.rotations("acct-1"), 1);
+
+    // Explicit rotation.
+    let out = d.cli(&["refresh", "confluence-prod"], None);
+    assert_success("tokend refresh", &out);
+    assert_eq!(fake.rotations("acct-1"), 2);
+    assert_eq!(
+        ledger_refresh_token(&d, "confluence-prod"),
+        fake.current_refresh_token("acct-1").unwrap()
+    );
+    assert_eq!(fake.reuse_violations(), 0);
+
+    let list = d.cli(&["list"], None);
+    assert_success("tokend list", &list);
+    let show = d.cli(&["show", "confluence-prod", "--json"], None);
+    assert_success("tokend show", &show);
+    let all = format!(
+        "{}{}{}{}",
+        d.logs(),
+        String::from_utf8_lossy(&list.stdout),
+        String::from_utf8_lossy(&show.stdout),
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert_no_secrets(&all, &fake);
+}
+
+#[test]
+fn concurrent_callers_share_one_refresh() {
+    let fake = FakeAtlassian::start();
+    fake.set_access_lifetime(Some(Duration::from_secs(4)));
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    // Let the access token expire, then make the provider slow.
+    std::thread::sleep(Duration::from_millis(4300));
+    fake.set_token_delay(Duration::from_millis(1000));
+    let before = fake.refresh_calls();
+    let tokens: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..200)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = d.request("GET", "/v1/connections/conf/token", None);
+                    let t = if r.status == 200 {
+                        r.json()["access_token"].as_str().unwrap().to_owned()
+                    } else {
+                        r.text()
+                    };
+                    (r.status, t)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        fake.refresh_calls() - before,
+        1,
+        "200 concurrent callers must cause exactly one refresh"
+    );
+    let first = &tokens[0].1;
+    for (status, t) in &tokens {
+        assert_eq!(*status, 200, "{t}");
+        assert_eq!(t, first, "every caller gets the same new token");
+    }
+    assert_eq!(fake.access_token_account(first).as_deref(), Some("acct-1"));
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn kill_during_a_held_refresh_then_restart_keeps_the_chain() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let mut d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    let before_kill = ledger_refresh_token(&d, "conf");
+
+    // The fake rotates as soon as the request arrives, then holds the answer.
+    fake.inject_token(Fault::Delay(Duration::from_secs(2)));
+    let calls = fake.refresh_calls();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The connection drops when the daemon dies; the result does not matter.
+            let _ = d.try_request("POST", "/v1/connections/conf/refresh", &[], None);
+        });
+        assert!(
+            eventually(Duration::from_secs(5), || fake.refresh_calls() > calls),
+            "the refresh never reached the fake"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY of the scenario: the fake has rotated; the daemon never sees the answer.
+        let pid = d.pid().expect("running");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    d.kill9();
+    assert_ne!(
+        fake.current_refresh_token("acct-1").unwrap(),
+        before_kill,
+        "the fake rotated the token the daemon never received"
+    );
+    assert_eq!(ledger_refresh_token(&d, "conf"), before_kill);
+
+    d.restart();
+    // The daemon recovers by presenting the same token inside the leeway.
+    assert!(
+        eventually(Duration::from_secs(10), || ledger_refresh_token(&d, "conf")
+            == fake.current_refresh_token("acct-1").unwrap_or_default()),
+        "the daemon did not recover the chain\n{}",
+        d.logs()
+    );
+    let (code, tok) = token_of(&d, "conf");
+    assert_eq!(code, 200, "{tok}");
+    assert_eq!(status_of(&d, "conf"), "active");
+    assert!(fake.family_alive("acct-1"));
+    assert_eq!(
+        fake.leeway_reuses(),
+        1,
+        "recovery is one reuse inside the leeway"
+    );
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn ambiguous_outcomes_are_retried_inside_the_leeway() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+
+    // A timeout after the fake rotated (request_timeout is 3 s in tests), a garbled 200 after
+    // it rotated, and a dropped connection after it rotated: each time the daemon must come
+    // back with the same token inside the leeway, never lose the chain.
+    for fault in [
+        Fault::Delay(Duration::from_secs(5)),
+        Fault::MalformedJson,
+        Fault::Disconnect,
+    ] {
+        let reuses = fake.leeway_reuses();
+        fake.inject_token(fault.clone());
+        let r = d.request("POST", "/v1/connections/conf/refresh", None);
+        assert_eq!(r.status, 503, "{fault:?}: {}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+        assert!(r.header("retry-after").is_some());
+        assert_eq!(status_of(&d, "conf"), "active");
+        assert!(
+            eventually(Duration::from_secs(15), || fake.leeway_reuses() > reuses
+                && ledger_refresh_token(&d, "conf")
+                    == fake.current_refresh_token("acct-1").unwrap_or_default()),
+            "{fault:?}: no recovery inside the leeway\n{}",
+            d.logs()
+        );
+    }
+    assert!(fake.family_alive("acct-1"));
+    assert_eq!(fake.reuse_violations(), 0);
+    let (code, _) = token_of(&d, "conf");
+    assert_eq!(code, 200);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn definite_rejections_mark_needs_reauth_in_both_shapes() {
+    for shape in [ErrorShape::InvalidGrant, ErrorShape::UnauthorizedClient] {
+        let fake = FakeAtlassian::start();
+        fake.set_error_shape(shape);
+        let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+        let d = TestDaemon::start(&fake);
+        import(&d, "conf", &rt);
+        fake.revoke_family("acct-1");
+        let r = d.request("POST", "/v1/connections/conf/refresh", None);
+        assert_eq!(r.status, 409, "{shape:?}: {}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("needs_reauth"));
+        assert_eq!(status_of(&d, "conf"), "needs_reauth");
+        let (_, conn) = d.get_json("/v1/connections/conf");
+        let code = conn["last_error"]["code"].as_str().unwrap();
+        assert!(
+            code == "invalid_grant" || code == "unauthorized_client",
+            "{conn}"
+        );
+        // The token route answers 409 even though an access token was cached.
+        let t = d.request("GET", "/v1/connections/conf/token", None);
+        assert_eq!(t.status, 409);
+        assert_eq!(t.error_code().as_deref(), Some("needs_reauth"));
+        let out = d.cli(&["token", "conf"], None);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty());
+        // Not retried on its own.
+        let calls = fake.refresh_calls();
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(fake.refresh_calls(), calls);
+        assert_no_secrets(&d.logs(), &fake);
+    }
+}
+
+#[test]
+fn transient_failures_keep_the_chain_active_and_serve_the_cache() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    assert_eq!(token_of(&d, "conf").0, 200);
+
+    for fault in [
+        Fault::Status(500),
+        Fault::Html(502),
+        Fault::Status(503),
+        Fault::RateLimited {
+            retry_after_secs: 1,
+        },
+    ] {
+        fake.inject_token(fault.clone());
+        let r = d.request("POST", "/v1/connections/conf/refresh", None);
+        assert_eq!(r.status, 503, "{fault:?}: {}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+        assert!(r.header("retry-after").is_some(), "{fault:?}");
+        assert_eq!(status_of(&d, "conf"), "active", "{fault:?}");
+        // A valid cached token is still served, even asking for more than it has left.
+        let t = d.request("GET", "/v1/connections/conf/token?min_valid=999999", None);
+        assert_eq!(t.status, 200, "{fault:?}: {}", t.text());
+        // The cached token, or a newer one if a retry of an ambiguous attempt succeeded
+        // meanwhile: either way one the provider accepts.
+        let served = t.json()["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(
+            fake.access_token_account(&served).as_deref(),
+            Some("acct-1")
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let (_, conn) = d.get_json("/v1/connections/conf");
+    assert!(
+        conn["consecutive_failures"].as_u64().unwrap() >= 1,
+        "{conn}"
+    );
+    assert!(fake.family_alive("acct-1"));
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn retry_after_is_honoured_and_no_cached_token_means_503() {
+    let fake = FakeAtlassian::start();
+    fake.set_access_lifetime(Some(Duration::from_secs(2)));
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    std::thread::sleep(Duration::from_millis(2200));
+    fake.inject_token(Fault::Unavailable {
+        retry_after_secs: 3,
+    });
+    let calls = fake.token_calls();
+    let t = d.request("GET", "/v1/connections/conf/token", None);
+    assert_eq!(t.status, 503, "{}", t.text());
+    let retry: u64 = t.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        retry >= 3,
+        "Retry-After {retry} must honour the provider's 3 s"
+    );
+    // Within the Retry-After, callers are answered without a provider call.
+    let again = d.request("GET", "/v1/connections/conf/token", None);
+    assert_eq!(again.status, 503);
+    assert_eq!(
+        fake.token_calls(),
+        calls + 1,
+        "no call before Retry-After elapsed"
+    );
+    assert_eq!(status_of(&d, "conf"), "active");
+    // Afterwards it recovers.
+    assert!(eventually(Duration::from_secs(10), || token_of(&d, "conf")
+        .0
+        == 200));
+    let log = fake.token_requests();
+    let n = log.len();
+    assert!(
+        log[n - 1].at.duration_since(log[n - 2].at) >= Duration::from_millis(2900),
+        "the retry came before Retry-After"
+    );
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn a_response_without_refresh_token_keeps_the_old_one() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    let kept = ledger_refresh_token(&d, "conf");
+    fake.inject_token(Fault::OmitRefreshToken);
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ledger_refresh_token(&d, "conf"), kept);
+    assert_eq!(fake.current_refresh_token("acct-1").unwrap(), kept);
+    // And one without expires_in still works.
+    fake.inject_token(Fault::OmitExpiresIn);
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (code, tok) = token_of(&d, "conf");
+    assert_eq!(code, 200);
+    assert!(tok["expires_in"].as_i64().unwrap() > 60, "{tok}");
+    // The chain still rotates normally afterwards.
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        ledger_refresh_token(&d, "conf"),
+        fake.current_refresh_token("acct-1").unwrap()
+    );
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn a_second_import_for_the_same_account_updates_the_connection() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    let first = import(&d, "conf", &rt);
+    fake.revoke_family("acct-1");
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 409);
+    // The person consents again; the new token is imported under another label.
+    let rt2 = fake.issue_grant(
+        "acct-1",
+        &[FakeSite::confluence("acme"), FakeSite::jira("acme")],
+    );
+    let out = d.cli(&["import", "--label", "conf-again"], Some(&rt2));
+    assert_success("second import", &out);
+    let (_, list) = d.get_json("/v1/connections");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "one account, one connection: {list:?}");
+    assert_eq!(list[0]["id"], first["id"]);
+    assert_eq!(list[0]["status"], "active");
+    assert_eq!(
+        ledger_refresh_token(&d, "conf"),
+        fake.current_refresh_token("acct-1").unwrap()
+    );
+    let (code, _) = token_of(&d, "conf");
+    assert_eq!(code, 200);
+    // A dead token imported fresh is refused and leaves nothing behind.
+    let r = d.post_json(
+        "/v1/connections",
+        &serde_json::json!({"provider":"atlassian","label":"dead","refresh_token":"rt-not-a-real-token-000000"}),
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("needs_reauth"));
+    assert_eq!(d.get_json("/v1/connections/dead").0, 404);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn remove_forgets_the_connection() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    let out = d.cli(&["remove", "conf"], None);
+    assert_success("tokend remove", &out);
+    assert_eq!(d.get_json("/v1/connections/conf").0, 404);
+    assert_eq!(
+        d.request("DELETE", "/v1/connections/conf", None)
+            .error_code()
+            .as_deref(),
+        Some("not_found")
+    );
+    assert_no_secrets(&d.logs(), &fake);
+}
