@@ -478,3 +478,131 @@ fn remove_forgets_the_connection() {
     );
     assert_no_secrets(&d.logs(), &fake);
 }
+
+/// A tmpfs mounted over a directory for the life of the guard, so a test can fill the disk.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mounting a tmpfs needs root (as in CI)");
+        SmallDisk {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills the disk with a filler file until writes fail.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        let one = vec![0u8; 512];
+        while f.write_all(&one).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_never_loses_the_chain() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let mut d = TestDaemon::builder(&fake).prepare();
+    let disk = SmallDisk::mount(&d.state_dir(), "4m");
+    d.restart();
+    import(&d, "conf", &rt);
+
+    // Full before a refresh: nothing is sent, a clear error, the daemon keeps serving.
+    disk.fill();
+    let calls = fake.refresh_calls();
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("internal"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ledger")
+    );
+    assert_eq!(
+        fake.refresh_calls(),
+        calls,
+        "no refresh without a durable attempt record"
+    );
+    let (code, health) = d.get_json("/v1/health");
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "degraded");
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200, "the cached token is still served");
+    disk.free();
+
+    // Full while the provider holds the answer: the rotated token cannot be committed, so it
+    // is neither used nor rotated further; once space is back it is committed.
+    fake.inject_token(Fault::Delay(Duration::from_millis(1500)));
+    let calls = fake.refresh_calls();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| d.request("POST", "/v1/connections/conf/refresh", None));
+        assert!(eventually(Duration::from_secs(5), || fake.refresh_calls() > calls));
+        disk.fill();
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("internal"));
+    });
+    let t = d.request("GET", "/v1/connections/conf/token?min_valid=999999", None);
+    assert!(t.status == 500 || t.status == 200, "{}", t.text());
+    if t.status == 200 {
+        // Only the old, committed token may be handed out while the new one is not durable.
+        let served = t.json()["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(
+            fake.access_token_account(&served).as_deref(),
+            Some("acct-1")
+        );
+    }
+    assert_eq!(status_of(&d, "conf"), "active");
+    disk.free();
+    assert!(
+        eventually(Duration::from_secs(10), || ledger_refresh_token(&d, "conf")
+            == fake.current_refresh_token("acct-1").unwrap_or_default()),
+        "the rotated token was not committed once space was back\n{}",
+        d.logs()
+    );
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200);
+    assert_eq!(fake.reuse_violations(), 0);
+    assert!(fake.family_alive("acct-1"));
+    let logs = d.logs();
+    assert!(
+        logs.contains("cannot commit the rotated refresh token"),
+        "the commit-failure path was not exercised\n{logs}"
+    );
+    d.kill9();
+    drop(disk);
+    assert_no_secrets(&d.logs(), &fake);
+}
