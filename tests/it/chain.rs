@@ -606,3 +606,78 @@ fn a_full_disk_never_loses_the_chain() {
     drop(disk);
     assert_no_secrets(&d.logs(), &fake);
 }
+
+#[test]
+fn consent_flow_exchanges_a_code_once() {
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::start(&fake);
+    let r = d.post_json(
+        "/v1/authorizations",
+        &serde_json::json!({"provider": "atlassian"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let auth = r.json();
+    let url = auth["authorize_url"].as_str().unwrap();
+    let state = auth["state"].as_str().unwrap();
+    let redirect = auth["redirect_uri"].as_str().unwrap();
+    for part in [
+        "audience=api.atlassian.com",
+        "prompt=consent",
+        "response_type=code",
+        "offline_access",
+    ] {
+        assert!(url.contains(part), "{part} missing from {url}");
+    }
+    assert!(url.contains(&format!("state={state}")), "{url}");
+    let code = fake.issue_code("acct-9", &[FakeSite::jira("gamma")], redirect);
+    let body = serde_json::json!({"provider":"atlassian","label":"jira","code":code,"state":state});
+    let r = d.post_json("/v1/connections", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let conn = r.json();
+    assert_eq!(conn["account_id"], "acct-9");
+    assert_eq!(conn["sites"][0]["url"], "https://gamma.atlassian.net");
+    assert!(
+        conn["sites"][0]["api_base_urls"]["jira"].is_string(),
+        "{conn}"
+    );
+    // The state is single-use.
+    let r = d.post_json("/v1/connections", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("bad_request"));
+    // The stored chain works.
+    let (code, tok) = d.get_json("/v1/token?site=gamma.atlassian.net");
+    assert_eq!(code, 200, "{tok}");
+    assert_eq!(
+        ledger_refresh_token(&d, "jira"),
+        fake.current_refresh_token("acct-9").unwrap()
+    );
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn an_account_the_provider_hides_is_unknown_not_a_failure() {
+    let fake = FakeAtlassian::start();
+    fake.hide_account("acct-1");
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    let conn = import(&d, "conf", &rt);
+    assert!(conn["account_id"].is_null(), "{conn}");
+    assert_eq!(conn["status"], "active");
+    assert_eq!(conn["sites"].as_array().unwrap().len(), 1);
+    assert_eq!(token_of(&d, "conf").0, 200);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn two_connections_reaching_one_site_conflict() {
+    let fake = FakeAtlassian::start();
+    let rt1 = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let rt2 = fake.issue_grant("acct-2", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::start(&fake);
+    import(&d, "one", &rt1);
+    import(&d, "two", &rt2);
+    let r = d.request("GET", "/v1/token?site=acme.atlassian.net", None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("conflict"));
+    assert_no_secrets(&d.logs(), &fake);
+}
