@@ -7,7 +7,9 @@
 
 use crate::api::{self, AccessPolicy, ApiState};
 use crate::config::{Config, LogFormat};
+use crate::jobs::{JobMonitor, Jobs};
 use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::provider::Atlassian;
 use crate::refresh::Engine;
 use anyhow::Context;
@@ -24,11 +26,71 @@ pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
 /// not lost: its attempt marker makes the next start retry it inside the reuse leeway.
 pub const REFRESH_GRACE_EXTRA: Duration = Duration::from_secs(5);
 
+/// How often connection gauges and job metrics are published.
+pub const METRICS_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the absolute-expiry warnings run (at start, then daily, as promised to
+/// operators: "a warning is logged daily within 14 days of the deadline").
+pub const ABSOLUTE_WARNING_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// Readiness: the ledger is writable, the scheduler is alive, every job ran on time.
+fn readiness(engine: Arc<Engine>, monitor: Arc<JobMonitor>) -> crate::metrics::Readiness {
+    Arc::new(move || {
+        let engine = engine.clone();
+        let monitor = monitor.clone();
+        Box::pin(async move {
+            engine
+                .ledger()
+                .check_writable()
+                .await
+                .map_err(|e| format!("ledger not writable: {e}"))?;
+            if !engine.scheduler_alive() {
+                return Err("the refresh scheduler is stalled".to_owned());
+            }
+            let stalled = monitor.stalled();
+            if !stalled.is_empty() {
+                return Err(format!("jobs not on time: {}", stalled.join(", ")));
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Publishes gauges periodically and runs the daily absolute-expiry warnings.
+async fn housekeeping(
+    engine: Arc<Engine>,
+    monitor: Arc<JobMonitor>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut publish = tokio::time::interval(METRICS_PUBLISH_INTERVAL);
+    let mut warn = tokio::time::interval(ABSOLUTE_WARNING_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = publish.tick() => {
+                engine.publish_metrics();
+                let metrics = engine.metrics();
+                for (job, last, period) in monitor.snapshot() {
+                    metrics.set_job_period(job, period.as_secs_f64());
+                    if let Some(t) = last {
+                        metrics.job_success(job, t.timestamp_millis() as f64 / 1000.0);
+                    }
+                }
+            }
+            _ = warn.tick() => {
+                engine.warn_absolute_expiry();
+            }
+        }
+    }
+}
+
 /// Sets up logging: text on stderr (no timestamps when journald adds its own), or JSON.
 /// The level comes from `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -98,30 +160,63 @@ pub async fn run(
     if let Some(reason) = provider.not_configured() {
         tracing::warn!("{reason}; tokend serves, but cannot add or refresh connections until then");
     }
-    let engine = Engine::load(ledger, provider, config.refresh.clone())
-        .await
-        .context("cannot load the ledger")?;
+    let notifier =
+        crate::notify::Notifier::start(config.notify.command.clone(), config.notify.timeout);
+    let metrics = Arc::new(Metrics::new(true));
+    let engine = Engine::load(
+        ledger,
+        provider,
+        config.refresh.clone(),
+        notifier,
+        metrics.clone(),
+    )
+    .await
+    .context("cannot load the ledger")?;
     let (active, needs_reauth) = engine.status_counts();
+    let monitor = Arc::new(JobMonitor::default());
+    let jobs = Jobs::start(engine.clone(), &config.jobs, monitor.clone())
+        .await
+        .context("cannot start the job scheduler")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let metrics_server = match config.daemon.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            let readiness = readiness(engine.clone(), monitor.clone());
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                readiness,
+                stopped(),
+            )))
+        }
+        None => None,
+    };
+    let state = ApiState {
+        engine: engine.clone(),
+        jobs: monitor.clone(),
+        access: Arc::new(RwLock::new(AccessPolicy {
+            own_uid: rustix::process::geteuid().as_raw(),
+            config: config.access.clone(),
+        })),
+    };
+    let scheduler = tokio::spawn(engine.clone().run_scheduler(stopped()));
+    let watch = tokio::spawn(jobs.watch(stopped()));
+    let housekeeping = tokio::spawn(housekeeping(engine.clone(), monitor.clone(), stopped()));
     tracing::info!(
         active,
         needs_reauth,
         socket = %config.daemon.socket_path.display(),
         "tokend serving"
     );
-    let state = ApiState {
-        engine: engine.clone(),
-        access: Arc::new(RwLock::new(AccessPolicy {
-            own_uid: rustix::process::geteuid().as_raw(),
-            config: config.access.clone(),
-        })),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let scheduler = {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(engine.clone().run_scheduler(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }))
-    };
     api::server::serve(listener, api::router(state), shutdown, REQUEST_GRACE).await;
     let _ = stop_tx.send(true);
     let _ = scheduler.await;
@@ -130,6 +225,11 @@ pub async fn run(
         .await
     {
         tracing::warn!("stopping with a refresh still in flight; it is retried at the next start");
+    }
+    let _ = watch.await;
+    let _ = housekeeping.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
     }
     tracing::info!("tokend stopped");
     Ok(())

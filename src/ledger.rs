@@ -444,6 +444,18 @@ impl Ledger {
         .await
     }
 
+    /// Housekeeping: deletes events older than `before` (the only deletion the history ever
+    /// sees) and checkpoints the WAL back into the database file. Returns the number of
+    /// events pruned.
+    pub async fn maintain(&self, before: Time) -> Result<usize, LedgerError> {
+        self.call(move |db| {
+            let n = db.execute("DELETE FROM events WHERE at < ?1", [ms(before)])?;
+            db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(n)
+        })
+        .await
+    }
+
     /// Proves the ledger is writable: a write transaction that touches the database file.
     pub async fn check_writable(&self) -> Result<(), LedgerError> {
         self.call(|db| {
@@ -842,6 +854,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sync, 2, "synchronous must be FULL");
+    }
+
+    #[tokio::test]
+    async fn maintenance_prunes_old_events_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let old = Utc::now() - chrono::Duration::days(400);
+        ledger
+            .append(None, old, vec![Event::new("old", "x")])
+            .await
+            .unwrap();
+        ledger
+            .append(None, Utc::now(), vec![Event::new("new", "y")])
+            .await
+            .unwrap();
+        let n = ledger
+            .maintain(Utc::now() - chrono::Duration::days(365))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let left: i64 = ledger
+            .call(|db| Ok(db.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(left, 1);
     }
 
     #[tokio::test]

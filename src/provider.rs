@@ -22,7 +22,10 @@ use crate::secret::Secret;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// What tokend assumes an access token lives when the provider does not send `expires_in`.
 /// Atlassian documents one hour; assuming exactly that would hand out tokens that expire
@@ -45,6 +48,88 @@ const MAX_DESCRIPTION: usize = 200;
 /// The largest `Retry-After` honoured. A provider asking for more is capped so that a bogus
 /// header cannot park a chain past its inactivity expiry.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
+/// How long a caller waits before trying again when another call is already probing an
+/// endpoint whose `Retry-After` pause just ended: the probe's answer decides for everyone.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// A provider endpoint. Back-pressure (`Retry-After` on 429/503) applies per endpoint: one
+/// such answer pauses every call to that endpoint, for every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `POST /oauth/token`.
+    Token,
+    /// `GET /oauth/token/accessible-resources`.
+    Resources,
+    /// `GET /me`.
+    Me,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Token => "the token endpoint",
+            Endpoint::Resources => "accessible-resources",
+            Endpoint::Me => "/me",
+        }
+    }
+}
+
+/// Back-pressure state of one endpoint.
+#[derive(Default)]
+struct Gate {
+    /// No call before this instant (the provider's `Retry-After`).
+    paused_until: Option<Instant>,
+    /// After a pause ends, one call probes; the others wait for its answer.
+    probing: bool,
+}
+
+/// Admission to call an endpoint; a probe reopens the endpoint or pauses it again. Dropping
+/// it (even by cancellation) releases the probe.
+struct Admission {
+    gates: Arc<Mutex<HashMap<Endpoint, Gate>>>,
+    endpoint: Endpoint,
+    probe: bool,
+    settled: bool,
+}
+
+impl Admission {
+    /// Records the answer: a 429/503 with `Retry-After` pauses the endpoint.
+    fn settle(mut self, status: Option<StatusCode>, retry_after: Option<Duration>) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = gates.entry(self.endpoint).or_default();
+        let pausing = matches!(
+            status,
+            Some(StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+        ) && retry_after.is_some();
+        if let (true, Some(r)) = (pausing, retry_after) {
+            let until = Instant::now() + r;
+            if gate.paused_until.is_none_or(|p| p < until) {
+                gate.paused_until = Some(until);
+            }
+            tracing::warn!(
+                endpoint = self.endpoint.name(),
+                retry_after_secs = r.as_secs(),
+                "the provider asked to wait; pausing every call to this endpoint"
+            );
+        } else if self.probe {
+            gate.paused_until = None;
+        }
+        if self.probe {
+            gate.probing = false;
+        }
+        self.settled = true;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.probe && !self.settled {
+            let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+            gates.entry(self.endpoint).or_default().probing = false;
+        }
+    }
+}
 
 /// Tokens obtained from the token endpoint.
 #[derive(Debug)]
@@ -156,6 +241,7 @@ pub struct Account {
 pub struct Atlassian {
     http: reqwest::Client,
     config: AtlassianConfig,
+    gates: Arc<Mutex<HashMap<Endpoint, Gate>>>,
 }
 
 #[derive(Deserialize)]
@@ -199,7 +285,11 @@ impl Atlassian {
             .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Atlassian { http, config })
+        Ok(Atlassian {
+            http,
+            config,
+            gates: Arc::new(Mutex::new(HashMap::new())),
+        })
     }
 
     /// The app's client id (part of a chain's identity).
@@ -210,6 +300,52 @@ impl Atlassian {
     /// The configuration this client was built from.
     pub fn config(&self) -> &AtlassianConfig {
         &self.config
+    }
+
+    /// Lets a call through unless the endpoint is paused by a `Retry-After`.
+    fn admit(&self, endpoint: Endpoint) -> Result<Admission, ProviderError> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = gates.entry(endpoint).or_default();
+        let mut probe = false;
+        if let Some(until) = gate.paused_until {
+            let now = Instant::now();
+            if now < until {
+                return Err(ProviderError::Transient {
+                    kind: TransientKind::RateLimited,
+                    retry_after: Some(until - now),
+                    message: format!(
+                        "{} asked tokend to wait (Retry-After); not calling it until then",
+                        endpoint.name()
+                    ),
+                });
+            }
+            if gate.probing {
+                return Err(ProviderError::Transient {
+                    kind: TransientKind::RateLimited,
+                    retry_after: Some(PROBE_WAIT),
+                    message: format!(
+                        "{} is being probed after a Retry-After pause",
+                        endpoint.name()
+                    ),
+                });
+            }
+            gate.probing = true;
+            probe = true;
+        }
+        Ok(Admission {
+            gates: self.gates.clone(),
+            endpoint,
+            probe,
+            settled: false,
+        })
+    }
+
+    /// How long `endpoint` is paused by the provider's `Retry-After`, if it is.
+    pub fn paused_for(&self, endpoint: Endpoint) -> Option<Duration> {
+        let gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let until = gates.get(&endpoint)?.paused_until?;
+        let now = Instant::now();
+        (until > now).then(|| until - now)
     }
 
     fn credentials(&self) -> Result<&Secret, ProviderError> {
@@ -263,6 +399,7 @@ impl Atlassian {
         body: serde_json::Value,
         sent_secrets: &[&str],
     ) -> Result<Grant, ProviderError> {
+        let admission = self.admit(Endpoint::Token)?;
         let response = self
             .http
             .post(self.config.token_url.clone())
@@ -273,6 +410,7 @@ impl Atlassian {
             .map_err(transport_error)?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers());
+        admission.settle(Some(status), retry_after);
         let bytes = response.bytes().await.map_err(transport_error)?;
         if status.is_success() {
             let parsed: TokenBody = serde_json::from_slice(&bytes).map_err(|e| {
@@ -316,7 +454,7 @@ impl Atlassian {
         now: Time,
     ) -> Result<Vec<Site>, ProviderError> {
         let url = self.api_url("oauth/token/accessible-resources");
-        let (status, retry_after, bytes) = self.get(url, access_token).await?;
+        let (status, retry_after, bytes) = self.get(Endpoint::Resources, url, access_token).await?;
         if !status.is_success() {
             return Err(api_error("accessible-resources", status, retry_after));
         }
@@ -345,7 +483,7 @@ impl Atlassian {
     /// 403: the app lacks `read:me` / the User Identity API), which is not a failure.
     pub async fn me(&self, access_token: &Secret) -> Result<Option<Account>, ProviderError> {
         let url = self.api_url("me");
-        let (status, retry_after, bytes) = self.get(url, access_token).await?;
+        let (status, retry_after, bytes) = self.get(Endpoint::Me, url, access_token).await?;
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Ok(None);
         }
@@ -406,9 +544,11 @@ impl Atlassian {
 
     async fn get(
         &self,
+        endpoint: Endpoint,
         url: String,
         access_token: &Secret,
     ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), ProviderError> {
+        let admission = self.admit(endpoint)?;
         let response = self
             .http
             .get(url)
@@ -419,6 +559,7 @@ impl Atlassian {
             .map_err(transport_error)?;
         let status = response.status();
         let retry_after = parse_retry_after(response.headers());
+        admission.settle(Some(status), retry_after);
         let bytes = response.bytes().await.map_err(transport_error)?;
         Ok((status, retry_after, bytes))
     }
@@ -693,6 +834,58 @@ mod tests {
         );
         assert_eq!(parse_expires_in(&serde_json::json!(-1)), None);
         assert_eq!(parse_expires_in(&serde_json::json!(null)), None);
+    }
+
+    fn client() -> Atlassian {
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("no files here")),
+        )
+        .unwrap();
+        Atlassian::new(config.providers.atlassian, Duration::from_secs(5)).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_the_endpoint_for_everyone_then_one_probe_reopens_it() {
+        let c = client();
+        c.admit(Endpoint::Token).unwrap().settle(
+            Some(StatusCode::TOO_MANY_REQUESTS),
+            Some(Duration::from_secs(5)),
+        );
+        let paused = c.admit(Endpoint::Token).err().expect("paused");
+        assert!(!paused.maybe_processed());
+        let r = paused.retry_after().unwrap();
+        assert!(
+            r > Duration::from_secs(4) && r <= Duration::from_secs(5),
+            "{r:?}"
+        );
+        // Other endpoints are not paused.
+        assert!(c.admit(Endpoint::Me).is_ok());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probe = c.admit(Endpoint::Token).expect("one probe");
+        let waiting = c
+            .admit(Endpoint::Token)
+            .err()
+            .expect("others wait for the probe");
+        assert_eq!(waiting.retry_after(), Some(PROBE_WAIT));
+        probe.settle(Some(StatusCode::OK), None);
+        assert!(c.admit(Endpoint::Token).is_ok());
+        assert!(c.admit(Endpoint::Token).is_ok());
+        // A dropped probe (a cancelled call) does not wedge the endpoint.
+        c.admit(Endpoint::Token).unwrap().settle(
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+            Some(Duration::from_secs(1)),
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(c.admit(Endpoint::Token).unwrap());
+        assert!(c.admit(Endpoint::Token).is_ok());
+        // A 503 without Retry-After does not pause anyone.
+        c.admit(Endpoint::Resources)
+            .unwrap()
+            .settle(Some(StatusCode::SERVICE_UNAVAILABLE), None);
+        assert!(c.admit(Endpoint::Resources).is_ok());
     }
 
     #[test]

@@ -12,8 +12,9 @@
 pub mod server;
 
 use crate::config::AccessConfig;
+use crate::metrics::TokenOutcome;
 use crate::model::{Site, Time};
-use crate::refresh::{ConnectionInfo, Engine, Failure, TokenGrant};
+use crate::refresh::{ConnectionInfo, Engine, Failure, Served, TokenGrant};
 use crate::secret::Secret;
 use axum::Router;
 use axum::body::Bytes;
@@ -81,6 +82,8 @@ impl AccessPolicy {
 pub struct ApiState {
     /// The refresh engine.
     pub engine: Arc<Engine>,
+    /// Job health (a stalled job makes `/v1/health` degraded).
+    pub jobs: Arc<crate::jobs::JobMonitor>,
     /// Access rules; behind a lock so that a reload can replace them.
     pub access: Arc<RwLock<AccessPolicy>>,
 }
@@ -176,7 +179,28 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(standard_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Records each request's latency under its route template (bounded label values).
+async fn track(
+    State(state): State<ApiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| crate::metrics::api_route(m.as_str()))
+        .unwrap_or(crate::metrics::OTHER_ROUTE);
+    let started = tokio::time::Instant::now();
+    let resp = next.run(req).await;
+    state
+        .engine
+        .metrics()
+        .api_request(route, resp.status().as_u16(), started.elapsed());
+    resp
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -298,7 +322,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     let ledger =
         tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.ledger().check_writable()).await;
     let (active, needs_reauth) = state.engine.status_counts();
-    let (status, ledger_state) = match ledger {
+    let (mut status, ledger_state) = match ledger {
         Ok(Ok(())) => ("ok", "writable".to_owned()),
         Ok(Err(e)) => ("degraded", format!("not writable: {e}")),
         Err(_) => (
@@ -306,10 +330,17 @@ async fn health(State(state): State<ApiState>) -> Response {
             "not writable: the write probe timed out".to_owned(),
         ),
     };
+    let scheduler_alive = state.engine.scheduler_alive();
+    let stalled = state.jobs.stalled();
+    if !scheduler_alive || !stalled.is_empty() {
+        status = "degraded";
+    }
     let body = json!({
         "status": status,
         "version": env!("CARGO_PKG_VERSION"),
         "ledger": ledger_state,
+        "scheduler": if scheduler_alive { "alive" } else { "stalled" },
+        "stalled_jobs": stalled,
         "connections": {"active": active, "needs_reauth": needs_reauth},
         "provider_configured": state.engine.provider().not_configured().is_none(),
     });
@@ -498,14 +529,18 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let info = state
-        .engine
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no connection {id:?}")))?;
+    let Some(info) = state.engine.get(&id) else {
+        state.engine.metrics().token_request(TokenOutcome::NotFound);
+        return Err(ApiError::not_found(format!("no connection {id:?}")));
+    };
     if !state
         .policy()
         .may_read(peer, &info.conn.id, &info.conn.label)
     {
+        state
+            .engine
+            .metrics()
+            .token_request(TokenOutcome::Forbidden);
         return Err(ApiError::forbidden(format!(
             "uid {} may not read the tokens of {}",
             peer.uid, info.conn.label
@@ -535,14 +570,21 @@ async fn site_token(
         })
         .cloned()
         .collect();
+    let metrics = state.engine.metrics();
     match (candidates.len(), readable.as_slice()) {
-        (0, _) => Err(ApiError::not_found(format!(
-            "no active connection reaches {site:?}"
-        ))),
-        (_, []) => Err(ApiError::forbidden(format!(
-            "uid {} may not read the tokens of the connection reaching {site:?}",
-            peer.uid
-        ))),
+        (0, _) => {
+            metrics.token_request(TokenOutcome::NotFound);
+            Err(ApiError::not_found(format!(
+                "no active connection reaches {site:?}"
+            )))
+        }
+        (_, []) => {
+            metrics.token_request(TokenOutcome::Forbidden);
+            Err(ApiError::forbidden(format!(
+                "uid {} may not read the tokens of the connection reaching {site:?}",
+                peer.uid
+            )))
+        }
         (_, [one]) => hand_out(&state, one, min_valid).await,
         (_, many) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -556,7 +598,16 @@ async fn site_token(
 }
 
 async fn hand_out(state: &ApiState, id: &str, min_valid: Duration) -> ApiResult {
-    let grant = state.engine.token(id, min_valid).await?;
+    let result = state.engine.token(id, min_valid).await;
+    let outcome = match &result {
+        Ok(g) if g.served == Served::Cached => TokenOutcome::Cached,
+        Ok(_) => TokenOutcome::Refreshed,
+        Err(Failure::NotFound) => TokenOutcome::NotFound,
+        Err(Failure::NeedsReauth(_)) => TokenOutcome::NeedsReauth,
+        Err(_) => TokenOutcome::Unavailable,
+    };
+    state.engine.metrics().token_request(outcome);
+    let grant = result?;
     let mut resp = ok_json(StatusCode::OK, token_json(&state.engine, &grant));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -25,10 +25,12 @@ mod plan;
 
 use crate::config::RefreshConfig;
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{Metrics, RefreshOutcome};
 use crate::model::{
     AccessToken, Chain, Connection, Event, LastError, PROVIDER_ATLASSIAN, Record, Site, Status,
     Time, new_connection_id,
 };
+use crate::notify::{Kind, Notification};
 use crate::provider::{
     ASSUMED_ACCESS_LIFETIME, Atlassian, Grant, LEEWAY_SAFETY_MARGIN, ProviderError, REUSE_LEEWAY,
     TransientKind,
@@ -38,7 +40,7 @@ use chrono::Utc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// How long a `state` handed out by `POST /v1/authorizations` stays valid. The consent screen
@@ -48,6 +50,17 @@ pub const AUTHORIZATION_TTL: Duration = Duration::from_secs(15 * 60);
 /// The most pending authorizations kept; older ones are dropped first. Bounds memory if a
 /// client keeps asking for consent URLs.
 const MAX_PENDING_AUTHORIZATIONS: usize = 1024;
+
+/// Site resolution uses the cached access token when it has at least this long left, and
+/// otherwise asks for one valid this long: enough for two small GETs.
+const RESOLVE_MIN_VALID: Duration = Duration::from_secs(10);
+
+/// How far ahead of a connection's absolute (consent) expiry tokend starts warning daily.
+pub const ABSOLUTE_WARNING_WINDOW: Duration = Duration::from_secs(14 * 86_400);
+
+/// The scheduler loop wakes at least this often, even with nothing due, to prove it is
+/// alive (health and the systemd watchdog look at its heartbeat).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// After a failed commit of a rotated token, how soon the scheduler tries the commit again.
 const COMMIT_RETRY: Duration = Duration::from_secs(2);
@@ -156,7 +169,7 @@ struct PendingAuthorization {
 /// an `.await`).
 struct Slot {
     /// The single-flight gate: held for the whole of a refresh, provider call included.
-    flight: tokio::sync::Mutex<()>,
+    flight: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<SlotState>,
 }
 
@@ -197,6 +210,9 @@ pub struct Engine {
     max_concurrent: Mutex<usize>,
     authorizations: Mutex<HashMap<String, PendingAuthorization>>,
     plan: plan::Planner,
+    notifier: crate::notify::Notifier,
+    metrics: Arc<Metrics>,
+    last_heartbeat: Mutex<Instant>,
 }
 
 impl Engine {
@@ -205,6 +221,8 @@ impl Engine {
         ledger: Ledger,
         provider: Atlassian,
         settings: RefreshConfig,
+        notifier: crate::notify::Notifier,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Engine>, LedgerError> {
         let records = ledger.load_all().await?;
         let max = settings.max_concurrent.max(1);
@@ -217,6 +235,9 @@ impl Engine {
             max_concurrent: Mutex::new(max),
             authorizations: Mutex::new(HashMap::new()),
             plan: plan::Planner::new(),
+            notifier,
+            metrics,
+            last_heartbeat: Mutex::new(Instant::now()),
         });
         for rec in records {
             if rec.chain.attempt_started_at.is_some() {
@@ -255,7 +276,7 @@ impl Engine {
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let slot = Arc::new(Slot {
-            flight: tokio::sync::Mutex::new(()),
+            flight: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState {
                 rec,
                 attempts: 0,
@@ -343,6 +364,15 @@ impl Engine {
         (!st.removed).then(|| self.info_of(&st))
     }
 
+    /// The ids of active connections.
+    pub fn active_ids(&self) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .filter(|c| c.conn.status == Status::Active)
+            .map(|c| c.conn.id)
+            .collect()
+    }
+
     /// Counts of connections by status: `(active, needs_reauth)`.
     pub fn status_counts(&self) -> (usize, usize) {
         let list = self.list();
@@ -380,13 +410,33 @@ impl Engine {
         id_or_label: &str,
         min_valid: Duration,
     ) -> Result<TokenGrant, Failure> {
+        self.token_inner(id_or_label, min_valid, true).await
+    }
+
+    /// [`Engine::token`]; `caller` says whether a service asked (which makes the connection
+    /// hot) or tokend itself needs the token (site resolution), which must not.
+    async fn token_inner(
+        &self,
+        id_or_label: &str,
+        min_valid: Duration,
+        caller: bool,
+    ) -> Result<TokenGrant, Failure> {
         let (id, slot) = self.find(id_or_label).ok_or(Failure::NotFound)?;
         let seen = {
             let mut st = lock(&slot.state);
             if st.removed {
                 return Err(Failure::NotFound);
             }
-            st.last_requested = Some(Instant::now());
+            let was_hot = plan::is_hot(&st.rec, st.last_requested);
+            if caller {
+                st.last_requested = Some(Instant::now());
+            }
+            if caller && !was_hot {
+                // Became hot: plan its access renewal ahead of expiry from now on.
+                drop(st);
+                self.replan(&id);
+                st = lock(&slot.state);
+            }
             if st.rec.conn.status == Status::NeedsReauth {
                 return Err(needs_reauth_failure(&st.rec.conn));
             }
@@ -452,18 +502,6 @@ impl Engine {
         Ok(self.info_of(&st))
     }
 
-    /// The scheduler's entry point: refresh a connection whose planned time has come.
-    pub async fn scheduled(&self, id: &str) {
-        let Some((id, slot)) = self.find(id) else {
-            return;
-        };
-        let seen = lock(&slot.state).attempts;
-        if let Err(e) = self.refresh_shared(&id, &slot, seen, Need::Scheduled).await {
-            tracing::debug!(connection = %id, error = %e, "scheduled refresh did not succeed");
-        }
-        self.replan(&id);
-    }
-
     /// Runs one refresh attempt for the slot, unless one completed while this caller waited
     /// for the flight lock, in which case its outcome is shared.
     async fn refresh_shared(
@@ -473,27 +511,29 @@ impl Engine {
         seen: u64,
         need: Need,
     ) -> Result<(), Failure> {
-        let _flight = slot.flight.lock().await;
-        {
-            let st = lock(&slot.state);
-            if st.removed {
-                return Err(Failure::NotFound);
-            }
-            if st.attempts > seen && need != Need::Forced {
-                return st.last_outcome.clone();
-            }
-            if let Need::Lifetime(min_valid) = need
-                && !st.uncommitted
-                && satisfies(&st.rec, min_valid)
-            {
-                return Ok(());
-            }
+        let flight = slot.flight.clone().lock_owned().await;
+        if let Some(outcome) = shared_outcome(slot, seen, need) {
+            return outcome;
         }
-        let permits = self.permits.clone();
-        let _permit = permits
+        let permit = self
+            .permits
+            .clone()
             .acquire_owned()
             .await
             .map_err(|_| Failure::Internal("refresh engine is shutting down".into()))?;
+        self.attempt_locked(id, slot, need, flight, permit).await
+    }
+
+    /// Runs one attempt while holding the connection's flight lock and a permit, records its
+    /// outcome for callers that waited, and re-plans.
+    async fn attempt_locked(
+        &self,
+        id: &str,
+        slot: &Arc<Slot>,
+        need: Need,
+        _flight: tokio::sync::OwnedMutexGuard<()>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), Failure> {
         let outcome = self.attempt(id, slot, need).await;
         {
             let mut st = lock(&slot.state);
@@ -586,7 +626,14 @@ impl Engine {
 
         // 3. Ask the provider.
         tracing::debug!(connection = %id, "refreshing");
+        let started = Instant::now();
         let result = self.provider.refresh(&rec.chain.refresh_token).await;
+        let outcome = match &result {
+            Ok(_) => RefreshOutcome::Success,
+            Err(ProviderError::Rejected { .. }) => RefreshOutcome::Rejected,
+            Err(_) => RefreshOutcome::TransientError,
+        };
+        self.metrics.refresh_outcome(outcome, started.elapsed());
         match result {
             Ok(grant) => self.commit_grant(id, slot, rec, grant).await,
             Err(ProviderError::Rejected { code, description }) => {
@@ -672,7 +719,11 @@ impl Engine {
         next.conn.last_error = None;
         next.conn.consecutive_failures = 0;
         next.conn.updated_at = now;
+        let recovered = rec_was_dead(&events);
         let saved = self.ledger.save(next.clone(), Some(old_rt), events).await;
+        if recovered && saved.is_ok() {
+            self.notify(Kind::Recovered, &next.conn, "the chain works again");
+        }
         let mut st = lock(&slot.state);
         st.not_before = None;
         st.provider_asked = false;
@@ -727,6 +778,9 @@ impl Engine {
             .await
         {
             tracing::error!(connection = %id, error = %e, "cannot record needs_reauth in the ledger");
+        }
+        if rec.conn.status != Status::NeedsReauth {
+            self.notify(Kind::NeedsReauth, &next.conn, &message);
         }
         let mut st = lock(&slot.state);
         st.rec = next;
@@ -796,6 +850,49 @@ impl Engine {
             retry_after: delay,
             message: format!("{kind_msg}: {e}"),
         })
+    }
+
+    fn notify(&self, kind: Kind, conn: &Connection, message: &str) {
+        self.notifier.send(Notification {
+            kind,
+            connection: conn.id.clone(),
+            label: conn.label.clone(),
+            message: message.to_owned(),
+        });
+    }
+
+    /// Warns about every active connection whose absolute (consent) expiry is within
+    /// [`ABSOLUTE_WARNING_WINDOW`]: a log line and a notification each. Run daily.
+    pub fn warn_absolute_expiry(&self) -> usize {
+        let window = chrono_dur(ABSOLUTE_WARNING_WINDOW);
+        let now = Utc::now();
+        let mut warned = 0;
+        for info in self.list() {
+            let Some(deadline) = info.absolute_expires_at else {
+                continue;
+            };
+            if info.conn.status != Status::Active || deadline - now > window {
+                continue;
+            }
+            let days = (deadline - now).num_hours() as f64 / 24.0;
+            let message = if deadline <= now {
+                format!(
+                    "consent for {} reached its absolute expiry on {}; a person must consent again (tokend connect)",
+                    info.conn.label,
+                    deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            } else {
+                format!(
+                    "consent for {} expires in {days:.1} days ({}); a person must consent again before then (tokend connect)",
+                    info.conn.label,
+                    deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            };
+            tracing::warn!(connection = %info.conn.id, "{message}");
+            self.notify(Kind::AbsoluteExpirySoon, &info.conn, &message);
+            warned += 1;
+        }
+        warned
     }
 
     /// Removes a connection: from memory at once, and from the ledger.
@@ -1097,7 +1194,7 @@ impl Engine {
         merged.conn.consecutive_failures = 0;
         merged.conn.updated_at = now;
         self.ledger
-            .merge(from.to_owned(), merged.clone(), events)
+            .merge(from.to_owned(), merged.clone(), events.clone())
             .await
             .map_err(ledger_failure)?;
         {
@@ -1106,6 +1203,14 @@ impl Engine {
             st.not_before = None;
             st.provider_asked = false;
             st.uncommitted = false;
+        }
+        if events.iter().any(|e| e.kind == "recovered") {
+            let conn = lock(&into_slot.state).rec.conn.clone();
+            self.notify(
+                Kind::Recovered,
+                &conn,
+                "revived by a new chain for the same account",
+            );
         }
         drop(_from_flight);
         self.uninstall(from);
@@ -1128,8 +1233,8 @@ impl Engine {
             st.rec.chain.access.clone()
         };
         let access = match access {
-            Some(a) if a.expires_at > Utc::now() + chrono::Duration::seconds(30) => a,
-            _ => match self.token(&id, Duration::from_secs(60)).await {
+            Some(a) if a.expires_at > Utc::now() + chrono_dur(RESOLVE_MIN_VALID) => a,
+            _ => match self.token_inner(&id, RESOLVE_MIN_VALID, false).await {
                 Ok(g) => AccessToken {
                     token: g.access_token,
                     expires_at: g.expires_at,
@@ -1141,7 +1246,9 @@ impl Engine {
             },
         };
         let now = Utc::now();
-        let sites = match self.provider.accessible_resources(&access.token, now).await {
+        let resolved = self.provider.accessible_resources(&access.token, now).await;
+        self.metrics.site_resolution(resolved.is_ok());
+        let sites = match resolved {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(connection = %id, error = %e, "cannot resolve accessible sites");
@@ -1188,15 +1295,18 @@ impl Engine {
     }
 
     /// Runs the scheduler until `shutdown` resolves: sleeps until the earliest planned
-    /// action and starts it (through the same single-flight path as every caller).
+    /// action, then starts the due connections nearest inactivity deadline first (so a
+    /// catch-up after downtime saves the most endangered chains first), each through the
+    /// same flight lock and concurrency permits as every caller.
     pub async fn run_scheduler(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
+            self.heartbeat();
             let next = self.plan.next_due();
             let sleep = async {
                 match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending::<()>().await,
+                    Some(at) => tokio::time::sleep_until(at.min(Instant::now() + HEARTBEAT)).await,
+                    None => tokio::time::sleep(HEARTBEAT).await,
                 }
             };
             tokio::select! {
@@ -1204,11 +1314,79 @@ impl Engine {
                 _ = self.plan.changed() => continue,
                 _ = sleep => {}
             }
-            for id in self.plan.take_due(Instant::now()) {
+            let mut due: Vec<(Time, String, Arc<Slot>)> = self
+                .plan
+                .take_due(Instant::now())
+                .into_iter()
+                .filter_map(|id| {
+                    let (id, slot) = self.find(&id)?;
+                    let rotated = lock(&slot.state).rec.chain.rotated_at;
+                    Some((rotated, id, slot))
+                })
+                .collect();
+            due.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+            for (_, id, slot) in due {
+                // Someone else is refreshing it: they re-plan when done.
+                let Ok(flight) = slot.flight.clone().try_lock_owned() else {
+                    continue;
+                };
+                let permit = tokio::select! {
+                    _ = &mut shutdown => return,
+                    p = self.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
                 let engine = self.clone();
-                tokio::spawn(async move { engine.scheduled(&id).await });
+                tokio::spawn(async move {
+                    if let Err(e) = engine
+                        .attempt_locked(&id, &slot, Need::Scheduled, flight, permit)
+                        .await
+                    {
+                        tracing::debug!(connection = %id, error = %e, "scheduled refresh did not succeed");
+                    }
+                });
             }
         }
+    }
+
+    /// Publishes connection counts and deadlines to the metrics.
+    pub fn publish_metrics(&self) {
+        let list = self.list();
+        let active = list
+            .iter()
+            .filter(|c| c.conn.status == Status::Active)
+            .count();
+        self.metrics.set_connections(active, list.len() - active);
+        let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
+        let snapshot: Vec<crate::metrics::ConnectionDeadline> = list
+            .iter()
+            .map(|c| {
+                (
+                    c.conn.id.clone(),
+                    unix(c.inactivity_expires_at),
+                    c.absolute_expires_at.map(unix),
+                    c.conn.status == Status::Active,
+                )
+            })
+            .collect();
+        self.metrics
+            .set_connection_deadlines(&snapshot, unix(Utc::now()));
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records that the scheduler loop is alive (for health and the watchdog).
+    fn heartbeat(&self) {
+        *lock(&self.last_heartbeat) = Instant::now();
+    }
+
+    /// Whether the scheduler loop ran recently.
+    pub fn scheduler_alive(&self) -> bool {
+        lock(&self.last_heartbeat).elapsed() < HEARTBEAT * 3
     }
 
     /// Waits until no refresh is in flight (every permit is free), up to `grace`.
@@ -1219,11 +1397,10 @@ impl Engine {
             .map(|r| r.is_ok())
             .unwrap_or(false)
     }
+}
 
-    /// The wake-up used by the scheduler (exposed for tests).
-    pub fn scheduler_notify(&self) -> &Notify {
-        self.plan.notify()
-    }
+fn rec_was_dead(events: &[Event]) -> bool {
+    events.iter().any(|e| e.kind == "recovered")
 }
 
 /// Why a refresh is being made: decides whether a shared outcome or the cache is enough.
@@ -1235,6 +1412,25 @@ enum Need {
     Scheduled,
     /// An operator (or a new import) asked for a refresh now.
     Forced,
+}
+
+/// The outcome a caller that waited for the flight lock can take instead of running its own
+/// attempt: an attempt that finished meanwhile, or a cache that is now good enough.
+fn shared_outcome(slot: &Slot, seen: u64, need: Need) -> Option<Result<(), Failure>> {
+    let st = lock(&slot.state);
+    if st.removed {
+        return Some(Err(Failure::NotFound));
+    }
+    if st.attempts > seen && need != Need::Forced {
+        return Some(st.last_outcome.clone());
+    }
+    if let Need::Lifetime(min_valid) = need
+        && !st.uncommitted
+        && satisfies(&st.rec, min_valid)
+    {
+        return Some(Ok(()));
+    }
+    None
 }
 
 /// Whether the cached access token is good enough for a caller asking for `min_valid`.

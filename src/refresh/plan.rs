@@ -24,6 +24,10 @@ pub const ROTATION_JITTER: f64 = 0.1;
 /// never wait for the provider.
 pub const HOT_LIFETIMES: u32 = 2;
 
+/// Hot connections are renewed at least this long before `access_token_margin` is reached:
+/// room for the provider's latency, so no caller waits.
+pub const MIN_RENEW_LEAD: Duration = Duration::from_secs(1);
+
 /// The earliest instant at which a connection needs an action, or `None` when it needs none
 /// (a `needs_reauth` chain is never retried automatically).
 pub fn next_action(
@@ -52,16 +56,21 @@ pub fn next_action(
     if rec.chain.attempt_started_at.is_some() {
         due = now_i;
     }
-    if let (Some(asked), Some(access), Some(refreshed)) =
-        (last_requested, &rec.chain.access, rec.conn.last_refresh_at)
-    {
+    if let (true, Some(access), Some(refreshed)) = (
+        is_hot(rec, last_requested),
+        &rec.chain.access,
+        rec.conn.last_refresh_at,
+    ) {
         let lifetime = (access.expires_at - refreshed)
             .to_std()
             .unwrap_or(Duration::ZERO);
-        if !lifetime.is_zero() && asked.elapsed() < lifetime * HOT_LIFETIMES {
-            // A margin longer than the lifetime would renew without end: renew at most
-            // halfway through a token's life.
-            let margin = settings.access_token_margin.min(lifetime / 2);
+        {
+            // Renew a little before the margin is reached, so that the refresh has finished
+            // (callers asking for `margin` of validity are still served from cache while it
+            // runs); and never later than halfway through a token's life, so a margin longer
+            // than the lifetime cannot renew without end.
+            let lead = (settings.access_token_margin / 2).max(MIN_RENEW_LEAD);
+            let margin = (settings.access_token_margin + lead).min(lifetime / 2);
             let renew = access.expires_at
                 - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
             due = due.min(at_wall(renew));
@@ -71,6 +80,20 @@ pub fn next_action(
         Some(nb) if nb > due => nb,
         _ => due,
     })
+}
+
+/// Whether a caller asked for this connection's token within [`HOT_LIFETIMES`] access-token
+/// lifetimes.
+pub fn is_hot(rec: &Record, last_requested: Option<Instant>) -> bool {
+    let (Some(asked), Some(access), Some(refreshed)) =
+        (last_requested, &rec.chain.access, rec.conn.last_refresh_at)
+    else {
+        return false;
+    };
+    let lifetime = (access.expires_at - refreshed)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    !lifetime.is_zero() && asked.elapsed() < lifetime * HOT_LIFETIMES
 }
 
 /// A stable factor in `[1 - ROTATION_JITTER, 1 + ROTATION_JITTER]` for one rotation.
@@ -164,11 +187,6 @@ impl Planner {
     /// Resolves when the plan changed.
     pub async fn changed(&self) {
         self.notify.notified().await
-    }
-
-    /// The notifier behind [`Planner::changed`].
-    pub fn notify(&self) -> &Notify {
-        &self.notify
     }
 }
 

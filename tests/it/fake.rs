@@ -340,6 +340,8 @@ struct Inner {
     access_tokens: HashMap<String, AccessEntry>,
     codes: HashMap<String, CodeEntry>,
     faults: HashMap<Endpoint, VecDeque<Fault>>,
+    /// A fault answered to every request of an endpoint until cleared (an outage).
+    outages: HashMap<Endpoint, Fault>,
     hidden: HashSet<String>,
     stats: HashMap<String, AccountStats>,
     leeway_reuses: usize,
@@ -363,6 +365,7 @@ impl Inner {
             access_tokens: HashMap::new(),
             codes: HashMap::new(),
             faults: HashMap::new(),
+            outages: HashMap::new(),
             hidden: HashSet::new(),
             stats: HashMap::new(),
             leeway_reuses: 0,
@@ -482,7 +485,10 @@ impl Inner {
     }
 
     fn pop_fault(&mut self, endpoint: Endpoint) -> Option<Fault> {
-        self.faults.get_mut(&endpoint).and_then(|q| q.pop_front())
+        self.faults
+            .get_mut(&endpoint)
+            .and_then(|q| q.pop_front())
+            .or_else(|| self.outages.get(&endpoint).cloned())
     }
 }
 
@@ -645,6 +651,20 @@ impl FakeAtlassian {
     }
 
     /// Drops every queued fault.
+    /// Answers every request of `endpoint` with `fault` until called again with `None`
+    /// (queued one-shot faults still come first).
+    pub fn set_outage(&self, endpoint: Endpoint, fault: Option<Fault>) {
+        let mut inner = self.inner();
+        match fault {
+            Some(f) => {
+                inner.outages.insert(endpoint, f);
+            }
+            None => {
+                inner.outages.remove(&endpoint);
+            }
+        }
+    }
+
     pub fn clear_faults(&self) {
         self.inner().faults.clear();
     }

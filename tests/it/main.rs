@@ -11,4 +11,5 @@ mod api;
 mod chain;
 mod fake;
 mod fake_selftest;
+mod keeper;
 mod util;

@@ -1,0 +1,346 @@
+//! Periodic jobs on cron schedules (`[jobs]`, tokio-cron-scheduler): `resolve_sites` and
+//! `maintenance`, and the watch that notices a job that stopped firing.
+//!
+//! Per-connection refresh deadlines are *not* here: they are tokio timers in
+//! `refresh::plan`. The cron crate has a known bug where repeated jobs can stop firing
+//! (tokio-cron-scheduler#113), so every job records its last success, a watch task
+//! compares it with the job's period, reports a job that has not succeeded within twice its
+//! period (health turns degraded) and re-arms it by replacing the job in the scheduler.
+
+use crate::config::{CronExpr, JobsConfig};
+use crate::model::Time;
+use crate::refresh::Engine;
+use chrono::Utc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+/// History is kept this long; `maintenance` deletes older events. A little over the
+/// 365-day consent lifetime, so a chain's whole life stays explainable.
+pub const EVENT_RETENTION: Duration = Duration::from_secs(400 * 86_400);
+
+/// How often the watch compares each job's last success with its period.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A job is stalled when it has not succeeded for this many periods.
+pub const STALL_PERIODS: u32 = 2;
+
+/// Slack added to the stall limit: the cron crate polls every 500 ms and a run takes time.
+const STALL_GRACE: Duration = Duration::from_secs(3);
+
+/// The jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Re-read accessible-resources of every active connection.
+    ResolveSites,
+    /// Prune old events, checkpoint the WAL.
+    Maintenance,
+}
+
+impl JobKind {
+    /// The job's name in config, logs, health and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::ResolveSites => "resolve_sites",
+            JobKind::Maintenance => "maintenance",
+        }
+    }
+
+    const ALL: [JobKind; 2] = [JobKind::ResolveSites, JobKind::Maintenance];
+}
+
+struct JobState {
+    schedule: CronExpr,
+    period: Duration,
+    /// When the job last succeeded (or when the watch started, before its first run).
+    last_success: Instant,
+    last_success_wall: Option<Time>,
+    stalled: bool,
+    running: Arc<AtomicBool>,
+    /// The cron crate's id of the armed job, to replace it when re-arming.
+    job_id: Option<uuid::Uuid>,
+}
+
+/// What the rest of the daemon can ask about the jobs.
+#[derive(Default)]
+pub struct JobMonitor {
+    jobs: Mutex<HashMap<JobKind, JobState>>,
+}
+
+impl JobMonitor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKind, JobState>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Jobs that have not succeeded within [`STALL_PERIODS`] of their period.
+    pub fn stalled(&self) -> Vec<&'static str> {
+        let jobs = self.lock();
+        let mut out: Vec<&'static str> = jobs
+            .iter()
+            .filter(|(_, s)| s.last_success.elapsed() > stall_limit(s.period))
+            .map(|(k, _)| k.name())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// `(job, last success as wall time, period)` for metrics.
+    pub fn snapshot(&self) -> Vec<(&'static str, Option<Time>, Duration)> {
+        let jobs = self.lock();
+        JobKind::ALL
+            .iter()
+            .filter_map(|k| {
+                jobs.get(k)
+                    .map(|s| (k.name(), s.last_success_wall, s.period))
+            })
+            .collect()
+    }
+
+    fn succeeded(&self, kind: JobKind) {
+        let mut jobs = self.lock();
+        if let Some(s) = jobs.get_mut(&kind) {
+            s.last_success = Instant::now();
+            s.last_success_wall = Some(Utc::now());
+            if s.stalled {
+                tracing::info!(job = kind.name(), "job runs again");
+                s.stalled = false;
+            }
+        }
+    }
+}
+
+fn stall_limit(period: Duration) -> Duration {
+    period * STALL_PERIODS + STALL_GRACE
+}
+
+/// The time between two consecutive occurrences of a schedule (the shortest of the next few,
+/// so a schedule like "every hour on weekdays" is judged by its busy period).
+pub fn period_of(schedule: &CronExpr) -> Duration {
+    let mut times = Vec::new();
+    let mut t = Utc::now();
+    for _ in 0..4 {
+        match schedule.cron().find_next_occurrence(&t, false) {
+            Ok(next) => {
+                times.push(next);
+                t = next;
+            }
+            Err(_) => break,
+        }
+    }
+    times
+        .windows(2)
+        .filter_map(|w| (w[1] - w[0]).to_std().ok())
+        .min()
+        .unwrap_or(Duration::from_secs(86_400))
+}
+
+/// The running jobs.
+pub struct Jobs {
+    scheduler: JobScheduler,
+    monitor: Arc<JobMonitor>,
+    engine: Arc<Engine>,
+}
+
+impl Jobs {
+    /// Creates and starts the cron scheduler with both jobs.
+    pub async fn start(
+        engine: Arc<Engine>,
+        config: &JobsConfig,
+        monitor: Arc<JobMonitor>,
+    ) -> anyhow::Result<Jobs> {
+        let scheduler = JobScheduler::new().await?;
+        {
+            let mut jobs = monitor.lock();
+            for kind in JobKind::ALL {
+                let schedule = match kind {
+                    JobKind::ResolveSites => config.resolve_sites.clone(),
+                    JobKind::Maintenance => config.maintenance.clone(),
+                };
+                jobs.insert(
+                    kind,
+                    JobState {
+                        period: period_of(&schedule),
+                        schedule,
+                        last_success: Instant::now(),
+                        last_success_wall: None,
+                        stalled: false,
+                        running: Arc::new(AtomicBool::new(false)),
+                        job_id: None,
+                    },
+                );
+            }
+        }
+        let jobs = Jobs {
+            scheduler,
+            monitor,
+            engine,
+        };
+        for kind in JobKind::ALL {
+            jobs.arm(kind).await?;
+        }
+        jobs.scheduler.start().await?;
+        Ok(jobs)
+    }
+
+    /// Adds (or replaces) a job in the cron scheduler.
+    async fn arm(&self, kind: JobKind) -> anyhow::Result<()> {
+        let (schedule, running, old) = {
+            let mut jobs = self.monitor.lock();
+            let s = jobs.get_mut(&kind).expect("job state exists");
+            (s.schedule.clone(), s.running.clone(), s.job_id.take())
+        };
+        if let Some(old) = old {
+            let _ = self.scheduler.remove(&old).await;
+        }
+        let engine = self.engine.clone();
+        let monitor = self.monitor.clone();
+        let job = Job::new_async(schedule.as_str(), move |_, _| {
+            let engine = engine.clone();
+            let monitor = monitor.clone();
+            let running = running.clone();
+            Box::pin(async move {
+                // Runs never overlap: a run still going when the next is due skips it.
+                if running.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        job = kind.name(),
+                        "previous run still going; skipping this one"
+                    );
+                    return;
+                }
+                let ok = run_job(kind, &engine).await;
+                running.store(false, Ordering::Release);
+                if ok {
+                    monitor.succeeded(kind);
+                }
+            })
+        })?;
+        let id = self.scheduler.add(job).await?;
+        self.monitor
+            .lock()
+            .get_mut(&kind)
+            .expect("job state exists")
+            .job_id = Some(id);
+        Ok(())
+    }
+
+    /// Watches for stalled jobs until `shutdown`, re-arming them; then stops the scheduler.
+    pub async fn watch(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            }
+            let stalled: Vec<JobKind> = {
+                let mut jobs = self.monitor.lock();
+                jobs.iter_mut()
+                    .filter(|(_, s)| {
+                        s.last_success.elapsed() > stall_limit(s.period)
+                            && !s.running.load(Ordering::Acquire)
+                    })
+                    .map(|(k, s)| {
+                        s.stalled = true;
+                        *k
+                    })
+                    .collect()
+            };
+            for kind in stalled {
+                tracing::warn!(
+                    job = kind.name(),
+                    "job has not succeeded within {STALL_PERIODS} periods; re-arming it"
+                );
+                if let Err(e) = self.arm(kind).await {
+                    tracing::error!(job = kind.name(), error = %e, "cannot re-arm the job");
+                }
+            }
+        }
+        let _ = self.scheduler.shutdown().await;
+    }
+}
+
+/// One run of a job; true when it completed.
+pub async fn run_job(kind: JobKind, engine: &Arc<Engine>) -> bool {
+    match kind {
+        JobKind::ResolveSites => {
+            let ids = engine.active_ids();
+            let mut failed = 0;
+            for id in &ids {
+                if !engine.resolve_sites(id).await {
+                    failed += 1;
+                }
+            }
+            tracing::debug!(connections = ids.len(), failed, "resolve_sites ran");
+            true
+        }
+        JobKind::Maintenance => {
+            let before = Utc::now()
+                - chrono::Duration::from_std(EVENT_RETENTION).unwrap_or(chrono::Duration::MAX);
+            match engine.ledger().maintain(before).await {
+                Ok(pruned) => {
+                    tracing::info!(pruned_events = pruned, "maintenance ran");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "maintenance failed");
+                    false
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cron(text: &str) -> CronExpr {
+        let toml = format!("[jobs]\nresolve_sites = \"{text}\"\n");
+        crate::config::Config::parse(
+            &toml,
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap()
+        .jobs
+        .resolve_sites
+    }
+
+    #[test]
+    fn periods_of_common_schedules() {
+        assert_eq!(period_of(&cron("0 0 * * * *")), Duration::from_secs(3600));
+        assert_eq!(period_of(&cron("* * * * * *")), Duration::from_secs(1));
+        assert_eq!(
+            period_of(&cron("0 30 3 * * *")),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(period_of(&cron("*/10 * * * * *")), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_without_success_for_two_periods_is_stalled() {
+        let m = JobMonitor::default();
+        m.lock().insert(
+            JobKind::Maintenance,
+            JobState {
+                schedule: cron("*/10 * * * * *"),
+                period: Duration::from_secs(10),
+                last_success: Instant::now(),
+                last_success_wall: None,
+                stalled: false,
+                running: Arc::new(AtomicBool::new(false)),
+                job_id: None,
+            },
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(m.stalled().is_empty(), "grace not yet used up");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(m.stalled(), vec!["maintenance"]);
+        m.succeeded(JobKind::Maintenance);
+        assert!(m.stalled().is_empty());
+        assert!(m.snapshot()[0].1.is_some());
+    }
+}

@@ -1,0 +1,1206 @@
+//! Prometheus metrics and the TCP probe endpoint (`daemon.metrics_listen`).
+//!
+//! This module owns every metric tokend exports (the names, types and labels of INTERFACE.md
+//! "Metrics and probes", plus a few extras an SRE wants), their registry, and the small HTTP
+//! server that serves `GET /metrics` (Prometheus text format 0.0.4), `GET /healthz`
+//! (liveness) and `GET /readyz` (readiness, decided by a closure the daemon hands in).
+//!
+//! [`Metrics`] is created once at start and shared as `Arc<Metrics>`; it keeps its own
+//! [`prometheus::Registry`] (not the crate's global default), so tests and several daemons in
+//! one process never see each other's series. Every labelled counter is pre-initialised for
+//! every value of its label, so `rate()` and `increase()` have a series from the first scrape.
+//!
+//! **Architecture Invariant:** label values are connection ids, route templates, job names and
+//! enum names, never tokens, labels chosen by users, or raw request paths: the set of series
+//! is bounded by the number of connections (and that part can be switched off).
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::future::BoxFuture;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+/// Buckets (seconds) for `tokend_api_request_duration_seconds`. A socket API request is
+/// normally served from memory (a cached token) in tens of microseconds, so the buckets start
+/// at 25 µs; requests that wait on a refresh or the ledger land in the millisecond buckets,
+/// and the 1 s / 5 s / 30 s buckets catch requests that waited on a provider round trip (up to
+/// `refresh.request_timeout`, 30 s by default). Prometheus' default buckets start at 5 ms and
+/// would put every cached answer in the first bucket.
+pub const API_LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0, 5.0, 30.0,
+];
+
+/// Buckets (seconds) for provider round trips (`tokend_refresh_duration_seconds`). A refresh
+/// is an HTTPS request to Atlassian plus a ledger commit: tens to hundreds of milliseconds when
+/// healthy, seconds when the provider is slow, and bounded by `refresh.request_timeout` (30 s
+/// by default; timed-out attempts fall into `+Inf`).
+pub const PROVIDER_LATENCY_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The route templates of the socket API (as written in `api::router`). Only these, plus
+/// [`OTHER_ROUTE`], are used as the `route` label: a raw path would put connection ids and
+/// whatever a client typed into label values. Keep in step with `api::router`.
+pub const API_ROUTES: &[&str] = &[
+    "/v1/health",
+    "/v1/connections",
+    "/v1/connections/{id}",
+    "/v1/connections/{id}/refresh",
+    "/v1/connections/{id}/token",
+    "/v1/token",
+    "/v1/authorizations",
+];
+
+/// The `route` label of a request that matched no route of [`API_ROUTES`] (404s, typos).
+pub const OTHER_ROUTE: &str = "other";
+
+/// `status` label values of `tokend_api_requests_total` that exist from the start, so that
+/// an error-ratio alert has both series before the first error.
+const PREINITIALISED_STATUS_CLASSES: &[&str] = &["2xx", "4xx", "5xx"];
+
+/// The job name of the site re-resolution job (`[jobs] resolve_sites`).
+pub const JOB_RESOLVE_SITES: &str = "resolve_sites";
+
+/// The job name of the maintenance job (`[jobs] maintenance`).
+pub const JOB_MAINTENANCE: &str = "maintenance";
+
+/// Jobs whose `tokend_job_last_success_timestamp_seconds` series exist from the start.
+pub const KNOWN_JOBS: &[&str] = &[JOB_RESOLVE_SITES, JOB_MAINTENANCE];
+
+/// The content type of `/metrics`: the Prometheus text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The content type of the probe answers.
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// How long `/readyz` waits for the readiness check before answering 503. Probes (systemd
+/// helpers, load balancers, Kubernetes) typically give up after 1–5 s; a check that hangs (a
+/// locked ledger) must turn into "not ready", not into a hung probe.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client of the metrics port has this long to send its request headers; a stalled or
+/// slow-loris peer is dropped instead of holding a connection. The port is TCP, so unlike the
+/// socket API any local user (or the network, if bound widely) can reach it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections to the metrics port at once; more wait in the listen backlog. A scraper
+/// and a probe or two need a handful; the bound keeps a flood from costing file descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// After `shutdown`, how long requests in progress on the metrics port may take to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How a refresh attempt ended (`tokend_refreshes_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefreshOutcome {
+    /// The provider returned a new token set and it was committed.
+    Success,
+    /// The provider could not be reached, timed out, or asked to wait; the chain is unchanged
+    /// and will be retried.
+    TransientError,
+    /// The provider definitely rejected the refresh token: the chain needs consent again.
+    Rejected,
+}
+
+impl RefreshOutcome {
+    /// Every outcome, for pre-initialisation.
+    pub const ALL: [RefreshOutcome; 3] = [
+        RefreshOutcome::Success,
+        RefreshOutcome::TransientError,
+        RefreshOutcome::Rejected,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Success => "success",
+            RefreshOutcome::TransientError => "transient_error",
+            RefreshOutcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// How a token request on the socket API ended (`tokend_token_requests_total{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenOutcome {
+    /// Served from the in-memory cache.
+    Cached,
+    /// Served after a refresh (the cached token was too old or a fresh one was asked for).
+    Refreshed,
+    /// No such connection or site.
+    NotFound,
+    /// The chain needs consent again.
+    NeedsReauth,
+    /// The provider could not be reached; the caller should retry later.
+    Unavailable,
+    /// The caller may not read this connection's tokens.
+    Forbidden,
+}
+
+impl TokenOutcome {
+    /// Every outcome, for pre-initialisation.
+    pub const ALL: [TokenOutcome; 6] = [
+        TokenOutcome::Cached,
+        TokenOutcome::Refreshed,
+        TokenOutcome::NotFound,
+        TokenOutcome::NeedsReauth,
+        TokenOutcome::Unavailable,
+        TokenOutcome::Forbidden,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenOutcome::Cached => "cached",
+            TokenOutcome::Refreshed => "refreshed",
+            TokenOutcome::NotFound => "not_found",
+            TokenOutcome::NeedsReauth => "needs_reauth",
+            TokenOutcome::Unavailable => "unavailable",
+            TokenOutcome::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// One connection in a [`Metrics::set_connection_deadlines`] snapshot:
+/// `(id, inactivity_deadline_unix, absolute_deadline_unix, active)`. Times are Unix seconds;
+/// `absolute_deadline_unix` is `None` when the absolute expiry is unknown or disabled; `active`
+/// is false for a chain in `needs_reauth`.
+pub type ConnectionDeadline = (String, f64, Option<f64>, bool);
+
+/// The per-connection gauges and the ids they currently hold series for.
+struct PerConnection {
+    inactivity_deadline: GaugeVec,
+    absolute_deadline: GaugeVec,
+    /// The ids exported by the last snapshot, so the next one can remove the series of
+    /// connections that disappeared (without clearing everything first, which would let a
+    /// scrape in between see no series at all). The lock also serialises snapshots.
+    exported: Mutex<HashSet<String>>,
+}
+
+/// Every metric tokend exports, in its own registry. Create once, share as `Arc<Metrics>`.
+pub struct Metrics {
+    registry: Registry,
+    connections: IntGaugeVec,
+    refreshes: IntCounterVec,
+    refresh_duration: Histogram,
+    headroom: Gauge,
+    per_connection: Option<PerConnection>,
+    token_requests: IntCounterVec,
+    api_duration: HistogramVec,
+    api_requests: IntCounterVec,
+    site_resolutions: IntCounterVec,
+    job_last_success: GaugeVec,
+    job_period: GaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("per_connection", &self.per_connection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Registers `metric` and hands it back. Names, help texts and labels are constants of this
+/// file, so a failure is a programming error that the unit tests catch.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric definitions in metrics.rs are valid and unique");
+    metric
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The `status` label of `tokend_api_requests_total`: the status class.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "unknown",
+    }
+}
+
+/// The encoder writes sample values with Rust's `Display`, which spells infinity `inf`. Go's
+/// `ParseFloat` (Prometheus, promtool) accepts that, but the exposition format documents
+/// `+Inf` / `-Inf`, and stricter parsers may want exactly those: rewrite the sample values
+/// (always the last field of a line; `#` lines are left alone).
+fn canonical_infinities(text: String) -> String {
+    if !text.contains("inf\n") {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.split_inclusive('\n') {
+        let body = line.strip_suffix('\n').unwrap_or(line);
+        let fixed = if body.starts_with('#') {
+            None
+        } else if let Some(head) = body.strip_suffix(" inf") {
+            Some((head, " +Inf"))
+        } else {
+            body.strip_suffix(" -inf").map(|head| (head, " -Inf"))
+        };
+        match fixed {
+            Some((head, value)) => {
+                out.push_str(head);
+                out.push_str(value);
+                out.push_str(&line[body.len()..]);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
+/// Maps a matched route template (axum's `MatchedPath`) to its `route` label: itself if it is
+/// one of [`API_ROUTES`], else [`OTHER_ROUTE`].
+pub fn api_route(template: &str) -> &'static str {
+    API_ROUTES
+        .iter()
+        .copied()
+        .find(|r| *r == template)
+        .unwrap_or(OTHER_ROUTE)
+}
+
+impl Metrics {
+    /// Creates every metric in a fresh registry, with every enum label pre-initialised to 0.
+    ///
+    /// `per_connection = false` turns off the `{connection}` series entirely (for ledgers so
+    /// large that one series per connection is too many); the aggregate gauges stay.
+    pub fn new(per_connection: bool) -> Metrics {
+        let r = Registry::new();
+
+        let connections = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tokend_connections",
+                    "Connections in the ledger, by status (active, needs_reauth).",
+                ),
+                &["status"],
+            )
+            .expect("valid"),
+        );
+        for status in ["active", "needs_reauth"] {
+            connections.with_label_values(&[status]).set(0);
+        }
+
+        let refreshes = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_refreshes_total",
+                    "Refresh attempts against the provider, by outcome.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid"),
+        );
+        for o in RefreshOutcome::ALL {
+            refreshes.with_label_values(&[o.as_str()]).reset();
+        }
+
+        let refresh_duration = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "tokend_refresh_duration_seconds",
+                    "Duration of refresh attempts (provider round trip and ledger commit), \
+                     any outcome.",
+                )
+                .buckets(PROVIDER_LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid"),
+        );
+
+        let headroom = register(
+            &r,
+            Gauge::with_opts(Opts::new(
+                "tokend_inactivity_headroom_seconds",
+                "Smallest time left before an active connection's refresh token expires from \
+                 inactivity; +Inf when there is no active connection.",
+            ))
+            .expect("valid"),
+        );
+        headroom.set(f64::INFINITY);
+
+        let per_connection = per_connection.then(|| PerConnection {
+            inactivity_deadline: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tokend_connection_inactivity_deadline_timestamp_seconds",
+                        "When an active connection's refresh token expires if unused (Unix \
+                         time).",
+                    ),
+                    &["connection"],
+                )
+                .expect("valid"),
+            ),
+            absolute_deadline: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "tokend_connection_absolute_deadline_timestamp_seconds",
+                        "When an active connection's consent runs out regardless of use (Unix \
+                         time); absent when unknown.",
+                    ),
+                    &["connection"],
+                )
+                .expect("valid"),
+            ),
+            exported: Mutex::new(HashSet::new()),
+        });
+
+        let token_requests = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_token_requests_total",
+                    "Access-token requests on the socket API, by outcome.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid"),
+        );
+        for o in TokenOutcome::ALL {
+            token_requests.with_label_values(&[o.as_str()]).reset();
+        }
+
+        let api_duration = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "tokend_api_request_duration_seconds",
+                    "Duration of socket API requests, by route template.",
+                )
+                .buckets(API_LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("valid"),
+        );
+        let api_requests = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_api_requests_total",
+                    "Socket API requests, by route template and status class.",
+                ),
+                &["route", "status"],
+            )
+            .expect("valid"),
+        );
+        for route in API_ROUTES.iter().copied().chain([OTHER_ROUTE]) {
+            api_duration.with_label_values(&[route]);
+            for class in PREINITIALISED_STATUS_CLASSES {
+                api_requests.with_label_values(&[route, class]).reset();
+            }
+        }
+
+        let site_resolutions = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_site_resolutions_total",
+                    "Lookups of the sites a connection reaches (accessible-resources), by \
+                     outcome.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid"),
+        );
+        for o in ["success", "failure"] {
+            site_resolutions.with_label_values(&[o]).reset();
+        }
+
+        let job_last_success = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "tokend_job_last_success_timestamp_seconds",
+                    "When a periodic job last succeeded (Unix time); the daemon's start time \
+                     until its first success.",
+                ),
+                &["job"],
+            )
+            .expect("valid"),
+        );
+        let started = unix_now();
+        for job in KNOWN_JOBS {
+            job_last_success.with_label_values(&[job]).set(started);
+        }
+        let job_period = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "tokend_jobs_period_seconds",
+                    "The nominal interval between runs of a periodic job.",
+                ),
+                &["job"],
+            )
+            .expect("valid"),
+        );
+
+        let build_info = register(
+            &r,
+            IntGauge::with_opts(
+                Opts::new(
+                    "tokend_build_info",
+                    "Always 1; the version label says which tokend is running.",
+                )
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+            )
+            .expect("valid"),
+        );
+        build_info.set(1);
+
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("the process collector registers once");
+
+        Metrics {
+            registry: r,
+            connections,
+            refreshes,
+            refresh_duration,
+            headroom,
+            per_connection,
+            token_requests,
+            api_duration,
+            api_requests,
+            site_resolutions,
+            job_last_success,
+            job_period,
+        }
+    }
+
+    /// Sets `tokend_connections{status}`.
+    pub fn set_connections(&self, active: usize, needs_reauth: usize) {
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.connections
+            .with_label_values(&["active"])
+            .set(as_i64(active));
+        self.connections
+            .with_label_values(&["needs_reauth"])
+            .set(as_i64(needs_reauth));
+    }
+
+    /// Counts a refresh attempt and observes its duration.
+    pub fn refresh_outcome(&self, outcome: RefreshOutcome, duration: Duration) {
+        self.refreshes.with_label_values(&[outcome.as_str()]).inc();
+        self.refresh_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Replaces the per-connection deadline series with `snapshot` (series of connections not
+    /// in it are removed) and sets `tokend_inactivity_headroom_seconds` to the smallest
+    /// `inactivity_deadline - now_unix` over the *active* connections (+Inf when there is
+    /// none, so a `< 7d` alert cannot fire on an empty ledger; negative when one is overdue).
+    ///
+    /// Only active connections get per-connection series: a chain in `needs_reauth` is
+    /// already dead, has no deadline left to watch, and is counted by
+    /// `tokend_connections{status="needs_reauth"}`. Non-finite times are ignored.
+    pub fn set_connection_deadlines(&self, snapshot: &[ConnectionDeadline], now_unix: f64) {
+        let headroom = snapshot
+            .iter()
+            .filter(|(_, inactivity, _, active)| *active && inactivity.is_finite())
+            .map(|(_, inactivity, _, _)| inactivity - now_unix)
+            .fold(f64::INFINITY, f64::min);
+        self.headroom.set(headroom);
+
+        let Some(pc) = &self.per_connection else {
+            return;
+        };
+        let mut exported = pc.exported.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now_exported = HashSet::with_capacity(snapshot.len());
+        for (id, inactivity, absolute, active) in snapshot {
+            if !*active || !inactivity.is_finite() {
+                continue;
+            }
+            let labels = [id.as_str()];
+            pc.inactivity_deadline
+                .with_label_values(&labels)
+                .set(*inactivity);
+            match absolute.filter(|a| a.is_finite()) {
+                Some(a) => pc.absolute_deadline.with_label_values(&labels).set(a),
+                None => {
+                    let _ = pc.absolute_deadline.remove_label_values(&labels);
+                }
+            }
+            now_exported.insert(id.clone());
+        }
+        for gone in exported.difference(&now_exported) {
+            let labels = [gone.as_str()];
+            let _ = pc.inactivity_deadline.remove_label_values(&labels);
+            let _ = pc.absolute_deadline.remove_label_values(&labels);
+        }
+        *exported = now_exported;
+    }
+
+    /// Counts a token request on the socket API.
+    pub fn token_request(&self, outcome: TokenOutcome) {
+        self.token_requests
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// Counts and times a socket API request. `route` is the matched route *template* (see
+    /// [`api_route`]); anything not in [`API_ROUTES`] is recorded as [`OTHER_ROUTE`].
+    pub fn api_request(&self, route: &'static str, status: u16, duration: Duration) {
+        let route = api_route(route);
+        self.api_duration
+            .with_label_values(&[route])
+            .observe(duration.as_secs_f64());
+        self.api_requests
+            .with_label_values(&[route, status_class(status)])
+            .inc();
+    }
+
+    /// Counts a site lookup for a connection.
+    pub fn site_resolution(&self, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.site_resolutions.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records that periodic job `job` succeeded at `unix` (Unix seconds). `job` is a job
+    /// name from the code ([`KNOWN_JOBS`]), never user input.
+    pub fn job_success(&self, job: &str, unix: f64) {
+        self.job_last_success.with_label_values(&[job]).set(unix);
+    }
+
+    /// Records the nominal interval of periodic job `job`, so that an alert can compare
+    /// `time() - tokend_job_last_success_timestamp_seconds` against it.
+    pub fn set_job_period(&self, job: &str, secs: f64) {
+        self.job_period.with_label_values(&[job]).set(secs);
+    }
+
+    /// Every metric in the Prometheus text exposition format 0.0.4 ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
+        canonical_infinities(out)
+    }
+}
+
+/// The readiness check behind `/readyz`: `Ok(())` when ready, else the reason.
+pub type Readiness = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+#[derive(Clone)]
+struct ProbeState {
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+}
+
+/// The router of the metrics port: `GET /metrics`, `GET /healthz`, `GET /readyz`; any other
+/// path is 404 (a known path with another method is 405).
+pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(ProbeState { metrics, readiness })
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, TEXT_PLAIN)], body).into_response()
+}
+
+async fn metrics_handler(State(s): State<ProbeState>) -> Response {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.metrics.render()).into_response()
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok".to_owned())
+}
+
+async fn readyz(State(s): State<ProbeState>) -> Response {
+    match tokio::time::timeout(READINESS_TIMEOUT, (s.readiness)()).await {
+        Ok(Ok(())) => text(StatusCode::OK, "ready".to_owned()),
+        Ok(Err(reason)) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}"),
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: the readiness check took longer than {}s",
+                READINESS_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "not found".to_owned())
+}
+
+/// Serves [`router`] on `listener` until `shutdown` resolves, then stops accepting, lets
+/// requests in progress finish for up to [`SHUTDOWN_GRACE`], and returns. Connections get
+/// [`HEADER_READ_TIMEOUT`] to send their headers; at most [`MAX_CONNECTIONS`] are open.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()>,
+) {
+    let router = router(metrics, readiness);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics port: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        let mut stop = stop_rx.clone();
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
+            let _permit = permit;
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    router.clone().oneshot(req.map(Body::new))
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "metrics connection ended with an error");
+                    }
+                }
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("metrics port: dropping connections still open after the grace period");
+    }
+    conns.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The metric names of INTERFACE.md "Metrics and probes".
+    const INTERFACE_METRICS: &[&str] = &[
+        "tokend_connections",
+        "tokend_refreshes_total",
+        "tokend_refresh_duration_seconds",
+        "tokend_inactivity_headroom_seconds",
+        "tokend_connection_inactivity_deadline_timestamp_seconds",
+        "tokend_token_requests_total",
+        "tokend_api_request_duration_seconds",
+        "tokend_site_resolutions_total",
+        "tokend_job_last_success_timestamp_seconds",
+        "tokend_build_info",
+    ];
+
+    /// The value of the sample line `series` (name plus labels, exactly as rendered).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(series)?.strip_prefix(' ')?;
+            match rest.trim() {
+                "+Inf" => Some(f64::INFINITY),
+                "-Inf" => Some(f64::NEG_INFINITY),
+                v => v.parse().ok(),
+            }
+        })
+    }
+
+    fn has_type(text: &str, name: &str, kind: &str) -> bool {
+        text.lines().any(|l| l == format!("# TYPE {name} {kind}"))
+    }
+
+    fn deadline(
+        id: &str,
+        inactivity: f64,
+        absolute: Option<f64>,
+        active: bool,
+    ) -> ConnectionDeadline {
+        (id.to_owned(), inactivity, absolute, active)
+    }
+
+    #[test]
+    fn interface_metrics_exist_from_the_start() {
+        let m = Metrics::new(true);
+        let t = m.render();
+        for name in INTERFACE_METRICS {
+            // Per-connection series exist only once there are connections.
+            if *name == "tokend_connection_inactivity_deadline_timestamp_seconds" {
+                continue;
+            }
+            assert!(
+                t.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{t}"
+            );
+        }
+        assert!(has_type(&t, "tokend_connections", "gauge"));
+        assert!(has_type(&t, "tokend_refreshes_total", "counter"));
+        assert!(has_type(&t, "tokend_refresh_duration_seconds", "histogram"));
+        assert!(has_type(&t, "tokend_inactivity_headroom_seconds", "gauge"));
+        assert!(has_type(&t, "tokend_token_requests_total", "counter"));
+        assert!(has_type(
+            &t,
+            "tokend_api_request_duration_seconds",
+            "histogram"
+        ));
+        assert!(has_type(&t, "tokend_site_resolutions_total", "counter"));
+        assert!(has_type(
+            &t,
+            "tokend_job_last_success_timestamp_seconds",
+            "gauge"
+        ));
+        assert!(has_type(&t, "tokend_build_info", "gauge"));
+
+        for s in ["active", "needs_reauth"] {
+            assert_eq!(
+                value(&t, &format!("tokend_connections{{status=\"{s}\"}}")),
+                Some(0.0)
+            );
+        }
+        for o in RefreshOutcome::ALL {
+            let series = format!("tokend_refreshes_total{{outcome=\"{}\"}}", o.as_str());
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        for o in TokenOutcome::ALL {
+            let series = format!("tokend_token_requests_total{{outcome=\"{}\"}}", o.as_str());
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        for o in ["success", "failure"] {
+            let series = format!("tokend_site_resolutions_total{{outcome=\"{o}\"}}");
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        assert_eq!(
+            value(&t, "tokend_refresh_duration_seconds_count"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "tokend_inactivity_headroom_seconds"),
+            Some(f64::INFINITY)
+        );
+        for route in API_ROUTES.iter().chain([&OTHER_ROUTE]) {
+            let series = format!("tokend_api_request_duration_seconds_count{{route=\"{route}\"}}");
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        for job in KNOWN_JOBS {
+            let series = format!("tokend_job_last_success_timestamp_seconds{{job=\"{job}\"}}");
+            let v = value(&t, &series).unwrap();
+            assert!((v - unix_now()).abs() < 60.0, "{series} = {v}");
+        }
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            value(&t, &format!("tokend_build_info{{version=\"{version}\"}}")),
+            Some(1.0)
+        );
+        #[cfg(target_os = "linux")]
+        assert!(t.contains("process_resident_memory_bytes "), "{t}");
+    }
+
+    #[test]
+    fn updates_show_up_with_the_right_values() {
+        let m = Metrics::new(true);
+        m.set_connections(3, 1);
+        m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(120));
+        m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(80));
+        m.refresh_outcome(RefreshOutcome::Rejected, Duration::from_secs(2));
+        m.token_request(TokenOutcome::Cached);
+        m.token_request(TokenOutcome::Cached);
+        m.token_request(TokenOutcome::Forbidden);
+        m.api_request("/v1/connections/{id}/token", 200, Duration::from_micros(40));
+        m.api_request("/v1/connections/{id}/token", 503, Duration::from_millis(3));
+        m.api_request("/v1/connections/abc/token", 404, Duration::from_micros(30));
+        m.site_resolution(true);
+        m.site_resolution(false);
+        m.site_resolution(false);
+        m.job_success(JOB_MAINTENANCE, 1_700_000_000.0);
+        m.set_job_period(JOB_MAINTENANCE, 86_400.0);
+        m.set_connection_deadlines(
+            &[deadline("c1", 1_700_100_000.0, Some(1_730_000_000.0), true)],
+            1_700_000_000.0,
+        );
+        let t = m.render();
+        for name in INTERFACE_METRICS {
+            assert!(
+                t.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{t}"
+            );
+        }
+        let v = |s: &str| value(&t, s).unwrap_or_else(|| panic!("no {s} in\n{t}"));
+        assert_eq!(v("tokend_connections{status=\"active\"}"), 3.0);
+        assert_eq!(v("tokend_connections{status=\"needs_reauth\"}"), 1.0);
+        assert_eq!(v("tokend_refreshes_total{outcome=\"success\"}"), 2.0);
+        assert_eq!(v("tokend_refreshes_total{outcome=\"rejected\"}"), 1.0);
+        assert_eq!(
+            v("tokend_refreshes_total{outcome=\"transient_error\"}"),
+            0.0
+        );
+        assert_eq!(v("tokend_refresh_duration_seconds_count"), 3.0);
+        assert!((v("tokend_refresh_duration_seconds_sum") - 2.2).abs() < 1e-9);
+        assert_eq!(v("tokend_refresh_duration_seconds_bucket{le=\"0.1\"}"), 1.0);
+        assert_eq!(
+            v("tokend_refresh_duration_seconds_bucket{le=\"0.25\"}"),
+            2.0
+        );
+        assert_eq!(v("tokend_token_requests_total{outcome=\"cached\"}"), 2.0);
+        assert_eq!(v("tokend_token_requests_total{outcome=\"forbidden\"}"), 1.0);
+        assert_eq!(v("tokend_token_requests_total{outcome=\"refreshed\"}"), 0.0);
+        let token_route = "route=\"/v1/connections/{id}/token\"";
+        assert_eq!(
+            v(&format!(
+                "tokend_api_request_duration_seconds_count{{{token_route}}}"
+            )),
+            2.0
+        );
+        assert_eq!(
+            v(&format!(
+                "tokend_api_request_duration_seconds_bucket{{{token_route},le=\"0.00005\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            v(&format!(
+                "tokend_api_requests_total{{{token_route},status=\"2xx\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            v(&format!(
+                "tokend_api_requests_total{{{token_route},status=\"5xx\"}}"
+            )),
+            1.0
+        );
+        // A raw path never becomes a label value.
+        assert!(!t.contains("/v1/connections/abc/token"), "{t}");
+        assert_eq!(
+            v("tokend_api_requests_total{route=\"other\",status=\"4xx\"}"),
+            1.0
+        );
+        assert_eq!(v("tokend_site_resolutions_total{outcome=\"success\"}"), 1.0);
+        assert_eq!(v("tokend_site_resolutions_total{outcome=\"failure\"}"), 2.0);
+        assert_eq!(
+            v("tokend_job_last_success_timestamp_seconds{job=\"maintenance\"}"),
+            1_700_000_000.0
+        );
+        assert_eq!(
+            v("tokend_jobs_period_seconds{job=\"maintenance\"}"),
+            86_400.0
+        );
+        assert_eq!(v("tokend_inactivity_headroom_seconds"), 100_000.0);
+        assert_eq!(
+            v("tokend_connection_inactivity_deadline_timestamp_seconds{connection=\"c1\"}"),
+            1_700_100_000.0
+        );
+        assert_eq!(
+            v("tokend_connection_absolute_deadline_timestamp_seconds{connection=\"c1\"}"),
+            1_730_000_000.0
+        );
+    }
+
+    #[test]
+    fn infinities_are_spelled_as_the_format_says() {
+        let m = Metrics::new(false);
+        let t = m.render();
+        assert!(
+            t.contains("\ntokend_inactivity_headroom_seconds +Inf\n"),
+            "{t}"
+        );
+        assert!(!t.contains(" inf\n"), "{t}");
+        assert_eq!(
+            canonical_infinities("# HELP x inf\nx inf\ny -inf\nz 1\nw{a=\" inf\"} 2".to_owned()),
+            "# HELP x inf\nx +Inf\ny -Inf\nz 1\nw{a=\" inf\"} 2"
+        );
+    }
+
+    #[test]
+    fn the_route_label_is_bounded() {
+        assert_eq!(api_route("/v1/token"), "/v1/token");
+        assert_eq!(api_route("/v1/connections/{id}"), "/v1/connections/{id}");
+        assert_eq!(api_route("/v1/connections/x"), OTHER_ROUTE);
+        assert_eq!(api_route(""), OTHER_ROUTE);
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(429), "4xx");
+        assert_eq!(status_class(42), "unknown");
+    }
+
+    #[test]
+    fn per_connection_series_follow_the_snapshot() {
+        let m = Metrics::new(true);
+        let now = 1_000_000.0;
+        m.set_connection_deadlines(
+            &[
+                deadline("a", now + 500.0, Some(now + 9_000.0), true),
+                deadline("b", now + 200.0, None, true),
+                // needs_reauth: no series, and it does not count for the headroom.
+                deadline("c", now + 50.0, Some(now + 60.0), false),
+            ],
+            now,
+        );
+        let t = m.render();
+        let inact = |id: &str| {
+            format!(
+                "tokend_connection_inactivity_deadline_timestamp_seconds{{connection=\"{id}\"}}"
+            )
+        };
+        let abs = |id: &str| {
+            format!("tokend_connection_absolute_deadline_timestamp_seconds{{connection=\"{id}\"}}")
+        };
+        assert_eq!(value(&t, &inact("a")), Some(now + 500.0));
+        assert_eq!(value(&t, &abs("a")), Some(now + 9_000.0));
+        assert_eq!(value(&t, &inact("b")), Some(now + 200.0));
+        assert_eq!(value(&t, &abs("b")), None);
+        assert_eq!(value(&t, &inact("c")), None);
+        assert_eq!(value(&t, &abs("c")), None);
+        assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(200.0));
+
+        // A new snapshot: a is gone, b lost its absolute deadline... and gained one, d is new.
+        m.set_connection_deadlines(
+            &[
+                deadline("b", now + 300.0, Some(now + 400.0), true),
+                deadline("d", now + 1_000.0, None, true),
+            ],
+            now + 10.0,
+        );
+        let t = m.render();
+        assert_eq!(value(&t, &inact("a")), None, "{t}");
+        assert_eq!(value(&t, &abs("a")), None, "{t}");
+        assert_eq!(value(&t, &inact("b")), Some(now + 300.0));
+        assert_eq!(value(&t, &abs("b")), Some(now + 400.0));
+        assert_eq!(value(&t, &inact("d")), Some(now + 1_000.0));
+        assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(290.0));
+
+        // b goes to needs_reauth: its series go, d is the only active one.
+        m.set_connection_deadlines(
+            &[
+                deadline("b", now + 300.0, Some(now + 400.0), false),
+                deadline("d", now + 1_000.0, None, true),
+            ],
+            now,
+        );
+        let t = m.render();
+        assert_eq!(value(&t, &inact("b")), None, "{t}");
+        assert_eq!(value(&t, &abs("b")), None, "{t}");
+        assert_eq!(
+            value(&t, "tokend_inactivity_headroom_seconds"),
+            Some(1_000.0)
+        );
+
+        // Nothing active: no series, and the headroom is +Inf (a `< 7d` alert stays quiet).
+        m.set_connection_deadlines(&[deadline("e", now - 5.0, None, false)], now);
+        let t = m.render();
+        assert!(!t.contains("connection=\""), "{t}");
+        assert_eq!(
+            value(&t, "tokend_inactivity_headroom_seconds"),
+            Some(f64::INFINITY)
+        );
+
+        // An overdue active connection shows as negative headroom.
+        m.set_connection_deadlines(&[deadline("f", now - 5.0, None, true)], now);
+        assert_eq!(
+            value(&m.render(), "tokend_inactivity_headroom_seconds"),
+            Some(-5.0)
+        );
+    }
+
+    #[test]
+    fn per_connection_series_can_be_turned_off() {
+        let m = Metrics::new(false);
+        let now = 1_000_000.0;
+        m.set_connection_deadlines(
+            &[
+                deadline("a", now + 500.0, Some(now + 900.0), true),
+                deadline("b", now + 200.0, None, true),
+            ],
+            now,
+        );
+        let t = m.render();
+        assert!(!t.contains("tokend_connection_inactivity_deadline"), "{t}");
+        assert!(!t.contains("tokend_connection_absolute_deadline"), "{t}");
+        assert!(!t.contains("connection=\""), "{t}");
+        assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(200.0));
+    }
+
+    /// Writes a rendered sample to `$TOKEND_METRICS_SAMPLE` when set, for
+    /// `promtool check metrics < "$TOKEND_METRICS_SAMPLE"`. Without it, checks the sample only.
+    #[test]
+    fn sample_for_promtool() {
+        let m = Metrics::new(true);
+        m.set_connections(2, 1);
+        m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(150));
+        m.refresh_outcome(RefreshOutcome::TransientError, Duration::from_secs(31));
+        m.token_request(TokenOutcome::Refreshed);
+        m.api_request("/v1/token", 200, Duration::from_micros(60));
+        m.site_resolution(true);
+        m.job_success(JOB_RESOLVE_SITES, unix_now());
+        m.set_job_period(JOB_RESOLVE_SITES, 3_600.0);
+        m.set_job_period(JOB_MAINTENANCE, 86_400.0);
+        let now = unix_now();
+        m.set_connection_deadlines(
+            &[
+                deadline(
+                    "conn-1",
+                    now + 80.0 * 86_400.0,
+                    Some(now + 300.0 * 86_400.0),
+                    true,
+                ),
+                deadline("conn-2", now + 89.0 * 86_400.0, None, true),
+                deadline("conn-3", now - 86_400.0, None, false),
+            ],
+            now,
+        );
+        let t = m.render();
+        assert!(t.ends_with('\n'));
+        if let Some(path) = std::env::var_os("TOKEND_METRICS_SAMPLE") {
+            std::fs::write(&path, &t).unwrap();
+            // And the empty-ledger case, with the +Inf headroom.
+            let mut empty = std::path::PathBuf::from(path);
+            empty.set_extension("empty");
+            std::fs::write(empty, Metrics::new(true).render()).unwrap();
+        }
+    }
+
+    /// A minimal HTTP/1.1 client: one GET, `Connection: close`, returns (status, headers,
+    /// body).
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head.to_ascii_lowercase(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn serve_answers_the_probes() {
+        let metrics = Arc::new(Metrics::new(true));
+        metrics.set_connections(1, 0);
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let readiness: Readiness = {
+            let ready = ready.clone();
+            Arc::new(move || {
+                let ok = ready.load(std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("ledger not writable".to_owned())
+                    }
+                })
+            })
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, metrics, readiness, async move {
+            let _ = stop_rx.await;
+        }));
+
+        let (status, head, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert_eq!(
+            value(&body, "tokend_connections{status=\"active\"}"),
+            Some(1.0)
+        );
+
+        let (status, _, body) = get(addr, "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+
+        let (status, _, body) = get(addr, "/readyz").await;
+        assert_eq!((status, body.as_str()), (200, "ready"));
+
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (status, _, body) = get(addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("ledger not writable"), "{body}");
+
+        let (status, _, _) = get(addr, "/nope").await;
+        assert_eq!(status, 404);
+        let (status, _, _) = get(addr, "/metrics/extra").await;
+        assert_eq!(status, 404);
+
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("serve stops on shutdown")
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_readiness_check_is_not_ready() {
+        let readiness: Readiness = Arc::new(|| Box::pin(std::future::pending()));
+        let app = router(Arc::new(Metrics::new(false)), readiness);
+        let resp = app
+            .oneshot(
+                axum::http::Request::get("/readyz")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("took longer"));
+    }
+}
