@@ -12,9 +12,10 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provider::Atlassian;
 use crate::refresh::Engine;
+use crate::systemd::SdNotify;
 use anyhow::Context;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::UnixListener;
 
@@ -54,6 +55,127 @@ fn readiness(engine: Arc<Engine>, monitor: Arc<JobMonitor>) -> crate::metrics::R
             Ok(())
         })
     })
+}
+
+/// Pings systemd's watchdog only while the scheduler is alive and the ledger is writable: a
+/// wedged daemon is restarted by systemd instead of serving stale tokens forever.
+async fn watchdog(
+    engine: Arc<Engine>,
+    sd: Arc<SdNotify>,
+    every: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let healthy = engine.scheduler_alive()
+            && tokio::time::timeout(every, engine.ledger().check_writable())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if healthy {
+            sd.watchdog();
+        } else {
+            tracing::warn!(
+                "unhealthy (scheduler stalled or ledger not writable): not pinging the watchdog"
+            );
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// On SIGHUP, reloads `daemon.toml`: a valid file's schedules, limits, access lists and
+/// notify command apply at once without dropping the socket; an invalid one is logged and the
+/// running configuration kept. Settings that need a restart are named in a warning.
+async fn reload_on_sighup(
+    mut running: Config,
+    engine: Arc<Engine>,
+    access: Arc<RwLock<AccessPolicy>>,
+    monitor: Arc<JobMonitor>,
+    sd: Arc<SdNotify>,
+    shutdown: impl Future<Output = ()>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload disabled");
+            return;
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hup.recv() => {}
+        }
+        sd.reloading();
+        let path = running.path.clone();
+        match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+            Ok(Ok(new)) => {
+                let restart_needed = needs_restart(&running, &new);
+                engine.set_settings(new.refresh.clone());
+                *access.write().unwrap_or_else(|p| p.into_inner()) = AccessPolicy {
+                    own_uid: rustix::process::geteuid().as_raw(),
+                    config: new.access.clone(),
+                };
+                engine.set_notifier(crate::notify::Notifier::start(
+                    new.notify.command.clone(),
+                    new.notify.timeout,
+                ));
+                monitor.reschedule(&new.jobs);
+                if restart_needed.is_empty() {
+                    tracing::info!("configuration reloaded");
+                } else {
+                    tracing::warn!(
+                        "configuration reloaded; these changes need a restart to apply: {}",
+                        restart_needed.join(", ")
+                    );
+                }
+                running = new;
+            }
+            Ok(Err(e)) => {
+                tracing::error!("reload failed, keeping the running configuration: {e}");
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed"),
+        }
+        sd.ready();
+    }
+}
+
+/// The keys whose change a reload cannot apply.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let (a, b) = (&old.daemon, &new.daemon);
+    if a.state_dir != b.state_dir {
+        out.push("daemon.state_dir");
+    }
+    if a.socket_path != b.socket_path || a.socket_mode != b.socket_mode {
+        out.push("daemon.socket_path/socket_mode");
+    }
+    if a.metrics_listen != b.metrics_listen {
+        out.push("daemon.metrics_listen");
+    }
+    if a.log_format != b.log_format {
+        out.push("daemon.log_format");
+    }
+    if old.refresh.request_timeout != new.refresh.request_timeout {
+        out.push("refresh.request_timeout");
+    }
+    let (p, q) = (&old.providers.atlassian, &new.providers.atlassian);
+    if p.client_id != q.client_id
+        || p.client_secret.as_ref().map(|s| s.expose().to_owned())
+            != q.client_secret.as_ref().map(|s| s.expose().to_owned())
+        || p.token_url != q.token_url
+        || p.api_url != q.api_url
+        || p.authorize_url != q.authorize_url
+        || p.redirect_uri != q.redirect_uri
+        || p.scopes != q.scopes
+    {
+        out.push("providers.atlassian");
+    }
+    out
 }
 
 /// Publishes gauges periodically and runs the daily absolute-expiry warnings.
@@ -105,6 +227,15 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// A socket passed by systemd (socket activation), adopted by `main.rs`.
+static ACTIVATED: Mutex<Option<std::os::unix::net::UnixListener>> = Mutex::new(None);
+
+/// Hands the daemon a socket passed by systemd (`LISTEN_FDS`); `run` then serves it instead
+/// of binding `daemon.socket_path`, and leaves it in place on exit (systemd owns it).
+pub fn set_activated_listener(listener: std::os::unix::net::UnixListener) {
+    *ACTIVATED.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+}
+
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn main(config: Config) -> anyhow::Result<()> {
     init_logging(config.daemon.log_format);
@@ -113,10 +244,27 @@ pub fn main(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = api::server::bind(&config.daemon.socket_path, config.daemon.socket_mode)?;
+        let activated = ACTIVATED.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (listener, owned) = match activated {
+            Some(l) => {
+                l.set_nonblocking(true)
+                    .context("cannot use the socket passed by systemd")?;
+                tracing::info!("using the socket passed by systemd (socket activation)");
+                (
+                    UnixListener::from_std(l).context("cannot use the socket passed by systemd")?,
+                    false,
+                )
+            }
+            None => (
+                api::server::bind(&config.daemon.socket_path, config.daemon.socket_mode)?,
+                true,
+            ),
+        };
         let socket_path = config.daemon.socket_path.clone();
         let result = run(config, listener, shutdown_signal()).await;
-        let _ = std::fs::remove_file(&socket_path);
+        if owned {
+            let _ = std::fs::remove_file(&socket_path);
+        }
         result
     })
 }
@@ -217,8 +365,31 @@ pub async fn run(
         socket = %config.daemon.socket_path.display(),
         "tokend serving"
     );
-    api::server::serve(listener, api::router(state), shutdown, REQUEST_GRACE).await;
+    let sd = Arc::new(SdNotify::from_env());
+    let watchdog = crate::systemd::watchdog_interval()
+        .map(|every| tokio::spawn(watchdog(engine.clone(), sd.clone(), every, stopped())));
+    let reloader = tokio::spawn(reload_on_sighup(
+        config.clone(),
+        engine.clone(),
+        state.access.clone(),
+        monitor.clone(),
+        sd.clone(),
+        stopped(),
+    ));
+    sd.ready();
+    let stopping = {
+        let sd = sd.clone();
+        async move {
+            shutdown.await;
+            sd.stopping();
+        }
+    };
+    api::server::serve(listener, api::router(state), stopping, REQUEST_GRACE).await;
     let _ = stop_tx.send(true);
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
+    let _ = reloader.await;
     let _ = scheduler.await;
     if !engine
         .drain(config.refresh.request_timeout + REFRESH_GRACE_EXTRA)

@@ -68,6 +68,9 @@ struct JobState {
 #[derive(Default)]
 pub struct JobMonitor {
     jobs: Mutex<HashMap<JobKind, JobState>>,
+    /// Jobs whose schedule changed (a reload) and must be re-armed by the watch task.
+    rearm: Mutex<Vec<JobKind>>,
+    rearm_notify: tokio::sync::Notify,
 }
 
 impl JobMonitor {
@@ -97,6 +100,35 @@ impl JobMonitor {
                     .map(|s| (k.name(), s.last_success_wall, s.period))
             })
             .collect()
+    }
+
+    /// Applies new schedules (a reload): a changed job is re-armed by the watch task.
+    pub fn reschedule(&self, config: &JobsConfig) {
+        let mut changed = Vec::new();
+        {
+            let mut jobs = self.lock();
+            for kind in JobKind::ALL {
+                let schedule = match kind {
+                    JobKind::ResolveSites => &config.resolve_sites,
+                    JobKind::Maintenance => &config.maintenance,
+                };
+                if let Some(s) = jobs.get_mut(&kind)
+                    && s.schedule.as_str() != schedule.as_str()
+                {
+                    s.schedule = schedule.clone();
+                    s.period = period_of(schedule);
+                    s.last_success = Instant::now();
+                    changed.push(kind);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.rearm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(changed);
+            self.rearm_notify.notify_one();
+        }
     }
 
     fn succeeded(&self, kind: JobKind) {
@@ -233,6 +265,18 @@ impl Jobs {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                _ = self.monitor.rearm_notify.notified() => {
+                    let kinds: Vec<JobKind> = std::mem::take(
+                        &mut *self.monitor.rearm.lock().unwrap_or_else(|p| p.into_inner()),
+                    );
+                    for kind in kinds {
+                        tracing::info!(job = kind.name(), "schedule changed; re-arming");
+                        if let Err(e) = self.arm(kind).await {
+                            tracing::error!(job = kind.name(), error = %e, "cannot re-arm the job");
+                        }
+                    }
+                    continue;
+                }
             }
             let stalled: Vec<JobKind> = {
                 let mut jobs = self.monitor.lock();

@@ -22,3 +22,4 @@ pub mod notify;
 pub mod provider;
 pub mod refresh;
 pub mod secret;
+pub mod systemd;

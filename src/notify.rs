@@ -99,6 +99,13 @@ async fn run_one(command: &str, timeout: Duration, n: &Notification) {
         .env("TOKEND_LABEL", &n.label)
         .env("TOKEND_MESSAGE", &n.message)
         .env_remove(crate::config::CLIENT_SECRET_ENV)
+        // systemd's variables are the daemon's, not the hook's.
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

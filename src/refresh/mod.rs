@@ -210,7 +210,7 @@ pub struct Engine {
     max_concurrent: Mutex<usize>,
     authorizations: Mutex<HashMap<String, PendingAuthorization>>,
     plan: plan::Planner,
-    notifier: crate::notify::Notifier,
+    notifier: RwLock<crate::notify::Notifier>,
     metrics: Arc<Metrics>,
     last_heartbeat: Mutex<Instant>,
 }
@@ -235,7 +235,7 @@ impl Engine {
             max_concurrent: Mutex::new(max),
             authorizations: Mutex::new(HashMap::new()),
             plan: plan::Planner::new(),
-            notifier,
+            notifier: RwLock::new(notifier),
             metrics,
             last_heartbeat: Mutex::new(Instant::now()),
         });
@@ -262,6 +262,32 @@ impl Engine {
     /// The ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Applies new refresh settings (a reload) and re-plans every connection.
+    pub fn set_settings(&self, new: RefreshConfig) {
+        let new_max = new.max_concurrent.max(1);
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = new;
+        let old_max = std::mem::replace(&mut *lock(&self.max_concurrent), new_max);
+        if new_max > old_max {
+            self.permits.add_permits(new_max - old_max);
+        } else if new_max < old_max {
+            let permits = self.permits.clone();
+            let fewer = (old_max - new_max) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+        for id in self.ids() {
+            self.replan(&id);
+        }
+    }
+
+    /// Replaces the notifier (a reload changed `[notify]`).
+    pub fn set_notifier(&self, notifier: crate::notify::Notifier) {
+        *self.notifier.write().unwrap_or_else(|p| p.into_inner()) = notifier;
     }
 
     /// The refresh settings in force.
@@ -853,7 +879,12 @@ impl Engine {
     }
 
     fn notify(&self, kind: Kind, conn: &Connection, message: &str) {
-        self.notifier.send(Notification {
+        let notifier = self
+            .notifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        notifier.send(Notification {
             kind,
             connection: conn.id.clone(),
             label: conn.label.clone(),

@@ -480,12 +480,12 @@ fn remove_forgets_the_connection() {
 }
 
 /// A tmpfs mounted over a directory for the life of the guard, so a test can fill the disk.
-struct SmallDisk {
+pub struct SmallDisk {
     path: std::path::PathBuf,
 }
 
 impl SmallDisk {
-    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+    pub fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
         std::fs::create_dir_all(path).unwrap();
         let ok = std::process::Command::new("mount")
             .args([
@@ -505,7 +505,7 @@ impl SmallDisk {
     }
 
     /// Fills the disk with a filler file until writes fail.
-    fn fill(&self) {
+    pub fn fill(&self) {
         use std::io::Write;
         let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
         let chunk = vec![0u8; 64 * 1024];
@@ -516,7 +516,7 @@ impl SmallDisk {
         let _ = f.sync_all();
     }
 
-    fn free(&self) {
+    pub fn free(&self) {
         std::fs::remove_file(self.path.join("filler")).unwrap();
     }
 }

@@ -12,4 +12,5 @@ mod chain;
 mod fake;
 mod fake_selftest;
 mod keeper;
+mod ops;
 mod util;

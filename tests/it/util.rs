@@ -1128,6 +1128,10 @@ mod tests {
         serve_health(d.socket_path());
         d.restart();
         assert!(d.is_running());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.stderr_log().matches("to-stderr").count() < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let r = d.request("GET", "/v1/health", None);
         assert_eq!(
             (r.status, r.json()),
@@ -1145,13 +1149,14 @@ mod tests {
             None,
             "still running"
         );
-        d.kill9();
-        assert!(!d.is_running());
-        // Wait until the second start's output is on disk.
+        // Wait until the second start's output is on disk (before killing it: under load the
+        // script may not have run yet).
         let deadline = Instant::now() + Duration::from_secs(5);
         while d.stderr_log().matches("to-stderr").count() < 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        d.kill9();
+        assert!(!d.is_running());
         let logs = d.logs();
         let argv = format!(
             "argv: --config {} run RUST_LOG=debug",

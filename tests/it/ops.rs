@@ -1,0 +1,389 @@
+//! Operating tokend: systemd notifications and watchdog, socket activation, signals, reload,
+//! and the Prometheus exposition after a scripted scenario.
+
+use crate::fake::{FakeAtlassian, FakeSite, Fault};
+use crate::util::{TestDaemon, assert_no_secrets, import, tokend_bin, toml_str};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A fake `$NOTIFY_SOCKET`: collects what the daemon sends.
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket {
+            sock,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// Messages received within `window`.
+    fn collect(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
+    }
+
+    /// Waits for a message starting with `prefix`.
+    fn wait_for(&self, prefix: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).starts_with(prefix)
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+#[test]
+fn sd_notify_ready_watchdog_reload_stopping_and_watchdog_stops_when_the_ledger_fails() {
+    let fake = FakeAtlassian::start();
+    let notify = NotifySocket::new();
+    let mut d = TestDaemon::builder(&fake)
+        .env("NOTIFY_SOCKET", notify.path.to_str().unwrap())
+        .env("WATCHDOG_USEC", "1000000")
+        .prepare();
+    let disk = crate::chain::SmallDisk::mount(&d.state_dir(), "4m");
+    d.restart();
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(5)),
+        "no READY=1"
+    );
+    let msgs = notify.collect(Duration::from_secs(2));
+    assert!(
+        msgs.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
+        "watchdog pings every WATCHDOG_USEC/2: {msgs:?}"
+    );
+    // The ledger cannot be written: no more pings.
+    disk.fill();
+    std::thread::sleep(Duration::from_millis(600));
+    let msgs = notify.collect(Duration::from_secs(3));
+    assert!(
+        !msgs.iter().any(|m| m == "WATCHDOG=1"),
+        "pinged the watchdog with an unwritable ledger: {msgs:?}"
+    );
+    disk.free();
+    assert!(
+        notify.wait_for("WATCHDOG=1", Duration::from_secs(5)),
+        "pings resume once the ledger is writable"
+    );
+    d.signal("HUP");
+    assert!(notify.wait_for("RELOADING=1\nMONOTONIC_USEC=", Duration::from_secs(5)));
+    assert!(notify.wait_for("READY=1", Duration::from_secs(5)));
+    d.sigterm();
+    assert!(notify.wait_for("STOPPING=1", Duration::from_secs(5)));
+    assert!(
+        d.wait_exit(Duration::from_secs(15))
+            .is_some_and(|s| s.success())
+    );
+    drop(disk);
+}
+
+#[test]
+fn socket_activation_uses_the_passed_socket_and_leaves_it_in_place() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake).prepare();
+    std::fs::create_dir_all(d.socket_path().parent().unwrap()).unwrap();
+    let log = std::fs::File::create(d.dir().join("activated.log")).unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(d.socket_path())
+        .arg(tokend_bin())
+        .arg("--config")
+        .arg(d.config_path())
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .env_remove("TOKEND_ATLASSIAN_CLIENT_SECRET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd) must be installed");
+    // The socket exists before the daemon runs; the first connection starts it.
+    assert!(eventually(Duration::from_secs(5), || d
+        .socket_path()
+        .exists()));
+    assert!(
+        eventually(Duration::from_secs(15), || d
+            .try_request("GET", "/v1/health", &[], None)
+            .is_ok_and(|r| r.status == 200)),
+        "no answer through the activated socket"
+    );
+    import(&d, "conf", &rt);
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let logs = std::fs::read_to_string(d.dir().join("activated.log")).unwrap();
+    assert!(logs.contains("socket passed by systemd"), "{logs}");
+    assert!(
+        d.socket_path().exists(),
+        "a passed socket belongs to systemd and is not removed"
+    );
+    assert_no_secrets(&logs, &fake);
+}
+
+#[test]
+fn sigterm_during_a_slow_refresh_commits_it_and_exits_cleanly() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let mut d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    fake.inject_token(Fault::Delay(Duration::from_secs(2)));
+    let calls = fake.refresh_calls();
+    let resp = std::thread::scope(|s| {
+        let h = s.spawn(|| d.try_request("POST", "/v1/connections/conf/refresh", &[], None));
+        assert!(eventually(Duration::from_secs(5), || fake.refresh_calls() > calls));
+        d.sigterm();
+        h.join().unwrap()
+    });
+    let status = d.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{status:?}\n{}", d.logs());
+    assert!(!d.socket_path().exists(), "socket removed");
+    if let Ok(r) = resp {
+        assert_eq!(
+            r.status,
+            200,
+            "the in-flight refresh finished: {}",
+            r.text()
+        );
+    }
+    let db = rusqlite::Connection::open_with_flags(
+        d.ledger_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let (stored, marker): (String, Option<i64>) = db
+        .query_row(
+            "SELECT refresh_token, attempt_started_at FROM connections WHERE label = 'conf'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        fake.current_refresh_token("acct-1").unwrap(),
+        "the rotated token was committed before exit"
+    );
+    assert!(marker.is_none(), "no attempt left pending");
+    assert_eq!(fake.leeway_reuses(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn sighup_applies_a_valid_config_and_keeps_the_running_one_on_error() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let mut d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .start();
+    import(&d, "conf", &rt);
+    let out = d.cli_as(65534, 65534, &["token", "conf"], None);
+    assert!(out.status.success(), "open before the reload");
+    let original = std::fs::read_to_string(d.config_path()).unwrap();
+
+    // Valid: restrict token reads to another connection for uid 65534.
+    std::fs::write(
+        d.config_path(),
+        format!("{original}\n[[access.clients]]\nuid = 65534\nconnections = [\"other\"]\n"),
+    )
+    .unwrap();
+    let pid = d.pid();
+    d.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .logs()
+            .contains("configuration reloaded")),
+        "{}",
+        d.logs()
+    );
+    let out = d.cli_as(65534, 65534, &["token", "conf"], None);
+    assert_eq!(out.status.code(), Some(1), "the new access list applies");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    assert_eq!(d.pid(), pid, "same process, socket never dropped");
+
+    // Invalid: logged, the running config (with the access list) stays.
+    std::fs::write(d.config_path(), "[refresh]\nrotate_after = \"soon\"\n").unwrap();
+    d.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .logs()
+            .contains("reload failed")),
+        "{}",
+        d.logs()
+    );
+    assert!(d.logs().contains("rotate_after"), "the error names the key");
+    assert!(d.is_running());
+    let (code, v) = d.get_json("/v1/health");
+    assert_eq!(code, 200, "{v}");
+    // (The client cannot read the broken file either: point it at the socket directly.)
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(tokend_bin())
+            .args(["token", "conf"])
+            .env("TOKEND_SOCKET", d.socket_path())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "still the reloaded access list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+/// The value of `series` (a metric name with its labels, exactly as exposed).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("{series} not in metrics:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_after_a_scripted_scenario() {
+    let fake = FakeAtlassian::start();
+    let rt1 = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let rt2 = fake.issue_grant("acct-2", &[FakeSite::jira("beta")]);
+    let d = TestDaemon::builder(&fake).metrics().start();
+    let ok = import(&d, "ok", &rt1);
+    import(&d, "dead", &rt2);
+    for _ in 0..3 {
+        assert_eq!(d.get_json("/v1/connections/ok/token").0, 200);
+    }
+    assert_eq!(d.get_json("/v1/connections/nope/token").0, 404);
+    // A rejection.
+    fake.revoke_family("acct-2");
+    assert_eq!(
+        d.request("POST", "/v1/connections/dead/refresh", None)
+            .status,
+        409
+    );
+    assert_eq!(d.get_json("/v1/connections/dead/token").0, 409);
+    // A transient failure.
+    fake.inject_token(Fault::Status(502));
+    assert_eq!(
+        d.request("POST", "/v1/connections/ok/refresh", None).status,
+        503
+    );
+    // Gauges are published every few seconds.
+    let mut text = String::new();
+    assert!(eventually(Duration::from_secs(8), || {
+        text = d.metrics_get("/metrics").unwrap().text();
+        text.contains("tokend_connections{status=\"needs_reauth\"} 1")
+    }));
+    let m = |s: &str| metric(&text, s);
+    assert_eq!(m("tokend_connections{status=\"active\"}"), 1.0);
+    assert_eq!(m("tokend_connections{status=\"needs_reauth\"}"), 1.0);
+    // Two imports, plus the retry of the ambiguous 502 inside the leeway.
+    let success = m("tokend_refreshes_total{outcome=\"success\"}");
+    assert!((2.0..=3.0).contains(&success), "{success}");
+    assert_eq!(m("tokend_refreshes_total{outcome=\"rejected\"}"), 1.0);
+    assert_eq!(
+        m("tokend_refreshes_total{outcome=\"transient_error\"}"),
+        1.0
+    );
+    assert_eq!(m("tokend_refresh_duration_seconds_count"), success + 2.0);
+    assert_eq!(m("tokend_token_requests_total{outcome=\"cached\"}"), 3.0);
+    assert_eq!(m("tokend_token_requests_total{outcome=\"not_found\"}"), 1.0);
+    assert_eq!(
+        m("tokend_token_requests_total{outcome=\"needs_reauth\"}"),
+        1.0
+    );
+    assert!(m("tokend_site_resolutions_total{outcome=\"success\"}") >= 2.0);
+    let id = ok["id"].as_str().unwrap();
+    let deadline = m(&format!(
+        "tokend_connection_inactivity_deadline_timestamp_seconds{{connection=\"{id}\"}}"
+    ));
+    let headroom = m("tokend_inactivity_headroom_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (deadline - now - headroom).abs() < 30.0,
+        "{deadline} {headroom}"
+    );
+    assert!(headroom > 89.0 * 86_400.0, "{headroom}");
+    assert!(
+        text.contains(&format!(
+            "tokend_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    assert!(text.contains(
+        "tokend_api_request_duration_seconds_bucket{route=\"/v1/connections/{id}/token\""
+    ));
+    assert!(text.contains("tokend_job_last_success_timestamp_seconds{job=\"resolve_sites\"}"));
+    assert!(text.contains("process_resident_memory_bytes"));
+    // Probes.
+    assert_eq!(d.metrics_get("/healthz").unwrap().status, 200);
+    assert_eq!(d.metrics_get("/readyz").unwrap().status, 200);
+    // promtool, when installed (CI installs it through .ci/ops-checks before the tests).
+    if let Ok(mut p) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_no_secrets(&(d.logs() + &text), &fake);
+}
