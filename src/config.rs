@@ -62,6 +62,8 @@ const DEFAULT_SOCKET_PATH: &str = "run/tokend.sock";
 const DEFAULT_SOCKET_MODE: &str = "0660";
 /// Default metrics listener: loopback only, the conventional port range of exporters.
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default log filter: lifecycle events and warnings, without per-request noise.
+const DEFAULT_LOG_LEVEL: &str = "info";
 /// Renew an access token this long before it expires, so a caller never gets one that dies
 /// in flight.
 const DEFAULT_ACCESS_TOKEN_MARGIN: &str = "15m";
@@ -146,6 +148,12 @@ pub struct DaemonConfig {
     /// `None` when metrics are disabled (`metrics_listen = ""`).
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `"info"` or `"info,tokend=debug"`).
+    /// `RUST_LOG`, when set, wins. Reloadable with SIGHUP.
+    pub log_level: String,
+    /// Export per-connection series (`connection` label). Off for very large ledgers, where
+    /// one series per connection would burden Prometheus; the aggregate gauges stay.
+    pub metrics_per_connection: bool,
 }
 
 /// `daemon.log_format`.
@@ -434,6 +442,8 @@ impl Config {
                 LogFormat::Json => "json",
             }
         );
+        let _ = writeln!(s, "log_level = {:?}", d.log_level);
+        let _ = writeln!(s, "metrics_per_connection = {}", d.metrics_per_connection);
         let _ = writeln!(s);
         let _ = writeln!(s, "[refresh]");
         let _ = writeln!(s, "access_token_margin = {}", dur(r.access_token_margin));
@@ -579,6 +589,8 @@ struct RawDaemon {
     socket_mode: Option<String>,
     metrics_listen: Option<String>,
     log_format: Option<String>,
+    log_level: Option<String>,
+    metrics_per_connection: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -890,12 +902,26 @@ impl Validator<'_> {
             }
         };
 
+        let log_level = raw
+            .log_level
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_level) {
+            return Err(self.err(
+                "daemon.log_level",
+                format!(
+                    "invalid log level {log_level:?}: {e}; expected e.g. \"info\", \"debug\" or \"info,tokend=debug\""
+                ),
+            ));
+        }
+
         Ok(DaemonConfig {
             state_dir,
             socket_path,
             socket_mode,
             metrics_listen,
             log_format,
+            log_level,
+            metrics_per_connection: raw.metrics_per_connection.unwrap_or(true),
         })
     }
 
@@ -1518,6 +1544,21 @@ api_url = "https://api.atlassian.com"  # accessible-resources, /me, and api_base
         assert_eq!(c.daemon.metrics_listen, None);
         let c = parse("[daemon]\nmetrics_listen = \"[::1]:9000\"\n").unwrap();
         assert_eq!(c.daemon.metrics_listen, Some("[::1]:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn log_level_and_per_connection_metrics() {
+        let c = parse("").unwrap();
+        assert_eq!(c.daemon.log_level, "info");
+        assert!(c.daemon.metrics_per_connection);
+        let c =
+            parse("[daemon]\nlog_level = \"info,tokend=debug\"\nmetrics_per_connection = false\n")
+                .unwrap();
+        assert_eq!(c.daemon.log_level, "info,tokend=debug");
+        assert!(!c.daemon.metrics_per_connection);
+        let e = parse_err("[daemon]\nlog_level = \"loud[\"\n");
+        assert_eq!(e.key.as_deref(), Some("daemon.log_level"));
+        assert_eq!(e.line, Some(2));
     }
 
     #[test]

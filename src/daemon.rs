@@ -125,6 +125,7 @@ async fn reload_on_sighup(
                     new.notify.timeout,
                 ));
                 monitor.reschedule(&new.jobs);
+                reload_log_level(&new.daemon.log_level);
                 if restart_needed.is_empty() {
                     tracing::info!("configuration reloaded");
                 } else {
@@ -159,6 +160,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if a.log_format != b.log_format {
         out.push("daemon.log_format");
+    }
+    if a.metrics_per_connection != b.metrics_per_connection {
+        out.push("daemon.metrics_per_connection");
     }
     if old.refresh.request_timeout != new.refresh.request_timeout {
         out.push("refresh.request_timeout");
@@ -207,24 +211,80 @@ async fn housekeeping(
     }
 }
 
-/// Sets up logging: text on stderr (no timestamps when journald adds its own), or JSON.
-/// The level comes from `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_cron_scheduler=warn"));
+/// Replaces the log filter on reload (set once by [`init_logging`]; `None` when `RUST_LOG`
+/// decides the level, which a reload must not override).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Sets up logging: text on stderr (no timestamps when journald adds its own), or JSON
+/// lines. The level is `RUST_LOG` when set, else `daemon.log_level`.
+pub fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let from_env = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
+    let filter = if from_env {
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+    } else {
+        EnvFilter::try_new(with_quiet_deps(level))
+            .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+    };
+    let (filter, handle) = reload::Layer::new(filter);
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text if under_journald => builder.without_time().with_ansi(false).try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_target(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text if under_journald => registry
+            .with(
+                fmt::layer()
+                    .without_time()
+                    .with_ansi(false)
+                    .with_target(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
+    if result.is_ok() && !from_env {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// The filter used when the configured one cannot be parsed (never, after validation).
+const DEFAULT_FILTER: &str = "info,tokio_cron_scheduler=warn";
+
+/// The cron crate logs every tick at INFO; keep it at warnings unless asked for by name.
+fn with_quiet_deps(level: &str) -> String {
+    if level.contains("tokio_cron_scheduler") {
+        level.to_owned()
+    } else {
+        format!("{level},tokio_cron_scheduler=warn")
+    }
+}
+
+/// Applies a new `daemon.log_level` (unless `RUST_LOG` decides).
+fn reload_log_level(level: &str) {
+    if let Some(handle) = LOG_FILTER.get()
+        && let Ok(filter) = tracing_subscriber::EnvFilter::try_new(with_quiet_deps(level))
+        && let Err(e) = handle.reload(filter)
+    {
+        tracing::warn!(error = %e, "cannot change the log level");
+    }
 }
 
 /// A socket passed by systemd (socket activation), adopted by `main.rs`.
@@ -238,7 +298,7 @@ pub fn set_activated_listener(listener: std::os::unix::net::UnixListener) {
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn main(config: Config) -> anyhow::Result<()> {
-    init_logging(config.daemon.log_format);
+    init_logging(config.daemon.log_format, &config.daemon.log_level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -310,7 +370,7 @@ pub async fn run(
     }
     let notifier =
         crate::notify::Notifier::start(config.notify.command.clone(), config.notify.timeout);
-    let metrics = Arc::new(Metrics::new(true));
+    let metrics = Arc::new(Metrics::new(config.daemon.metrics_per_connection));
     let engine = Engine::load(
         ledger,
         provider,

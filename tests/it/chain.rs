@@ -681,3 +681,112 @@ fn two_connections_reaching_one_site_conflict() {
     assert_eq!(r.error_code().as_deref(), Some("conflict"));
     assert_no_secrets(&d.logs(), &fake);
 }
+
+/// Runs `tokend connect`, plays the person at the browser, returns the CLI's output.
+fn connect_flow(
+    d: &TestDaemon,
+    fake: &FakeAtlassian,
+    account: &str,
+    no_browser: bool,
+) -> std::process::Output {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut args = vec!["--config", d.config_path().to_str().unwrap(), "connect"];
+    args.extend(["--label", "jira"]);
+    if no_browser {
+        args.push("--no-browser");
+    }
+    let mut child = Command::new(crate::util::tokend_bin())
+        .args(&args)
+        .env("PATH", "/nonexistent") // no xdg-open: nobody opens a browser
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut url = None;
+    let mut seen = String::new();
+    while url.is_none() {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("connect printed no authorize URL: {seen}");
+        }
+        seen.push_str(&line);
+        if let Some(at) = line.find("http") {
+            let candidate = line[at..].trim();
+            if candidate.contains("/authorize?") {
+                url = Some(url::Url::parse(candidate).unwrap());
+            }
+        }
+    }
+    let url = url.unwrap();
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    let redirect = q["redirect_uri"].clone();
+    let code = fake.issue_code(account, &[FakeSite::jira("gamma")], &redirect);
+    let back = format!("{redirect}?code={code}&state={}", q["state"]);
+    if no_browser {
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{back}").unwrap();
+    } else {
+        // The browser comes back to the loopback listener.
+        let u = url::Url::parse(&back).unwrap();
+        let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap());
+        let mut ok = false;
+        for _ in 0..50 {
+            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+                write!(
+                    s,
+                    "GET {}?{} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+                    u.path(),
+                    u.query().unwrap()
+                )
+                .unwrap();
+                let mut page = String::new();
+                let _ = std::io::Read::read_to_string(&mut s, &mut page);
+                assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ok, "the CLI never listened on {addr}");
+    }
+    let mut out = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    out.stderr = (seen + &rest).into_bytes();
+    out
+}
+
+#[test]
+fn tokend_connect_by_paste_and_by_loopback_callback() {
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::start(&fake);
+    let out = connect_flow(&d, &fake, "acct-7", true);
+    assert_success("tokend connect --no-browser", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("jira"), "{stdout}");
+    let (code, conn) = d.get_json("/v1/connections/jira");
+    assert_eq!(code, 200);
+    assert_eq!(conn["account_id"], "acct-7");
+    // Consent again through the loopback listener: the same account's connection takes it.
+    let out = connect_flow(&d, &fake, "acct-7", false);
+    assert_success("tokend connect", &out);
+    let (_, list) = d.get_json("/v1/connections");
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(
+        ledger_refresh_token(&d, "jira"),
+        fake.current_refresh_token("acct-7").unwrap()
+    );
+    assert_eq!(d.get_json("/v1/token?site=gamma.atlassian.net").0, 200);
+    assert_no_secrets(
+        &format!(
+            "{}{}{}",
+            d.logs(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        &fake,
+    );
+}

@@ -387,3 +387,100 @@ fn metrics_after_a_scripted_scenario() {
     }
     assert_no_secrets(&(d.logs() + &text), &fake);
 }
+
+/// The daemon's stderr after the last start marker.
+fn last_run_stderr(d: &TestDaemon) -> String {
+    let all = d.stderr_log();
+    let start = all.rfind("===== tokend-it").unwrap_or(0);
+    all[start..].lines().skip(1).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn logs_are_json_lines_with_connection_ids_and_journald_gets_no_timestamps() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "log_format", &toml_str("json"))
+        .env("RUST_LOG", "")
+        .start();
+    let conn = import(&d, "conf", &rt);
+    let id = conn["id"].as_str().unwrap();
+    let text = last_run_stderr(&d);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["timestamp"].is_string() && l["level"].is_string())
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "refreshed" && l["connection"] == id),
+        "{text}"
+    );
+    assert!(
+        !lines.iter().any(|l| l["level"] == "DEBUG"),
+        "default level is info"
+    );
+    assert_no_secrets(&text, &fake);
+
+    let quiet = TestDaemon::builder(&fake)
+        .set("daemon", "log_level", &toml_str("warn"))
+        .env("RUST_LOG", "")
+        .start();
+    assert!(
+        !last_run_stderr(&quiet).contains("INFO"),
+        "log_level = warn hides info lines"
+    );
+
+    let journald = TestDaemon::builder(&fake)
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("RUST_LOG", "")
+        .start();
+    let text = last_run_stderr(&journald);
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap();
+    assert!(
+        first.trim_start().starts_with("INFO"),
+        "journald adds its own timestamps: {first}"
+    );
+}
+
+#[test]
+fn a_job_that_keeps_failing_is_reported_and_recovers() {
+    let fake = FakeAtlassian::start();
+    let mut d = TestDaemon::builder(&fake)
+        .set("jobs", "maintenance", &toml_str("* * * * * *"))
+        .metrics()
+        .prepare();
+    let disk = crate::chain::SmallDisk::mount(&d.state_dir(), "4m");
+    d.restart();
+    assert_eq!(d.get_json("/v1/health").0, 200);
+    disk.fill();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            d.get_json("/v1/health").1["stalled_jobs"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|j| j == "maintenance"))
+        }),
+        "{}",
+        d.logs()
+    );
+    let ready = d.metrics_get("/readyz").unwrap();
+    assert_eq!(ready.status, 503);
+    assert!(ready.text().contains("ledger"), "{}", ready.text());
+    assert!(d.logs().contains("re-arming"), "{}", d.logs());
+    disk.free();
+    assert!(
+        eventually(Duration::from_secs(15), || d.get_json("/v1/health").0
+            == 200),
+        "{}",
+        d.get_json("/v1/health").1
+    );
+    assert_eq!(d.metrics_get("/readyz").unwrap().status, 200);
+    d.kill9();
+    drop(disk);
+}

@@ -407,10 +407,13 @@ impl TestDaemon {
         let marker = format!("===== tokend-it: start #{} =====", self.starts);
         let out = self.open_log(&self.stdout_path(), &marker);
         let err = self.open_log(&self.stderr_path(), &marker);
-        let child = self
-            .command()
+        let mut cmd = self.command();
+        if !self.env.iter().any(|(k, _)| k == "RUST_LOG") {
+            // Everything the daemon can say, for the secret scan; a test may choose otherwise.
+            cmd.env("RUST_LOG", "debug");
+        }
+        let child = cmd
             .arg("run")
-            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
