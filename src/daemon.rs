@@ -96,8 +96,8 @@ async fn reload_on_sighup(
     sd: Arc<SdNotify>,
     shutdown: impl Future<Output = ()>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+    use futures_util::StreamExt;
+    let mut hup = match signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; reload disabled");
@@ -108,7 +108,7 @@ async fn reload_on_sighup(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = hup.recv() => {}
+            s = hup.next() => if s.is_none() { break },
         }
         sd.reloading();
         let path = running.path.clone();
@@ -329,27 +329,23 @@ pub fn main(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT (signal-hook).
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
+    use futures_util::StreamExt;
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
             return std::future::pending().await;
         }
     };
-    let mut int = match signal(SignalKind::interrupt()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    match signals.next().await {
+        Some(SIGTERM) => tracing::info!("SIGTERM: stopping"),
+        Some(_) => tracing::info!("SIGINT: stopping"),
+        None => std::future::pending().await,
     }
+    signals.handle().close();
 }
 
 /// Runs the daemon on an already-bound socket until `shutdown` resolves.

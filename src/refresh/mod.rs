@@ -1089,6 +1089,35 @@ impl Engine {
         self.settle_new_connection(&id, label).await
     }
 
+    #[cfg(test)]
+    fn blank_record(id: &str, label: &str, at: Time) -> Record {
+        Record {
+            conn: Connection {
+                id: id.to_owned(),
+                label: label.to_owned(),
+                provider: PROVIDER_ATLASSIAN.to_owned(),
+                client_id: "client".to_owned(),
+                account_id: None,
+                status: Status::Active,
+                scopes: vec!["offline_access".to_owned()],
+                sites: Vec::new(),
+                consented_at: at,
+                last_refresh_at: None,
+                last_error: None,
+                consecutive_failures: 0,
+                created_at: at,
+                updated_at: at,
+            },
+            chain: Chain {
+                refresh_token: Secret::new(format!("rt-{id}")),
+                rotated_at: at,
+                previous: None,
+                attempt_started_at: None,
+                access: None,
+            },
+        }
+    }
+
     fn new_record(
         &self,
         label: &str,
@@ -1361,12 +1390,19 @@ impl Engine {
                 let Ok(flight) = slot.flight.clone().try_lock_owned() else {
                     continue;
                 };
-                let permit = tokio::select! {
-                    _ = &mut shutdown => return,
-                    p = self.permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
+                // A long catch-up waits here for permits: keep the heartbeat going, the loop
+                // is busy, not stuck.
+                let acquire = self.permits.clone().acquire_owned();
+                tokio::pin!(acquire);
+                let permit = loop {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        p = &mut acquire => match p {
+                            Ok(p) => break p,
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(HEARTBEAT) => self.heartbeat(),
+                    }
                 };
                 let engine = self.clone();
                 tokio::spawn(async move {
@@ -1548,6 +1584,59 @@ pub fn site_list(info: &ConnectionInfo) -> &[Site] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn engine_with(n: usize, max_concurrent: usize) -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            &format!("[refresh]\nrotate_after = \"2s\"\nmax_concurrent = {max_concurrent}\n"),
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let old = Utc::now() - chrono::Duration::hours(1);
+        for i in 0..n {
+            let mut rec = Engine::blank_record(&format!("c{i:012x}"), &format!("l{i}"), old);
+            rec.conn.account_id = Some(format!("acct-{i}"));
+            ledger.insert(rec, vec![]).await.unwrap();
+        }
+        let provider =
+            Atlassian::new(config.providers.atlassian.clone(), Duration::from_secs(1)).unwrap();
+        let engine = Engine::load(
+            ledger,
+            provider,
+            config.refresh.clone(),
+            crate::notify::Notifier::disabled(),
+            Arc::new(Metrics::new(true)),
+        )
+        .await
+        .unwrap();
+        (engine, dir)
+    }
+
+    #[tokio::test]
+    async fn a_scheduler_waiting_for_permits_still_beats() {
+        let (engine, _dir) = engine_with(3, 1).await;
+        // Every permit is taken (a long catch-up): the loop waits, but stays alive.
+        let held = engine.permits.clone().acquire_owned().await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(engine.clone().run_scheduler(async move {
+            let _ = rx.await;
+        }));
+        tokio::time::pause();
+        for _ in 0..10 {
+            tokio::time::advance(HEARTBEAT).await;
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            engine.scheduler_alive(),
+            "waiting for permits is not stalling"
+        );
+        drop(held);
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
 
     #[test]
     fn labels_are_checked() {
