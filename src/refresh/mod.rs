@@ -565,6 +565,18 @@ impl Engine {
             let mut st = lock(&slot.state);
             st.attempts += 1;
             st.last_outcome = outcome.clone();
+            // Whatever failed without setting its own backoff (the ledger refused the attempt
+            // record, the provider is not configured) must not be retried in a tight loop.
+            // (A backoff already running is left alone: callers during it must not push
+            // it further out.)
+            let now = Instant::now();
+            if matches!(
+                outcome,
+                Err(Failure::Internal(_) | Failure::Unavailable { .. })
+            ) && st.not_before.is_none_or(|nb| nb <= now)
+            {
+                st.not_before = Some(now + self.settings().backoff_min);
+            }
         }
         self.replan(id);
         outcome
@@ -1634,6 +1646,26 @@ mod tests {
             "waiting for permits is not stalling"
         );
         drop(held);
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_attempt_is_not_retried_in_a_tight_loop() {
+        // The provider is not configured: every attempt fails at once, without a network
+        // call. The scheduler must back off instead of spinning.
+        let (engine, _dir) = engine_with(1, 1).await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(engine.clone().run_scheduler(async move {
+            let _ = rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, slot) = engine.find("c000000000000").unwrap();
+        let attempts = lock(&slot.state).attempts;
+        assert!(
+            (1..=2).contains(&attempts),
+            "{attempts} attempts in 0.5 s: the scheduler spins"
+        );
         let _ = tx.send(());
         task.await.unwrap();
     }
