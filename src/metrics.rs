@@ -15,13 +15,11 @@
 //! is bounded by the number of connections (and that part can be switched off).
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -31,9 +29,6 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
-use tower::ServiceExt;
 
 /// Buckets (seconds) for `tokend_api_request_duration_seconds`. A socket API request is
 /// normally served from memory (a cached token) in tens of microseconds, so the buckets start
@@ -92,11 +87,6 @@ const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 /// helpers, load balancers, Kubernetes) typically give up after 1–5 s; a check that hangs (a
 /// locked ledger) must turn into "not ready", not into a hung probe.
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A client of the metrics port has this long to send its request headers; a stalled or
-/// slow-loris peer is dropped instead of holding a connection. The port is TCP, so unlike the
-/// socket API any local user (or the network, if bound widely) can reach it.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Open connections to the metrics port at once; more wait in the listen backlog. A scraper
 /// and a probe or two need a handful; the bound keeps a flood from costing file descriptors.
@@ -663,78 +653,31 @@ async fn not_found() -> Response {
 
 /// Serves [`router`] on `listener` until `shutdown` resolves, then stops accepting, lets
 /// requests in progress finish for up to [`SHUTDOWN_GRACE`], and returns. Connections get
-/// [`HEADER_READ_TIMEOUT`] to send their headers; at most [`MAX_CONNECTIONS`] are open.
+/// the socket API's header read timeout; at most [`MAX_CONNECTIONS`] are open.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     shutdown: impl Future<Output = ()>,
 ) {
-    let router = router(metrics, readiness);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut conns = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics port: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let router = router.clone();
-        let mut stop = stop_rx.clone();
-        while conns.try_join_next().is_some() {}
-        conns.spawn(async move {
-            let _permit = permit;
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    router.clone().oneshot(req.map(Body::new))
-                });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "metrics connection ended with an error");
-                    }
-                }
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::debug!("metrics port: dropping connections still open after the grace period");
-    }
-    conns.abort_all();
+    crate::api::server::serve_http(
+        listener,
+        router(metrics, readiness),
+        shutdown,
+        crate::api::server::Limits {
+            max_connections: MAX_CONNECTIONS,
+            grace: SHUTDOWN_GRACE,
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
 
     /// The metric names of INTERFACE.md "Metrics and probes".
     const INTERFACE_METRICS: &[&str] = &[

@@ -95,6 +95,54 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     UnixListener::from_std(listener).map_err(io)
 }
 
+/// A listener the HTTP loop can accept from: the API's Unix socket (with the peer's
+/// credentials) or the metrics TCP port (no credentials).
+pub trait Accept: Send {
+    /// The connection type.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Accepts one connection; `Ok(None)` drops it (e.g. unreadable credentials).
+    fn accept_peer(
+        &self,
+    ) -> impl Future<Output = std::io::Result<Option<(Self::Io, Option<Peer>)>>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_peer(&self) -> std::io::Result<Option<(Self::Io, Option<Peer>)>> {
+        let (stream, _) = self.accept().await?;
+        match stream.peer_cred() {
+            Ok(c) => Ok(Some((
+                stream,
+                Some(Peer {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                }),
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_peer(&self) -> std::io::Result<Option<(Self::Io, Option<Peer>)>> {
+        let (stream, _) = self.accept().await?;
+        Ok(Some((stream, None)))
+    }
+}
+
+/// Limits of one HTTP server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long requests in progress may take to finish after the stop.
+    pub grace: Duration,
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// requests in progress finish for up to `grace`, and returns.
 pub async fn serve(
@@ -103,8 +151,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    serve_http(
+        listener,
+        router,
+        shutdown,
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            grace,
+        },
+    )
+    .await
+}
+
+/// The HTTP/1.1 accept loop shared by the socket API and the metrics port: a header read
+/// timeout, a connection limit, the peer's credentials as a request extension (when the
+/// listener has them), and a graceful drain.
+pub async fn serve_http<L: Accept>(
+    listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -114,23 +183,15 @@ pub async fn serve(
         };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            a = listener.accept() => a,
+            a = listener.accept_peer() => a,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
             Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read peer credentials; dropping connection");
                 continue;
             }
         };
@@ -141,7 +202,9 @@ pub async fn serve(
             let _permit = permit;
             let service = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer);
+                    if let Some(peer) = peer {
+                        req.extensions_mut().insert(peer);
+                    }
                     let router = router.clone();
                     async move {
                         let started = tokio::time::Instant::now();
@@ -153,9 +216,9 @@ pub async fn serve(
                                 %method,
                                 path = %path.chars().take(200).collect::<String>(),
                                 status = r.status().as_u16(),
-                                uid = peer.uid,
+                                uid = peer.map(|p| p.uid),
                                 micros = started.elapsed().as_micros() as u64,
-                                "api request"
+                                "http request"
                             );
                         }
                         resp
@@ -182,7 +245,13 @@ pub async fn serve(
         });
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(limits.grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("dropping connections still open after the grace period");
+    }
     conns.abort_all();
 }
 

@@ -2,9 +2,9 @@
 //! classification — the real binary against the strict fake.
 
 use crate::fake::{ErrorShape, FakeAtlassian, FakeSite, Fault};
-use crate::util::{TestDaemon, assert_no_secrets, assert_success, import};
+use crate::util::{TestDaemon, assert_no_secrets, assert_success, eventually, import};
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon).
 fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
@@ -29,18 +29,6 @@ fn status_of(d: &TestDaemon, label: &str) -> String {
     let (code, v) = d.get_json(&format!("/v1/connections/{label}"));
     assert_eq!(code, 200, "{v}");
     v["status"].as_str().unwrap().to_owned()
-}
-
-/// Waits until `f` holds, up to `timeout`.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! re-resolution, rejections and notifications — with short durations against the fake.
 
 use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
-use crate::util::{TestDaemon, assert_no_secrets, import, toml_str};
+use crate::util::{TestDaemon, assert_no_secrets, eventually, import, metric, toml_str};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -13,17 +13,6 @@ fn add(d: &TestDaemon, label: &str, rt: &str) -> Value {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()
-}
-
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 fn statuses(d: &TestDaemon) -> Vec<(String, String)> {
@@ -39,18 +28,6 @@ fn statuses(d: &TestDaemon) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-/// The value of a metric line (`name{labels} value`) in a Prometheus text exposition.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .unwrap_or_else(|| panic!("{series} not in metrics:\n{text}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! and the Prometheus exposition after a scripted scenario.
 
 use crate::fake::{FakeAtlassian, FakeSite, Fault};
-use crate::util::{TestDaemon, assert_no_secrets, import, tokend_bin, toml_str};
+use crate::util::{
+    TestDaemon, assert_no_secrets, eventually, import, metric, tokend_bin, toml_str,
+};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,17 +56,6 @@ impl NotifySocket {
         }
         false
     }
-}
-
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
 }
 
 #[test]
@@ -273,18 +264,6 @@ fn sighup_applies_a_valid_config_and_keeps_the_running_one_on_error() {
     let (code, _) = d.get_json("/v1/connections/conf/token");
     assert_eq!(code, 200);
     assert_no_secrets(&d.logs(), &fake);
-}
-
-/// The value of `series` (a metric name with its labels, exactly as exposed).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .unwrap_or_else(|| panic!("{series} not in metrics:\n{text}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]
