@@ -408,6 +408,17 @@ fn json_body<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// Only Atlassian is known today.
+fn known_provider(provider: &str) -> Result<(), ApiError> {
+    if provider == crate::model::PROVIDER_ATLASSIAN {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "unknown provider: only \"atlassian\" is supported",
+        ))
+    }
+}
+
 async fn add(
     State(state): State<ApiState>,
     Extension(peer): Extension<Peer>,
@@ -416,11 +427,7 @@ async fn add(
 ) -> ApiResult {
     require_admin(&state, peer)?;
     let req: AddBody = json_body(&headers, &body)?;
-    if req.provider != crate::model::PROVIDER_ATLASSIAN {
-        return Err(ApiError::bad_request(
-            "unknown provider: only \"atlassian\" is supported",
-        ));
-    }
+    known_provider(&req.provider)?;
     let added = match (req.refresh_token, req.code, req.state) {
         (Some(rt), None, None) => state.engine.import(&req.label, Secret::new(rt)).await?,
         (None, Some(code), Some(st)) => {
@@ -480,11 +487,7 @@ async fn authorize(
 ) -> ApiResult {
     require_admin(&state, peer)?;
     let req: AuthorizeBody = json_body(&headers, &body)?;
-    if req.provider != crate::model::PROVIDER_ATLASSIAN {
-        return Err(ApiError::bad_request(
-            "unknown provider: only \"atlassian\" is supported",
-        ));
-    }
+    known_provider(&req.provider)?;
     let (url, st, redirect) = state.engine.authorize()?;
     Ok(ok_json(
         StatusCode::OK,

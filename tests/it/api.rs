@@ -236,24 +236,10 @@ fn the_socket_gets_its_mode_and_the_state_dir_is_private() {
     let d = TestDaemon::builder(&fake)
         .set("daemon", "socket_mode", &toml_str("0600"))
         .start();
-    let mode = std::fs::metadata(d.socket_path())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o600);
-    let state = std::fs::metadata(d.state_dir())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(state, 0o700);
-    let db = std::fs::metadata(d.ledger_path())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(db, 0o600);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(d.socket_path()), 0o600);
+    assert_eq!(mode(&d.state_dir()), 0o700);
+    assert_eq!(mode(&d.ledger_path()), 0o600);
 }
 
 #[test]
