@@ -290,3 +290,24 @@ fn bad_config_is_refused_with_exit_64_naming_key_and_line() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains(crate::fake::CLIENT_SECRET), "{text}");
 }
+
+#[test]
+fn a_client_that_never_finishes_its_headers_is_dropped() {
+    use std::io::{Read, Write};
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::start(&fake);
+    let mut slow = std::os::unix::net::UnixStream::connect(d.socket_path()).unwrap();
+    slow.write_all(b"GET /v1/health HTTP/1.1\r\nHost: local")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8) && waited < Duration::from_secs(15),
+        "dropped after {waited:?} (header read timeout is 10 s)"
+    );
+    healthy(&d);
+}
