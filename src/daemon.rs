@@ -362,7 +362,10 @@ pub async fn run(
     )
     .map_err(anyhow::Error::msg)?;
     if let Some(reason) = provider.not_configured() {
-        tracing::warn!("{reason}; tokend serves, but cannot add or refresh connections until then");
+        tracing::warn!(
+            "{}; tokend serves, but cannot add or refresh connections until then",
+            reason.trim_end_matches('.')
+        );
     }
     let notifier =
         crate::notify::Notifier::start(config.notify.command.clone(), config.notify.timeout);
