@@ -532,24 +532,21 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let Some(info) = state.engine.get(&id) else {
+    let Some((conn_id, label)) = state.engine.identity(&id) else {
         state.engine.metrics().token_request(TokenOutcome::NotFound);
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
-    if !state
-        .policy()
-        .may_read(peer, &info.conn.id, &info.conn.label)
-    {
+    if !state.policy().may_read(peer, &conn_id, &label) {
         state
             .engine
             .metrics()
             .token_request(TokenOutcome::Forbidden);
         return Err(ApiError::forbidden(format!(
             "uid {} may not read the tokens of {}",
-            peer.uid, info.conn.label
+            peer.uid, label
         )));
     }
-    hand_out(&state, &info.conn.id, min_valid).await
+    hand_out(&state, &conn_id, min_valid).await
 }
 
 async fn site_token(
@@ -568,8 +565,8 @@ async fn site_token(
         .filter(|id| {
             state
                 .engine
-                .get(id)
-                .is_some_and(|i| policy.may_read(peer, &i.conn.id, &i.conn.label))
+                .identity(id)
+                .is_some_and(|(id, label)| policy.may_read(peer, &id, &label))
         })
         .cloned()
         .collect();

@@ -349,9 +349,12 @@ impl Engine {
         Some((id.clone(), index.by_id.get(id)?.clone()))
     }
 
-    /// Resolves an id or label to the connection id.
-    pub fn resolve(&self, id_or_label: &str) -> Option<String> {
-        self.find(id_or_label).map(|(id, _)| id)
+    /// The id and label of a connection (by id or label), cheaply: for access checks on the
+    /// token path.
+    pub fn identity(&self, id_or_label: &str) -> Option<(String, String)> {
+        let (id, slot) = self.find(id_or_label)?;
+        let st = lock(&slot.state);
+        (!st.removed).then(|| (id, st.rec.conn.label.clone()))
     }
 
     fn info_of(&self, st: &SlotState) -> ConnectionInfo {

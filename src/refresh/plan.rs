@@ -67,10 +67,10 @@ pub fn next_action(
         {
             // Renew a little before the margin is reached, so that the refresh has finished
             // (callers asking for `margin` of validity are still served from cache while it
-            // runs); and never later than halfway through a token's life, so a margin longer
+            // runs); but with at least a third of the token's life used, so a margin longer
             // than the lifetime cannot renew without end.
             let lead = (settings.access_token_margin / 2).max(MIN_RENEW_LEAD);
-            let margin = (settings.access_token_margin + lead).min(lifetime / 2);
+            let margin = (settings.access_token_margin + lead).min(lifetime * 2 / 3);
             let renew = access.expires_at
                 - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
             due = due.min(at_wall(renew));
