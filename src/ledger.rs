@@ -694,41 +694,18 @@ fn append_events(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PROVIDER_ATLASSIAN;
 
     fn record(id: &str, label: &str, rt: &str) -> Record {
         let now = from_ms(Utc::now().timestamp_millis());
-        Record {
-            conn: Connection {
-                id: id.into(),
-                label: label.into(),
-                provider: PROVIDER_ATLASSIAN.into(),
-                client_id: "client".into(),
-                account_id: Some(format!("acct-{id}")),
-                status: Status::Active,
-                scopes: vec!["offline_access".into(), "read:page:confluence".into()],
-                sites: vec![Site {
-                    cloud_id: "cloud-1".into(),
-                    url: "https://acme.atlassian.net".into(),
-                    name: "acme".into(),
-                    scopes: vec!["read:page:confluence".into()],
-                    last_seen_at: now,
-                }],
-                consented_at: now,
-                last_refresh_at: None,
-                last_error: None,
-                consecutive_failures: 0,
-                created_at: now,
-                updated_at: now,
-            },
-            chain: Chain {
-                refresh_token: Secret::new(rt),
-                rotated_at: now,
-                previous: None,
-                attempt_started_at: None,
-                access: None,
-            },
-        }
+        let mut rec = crate::model::sample_record(id, label, rt, now);
+        rec.conn.sites.push(Site {
+            cloud_id: "cloud-1".into(),
+            url: "https://acme.atlassian.net".into(),
+            name: "acme".into(),
+            scopes: vec!["read:page:confluence".into()],
+            last_seen_at: now,
+        });
+        rec
     }
 
     #[tokio::test]

@@ -194,3 +194,33 @@ pub fn new_connection_id() -> String {
     let n: u64 = rand::rng().random();
     format!("c{:012x}", n & 0xffff_ffff_ffff)
 }
+
+/// A plain active record for unit tests: account `acct-{id}`, no sites, no access token.
+#[cfg(test)]
+pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time) -> Record {
+    Record {
+        conn: Connection {
+            id: id.into(),
+            label: label.into(),
+            provider: PROVIDER_ATLASSIAN.into(),
+            client_id: "client".into(),
+            account_id: Some(format!("acct-{id}")),
+            status: Status::Active,
+            scopes: vec!["offline_access".into(), "read:page:confluence".into()],
+            sites: Vec::new(),
+            consented_at: at,
+            last_refresh_at: None,
+            last_error: None,
+            consecutive_failures: 0,
+            created_at: at,
+            updated_at: at,
+        },
+        chain: Chain {
+            refresh_token: Secret::new(refresh_token),
+            rotated_at: at,
+            previous: None,
+            attempt_started_at: None,
+            access: None,
+        },
+    }
+}

@@ -348,18 +348,14 @@ impl Atlassian {
         (until > now).then(|| until - now)
     }
 
+    /// The client secret, or why the app cannot be used (the config decides what is missing).
     fn credentials(&self) -> Result<&Secret, ProviderError> {
         if let Some(missing) = self.config.missing_credentials() {
             return Err(ProviderError::NotConfigured(missing));
         }
-        match &self.config.client_secret {
-            Some(s) if !s.is_empty() && !self.config.client_id.is_empty() => Ok(s),
-            _ => Err(ProviderError::NotConfigured(
-                "the Atlassian app is not configured: set providers.atlassian.client_id and \
-                 client_secret_file (or the environment variable TOKEND_ATLASSIAN_CLIENT_SECRET)"
-                    .to_owned(),
-            )),
-        }
+        self.config.client_secret.as_ref().ok_or_else(|| {
+            ProviderError::NotConfigured("the Atlassian client secret is not loaded".to_owned())
+        })
     }
 
     /// Why this client cannot talk to Atlassian, if it cannot.

@@ -66,11 +66,6 @@ impl SdNotify {
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }
-
-    /// `STATUS=...`: a line for `systemctl status`.
-    pub fn status(&self, text: &str) {
-        self.send(&format!("STATUS={}", text.replace('\n', " ")));
-    }
 }
 
 /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, if it is meant for this

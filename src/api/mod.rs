@@ -304,13 +304,13 @@ fn connection_json(engine: &Engine, info: &ConnectionInfo) -> Value {
 fn token_json(engine: &Engine, g: &TokenGrant) -> Value {
     let expires_in = (g.expires_at - Utc::now()).num_seconds().max(0);
     json!({
-        "connection_id": g.info.conn.id,
+        "connection_id": g.conn.id,
         "access_token": g.access_token.expose(),
         "token_type": "Bearer",
         "expires_at": rfc3339(g.expires_at),
         "expires_in": expires_in,
-        "scopes": g.info.conn.scopes,
-        "sites": g.info.conn.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
+        "scopes": g.conn.scopes,
+        "sites": g.conn.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
     })
 }
 

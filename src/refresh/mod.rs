@@ -27,8 +27,8 @@ use crate::config::RefreshConfig;
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{Metrics, RefreshOutcome};
 use crate::model::{
-    AccessToken, Chain, Connection, Event, LastError, PROVIDER_ATLASSIAN, Record, Site, Status,
-    Time, new_connection_id,
+    AccessToken, Chain, Connection, Event, LastError, PROVIDER_ATLASSIAN, Record, Status, Time,
+    new_connection_id,
 };
 use crate::notify::{Kind, Notification};
 use crate::provider::{
@@ -140,8 +140,9 @@ pub struct ConnectionInfo {
 /// A token handed to a caller.
 #[derive(Debug)]
 pub struct TokenGrant {
-    /// The connection it belongs to.
-    pub info: ConnectionInfo,
+    /// The connection it belongs to (its public face only: the token path skips the
+    /// deadline computations of [`ConnectionInfo`]).
+    pub conn: Connection,
     /// The bearer token.
     pub access_token: Secret,
     /// When it expires.
@@ -419,16 +420,20 @@ impl Engine {
             .ok()
             .and_then(|u| u.host_str().map(str::to_owned))
             .unwrap_or_else(|| wanted.clone());
-        self.list()
-            .into_iter()
-            .filter(|c| c.conn.status == Status::Active)
-            .filter(|c| {
-                c.conn.sites.iter().any(|s| {
-                    s.cloud_id.eq_ignore_ascii_case(&wanted)
-                        || s.host().as_deref() == Some(wanted_host.as_str())
-                })
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index
+            .by_id
+            .iter()
+            .filter(|(_, slot)| {
+                let st = lock(&slot.state);
+                !st.removed
+                    && st.rec.conn.status == Status::Active
+                    && st.rec.conn.sites.iter().any(|s| {
+                        s.cloud_id.eq_ignore_ascii_case(&wanted)
+                            || s.host().as_deref() == Some(wanted_host.as_str())
+                    })
             })
-            .map(|c| c.conn.id)
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
@@ -473,7 +478,7 @@ impl Engine {
                 && satisfies(&st.rec, min_valid)
                 && let Some(a) = &st.rec.chain.access
             {
-                return Ok(self.grant_of(&st, a.clone(), Served::Cached));
+                return Ok(Self::grant_of(&st, a.clone(), Served::Cached));
             }
             st.attempts
         };
@@ -486,7 +491,7 @@ impl Engine {
         }
         match outcome {
             Ok(()) => match (&st.rec.chain.access, st.uncommitted) {
-                (Some(a), false) => Ok(self.grant_of(&st, a.clone(), Served::Refreshed)),
+                (Some(a), false) => Ok(Self::grant_of(&st, a.clone(), Served::Refreshed)),
                 _ => Err(Failure::Internal(
                     "the refreshed token is not committed to the ledger yet".into(),
                 )),
@@ -501,7 +506,7 @@ impl Engine {
                     && let Some(a) = &st.rec.chain.access
                     && a.expires_at > Utc::now()
                 {
-                    return Ok(self.grant_of(&st, a.clone(), Served::Cached));
+                    return Ok(Self::grant_of(&st, a.clone(), Served::Cached));
                 }
                 Err(Failure::Unavailable {
                     retry_after,
@@ -512,9 +517,9 @@ impl Engine {
         }
     }
 
-    fn grant_of(&self, st: &SlotState, a: AccessToken, served: Served) -> TokenGrant {
+    fn grant_of(st: &SlotState, a: AccessToken, served: Served) -> TokenGrant {
         TokenGrant {
-            info: self.info_of(st),
+            conn: st.rec.conn.clone(),
             access_token: a.token,
             expires_at: a.expires_at,
             served,
@@ -752,7 +757,8 @@ impl Engine {
         if let Some(scopes) = grant.scopes {
             next.conn.scopes = scopes;
         }
-        if next.conn.status == Status::NeedsReauth {
+        let recovered = next.conn.status == Status::NeedsReauth;
+        if recovered {
             events.push(Event::new("recovered", "the chain works again"));
             next.conn.status = Status::Active;
         }
@@ -760,7 +766,6 @@ impl Engine {
         next.conn.last_error = None;
         next.conn.consecutive_failures = 0;
         next.conn.updated_at = now;
-        let recovered = rec_was_dead(&events);
         let saved = self.ledger.save(next.clone(), Some(old_rt), events).await;
         if recovered && saved.is_ok() {
             self.notify(Kind::Recovered, &next.conn, "the chain works again");
@@ -1104,35 +1109,6 @@ impl Engine {
         self.settle_new_connection(&id, label).await
     }
 
-    #[cfg(test)]
-    fn blank_record(id: &str, label: &str, at: Time) -> Record {
-        Record {
-            conn: Connection {
-                id: id.to_owned(),
-                label: label.to_owned(),
-                provider: PROVIDER_ATLASSIAN.to_owned(),
-                client_id: "client".to_owned(),
-                account_id: None,
-                status: Status::Active,
-                scopes: vec!["offline_access".to_owned()],
-                sites: Vec::new(),
-                consented_at: at,
-                last_refresh_at: None,
-                last_error: None,
-                consecutive_failures: 0,
-                created_at: at,
-                updated_at: at,
-            },
-            chain: Chain {
-                refresh_token: Secret::new(format!("rt-{id}")),
-                rotated_at: at,
-                previous: None,
-                attempt_started_at: None,
-                access: None,
-            },
-        }
-    }
-
     fn new_record(
         &self,
         label: &str,
@@ -1253,7 +1229,8 @@ impl Engine {
             "merged",
             format!("took a new chain for the same account from {from}"),
         )];
-        if merged.conn.status == Status::NeedsReauth {
+        let revived = merged.conn.status == Status::NeedsReauth;
+        if revived {
             events.push(Event::new(
                 "recovered",
                 "revived by a new chain for the same account",
@@ -1269,7 +1246,7 @@ impl Engine {
         merged.conn.consecutive_failures = 0;
         merged.conn.updated_at = now;
         self.ledger
-            .merge(from.to_owned(), merged.clone(), events.clone())
+            .merge(from.to_owned(), merged.clone(), events)
             .await
             .map_err(ledger_failure)?;
         {
@@ -1279,7 +1256,7 @@ impl Engine {
             st.provider_asked = false;
             st.uncommitted = false;
         }
-        if events.iter().any(|e| e.kind == "recovered") {
+        if revived {
             let conn = lock(&into_slot.state).rec.conn.clone();
             self.notify(
                 Kind::Recovered,
@@ -1481,10 +1458,6 @@ impl Engine {
     }
 }
 
-fn rec_was_dead(events: &[Event]) -> bool {
-    events.iter().any(|e| e.kind == "recovered")
-}
-
 /// Why a refresh is being made: decides whether a shared outcome or the cache is enough.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Need {
@@ -1591,11 +1564,6 @@ fn validate_label(label: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Access to site lists for callers that only need the public view.
-pub fn site_list(info: &ConnectionInfo) -> &[Site] {
-    &info.conn.sites
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1612,8 +1580,8 @@ mod tests {
         let ledger = Ledger::open(dir.path()).unwrap();
         let old = Utc::now() - chrono::Duration::hours(1);
         for i in 0..n {
-            let mut rec = Engine::blank_record(&format!("c{i:012x}"), &format!("l{i}"), old);
-            rec.conn.account_id = Some(format!("acct-{i}"));
+            let id = format!("c{i:012x}");
+            let rec = crate::model::sample_record(&id, &format!("l{i}"), &format!("rt-{i}"), old);
             ledger.insert(rec, vec![]).await.unwrap();
         }
         let provider =

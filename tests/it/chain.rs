@@ -166,6 +166,7 @@ fn concurrent_callers_share_one_refresh() {
     }
     assert_eq!(fake.access_token_account(first).as_deref(), Some("acct-1"));
     assert_eq!(fake.reuse_violations(), 0);
+    assert_eq!(fake.leeway_reuses(), 0, "the one refresh was never doubled");
     assert_no_secrets(&d.logs(), &fake);
 }
 

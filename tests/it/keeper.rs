@@ -54,6 +54,11 @@ fn unused_chains_survive_many_rotations() {
         );
     }
     assert_eq!(fake.reuse_violations(), 0);
+    assert_eq!(
+        fake.leeway_reuses(),
+        0,
+        "no two refreshes of one chain overlapped"
+    );
     for (label, status) in statuses(&d) {
         assert_eq!(status, "active", "{label}");
     }
@@ -98,6 +103,13 @@ fn a_hot_connection_never_waits_for_the_provider() {
         tokens.len() >= 6,
         "the token was renewed ahead: {} tokens",
         tokens.len()
+    );
+    // Invariant 2: scheduled renewals and callers never overlapped on this chain (a second
+    // request with the same token while one is in flight would show as a leeway reuse).
+    assert_eq!(
+        fake.leeway_reuses(),
+        0,
+        "two refreshes of one chain overlapped"
     );
     assert!(fake.family_alive("acct-1"));
     assert_no_secrets(&(d.logs() + &text), &fake);
