@@ -44,6 +44,8 @@ fn record(i: usize) -> Record {
         chain: Chain {
             refresh_token: Secret::new(format!("rt-bench-{i}")),
             rotated_at: now,
+            used_at: now,
+            version: 0,
             previous: None,
             attempt_started_at: None,
             access: Some(AccessToken {
@@ -86,8 +88,9 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
     )
     .expect("provider");
     let engine = tokend::refresh::Engine::load(
-        ledger,
-        provider,
+        Arc::new(ledger),
+        Arc::new(provider),
+        Arc::new(tokend::refresh::SystemClock),
         config.refresh.clone(),
         tokend::notify::Notifier::disabled(),
         Arc::new(tokend::metrics::Metrics::new(true)),

@@ -41,10 +41,15 @@ fn readiness(engine: Arc<Engine>, monitor: Arc<JobMonitor>) -> crate::metrics::R
         let monitor = monitor.clone();
         Box::pin(async move {
             engine
-                .ledger()
-                .check_writable()
+                .store_writable()
                 .await
                 .map_err(|e| format!("ledger not writable: {e}"))?;
+            let pending = engine.commit_pending();
+            if pending > 0 {
+                return Err(format!(
+                    "{pending} rotated refresh token(s) wait for their commit to the ledger"
+                ));
+            }
             if !engine.scheduler_alive() {
                 return Err("the refresh scheduler is stalled".to_owned());
             }
@@ -57,8 +62,10 @@ fn readiness(engine: Arc<Engine>, monitor: Arc<JobMonitor>) -> crate::metrics::R
     })
 }
 
-/// Pings systemd's watchdog only while the scheduler is alive and the ledger is writable: a
-/// wedged daemon is restarted by systemd instead of serving stale tokens forever.
+/// Pings systemd's watchdog while the engine is alive (its scheduler beats). An unwritable
+/// ledger does not stop the pings: the daemon may be holding a rotated token it could not
+/// commit yet, and a restart by systemd would lose it. Readiness and `/v1/health` report the
+/// ledger instead.
 async fn watchdog(
     engine: Arc<Engine>,
     sd: Arc<SdNotify>,
@@ -67,16 +74,10 @@ async fn watchdog(
 ) {
     tokio::pin!(shutdown);
     loop {
-        let healthy = engine.scheduler_alive()
-            && tokio::time::timeout(every, engine.ledger().check_writable())
-                .await
-                .is_ok_and(|r| r.is_ok());
-        if healthy {
+        if engine.scheduler_alive() {
             sd.watchdog();
         } else {
-            tracing::warn!(
-                "unhealthy (scheduler stalled or ledger not writable): not pinging the watchdog"
-            );
+            tracing::warn!("the refresh scheduler is stalled: not pinging the watchdog");
         }
         tokio::select! {
             _ = &mut shutdown => break,
@@ -371,8 +372,9 @@ pub async fn run(
         crate::notify::Notifier::start(config.notify.command.clone(), config.notify.timeout);
     let metrics = Arc::new(Metrics::new(config.daemon.metrics_per_connection));
     let engine = Engine::load(
-        ledger,
-        provider,
+        Arc::new(ledger.clone()),
+        Arc::new(provider),
+        Arc::new(crate::refresh::SystemClock),
         config.refresh.clone(),
         notifier,
         metrics.clone(),
@@ -381,9 +383,14 @@ pub async fn run(
     .context("cannot load the ledger")?;
     let (active, needs_reauth) = engine.status_counts();
     let monitor = Arc::new(JobMonitor::default());
-    let jobs = Jobs::start(engine.clone(), &config.jobs, monitor.clone())
-        .await
-        .context("cannot start the job scheduler")?;
+    let jobs = Jobs::start(
+        engine.clone(),
+        ledger.clone(),
+        &config.jobs,
+        monitor.clone(),
+    )
+    .await
+    .context("cannot start the job scheduler")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();

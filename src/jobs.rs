@@ -8,8 +8,9 @@
 //! period (health turns degraded) and re-arms it by replacing the job in the scheduler.
 
 use crate::config::{CronExpr, JobsConfig};
+use crate::ledger::Ledger;
 use crate::model::Time;
-use crate::refresh::Engine;
+use crate::refresh::{Engine, SiteOutcome};
 use chrono::Utc;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,12 +175,15 @@ pub struct Jobs {
     scheduler: JobScheduler,
     monitor: Arc<JobMonitor>,
     engine: Arc<Engine>,
+    /// Housekeeping (`maintenance`) is the ledger's own business, not the engine's.
+    ledger: Ledger,
 }
 
 impl Jobs {
     /// Creates and starts the cron scheduler with both jobs.
     pub async fn start(
         engine: Arc<Engine>,
+        ledger: Ledger,
         config: &JobsConfig,
         monitor: Arc<JobMonitor>,
     ) -> anyhow::Result<Jobs> {
@@ -209,6 +213,7 @@ impl Jobs {
             scheduler,
             monitor,
             engine,
+            ledger,
         };
         for kind in JobKind::ALL {
             jobs.arm(kind).await?;
@@ -228,9 +233,11 @@ impl Jobs {
             let _ = self.scheduler.remove(&old).await;
         }
         let engine = self.engine.clone();
+        let ledger = self.ledger.clone();
         let monitor = self.monitor.clone();
         let job = Job::new_async(schedule.as_str(), move |_, _| {
             let engine = engine.clone();
+            let ledger = ledger.clone();
             let monitor = monitor.clone();
             let running = running.clone();
             Box::pin(async move {
@@ -242,7 +249,7 @@ impl Jobs {
                     );
                     return;
                 }
-                let ok = run_job(kind, &engine).await;
+                let ok = run_job(kind, &engine, &ledger).await;
                 running.store(false, Ordering::Release);
                 if ok {
                     monitor.succeeded(kind);
@@ -306,23 +313,32 @@ impl Jobs {
 }
 
 /// One run of a job; true when it completed.
-pub async fn run_job(kind: JobKind, engine: &Arc<Engine>) -> bool {
+pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &Ledger) -> bool {
     match kind {
         JobKind::ResolveSites => {
+            // Never refreshes: a connection without a valid access token is resolved with
+            // its next planned refresh (deferred).
             let ids = engine.active_ids();
-            let mut failed = 0;
+            let (mut failed, mut deferred) = (0, 0);
             for id in &ids {
-                if !engine.resolve_sites(id).await {
-                    failed += 1;
+                match engine.resolve_sites(id).await {
+                    SiteOutcome::Failed => failed += 1,
+                    SiteOutcome::Deferred => deferred += 1,
+                    SiteOutcome::Resolved | SiteOutcome::Skipped => {}
                 }
             }
-            tracing::debug!(connections = ids.len(), failed, "resolve_sites ran");
+            tracing::debug!(
+                connections = ids.len(),
+                failed,
+                deferred,
+                "resolve_sites ran"
+            );
             true
         }
         JobKind::Maintenance => {
             let before = Utc::now()
                 - chrono::Duration::from_std(EVENT_RETENTION).unwrap_or(chrono::Duration::MAX);
-            match engine.ledger().maintain(before).await {
+            match ledger.maintain(before).await {
                 Ok(pruned) => {
                     tracing::info!(pruned_events = pruned, "maintenance ran");
                     true

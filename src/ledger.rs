@@ -81,6 +81,12 @@ const MIGRATIONS: &[&str] = &[
         SELECT RAISE(ABORT, 'events are append-only');
     END;
     "#,
+    // 2: a chain version for compare-and-swap, and when the refresh token was last used.
+    r#"
+    ALTER TABLE connections ADD COLUMN chain_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE connections ADD COLUMN refresh_token_used_at INTEGER;
+    UPDATE connections SET refresh_token_used_at = refresh_token_rotated_at;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -237,6 +243,28 @@ impl Ledger {
         .await
     }
 
+    /// One connection with its chain and sites, or `None`.
+    pub async fn load_one(&self, id: String) -> Result<Option<Record>, LedgerError> {
+        self.call(move |db| {
+            let rec = db
+                .query_row(
+                    &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"),
+                    [&id],
+                    row_to_record,
+                )
+                .optional()?
+                .transpose()?;
+            match rec {
+                Some(mut rec) => {
+                    rec.conn.sites = load_sites(db, &rec.conn.id)?;
+                    Ok(Some(rec))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     /// Inserts a new connection with its first events.
     pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), LedgerError> {
         self.call(move |db| {
@@ -266,32 +294,19 @@ impl Ledger {
         .await
     }
 
-    /// Overwrites a connection's row (not its sites) and appends events, in one durable
-    /// transaction. With `expect_refresh_token`, the write happens only if the stored refresh
-    /// token is still that one (compare-and-swap), so a stale writer can never replace a newer
-    /// chain with an older one.
-    pub async fn save(
+    /// Commits a change of a connection's chain (its tokens, status and failure record, not
+    /// its identity, account or sites) and appends events, in one durable transaction, but
+    /// only if the stored chain is still at `expect_version` (compare-and-swap): a stale
+    /// writer can never replace a newer chain. `rec.chain.version` is what gets stored.
+    pub async fn save_chain(
         &self,
         rec: Record,
-        expect_refresh_token: Option<Secret>,
+        expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
         self.call(move |db| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if let Some(expected) = &expect_refresh_token {
-                let stored: Option<String> = tx
-                    .query_row(
-                        "SELECT refresh_token FROM connections WHERE id = ?1",
-                        [&rec.conn.id],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if stored.as_deref() != Some(expected.expose()) {
-                    return Err(LedgerError::Conflict(rec.conn.id.clone()));
-                }
-            }
-            let n = update_row(&tx, &rec)?;
-            if n == 0 {
+            if update_row(&tx, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
             append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
@@ -301,19 +316,45 @@ impl Ledger {
         .await
     }
 
+    /// Records the account behind a connection (only that column) and appends events.
+    pub async fn set_account(
+        &self,
+        connection_id: String,
+        account_id: String,
+        now: Time,
+        events: Vec<Event>,
+    ) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE connections SET account_id = ?1, updated_at = ?2 WHERE id = ?3",
+                params![account_id, ms(now), connection_id],
+            )?;
+            if n == 0 {
+                return Err(LedgerError::Conflict(connection_id));
+            }
+            append_events(&tx, Some(&connection_id), now, &events)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Moves the chain of `from` (a connection just created by an import or a consent) into
     /// `into` (the existing connection of the same account) and deletes `from`, in one
-    /// transaction. `merged` is the resulting record of `into`.
+    /// transaction, while `into`'s chain is still at `expect_version`. `merged` is the
+    /// resulting record of `into`.
     pub async fn merge(
         &self,
         from: String,
         merged: Record,
+        expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
         self.call(move |db| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute("DELETE FROM connections WHERE id = ?1", [&from])?;
-            if update_row(&tx, &merged)? == 0 {
+            if update_row(&tx, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
@@ -496,24 +537,64 @@ fn migrate(db: &mut rusqlite::Connection, path: &Path) -> Result<(), LedgerError
 const CONNECTION_COLUMNS: &str = "id, label, provider, client_id, account_id, status, scopes, \
     refresh_token, refresh_token_rotated_at, previous_refresh_token, previous_rotated_at, \
     attempt_started_at, access_token, access_token_expires_at, consented_at, last_refresh_at, \
-    last_error_code, last_error_message, last_error_at, consecutive_failures, created_at, updated_at";
-const CONNECTION_COLUMN_COUNT: usize = 22;
+    last_error_code, last_error_message, last_error_at, consecutive_failures, created_at, updated_at, \
+    chain_version, refresh_token_used_at";
+const CONNECTION_COLUMN_COUNT: usize = 24;
 
-/// Overwrites every column of the row `rec.conn.id`; returns the number of rows changed.
-fn update_row(tx: &rusqlite::Transaction<'_>, rec: &Record) -> Result<usize, LedgerError> {
-    let mut values = record_values(rec);
-    let id = values.remove(0);
-    values.push(id);
-    let assignments = CONNECTION_COLUMNS
-        .split(", ")
-        .skip(1)
-        .enumerate()
-        .map(|(i, c)| format!("{c} = ?{}", i + 1))
-        .collect::<Vec<_>>()
-        .join(", ");
+/// The columns a chain commit writes: everything the refresh engine changes by refreshing.
+/// Identity (`label`, `provider`, `client_id`, `created_at`) and `account_id` are left alone,
+/// so that a refresh can never roll back an account resolved meanwhile.
+const CHAIN_COLUMNS: &[&str] = &[
+    "status",
+    "scopes",
+    "refresh_token",
+    "refresh_token_rotated_at",
+    "previous_refresh_token",
+    "previous_rotated_at",
+    "attempt_started_at",
+    "access_token",
+    "access_token_expires_at",
+    "consented_at",
+    "last_refresh_at",
+    "last_error_code",
+    "last_error_message",
+    "last_error_at",
+    "consecutive_failures",
+    "updated_at",
+    "chain_version",
+    "refresh_token_used_at",
+];
+
+/// Overwrites the columns `columns` of the row `rec.conn.id`, but only while its stored
+/// `chain_version` is `expect_version` (compare-and-swap); returns the number of rows changed.
+fn update_row(
+    tx: &rusqlite::Transaction<'_>,
+    rec: &Record,
+    columns: &[&str],
+    expect_version: u64,
+) -> Result<usize, LedgerError> {
+    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
+    let values = record_values(rec);
+    let mut params = Vec::with_capacity(columns.len() + 2);
+    let mut assignments = Vec::with_capacity(columns.len());
+    for c in columns {
+        let i = all
+            .iter()
+            .position(|a| a == c)
+            .ok_or_else(|| LedgerError::Corrupt(format!("unknown column {c}")))?;
+        params.push(values[i].clone());
+        assignments.push(format!("{c} = ?{}", params.len()));
+    }
+    params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
+    params.push(rusqlite::types::Value::Integer(expect_version as i64));
     Ok(tx.execute(
-        &format!("UPDATE connections SET {assignments} WHERE id = ?{CONNECTION_COLUMN_COUNT}"),
-        rusqlite::params_from_iter(values),
+        &format!(
+            "UPDATE connections SET {} WHERE id = ?{} AND chain_version = ?{}",
+            assignments.join(", "),
+            params.len() - 1,
+            params.len()
+        ),
+        rusqlite::params_from_iter(params),
     )?)
 }
 
@@ -571,6 +652,8 @@ fn record_values(rec: &Record) -> Vec<rusqlite::types::Value> {
         V::Integer(c.consecutive_failures as i64),
         time(c.created_at),
         time(c.updated_at),
+        V::Integer(ch.version as i64),
+        time(ch.used_at),
     ]
 }
 
@@ -623,6 +706,8 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, Ledge
         chain: Chain {
             refresh_token: Secret::new(r.get::<_, String>(7)?),
             rotated_at: from_ms(r.get(8)?),
+            used_at: opt_time(23)?.unwrap_or_else(|| from_ms(r.get(8).unwrap_or_default())),
+            version: r.get::<_, i64>(22)?.max(0) as u64,
             previous,
             attempt_started_at: opt_time(11)?,
             access,
@@ -721,17 +806,14 @@ mod tests {
         next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
         next.chain.refresh_token = Secret::new("rt-2");
         next.chain.attempt_started_at = None;
+        next.chain.version = 1;
         next.conn.last_error = Some(LastError {
             code: "x".into(),
             message: "y".into(),
             at: next.conn.created_at,
         });
         ledger
-            .save(
-                next,
-                Some(Secret::new("rt-1")),
-                vec![Event::new("rotated", "ok")],
-            )
+            .save_chain(next, 0, vec![Event::new("rotated", "ok")])
             .await
             .unwrap();
         drop(ledger);
@@ -740,6 +822,7 @@ mod tests {
         assert_eq!(all.len(), 1);
         let got = &all[0];
         assert_eq!(got.chain.refresh_token.expose(), "rt-2");
+        assert_eq!(got.chain.version, 1);
         assert_eq!(got.chain.previous.as_ref().unwrap().0.expose(), "rt-1");
         assert_eq!(got.conn.sites.len(), 1);
         assert_eq!(got.conn.last_error.as_ref().unwrap().code, "x");
@@ -760,15 +843,28 @@ mod tests {
         let ledger = Ledger::open(dir.path()).unwrap();
         let rec = record("c1", "conf", "rt-1");
         ledger.insert(rec.clone(), vec![]).await.unwrap();
+        let mut next = rec.clone();
+        next.chain.refresh_token = Secret::new("rt-2");
+        next.chain.version = 1;
+        ledger.save_chain(next, 0, vec![]).await.unwrap();
         let mut stale = rec.clone();
         stale.chain.refresh_token = Secret::new("rt-9");
-        let err = ledger
-            .save(stale, Some(Secret::new("rt-0")), vec![])
-            .await
-            .unwrap_err();
+        stale.chain.version = 1;
+        let err = ledger.save_chain(stale, 0, vec![]).await.unwrap_err();
         assert!(matches!(err, LedgerError::Conflict(_)), "{err}");
         let all = ledger.load_all().await.unwrap();
-        assert_eq!(all[0].chain.refresh_token.expose(), "rt-1");
+        assert_eq!(all[0].chain.refresh_token.expose(), "rt-2");
+        // A chain commit never touches the account resolved meanwhile.
+        ledger
+            .set_account("c1".into(), "acct-new".into(), Utc::now(), vec![])
+            .await
+            .unwrap();
+        let mut later = all[0].clone();
+        later.conn.account_id = None;
+        later.chain.version = 2;
+        ledger.save_chain(later, 1, vec![]).await.unwrap();
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all[0].conn.account_id.as_deref(), Some("acct-new"));
     }
 
     #[tokio::test]

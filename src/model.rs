@@ -135,8 +135,14 @@ pub struct Connection {
 pub struct Chain {
     /// The refresh token to use next. Rotated by every successful refresh.
     pub refresh_token: Secret,
-    /// When `refresh_token` was obtained: the start of its inactivity expiry.
+    /// When `refresh_token` was obtained.
     pub rotated_at: Time,
+    /// When `refresh_token` was last used successfully (obtained, or presented and answered
+    /// without a rotation): the start of its inactivity expiry and of `rotate_after`.
+    pub used_at: Time,
+    /// Grows by one with every committed change of the chain: the store's compare-and-swap
+    /// key, so that a stale writer can never replace a newer chain.
+    pub version: u64,
     /// The token that `refresh_token` replaced and when, kept for the provider's reuse
     /// leeway: within it, the previous token may be presented again to recover from a lost
     /// response. Never used outside the leeway.
@@ -166,6 +172,23 @@ pub struct Record {
     pub conn: Connection,
     /// The secrets.
     pub chain: Chain,
+}
+
+impl Record {
+    /// Takes over the chain of `from` and every field a chain commit writes (the store's
+    /// chain columns), leaving identity, account and sites alone: what memory must do after
+    /// the store committed `from`'s chain.
+    pub fn adopt_chain(&mut self, from: &Record) {
+        self.chain = from.chain.clone();
+        let (c, f) = (&mut self.conn, &from.conn);
+        c.status = f.status;
+        c.scopes = f.scopes.clone();
+        c.consented_at = f.consented_at;
+        c.last_refresh_at = f.last_refresh_at;
+        c.last_error = f.last_error.clone();
+        c.consecutive_failures = f.consecutive_failures;
+        c.updated_at = f.updated_at;
+    }
 }
 
 /// A line of the append-only history. Never carries a secret.
@@ -218,6 +241,8 @@ pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time
         chain: Chain {
             refresh_token: Secret::new(refresh_token),
             rotated_at: at,
+            used_at: at,
+            version: 0,
             previous: None,
             attempt_started_at: None,
             access: None,

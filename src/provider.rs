@@ -185,6 +185,15 @@ pub enum ProviderError {
         /// A sentence for a human, without secrets.
         message: String,
     },
+    /// A 2xx answer that is not a usable token response but carries a new refresh token:
+    /// the provider rotated the chain, so the old token is spent and this one must be kept.
+    #[error("{message}")]
+    Partial {
+        /// The new refresh token.
+        refresh_token: Secret,
+        /// What was wrong with the answer, without secrets.
+        message: String,
+    },
     /// tokend lacks what it needs to talk to the provider (client id or secret).
     #[error("{0}")]
     NotConfigured(String),
@@ -216,6 +225,7 @@ impl ProviderError {
                 TransientKind::Refused => "refused",
             }
             .to_owned(),
+            ProviderError::Partial { .. } => "malformed_response".to_owned(),
             ProviderError::NotConfigured(_) => "not_configured".to_owned(),
         }
     }
@@ -409,36 +419,7 @@ impl Atlassian {
         admission.settle(Some(status), retry_after);
         let bytes = response.bytes().await.map_err(transport_error)?;
         if status.is_success() {
-            let parsed: TokenBody = serde_json::from_slice(&bytes).map_err(|e| {
-                ProviderError::Transient {
-                    kind: TransientKind::Malformed,
-                    retry_after: None,
-                    message: format!(
-                        "the token endpoint answered {status} with a body that is not a token response ({})",
-                        json_problem(&e)
-                    ),
-                }
-            })?;
-            let Some(access) = parsed.access_token.filter(|a| !a.is_empty()) else {
-                return Err(ProviderError::Transient {
-                    kind: TransientKind::Malformed,
-                    retry_after: None,
-                    message: format!(
-                        "the token endpoint answered {status} without an access_token"
-                    ),
-                });
-            };
-            return Ok(Grant {
-                access_token: Secret::new(access),
-                refresh_token: parsed
-                    .refresh_token
-                    .filter(|r| !r.is_empty())
-                    .map(Secret::new),
-                expires_in: parsed.expires_in.as_ref().and_then(parse_expires_in),
-                scopes: parsed
-                    .scope
-                    .map(|s| s.split_whitespace().map(str::to_owned).collect()),
-            });
+            return parse_grant(status, &bytes);
         }
         Err(classify_error(status, retry_after, &bytes, sent_secrets))
     }
@@ -559,6 +540,63 @@ impl Atlassian {
         let bytes = response.bytes().await.map_err(transport_error)?;
         Ok((status, retry_after, bytes))
     }
+}
+
+/// Reads a 2xx answer of the token endpoint. A body that is not a full token response but
+/// does carry a new `refresh_token` is [`ProviderError::Partial`]: the provider rotated, and
+/// the new token is all that is left of the chain.
+fn parse_grant(status: StatusCode, bytes: &[u8]) -> Result<Grant, ProviderError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ProviderError::Transient {
+            kind: TransientKind::Malformed,
+            retry_after: None,
+            message: format!(
+                "the token endpoint answered {status} with a body that is not a token response ({})",
+                json_problem(&e)
+            ),
+        })?;
+    let salvage = |why: String| {
+        let rotated = value
+            .get("refresh_token")
+            .and_then(|v| v.as_str())
+            .filter(|r| !r.is_empty());
+        match rotated {
+            Some(rt) => ProviderError::Partial {
+                refresh_token: Secret::new(rt),
+                message: format!("{why}; it did carry a new refresh token, which tokend keeps"),
+            },
+            None => ProviderError::Transient {
+                kind: TransientKind::Malformed,
+                retry_after: None,
+                message: why,
+            },
+        }
+    };
+    let parsed: TokenBody = match serde_json::from_value(value.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(salvage(format!(
+                "the token endpoint answered {status} with a body that is not a token response ({})",
+                json_problem(&e)
+            )));
+        }
+    };
+    let Some(access) = parsed.access_token.filter(|a| !a.is_empty()) else {
+        return Err(salvage(format!(
+            "the token endpoint answered {status} without an access_token"
+        )));
+    };
+    Ok(Grant {
+        access_token: Secret::new(access),
+        refresh_token: parsed
+            .refresh_token
+            .filter(|r| !r.is_empty())
+            .map(Secret::new),
+        expires_in: parsed.expires_in.as_ref().and_then(parse_expires_in),
+        scopes: parsed
+            .scope
+            .map(|s| s.split_whitespace().map(str::to_owned).collect()),
+    })
 }
 
 /// A new random, unguessable `state` for the consent flow.

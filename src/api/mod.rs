@@ -263,7 +263,7 @@ fn site_json(engine: &Engine, s: &Site) -> Value {
     for product in s.products() {
         bases.insert(
             product.to_owned(),
-            Value::String(engine.provider().api_base_url(product, &s.cloud_id)),
+            Value::String(engine.api_base_url(product, &s.cloud_id)),
         );
     }
     json!({
@@ -319,8 +319,7 @@ fn ok_json(status: StatusCode, v: Value) -> Response {
 }
 
 async fn health(State(state): State<ApiState>) -> Response {
-    let ledger =
-        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.ledger().check_writable()).await;
+    let ledger = tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.store_writable()).await;
     let (active, needs_reauth) = state.engine.status_counts();
     let (mut status, ledger_state) = match ledger {
         Ok(Ok(())) => ("ok", "writable".to_owned()),
@@ -332,7 +331,8 @@ async fn health(State(state): State<ApiState>) -> Response {
     };
     let scheduler_alive = state.engine.scheduler_alive();
     let stalled = state.jobs.stalled();
-    if !scheduler_alive || !stalled.is_empty() {
+    let pending = state.engine.commit_pending();
+    if !scheduler_alive || !stalled.is_empty() || pending > 0 {
         status = "degraded";
     }
     let body = json!({
@@ -342,7 +342,8 @@ async fn health(State(state): State<ApiState>) -> Response {
         "scheduler": if scheduler_alive { "alive" } else { "stalled" },
         "stalled_jobs": stalled,
         "connections": {"active": active, "needs_reauth": needs_reauth},
-        "provider_configured": state.engine.provider().not_configured().is_none(),
+        "provider_configured": state.engine.provider_not_configured().is_none(),
+        "commits_pending": pending,
     });
     let code = if status == "ok" {
         StatusCode::OK
@@ -488,10 +489,10 @@ async fn authorize(
     require_admin(&state, peer)?;
     let req: AuthorizeBody = json_body(&headers, &body)?;
     known_provider(&req.provider)?;
-    let (url, st, redirect) = state.engine.authorize()?;
+    let a = state.engine.authorize()?;
     Ok(ok_json(
         StatusCode::OK,
-        json!({"authorize_url": url, "state": st, "redirect_uri": redirect}),
+        json!({"authorize_url": a.authorize_url, "state": a.state, "redirect_uri": a.redirect_uri}),
     ))
 }
 
@@ -559,7 +560,13 @@ async fn site_token(
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("give ?site=HOST_OR_CLOUD_ID"))?;
     let policy = state.policy();
-    let candidates = state.engine.connections_for_site(&site);
+    let mut candidates = state.engine.connections_for_site(&site);
+    if candidates.is_empty() {
+        // Maybe a site added since the last resolution: re-resolve (at most once per
+        // connection per minute) and look again.
+        state.engine.site_miss().await;
+        candidates = state.engine.connections_for_site(&site);
+    }
     let readable: Vec<String> = candidates
         .iter()
         .filter(|id| {

@@ -1,13 +1,12 @@
-//! When each connection is refreshed next, and the timer queue that holds those times.
+//! When each chain is refreshed next, how urgent that is, and the queue that holds it.
 //!
-//! No loop polls the ledger: every connection has at most one planned instant in a heap,
-//! re-planned whenever its state changes, and the scheduler sleeps until the earliest one.
+//! No loop polls the ledger: every connection has at most one entry in the queue (its next
+//! action and that action's urgency), replaced whenever its state changes; the scheduler
+//! sleeps until the earliest one.
 
 use crate::config::RefreshConfig;
 use crate::model::{Record, Status, Time};
-use chrono::Utc;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,8 +14,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Rotation jitter: a chain is rotated at `rotate_after × (1 ± this)`, so that a ledger
-/// imported at once does not rotate at once. Derived from the connection id and rotation
-/// time, so the planned instant is stable across re-plans.
+/// imported at once does not rotate at once. Derived from the connection id and the last use,
+/// so the planned instant is stable across re-plans.
 pub const ROTATION_JITTER: f64 = 0.1;
 
 /// A connection is *hot* when a caller asked for its token within this many access-token
@@ -28,56 +27,84 @@ pub const HOT_LIFETIMES: u32 = 2;
 /// room for the provider's latency, so no caller waits.
 pub const MIN_RENEW_LEAD: Duration = Duration::from_secs(1);
 
-/// The earliest instant at which a connection needs an action, or `None` when it needs none
-/// (a `needs_reauth` chain is never retried automatically).
+/// How urgent a chain's next action is. Refreshes wait for a `max_concurrent` permit in this
+/// order (then by nearest inactivity deadline), whoever started them: after a downtime, an
+/// unknown outcome inside the leeway never waits behind an hour of bulk rotations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Urgency {
+    /// The outcome of an earlier attempt is unknown (it must be retried inside the reuse
+    /// leeway), or a rotated token waits for its commit.
+    Recover,
+    /// A caller waits for a token, or a hot connection's access token nears its margin.
+    Renew,
+    /// A refresh token is due for rotation.
+    Rotate,
+}
+
+/// What the planner needs to know of a chain beyond its record.
+pub struct PlanInput<'a> {
+    /// The committed record.
+    pub rec: &'a Record,
+    /// No provider call before this (backoff or `Retry-After`).
+    pub not_before: Option<Instant>,
+    /// A chain change waits for its commit.
+    pub held: bool,
+    /// When a caller last asked for a token.
+    pub last_requested: Option<Instant>,
+}
+
+/// The earliest instant at which a connection needs an action and how urgent it is, or
+/// `None` when it needs none (a `needs_reauth` chain is never retried automatically).
 pub fn next_action(
-    rec: &Record,
+    input: &PlanInput<'_>,
     settings: &RefreshConfig,
-    not_before: Option<Instant>,
-    uncommitted: bool,
-    last_requested: Option<Instant>,
+    now_w: Time,
     commit_retry: Duration,
-) -> Option<Instant> {
+) -> Option<(Instant, Urgency)> {
     let now_i = Instant::now();
-    if uncommitted {
-        return Some(now_i + commit_retry);
+    let rec = input.rec;
+    if input.held {
+        return Some((now_i + commit_retry, Urgency::Recover));
     }
     if rec.conn.status == Status::NeedsReauth {
         return None;
     }
-    let now_w = Utc::now();
     let at_wall = |t: Time| now_i + (t - now_w).to_std().unwrap_or(Duration::ZERO);
-    let factor = jitter_factor(&rec.conn.id, rec.chain.rotated_at);
+    let factor = jitter_factor(&rec.conn.id, rec.chain.used_at);
     let rotate_in = settings.rotate_after.mul_f64(factor);
-    let mut due = at_wall(
-        rec.chain.rotated_at
-            + chrono::Duration::from_std(rotate_in).unwrap_or(chrono::Duration::MAX),
+    let mut due = (
+        at_wall(
+            rec.chain.used_at
+                + chrono::Duration::from_std(rotate_in).unwrap_or(chrono::Duration::MAX),
+        ),
+        Urgency::Rotate,
     );
     if rec.chain.attempt_started_at.is_some() {
-        due = now_i;
+        due = (now_i, Urgency::Recover);
     }
     if let (true, Some(access), Some(refreshed)) = (
-        is_hot(rec, last_requested),
+        is_hot(rec, input.last_requested),
         &rec.chain.access,
         rec.conn.last_refresh_at,
     ) {
         let lifetime = (access.expires_at - refreshed)
             .to_std()
             .unwrap_or(Duration::ZERO);
-        {
-            // Renew a little before the margin is reached, so that the refresh has finished
-            // (callers asking for `margin` of validity are still served from cache while it
-            // runs); but with at least a third of the token's life used, so a margin longer
-            // than the lifetime cannot renew without end.
-            let lead = (settings.access_token_margin / 2).max(MIN_RENEW_LEAD);
-            let margin = (settings.access_token_margin + lead).min(lifetime * 2 / 3);
-            let renew = access.expires_at
-                - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
-            due = due.min(at_wall(renew));
+        // Renew a little before the margin is reached, so that the refresh has finished
+        // (callers asking for `margin` of validity are still served from cache while it
+        // runs); but with at least a third of the token's life used, so a margin longer
+        // than the lifetime cannot renew without end.
+        let lead = (settings.access_token_margin / 2).max(MIN_RENEW_LEAD);
+        let margin = (settings.access_token_margin + lead).min(lifetime * 2 / 3);
+        let renew = at_wall(
+            access.expires_at - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX),
+        );
+        if renew < due.0 {
+            due = (renew, due.1.min(Urgency::Renew));
         }
     }
-    Some(match not_before {
-        Some(nb) if nb > due => nb,
+    Some(match input.not_before {
+        Some(nb) if nb > due.0 => (nb, due.1),
         _ => due,
     })
 }
@@ -96,25 +123,26 @@ pub fn is_hot(rec: &Record, last_requested: Option<Instant>) -> bool {
     !lifetime.is_zero() && asked.elapsed() < lifetime * HOT_LIFETIMES
 }
 
-/// A stable factor in `[1 - ROTATION_JITTER, 1 + ROTATION_JITTER]` for one rotation.
-fn jitter_factor(id: &str, rotated_at: Time) -> f64 {
+/// A stable factor in `[1 - ROTATION_JITTER, 1 + ROTATION_JITTER]` for one use of a token.
+fn jitter_factor(id: &str, used_at: Time) -> f64 {
     let mut h = std::hash::DefaultHasher::new();
     id.hash(&mut h);
-    rotated_at.timestamp_millis().hash(&mut h);
+    used_at.timestamp_millis().hash(&mut h);
     let unit = (h.finish() % 10_000) as f64 / 10_000.0;
     1.0 - ROTATION_JITTER + 2.0 * ROTATION_JITTER * unit
 }
 
 #[derive(Default)]
-struct PlanState {
-    heap: BinaryHeap<Reverse<(Instant, u64, String)>>,
-    current: HashMap<String, (Instant, u64)>,
-    seq: u64,
+struct Queue {
+    /// Ordered by instant, then urgency: exactly one entry per planned connection.
+    order: BTreeSet<(Instant, Urgency, String)>,
+    /// Each planned connection's entry in `order`.
+    current: HashMap<String, (Instant, Urgency)>,
 }
 
-/// The timer queue: one planned instant per connection.
+/// The timer queue: one planned action per connection.
 pub struct Planner {
-    state: Mutex<PlanState>,
+    queue: Mutex<Queue>,
     notify: Notify,
 }
 
@@ -122,66 +150,72 @@ impl Planner {
     /// An empty queue.
     pub fn new() -> Planner {
         Planner {
-            state: Mutex::new(PlanState::default()),
+            queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PlanState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Plans (or re-plans) a connection.
-    pub fn schedule(&self, id: &str, at: Instant) {
-        let mut st = self.lock();
-        st.seq += 1;
-        let seq = st.seq;
-        st.current.insert(id.to_owned(), (at, seq));
-        st.heap.push(Reverse((at, seq, id.to_owned())));
-        drop(st);
+    /// Plans (or re-plans) a connection, replacing its earlier entry.
+    pub fn schedule(&self, id: &str, at: Instant, urgency: Urgency) {
+        let mut q = self.lock();
+        if let Some((old_at, old_u)) = q.current.insert(id.to_owned(), (at, urgency)) {
+            if (old_at, old_u) == (at, urgency) {
+                return;
+            }
+            q.order.remove(&(old_at, old_u, id.to_owned()));
+        }
+        q.order.insert((at, urgency, id.to_owned()));
+        drop(q);
         self.notify.notify_one();
     }
 
     /// Forgets a connection's plan.
     pub fn cancel(&self, id: &str) {
-        self.lock().current.remove(id);
+        let mut q = self.lock();
+        if let Some((at, u)) = q.current.remove(id) {
+            q.order.remove(&(at, u, id.to_owned()));
+        }
     }
 
     /// The earliest planned instant.
     pub fn next_due(&self) -> Option<Instant> {
-        let mut st = self.lock();
-        while let Some(Reverse((at, seq, id))) = st.heap.peek() {
-            if st.current.get(id) == Some(&(*at, *seq)) {
-                return Some(*at);
-            }
-            st.heap.pop();
-        }
-        None
+        self.lock().order.first().map(|(at, _, _)| *at)
     }
 
-    /// Removes and returns every connection whose instant has come, earliest first.
-    pub fn take_due(&self, now: Instant) -> Vec<String> {
-        let mut st = self.lock();
+    /// Removes and returns every connection whose instant has come, with its urgency.
+    pub fn take_due(&self, now: Instant) -> Vec<(String, Urgency)> {
+        let mut q = self.lock();
         let mut out = Vec::new();
-        while let Some(Reverse((at, seq, id))) = st.heap.peek().cloned() {
-            if at > now {
+        while let Some((at, _, _)) = q.order.first() {
+            if *at > now {
                 break;
             }
-            st.heap.pop();
-            if st.current.get(&id) == Some(&(at, seq)) {
-                st.current.remove(&id);
-                out.push(id);
-            }
+            let (_, u, id) = q.order.pop_first().expect("peeked");
+            q.current.remove(&id);
+            out.push((id, u));
         }
         out
     }
 
-    /// The planned instant of a connection as wall-clock time.
-    pub fn next_wall(&self, id: &str) -> Option<Time> {
-        let (at, _) = *self.lock().current.get(id)?;
-        let now = Instant::now();
-        let delta = if at > now { at - now } else { Duration::ZERO };
-        Some(Utc::now() + chrono::Duration::from_std(delta).unwrap_or(chrono::Duration::MAX))
+    /// The planned instant of a connection, if it has one.
+    pub fn next_of(&self, id: &str) -> Option<(Instant, Urgency)> {
+        self.lock().current.get(id).copied()
+    }
+
+    /// How many connections are planned (one entry each).
+    pub fn len(&self) -> usize {
+        let q = self.lock();
+        debug_assert_eq!(q.order.len(), q.current.len());
+        q.current.len()
+    }
+
+    /// Whether nothing is planned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Resolves when the plan changed.
@@ -199,31 +233,38 @@ impl Default for Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
 
     #[tokio::test(start_paused = true)]
-    async fn replanning_replaces_the_old_instant() {
+    async fn one_entry_per_connection_and_replanning_replaces_it() {
         let p = Planner::new();
         let t0 = Instant::now();
-        p.schedule("a", t0 + Duration::from_secs(10));
-        p.schedule("b", t0 + Duration::from_secs(5));
-        p.schedule("a", t0 + Duration::from_secs(1));
+        p.schedule("a", t0 + Duration::from_secs(10), Urgency::Rotate);
+        p.schedule("b", t0 + Duration::from_secs(5), Urgency::Rotate);
+        p.schedule("a", t0 + Duration::from_secs(1), Urgency::Recover);
+        assert_eq!(p.len(), 2, "a replan replaces, it does not add");
         assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(
             p.take_due(Instant::now()),
-            vec!["a".to_string(), "b".to_string()]
+            vec![
+                ("a".to_string(), Urgency::Recover),
+                ("b".to_string(), Urgency::Rotate)
+            ]
         );
-        assert_eq!(
-            p.next_due(),
-            None,
-            "the stale 10 s entry of a must not fire"
-        );
-        p.schedule("c", Instant::now());
+        assert_eq!(p.next_due(), None, "the old 10 s entry of a is gone");
+        p.schedule("c", Instant::now(), Urgency::Renew);
         p.cancel("c");
+        assert!(p.is_empty());
         assert!(
             p.take_due(Instant::now() + Duration::from_secs(100))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn urgency_orders_recovery_first() {
+        assert!(Urgency::Recover < Urgency::Renew && Urgency::Renew < Urgency::Rotate);
     }
 
     #[test]

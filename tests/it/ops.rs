@@ -59,7 +59,7 @@ impl NotifySocket {
 }
 
 #[test]
-fn sd_notify_ready_watchdog_reload_stopping_and_watchdog_stops_when_the_ledger_fails() {
+fn sd_notify_ready_watchdog_reload_stopping_and_the_watchdog_survives_a_full_ledger() {
     let fake = FakeAtlassian::start();
     let notify = NotifySocket::new();
     let mut d = TestDaemon::builder(&fake)
@@ -77,18 +77,22 @@ fn sd_notify_ready_watchdog_reload_stopping_and_watchdog_stops_when_the_ledger_f
         msgs.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
         "watchdog pings every WATCHDOG_USEC/2: {msgs:?}"
     );
-    // The ledger cannot be written: no more pings.
+    // The ledger cannot be written: the daemon is alive (it may hold a rotated token it
+    // could not commit), so systemd must not kill it: the pings go on, health says degraded.
     disk.fill();
     std::thread::sleep(Duration::from_millis(600));
     let msgs = notify.collect(Duration::from_secs(3));
     assert!(
-        !msgs.iter().any(|m| m == "WATCHDOG=1"),
-        "pinged the watchdog with an unwritable ledger: {msgs:?}"
+        msgs.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
+        "the watchdog must be fed while the engine is alive, full disk or not: {msgs:?}"
     );
+    let (code, health) = d.get_json("/v1/health");
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "degraded");
     disk.free();
     assert!(
-        notify.wait_for("WATCHDOG=1", Duration::from_secs(5)),
-        "pings resume once the ledger is writable"
+        eventually(Duration::from_secs(5), || d.get_json("/v1/health").0 == 200),
+        "health recovers once the ledger is writable"
     );
     d.signal("HUP");
     assert!(notify.wait_for("RELOADING=1\nMONOTONIC_USEC=", Duration::from_secs(5)));

@@ -1,0 +1,692 @@
+//! The one place that changes a chain.
+//!
+//! [`run`] is one attempt, on an engine task holding the chain's lock, in the commit order of
+//! ARCHITECTURE.md:
+//!
+//! 1. a chain change held uncommitted (the store failed earlier) is committed first, or
+//!    nothing else happens;
+//! 2. the gates: `needs_reauth`, backoff / `Retry-After`, a provider that is not configured;
+//! 3. a `max_concurrent` permit, by urgency;
+//! 4. the attempt marker is committed before the token leaves the process (no marker, no
+//!    request);
+//! 5. the provider call, and the commit of what it answered (compare-and-swap on the chain
+//!    version) before anything may use the new access token.
+//!
+//! Its result is an [`Outcome`]; [`settle`] derives from it, in one `match`, the in-memory
+//! state, the logs, the notifications and whether sites are to be resolved; the caller
+//! ([`super::flight`]) then re-plans the chain.
+
+use super::backoff;
+use super::permits::{Ticket, Waiting};
+use super::plan::Urgency;
+use super::{
+    Engine, Failure, Held, Need, Slot, SlotState, StoreError, needs_reauth_failure, satisfies,
+};
+use crate::metrics::RefreshOutcome;
+use crate::model::{AccessToken, Event, LastError, Record, Status};
+use crate::notify::Kind;
+use crate::provider::{
+    ASSUMED_ACCESS_LIFETIME, Grant, LEEWAY_SAFETY_MARGIN, ProviderError, REUSE_LEEWAY,
+    TransientKind,
+};
+use crate::secret::Secret;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The shortest wait before retrying an unknown outcome: room for the provider to recover.
+const AMBIGUOUS_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// What one attempt did. Each variant says when it happens.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The provider rotated the chain and the store committed the new refresh token.
+    Rotated {
+        /// The committed record.
+        next: Record,
+        /// The chain was `needs_reauth` before (a forced refresh brought it back).
+        recovered: bool,
+    },
+    /// The provider renewed the access token without sending a new refresh token; the old
+    /// one is kept, and the use counts: the next rotation is planned from it.
+    RenewedWithoutRotation {
+        /// The committed record.
+        next: Record,
+        /// As for `Rotated`.
+        recovered: bool,
+    },
+    /// A change held uncommitted since an earlier store failure is committed at last.
+    Committed {
+        /// The committed record.
+        next: Record,
+    },
+    /// The provider rotated (or a held change waited), and the store refused the write: the
+    /// new chain is held in memory, never used or rotated further, and its commit retried.
+    CommitPending {
+        /// What to commit.
+        held: Held,
+        /// Why the store refused.
+        error: String,
+    },
+    /// The provider definitely rejected the chain: it needs a person's consent.
+    Rejected {
+        /// The record with status `needs_reauth`.
+        next: Record,
+        /// Whether the store committed `next` (if not, the next start asks again and is
+        /// rejected again).
+        committed: bool,
+        /// For the caller and the log.
+        message: String,
+        /// The chain was active before.
+        newly: bool,
+    },
+    /// A transient failure: back off, status untouched.
+    RetryLater {
+        /// The record with the failure noted.
+        next: Record,
+        /// Whether the store committed `next`.
+        committed: bool,
+        /// How long to wait.
+        delay: Duration,
+        /// The provider may have rotated the token (or an earlier attempt's outcome is still
+        /// unknown): the marker stays and the retry lands inside the leeway.
+        ambiguous: bool,
+        /// The provider itself asked for the wait (`Retry-After`).
+        provider_asked: bool,
+        /// For the caller and the log.
+        message: String,
+    },
+    /// The store holds another chain than memory (it moved under us): memory takes the
+    /// store's, and a held token that cannot be committed any more is logged as lost.
+    Superseded {
+        /// The store's record, or `None` when the connection is gone.
+        current: Option<Record>,
+    },
+    /// No request was made.
+    Skipped(Skip),
+}
+
+/// Why an attempt made no request.
+#[derive(Debug)]
+pub(crate) enum Skip {
+    /// The connection was removed meanwhile.
+    Removed,
+    /// The chain needs consent and nobody forced a try.
+    NeedsReauth(String),
+    /// Backoff or `Retry-After` still runs.
+    Backoff {
+        /// Until when.
+        wait: Duration,
+        /// The last failure.
+        message: String,
+    },
+    /// A caller's need was met meanwhile.
+    AlreadyFresh,
+    /// The provider lacks credentials.
+    NotConfigured(String),
+    /// The store refused the attempt marker: no marker, no request.
+    StoreDown(String),
+    /// The engine stops: no new request.
+    ShuttingDown,
+}
+
+/// One attempt. Runs on an engine task; see the module docs for the order.
+pub(crate) async fn run(
+    engine: &Arc<Engine>,
+    slot: &Arc<Slot>,
+    need: Need,
+    ticket: Ticket,
+    reserved: Option<Waiting>,
+) -> Outcome {
+    let _chain = slot.chain.lock().await;
+    let (rec, held, not_before, provider_asked) = {
+        let st = slot.lock();
+        if st.removed {
+            return Outcome::Skipped(Skip::Removed);
+        }
+        (
+            st.rec.clone(),
+            st.held.clone(),
+            st.not_before,
+            st.provider_asked,
+        )
+    };
+    // 1. A held change first.
+    if let Some(held) = held {
+        return commit_held(engine, held).await;
+    }
+    // 2. Gates.
+    if rec.conn.status == Status::NeedsReauth && need != Need::Forced {
+        return Outcome::Skipped(Skip::NeedsReauth(match needs_reauth_failure(&rec.conn) {
+            Failure::NeedsReauth(m) => m,
+            other => other.to_string(),
+        }));
+    }
+    if let Some(nb) = not_before
+        && nb > Instant::now()
+        && (need != Need::Forced || provider_asked)
+    {
+        let message = rec
+            .conn
+            .last_error
+            .as_ref()
+            .map(|e| {
+                format!(
+                    "the provider is unavailable ({}); retrying later",
+                    e.message
+                )
+            })
+            .unwrap_or_else(|| "the provider is unavailable; retrying later".into());
+        return Outcome::Skipped(Skip::Backoff {
+            wait: nb - Instant::now(),
+            message,
+        });
+    }
+    if let Need::Lifetime(min) = need
+        && satisfies(&rec, min, engine.now())
+    {
+        return Outcome::Skipped(Skip::AlreadyFresh);
+    }
+    if let Some(reason) = engine.provider.not_configured() {
+        return Outcome::Skipped(Skip::NotConfigured(reason));
+    }
+    // 3. A permit, by urgency then nearest inactivity deadline.
+    let urgency = if rec.chain.attempt_started_at.is_some() {
+        Urgency::Recover
+    } else {
+        need.urgency()
+    };
+    let deadline = rec.chain.used_at + super::chrono_dur(engine.settings().inactivity_expiry);
+    let permit = match reserved {
+        Some(place) => place.wait().await,
+        None => {
+            engine
+                .permits
+                .acquire(ticket, (urgency, deadline.timestamp_millis()))
+                .await
+        }
+    };
+    let Ok(_permit) = permit else {
+        return Outcome::Skipped(Skip::ShuttingDown);
+    };
+    // 4. The marker, durably, before the token leaves the process.
+    let marked_before = rec.chain.attempt_started_at.is_some();
+    let base = if marked_before {
+        let age = age_of(engine, rec.chain.attempt_started_at);
+        if age > REUSE_LEEWAY.saturating_sub(LEEWAY_SAFETY_MARGIN) {
+            // The stored token is the only one tokend has: if the provider never saw the
+            // earlier attempt it is still valid; if it did, presenting it cannot make that
+            // worse.
+            tracing::warn!(
+                connection = %rec.conn.id,
+                attempt_age_secs = age.as_secs(),
+                "the outcome of an earlier refresh is unknown and the reuse leeway has passed; presenting the stored token as the only way to keep the chain"
+            );
+        }
+        rec
+    } else {
+        let mut marked = rec.clone();
+        marked.chain.attempt_started_at = Some(engine.now());
+        marked.chain.version += 1;
+        if let Err(e) = engine
+            .store
+            .save_chain(marked.clone(), rec.chain.version, vec![])
+            .await
+        {
+            return match e {
+                StoreError::Conflict(_) => superseded(engine, &rec.conn.id).await,
+                e => Outcome::Skipped(Skip::StoreDown(e.to_string())),
+            };
+        }
+        slot.lock().rec.adopt_chain(&marked);
+        marked
+    };
+    // 5. The provider, then the commit.
+    tracing::debug!(connection = %base.conn.id, "refreshing");
+    let started = Instant::now();
+    let result = engine.provider.refresh(&base.chain.refresh_token).await;
+    engine.metrics.refresh_outcome(
+        match &result {
+            Ok(_) | Err(ProviderError::Partial { .. }) => RefreshOutcome::Success,
+            Err(ProviderError::Rejected { .. }) => RefreshOutcome::Rejected,
+            Err(_) => RefreshOutcome::TransientError,
+        },
+        started.elapsed(),
+    );
+    match result {
+        Ok(grant) => commit_grant(engine, base, grant.into()).await,
+        Err(ProviderError::Partial {
+            refresh_token,
+            message,
+        }) => {
+            tracing::warn!(connection = %base.conn.id, "{message}");
+            let answer = Answer {
+                refresh_token: Some(refresh_token),
+                access_token: None,
+                expires_in: None,
+                scopes: None,
+            };
+            commit_grant(engine, base, answer).await
+        }
+        Err(ProviderError::Rejected { code, description }) => {
+            if let Some(outcome) = try_previous(engine, &base).await {
+                return outcome;
+            }
+            reject(engine, base, code, description).await
+        }
+        Err(e) => retry_later(engine, base, e, marked_before).await,
+    }
+}
+
+fn age_of(engine: &Engine, at: Option<crate::model::Time>) -> Duration {
+    at.map(|t| (engine.now() - t).to_std().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
+    let result = if held.insert {
+        let events = vec![Event::new("imported", "connected through consent")];
+        match engine.store.insert(held.rec.clone(), events.clone()).await {
+            Err(StoreError::LabelTaken(label)) => {
+                held.rec.conn.label = super::onboard::generated_label(&label, &held.rec.conn.id);
+                engine.store.insert(held.rec.clone(), events).await
+            }
+            other => other,
+        }
+    } else {
+        engine
+            .store
+            .save_chain(held.rec.clone(), held.expect_version, vec![])
+            .await
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(connection = %held.rec.conn.id, "held chain committed after an earlier failure");
+            Outcome::Committed { next: held.rec }
+        }
+        Err(StoreError::Conflict(_)) => superseded(engine, &held.rec.conn.id).await,
+        Err(e) => Outcome::CommitPending {
+            held,
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn superseded(engine: &Engine, id: &str) -> Outcome {
+    match engine.store.load(id.to_owned()).await {
+        Ok(current) => Outcome::Superseded { current },
+        Err(e) => Outcome::Skipped(Skip::StoreDown(e.to_string())),
+    }
+}
+
+/// After a rejection of the current token, the previous one may still be accepted inside
+/// the reuse leeway (the provider lost the rotation): one try, never outside the leeway.
+async fn try_previous(engine: &Engine, base: &Record) -> Option<Outcome> {
+    let (prev, rotated_at) = base.chain.previous.clone()?;
+    let age = (engine.now() - rotated_at)
+        .to_std()
+        .unwrap_or(Duration::MAX);
+    if age > REUSE_LEEWAY.saturating_sub(LEEWAY_SAFETY_MARGIN) {
+        return None;
+    }
+    tracing::warn!(connection = %base.conn.id, "current refresh token rejected; trying the previous one inside the reuse leeway");
+    match engine.provider.refresh(&prev).await {
+        Ok(grant) => {
+            // The rejected token must never be presented again.
+            let mut from = base.clone();
+            from.chain.previous = None;
+            from.chain.refresh_token = prev;
+            Some(commit_grant(engine, from, grant.into()).await)
+        }
+        Err(_) => None,
+    }
+}
+
+/// What a successful answer gave: a [`Grant`], or only a new refresh token (a partial 2xx).
+struct Answer {
+    refresh_token: Option<Secret>,
+    access_token: Option<Secret>,
+    expires_in: Option<Duration>,
+    scopes: Option<Vec<String>>,
+}
+
+impl From<Grant> for Answer {
+    fn from(g: Grant) -> Answer {
+        Answer {
+            refresh_token: g.refresh_token,
+            access_token: Some(g.access_token),
+            expires_in: g.expires_in,
+            scopes: g.scopes,
+        }
+    }
+}
+
+async fn commit_grant(engine: &Engine, base: Record, grant: Answer) -> Outcome {
+    let now = engine.now();
+    let old_rt = base.chain.refresh_token.clone();
+    let mut next = base.clone();
+    let mut events = Vec::new();
+    let rotated = match grant.refresh_token {
+        Some(new_rt) if new_rt.expose() != old_rt.expose() => {
+            next.chain.previous = Some((old_rt, now));
+            next.chain.refresh_token = new_rt;
+            next.chain.rotated_at = now;
+            events.push(Event::new("rotated", "refresh token rotated"));
+            true
+        }
+        _ => {
+            events.push(Event::new(
+                "refreshed",
+                "access token renewed; the provider sent no new refresh token, the old one is kept",
+            ));
+            false
+        }
+    };
+    next.chain.used_at = now;
+    match grant.access_token {
+        Some(token) => {
+            let lifetime = grant.expires_in.unwrap_or(ASSUMED_ACCESS_LIFETIME);
+            next.chain.access = Some(AccessToken {
+                token,
+                expires_at: now + super::chrono_dur(lifetime),
+            });
+            next.conn.last_refresh_at = Some(now);
+        }
+        None => next.chain.access = None,
+    }
+    next.chain.attempt_started_at = None;
+    next.chain.version = base.chain.version + 1;
+    if let Some(scopes) = grant.scopes {
+        next.conn.scopes = scopes;
+    }
+    let recovered = next.conn.status == Status::NeedsReauth;
+    if recovered {
+        events.push(Event::new("recovered", "the chain works again"));
+        next.conn.status = Status::Active;
+    }
+    next.conn.last_error = None;
+    next.conn.consecutive_failures = 0;
+    next.conn.updated_at = now;
+    match engine
+        .store
+        .save_chain(next.clone(), base.chain.version, events)
+        .await
+    {
+        Ok(()) if rotated => Outcome::Rotated { next, recovered },
+        Ok(()) => Outcome::RenewedWithoutRotation { next, recovered },
+        Err(e) => Outcome::CommitPending {
+            held: Held {
+                rec: next,
+                expect_version: base.chain.version,
+                insert: false,
+            },
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn reject(engine: &Engine, base: Record, code: String, description: String) -> Outcome {
+    let now = engine.now();
+    let message = format!("the provider rejected the chain ({code}: {description}); consent again");
+    let newly = base.conn.status != Status::NeedsReauth;
+    let mut next = base.clone();
+    next.conn.status = Status::NeedsReauth;
+    next.conn.last_error = Some(LastError {
+        code,
+        message: message.clone(),
+        at: now,
+    });
+    next.conn.consecutive_failures = next.conn.consecutive_failures.saturating_add(1);
+    next.conn.updated_at = now;
+    next.chain.attempt_started_at = None;
+    next.chain.access = None;
+    next.chain.version = base.chain.version + 1;
+    let mut events = vec![Event::new("failed", message.clone())];
+    if newly {
+        events.push(Event::new("status_changed", "active -> needs_reauth"));
+    }
+    let committed = engine
+        .store
+        .save_chain(next.clone(), base.chain.version, events)
+        .await
+        .inspect_err(|e| tracing::error!(connection = %base.conn.id, error = %e, "cannot record needs_reauth in the ledger"))
+        .is_ok();
+    Outcome::Rejected {
+        next,
+        committed,
+        message,
+        newly,
+    }
+}
+
+async fn retry_later(
+    engine: &Engine,
+    base: Record,
+    e: ProviderError,
+    marked_before: bool,
+) -> Outcome {
+    let settings = engine.settings();
+    let now = engine.now();
+    // An unknown outcome stays unknown until a definite answer: a later plain failure (a
+    // connect error, the local Retry-After gate) does not make it known.
+    let ambiguous = e.maybe_processed() || marked_before;
+    let failures = base.conn.consecutive_failures.saturating_add(1);
+    let mut delay = backoff::delay(
+        failures,
+        settings.backoff_min,
+        settings.backoff_max,
+        e.retry_after(),
+        ambiguous,
+    );
+    if ambiguous && e.retry_after().is_none() {
+        // Land well inside the leeway: at most a third of what is left of it.
+        let marked_at = base.chain.attempt_started_at.unwrap_or(now);
+        let left = REUSE_LEEWAY
+            .saturating_sub(LEEWAY_SAFETY_MARGIN)
+            .saturating_sub((now - marked_at).to_std().unwrap_or_default());
+        if !left.is_zero() {
+            delay = delay.min(left / 3).max(AMBIGUOUS_RETRY_MIN);
+        }
+    }
+    let mut next = base.clone();
+    next.conn.consecutive_failures = failures;
+    next.conn.last_error = Some(LastError {
+        code: e.code(),
+        message: e.to_string(),
+        at: now,
+    });
+    next.conn.updated_at = now;
+    if !ambiguous {
+        // This attempt set the marker, and the provider did not process the request.
+        next.chain.attempt_started_at = None;
+    }
+    next.chain.version = base.chain.version + 1;
+    let committed = engine
+        .store
+        .save_chain(next.clone(), base.chain.version, vec![Event::new("failed", e.to_string())])
+        .await
+        .inspect_err(|err| tracing::error!(connection = %base.conn.id, error = %err, "cannot record a failed refresh in the ledger"))
+        .is_ok();
+    let kind = match &e {
+        ProviderError::Transient {
+            kind: TransientKind::RateLimited,
+            ..
+        } => "the provider is rate limiting token requests",
+        _ => "the provider could not refresh the token",
+    };
+    Outcome::RetryLater {
+        next,
+        committed,
+        delay,
+        ambiguous,
+        provider_asked: e.retry_after().is_some(),
+        message: format!("{kind}: {e}"),
+    }
+}
+
+/// What has to happen after the slot's lock is released.
+#[derive(Default)]
+pub(crate) struct Effects {
+    notify: Option<(Kind, crate::model::Connection, String)>,
+    resolve_sites: bool,
+}
+
+impl Effects {
+    pub(crate) fn apply(self, engine: &Arc<Engine>, slot: &Arc<Slot>) {
+        if let Some((kind, conn, message)) = self.notify {
+            engine.notify(kind, &conn, &message);
+        }
+        if self.resolve_sites {
+            engine.resolve_soon(slot, Duration::ZERO);
+        }
+    }
+}
+
+/// Applies an outcome to the chain's memory and says what the caller learns. Called with
+/// the slot locked, once per attempt, by [`super::flight`], which then re-plans.
+pub(crate) fn settle(
+    engine: &Engine,
+    st: &mut SlotState,
+    outcome: Outcome,
+) -> (Result<(), Failure>, Effects) {
+    let mut effects = Effects::default();
+    let id = st.rec.conn.id.clone();
+    let backoff_min = engine.settings().backoff_min;
+    let result = match outcome {
+        Outcome::Rotated { next, recovered }
+        | Outcome::RenewedWithoutRotation { next, recovered } => {
+            tracing::info!(connection = %id, "refreshed");
+            st.rec.adopt_chain(&next);
+            st.held = None;
+            st.not_before = None;
+            st.provider_asked = false;
+            if recovered {
+                effects.notify = Some((
+                    Kind::Recovered,
+                    st.rec.conn.clone(),
+                    "the chain works again".into(),
+                ));
+            }
+            effects.resolve_sites = st.sites_wanted;
+            Ok(())
+        }
+        Outcome::Committed { next } => {
+            if next.conn.label != st.rec.conn.label {
+                tracing::warn!(connection = %id, label = %next.conn.label, "the held connection was committed under a generated label");
+            }
+            let sites = std::mem::take(&mut st.rec.conn.sites);
+            st.rec = next;
+            st.rec.conn.sites = sites;
+            st.held = None;
+            effects.resolve_sites = st.sites_wanted;
+            Ok(())
+        }
+        Outcome::CommitPending { held, error } => {
+            tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
+            st.held = Some(held);
+            Err(Failure::Internal(format!(
+                "the rotated refresh token could not be saved ({error}); tokend keeps it and retries the commit"
+            )))
+        }
+        Outcome::Rejected {
+            next,
+            committed,
+            message,
+            newly,
+        } => {
+            tracing::warn!(connection = %id, "chain rejected by the provider; needs re-consent");
+            let version = st.rec.chain.version;
+            st.rec.adopt_chain(&next);
+            if !committed {
+                // Dead either way; keep the store's version as the compare-and-swap key.
+                st.rec.chain.version = version;
+            }
+            if newly {
+                effects.notify = Some((Kind::NeedsReauth, st.rec.conn.clone(), message.clone()));
+            }
+            Err(Failure::NeedsReauth(message))
+        }
+        Outcome::RetryLater {
+            next,
+            committed,
+            delay,
+            ambiguous,
+            provider_asked,
+            message,
+        } => {
+            tracing::warn!(
+                connection = %id,
+                error = %message,
+                retry_in_secs = delay.as_secs(),
+                ambiguous,
+                "refresh failed; will retry"
+            );
+            if committed {
+                st.rec.adopt_chain(&next);
+            } else {
+                // Memory may lead the store on failure counters, never on the chain.
+                st.rec.conn.consecutive_failures = next.conn.consecutive_failures;
+                st.rec.conn.last_error = next.conn.last_error.clone();
+            }
+            st.not_before = Some(Instant::now() + delay);
+            st.provider_asked = provider_asked;
+            Err(Failure::Unavailable {
+                retry_after: delay,
+                message,
+            })
+        }
+        Outcome::Superseded { current } => {
+            if let Some(held) = st.held.take() {
+                tracing::error!(connection = %id, version = held.expect_version, "the ledger holds another chain than the one waiting for its commit; the ledger's chain wins");
+            }
+            match current {
+                Some(rec) => {
+                    tracing::warn!(connection = %id, "the chain changed in the ledger; reloaded");
+                    st.rec = rec;
+                    Err(Failure::Conflict(
+                        "the chain changed concurrently; try again".into(),
+                    ))
+                }
+                None => {
+                    st.removed = true;
+                    Err(Failure::NotFound)
+                }
+            }
+        }
+        Outcome::Skipped(skip) => match skip {
+            Skip::Removed => Err(Failure::NotFound),
+            Skip::NeedsReauth(m) => Err(Failure::NeedsReauth(m)),
+            Skip::Backoff { wait, message } => Err(Failure::Unavailable {
+                retry_after: wait,
+                message,
+            }),
+            Skip::AlreadyFresh => Ok(()),
+            Skip::NotConfigured(reason) => {
+                let wait = engine.settings().backoff_max;
+                hold_off(st, wait);
+                Err(Failure::Unavailable {
+                    retry_after: wait,
+                    message: reason,
+                })
+            }
+            Skip::StoreDown(e) => {
+                tracing::error!(connection = %id, error = %e, "cannot record a refresh attempt in the ledger; not refreshing");
+                hold_off(st, backoff_min);
+                Err(Failure::Internal(format!(
+                    "the ledger cannot be written: {e}"
+                )))
+            }
+            Skip::ShuttingDown => Err(Failure::Internal("the refresh engine is stopping".into())),
+        },
+    };
+    (result, effects)
+}
+
+/// Whatever failed without a backoff of its own must not be retried in a tight loop; a
+/// backoff already running is left alone (callers during it must not push it out).
+fn hold_off(st: &mut SlotState, wait: Duration) {
+    let now = Instant::now();
+    if st.not_before.is_none_or(|nb| nb <= now) {
+        st.not_before = Some(now + wait);
+    }
+}

@@ -1,0 +1,212 @@
+//! Attempts as tasks the engine owns.
+//!
+//! A caller that needs a chain refreshed joins the attempt running for it, or starts one; the
+//! attempt runs on a task spawned here, never inside the caller's future, so a caller that
+//! hangs up (a dropped HTTP connection, a timeout, a cancelled job) changes nothing. Every
+//! exit of an attempt goes through [`FlightGuard`]: `finish` settles the outcome and
+//! re-plans the chain; if the task ends any other way (a panic, an abort), its `Drop` clears
+//! the flight and re-plans a retry. There is no path out of an attempt that leaves a chain
+//! unplanned.
+
+use super::permits::Ticket;
+use super::plan::Urgency;
+use super::{Engine, Failure, Need, Slot, SlotState, attempt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
+
+/// The shared result of one attempt: `None` until it ends.
+type Shared = Option<Result<(), Failure>>;
+
+/// A running attempt, as the slot records it.
+pub(crate) struct Flight {
+    rx: watch::Receiver<Shared>,
+    ticket: Ticket,
+}
+
+/// A caller's handle on an attempt: awaiting it is all a caller does.
+pub(crate) struct Joined {
+    rx: watch::Receiver<Shared>,
+}
+
+impl Joined {
+    /// The attempt's result. Dropping this future at any point has no effect on the attempt.
+    pub(crate) async fn result(mut self) -> Result<(), Failure> {
+        loop {
+            if let Some(r) = self.rx.borrow_and_update().clone() {
+                return r;
+            }
+            if self.rx.changed().await.is_err() {
+                return self.rx.borrow().clone().unwrap_or_else(|| {
+                    Err(Failure::Internal(
+                        "the refresh stopped before it finished; it is retried".into(),
+                    ))
+                });
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Joins the attempt running for `slot`, or starts one for `need` on an engine task.
+    /// Called with the slot's state locked, so that two callers cannot both start one.
+    pub(crate) fn join_or_start(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        st: &mut SlotState,
+        need: Need,
+    ) -> Joined {
+        if let Some(f) = &st.flight {
+            if matches!(need, Need::Lifetime(_) | Need::Forced) {
+                // Someone waits now: the queued attempt moves up to a caller's urgency.
+                self.permits.raise(f.ticket, (Urgency::Renew, i64::MIN));
+            }
+            return Joined { rx: f.rx.clone() };
+        }
+        if self.tasks.stopped() {
+            let (_, rx) = watch::channel(Some(Err(Failure::Internal(
+                "the refresh engine is stopping".into(),
+            ))));
+            return Joined { rx };
+        }
+        let (tx, rx) = watch::channel(None);
+        let ticket = self.permits.ticket();
+        st.flight = Some(Flight {
+            rx: rx.clone(),
+            ticket,
+        });
+        // A scheduled attempt reserves its place by priority now; the scheduler lets the
+        // batch in once every due chain has reserved.
+        let reserved = match need {
+            Need::Scheduled(urgency) => {
+                let deadline =
+                    st.rec.chain.used_at + super::chrono_dur(self.settings().inactivity_expiry);
+                Some(
+                    self.permits
+                        .reserve(ticket, (urgency, deadline.timestamp_millis())),
+                )
+            }
+            _ => None,
+        };
+        let guard = FlightGuard {
+            engine: self.clone(),
+            slot: slot.clone(),
+            tx: Some(tx),
+        };
+        self.tasks.spawn(async move {
+            let outcome = attempt::run(&guard.engine, &guard.slot, need, ticket, reserved).await;
+            guard.finish(outcome);
+        });
+        Joined { rx }
+    }
+}
+
+/// Owns the end of one attempt.
+struct FlightGuard {
+    engine: Arc<Engine>,
+    slot: Arc<Slot>,
+    tx: Option<watch::Sender<Shared>>,
+}
+
+impl FlightGuard {
+    /// Settles the outcome (the one place that derives state, events, notifications and the
+    /// next plan from it), ends the flight and hands the result to every waiting caller.
+    fn finish(mut self, outcome: attempt::Outcome) {
+        let Some(tx) = self.tx.take() else { return };
+        let (result, effects) = {
+            let mut st = self.slot.lock();
+            let settled = attempt::settle(&self.engine, &mut st, outcome);
+            st.flight = None;
+            self.engine.replan_locked(&st);
+            settled
+        };
+        effects.apply(&self.engine, &self.slot);
+        let _ = tx.send(Some(result));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else { return };
+        // The task ended without settling (a panic or an abort): the chain state is what the
+        // store committed, so plan a retry; an attempt marker, if any, makes it a recovery.
+        let mut st = self.slot.lock();
+        st.flight = None;
+        let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
+        if st.not_before.is_none_or(|nb| nb < retry) {
+            st.not_before = Some(retry);
+        }
+        self.engine.replan_locked(&st);
+        drop(st);
+        let _ = tx.send(Some(Err(Failure::Internal(
+            "the refresh stopped before it finished; it is retried".into(),
+        ))));
+    }
+}
+
+/// Every task the engine started, so that they can be aborted together (a simulated crash)
+/// and so that none is detached from the engine.
+#[derive(Default)]
+pub(crate) struct Tasks {
+    inner: Arc<Mutex<TasksInner>>,
+}
+
+#[derive(Default)]
+struct TasksInner {
+    next: u64,
+    handles: HashMap<u64, AbortHandle>,
+    aborted: bool,
+}
+
+impl Tasks {
+    /// Spawns `fut` as an engine task.
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.aborted {
+            return;
+        }
+        let id = inner.next;
+        inner.next += 1;
+        let registry = self.inner.clone();
+        let handle = tokio::spawn(async move {
+            fut.await;
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .handles
+                .remove(&id);
+        });
+        inner.handles.insert(id, handle.abort_handle());
+    }
+
+    /// Runs `fut` as an engine task and returns a receiver of its result: the caller may drop
+    /// the receiver (hang up) without stopping the task.
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        self.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx
+    }
+
+    /// Whether [`Tasks::abort_all`] ran: nothing new may start.
+    pub(crate) fn stopped(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).aborted
+    }
+
+    /// Aborts every task (a simulated crash) and refuses new ones.
+    #[cfg(test)]
+    #[allow(dead_code)]
+    pub(crate) fn abort_all(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.aborted = true;
+        for (_, h) in inner.handles.drain() {
+            h.abort();
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! `refresh.max_concurrent` as a priority gate: refreshes wait for a permit in order of
+//! urgency, then nearest inactivity deadline, then arrival, whoever started them.
+//!
+//! A plain semaphore is first-come first-served: after a downtime, a chain whose outcome is
+//! unknown (it must be retried inside the reuse leeway) would wait behind every bulk
+//! rotation queued before it. Here a waiter can also be raised (a caller joined a queued
+//! rotation), and the limit can change at run time (a reload).
+
+use super::plan::Urgency;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, oneshot};
+
+/// The order of waiters: urgency, then inactivity deadline (Unix ms), then arrival.
+pub type Priority = (Urgency, i64);
+
+#[derive(Default)]
+struct State {
+    limit: usize,
+    in_use: usize,
+    closed: bool,
+    seq: u64,
+    waiters: BTreeMap<(Priority, u64), oneshot::Sender<Permit>>,
+    keys: HashMap<u64, Priority>,
+}
+
+/// The gate. Cheap to clone.
+#[derive(Clone)]
+pub struct Permits {
+    state: Arc<Mutex<State>>,
+    idle: Arc<Notify>,
+}
+
+/// A held permit; dropping it hands it to the most urgent waiter.
+pub struct Permit {
+    permits: Permits,
+}
+
+/// A place in the queue, used to raise its priority while it waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+/// A reserved place in the queue.
+pub struct Waiting {
+    permits: Permits,
+    ticket: Ticket,
+    rx: Option<oneshot::Receiver<Permit>>,
+}
+
+impl Waiting {
+    /// Waits until let in.
+    pub async fn wait(mut self) -> Result<Permit, Closed> {
+        match self.rx.take() {
+            Some(rx) => rx.await.map_err(|_| Closed),
+            None => Err(Closed),
+        }
+    }
+}
+
+impl Drop for Waiting {
+    /// Leaves the queue (let in, or given up: an attempt that made no request).
+    fn drop(&mut self) {
+        let mut st = self.permits.lock();
+        if let Some(k) = st.keys.remove(&self.ticket.0) {
+            st.waiters.remove(&(k, self.ticket.0));
+        }
+    }
+}
+
+/// The gate was closed (shutdown): no new refresh starts.
+#[derive(Debug)]
+pub struct Closed;
+
+impl Permits {
+    /// A gate of `limit` permits (at least one).
+    pub fn new(limit: usize) -> Permits {
+        Permits {
+            state: Arc::new(Mutex::new(State {
+                limit: limit.max(1),
+                ..State::default()
+            })),
+            idle: Arc::new(Notify::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ticket for a later [`Permits::acquire`]; raising it before or while it waits moves
+    /// it ahead.
+    pub fn ticket(&self) -> Ticket {
+        let mut st = self.lock();
+        st.seq += 1;
+        Ticket(st.seq)
+    }
+
+    /// Waits for a permit at `priority` (or the raised priority of `ticket`).
+    pub async fn acquire(&self, ticket: Ticket, priority: Priority) -> Result<Permit, Closed> {
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(Closed);
+            }
+            if st.in_use < st.limit && st.waiters.is_empty() {
+                st.keys.remove(&ticket.0);
+                st.in_use += 1;
+                return Ok(Permit {
+                    permits: self.clone(),
+                });
+            }
+        }
+        self.reserve(ticket, priority).wait().await
+    }
+
+    /// Takes a place in the queue now, without being let in yet even if a permit is free:
+    /// a batch of due chains reserves all its places first, then [`Permits::dispatch`] lets
+    /// the most urgent in, whatever order their tasks start in.
+    pub fn reserve(&self, ticket: Ticket, priority: Priority) -> Waiting {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.lock();
+        if st.closed {
+            drop(tx);
+        } else {
+            let priority = st
+                .keys
+                .get(&ticket.0)
+                .map_or(priority, |k| (*k).min(priority));
+            st.waiters.insert((priority, ticket.0), tx);
+            st.keys.insert(ticket.0, priority);
+        }
+        Waiting {
+            permits: self.clone(),
+            ticket,
+            rx: Some(rx),
+        }
+    }
+
+    /// Lets waiters in while permits are free.
+    pub fn dispatch(&self) {
+        self.hand_over();
+    }
+
+    /// Moves a waiting (or not yet waiting) ticket up to `priority`, if that is higher.
+    pub fn raise(&self, ticket: Ticket, priority: Priority) {
+        let mut st = self.lock();
+        match st.keys.get(&ticket.0).copied() {
+            Some(old) if old <= priority => {}
+            Some(old) => {
+                if let Some(tx) = st.waiters.remove(&(old, ticket.0)) {
+                    st.waiters.insert((priority, ticket.0), tx);
+                }
+                st.keys.insert(ticket.0, priority);
+            }
+            None => {
+                st.keys.insert(ticket.0, priority);
+            }
+        }
+    }
+
+    /// Changes the limit (a reload); waiters are let in at once when it grows.
+    pub fn set_limit(&self, limit: usize) {
+        self.lock().limit = limit.max(1);
+        self.hand_over();
+    }
+
+    /// Refuses every waiter and every later acquire (shutdown).
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.waiters.clear();
+    }
+
+    /// Permits in use now.
+    pub fn in_use(&self) -> usize {
+        self.lock().in_use
+    }
+
+    /// Resolves once no permit is in use.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_use() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn release(&self) {
+        self.lock().in_use -= 1;
+        self.hand_over();
+    }
+
+    /// Gives free permits to the most urgent waiters that are still there.
+    fn hand_over(&self) {
+        loop {
+            let mut st = self.lock();
+            if st.in_use >= st.limit || st.closed {
+                break;
+            }
+            let Some((_, tx)) = st.waiters.pop_first() else {
+                break;
+            };
+            st.in_use += 1;
+            drop(st);
+            if let Err(p) = tx.send(Permit {
+                permits: self.clone(),
+            }) {
+                // The waiter is gone: take the permit back without re-entering.
+                std::mem::forget(p);
+                self.lock().in_use -= 1;
+            }
+        }
+        if self.lock().in_use == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.permits.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_most_urgent_waiter_goes_first_and_raising_moves_it_up() {
+        let p = Permits::new(1);
+        let held = p.acquire(p.ticket(), (Urgency::Rotate, 0)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let raised = p.ticket();
+        for (name, ticket, prio) in [
+            ("rotate-late", p.ticket(), (Urgency::Rotate, 20)),
+            ("rotate-early", p.ticket(), (Urgency::Rotate, 10)),
+            ("raised", raised, (Urgency::Rotate, 30)),
+            ("recover", p.ticket(), (Urgency::Recover, 99)),
+        ] {
+            let (p, order) = (p.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = p.acquire(ticket, prio).await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::task::yield_now().await;
+            }));
+            tokio::task::yield_now().await;
+        }
+        p.raise(raised, (Urgency::Renew, 0));
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["recover", "raised", "rotate-early", "rotate-late"]
+        );
+        assert_eq!(p.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_waiter_does_not_keep_its_permit_and_close_refuses() {
+        let p = Permits::new(1);
+        let held = p.acquire(p.ticket(), (Urgency::Rotate, 0)).await.unwrap();
+        let p2 = p.clone();
+        let waiter =
+            tokio::spawn(async move { p2.acquire(p2.ticket(), (Urgency::Rotate, 0)).await });
+        tokio::task::yield_now().await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        assert_eq!(p.in_use(), 0);
+        let again = p.acquire(p.ticket(), (Urgency::Rotate, 0)).await.unwrap();
+        drop(again);
+        p.idle().await;
+        p.close();
+        assert!(p.acquire(p.ticket(), (Urgency::Recover, 0)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reserved_batch_is_let_in_by_priority_not_by_arrival() {
+        let p = Permits::new(1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waits = Vec::new();
+        for (name, prio) in [
+            ("late", (Urgency::Rotate, 30)),
+            ("early", (Urgency::Rotate, 10)),
+            ("mid", (Urgency::Rotate, 20)),
+        ] {
+            waits.push((name, p.reserve(p.ticket(), prio)));
+        }
+        let mut tasks = Vec::new();
+        for (name, w) in waits {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = w.wait().await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::task::yield_now().await;
+            }));
+        }
+        p.dispatch();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec!["early", "mid", "late"]);
+    }
+
+    #[tokio::test]
+    async fn a_larger_limit_lets_waiters_in() {
+        let p = Permits::new(1);
+        let _a = p.acquire(p.ticket(), (Urgency::Rotate, 0)).await.unwrap();
+        let p2 = p.clone();
+        let b = tokio::spawn(async move {
+            p2.acquire(p2.ticket(), (Urgency::Rotate, 0))
+                .await
+                .map(|_| ())
+        });
+        tokio::task::yield_now().await;
+        p.set_limit(2);
+        b.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,274 @@
+//! Which account and sites a chain reaches: `/me` and accessible-resources.
+//!
+//! Resolution never refreshes a chain by itself: it uses the cached access token when that
+//! has at least [`RESOLVE_MIN_VALID`] left, and otherwise marks the chain `sites_wanted`, so
+//! that the chain's next planned refresh resolves it with the token it gets. A transient
+//! failure is retried with backoff until the account and sites are known. A chain whose
+//! account turns out to be that of another connection is merged into it.
+
+use super::{Engine, Slot, backoff};
+use crate::model::{Event, Status};
+use crate::secret::Secret;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Resolution uses the cached access token only with at least this long left: enough for
+/// two small GETs. (A token whose whole life is shorter is used with a third of it left.)
+pub const RESOLVE_MIN_VALID: Duration = Duration::from_secs(10);
+
+/// A `?site=` lookup that matches nothing re-resolves each connection at most this often.
+pub const SITE_MISS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How many connections a `?site=` miss re-resolves at once.
+const SITE_MISS_CONCURRENCY: usize = 8;
+
+/// What one resolution of a connection did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SiteOutcome {
+    /// Account (if it was unknown) and sites were read and recorded.
+    Resolved,
+    /// No valid access token: resolved with the chain's next planned refresh instead.
+    Deferred,
+    /// A transient failure; retried with backoff.
+    Failed,
+    /// Nothing to do: no such connection, or it needs consent or waits for a commit.
+    Skipped,
+}
+
+impl Engine {
+    /// Re-reads a connection's account (if unknown) and sites (the site job). Never refreshes.
+    pub async fn resolve_sites(self: &Arc<Self>, id: &str) -> SiteOutcome {
+        let Some(slot) = self.find(id) else {
+            return SiteOutcome::Skipped;
+        };
+        match self.resolvable(&slot) {
+            Ok(access) => self.resolve_with(&slot, access, false).await.1,
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Resolves a new connection's account and sites during onboarding (whose lock the
+    /// caller holds). Returns the connection that holds the chain afterwards: another one
+    /// when the account already had a connection.
+    pub(crate) async fn resolve_now(self: &Arc<Self>, slot: &Arc<Slot>) -> Arc<Slot> {
+        match self.resolvable(slot) {
+            Ok(access) => self.resolve_with(slot, access, true).await.0,
+            Err(_) => slot.clone(),
+        }
+    }
+
+    /// Resolves a connection after `delay`, once (a retry after a failure, or right after a
+    /// refresh brought the token a deferred resolution waited for).
+    pub(crate) fn resolve_soon(self: &Arc<Self>, slot: &Arc<Slot>, delay: Duration) {
+        {
+            let mut st = slot.lock();
+            if st.resolving || st.removed {
+                return;
+            }
+            st.resolving = true;
+        }
+        let (engine, slot) = (self.clone(), slot.clone());
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            slot.lock().resolving = false;
+            if let Ok(access) = engine.resolvable(&slot) {
+                engine.resolve_with(&slot, access, false).await;
+            }
+        });
+    }
+
+    /// A `?site=` lookup matched nothing: re-resolve each active connection not re-resolved
+    /// by a miss within [`SITE_MISS_INTERVAL`], and return when they are done. The work runs
+    /// on an engine task, so a caller that hangs up stops nothing half-way.
+    pub async fn site_miss(self: &Arc<Self>) {
+        use futures_util::StreamExt;
+        let now = Instant::now();
+        let due: Vec<(Arc<Slot>, Secret)> = self
+            .slots()
+            .into_iter()
+            .filter_map(|slot| {
+                {
+                    let mut st = slot.lock();
+                    if st.rec.conn.status != Status::Active
+                        || st
+                            .last_site_miss
+                            .is_some_and(|t| now - t < SITE_MISS_INTERVAL)
+                    {
+                        return None;
+                    }
+                    st.last_site_miss = Some(now);
+                }
+                let access = self.resolvable(&slot).ok()?;
+                Some((slot, access))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let engine = self.clone();
+        let task = self.tasks.run(async move {
+            futures_util::stream::iter(due)
+                .for_each_concurrent(SITE_MISS_CONCURRENCY, |(slot, access)| {
+                    let engine = engine.clone();
+                    async move {
+                        engine.resolve_with(&slot, access, false).await;
+                    }
+                })
+                .await
+        });
+        let _ = task.await;
+    }
+
+    /// The access token to resolve with, or why not now (marking a deferred resolution).
+    fn resolvable(&self, slot: &Slot) -> Result<Secret, SiteOutcome> {
+        let mut st = slot.lock();
+        if st.removed || st.held.is_some() || st.rec.conn.status != Status::Active {
+            return Err(SiteOutcome::Skipped);
+        }
+        let now = self.now();
+        match &st.rec.chain.access {
+            Some(a) if a.expires_at > now + super::chrono_dur(RESOLVE_MIN_VALID) => {
+                Ok(a.token.clone())
+            }
+            _ => {
+                st.sites_wanted = true;
+                Err(SiteOutcome::Deferred)
+            }
+        }
+    }
+
+    /// Reads the account (when unknown) and the sites with `access`, records them, and on a
+    /// transient failure plans a retry. Returns the connection holding the chain afterwards.
+    async fn resolve_with(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        access: Secret,
+        onboarding_held: bool,
+    ) -> (Arc<Slot>, SiteOutcome) {
+        let mut target = slot.clone();
+        let mut failed = false;
+        let mut retry_after = None;
+        let (id, unknown_account) = {
+            let st = slot.lock();
+            (
+                st.rec.conn.id.clone(),
+                st.rec.conn.account_id.is_none() && !st.account_hidden,
+            )
+        };
+        if unknown_account {
+            match self.provider.me(&access).await {
+                Ok(Some(account)) => match self
+                    .adopt_account(slot, &account.account_id, onboarding_held)
+                    .await
+                {
+                    Ok(t) => target = t,
+                    Err(()) => failed = true,
+                },
+                Ok(None) => slot.lock().account_hidden = true,
+                Err(e) => {
+                    tracing::warn!(connection = %id, error = %e, "cannot resolve the account; retrying later");
+                    retry_after = e.retry_after();
+                    failed = true;
+                }
+            }
+        }
+        let target_id = target.lock().rec.conn.id.clone();
+        let now = self.now();
+        let resolved = self.provider.accessible_resources(&access, now).await;
+        self.metrics.site_resolution(resolved.is_ok());
+        match resolved {
+            Ok(sites) => match self
+                .store
+                .sync_sites(target_id.clone(), sites.clone(), now)
+                .await
+            {
+                Ok(events) => {
+                    for e in &events {
+                        tracing::info!(connection = %target_id, event = e.kind, "{}", e.message);
+                    }
+                    target.lock().rec.conn.sites = sites;
+                }
+                Err(e) => {
+                    tracing::error!(connection = %target_id, error = %e, "cannot record sites in the ledger");
+                    failed = true;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(connection = %target_id, error = %e, "cannot resolve accessible sites");
+                retry_after = retry_after.max(e.retry_after());
+                failed = true;
+            }
+        }
+        let outcome = if failed {
+            let failures = {
+                let mut st = target.lock();
+                st.resolve_failures = st.resolve_failures.saturating_add(1);
+                st.resolve_failures
+            };
+            let s = self.settings();
+            let delay = backoff::delay(failures, s.backoff_min, s.backoff_max, retry_after, false);
+            self.resolve_soon(&target, delay);
+            SiteOutcome::Failed
+        } else {
+            let mut st = target.lock();
+            st.resolve_failures = 0;
+            st.sites_wanted = false;
+            SiteOutcome::Resolved
+        };
+        (target, outcome)
+    }
+
+    /// Records the account of `slot`, or merges `slot` into the connection that already has
+    /// that account. Returns the connection holding the chain afterwards.
+    async fn adopt_account(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        account_id: &str,
+        onboarding_held: bool,
+    ) -> Result<Arc<Slot>, ()> {
+        let _onboarding = if onboarding_held {
+            None
+        } else {
+            Some(self.onboarding.lock().await)
+        };
+        let (id, client_id) = {
+            let st = slot.lock();
+            (st.rec.conn.id.clone(), st.rec.conn.client_id.clone())
+        };
+        let existing = self.slots().into_iter().find(|other| {
+            let st = other.lock();
+            st.rec.conn.id != id
+                && !st.removed
+                && st.rec.conn.client_id == client_id
+                && st.rec.conn.account_id.as_deref() == Some(account_id)
+        });
+        if let Some(existing) = existing {
+            return match self.merge(slot, &existing).await {
+                Ok(()) => Ok(existing),
+                Err(e) => {
+                    tracing::warn!(connection = %id, error = %e, "cannot merge the chain into the account's connection; retrying later");
+                    Err(())
+                }
+            };
+        }
+        let now = self.now();
+        let event = Event::new("account_resolved", format!("account {account_id}"));
+        match self
+            .store
+            .set_account(id.clone(), account_id.to_owned(), now, vec![event])
+            .await
+        {
+            Ok(()) => {
+                let mut st = slot.lock();
+                st.rec.conn.account_id = Some(account_id.to_owned());
+                st.rec.conn.updated_at = now;
+                Ok(slot.clone())
+            }
+            Err(e) => {
+                tracing::error!(connection = %id, error = %e, "cannot record the account in the ledger");
+                Err(())
+            }
+        }
+    }
+}

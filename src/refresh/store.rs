@@ -1,0 +1,259 @@
+//! The engine's two seams: the [`Store`] that keeps chains durably and the [`TokenEndpoint`]
+//! that refreshes them, plus the [`Clock`] that tells wall time.
+//!
+//! The engine knows only these traits. `ledger::Ledger` (SQLite) and `provider::Atlassian`
+//! implement them for the daemon; the deterministic simulation (`refresh::sim`, tests only)
+//! implements them in memory with injected faults. A PostgreSQL store goes behind the same
+//! trait: every chain write is a compare-and-swap on the chain's version, and no SQL lives
+//! outside a store.
+
+use crate::ledger::{Ledger, LedgerError};
+use crate::model::{Event, Record, Site, Time};
+use crate::provider::{Account, Atlassian, Grant, ProviderError};
+use crate::secret::Secret;
+use futures_util::future::BoxFuture;
+
+/// Why a store operation failed, as the engine needs to tell it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The compare-and-swap failed: the chain is not at the expected version (someone else
+    /// changed it), or the connection is gone.
+    #[error("connection {0} changed concurrently; refusing to overwrite its chain")]
+    Conflict(String),
+    /// The label is taken by another connection.
+    #[error("the label {0:?} is already used by another connection")]
+    LabelTaken(String),
+    /// The write did not happen (full disk, I/O error, lost connection): try again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<LedgerError> for StoreError {
+    fn from(e: LedgerError) -> StoreError {
+        match e {
+            LedgerError::Conflict(id) => StoreError::Conflict(id),
+            LedgerError::LabelTaken(l) => StoreError::LabelTaken(l),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Durable storage of connections. Every method is one transaction; a method that returned
+/// `Ok` has committed durably.
+pub trait Store: Send + Sync + 'static {
+    /// Every connection with its chain and current sites.
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    /// One connection, or `None` when there is none.
+    fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
+    /// A new connection (refused with `LabelTaken` when the label is in use).
+    fn insert(&self, rec: Record, events: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// A change of a chain (tokens, status, failures; not identity, account or sites), only
+    /// while the stored chain is at `expect_version`; `rec.chain.version` is stored.
+    fn save_chain(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// The account behind a connection.
+    fn set_account(
+        &self,
+        id: String,
+        account_id: String,
+        now: Time,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Moves the chain of the new connection `from` into `merged` (at `expect_version`) and
+    /// deletes `from`.
+    fn merge(
+        &self,
+        from: String,
+        merged: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Replaces a connection's sites; returns the events describing the changes.
+    fn sync_sites(
+        &self,
+        id: String,
+        sites: Vec<Site>,
+        now: Time,
+    ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>>;
+    /// Deletes a connection; false when there was none.
+    fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Proves the store can take a write now.
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+impl Store for Ledger {
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        Box::pin(async move { Ok(Ledger::load_all(self).await?) })
+    }
+    fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+        Box::pin(async move { Ok(Ledger::load_one(self, id).await?) })
+    }
+    fn insert(&self, rec: Record, events: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(Ledger::insert(self, rec, events).await?) })
+    }
+    fn save_chain(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(Ledger::save_chain(self, rec, expect_version, events).await?) })
+    }
+    fn set_account(
+        &self,
+        id: String,
+        account_id: String,
+        now: Time,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(Ledger::set_account(self, id, account_id, now, events).await?) })
+    }
+    fn merge(
+        &self,
+        from: String,
+        merged: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(
+            async move { Ok(Ledger::merge(self, from, merged, expect_version, events).await?) },
+        )
+    }
+    fn sync_sites(
+        &self,
+        id: String,
+        sites: Vec<Site>,
+        now: Time,
+    ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
+        Box::pin(async move { Ok(Ledger::sync_sites(self, id, sites, now).await?) })
+    }
+    fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(Ledger::delete(self, id, now).await?) })
+    }
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(Ledger::check_writable(self).await?) })
+    }
+}
+
+/// The provider, as the engine uses it. Every failure arrives classified
+/// ([`ProviderError`]): the engine never looks at HTTP.
+pub trait TokenEndpoint: Send + Sync + 'static {
+    /// Presents a refresh token.
+    fn refresh<'a>(
+        &'a self,
+        refresh_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>>;
+    /// Exchanges a consent code.
+    fn exchange_code<'a>(&'a self, code: &'a Secret)
+    -> BoxFuture<'a, Result<Grant, ProviderError>>;
+    /// The sites an access token reaches.
+    fn accessible_resources<'a>(
+        &'a self,
+        access_token: &'a Secret,
+        now: Time,
+    ) -> BoxFuture<'a, Result<Vec<Site>, ProviderError>>;
+    /// The account behind an access token; `Ok(None)` when the provider will not say.
+    fn me<'a>(
+        &'a self,
+        access_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Option<Account>, ProviderError>>;
+    /// Why no call can be made (missing credentials), if so.
+    fn not_configured(&self) -> Option<String>;
+    /// The app's client id: with the account, a chain's identity.
+    fn client_id(&self) -> &str;
+    /// The scopes a new connection asks for.
+    fn scopes(&self) -> Vec<String>;
+    /// The consent URL for a `state`, and the redirect URI it returns to.
+    fn authorize_url(&self, state: &str) -> (String, String);
+    /// The base URL of a product API on a site.
+    fn api_base_url(&self, product: &str, cloud_id: &str) -> String;
+}
+
+impl TokenEndpoint for Atlassian {
+    fn refresh<'a>(
+        &'a self,
+        refresh_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
+        Box::pin(Atlassian::refresh(self, refresh_token))
+    }
+    fn exchange_code<'a>(
+        &'a self,
+        code: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
+        Box::pin(Atlassian::exchange_code(self, code))
+    }
+    fn accessible_resources<'a>(
+        &'a self,
+        access_token: &'a Secret,
+        now: Time,
+    ) -> BoxFuture<'a, Result<Vec<Site>, ProviderError>> {
+        Box::pin(Atlassian::accessible_resources(self, access_token, now))
+    }
+    fn me<'a>(
+        &'a self,
+        access_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Option<Account>, ProviderError>> {
+        Box::pin(Atlassian::me(self, access_token))
+    }
+    fn not_configured(&self) -> Option<String> {
+        Atlassian::not_configured(self)
+    }
+    fn client_id(&self) -> &str {
+        Atlassian::client_id(self)
+    }
+    fn scopes(&self) -> Vec<String> {
+        self.config().scopes.clone()
+    }
+    fn authorize_url(&self, state: &str) -> (String, String) {
+        (
+            Atlassian::authorize_url(self, state),
+            self.config().redirect_uri.to_string(),
+        )
+    }
+    fn api_base_url(&self, product: &str, cloud_id: &str) -> String {
+        Atlassian::api_base_url(self, product, cloud_id)
+    }
+}
+
+/// Wall-clock time. Deadlines inside the process use `tokio::time::Instant`; wall time is
+/// what the ledger stores and the provider's rules (leeway, inactivity) are stated in.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> Time;
+}
+
+/// The system's clock: the daemon's.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Time {
+        chrono::Utc::now()
+    }
+}
+
+/// Wall time that moves with tokio's clock, so that paused time (unit tests, the
+/// simulation) moves it too: `start` plus the tokio time elapsed since it was made.
+pub struct TokioClock {
+    start: Time,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `start` now.
+    pub fn new(start: Time) -> TokioClock {
+        TokioClock {
+            start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Time {
+        self.start + chrono::Duration::from_std(self.origin.elapsed()).unwrap_or_default()
+    }
+}
