@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 /// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon).
-fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
+pub fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
     let db = rusqlite::Connection::open_with_flags(
         d.ledger_path(),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -25,7 +25,7 @@ fn token_of(d: &TestDaemon, label: &str) -> (u16, Value) {
     d.get_json(&format!("/v1/connections/{label}/token"))
 }
 
-fn status_of(d: &TestDaemon, label: &str) -> String {
+pub fn status_of(d: &TestDaemon, label: &str) -> String {
     let (code, v) = d.get_json(&format!("/v1/connections/{label}"));
     assert_eq!(code, 200, "{v}");
     v["status"].as_str().unwrap().to_owned()

@@ -176,6 +176,11 @@ pub enum Fault {
     /// Token endpoint only: a successful answer has no `expires_in` (the access token still
     /// expires after the configured lifetime).
     OmitExpiresIn,
+    /// Token endpoint only: process normally (a refresh rotates, a code is exchanged), then
+    /// answer 200 with only `{"refresh_token": NEW}`: no `access_token`, `expires_in`,
+    /// `scope` or `token_type`. The new refresh token is current; the access token minted
+    /// with it is never handed out. (A malformed 2xx that still carries the new chain.)
+    RefreshTokenOnly,
     /// Process normally (a rotation is committed when the request arrives), then hold the
     /// response this long.
     Delay(Duration),
@@ -1117,6 +1122,12 @@ fn token_success(
     fault: Option<&Fault>,
 ) -> Planned {
     let mut body = serde_json::Map::new();
+    if fault == Some(&Fault::RefreshTokenOnly) {
+        if let Some(rt) = refresh_token {
+            body.insert("refresh_token".into(), json!(rt));
+        }
+        return Planned::json(200, Value::Object(body));
+    }
     body.insert("access_token".into(), json!(access_token));
     if let Some(rt) = refresh_token {
         body.insert("refresh_token".into(), json!(rt));

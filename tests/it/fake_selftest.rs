@@ -501,6 +501,44 @@ async fn omit_refresh_token_keeps_the_old_token_current() {
 }
 
 #[tokio::test]
+async fn refresh_token_only_rotates_and_answers_nothing_else() {
+    let fake = FakeAtlassian::start();
+    let rt0 = fake.issue_grant(ACCOUNT, &sites());
+    fake.inject_token(Fault::RefreshTokenOnly);
+    let (status, body) = refresh(&fake, &rt0).await;
+    assert_eq!(status, 200, "{body}");
+    let obj = body.as_object().expect("a JSON object");
+    assert_eq!(obj.len(), 1, "only the refresh token: {body}");
+    let rt1 = body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(rt1, rt0);
+    assert_eq!(fake.current_refresh_token(ACCOUNT).as_deref(), Some(&*rt1));
+    assert_eq!(fake.rotations(ACCOUNT), 1);
+    assert_eq!(last_outcome(&fake), Outcome::Refreshed);
+    // The new token is the chain: it rotates normally, with a full answer again.
+    let (_, rt2) = refresh_ok(&fake, &rt1).await;
+    assert_eq!(fake.current_refresh_token(ACCOUNT).as_deref(), Some(&*rt2));
+    assert_eq!(fake.leeway_reuses(), 0);
+    assert_eq!(fake.reuse_violations(), 0);
+
+    // A code exchange with the fault: the new family's first token only.
+    let redirect = "http://127.0.0.1:8976/callback";
+    let code = fake.issue_code("acc-2", &sites(), redirect);
+    fake.inject_token(Fault::RefreshTokenOnly);
+    let (status, body) = post_token(
+        &fake,
+        json!({"grant_type": "authorization_code", "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET, "code": code, "redirect_uri": redirect}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    assert_eq!(
+        fake.current_refresh_token("acc-2").as_deref(),
+        body["refresh_token"].as_str()
+    );
+}
+
+#[tokio::test]
 async fn expires_in_can_be_omitted_or_unconfigured_and_lifetimes_apply() {
     let fake = FakeAtlassian::start();
     let rt0 = fake.issue_grant(ACCOUNT, &sites());

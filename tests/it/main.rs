@@ -9,6 +9,7 @@
 
 mod api;
 mod chain;
+mod engine;
 mod fake;
 mod fake_selftest;
 mod keeper;
