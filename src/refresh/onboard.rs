@@ -174,22 +174,35 @@ impl Engine {
                 "unknown or expired state: start again with POST /v1/authorizations".into(),
             ));
         }
-        let grant = self
-            .provider
-            .exchange_code(&code)
-            .await
-            .map_err(|e| match e {
-                ProviderError::Rejected { .. }
-                | ProviderError::NotConfigured(_)
-                | ProviderError::Transient {
-                    kind: TransientKind::Refused,
-                    ..
-                } => Failure::BadRequest(format!("the authorization code was not accepted: {e}")),
-                other => Failure::Unavailable {
-                    retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
-                    message: format!("the code exchange failed: {other}"),
-                },
-            })?;
+        let exchanged = match self.provider.exchange_code(&code).await {
+            // A 2xx that carried only a refresh token: the code is spent and this is the
+            // chain; keep it and get its access token with a first refresh.
+            Err(ProviderError::Partial {
+                refresh_token,
+                message,
+            }) => {
+                tracing::warn!("{message}");
+                Ok(crate::provider::Grant {
+                    access_token: Secret::new(String::new()),
+                    refresh_token: Some(refresh_token),
+                    expires_in: None,
+                    scopes: None,
+                })
+            }
+            other => other,
+        };
+        let grant = exchanged.map_err(|e| match e {
+            ProviderError::Rejected { .. }
+            | ProviderError::NotConfigured(_)
+            | ProviderError::Transient {
+                kind: TransientKind::Refused,
+                ..
+            } => Failure::BadRequest(format!("the authorization code was not accepted: {e}")),
+            other => Failure::Unavailable {
+                retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+                message: format!("the code exchange failed: {other}"),
+            },
+        })?;
         let Some(rt) = grant.refresh_token else {
             return Err(Failure::BadRequest(
                 "the provider sent no refresh token: is offline_access among providers.atlassian.scopes?".into(),
@@ -198,12 +211,15 @@ impl Engine {
         // From here on the chain exists only in this process: keep it whatever happens.
         let now = self.now();
         let lifetime = grant.expires_in.unwrap_or(ASSUMED_ACCESS_LIFETIME);
-        let access = AccessToken {
+        let access = (!grant.access_token.expose().is_empty()).then(|| AccessToken {
             token: grant.access_token,
             expires_at: now + super::chrono_dur(lifetime),
-        };
-        let mut rec = self.new_record(label, rt, Some(access), now);
-        rec.conn.last_refresh_at = Some(now);
+        });
+        let needs_first_refresh = access.is_none();
+        let mut rec = self.new_record(label, rt, access, now);
+        if !needs_first_refresh {
+            rec.conn.last_refresh_at = Some(now);
+        }
         if let Some(scopes) = grant.scopes {
             rec.conn.scopes = scopes;
         }
@@ -230,6 +246,15 @@ impl Engine {
         }
         let slot = self.install(rec, None);
         self.replan(&slot);
+        if needs_first_refresh {
+            let first = {
+                let mut st = slot.lock();
+                self.join_or_start(&slot, &mut st, Need::Forced)
+            };
+            if let Err(e) = first.result().await {
+                tracing::warn!(connection = %slot.lock().rec.conn.id, error = %e, "the first refresh of a new chain failed; tokend keeps retrying");
+            }
+        }
         self.settle_new(&slot, label).await
     }
 

@@ -127,10 +127,16 @@ impl Engine {
             return Err(SiteOutcome::Skipped);
         }
         let now = self.now();
+        let lifetime = st
+            .rec
+            .conn
+            .last_refresh_at
+            .zip(st.rec.chain.access.as_ref())
+            .and_then(|(r, a)| (a.expires_at - r).to_std().ok())
+            .unwrap_or(RESOLVE_MIN_VALID);
+        let min_valid = RESOLVE_MIN_VALID.min(lifetime / 3);
         match &st.rec.chain.access {
-            Some(a) if a.expires_at > now + super::chrono_dur(RESOLVE_MIN_VALID) => {
-                Ok(a.token.clone())
-            }
+            Some(a) if a.expires_at > now + super::chrono_dur(min_valid) => Ok(a.token.clone()),
             _ => {
                 st.sites_wanted = true;
                 Err(SiteOutcome::Deferred)
