@@ -201,7 +201,6 @@ impl Tasks {
 
     /// Aborts every task (a simulated crash) and refuses new ones.
     #[cfg(test)]
-    #[allow(dead_code)]
     pub(crate) fn abort_all(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.aborted = true;

@@ -17,8 +17,8 @@
 //!   [`store::TokenEndpoint`] seams, so that the deterministic simulation can run it.
 //!
 //! **Architecture Invariant:** one refresh in flight per connection, across API callers,
-//! schedules and retries: every provider call for a chain happens on a task holding that
-//! chain's lock.
+//! schedules and retries: every provider call that presents a chain's refresh token happens
+//! on an engine task holding that chain's lock.
 
 mod attempt;
 pub mod backoff;
@@ -28,6 +28,9 @@ pub mod permits;
 pub mod plan;
 mod sites;
 pub mod store;
+
+#[cfg(test)]
+mod sim;
 
 use crate::config::RefreshConfig;
 use crate::metrics::Metrics;
@@ -759,7 +762,6 @@ impl Engine {
     /// Stops every task of the engine at once, wherever it is: what a crash does. For the
     /// simulation; the daemon drains instead.
     #[cfg(test)]
-    #[allow(dead_code)]
     pub(crate) fn abort(&self) {
         self.permits.close();
         self.tasks.abort_all();
@@ -805,4 +807,88 @@ fn needs_reauth_failure(conn: &Connection) -> Failure {
             .map(|e| e.message.clone())
             .unwrap_or_else(|| "the chain was rejected by the provider; consent again".into()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Ledger;
+    use crate::provider::Atlassian;
+
+    async fn engine_with(n: usize, max_concurrent: usize) -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            &format!("[refresh]\nrotate_after = \"2s\"\nmax_concurrent = {max_concurrent}\n"),
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let old = chrono::Utc::now() - chrono::Duration::hours(1);
+        for i in 0..n {
+            let id = format!("c{i:012x}");
+            let rec = crate::model::sample_record(&id, &format!("l{i}"), &format!("rt-{i}"), old);
+            ledger.insert(rec, vec![]).await.unwrap();
+        }
+        let provider =
+            Atlassian::new(config.providers.atlassian.clone(), Duration::from_secs(1)).unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(provider),
+            Arc::new(SystemClock),
+            config.refresh.clone(),
+            crate::notify::Notifier::disabled(),
+            Arc::new(Metrics::new(true)),
+        )
+        .await
+        .unwrap();
+        (engine, dir)
+    }
+
+    #[tokio::test]
+    async fn the_scheduler_beats_while_every_permit_is_taken() {
+        let (engine, _dir) = engine_with(3, 1).await;
+        // Every permit is taken (a long catch-up): the loop never waits for permits itself.
+        let held = engine
+            .permits
+            .acquire(engine.permits.ticket(), (plan::Urgency::Recover, 0))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(engine.clone().run_scheduler(async move {
+            let _ = rx.await;
+        }));
+        tokio::time::pause();
+        for _ in 0..10 {
+            tokio::time::advance(HEARTBEAT).await;
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            engine.scheduler_alive(),
+            "waiting for permits is not stalling"
+        );
+        drop(held);
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_cannot_start_is_not_retried_in_a_tight_loop() {
+        // The provider is not configured: every attempt fails at once, without a network
+        // call. The chain must be planned after a backoff, not due again at once.
+        let (engine, _dir) = engine_with(1, 1).await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(engine.clone().run_scheduler(async move {
+            let _ = rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (at, _) = engine.plan.next_of("c000000000000").expect("planned");
+        assert!(
+            at > Instant::now() + Duration::from_secs(10),
+            "an attempt that cannot start is planned again at once: the scheduler spins"
+        );
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
 }
