@@ -24,6 +24,22 @@ type Shared = Option<Result<(), Failure>>;
 pub(crate) struct Flight {
     rx: watch::Receiver<Shared>,
     ticket: Ticket,
+    /// Started by an operator (or an import): tokend's own backoff does not stop it.
+    forced: bool,
+}
+
+impl Flight {
+    /// Whether this attempt ignores tokend's own backoff.
+    pub(crate) fn forced(&self) -> bool {
+        self.forced
+    }
+
+    /// A handle on this attempt's result.
+    pub(crate) fn join(&self) -> Joined {
+        Joined {
+            rx: self.rx.clone(),
+        }
+    }
 }
 
 /// A caller's handle on an attempt: awaiting it is all a caller does.
@@ -76,6 +92,7 @@ impl Engine {
         st.flight = Some(Flight {
             rx: rx.clone(),
             ticket,
+            forced: need == Need::Forced,
         });
         // A scheduled attempt reserves its place by priority now; the scheduler lets the
         // batch in once every due chain has reserved.

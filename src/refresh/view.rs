@@ -1,0 +1,166 @@
+//! Read-only views of the engine's connections: listings, lookups, counts, deadlines for
+//! the metrics, and the daily absolute-expiry warnings. Nothing here changes a chain.
+
+use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, SlotState, chrono_dur};
+use crate::model::{Status, Time};
+use crate::notify::Kind;
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl Engine {
+    /// Whether some chain holds a rotated token its commit is still waiting for.
+    pub fn commit_pending(&self) -> usize {
+        self.slots()
+            .iter()
+            .filter(|s| s.lock().held.is_some())
+            .count()
+    }
+
+    /// The id and label of a connection (by id or label), cheaply: for access checks on the
+    /// token path.
+    pub fn identity(&self, id_or_label: &str) -> Option<(String, String)> {
+        let slot = self.find(id_or_label)?;
+        let st = slot.lock();
+        (!st.removed).then(|| (st.rec.conn.id.clone(), st.rec.conn.label.clone()))
+    }
+
+    pub(crate) fn info_of(&self, st: &SlotState) -> ConnectionInfo {
+        let settings = self.settings();
+        let rec = &st.rec;
+        let next_rotation_at = self.plan.next_of(&rec.conn.id).map(|(at, _)| {
+            let now = Instant::now();
+            let delta = if at > now { at - now } else { Duration::ZERO };
+            self.now() + chrono_dur(delta)
+        });
+        ConnectionInfo {
+            conn: rec.conn.clone(),
+            access_token_expires_at: rec.chain.access.as_ref().map(|a| a.expires_at),
+            refresh_token_rotated_at: rec.chain.rotated_at,
+            next_rotation_at,
+            inactivity_expires_at: rec.chain.used_at + chrono_dur(settings.inactivity_expiry),
+            absolute_expires_at: settings
+                .absolute_expiry
+                .map(|a| rec.conn.consented_at + chrono_dur(a)),
+        }
+    }
+
+    /// Every connection, sorted by label.
+    pub fn list(&self) -> Vec<ConnectionInfo> {
+        let mut out: Vec<ConnectionInfo> = self
+            .slots()
+            .iter()
+            .map(|s| self.info_of(&s.lock()))
+            .collect();
+        out.sort_by(|a, b| a.conn.label.cmp(&b.conn.label));
+        out
+    }
+
+    /// One connection by id or label.
+    pub fn get(&self, id_or_label: &str) -> Option<ConnectionInfo> {
+        let slot = self.find(id_or_label)?;
+        let st = slot.lock();
+        (!st.removed).then(|| self.info_of(&st))
+    }
+
+    /// The ids of active connections.
+    pub fn active_ids(&self) -> Vec<String> {
+        self.slots()
+            .iter()
+            .filter_map(|s| {
+                let st = s.lock();
+                (st.rec.conn.status == Status::Active).then(|| st.rec.conn.id.clone())
+            })
+            .collect()
+    }
+
+    /// Counts of connections by status: `(active, needs_reauth)`.
+    pub fn status_counts(&self) -> (usize, usize) {
+        let slots = self.slots();
+        let active = slots
+            .iter()
+            .filter(|s| s.lock().rec.conn.status == Status::Active)
+            .count();
+        (active, slots.len() - active)
+    }
+
+    /// The ids of active connections that reach a site (by host or cloud id).
+    pub fn connections_for_site(&self, site: &str) -> Vec<String> {
+        let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
+        let wanted_host = url::Url::parse(&wanted)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| wanted.clone());
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index
+            .by_id
+            .iter()
+            .filter(|(_, slot)| {
+                let st = slot.lock();
+                !st.removed
+                    && st.rec.conn.status == Status::Active
+                    && st.rec.conn.sites.iter().any(|s| {
+                        s.cloud_id.eq_ignore_ascii_case(&wanted)
+                            || s.host().as_deref() == Some(wanted_host.as_str())
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Warns about every active connection whose absolute (consent) expiry is within
+    /// [`ABSOLUTE_WARNING_WINDOW`]: a log line and a notification each. Run daily.
+    pub fn warn_absolute_expiry(&self) -> usize {
+        let window = chrono_dur(ABSOLUTE_WARNING_WINDOW);
+        let now = self.now();
+        let mut warned = 0;
+        for info in self.list() {
+            let Some(deadline) = info.absolute_expires_at else {
+                continue;
+            };
+            if info.conn.status != Status::Active || deadline - now > window {
+                continue;
+            }
+            let days = (deadline - now).num_hours() as f64 / 24.0;
+            let at = deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let message = if deadline <= now {
+                format!(
+                    "consent for {} reached its absolute expiry on {at}; a person must consent again (tokend connect)",
+                    info.conn.label
+                )
+            } else {
+                format!(
+                    "consent for {} expires in {days:.1} days ({at}); a person must consent again before then (tokend connect)",
+                    info.conn.label
+                )
+            };
+            tracing::warn!(connection = %info.conn.id, "{message}");
+            self.notify(Kind::AbsoluteExpirySoon, &info.conn, &message);
+            warned += 1;
+        }
+        warned
+    }
+
+    /// Publishes connection counts and deadlines to the metrics.
+    pub fn publish_metrics(&self) {
+        let list = self.list();
+        let active = list
+            .iter()
+            .filter(|c| c.conn.status == Status::Active)
+            .count();
+        self.metrics.set_connections(active, list.len() - active);
+        let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
+        let snapshot: Vec<crate::metrics::ConnectionDeadline> = list
+            .iter()
+            .map(|c| {
+                (
+                    c.conn.id.clone(),
+                    unix(c.inactivity_expires_at),
+                    c.absolute_expires_at.map(unix),
+                    c.conn.status == Status::Active,
+                )
+            })
+            .collect();
+        self.metrics
+            .set_connection_deadlines(&snapshot, unix(self.now()));
+    }
+}
