@@ -91,9 +91,51 @@ struct World {
     broken: Vec<String>,
     minted: u64,
     calls: u64,
+    /// The chain of every token call, in order.
+    order: Vec<String>,
 }
 
 impl World {
+    fn new(seed: u64, clock: Arc<TokioClock>) -> World {
+        World {
+            rng: StdRng::seed_from_u64(seed),
+            clock,
+            families: HashMap::new(),
+            owner: HashMap::new(),
+            access: HashMap::new(),
+            faults: VecDeque::new(),
+            store: HashMap::new(),
+            store_failures: 0,
+            broken: Vec::new(),
+            minted: 0,
+            calls: 0,
+            order: Vec::new(),
+        }
+    }
+
+    /// Adds a chain whose token was last used at `used_at`: in the provider and committed.
+    fn add_chain(&mut self, i: usize, used_at: Time) -> String {
+        let id = format!("c{i:012x}");
+        let rt = self.mint("rt");
+        let mut rec = crate::model::sample_record(&id, &format!("l{i}"), &rt, used_at);
+        rec.conn.account_id = None;
+        self.owner.insert(rt.clone(), id.clone());
+        self.families.insert(
+            id.clone(),
+            Family {
+                current: rt.clone(),
+                parent: None,
+                used_at,
+                alive: true,
+                generation: HashMap::from([(rt, 0)]),
+                in_flight: 0,
+                rejections: 0,
+            },
+        );
+        self.store.insert(id.clone(), rec);
+        id
+    }
+
     fn now(&self) -> Time {
         use super::store::Clock;
         self.clock.now()
@@ -162,6 +204,9 @@ impl SimProvider {
             w.calls += 1;
             let fault = w.faults.pop_front();
             let chain = w.owner.get(&rt).cloned();
+            if let Some(c) = &chain {
+                w.order.push(c.clone());
+            }
             (fault, chain)
         };
         let Some(chain) = chain else {
@@ -419,9 +464,9 @@ impl Store for SimStore {
     }
 }
 
-fn settings() -> crate::config::RefreshConfig {
+fn settings(max_concurrent: usize) -> crate::config::RefreshConfig {
     crate::config::Config::parse(
-        "[refresh]\nrotate_after = \"1h\"\naccess_token_margin = \"1m\"\nbackoff_min = \"30s\"\nbackoff_max = \"30m\"\nmax_concurrent = 2\n",
+        &format!("[refresh]\nrotate_after = \"1h\"\naccess_token_margin = \"1m\"\nbackoff_min = \"30s\"\nbackoff_max = \"30m\"\nmax_concurrent = {max_concurrent}\n"),
         std::path::Path::new("/etc/tokend/daemon.toml"),
         &|_| None,
         &|_| Err(std::io::Error::other("none")),
@@ -436,12 +481,16 @@ struct Incarnation {
     scheduler: tokio::task::JoinHandle<()>,
 }
 
-async fn boot(world: &Shared, clock: &Arc<TokioClock>) -> Option<Incarnation> {
+async fn boot(
+    world: &Shared,
+    clock: &Arc<TokioClock>,
+    max_concurrent: usize,
+) -> Option<Incarnation> {
     let engine = Engine::load(
         Arc::new(SimStore(world.clone())),
         Arc::new(SimProvider(world.clone())),
         clock.clone(),
-        settings(),
+        settings(max_concurrent),
         crate::notify::Notifier::disabled(),
         Arc::new(crate::metrics::Metrics::new(false)),
     )
@@ -551,46 +600,17 @@ async fn schedule(seed: u64) -> Result<(), String> {
         .single()
         .expect("date");
     let clock = Arc::new(TokioClock::new(start));
-    let world: Shared = Arc::new(Mutex::new(World {
-        rng: StdRng::seed_from_u64(seed),
-        clock: clock.clone(),
-        families: HashMap::new(),
-        owner: HashMap::new(),
-        access: HashMap::new(),
-        faults: VecDeque::new(),
-        store: HashMap::new(),
-        store_failures: 0,
-        broken: Vec::new(),
-        minted: 0,
-        calls: 0,
-    }));
+    let world: Shared = Arc::new(Mutex::new(World::new(seed, clock.clone())));
     {
         let mut w = lock(&world);
         for i in 0..CHAINS {
-            let id = format!("c{i:012x}");
-            let rt = w.mint("rt");
-            let mut rec = crate::model::sample_record(&id, &format!("l{i}"), &rt, start);
-            rec.conn.account_id = None;
-            w.owner.insert(rt.clone(), id.clone());
-            w.families.insert(
-                id.clone(),
-                Family {
-                    current: rt.clone(),
-                    parent: None,
-                    used_at: start,
-                    alive: true,
-                    generation: HashMap::from([(rt, 0)]),
-                    in_flight: 0,
-                    rejections: 0,
-                },
-            );
-            w.store.insert(id, rec);
+            w.add_chain(i, start);
         }
     }
     let ids: Vec<String> = lock(&world).families.keys().cloned().collect();
     let mut ids = ids;
     ids.sort();
-    let mut live = boot(&world, &clock).await;
+    let mut live = boot(&world, &clock, 2).await;
     let roll = |world: &Shared, n: u32| lock(world).rng.random_range(0..n);
     for step in 0..STEPS {
         let what;
@@ -642,7 +662,7 @@ async fn schedule(seed: u64) -> Result<(), String> {
                 }
                 tokio::time::sleep(Duration::from_millis(roll(&world, 60_000) as u64)).await;
                 while live.is_none() {
-                    live = boot(&world, &clock).await;
+                    live = boot(&world, &clock, 2).await;
                     if live.is_none() {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
@@ -780,19 +800,7 @@ fn the_simulation_catches_a_lost_chain() {
             .single()
             .expect("date");
         let clock = Arc::new(TokioClock::new(start));
-        let world: Shared = Arc::new(Mutex::new(World {
-            rng: StdRng::seed_from_u64(1),
-            clock,
-            families: HashMap::new(),
-            owner: HashMap::new(),
-            access: HashMap::new(),
-            faults: VecDeque::new(),
-            store: HashMap::new(),
-            store_failures: 0,
-            broken: Vec::new(),
-            minted: 0,
-            calls: 0,
-        }));
+        let world: Shared = Arc::new(Mutex::new(World::new(1, clock)));
         let mut w = lock(&world);
         let rec = crate::model::sample_record("c1", "l1", "rt-old", start);
         w.store.insert("c1".into(), rec);
@@ -814,5 +822,57 @@ fn the_simulation_catches_a_lost_chain() {
             "a chain past the leeway must count as lost"
         );
         let _ = plan::Urgency::Recover;
+    });
+}
+
+#[test]
+fn an_unknown_outcome_goes_before_every_bulk_rotation() {
+    // After a downtime every chain is overdue; one has an attempt marker (its outcome is
+    // unknown and must be retried inside the leeway). With one permit, it goes first, and
+    // the bulk goes nearest inactivity deadline first, whatever order the timers fire in.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let start = chrono::Utc
+            .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+            .single()
+            .expect("date");
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(7, clock.clone())));
+        let (marked, mut bulk) = {
+            let mut w = lock(&world);
+            let mut bulk = Vec::new();
+            for i in 0..8 {
+                // Older chains first in id order is not what decides: used_at does.
+                let used = start - chrono::Duration::minutes(90 + ((i * 37) % 8) as i64);
+                bulk.push((used, w.add_chain(i, used)));
+            }
+            let marked = w.add_chain(99, start - chrono::Duration::minutes(61));
+            w.store
+                .get_mut(&marked)
+                .expect("stored")
+                .chain
+                .attempt_started_at = Some(start - chrono::Duration::seconds(30));
+            (marked, bulk)
+        };
+        bulk.sort();
+        let inc = boot(&world, &clock, 1).await.expect("boot");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let order = lock(&world).order.clone();
+        assert_eq!(
+            order.first(),
+            Some(&marked),
+            "the unknown outcome waits behind bulk rotations: {order:?}"
+        );
+        let expected: Vec<String> = bulk.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(
+            &order[1..9],
+            &expected[..],
+            "bulk rotations go nearest inactivity deadline first"
+        );
+        crash(inc);
     });
 }
