@@ -55,6 +55,14 @@ pub(crate) enum Outcome {
         /// As for `Rotated`.
         recovered: bool,
     },
+    /// An existing connection took the chain of a new connection of the same account (the
+    /// new one is gone from the store).
+    Adopted {
+        /// The committed record of the existing connection.
+        next: Record,
+        /// The existing connection was `needs_reauth` before.
+        revived: bool,
+    },
     /// A change held uncommitted since an earlier store failure is committed at last.
     Committed {
         /// The committed record.
@@ -524,6 +532,45 @@ async fn retry_later(
     }
 }
 
+/// Moves the chain of `source` (a connection just added) into `base` (the existing connection
+/// of the same account) and deletes `source`, in one store transaction. Called with both
+/// chain locks held.
+pub(crate) async fn adopt(engine: &Engine, source: &Record, base: Record) -> Outcome {
+    let now = engine.now();
+    let from_id = &source.conn.id;
+    let mut next = base.clone();
+    let revived = next.conn.status == Status::NeedsReauth;
+    let mut events = vec![Event::new(
+        "merged",
+        format!("took a new chain for the same account from {from_id}"),
+    )];
+    if revived {
+        events.push(Event::new(
+            "recovered",
+            "revived by a new chain for the same account",
+        ));
+    }
+    next.chain = source.chain.clone();
+    next.chain.previous = None;
+    next.chain.version = base.chain.version + 1;
+    next.conn.status = Status::Active;
+    next.conn.scopes = source.conn.scopes.clone();
+    next.conn.consented_at = source.conn.consented_at;
+    next.conn.last_refresh_at = source.conn.last_refresh_at;
+    next.conn.last_error = None;
+    next.conn.consecutive_failures = 0;
+    next.conn.updated_at = now;
+    match engine
+        .store
+        .merge(from_id.clone(), next.clone(), base.chain.version, events)
+        .await
+    {
+        Ok(()) => Outcome::Adopted { next, revived },
+        Err(StoreError::Conflict(_)) => superseded(engine, &base.conn.id).await,
+        Err(e) => Outcome::Skipped(Skip::StoreDown(e.to_string())),
+    }
+}
+
 /// What has to happen after the slot's lock is released.
 #[derive(Default)]
 pub(crate) struct Effects {
@@ -568,6 +615,19 @@ pub(crate) fn settle(
                 ));
             }
             effects.resolve_sites = st.sites_wanted;
+            Ok(())
+        }
+        Outcome::Adopted { next, revived } => {
+            st.rec.adopt_chain(&next);
+            st.not_before = None;
+            st.provider_asked = false;
+            if revived {
+                effects.notify = Some((
+                    Kind::Recovered,
+                    st.rec.conn.clone(),
+                    "revived by a new chain for the same account".into(),
+                ));
+            }
             Ok(())
         }
         Outcome::Committed { next } => {

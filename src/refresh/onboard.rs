@@ -9,13 +9,12 @@
 //! committed as soon as it can be) with an answer that says so.
 
 use super::{
-    AUTHORIZATION_TTL, Added, Authorization, Engine, Failure, Held, Need, Slot, StoreError,
+    AUTHORIZATION_TTL, Added, Authorization, Engine, Failure, Held, Need, Slot, StoreError, attempt,
 };
 use crate::model::{
     AccessToken, Chain, Connection, Event, PROVIDER_ATLASSIAN, Record, Status, Time,
     new_connection_id,
 };
-use crate::notify::Kind;
 use crate::provider::{ASSUMED_ACCESS_LIFETIME, ProviderError, TransientKind};
 use crate::secret::Secret;
 use std::sync::Arc;
@@ -349,49 +348,16 @@ impl Engine {
             (f.rec.clone(), i.rec.clone())
         };
         let (from_id, into_id) = (source.conn.id.clone(), base.conn.id.clone());
-        let now = self.now();
-        let mut merged = base.clone();
-        let revived = merged.conn.status == Status::NeedsReauth;
-        let mut events = vec![Event::new(
-            "merged",
-            format!("took a new chain for the same account from {from_id}"),
-        )];
-        if revived {
-            events.push(Event::new(
-                "recovered",
-                "revived by a new chain for the same account",
-            ));
-        }
-        merged.chain = source.chain.clone();
-        merged.chain.previous = None;
-        merged.chain.version = base.chain.version + 1;
-        merged.conn.status = Status::Active;
-        merged.conn.scopes = source.conn.scopes.clone();
-        merged.conn.consented_at = source.conn.consented_at;
-        merged.conn.last_refresh_at = source.conn.last_refresh_at;
-        merged.conn.last_error = None;
-        merged.conn.consecutive_failures = 0;
-        merged.conn.updated_at = now;
-        self.store
-            .merge(from_id.clone(), merged.clone(), base.chain.version, events)
-            .await
-            .map_err(store_failure)?;
-        let conn = {
+        let outcome = attempt::adopt(self, &source, base).await;
+        let (result, effects) = {
             let mut st = into.lock();
-            st.rec.adopt_chain(&merged);
-            st.not_before = None;
-            st.provider_asked = false;
+            let settled = attempt::settle(self, &mut st, outcome);
             self.replan_locked(&st);
-            st.rec.conn.clone()
+            settled
         };
+        effects.apply(self, into);
+        result?;
         self.uninstall(&from_id);
-        if revived {
-            self.notify(
-                Kind::Recovered,
-                &conn,
-                "revived by a new chain for the same account",
-            );
-        }
         tracing::info!(connection = %into_id, from = %from_id, "existing connection took the new chain of the same account");
         Ok(())
     }
