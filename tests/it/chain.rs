@@ -3,7 +3,7 @@
 
 use crate::fake::{ErrorShape, FakeAtlassian, FakeSite, Fault};
 use crate::util::{TestDaemon, assert_no_secrets, assert_success, eventually, import};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::time::Duration;
 
 /// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon).
@@ -778,4 +778,75 @@ fn tokend_connect_by_paste_and_by_loopback_callback() {
         ),
         &fake,
     );
+}
+
+/// A consent whose insert fails (full disk) after the code was exchanged keeps the chain: the
+/// answer says it is held in memory under a named connection, the connection is listed but
+/// serves no token, and once space is back the chain is committed (the ledger holds the
+/// fake's current token), serves tokens and survives a restart. No reuse violation.
+#[test]
+fn a_full_disk_during_a_consent_keeps_the_new_chain() {
+    let fake = FakeAtlassian::start();
+    let mut d = TestDaemon::builder(&fake).prepare();
+    let disk = SmallDisk::mount(&d.state_dir(), "4m");
+    d.restart();
+    let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let auth = r.json();
+    let code = fake.issue_code(
+        "acct-1",
+        &[FakeSite::confluence("acme")],
+        auth["redirect_uri"].as_str().unwrap(),
+    );
+    disk.fill();
+    let r = d.post_json(
+        "/v1/connections",
+        &json!({"provider": "atlassian", "label": "conf", "code": code, "state": auth["state"]}),
+    );
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(
+        r.text().contains("holds it as connection"),
+        "the answer must say the chain is kept: {}",
+        r.text()
+    );
+    let (code, list) = d.get_json("/v1/connections");
+    assert_eq!(code, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let t = d.request("GET", "/v1/connections/conf/token", None);
+    assert_eq!(
+        t.status,
+        500,
+        "no token before the chain is durable: {}",
+        t.text()
+    );
+    let stored = || -> Option<String> {
+        let db = rusqlite::Connection::open_with_flags(
+            d.ledger_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .ok()?;
+        db.query_row(
+            "SELECT refresh_token FROM connections WHERE label = 'conf'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    disk.free();
+    assert!(
+        eventually(Duration::from_secs(10), || stored()
+            == fake.current_refresh_token("acct-1")),
+        "the held chain was not committed once space was back\n{}",
+        d.logs()
+    );
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200);
+    d.restart();
+    let (code, _) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200, "the chain survives a restart");
+    assert_eq!(fake.reuse_violations(), 0);
+    assert!(fake.family_alive("acct-1"));
+    d.kill9();
+    drop(disk);
+    assert_no_secrets(&d.logs(), &fake);
 }
