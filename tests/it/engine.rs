@@ -1,7 +1,8 @@
 //! "The engine owns every refresh": scenarios where something other than the engine (a caller
 //! that hangs up, the site job, a half-answer of the provider, a full disk, two consents at
-//! once) must not decide the fate of a chain. Each test states, in its doc comment, what a
-//! correct daemon shows from the outside.
+//! once) must not decide the fate of a chain, and the gates around it (`?site=` misses,
+//! backoff against operators and `Retry-After`, markers across a crash). Each test states,
+//! in its doc comment, what a correct daemon shows from the outside.
 
 use crate::chain::{SmallDisk, ledger_refresh_token, status_of};
 use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
@@ -533,5 +534,285 @@ fn a_2xx_answer_with_only_a_refresh_token_keeps_that_token() {
     assert_eq!(fake.leeway_reuses(), 0);
     assert_eq!(fake.reuse_violations(), 0);
     assert!(fake.family_alive("acct-1") && fake.family_alive("acct-2"));
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+/// Accessible-resources requests the fake answered for `account` so far.
+fn resource_requests(fake: &FakeAtlassian, account: &str) -> usize {
+    fake.requests()
+        .iter()
+        .filter(|r| {
+            r.path == "/oauth/token/accessible-resources" && r.account.as_deref() == Some(account)
+        })
+        .count()
+}
+
+/// A connection reaches site `acme`; site `beta` is added at the fake afterwards, and the site
+/// job is set to fire once a year (so it cannot be what notices). Then a service asks
+/// `GET /v1/token?site=beta.atlassian.net`, and twice for `gamma.atlassian.net`, a site
+/// nobody reaches.
+///
+/// Correct: a `?site=` lookup that matches nothing re-resolves the connections' sites before
+/// answering, so the lookup for `beta` answers 200 with a token of that connection (one the
+/// provider accepts for its account), and the connection lists `beta` afterwards. A miss
+/// re-resolves a connection at most once a minute: the two lookups for `gamma` both answer
+/// 404 and cost the fake at most one accessible-resources request for that account between
+/// them. Resolution never rotates a chain: none of the three lookups reaches the token
+/// endpoint.
+#[test]
+fn a_site_lookup_that_matches_nothing_re_resolves_once_a_minute() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake)
+        // Once a year (1 January, midnight): the default hourly job could fire mid-test.
+        .set("jobs", "resolve_sites", &toml_str("0 0 0 1 1 *"))
+        .start();
+    let conn = import(&d, "conf", &rt);
+    let id = conn["id"].as_str().unwrap().to_owned();
+    assert!(has_site(&d, "conf", "https://acme.atlassian.net"), "{conn}");
+    assert!(
+        !has_site(&d, "conf", "https://beta.atlassian.net"),
+        "{conn}"
+    );
+    fake.add_site("acct-1", FakeSite::jira("beta"));
+    let token_calls = fake.token_calls();
+
+    let (code, tok) = d.get_json("/v1/token?site=beta.atlassian.net");
+    assert_eq!(
+        code,
+        200,
+        "a site added since the last resolution must be found by re-resolving on the miss: {tok}\n{}",
+        d.logs()
+    );
+    assert_eq!(tok["connection_id"], id.as_str(), "{tok}");
+    assert_eq!(
+        fake.access_token_account(tok["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some("acct-1"),
+        "the token handed out is one the provider accepts for the connection's account"
+    );
+    assert!(
+        has_site(&d, "conf", "https://beta.atlassian.net"),
+        "the connection does not list the re-resolved site: {}",
+        d.get_json("/v1/connections/conf").1
+    );
+
+    let resolutions = resource_requests(&fake, "acct-1");
+    for n in 1..=2 {
+        let r = d.request("GET", "/v1/token?site=gamma.atlassian.net", None);
+        assert_eq!(
+            r.status,
+            404,
+            "lookup #{n} for a site nobody reaches: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code().as_deref(), Some("not_found"), "{}", r.text());
+    }
+    let during_misses = resource_requests(&fake, "acct-1") - resolutions;
+    assert!(
+        during_misses <= 1,
+        "two misses within a minute re-resolved the connection {during_misses} times; at most once a minute"
+    );
+    assert_eq!(
+        fake.token_calls(),
+        token_calls,
+        "a ?site= lookup (hit or miss) called the token endpoint: a miss never rotates a chain"
+    );
+    assert_eq!(status_of(&d, "conf"), "active");
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+/// `backoff_min = "20s"`. The provider answers a refresh with a 500 (it did not process it),
+/// so the connection is in tokend's own backoff for ~20 s. An operator then runs
+/// `POST /v1/connections/{id}/refresh`. Later the provider answers a refresh with 429 and
+/// `Retry-After: 30`, and the operator asks again within those 30 s, twice.
+///
+/// Correct: tokend's own backoff is for its scheduler, not for an operator: the refresh
+/// during the backoff answers 200 and rotates the chain (one token call, one rotation at the
+/// fake, the ledger holds the new token, the failure count is back to 0). The provider's
+/// `Retry-After` binds everyone, operators included: the refreshes within the 30 s answer
+/// 503 `provider_unavailable` with a `Retry-After`, and make no token call at all.
+#[test]
+fn an_operator_refresh_during_backoff_still_refreshes() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake)
+        .set("refresh", "backoff_min", &toml_str("20s"))
+        .set("refresh", "backoff_max", &toml_str("60s"))
+        .start();
+    import(&d, "conf", &rt);
+
+    // A transient failure puts the connection into tokend's own backoff.
+    fake.inject_token(Fault::Status(500));
+    let calls = fake.token_calls();
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+    assert_eq!(fake.token_calls(), calls + 1);
+    let backoff: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After on the 503: {:?}", r.headers));
+    assert!(
+        backoff >= 10,
+        "backoff_min is 20s (±20 %), yet the daemon retries in {backoff} s"
+    );
+    let (_, conn) = d.get_json("/v1/connections/conf");
+    assert_eq!(conn["consecutive_failures"], 1, "{conn}");
+    assert_eq!(conn["last_error"]["code"], "server_error", "{conn}");
+
+    // The operator's refresh inside that backoff goes to the provider and rotates.
+    let rotations = fake.rotations("acct-1");
+    let calls = fake.token_calls();
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(
+        r.status,
+        200,
+        "an operator's refresh must ignore tokend's own backoff: {}",
+        r.text()
+    );
+    assert_eq!(fake.token_calls(), calls + 1, "one token call");
+    assert_eq!(fake.rotations("acct-1"), rotations + 1, "one rotation");
+    assert_eq!(r.json()["consecutive_failures"], 0, "{}", r.text());
+    assert_eq!(
+        ledger_refresh_token(&d, "conf"),
+        fake.current_refresh_token("acct-1").unwrap(),
+        "the ledger holds the rotated token"
+    );
+
+    // The provider's Retry-After binds operators too.
+    fake.inject_token(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+    let limited_at = Instant::now();
+    let rotations = fake.rotations("acct-1");
+    let calls = fake.token_calls();
+    for pause in [Duration::ZERO, Duration::from_secs(2)] {
+        std::thread::sleep(pause);
+        let r = d.request("POST", "/v1/connections/conf/refresh", None);
+        assert!(
+            limited_at.elapsed() < Duration::from_secs(25),
+            "the test itself was too slow to stay inside the provider's 30 s"
+        );
+        assert_eq!(
+            r.status,
+            503,
+            "an operator's refresh within the provider's Retry-After: {}",
+            r.text()
+        );
+        assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+        let wait: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no Retry-After on the 503: {:?}", r.headers));
+        assert!((1..=31).contains(&wait), "Retry-After {wait}");
+        assert_eq!(
+            fake.token_calls(),
+            calls,
+            "an operator's refresh reached the token endpoint inside the provider's Retry-After"
+        );
+    }
+    assert_eq!(fake.rotations("acct-1"), rotations);
+    assert_eq!(status_of(&d, "conf"), "active");
+    assert_eq!(fake.leeway_reuses(), 0);
+    assert_eq!(fake.reuse_violations(), 0);
+    assert!(fake.family_alive("acct-1"));
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+/// A refresh reaches the provider, which rotates and then drops the connection (the outcome
+/// is unknown to tokend). tokend's own retry of it, presenting the same token, is answered
+/// 429 with `Retry-After: 60` without being processed (a plain failure). Once that failure
+/// is recorded, the daemon is SIGKILLed and started again.
+///
+/// Correct: the plain failure says nothing about the earlier attempt, whose rotation may
+/// have happened (it did), so its marker survives in the ledger. At the next start the
+/// chain is due at once as a recovery: without any caller, within a few seconds, the daemon
+/// presents the stored token again, inside the leeway (the fake counts a leeway reuse, no
+/// violation), and the ledger ends up with the fake's current refresh token; the connection
+/// is `active` and hands out tokens the provider accepts.
+#[test]
+fn restart_after_an_unknown_outcome_retries_at_once_inside_the_leeway() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let mut d = TestDaemon::start(&fake);
+    import(&d, "conf", &rt);
+    let stored = ledger_refresh_token(&d, "conf");
+
+    fake.inject_token(Fault::Disconnect);
+    fake.inject_token(Fault::RateLimited {
+        retry_after_secs: 60,
+    });
+    let calls = fake.token_requests().len();
+    let r = d.request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("provider_unavailable"));
+    // tokend's own retry of the unknown outcome meets the 429, and records the failure.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (_, conn) = d.get_json("/v1/connections/conf");
+            conn["consecutive_failures"] == 2 && conn["last_error"]["code"] == "rate_limited"
+        }),
+        "the retry of the unknown outcome did not meet the 429: {}\n{}",
+        d.get_json("/v1/connections/conf").1,
+        d.logs()
+    );
+    let seen: Vec<_> = fake.token_requests()[calls..]
+        .iter()
+        .map(|r| r.fault.clone())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            Some(Fault::Disconnect),
+            Some(Fault::RateLimited {
+                retry_after_secs: 60
+            })
+        ],
+        "the two faulted token calls and nothing else"
+    );
+    assert_ne!(
+        fake.current_refresh_token("acct-1").unwrap(),
+        stored,
+        "the fake rotated in the dropped answer"
+    );
+    assert_eq!(ledger_refresh_token(&d, "conf"), stored);
+
+    d.kill9();
+    let reuses = fake.leeway_reuses();
+    let calls = fake.token_requests().len();
+    d.restart();
+    // No caller: only the daemon itself may act.
+    assert!(
+        eventually(Duration::from_secs(10), || fake.leeway_reuses() > reuses
+            && ledger_refresh_token(&d, "conf")
+                == fake.current_refresh_token("acct-1").unwrap_or_default()),
+        "after the restart the daemon did not retry the unknown outcome inside the leeway (a later plain failure erased its marker?)\nfake token calls since the restart: {:?}\n{}",
+        fake.token_requests()[calls..]
+            .iter()
+            .map(|r| (&r.outcome, r.status))
+            .collect::<Vec<_>>(),
+        d.logs()
+    );
+    assert_eq!(
+        fake.token_requests()[calls].outcome,
+        crate::fake::Outcome::LeewayReuse,
+        "the first call after the restart presents the stored token again"
+    );
+    assert_eq!(fake.leeway_reuses(), reuses + 1);
+    assert_eq!(fake.reuse_violations(), 0);
+    assert!(fake.family_alive("acct-1"));
+    assert_eq!(status_of(&d, "conf"), "active");
+    let (code, tok) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200, "{tok}");
+    assert_eq!(
+        fake.access_token_account(tok["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some("acct-1")
+    );
     assert_no_secrets(&d.logs(), &fake);
 }
