@@ -347,13 +347,20 @@ impl Ledger {
     pub async fn merge(
         &self,
         from: String,
+        from_version: u64,
         merged: Record,
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
         self.call(move |db| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("DELETE FROM connections WHERE id = ?1", [&from])?;
+            let deleted = tx.execute(
+                "DELETE FROM connections WHERE id = ?1 AND chain_version = ?2",
+                params![from, from_version as i64],
+            )?;
+            if deleted == 0 {
+                return Err(LedgerError::Conflict(from));
+            }
             if update_row(&tx, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }

@@ -214,8 +214,27 @@ impl Event {
 /// A fresh random connection id.
 pub fn new_connection_id() -> String {
     use rand::Rng;
+    #[cfg(test)]
+    if let Some(n) = SEEDED_IDS.with(|s| s.borrow_mut().as_mut().map(|r| r.random::<u64>())) {
+        return format!("c{:012x}", n & 0xffff_ffff_ffff);
+    }
     let n: u64 = rand::rng().random();
     format!("c{:012x}", n & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A seeded id generator for this thread (the deterministic simulation), if set.
+    static SEEDED_IDS: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the connection ids of this thread come from `seed` (or from the OS again with
+/// `None`), so that a simulation run replays exactly.
+#[cfg(test)]
+pub(crate) fn seed_ids_this_thread(seed: Option<u64>) {
+    use rand::SeedableRng;
+    SEEDED_IDS.with(|s| *s.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
 }
 
 /// A plain active record for unit tests: account `acct-{id}`, no sites, no access token.

@@ -564,7 +564,13 @@ async fn site_token(
     if candidates.is_empty() {
         // Maybe a site added since the last resolution: re-resolve (at most once per
         // connection per minute) and look again.
-        state.engine.site_miss().await;
+        // Only connections this peer may read are re-resolved, and it waits at most one
+        // request timeout.
+        let wait = state.engine.settings().request_timeout;
+        state
+            .engine
+            .site_miss(|id, label| policy.may_read(peer, id, label), wait)
+            .await;
         candidates = state.engine.connections_for_site(&site);
     }
     let readable: Vec<String> = candidates

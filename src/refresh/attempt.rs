@@ -136,6 +136,8 @@ pub(crate) enum Skip {
     StoreDown(String),
     /// The engine stops: no new request.
     ShuttingDown,
+    /// A merge could not be stored; both connections stay as they were.
+    MergeFailed(String),
 }
 
 /// One attempt. Runs on an engine task; see the module docs for the order.
@@ -146,12 +148,28 @@ pub(crate) async fn run(
     ticket: Ticket,
     reserved: Option<Waiting>,
 ) -> Outcome {
-    let _chain = slot.chain.lock().await;
-    let (rec, held, not_before, provider_asked) = {
+    // The caller ([`super::flight`]) holds the chain lock.
+    let (stale, id) = {
         let st = slot.lock();
         if st.removed {
             return Outcome::Skipped(Skip::Removed);
         }
+        (st.stale, st.rec.conn.id.clone())
+    };
+    if stale {
+        // Memory may be behind the store: take the store's chain first.
+        match engine.store.load(id).await {
+            Ok(Some(current)) => {
+                let mut st = slot.lock();
+                st.rec.adopt_chain(&current);
+                st.stale = false;
+            }
+            Ok(None) => return Outcome::Superseded { current: None },
+            Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
+        }
+    }
+    let (rec, held, not_before, provider_asked) = {
+        let st = slot.lock();
         (
             st.rec.clone(),
             st.held.clone(),
@@ -164,7 +182,12 @@ pub(crate) async fn run(
         return commit_held(engine, held).await;
     }
     // 2. Gates.
-    if rec.conn.status == Status::NeedsReauth && need != Need::Forced {
+    // A `needs_reauth` chain is not tried again unless forced, or unless an earlier forced
+    // attempt's outcome is unknown (its marker must be resolved inside the leeway).
+    if rec.conn.status == Status::NeedsReauth
+        && need != Need::Forced
+        && rec.chain.attempt_started_at.is_none()
+    {
         return Outcome::Skipped(Skip::NeedsReauth(match needs_reauth_failure(&rec.conn) {
             Failure::NeedsReauth(m) => m,
             other => other.to_string(),
@@ -262,7 +285,7 @@ pub(crate) async fn run(
         started.elapsed(),
     );
     match result {
-        Ok(grant) => commit_grant(engine, base, grant.into()).await,
+        Ok(grant) => commit_grant(engine, base, grant.into(), true).await,
         Err(ProviderError::Partial {
             refresh_token,
             message,
@@ -274,7 +297,7 @@ pub(crate) async fn run(
                 expires_in: None,
                 scopes: None,
             };
-            commit_grant(engine, base, answer).await
+            commit_grant(engine, base, answer, true).await
         }
         Err(ProviderError::Rejected { code, description }) => {
             if let Some(outcome) = try_previous(engine, &base).await {
@@ -293,6 +316,12 @@ fn age_of(engine: &Engine, at: Option<crate::model::Time>) -> Duration {
 
 async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
     let result = if held.insert {
+        // An earlier insert may have landed although it reported a failure.
+        if let Ok(Some(stored)) = engine.store.load(held.rec.conn.id.clone()).await
+            && stored.chain.refresh_token.expose() == held.rec.chain.refresh_token.expose()
+        {
+            return Outcome::Committed { next: stored };
+        }
         let events = vec![Event::new("imported", "connected through consent")];
         match engine.store.insert(held.rec.clone(), events.clone()).await {
             Err(StoreError::LabelTaken(label)) => {
@@ -302,10 +331,34 @@ async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
             other => other,
         }
     } else {
-        engine
+        let mut saved = engine
             .store
             .save_chain(held.rec.clone(), held.expect_version, vec![])
-            .await
+            .await;
+        if let Err(StoreError::Conflict(_)) = &saved {
+            // The store moved past the version memory knew (a write that failed but
+            // landed). The held chain is the newest there is (the chain lock is held):
+            // unless the store already has it, commit it over the stored version.
+            match engine.store.load(held.rec.conn.id.clone()).await {
+                Ok(Some(current))
+                    if current.chain.refresh_token.expose()
+                        == held.rec.chain.refresh_token.expose() =>
+                {
+                    return Outcome::Committed { next: current };
+                }
+                Ok(Some(current)) => {
+                    held.expect_version = current.chain.version;
+                    held.rec.chain.version = current.chain.version + 1;
+                    saved = engine
+                        .store
+                        .save_chain(held.rec.clone(), held.expect_version, vec![])
+                        .await;
+                }
+                Ok(None) => return Outcome::Superseded { current: None },
+                Err(e) => saved = Err(e),
+            }
+        }
+        saved
     };
     match result {
         Ok(()) => {
@@ -338,15 +391,26 @@ async fn try_previous(engine: &Engine, base: &Record) -> Option<Outcome> {
         return None;
     }
     tracing::warn!(connection = %base.conn.id, "current refresh token rejected; trying the previous one inside the reuse leeway");
-    match engine.provider.refresh(&prev).await {
-        Ok(grant) => {
-            // The rejected token must never be presented again.
-            let mut from = base.clone();
-            from.chain.previous = None;
-            from.chain.refresh_token = prev;
-            Some(commit_grant(engine, from, grant.into()).await)
+    // From here the previous token is the chain: the rejected one is never presented again.
+    let mut from = base.clone();
+    from.chain.previous = None;
+    from.chain.refresh_token = prev;
+    // The access token came with the rejected token: not served any more.
+    from.chain.access = None;
+    match engine.provider.refresh(&from.chain.refresh_token).await {
+        // Its leeway counts from its rotation, not from now: never keep it as `previous`.
+        Ok(grant) => Some(commit_grant(engine, from, grant.into(), false).await),
+        Err(ProviderError::Rejected { .. }) => None,
+        Err(e) => {
+            // The provider may have rotated it: keep it with a marker dated from its
+            // rotation, so that retries stay inside its leeway.
+            let marked = from
+                .chain
+                .attempt_started_at
+                .map_or(rotated_at, |m| m.min(rotated_at));
+            from.chain.attempt_started_at = Some(marked);
+            Some(retry_later(engine, from, e, true).await)
         }
-        Err(_) => None,
     }
 }
 
@@ -369,14 +433,16 @@ impl From<Grant> for Answer {
     }
 }
 
-async fn commit_grant(engine: &Engine, base: Record, grant: Answer) -> Outcome {
+/// Commits a successful answer. `previous_ok` says whether the token presented may be kept
+/// as `previous` (for a later reuse inside the leeway): not when it was itself a previous.
+async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok: bool) -> Outcome {
     let now = engine.now();
     let old_rt = base.chain.refresh_token.clone();
     let mut next = base.clone();
     let mut events = Vec::new();
     let rotated = match grant.refresh_token {
         Some(new_rt) if new_rt.expose() != old_rt.expose() => {
-            next.chain.previous = Some((old_rt, now));
+            next.chain.previous = previous_ok.then_some((old_rt, now));
             next.chain.refresh_token = new_rt;
             next.chain.rotated_at = now;
             events.push(Event::new("rotated", "refresh token rotated"));
@@ -415,17 +481,32 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer) -> Outcome {
     next.conn.last_error = None;
     next.conn.consecutive_failures = 0;
     next.conn.updated_at = now;
-    match engine
+    let mut expect = base.chain.version;
+    let mut saved = engine
         .store
-        .save_chain(next.clone(), base.chain.version, events)
-        .await
-    {
+        .save_chain(next.clone(), expect, events.clone())
+        .await;
+    if let Err(StoreError::Conflict(_)) = &saved {
+        // Memory was behind the store (a write that failed but landed). This answer is the
+        // newest chain there is (the chain lock is held): commit it over the stored version.
+        match engine.store.load(base.conn.id.clone()).await {
+            Ok(Some(current)) => {
+                tracing::warn!(connection = %base.conn.id, "the ledger was ahead of memory; committing the new chain over its version");
+                expect = current.chain.version;
+                next.chain.version = expect + 1;
+                saved = engine.store.save_chain(next.clone(), expect, events).await;
+            }
+            Ok(None) => return Outcome::Superseded { current: None },
+            Err(e) => saved = Err(e),
+        }
+    }
+    match saved {
         Ok(()) if rotated => Outcome::Rotated { next, recovered },
         Ok(()) => Outcome::RenewedWithoutRotation { next, recovered },
         Err(e) => Outcome::CommitPending {
             held: Held {
                 rec: next,
-                expect_version: base.chain.version,
+                expect_version: expect,
                 insert: false,
             },
             error: e.to_string(),
@@ -562,12 +643,18 @@ pub(crate) async fn adopt(engine: &Engine, source: &Record, base: Record) -> Out
     next.conn.updated_at = now;
     match engine
         .store
-        .merge(from_id.clone(), next.clone(), base.chain.version, events)
+        .merge(
+            from_id.clone(),
+            source.chain.version,
+            next.clone(),
+            base.chain.version,
+            events,
+        )
         .await
     {
         Ok(()) => Outcome::Adopted { next, revived },
         Err(StoreError::Conflict(_)) => superseded(engine, &base.conn.id).await,
-        Err(e) => Outcome::Skipped(Skip::StoreDown(e.to_string())),
+        Err(e) => Outcome::Skipped(Skip::MergeFailed(e.to_string())),
     }
 }
 
@@ -576,10 +663,21 @@ pub(crate) async fn adopt(engine: &Engine, source: &Record, base: Record) -> Out
 pub(crate) struct Effects {
     notify: Option<(Kind, crate::model::Connection, String)>,
     resolve_sites: bool,
+    /// The connection's label changed from the first to the second (a held insert).
+    relabel: Option<(String, String)>,
+    /// The store no longer has the connection.
+    uninstall: bool,
 }
 
 impl Effects {
     pub(crate) fn apply(self, engine: &Arc<Engine>, slot: &Arc<Slot>) {
+        let id = slot.lock().rec.conn.id.clone();
+        if let Some((old, new)) = self.relabel {
+            engine.relabel(&id, &old, &new);
+        }
+        if self.uninstall {
+            engine.uninstall(&id);
+        }
         if let Some((kind, conn, message)) = self.notify {
             engine.notify(kind, &conn, &message);
         }
@@ -633,14 +731,15 @@ pub(crate) fn settle(
         Outcome::Committed { next } => {
             if next.conn.label != st.rec.conn.label {
                 tracing::warn!(connection = %id, label = %next.conn.label, "the held connection was committed under a generated label");
+                effects.relabel = Some((st.rec.conn.label.clone(), next.conn.label.clone()));
+                st.rec.conn.label = next.conn.label.clone();
             }
-            let sites = std::mem::take(&mut st.rec.conn.sites);
-            st.rec = next;
-            st.rec.conn.sites = sites;
+            st.rec.adopt_chain(&next);
             st.held = None;
             effects.resolve_sites = st.sites_wanted;
             Ok(())
         }
+
         Outcome::CommitPending { held, error } => {
             tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
             st.held = Some(held);
@@ -658,8 +757,10 @@ pub(crate) fn settle(
             let version = st.rec.chain.version;
             st.rec.adopt_chain(&next);
             if !committed {
-                // Dead either way; keep the store's version as the compare-and-swap key.
+                // Dead either way; keep the store's version as the compare-and-swap key, and
+                // reload before the next attempt (the write may have landed after all).
                 st.rec.chain.version = version;
+                st.stale = true;
             }
             if newly {
                 effects.notify = Some((Kind::NeedsReauth, st.rec.conn.clone(), message.clone()));
@@ -684,9 +785,16 @@ pub(crate) fn settle(
             if committed {
                 st.rec.adopt_chain(&next);
             } else {
-                // Memory may lead the store on failure counters, never on the chain.
+                // Memory may lead the store on failure counters, never on the chain; the
+                // write may have landed after all, so reload before the next attempt.
                 st.rec.conn.consecutive_failures = next.conn.consecutive_failures;
                 st.rec.conn.last_error = next.conn.last_error.clone();
+                if next.chain.access.is_none() {
+                    // An access token that came with a rejected refresh token is not
+                    // served, committed or not.
+                    st.rec.chain.access = None;
+                }
+                st.stale = true;
             }
             st.not_before = Some(Instant::now() + delay);
             st.provider_asked = provider_asked;
@@ -702,13 +810,13 @@ pub(crate) fn settle(
             match current {
                 Some(rec) => {
                     tracing::warn!(connection = %id, "the chain changed in the ledger; reloaded");
-                    st.rec = rec;
+                    st.rec.adopt_chain(&rec);
                     Err(Failure::Conflict(
                         "the chain changed concurrently; try again".into(),
                     ))
                 }
                 None => {
-                    st.removed = true;
+                    effects.uninstall = true;
                     Err(Failure::NotFound)
                 }
             }
@@ -730,6 +838,7 @@ pub(crate) fn settle(
                 })
             }
             Skip::StoreDown(e) => {
+                st.stale = true;
                 tracing::error!(connection = %id, error = %e, "cannot record a refresh attempt in the ledger; not refreshing");
                 hold_off(st, backoff_min);
                 Err(Failure::Internal(format!(
@@ -737,6 +846,9 @@ pub(crate) fn settle(
                 )))
             }
             Skip::ShuttingDown => Err(Failure::Internal("the refresh engine is stopping".into())),
+            Skip::MergeFailed(e) => Err(Failure::Internal(format!(
+                "the new chain could not be merged into the account's connection ({e}); both stay as they are"
+            ))),
         },
     };
     (result, effects)

@@ -111,13 +111,38 @@ impl Engine {
             engine: self.clone(),
             slot: slot.clone(),
             tx: Some(tx),
+            ticket,
         };
         self.tasks.spawn(async move {
-            let outcome = attempt::run(&guard.engine, &guard.slot, need, ticket, reserved).await;
-            guard.finish(outcome);
+            // The chain lock is held from before the attempt until its outcome is settled in
+            // memory, so that a merge or a removal waiting for it sees the settled state.
+            let chain = match guard.slot.chain.clone().try_lock_owned() {
+                Ok(g) => g,
+                Err(_) => {
+                    // A merge or removal holds it: give up the reserved place (a permit
+                    // granted to a task that cannot run yet would starve the others).
+                    let mut reserved = reserved;
+                    drop(reserved.take());
+                    let g = guard.slot.chain.clone().lock_owned().await;
+                    return finish_with(guard, g, need, ticket, None).await;
+                }
+            };
+            finish_with(guard, chain, need, ticket, reserved).await
         });
         Joined { rx }
     }
+}
+
+async fn finish_with(
+    guard: FlightGuard,
+    chain: tokio::sync::OwnedMutexGuard<()>,
+    need: Need,
+    ticket: Ticket,
+    reserved: Option<super::permits::Waiting>,
+) {
+    let outcome = attempt::run(&guard.engine, &guard.slot, need, ticket, reserved).await;
+    guard.finish(outcome);
+    drop(chain);
 }
 
 /// Owns the end of one attempt.
@@ -125,13 +150,14 @@ struct FlightGuard {
     engine: Arc<Engine>,
     slot: Arc<Slot>,
     tx: Option<watch::Sender<Shared>>,
+    ticket: Ticket,
 }
 
 impl FlightGuard {
     /// Settles the outcome (the one place that derives state, events, notifications and the
     /// next plan from it), ends the flight and hands the result to every waiting caller.
+    /// Should settling panic, `Drop` still ends the flight.
     fn finish(mut self, outcome: attempt::Outcome) {
-        let Some(tx) = self.tx.take() else { return };
         let (result, effects) = {
             let mut st = self.slot.lock();
             let settled = attempt::settle(&self.engine, &mut st, outcome);
@@ -139,24 +165,37 @@ impl FlightGuard {
             self.engine.replan_locked(&st);
             settled
         };
+        let tx = self.tx.take();
+        self.engine.permits.forget(self.ticket);
         effects.apply(&self.engine, &self.slot);
-        let _ = tx.send(Some(result));
+        if let Some(tx) = tx {
+            let _ = tx.send(Some(result));
+        }
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else { return };
-        // The task ended without settling (a panic or an abort): the chain state is what the
-        // store committed, so plan a retry; an attempt marker, if any, makes it a recovery.
-        let mut st = self.slot.lock();
-        st.flight = None;
-        let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
-        if st.not_before.is_none_or(|nb| nb < retry) {
-            st.not_before = Some(retry);
+        self.engine.permits.forget(self.ticket);
+        // The task ended without settling (a panic or an abort). Memory may be behind the
+        // store: reload before the next attempt, plan a retry (a marker, if any, makes it a
+        // recovery). The slot is locked by this very thread only when the engine refused to
+        // spawn the attempt (it is stopping): then there is nothing to plan.
+        let locked = match self.slot.state.try_lock() {
+            Ok(st) => Some(st),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut st) = locked {
+            st.flight = None;
+            st.stale = true;
+            let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
+            if st.not_before.is_none_or(|nb| nb < retry) {
+                st.not_before = Some(retry);
+            }
+            self.engine.replan_locked(&st);
         }
-        self.engine.replan_locked(&st);
-        drop(st);
         let _ = tx.send(Some(Err(Failure::Internal(
             "the refresh stopped before it finished; it is retried".into(),
         ))));

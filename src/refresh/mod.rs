@@ -44,6 +44,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use flight::Joined;
+
 pub use sites::SiteOutcome;
 pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint, TokioClock};
 
@@ -227,13 +229,16 @@ pub(crate) struct SlotState {
     resolving: bool,
     /// The last re-resolution triggered by a `?site=` lookup that matched nothing.
     last_site_miss: Option<Instant>,
+    /// Memory may be behind the store (an attempt ended without settling, or a write
+    /// conflicted): the next attempt reloads the chain from the store first.
+    stale: bool,
 }
 
 /// One connection in memory.
 pub(crate) struct Slot {
     /// The chain lock: held by the engine task that runs an attempt, a merge or a removal,
     /// for its whole duration, provider call included.
-    chain: tokio::sync::Mutex<()>,
+    chain: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<SlotState>,
 }
 
@@ -363,7 +368,7 @@ impl Engine {
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let slot = Arc::new(Slot {
-            chain: tokio::sync::Mutex::new(()),
+            chain: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState {
                 rec,
                 held,
@@ -377,6 +382,7 @@ impl Engine {
                 resolve_failures: 0,
                 resolving: false,
                 last_site_miss: None,
+                stale: false,
             }),
         });
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
@@ -398,6 +404,15 @@ impl Engine {
         }
         drop(index);
         self.plan.cancel(id);
+    }
+
+    /// A connection's label changed (a held insert committed under a generated label).
+    fn relabel(&self, id: &str, old: &str, new: &str) {
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        if index.by_label.get(old).map(String::as_str) == Some(id) {
+            index.by_label.remove(old);
+        }
+        index.by_label.insert(new.to_owned(), id.to_owned());
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
@@ -581,6 +596,7 @@ impl Engine {
                 let mut st = slot.lock();
                 // One running already re-plans the chain when it ends.
                 if st.removed || st.flight.is_some() {
+                    tracing::trace!(connection = %id, "due, but an attempt is running");
                     continue;
                 }
                 let _ = self.join_or_start(&slot, &mut st, Need::Scheduled(urgency));
@@ -607,12 +623,35 @@ impl Engine {
     }
 
     /// Stops starting attempts and waits, up to `grace`, for those holding a permit (the
-    /// ones that may be talking to the provider) to commit. Returns whether all finished.
-    pub async fn drain(&self, grace: Duration) -> bool {
+    /// ones that may be talking to the provider) to commit; then tries once more to commit
+    /// every chain change still held. Returns whether nothing is left uncommitted.
+    pub async fn drain(self: &Arc<Self>, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
         self.permits.close();
-        tokio::time::timeout(grace, self.permits.idle())
+        let idle = tokio::time::timeout_at(deadline, self.permits.idle())
             .await
-            .is_ok()
+            .is_ok();
+        let held: Vec<Joined> = self
+            .slots()
+            .into_iter()
+            .filter_map(|slot| {
+                let mut st = slot.lock();
+                (st.held.is_some() && !st.removed).then(|| {
+                    self.join_or_start(&slot, &mut st, Need::Scheduled(plan::Urgency::Recover))
+                })
+            })
+            .collect();
+        for joined in held {
+            let _ = tokio::time::timeout_at(deadline, joined.result()).await;
+        }
+        let left = self.commit_pending();
+        if left > 0 {
+            tracing::error!(
+                held = left,
+                "stopping with chain changes the ledger could not take; a refresh one is retried at the next start inside the reuse leeway, a new consent's chain is lost"
+            );
+        }
+        idle && left == 0
     }
 
     /// Stops every task of the engine at once, wherever it is: what a crash does. For the

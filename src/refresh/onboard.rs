@@ -96,15 +96,52 @@ impl Engine {
         label: &str,
         refresh_token: Secret,
     ) -> Result<Added, Failure> {
+        let refresh_token = Secret::new(refresh_token.expose().trim());
+        // Two connections on one token would rotate each other's tokens away until the
+        // provider revokes the chain.
+        let known = self.slots().into_iter().find_map(|slot| {
+            let st = slot.lock();
+            let c = &st.rec.chain;
+            let same = c.refresh_token.expose() == refresh_token.expose()
+                || c.previous
+                    .as_ref()
+                    .is_some_and(|(p, _)| p.expose() == refresh_token.expose());
+            same.then(|| st.rec.conn.label.clone())
+        });
+        if let Some(label) = known {
+            return Err(Failure::Conflict(format!(
+                "this refresh token already belongs to connection {label:?}"
+            )));
+        }
         let now = self.now();
-        let rec = self.new_record(label, Secret::new(refresh_token.expose().trim()), None, now);
+        let rec = self.new_record(label, refresh_token, None, now);
         let id = rec.conn.id.clone();
         let event = Event::new("imported", format!("imported as {:?}", rec.conn.label));
-        // Nothing is spent yet: a failed insert loses nothing.
-        self.store
-            .insert(rec.clone(), vec![event])
-            .await
-            .map_err(store_failure)?;
+        // Nothing is spent yet: a failed insert loses nothing. (One that reports a failure
+        // but landed must not leave a row nobody refreshes.)
+        if let Err(e) = self.store.insert(rec.clone(), vec![event]).await {
+            match self.store.load(id.clone()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(store_failure(e)),
+                Err(_) => {
+                    // Unknown whether the row landed: hold the connection until the store
+                    // says (the held insert first checks for the row), so that no row is
+                    // left that nobody refreshes.
+                    let label = rec.conn.label.clone();
+                    let held = Held {
+                        rec: rec.clone(),
+                        expect_version: 0,
+                        insert: true,
+                    };
+                    let slot = self.install(rec, Some(held));
+                    slot.lock().sites_wanted = true;
+                    self.replan(&slot);
+                    return Err(Failure::Internal(format!(
+                        "the ledger failed while storing the connection ({e}); tokend holds it as connection {id} ({label}), stores it as soon as the ledger can be written, and refreshes it then"
+                    )));
+                }
+            }
+        }
         let slot = self.install(rec, None);
         let first = {
             let mut st = slot.lock();
@@ -159,6 +196,12 @@ impl Engine {
         code: Secret,
         state: &str,
     ) -> Result<Added, Failure> {
+        // The code is single-use: spend it only when the store can take the chain now.
+        if let Err(e) = self.store.check_writable().await {
+            return Err(Failure::Internal(format!(
+                "the ledger cannot be written ({e}); the authorization code was not used, send it again once it can"
+            )));
+        }
         let fresh = {
             let mut pending = self
                 .authorizations
@@ -387,10 +430,27 @@ impl Engine {
             )
         };
         let deleted = if stored {
-            self.store
-                .delete(id.clone(), self.now())
-                .await
-                .map_err(|e| Failure::Internal(format!("the ledger cannot be written: {e}")))?
+            match self.store.delete(id.clone(), self.now()).await {
+                Ok(deleted) => deleted,
+                // A delete that reports a failure may have landed.
+                Err(e) => match self.store.load(id.clone()).await {
+                    Ok(None) => true,
+                    Ok(Some(_)) => {
+                        return Err(Failure::Internal(format!(
+                            "the ledger cannot be written: {e}"
+                        )));
+                    }
+                    Err(_) => {
+                        // Unknown: keep it (memory must not drop a chain the store may
+                        // still hold); the next attempt reloads it and forgets it if the
+                        // row is gone.
+                        slot.lock().stale = true;
+                        return Err(Failure::Internal(format!(
+                            "the ledger failed while removing the connection ({e}); it may or may not be removed: try again"
+                        )));
+                    }
+                },
+            }
         } else {
             true
         };

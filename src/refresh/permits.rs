@@ -158,6 +158,19 @@ impl Permits {
         }
     }
 
+    /// Forgets a ticket whose attempt ended (a raise may have recorded it without a wait).
+    pub fn forget(&self, ticket: Ticket) {
+        let mut st = self.lock();
+        if let Some(k) = st.keys.remove(&ticket.0) {
+            st.waiters.remove(&(k, ticket.0));
+        }
+    }
+
+    /// How many tickets the gate remembers (waiting or raised): for leak checks.
+    pub fn remembered(&self) -> usize {
+        self.lock().keys.len()
+    }
+
     /// Changes the limit (a reload); waiters are let in at once when it grows.
     pub fn set_limit(&self, limit: usize) {
         self.lock().limit = limit.max(1);

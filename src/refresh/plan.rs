@@ -66,6 +66,14 @@ pub fn next_action(
     if input.held {
         return Some((now_i + commit_retry, Urgency::Recover));
     }
+    if rec.chain.attempt_started_at.is_some() {
+        // An unknown outcome is resolved first, whatever the status: the same token must be
+        // presented again inside the leeway.
+        return Some((
+            input.not_before.map_or(now_i, |nb| nb.max(now_i)),
+            Urgency::Recover,
+        ));
+    }
     if rec.conn.status == Status::NeedsReauth {
         return None;
     }
@@ -79,9 +87,6 @@ pub fn next_action(
         ),
         Urgency::Rotate,
     );
-    if rec.chain.attempt_started_at.is_some() {
-        due = (now_i, Urgency::Recover);
-    }
     if let (true, Some(access), Some(refreshed)) = (
         is_hot(rec, input.last_requested),
         &rec.chain.access,

@@ -38,6 +38,10 @@ const CHAINS: usize = 3;
 /// the reuse leeway, as in production (7 days), so that a retry that is not planned inside
 /// the leeway shows as a lost chain.
 const INACTIVITY: Duration = Duration::from_secs(6 * 3600);
+/// At most this many provider faults wait for the next calls: a provider that fails every
+/// call for the whole leeway after rotating loses the chain by physics, whatever the daemon
+/// does, so faults are not allowed to pile up while nothing calls.
+const MAX_PENDING_FAULTS: usize = 2;
 /// Access-token lifetime the simulated provider grants.
 const ACCESS_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -76,6 +80,12 @@ struct Family {
     in_flight: u32,
     /// Definite rejections sent for this chain.
     rejections: u32,
+    /// The store held this chain at some point: from then on it must keep it.
+    seen: bool,
+    /// An operator asked to remove it: the store may drop it.
+    removal: bool,
+    /// The user revoked consent: the chain is dead legitimately.
+    revoked: bool,
 }
 
 struct World {
@@ -88,6 +98,8 @@ struct World {
     faults: VecDeque<Fault>,
     store: HashMap<String, Record>,
     store_failures: u32,
+    /// Store writes that land but report a failure (an fsync error after the write).
+    store_lies: u32,
     broken: Vec<String>,
     minted: u64,
     calls: u64,
@@ -106,6 +118,7 @@ impl World {
             faults: VecDeque::new(),
             store: HashMap::new(),
             store_failures: 0,
+            store_lies: 0,
             broken: Vec::new(),
             minted: 0,
             calls: 0,
@@ -116,9 +129,17 @@ impl World {
     /// Adds a chain whose token was last used at `used_at`: in the provider and committed.
     fn add_chain(&mut self, i: usize, used_at: Time) -> String {
         let id = format!("c{i:012x}");
-        let rt = self.mint("rt");
+        let rt = self.new_family(&id, used_at);
         let mut rec = crate::model::sample_record(&id, &format!("l{i}"), &rt, used_at);
         rec.conn.account_id = None;
+        self.store.insert(id.clone(), rec);
+        id
+    }
+
+    /// A new family at the provider (a consent), keyed `family`; returns its first token.
+    fn new_family(&mut self, family: &str, used_at: Time) -> String {
+        let rt = self.mint("rt");
+        let id = family.to_owned();
         self.owner.insert(rt.clone(), id.clone());
         self.families.insert(
             id.clone(),
@@ -127,13 +148,27 @@ impl World {
                 parent: None,
                 used_at,
                 alive: true,
-                generation: HashMap::from([(rt, 0)]),
+                generation: HashMap::from([(rt.clone(), 0)]),
                 in_flight: 0,
                 rejections: 0,
+                seen: false,
+                removal: false,
+                revoked: false,
             },
         );
-        self.store.insert(id.clone(), rec);
-        id
+        rt
+    }
+
+    /// The family a stored record's refresh token belongs to.
+    fn family_of(&self, rec: &Record) -> Option<String> {
+        self.owner.get(rec.chain.refresh_token.expose()).cloned()
+    }
+
+    /// The stored record holding a family's chain.
+    fn record_of(&self, family: &str) -> Option<&Record> {
+        self.store
+            .values()
+            .find(|r| self.family_of(r).as_deref() == Some(family))
     }
 
     fn now(&self) -> Time {
@@ -244,6 +279,14 @@ impl SimProvider {
         let (new_rt, access) = {
             let mut w = lock(&self.0);
             let now = w.now();
+            if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
+                let f = &w.families[&chain];
+                tracing::info!(
+                    "SIM provider: {chain} presents generation {:?} (current {}), fault {fault:?}",
+                    f.generation.get(&rt),
+                    f.generation.len() - 1
+                );
+            }
             let rotate = !matches!(fault, Some(Fault::NoRotation));
             let new_rt = w.mint("rt");
             let access = w.mint("at");
@@ -377,7 +420,14 @@ impl SimStore {
             if w.store_fails() {
                 return Err(StoreError::Unavailable("simulated full disk".into()));
             }
-            f(&mut w)
+            let result = f(&mut w);
+            if result.is_ok() && w.store_lies > 0 {
+                w.store_lies -= 1;
+                return Err(StoreError::Unavailable(
+                    "simulated fsync failure after the write".into(),
+                ));
+            }
+            result
         })
     }
 }
@@ -406,6 +456,13 @@ impl Store for SimStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.op(move |w| match w.store.get_mut(&rec.conn.id) {
             Some(stored) if stored.chain.version == expect_version => {
+                if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
+                    tracing::info!(
+                        "SIM store: {} committed version {}",
+                        rec.conn.id,
+                        rec.chain.version
+                    );
+                }
                 stored.adopt_chain(&rec);
                 Ok(())
             }
@@ -430,11 +487,18 @@ impl Store for SimStore {
     fn merge(
         &self,
         from: String,
+        from_version: u64,
         merged: Record,
         expect_version: u64,
         _: Vec<Event>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.op(move |w| {
+            if w.store
+                .get(&from)
+                .is_none_or(|r| r.chain.version != from_version)
+            {
+                return Err(StoreError::Conflict(from));
+            }
             match w.store.get_mut(&merged.conn.id) {
                 Some(r) if r.chain.version == expect_version => r.adopt_chain(&merged),
                 _ => return Err(StoreError::Conflict(merged.conn.id)),
@@ -508,15 +572,40 @@ fn crash(inc: Incarnation) {
 /// Whether every chain can still be refreshed, and the other invariants; the first broken
 /// one, if any.
 fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String> {
-    let w = lock(world);
+    let mut w = lock(world);
     if let Some(b) = w.broken.first() {
         return Err(format!("{step}: {b}"));
     }
     let now = w.now();
-    for (id, f) in &w.families {
-        let Some(rec) = w.store.get(id) else {
-            return Err(format!("{step}: {id}: the store lost the connection"));
+    let mut per_family: HashMap<String, usize> = HashMap::new();
+    for rec in w.store.values() {
+        let Some(family) = w.family_of(rec) else {
+            return Err(format!(
+                "{step}: {}: the store holds a token the provider never issued",
+                rec.conn.id
+            ));
         };
+        *per_family.entry(family).or_default() += 1;
+    }
+    if let Some((family, n)) = per_family.iter().find(|(_, n)| **n > 1) {
+        return Err(format!("{step}: {family}: {n} connections share one chain"));
+    }
+    let families: Vec<String> = w.families.keys().cloned().collect();
+    for family in families {
+        let Some(rec) = w.record_of(&family).cloned() else {
+            let f = &w.families[&family];
+            if f.seen && !f.removal && !f.revoked {
+                return Err(format!("{step}: {family}: the store lost the connection"));
+            }
+            continue;
+        };
+        let f = w.families.get_mut(&family).expect("family");
+        f.seen = true;
+        let id = &rec.conn.id;
+        let forgotten = f.removal && live.is_some_and(|e| e.find(id).is_none());
+        if f.revoked || forgotten {
+            continue;
+        }
         if rec.conn.status == Status::NeedsReauth && f.rejections == 0 {
             return Err(format!(
                 "{step}: {id}: needs_reauth without a definite rejection"
@@ -536,8 +625,22 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
             })
             || held.as_deref() == Some(f.current.as_str());
         if !refreshable || !f.alive {
+            let engine_view = live.and_then(|e| {
+                let slot = e.find(id)?;
+                let st = slot.lock();
+                Some(format!(
+                    "flight {}, plan {:?}, not_before {:?}, stale {}, held {}, marker {:?}, permits in use {}",
+                    st.flight.is_some(),
+                    e.plan.next_of(id).map(|(at, u)| (at.saturating_duration_since(tokio::time::Instant::now()), u)),
+                    st.not_before.map(|nb| nb.saturating_duration_since(tokio::time::Instant::now())),
+                    st.stale,
+                    st.held.is_some(),
+                    st.rec.chain.attempt_started_at,
+                    e.permits.in_use(),
+                ))
+            });
             return Err(format!(
-                "{step}: {id}: chain lost (alive {}, committed token is generation {:?} of {})",
+                "{step}: {id}: chain lost (alive {}, committed token is generation {:?} of {}; engine: {engine_view:?})",
                 f.alive,
                 f.generation.get(committed),
                 f.generation.len()
@@ -548,12 +651,13 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
         for slot in e.slots() {
             let st = slot.lock();
             let id = &st.rec.conn.id;
-            if st.rec.conn.status == Status::Active
+            let unknown = st.rec.chain.attempt_started_at.is_some();
+            if (st.rec.conn.status == Status::Active || unknown)
                 && st.flight.is_none()
                 && e.plan.next_of(id).is_none()
             {
                 return Err(format!(
-                    "{step}: {id}: an active chain has no plan and no attempt"
+                    "{step}: {id}: a chain to keep has no plan and no attempt"
                 ));
             }
         }
@@ -568,15 +672,20 @@ fn check_handed_out(world: &Shared, token: &str) {
         w.broke("a caller got an access token the provider never issued".into());
         return;
     };
-    let committed = w.store.get(&chain).and_then(|r| {
+    if w.families[&chain].removal {
+        // Removed meanwhile: nothing left to compare with.
+        return;
+    }
+    let committed = w.record_of(&chain).and_then(|r| {
         w.families[&chain]
             .generation
             .get(r.chain.refresh_token.expose())
             .copied()
     });
     if committed.is_none_or(|c| c < generation) {
+        let stored = w.record_of(&chain).map(|r| r.conn.id.clone());
         w.broke(format!(
-            "{chain}: an access token was handed out before its refresh token was committed"
+            "{chain}: an access token of generation {generation} was handed out while the store holds generation {committed:?} (in {stored:?})"
         ));
     }
 }
@@ -588,9 +697,17 @@ fn run_schedule(seed: u64) -> Result<(), String> {
         .start_paused(true)
         .build()
         .expect("runtime");
+    if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_test_writer()
+            .try_init();
+    }
     super::backoff::seed_this_thread(Some(seed));
+    crate::model::seed_ids_this_thread(Some(seed));
     let result = rt.block_on(schedule(seed));
     super::backoff::seed_this_thread(None);
+    crate::model::seed_ids_this_thread(None);
     result
 }
 
@@ -607,18 +724,25 @@ async fn schedule(seed: u64) -> Result<(), String> {
             w.add_chain(i, start);
         }
     }
-    let ids: Vec<String> = lock(&world).families.keys().cloned().collect();
-    let mut ids = ids;
-    ids.sort();
     let mut live = boot(&world, &clock, 2).await;
     let roll = |world: &Shared, n: u32| lock(world).rng.random_range(0..n);
+    // A connection the store holds now, picked by the seed (ids are sorted for replay).
+    let pick = |world: &Shared| -> Option<String> {
+        let mut w = lock(world);
+        let mut ids: Vec<String> = w.store.keys().cloned().collect();
+        ids.sort();
+        (!ids.is_empty()).then(|| {
+            let i = w.rng.random_range(0..ids.len());
+            ids.swap_remove(i)
+        })
+    };
+    let mut imported = 0;
     for step in 0..STEPS {
         let what;
         match roll(&world, 100) {
             0..30 => {
                 what = "caller";
-                if let Some(inc) = &live {
-                    let id = ids[roll(&world, ids.len() as u32) as usize].clone();
+                if let (Some(inc), Some(id)) = (&live, pick(&world)) {
                     let min_valid = Duration::from_secs(roll(&world, 400) as u64);
                     let hang_up = (roll(&world, 3) == 0)
                         .then(|| Duration::from_millis(roll(&world, 2000) as u64));
@@ -648,12 +772,64 @@ async fn schedule(seed: u64) -> Result<(), String> {
                     7 => Fault::NoRotation,
                     _ => Fault::Slow(roll(&world, 5000) as u64),
                 };
-                lock(&world).faults.push_back(fault);
+                let mut w = lock(&world);
+                if w.faults.len() < MAX_PENDING_FAULTS {
+                    w.faults.push_back(fault);
+                }
             }
-            48..54 => {
+            48..52 => {
                 what = "store failures";
                 let n = 1 + roll(&world, 6);
                 lock(&world).store_failures += n;
+            }
+            52..54 => {
+                what = "store writes that land but report a failure";
+                lock(&world).store_lies += 1 + roll(&world, 2);
+            }
+            66..69 => {
+                what = "import";
+                if let Some(inc) = &live {
+                    imported += 1;
+                    let label = format!("imp{imported}");
+                    let rt = {
+                        let mut w = lock(&world);
+                        let now = w.now();
+                        w.new_family(&format!("f{imported}"), now)
+                    };
+                    let engine = inc.engine.clone();
+                    let hang_up = Duration::from_millis(roll(&world, 3000) as u64);
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(hang_up, engine.import(&label, Secret::new(rt)))
+                                .await;
+                    });
+                }
+            }
+            69..71 => {
+                what = "remove";
+                if let (Some(inc), Some(id)) = (&live, pick(&world)) {
+                    {
+                        let mut w = lock(&world);
+                        let family = w.store.get(&id).and_then(|r| w.family_of(r));
+                        if let Some(f) = family.and_then(|f| w.families.get_mut(&f)) {
+                            f.removal = true;
+                        }
+                    }
+                    let engine = inc.engine.clone();
+                    tokio::spawn(async move {
+                        let _ = engine.remove(&id).await;
+                    });
+                }
+            }
+            71 => {
+                what = "the user revokes consent";
+                let mut w = lock(&world);
+                let mut families: Vec<String> = w.families.keys().cloned().collect();
+                families.sort();
+                let f = families[w.rng.random_range(0..families.len())].clone();
+                let f = w.families.get_mut(&f).expect("family");
+                f.alive = false;
+                f.revoked = true;
             }
             54..58 => {
                 what = "crash-restart";
@@ -670,8 +846,7 @@ async fn schedule(seed: u64) -> Result<(), String> {
             }
             58..62 => {
                 what = "operator refresh";
-                if let Some(inc) = &live {
-                    let id = ids[roll(&world, ids.len() as u32) as usize].clone();
+                if let (Some(inc), Some(id)) = (&live, pick(&world)) {
                     let engine = inc.engine.clone();
                     let hang_up = Duration::from_millis(roll(&world, 3000) as u64);
                     tokio::spawn(async move {
@@ -681,9 +856,8 @@ async fn schedule(seed: u64) -> Result<(), String> {
             }
             62..66 => {
                 what = "site job";
-                if let Some(inc) = &live {
+                if let (Some(inc), Some(id)) = (&live, pick(&world)) {
                     let engine = inc.engine.clone();
-                    let id = ids[roll(&world, ids.len() as u32) as usize].clone();
                     tokio::spawn(async move {
                         engine.resolve_sites(&id).await;
                     });
@@ -712,6 +886,7 @@ async fn schedule(seed: u64) -> Result<(), String> {
         let mut w = lock(&world);
         w.faults.clear();
         w.store_failures = 0;
+        w.store_lies = 0;
     }
     for minute in 0..80 {
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -729,12 +904,48 @@ async fn schedule(seed: u64) -> Result<(), String> {
     if std::env::var_os("TOKEND_SIM_VERBOSE").is_some() {
         let rotations: usize = w.families.values().map(|f| f.generation.len()).sum();
         eprintln!(
-            "seed {seed}: {} provider calls, {rotations} refresh tokens issued, {} faults left unconsumed",
+            "seed {seed}: {} provider calls, {rotations} refresh tokens issued, {} chains stored",
             w.calls,
-            w.faults.len()
+            w.store.len()
         );
     }
-    for id in &ids {
+    // A removal whose outcome the engine could not learn leaves the slot until an attempt
+    // finds the row gone: the operator's chain, not a lost one.
+    let mut in_engine: Vec<String> = engine
+        .slots()
+        .iter()
+        .filter_map(|slot| {
+            let st = slot.lock();
+            let id = st.rec.conn.id.clone();
+            let removing = w.family_of(&st.rec).is_some_and(|f| w.families[&f].removal);
+            (!removing || w.store.contains_key(&id)).then_some(id)
+        })
+        .collect();
+    // A removal whose outcome the engine could not learn may leave the row for the next
+    // start: that is the operator's chain, not a lost one.
+    let mut in_store: Vec<String> = w
+        .store
+        .values()
+        .filter(|r| {
+            w.family_of(r)
+                .is_none_or(|f| !w.families[&f].removal || in_engine.contains(&r.conn.id))
+        })
+        .map(|r| r.conn.id.clone())
+        .collect();
+    in_engine.sort();
+    in_store.sort();
+    if in_engine != in_store {
+        return Err(format!(
+            "after healing the engine holds {in_engine:?} but the store {in_store:?}"
+        ));
+    }
+    for rec in w.store.values() {
+        let id = &rec.conn.id;
+        let family = w.family_of(rec).expect("checked");
+        let f = &w.families[&family];
+        if f.revoked || (f.removal && engine.find(id).is_none()) {
+            continue;
+        }
         let slot = engine
             .find(id)
             .ok_or(format!("{id}: gone from the engine"))?;
@@ -742,13 +953,18 @@ async fn schedule(seed: u64) -> Result<(), String> {
         if st.rec.conn.status != Status::Active || st.held.is_some() {
             return Err(format!("{id}: not active and committed after healing"));
         }
-        let f = &w.families[id];
         let age = (w.now() - f.used_at).to_std().unwrap_or_default();
         if age > Duration::from_secs(70 * 60) {
             return Err(format!(
                 "{id}: not rotated for {age:?} after healing (rotate_after is 1h)"
             ));
         }
+    }
+    if engine.permits.remembered() > 0 {
+        return Err(format!(
+            "{} permit tickets leaked",
+            engine.permits.remembered()
+        ));
     }
     Ok(())
 }
@@ -814,6 +1030,9 @@ fn the_simulation_catches_a_lost_chain() {
                 generation: HashMap::from([("rt-old".into(), 0), ("rt-new".into(), 1)]),
                 in_flight: 0,
                 rejections: 0,
+                seen: false,
+                removal: false,
+                revoked: false,
             },
         );
         drop(w);

@@ -81,7 +81,14 @@ impl Engine {
     /// A `?site=` lookup matched nothing: re-resolve each active connection not re-resolved
     /// by a miss within [`SITE_MISS_INTERVAL`], and return when they are done. The work runs
     /// on an engine task, so a caller that hangs up stops nothing half-way.
-    pub async fn site_miss(self: &Arc<Self>) {
+    ///
+    /// Only connections `may_read` (id, label) accepts are re-resolved (the caller's own
+    /// access rules), and the caller waits at most `wait`; the resolutions go on regardless.
+    pub async fn site_miss(
+        self: &Arc<Self>,
+        may_read: impl Fn(&str, &str) -> bool,
+        wait: Duration,
+    ) {
         use futures_util::StreamExt;
         let now = Instant::now();
         let due: Vec<(Arc<Slot>, Secret)> = self
@@ -91,6 +98,7 @@ impl Engine {
                 {
                     let mut st = slot.lock();
                     if st.rec.conn.status != Status::Active
+                        || !may_read(&st.rec.conn.id, &st.rec.conn.label)
                         || st
                             .last_site_miss
                             .is_some_and(|t| now - t < SITE_MISS_INTERVAL)
@@ -117,7 +125,7 @@ impl Engine {
                 })
                 .await
         });
-        let _ = task.await;
+        let _ = tokio::time::timeout(wait, task).await;
     }
 
     /// The access token to resolve with, or why not now (marking a deferred resolution).

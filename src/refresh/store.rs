@@ -63,11 +63,12 @@ pub trait Store: Send + Sync + 'static {
         now: Time,
         events: Vec<Event>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
-    /// Moves the chain of the new connection `from` into `merged` (at `expect_version`) and
-    /// deletes `from`.
+    /// Moves the chain of the new connection `from` (at `from_version`) into `merged` (at
+    /// `expect_version`) and deletes `from`; `Conflict` if either moved.
     fn merge(
         &self,
         from: String,
+        from_version: u64,
         merged: Record,
         expect_version: u64,
         events: Vec<Event>,
@@ -115,13 +116,14 @@ impl Store for Ledger {
     fn merge(
         &self,
         from: String,
+        from_version: u64,
         merged: Record,
         expect_version: u64,
         events: Vec<Event>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(
-            async move { Ok(Ledger::merge(self, from, merged, expect_version, events).await?) },
-        )
+        Box::pin(async move {
+            Ok(Ledger::merge(self, from, from_version, merged, expect_version, events).await?)
+        })
     }
     fn sync_sites(
         &self,

@@ -780,12 +780,12 @@ fn tokend_connect_by_paste_and_by_loopback_callback() {
     );
 }
 
-/// A consent whose insert fails (full disk) after the code was exchanged keeps the chain: the
-/// answer says it is held in memory under a named connection, the connection is listed but
-/// serves no token, and once space is back the chain is committed (the ledger holds the
-/// fake's current token), serves tokens and survives a restart. No reuse violation.
+/// A consent while the ledger cannot be written does not spend the one-time code: the answer
+/// says so (500, "not used"), nothing is created and the fake saw no exchange; once space is
+/// back, the same code and state complete the consent, the chain is committed (the ledger
+/// holds the fake's current token), serves tokens and survives a restart.
 #[test]
-fn a_full_disk_during_a_consent_keeps_the_new_chain() {
+fn a_full_disk_during_a_consent_does_not_spend_the_code() {
     let fake = FakeAtlassian::start();
     let mut d = TestDaemon::builder(&fake).prepare();
     let disk = SmallDisk::mount(&d.state_dir(), "4m");
@@ -798,46 +798,32 @@ fn a_full_disk_during_a_consent_keeps_the_new_chain() {
         &[FakeSite::confluence("acme")],
         auth["redirect_uri"].as_str().unwrap(),
     );
+    let body =
+        json!({"provider": "atlassian", "label": "conf", "code": code, "state": auth["state"]});
     disk.fill();
-    let r = d.post_json(
-        "/v1/connections",
-        &json!({"provider": "atlassian", "label": "conf", "code": code, "state": auth["state"]}),
-    );
+    let exchanges = fake.token_calls();
+    let r = d.post_json("/v1/connections", &body);
     assert_eq!(r.status, 500, "{}", r.text());
     assert!(
-        r.text().contains("holds it as connection"),
-        "the answer must say the chain is kept: {}",
+        r.text().contains("was not used"),
+        "the answer must say the code is still good: {}",
         r.text()
     );
+    assert_eq!(fake.token_calls(), exchanges, "the code was spent");
     let (code, list) = d.get_json("/v1/connections");
     assert_eq!(code, 200);
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
-    let t = d.request("GET", "/v1/connections/conf/token", None);
-    assert_eq!(
-        t.status,
-        500,
-        "no token before the chain is durable: {}",
-        t.text()
-    );
-    let stored = || -> Option<String> {
-        let db = rusqlite::Connection::open_with_flags(
-            d.ledger_path(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .ok()?;
-        db.query_row(
-            "SELECT refresh_token FROM connections WHERE label = 'conf'",
-            [],
-            |r| r.get(0),
-        )
-        .ok()
-    };
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     disk.free();
-    assert!(
-        eventually(Duration::from_secs(10), || stored()
-            == fake.current_refresh_token("acct-1")),
-        "the held chain was not committed once space was back\n{}",
-        d.logs()
+    let r = d.post_json("/v1/connections", &body);
+    assert_eq!(
+        r.status,
+        201,
+        "the same code and state work once the ledger can be written: {}",
+        r.text()
+    );
+    assert_eq!(
+        ledger_refresh_token(&d, "conf"),
+        fake.current_refresh_token("acct-1").unwrap()
     );
     let (code, _) = d.get_json("/v1/connections/conf/token");
     assert_eq!(code, 200);
