@@ -105,6 +105,8 @@ struct World {
     calls: u64,
     /// The chain of every token call, in order.
     order: Vec<String>,
+    /// Consent codes not yet exchanged, and the family each starts.
+    codes: HashMap<String, String>,
 }
 
 impl World {
@@ -123,6 +125,7 @@ impl World {
             minted: 0,
             calls: 0,
             order: Vec::new(),
+            codes: HashMap::new(),
         }
     }
 
@@ -359,9 +362,45 @@ impl TokenEndpoint for SimProvider {
     ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
         Box::pin(self.refresh_inner(refresh_token.expose().to_owned()))
     }
-    fn exchange_code<'a>(&'a self, _: &'a Secret) -> BoxFuture<'a, Result<Grant, ProviderError>> {
-        Box::pin(async { Err(rejected()) })
+    fn exchange_code<'a>(
+        &'a self,
+        code: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
+        Box::pin(async move {
+            let pause = lock(&self.0).rng.random_range(0..40);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let mut w = lock(&self.0);
+            let fault = w.faults.pop_front();
+            if let Some(Fault::Connect | Fault::RateLimited(_) | Fault::ServerErrorBefore) = fault {
+                return Err(transient(TransientKind::ServerError, None));
+            }
+            // A code is single-use: from here it is spent, whatever the answer.
+            let Some(family) = w.codes.remove(code.expose()) else {
+                return Err(rejected());
+            };
+            let rt = w.families[&family].current.clone();
+            let access = w.mint("at");
+            w.access.insert(access.clone(), (family, 0));
+            match fault {
+                Some(
+                    Fault::LostAfterRotate
+                    | Fault::ServerErrorAfterRotate
+                    | Fault::GarbledAfterRotate,
+                ) => Err(transient(TransientKind::Timeout, None)),
+                Some(Fault::PartialAfterRotate) => Err(ProviderError::Partial {
+                    refresh_token: Secret::new(rt),
+                    message: "simulated refresh-token-only answer".into(),
+                }),
+                _ => Ok(Grant {
+                    access_token: Secret::new(access),
+                    refresh_token: Some(Secret::new(rt)),
+                    expires_in: Some(ACCESS_LIFETIME),
+                    scopes: None,
+                }),
+            }
+        })
     }
+
     fn accessible_resources<'a>(
         &'a self,
         _: &'a Secret,
@@ -802,6 +841,29 @@ async fn schedule(seed: u64) -> Result<(), String> {
                         let _ =
                             tokio::time::timeout(hang_up, engine.import(&label, Secret::new(rt)))
                                 .await;
+                    });
+                }
+            }
+            72..74 => {
+                what = "consent";
+                if let Some(inc) = &live {
+                    imported += 1;
+                    let label = format!("con{imported}");
+                    let code = {
+                        let mut w = lock(&world);
+                        let now = w.now();
+                        let family = format!("f{imported}");
+                        w.new_family(&family, now);
+                        let code = w.mint("code");
+                        w.codes.insert(code.clone(), family);
+                        code
+                    };
+                    let engine = inc.engine.clone();
+                    let hang_up = Duration::from_millis(roll(&world, 3000) as u64);
+                    tokio::spawn(async move {
+                        let Ok(auth) = engine.authorize() else { return };
+                        let connect = engine.connect(&label, Secret::new(code), &auth.state);
+                        let _ = tokio::time::timeout(hang_up, connect).await;
                     });
                 }
             }
