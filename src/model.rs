@@ -215,7 +215,7 @@ impl Event {
 pub fn new_connection_id() -> String {
     use rand::Rng;
     #[cfg(test)]
-    if let Some(n) = SEEDED_IDS.with(|s| s.borrow_mut().as_mut().map(|r| r.random::<u64>())) {
+    if let Some(n) = seeded(|r| r.random::<u64>()) {
         return format!("c{:012x}", n & 0xffff_ffff_ffff);
     }
     let n: u64 = rand::rng().random();
@@ -224,17 +224,23 @@ pub fn new_connection_id() -> String {
 
 #[cfg(test)]
 thread_local! {
-    /// A seeded id generator for this thread (the deterministic simulation), if set.
-    static SEEDED_IDS: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+    /// A seeded generator for this thread (the deterministic simulation), if set: connection
+    /// ids and backoff jitter come from it, so that a run replays exactly.
+    static SEEDED: std::cell::RefCell<Option<rand::rngs::StdRng>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// Makes the connection ids of this thread come from `seed` (or from the OS again with
-/// `None`), so that a simulation run replays exactly.
+/// Makes this thread's ids and jitter come from `seed` (or from the OS again with `None`).
 #[cfg(test)]
-pub(crate) fn seed_ids_this_thread(seed: Option<u64>) {
+pub(crate) fn seed_this_thread(seed: Option<u64>) {
     use rand::SeedableRng;
-    SEEDED_IDS.with(|s| *s.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
+    SEEDED.with(|s| *s.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
+}
+
+/// Draws from this thread's seeded generator, if one is set.
+#[cfg(test)]
+pub(crate) fn seeded<R>(draw: impl FnOnce(&mut rand::rngs::StdRng) -> R) -> Option<R> {
+    SEEDED.with(|s| s.borrow_mut().as_mut().map(draw))
 }
 
 /// A plain active record for unit tests: account `acct-{id}`, no sites, no access token.

@@ -37,29 +37,10 @@ pub fn delay(
     }
 }
 
-#[cfg(test)]
-thread_local! {
-    /// A seeded generator for this thread (the deterministic simulation), if set.
-    static SEEDED: std::cell::RefCell<Option<rand::rngs::StdRng>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Makes the jitter of this thread come from `seed` (or from the OS again with `None`), so
-/// that a simulation run replays exactly.
-#[cfg(test)]
-pub(crate) fn seed_this_thread(seed: Option<u64>) {
-    use rand::SeedableRng;
-    SEEDED.with(|s| *s.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
-}
-
 fn jitter_factor() -> f64 {
     let range = (1.0 - JITTER)..=(1.0 + JITTER);
     #[cfg(test)]
-    if let Some(f) = SEEDED.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .map(|r| r.random_range(range.clone()))
-    }) {
+    if let Some(f) = crate::model::seeded(|r| r.random_range(range.clone())) {
         return f;
     }
     rand::rng().random_range(range)

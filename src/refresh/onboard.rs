@@ -128,14 +128,7 @@ impl Engine {
                     // says (the held insert first checks for the row), so that no row is
                     // left that nobody refreshes.
                     let label = rec.conn.label.clone();
-                    let held = Held {
-                        rec: rec.clone(),
-                        expect_version: 0,
-                        insert: true,
-                    };
-                    let slot = self.install(rec, Some(held));
-                    slot.lock().sites_wanted = true;
-                    self.replan(&slot);
+                    self.hold_insert(rec);
                     return Err(Failure::Internal(format!(
                         "the ledger failed while storing the connection ({e}); tokend holds it as connection {id} ({label}), stores it as soon as the ledger can be written, and refreshes it then"
                     )));
@@ -274,14 +267,7 @@ impl Engine {
         if let Err(e) = inserted {
             let (id, label) = (rec.conn.id.clone(), rec.conn.label.clone());
             tracing::error!(connection = %id, error = %e, "cannot store the new chain; holding it in memory and retrying");
-            let held = Held {
-                rec: rec.clone(),
-                expect_version: 0,
-                insert: true,
-            };
-            let slot = self.install(rec, Some(held));
-            slot.lock().sites_wanted = true;
-            self.replan(&slot);
+            self.hold_insert(rec);
             return Err(Failure::Internal(format!(
                 "the new chain could not be stored ({e}); tokend holds it as connection {id} ({label}) and stores it as soon as the ledger can be written"
             )));
@@ -298,6 +284,19 @@ impl Engine {
             }
         }
         self.settle_new(&slot, label).await
+    }
+
+    /// Installs a new connection the store did not (or may not have) taken: held, so that
+    /// its insert is retried before anything else, and its sites resolved once it is in.
+    fn hold_insert(&self, rec: Record) {
+        let held = Held {
+            rec: rec.clone(),
+            expect_version: 0,
+            insert: true,
+        };
+        let slot = self.install(rec, Some(held));
+        slot.lock().sites_wanted = true;
+        self.replan(&slot);
     }
 
     fn new_record(

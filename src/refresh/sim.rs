@@ -731,30 +731,21 @@ fn check_handed_out(world: &Shared, token: &str) {
 
 /// Runs one schedule; `Err` names the step and the broken invariant.
 fn run_schedule(seed: u64) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)
             .with_test_writer()
             .try_init();
     }
-    super::backoff::seed_this_thread(Some(seed));
-    crate::model::seed_ids_this_thread(Some(seed));
+    crate::model::seed_this_thread(Some(seed));
     let result = rt.block_on(schedule(seed));
-    super::backoff::seed_this_thread(None);
-    crate::model::seed_ids_this_thread(None);
+    crate::model::seed_this_thread(None);
     result
 }
 
 async fn schedule(seed: u64) -> Result<(), String> {
-    let start = chrono::Utc
-        .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-        .single()
-        .expect("date");
+    let start = sim_start(0);
     let clock = Arc::new(TokioClock::new(start));
     let world: Shared = Arc::new(Mutex::new(World::new(seed, clock.clone())));
     {
@@ -1031,6 +1022,23 @@ async fn schedule(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// A current-thread runtime with paused time: task order and time are the seed's alone.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime")
+}
+
+/// Wall time at the start of a simulated run.
+fn sim_start(hour: u32) -> Time {
+    chrono::Utc
+        .with_ymd_and_hms(2026, 1, 1, hour, 0, 0)
+        .single()
+        .expect("date")
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
@@ -1067,16 +1075,9 @@ fn simulated_schedules_keep_every_chain() {
 #[test]
 fn the_simulation_catches_a_lost_chain() {
     // The checker itself must be able to fail: a store that forgets a rotation is caught.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async {
-        let start = chrono::Utc
-            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-            .single()
-            .expect("date");
+        let start = sim_start(0);
         let clock = Arc::new(TokioClock::new(start));
         let world: Shared = Arc::new(Mutex::new(World::new(1, clock)));
         let mut w = lock(&world);
@@ -1111,16 +1112,9 @@ fn an_unknown_outcome_goes_before_every_bulk_rotation() {
     // After a downtime every chain is overdue; one has an attempt marker (its outcome is
     // unknown and must be retried inside the leeway). With one permit, it goes first, and
     // the bulk goes nearest inactivity deadline first, whatever order the timers fire in.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async {
-        let start = chrono::Utc
-            .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
-            .single()
-            .expect("date");
+        let start = sim_start(12);
         let clock = Arc::new(TokioClock::new(start));
         let world: Shared = Arc::new(Mutex::new(World::new(7, clock.clone())));
         let (marked, mut bulk) = {
