@@ -9,6 +9,7 @@
 
 mod api;
 mod chain;
+mod crypt;
 mod engine;
 mod fake;
 mod fake_selftest;
