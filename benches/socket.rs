@@ -77,7 +77,8 @@ fn rss_bytes() -> u64 {
 }
 
 async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) {
-    let ledger = tokend::ledger::Ledger::open(&dir.join("state")).expect("ledger");
+    let ledger =
+        tokend::ledger::Ledger::open(&dir.join("state"), &Default::default()).expect("ledger");
     for i in 0..n {
         ledger.insert(record(i), vec![]).await.expect("insert");
     }

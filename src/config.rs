@@ -154,6 +154,9 @@ pub struct DaemonConfig {
     /// Export per-connection series (`connection` label). Off for very large ledgers, where
     /// one series per connection would burden Prometheus; the aggregate gauges stay.
     pub metrics_per_connection: bool,
+    /// The key that seals every token in the ledger (`daemon.key_file`; absent: created as
+    /// `<state_dir>/ledger.key`) and older keys that still open rows (`daemon.old_key_files`).
+    pub keys: crate::ledger::seal::KeySource,
 }
 
 /// `daemon.log_format`.
@@ -426,6 +429,28 @@ impl Config {
         let _ = writeln!(s);
         let _ = writeln!(s, "[daemon]");
         let _ = writeln!(s, "state_dir = {}", d.state_dir.display());
+        let _ = writeln!(
+            s,
+            "key_file = {}",
+            d.keys.key_file.as_ref().map_or_else(
+                || format!(
+                    "{} (created on first start)",
+                    d.state_dir
+                        .join(crate::ledger::seal::DEFAULT_KEY_FILE)
+                        .display()
+                ),
+                |k| k.display().to_string()
+            )
+        );
+        if !d.keys.old_key_files.is_empty() {
+            let old: Vec<String> = d
+                .keys
+                .old_key_files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            let _ = writeln!(s, "old_key_files = {}", old.join(", "));
+        }
         let _ = writeln!(s, "socket_path = {}", d.socket_path.display());
         let _ = writeln!(s, "socket_mode = {:04o}", d.socket_mode);
         let _ = writeln!(
@@ -591,6 +616,8 @@ struct RawDaemon {
     log_format: Option<String>,
     log_level: Option<String>,
     metrics_per_connection: Option<bool>,
+    key_file: Option<String>,
+    old_key_files: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -914,6 +941,28 @@ impl Validator<'_> {
             ));
         }
 
+        let key_file = match raw.key_file.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(p) => Some(self.path("daemon.key_file", p)?),
+        };
+        let old_key_files = raw
+            .old_key_files
+            .unwrap_or_default()
+            .iter()
+            .map(|p| self.path("daemon.old_key_files", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(k) = &key_file
+            && old_key_files.contains(k)
+        {
+            return Err(self.err(
+                "daemon.old_key_files",
+                format!(
+                    "{} is daemon.key_file itself; list only the keys it replaces",
+                    k.display()
+                ),
+            ));
+        }
+
         Ok(DaemonConfig {
             state_dir,
             socket_path,
@@ -922,6 +971,10 @@ impl Validator<'_> {
             log_format,
             log_level,
             metrics_per_connection: raw.metrics_per_connection.unwrap_or(true),
+            keys: crate::ledger::seal::KeySource {
+                key_file,
+                old_key_files,
+            },
         })
     }
 

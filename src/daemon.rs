@@ -165,6 +165,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if a.metrics_per_connection != b.metrics_per_connection {
         out.push("daemon.metrics_per_connection");
     }
+    if a.keys != b.keys {
+        out.push("daemon.key_file/old_key_files");
+    }
     if old.refresh.request_timeout != new.refresh.request_timeout {
         out.push("refresh.request_timeout");
     }
@@ -300,6 +303,7 @@ pub fn set_activated_listener(listener: std::os::unix::net::UnixListener) {
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn main(config: Config) -> anyhow::Result<()> {
     init_logging(config.daemon.log_format, &config.daemon.log_level);
+    crate::secret::forbid_core_dumps();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -355,7 +359,7 @@ pub async fn run(
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let ledger = Ledger::open(&config.daemon.state_dir)?;
+    let ledger = Ledger::open(&config.daemon.state_dir, &config.daemon.keys)?;
     tracing::info!(ledger = %ledger.path().display(), "ledger open");
     let provider = Atlassian::new(
         config.providers.atlassian.clone(),

@@ -84,6 +84,12 @@ impl Notifier {
     }
 }
 
+/// The daemon's environment variables a notify command inherits: what a shell script needs
+/// to run and to format text, nothing that could hold or lead to a secret.
+pub const NOTIFY_ENV_ALLOWED: &[&str] = &[
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "USER", "LOGNAME", "SHELL",
+];
+
 async fn worker(command: Arc<String>, timeout: Duration, mut rx: mpsc::Receiver<Notification>) {
     while let Some(n) = rx.recv().await {
         run_one(&command, timeout, &n).await;
@@ -92,20 +98,23 @@ async fn worker(command: Arc<String>, timeout: Duration, mut rx: mpsc::Receiver<
 
 async fn run_one(command: &str, timeout: Duration, n: &Notification) {
     let mut cmd = tokio::process::Command::new("/bin/sh");
+    // An allow-list, not a deny-list: the daemon's environment holds what the hook must not
+    // see (the client secret, `CREDENTIALS_DIRECTORY`, systemd's sockets).
+    cmd.env_clear();
+    for (key, value) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| NOTIFY_ENV_ALLOWED.contains(&k))
+        {
+            cmd.env(key, value);
+        }
+    }
     cmd.arg("-c")
         .arg(command)
         .env("TOKEND_EVENT", n.kind.as_str())
         .env("TOKEND_CONNECTION", &n.connection)
         .env("TOKEND_LABEL", &n.label)
         .env("TOKEND_MESSAGE", &n.message)
-        .env_remove(crate::config::CLIENT_SECRET_ENV)
-        // systemd's variables are the daemon's, not the hook's.
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -31,6 +31,14 @@ impl Secret {
     }
 }
 
+impl Drop for Secret {
+    /// Wipes the value: a freed token does not linger in memory (or a swapped-out page).
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.0.zeroize();
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
@@ -43,9 +51,29 @@ impl From<String> for Secret {
     }
 }
 
+/// Marks the process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core dump, and no
+/// ptrace or `/proc/<pid>/mem` access for other processes of the same user, so tokens in
+/// memory stay in the process.
+pub fn forbid_core_dumps() {
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(error = %e, "cannot mark the process non-dumpable; a core dump could hold tokens");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_is_marked_non_dumpable() {
+        forbid_core_dumps();
+        assert_eq!(
+            rustix::process::dumpable_behavior().unwrap(),
+            rustix::process::DumpableBehavior::NotDumpable
+        );
+    }
 
     #[test]
     fn debug_never_shows_the_value() {

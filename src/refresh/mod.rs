@@ -719,7 +719,7 @@ mod tests {
             &|_| Err(std::io::Error::other("none")),
         )
         .unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &Default::default()).unwrap();
         let old = chrono::Utc::now() - chrono::Duration::hours(1);
         for i in 0..n {
             let id = format!("c{i:012x}");

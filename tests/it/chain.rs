@@ -6,19 +6,37 @@ use crate::util::{TestDaemon, assert_no_secrets, assert_success, eventually, imp
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon).
+/// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon),
+/// unsealed with the daemon's default key (`state/ledger.key`).
 pub fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
+    try_ledger_refresh_token(d, label).expect("connection row")
+}
+
+/// [`ledger_refresh_token`], or `None` while there is no such row.
+pub fn try_ledger_refresh_token(d: &TestDaemon, label: &str) -> Option<String> {
     let db = rusqlite::Connection::open_with_flags(
         d.ledger_path(),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
-    .expect("open ledger read-only");
-    db.query_row(
-        "SELECT refresh_token FROM connections WHERE label = ?1",
-        [label],
-        |r| r.get(0),
-    )
-    .expect("connection row")
+    .ok()?;
+    let (id, sealed): (String, String) = db
+        .query_row(
+            "SELECT id, refresh_token FROM connections WHERE label = ?1",
+            [label],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()?;
+    Some(unseal(d, &id, "refresh_token", &sealed))
+}
+
+/// Opens a sealed token column with the daemon's default key.
+pub fn unseal(d: &TestDaemon, id: &str, column: &str, sealed: &str) -> String {
+    use tokend::ledger::seal::{KeySource, Keyring, aad};
+    let keys = Keyring::load(&KeySource::default(), &d.state_dir()).expect("the ledger key");
+    let opened = keys
+        .open(sealed, &aad(id, column))
+        .expect("a sealed token opens");
+    opened.plaintext.as_str().to_owned()
 }
 
 fn token_of(d: &TestDaemon, label: &str) -> (u16, Value) {

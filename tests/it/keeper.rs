@@ -305,7 +305,7 @@ fn a_revoked_grant_needs_reauth_notifies_once_and_spares_the_others() {
     let fake = FakeAtlassian::start();
     let notes = tempfile::NamedTempFile::new().unwrap();
     let cmd = format!(
-        "echo \"$TOKEND_EVENT|$TOKEND_CONNECTION|$TOKEND_MESSAGE|$TOKEND_ATLASSIAN_CLIENT_SECRET\" >> {}",
+        "echo \"$TOKEND_EVENT|$TOKEND_CONNECTION|$TOKEND_MESSAGE|$TOKEND_ATLASSIAN_CLIENT_SECRET|$CREDENTIALS_DIRECTORY|$PATH\" >> {}",
         notes.path().display()
     );
     let mut d = TestDaemon::builder(&fake)
@@ -315,6 +315,7 @@ fn a_revoked_grant_needs_reauth_notifies_once_and_spares_the_others() {
             "TOKEND_ATLASSIAN_CLIENT_SECRET",
             "cs-from-env-must-not-leak-123456",
         )
+        .env("CREDENTIALS_DIRECTORY", "/run/credentials/tokend.service")
         .start();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -346,6 +347,14 @@ fn a_revoked_grant_needs_reauth_notifies_once_and_spares_the_others() {
     assert_eq!(
         parts[3], "",
         "the client secret must not reach the notify command"
+    );
+    assert_eq!(
+        parts[4], "",
+        "the credentials directory must not reach the notify command (it holds the secret)"
+    );
+    assert!(
+        !parts[5].is_empty(),
+        "PATH is passed on, so that scripts run"
     );
     for (label, status) in statuses(&d) {
         if label != "c1" {

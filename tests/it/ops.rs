@@ -173,13 +173,14 @@ fn sigterm_during_a_slow_refresh_commits_it_and_exits_cleanly() {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let (stored, marker): (String, Option<i64>) = db
+    let (id, stored, marker): (String, String, Option<i64>) = db
         .query_row(
-            "SELECT refresh_token, attempt_started_at FROM connections WHERE label = 'conf'",
+            "SELECT id, refresh_token, attempt_started_at FROM connections WHERE label = 'conf'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
+    let stored = crate::chain::unseal(&d, &id, "refresh_token", &stored);
     assert_eq!(
         stored,
         fake.current_refresh_token("acct-1").unwrap(),

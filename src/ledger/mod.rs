@@ -11,10 +11,13 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
+pub mod seal;
+
 use crate::model::{AccessToken, Chain, Connection, Event, LastError, Record, Site, Status, Time};
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use seal::Keyring;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -87,6 +90,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE connections ADD COLUMN refresh_token_used_at INTEGER;
     UPDATE connections SET refresh_token_used_at = refresh_token_rotated_at;
     "#,
+    // 3: the key check value of the sealed token columns (see `seal`).
+    r#"
+    CREATE TABLE keycheck (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        value TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -120,6 +130,19 @@ pub enum LedgerError {
         /// [`SCHEMA_VERSION`].
         supported: i64,
     },
+    /// The ledger's tokens were sealed with a key tokend was not given.
+    #[error(
+        "the ledger {path} was sealed with another key: {key_file} does not open it, nor does any of daemon.old_key_files; configure the key it was sealed with (daemon.key_file), or list that key in daemon.old_key_files to rotate to a new one"
+    )]
+    WrongKey {
+        /// The database file.
+        path: PathBuf,
+        /// The key that was tried.
+        key_file: PathBuf,
+    },
+    /// A key file could not be read or created.
+    #[error(transparent)]
+    Key(#[from] seal::KeyError),
     /// A row could not be understood (a corrupt or hand-edited ledger).
     #[error("ledger row is invalid: {0}")]
     Corrupt(String),
@@ -145,6 +168,8 @@ pub struct Ledger {
 
 struct Inner {
     db: Mutex<rusqlite::Connection>,
+    /// Seals and opens every token column.
+    keys: Keyring,
     path: PathBuf,
     /// Held for the life of the daemon: an exclusive `flock` on `<state_dir>/tokend.lock`.
     _lock: File,
@@ -153,7 +178,7 @@ struct Inner {
 impl Ledger {
     /// Opens (creating if needed) `<state_dir>/ledger.db`, takes the state directory's lock,
     /// and migrates the schema to [`SCHEMA_VERSION`].
-    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+    pub fn open(state_dir: &Path, keys: &seal::KeySource) -> Result<Ledger, LedgerError> {
         let open_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| LedgerError::Open { path, source }
@@ -180,6 +205,8 @@ impl Ledger {
             }
             Err(e) => return Err(open_err(&lock_path)(e.into())),
         }
+        // Under the lock: two daemons must not both create a first key.
+        let keys = Keyring::load(keys, state_dir)?;
         let path = state_dir.join("ledger.db");
         // Create the file ourselves so it is 0600 from the first byte; SQLite gives the WAL
         // and shm files the same mode.
@@ -196,10 +223,15 @@ impl Ledger {
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.pragma_update(None, "foreign_keys", "ON")?;
+        // Freed pages are zeroed: a rotated-away (or, before sealing, clear-text) token does
+        // not linger in the file.
+        db.pragma_update(None, "secure_delete", "ON")?;
         migrate(&mut db, &path)?;
+        seal_at_rest(&mut db, &keys, &path)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db: Mutex::new(db),
+                keys,
                 path,
                 _lock: lock,
             }),
@@ -226,12 +258,27 @@ impl Ledger {
         .map_err(|e| LedgerError::Task(e.to_string()))?
     }
 
+    /// Runs `f` with the database and the keys on the blocking pool.
+    async fn call_keys<R, F>(&self, f: F) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = inner.db.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut db, &inner.keys)
+        })
+        .await
+        .map_err(|e| LedgerError::Task(e.to_string()))?
+    }
+
     /// Every connection with its chain and sites (removed sites excluded).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
-        self.call(|db| {
+        self.call_keys(|db, keys| {
             let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
             let mut records = stmt
-                .query_map([], row_to_record)?
+                .query_map([], |r| row_to_record(r, keys))?
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
@@ -245,12 +292,12 @@ impl Ledger {
 
     /// One connection with its chain and sites, or `None`.
     pub async fn load_one(&self, id: String) -> Result<Option<Record>, LedgerError> {
-        self.call(move |db| {
+        self.call_keys(move |db, keys| {
             let rec = db
                 .query_row(
                     &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"),
                     [&id],
-                    row_to_record,
+                    |r| row_to_record(r, keys),
                 )
                 .optional()?
                 .transpose()?;
@@ -267,7 +314,7 @@ impl Ledger {
 
     /// Inserts a new connection with its first events.
     pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), LedgerError> {
-        self.call(move |db| {
+        self.call_keys(move |db, keys| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let taken: Option<String> = tx
                 .query_row(
@@ -284,7 +331,7 @@ impl Ledger {
                     "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
                     placeholders(CONNECTION_COLUMN_COUNT)
                 ),
-                rusqlite::params_from_iter(record_values(&rec)),
+                rusqlite::params_from_iter(record_values(&rec, keys)),
             )?;
             write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
             append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
@@ -304,9 +351,9 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
+        self.call_keys(move |db, keys| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if update_row(&tx, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(&tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
             append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
@@ -352,7 +399,7 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
+        self.call_keys(move |db, keys| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let deleted = tx.execute(
                 "DELETE FROM connections WHERE id = ?1 AND chain_version = ?2",
@@ -361,7 +408,7 @@ impl Ledger {
             if deleted == 0 {
                 return Err(LedgerError::Conflict(from));
             }
-            if update_row(&tx, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(&tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
@@ -522,6 +569,92 @@ impl Ledger {
     }
 }
 
+/// Makes every token column sealed under the current key: checks the key against the
+/// stored check value, seals a plaintext ledger of an older tokend, re-seals rows under an
+/// old key (rotation), all in one transaction, and records the check value.
+fn seal_at_rest(
+    db: &mut rusqlite::Connection,
+    keys: &Keyring,
+    path: &Path,
+) -> Result<(), LedgerError> {
+    let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let check: Option<String> = tx
+        .query_row("SELECT value FROM keycheck WHERE id = 1", [], |r| r.get(0))
+        .optional()?;
+    let rotating = match check.as_deref().map(|c| keys.verify(c)) {
+        None => false,
+        Some(Some(old)) => old,
+        Some(None) => {
+            return Err(LedgerError::WrongKey {
+                path: path.to_path_buf(),
+                key_file: keys.key_file().to_path_buf(),
+            });
+        }
+    };
+    if check.is_some() && !rotating && !keys.has_old_keys() {
+        return Ok(());
+    }
+    // Re-seal every token that is not sealed under the current key.
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, refresh_token, previous_refresh_token, access_token FROM connections",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    let mut resealed = 0;
+    for (id, rt, prev, access) in rows {
+        let mut stale = false;
+        let mut reseal = |column: &str, value: &str| -> Result<String, LedgerError> {
+            let aad = seal::aad(&id, column);
+            let o = keys.open(value, &aad).map_err(|e| {
+                LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
+            })?;
+            stale |= o.stale;
+            Ok(keys.seal(&o.plaintext, &aad))
+        };
+        let rt = reseal("refresh_token", &rt)?;
+        let prev = prev
+            .map(|p| reseal("previous_refresh_token", &p))
+            .transpose()?;
+        let access = access.map(|a| reseal("access_token", &a)).transpose()?;
+        if stale {
+            tx.execute(
+                "UPDATE connections SET refresh_token = ?1, previous_refresh_token = ?2, access_token = ?3 WHERE id = ?4",
+                params![rt, prev, access, id],
+            )?;
+            resealed += 1;
+        }
+    }
+    tx.execute(
+        "INSERT INTO keycheck (id, value) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
+        [keys.check_value()],
+    )?;
+    tx.commit()?;
+    if resealed > 0 {
+        // The clear-text (or old-key) values must not survive in freed pages or WAL frames.
+        db.execute_batch("VACUUM;")?;
+        db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    match (check.is_some(), rotating) {
+        (false, _) if resealed > 0 => tracing::info!(
+            connections = resealed,
+            "sealed the tokens of a plaintext ledger under the ledger key"
+        ),
+        (true, true) => tracing::info!(
+            connections = resealed,
+            key_file = %keys.key_file().display(),
+            "re-sealed the ledger under key_file; no row needs daemon.old_key_files any more, they can be removed"
+        ),
+        (true, false) if keys.has_old_keys() => tracing::info!(
+            connections = resealed,
+            "every row is sealed under key_file; daemon.old_key_files are no longer needed and can be removed"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
 fn migrate(db: &mut rusqlite::Connection, path: &Path) -> Result<(), LedgerError> {
     let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
@@ -576,12 +709,13 @@ const CHAIN_COLUMNS: &[&str] = &[
 /// `chain_version` is `expect_version` (compare-and-swap); returns the number of rows changed.
 fn update_row(
     tx: &rusqlite::Transaction<'_>,
+    keys: &Keyring,
     rec: &Record,
     columns: &[&str],
     expect_version: u64,
 ) -> Result<usize, LedgerError> {
     let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
-    let values = record_values(rec);
+    let values = record_values(rec, keys);
     let mut params = Vec::with_capacity(columns.len() + 2);
     let mut assignments = Vec::with_capacity(columns.len());
     for c in columns {
@@ -628,7 +762,8 @@ fn split_scopes(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_owned).collect()
 }
 
-fn record_values(rec: &Record) -> Vec<rusqlite::types::Value> {
+/// The row of a record, its tokens sealed.
+fn record_values(rec: &Record, keys: &Keyring) -> Vec<rusqlite::types::Value> {
     use rusqlite::types::Value as V;
     let c = &rec.conn;
     let ch = &rec.chain;
@@ -644,12 +779,22 @@ fn record_values(rec: &Record) -> Vec<rusqlite::types::Value> {
         opt_text(c.account_id.as_deref()),
         text(c.status.as_str()),
         text(&join_scopes(&c.scopes)),
-        text(ch.refresh_token.expose()),
+        text(&sealed(keys, &c.id, "refresh_token", &ch.refresh_token)),
         time(ch.rotated_at),
-        opt_text(ch.previous.as_ref().map(|(s, _)| s.expose())),
+        opt_text(
+            ch.previous
+                .as_ref()
+                .map(|(s, _)| sealed(keys, &c.id, "previous_refresh_token", s))
+                .as_deref(),
+        ),
         opt_time(ch.previous.as_ref().map(|(_, t)| *t)),
         opt_time(ch.attempt_started_at),
-        opt_text(ch.access.as_ref().map(|a| a.token.expose())),
+        opt_text(
+            ch.access
+                .as_ref()
+                .map(|a| sealed(keys, &c.id, "access_token", &a.token))
+                .as_deref(),
+        ),
         opt_time(ch.access.as_ref().map(|a| a.expires_at)),
         time(c.consented_at),
         opt_time(c.last_refresh_at),
@@ -664,7 +809,23 @@ fn record_values(rec: &Record) -> Vec<rusqlite::types::Value> {
     ]
 }
 
-fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, LedgerError>> {
+fn sealed(keys: &Keyring, id: &str, column: &str, token: &Secret) -> String {
+    keys.seal(token.expose(), &seal::aad(id, column))
+}
+
+/// Opens a sealed token column of connection `id`.
+fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, LedgerError> {
+    keys.open(value, &seal::aad(id, column))
+        .map(|o| Secret::new(o.plaintext.as_str()))
+        .map_err(|e| LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
+}
+
+fn row_to_record(
+    r: &rusqlite::Row<'_>,
+    keys: &Keyring,
+) -> rusqlite::Result<Result<Record, LedgerError>> {
+    let id: String = r.get(0)?;
+    let open = |column: &str, value: String| opened(keys, &id, column, &value);
     let status: String = r.get(5)?;
     let Some(status) = Status::parse(&status) else {
         return Ok(Err(LedgerError::Corrupt(format!(
@@ -675,15 +836,25 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, Ledge
         Ok(r.get::<_, Option<i64>>(i)?.map(from_ms))
     };
     let previous = match (r.get::<_, Option<String>>(9)?, opt_time(10)?) {
-        (Some(t), Some(at)) => Some((Secret::new(t), at)),
+        (Some(t), Some(at)) => match open("previous_refresh_token", t) {
+            Ok(t) => Some((t, at)),
+            Err(e) => return Ok(Err(e)),
+        },
         _ => None,
     };
     let access = match (r.get::<_, Option<String>>(12)?, opt_time(13)?) {
-        (Some(t), Some(at)) => Some(AccessToken {
-            token: Secret::new(t),
-            expires_at: at,
-        }),
+        (Some(t), Some(at)) => match open("access_token", t) {
+            Ok(token) => Some(AccessToken {
+                token,
+                expires_at: at,
+            }),
+            Err(e) => return Ok(Err(e)),
+        },
         _ => None,
+    };
+    let refresh_token = match open("refresh_token", r.get::<_, String>(7)?) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
     };
     let last_error = match (
         r.get::<_, Option<String>>(16)?,
@@ -695,7 +866,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, Ledge
     };
     Ok(Ok(Record {
         conn: Connection {
-            id: r.get(0)?,
+            id,
             label: r.get(1)?,
             provider: r.get(2)?,
             client_id: r.get(3)?,
@@ -711,7 +882,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record, Ledge
             updated_at: from_ms(r.get(21)?),
         },
         chain: Chain {
-            refresh_token: Secret::new(r.get::<_, String>(7)?),
+            refresh_token,
             rotated_at: from_ms(r.get(8)?),
             used_at: opt_time(23)?.unwrap_or_else(|| from_ms(r.get(8).unwrap_or_default())),
             version: r.get::<_, i64>(22)?.max(0) as u64,
@@ -803,7 +974,7 @@ mod tests {
     #[tokio::test]
     async fn insert_save_reload_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let rec = record("c1", "conf", "rt-1");
         ledger
             .insert(rec.clone(), vec![Event::new("imported", "x")])
@@ -824,7 +995,7 @@ mod tests {
             .await
             .unwrap();
         drop(ledger);
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let all = ledger.load_all().await.unwrap();
         assert_eq!(all.len(), 1);
         let got = &all[0];
@@ -847,7 +1018,7 @@ mod tests {
     #[tokio::test]
     async fn compare_and_swap_refuses_a_stale_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let rec = record("c1", "conf", "rt-1");
         ledger.insert(rec.clone(), vec![]).await.unwrap();
         let mut next = rec.clone();
@@ -877,7 +1048,7 @@ mod tests {
     #[tokio::test]
     async fn labels_and_accounts_are_unique() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         ledger
             .insert(record("c1", "conf", "a"), vec![])
             .await
@@ -895,8 +1066,8 @@ mod tests {
     #[tokio::test]
     async fn second_open_of_the_same_state_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Ledger::open(dir.path()).unwrap();
-        let err = Ledger::open(dir.path())
+        let _first = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let err = Ledger::open(dir.path(), &seal::KeySource::default())
             .err()
             .expect("second open must fail");
         assert!(matches!(err, LedgerError::Locked(_)), "{err}");
@@ -910,7 +1081,9 @@ mod tests {
             db.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
                 .unwrap();
         }
-        let err = Ledger::open(dir.path()).err().expect("must refuse");
+        let err = Ledger::open(dir.path(), &seal::KeySource::default())
+            .err()
+            .expect("must refuse");
         assert!(err.to_string().contains("newer"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
@@ -918,7 +1091,7 @@ mod tests {
             // An empty file at version 0 is what a first start or an older layout looks like.
             rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
         }
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let v: i64 = ledger
             .call(|db| Ok(db.pragma_query_value(None, "user_version", |r| r.get(0))?))
             .await
@@ -939,7 +1112,7 @@ mod tests {
     #[tokio::test]
     async fn maintenance_prunes_old_events_only() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let old = Utc::now() - chrono::Duration::days(400);
         ledger
             .append(None, old, vec![Event::new("old", "x")])
@@ -964,7 +1137,7 @@ mod tests {
     #[tokio::test]
     async fn events_are_append_only() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         ledger
             .append(None, Utc::now(), vec![Event::new("x", "y")])
             .await
@@ -979,7 +1152,7 @@ mod tests {
     #[tokio::test]
     async fn sites_removed_are_kept_and_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path()).unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let rec = record("c1", "conf", "a");
         ledger.insert(rec.clone(), vec![]).await.unwrap();
         let now = Utc::now();
@@ -1010,5 +1183,165 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept, 1);
+    }
+
+    fn key_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
+        let path = dir.join(name);
+        let hex: String = std::iter::repeat_n(format!("{byte:02x}"), 32).collect();
+        std::fs::write(&path, hex).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    fn raw_bytes(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for f in ["ledger.db", "ledger.db-wal"] {
+            if let Ok(b) = std::fs::read(dir.join(f)) {
+                all.extend(b);
+            }
+        }
+        all
+    }
+
+    fn contains(hay: &[u8], needle: &str) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn tokens_are_sealed_at_rest_and_a_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_a = seal::KeySource {
+            key_file: Some(key_file(dir.path(), "a.key", 0xaa)),
+            old_key_files: vec![],
+        };
+        let state = dir.path().join("state");
+        let ledger = Ledger::open(&state, &keys_a).unwrap();
+        let mut rec = record("c1", "conf", "rt-very-secret-1");
+        rec.chain.previous = Some((Secret::new("rt-very-secret-0"), rec.chain.rotated_at));
+        rec.chain.access = Some(AccessToken {
+            token: Secret::new("at-very-secret-1"),
+            expires_at: rec.chain.rotated_at,
+        });
+        ledger.insert(rec, vec![]).await.unwrap();
+        drop(ledger);
+        let bytes = raw_bytes(&state);
+        for secret in ["rt-very-secret-1", "rt-very-secret-0", "at-very-secret-1"] {
+            assert!(
+                !contains(&bytes, secret),
+                "{secret} is in the ledger file in clear text"
+            );
+        }
+        // A row copied onto another connection does not open.
+        {
+            let db = rusqlite::Connection::open(state.join("ledger.db")).unwrap();
+            let mut other = record("c2", "other", "x");
+            other.conn.account_id = Some("acct-c2".into());
+            let ledger = Ledger::open(&state, &keys_a).unwrap();
+            ledger.insert(other, vec![]).await.unwrap();
+            drop(ledger);
+            db.execute(
+                "UPDATE connections SET refresh_token = (SELECT refresh_token FROM connections WHERE id = 'c1') WHERE id = 'c2'",
+                [],
+            )
+            .unwrap();
+        }
+        let ledger = Ledger::open(&state, &keys_a).unwrap();
+        let err = ledger
+            .load_all()
+            .await
+            .expect_err("a swapped row must not open");
+        assert!(err.to_string().contains("c2"), "{err}");
+        drop(ledger);
+        let keys_b = seal::KeySource {
+            key_file: Some(key_file(dir.path(), "b.key", 0xbb)),
+            old_key_files: vec![],
+        };
+        let err = Ledger::open(&state, &keys_b)
+            .err()
+            .expect("another key must be refused");
+        assert!(matches!(err, LedgerError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains("b.key"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rotation_reseals_every_row_and_a_plaintext_ledger_is_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let a = key_file(dir.path(), "a.key", 1);
+        let b = key_file(dir.path(), "b.key", 2);
+        let only = |k: &PathBuf| seal::KeySource {
+            key_file: Some(k.clone()),
+            old_key_files: vec![],
+        };
+        let ledger = Ledger::open(&state, &only(&a)).unwrap();
+        ledger
+            .insert(record("c1", "conf", "rt-1"), vec![])
+            .await
+            .unwrap();
+        drop(ledger);
+        let rotate = seal::KeySource {
+            key_file: Some(b.clone()),
+            old_key_files: vec![a.clone()],
+        };
+        let ledger = Ledger::open(&state, &rotate).unwrap();
+        assert_eq!(
+            ledger.load_all().await.unwrap()[0]
+                .chain
+                .refresh_token
+                .expose(),
+            "rt-1"
+        );
+        drop(ledger);
+        let ledger = Ledger::open(&state, &only(&b)).expect("no row is left under the old key");
+        assert_eq!(
+            ledger.load_all().await.unwrap()[0]
+                .chain
+                .refresh_token
+                .expose(),
+            "rt-1"
+        );
+        drop(ledger);
+
+        // A ledger of the previous version: schema 2, tokens in clear, no check value.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        {
+            let mut db = rusqlite::Connection::open(state.join("ledger.db")).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                db.execute_batch(sql).unwrap();
+            }
+            db.pragma_update(None, "user_version", 2).unwrap();
+            let tx = db.transaction().unwrap();
+            let rec = record("c1", "conf", "rt-plain-legacy");
+            let mut values = record_values(&rec, &Keyring::from_bytes([0; 32]));
+            values[7] = rusqlite::types::Value::Text("rt-plain-legacy".into());
+            tx.execute(
+                &format!(
+                    "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
+                    placeholders(CONNECTION_COLUMN_COUNT)
+                ),
+                rusqlite::params_from_iter(values),
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let ledger = Ledger::open(&state, &seal::KeySource::default()).unwrap();
+        assert_eq!(
+            ledger.load_all().await.unwrap()[0]
+                .chain
+                .refresh_token
+                .expose(),
+            "rt-plain-legacy"
+        );
+        ledger
+            .maintain(Utc::now() - chrono::Duration::days(1))
+            .await
+            .unwrap();
+        drop(ledger);
+        assert!(
+            !contains(&raw_bytes(&state), "rt-plain-legacy"),
+            "the plaintext ledger was not sealed"
+        );
     }
 }

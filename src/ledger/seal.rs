@@ -1,0 +1,341 @@
+//! Tokens at rest: every token column of the ledger is sealed with XChaCha20-Poly1305.
+//!
+//! A sealed value is `s1:` followed by base64 of a random 24-byte nonce and the ciphertext.
+//! The associated data names the connection and the column (`tokend:<id>:<column>`), so a
+//! value copied to another row or column fails to open. The key is 32 bytes, kept as 64 hex
+//! digits in `daemon.key_file` (by default `<state_dir>/ledger.key`, created 0600 on first
+//! start); `daemon.old_key_files` hold keys that still open values, for rotation.
+//!
+//! **Architecture Invariant:** a key never leaves this module, and is wiped from memory when
+//! dropped.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// What marks a sealed value (format version 1).
+const PREFIX: &str = "s1:";
+
+/// The name of the key file tokend creates when `daemon.key_file` is not set.
+pub const DEFAULT_KEY_FILE: &str = "ledger.key";
+
+/// The nonce length of XChaCha20: large enough to draw at random for every value.
+const NONCE_LEN: usize = 24;
+
+/// The key check value's plaintext: opening it proves the key is the ledger's.
+const CHECK_PLAINTEXT: &str = "tokend ledger key check";
+
+/// Why the keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key file could not be read or created.
+    #[error("cannot use the key file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong (never the key).
+        reason: String,
+    },
+}
+
+/// Where the keys come from (`daemon.key_file`, `daemon.old_key_files`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySource {
+    /// The key that seals; `None` for `<state_dir>/ledger.key`, created on first start.
+    pub key_file: Option<PathBuf>,
+    /// Keys that still open values sealed before a rotation.
+    pub old_key_files: Vec<PathBuf>,
+}
+
+/// One 32-byte key, wiped on drop.
+struct SealKey {
+    bytes: Zeroizing<[u8; 32]>,
+    path: PathBuf,
+}
+
+impl SealKey {
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(&self.bytes[..]))
+    }
+}
+
+/// The ledger's keys: the one that seals, and older ones that still open.
+pub struct Keyring {
+    current: SealKey,
+    old: Vec<SealKey>,
+}
+
+/// A value opened, and whether it needed an old key (so it must be sealed again).
+pub struct Opened {
+    /// The plaintext, wiped on drop.
+    pub plaintext: Zeroizing<String>,
+    /// An old key opened it, or it was not sealed at all.
+    pub stale: bool,
+}
+
+impl Keyring {
+    /// Loads `key_file` (or `<state_dir>/ledger.key`, created on first use) and every old key.
+    pub fn load(source: &KeySource, state_dir: &Path) -> Result<Keyring, KeyError> {
+        let current = match source.key_file.as_deref() {
+            Some(path) => read_key(path)?,
+            None => {
+                let path = state_dir.join(DEFAULT_KEY_FILE);
+                if !path.exists() {
+                    create_key(&path)?;
+                    tracing::info!(key_file = %path.display(), "created a new ledger key");
+                }
+                read_key(&path)?
+            }
+        };
+        let old = source
+            .old_key_files
+            .iter()
+            .map(|p| read_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Keyring { current, old })
+    }
+
+    /// A keyring of one given key (tests).
+    #[cfg(test)]
+    pub fn from_bytes(bytes: [u8; 32]) -> Keyring {
+        Keyring {
+            current: SealKey {
+                bytes: Zeroizing::new(bytes),
+                path: PathBuf::from("test.key"),
+            },
+            old: Vec::new(),
+        }
+    }
+
+    /// The file of the key that seals.
+    pub fn key_file(&self) -> &Path {
+        &self.current.path
+    }
+
+    /// Whether old keys were configured.
+    pub fn has_old_keys(&self) -> bool {
+        !self.old.is_empty()
+    }
+
+    /// Seals `plaintext` for `aad` under the current key.
+    pub fn seal(&self, plaintext: &str, aad: &str) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let sealed = self
+            .current
+            .cipher()
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        format!("{PREFIX}{}", B64.encode(out))
+    }
+
+    /// Opens a value sealed for `aad` with any known key. A value without the prefix is a
+    /// plaintext left by an older tokend: returned as it is, marked stale.
+    pub fn open(&self, value: &str, aad: &str) -> Result<Opened, String> {
+        let Some(encoded) = value.strip_prefix(PREFIX) else {
+            return Ok(Opened {
+                plaintext: Zeroizing::new(value.to_owned()),
+                stale: true,
+            });
+        };
+        let bytes = B64
+            .decode(encoded)
+            .map_err(|_| "a sealed value is not valid base64".to_owned())?;
+        if bytes.len() < NONCE_LEN {
+            return Err("a sealed value is too short".to_owned());
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let keys = std::iter::once(&self.current).chain(self.old.iter());
+        for (i, key) in keys.enumerate() {
+            if let Ok(plain) = key.cipher().decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: aad.as_bytes(),
+                },
+            ) {
+                let plaintext = Zeroizing::new(
+                    String::from_utf8(plain)
+                        .map_err(|_| "a sealed value is not text".to_owned())?,
+                );
+                return Ok(Opened {
+                    plaintext,
+                    stale: i > 0,
+                });
+            }
+        }
+        Err(
+            "no configured key opens it (a wrong key, or a value moved from another row)"
+                .to_owned(),
+        )
+    }
+
+    /// The key check value to store: proves at the next start that the key is the same.
+    pub fn check_value(&self) -> String {
+        self.seal(CHECK_PLAINTEXT, "tokend:keycheck")
+    }
+
+    /// Which key opens a stored check value: `Some(false)` the current one, `Some(true)` an
+    /// old one, `None` none.
+    pub fn verify(&self, check: &str) -> Option<bool> {
+        let opened = self.open(check, "tokend:keycheck").ok()?;
+        (opened.plaintext.as_str() == CHECK_PLAINTEXT && check.starts_with(PREFIX))
+            .then_some(opened.stale)
+    }
+}
+
+/// The associated data of a token column of a connection.
+pub fn aad(connection_id: &str, column: &str) -> String {
+    format!("tokend:{connection_id}:{column}")
+}
+
+fn read_key(path: &Path) -> Result<SealKey, KeyError> {
+    let err = |reason: String| KeyError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    let hex = text.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(err(
+            "a key file holds 32 bytes as 64 hex digits (create one with `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'`)".into(),
+        ));
+    }
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| err(e.to_string()))?;
+    }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(key_file = %path.display(), "the ledger key file is readable by other users; it should be 0600 (or a systemd credential)");
+    }
+    Ok(SealKey {
+        bytes,
+        path: path.to_path_buf(),
+    })
+}
+
+fn create_key(path: &Path) -> Result<(), KeyError> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(&mut key[..]);
+    let hex = Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| KeyError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    f.write_all(hex.as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| KeyError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_their_key_and_place() {
+        let k = Keyring::from_bytes([7; 32]);
+        let sealed = k.seal("rt-secret", &aad("c1", "refresh_token"));
+        assert!(sealed.starts_with(PREFIX));
+        assert!(!sealed.contains("rt-secret"));
+        assert_eq!(
+            k.open(&sealed, &aad("c1", "refresh_token"))
+                .unwrap()
+                .plaintext
+                .as_str(),
+            "rt-secret"
+        );
+        assert!(
+            k.open(&sealed, &aad("c2", "refresh_token")).is_err(),
+            "moved to another row"
+        );
+        assert!(
+            k.open(&sealed, &aad("c1", "access_token")).is_err(),
+            "moved to another column"
+        );
+        let other = Keyring::from_bytes([8; 32]);
+        assert!(other.open(&sealed, &aad("c1", "refresh_token")).is_err());
+        assert_ne!(
+            sealed,
+            k.seal("rt-secret", &aad("c1", "refresh_token")),
+            "fresh nonces"
+        );
+    }
+
+    #[test]
+    fn old_keys_open_and_are_reported_stale_and_the_check_value_tells_keys_apart() {
+        let old = Keyring::from_bytes([1; 32]);
+        let sealed = old.seal("x", "a");
+        let check = old.check_value();
+        let mut ring = Keyring::from_bytes([2; 32]);
+        assert_eq!(
+            ring.verify(&check),
+            None,
+            "a new key alone does not open the old ledger"
+        );
+        ring.old.push(SealKey {
+            bytes: Zeroizing::new([1; 32]),
+            path: PathBuf::from("old.key"),
+        });
+        assert!(ring.open(&sealed, "a").unwrap().stale);
+        assert_eq!(ring.verify(&check), Some(true));
+        assert_eq!(ring.verify(&ring.check_value()), Some(false));
+        let plain = ring.open("legacy-plaintext", "a").unwrap();
+        assert!(plain.stale && plain.plaintext.as_str() == "legacy-plaintext");
+    }
+
+    #[test]
+    fn key_files_are_created_0600_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::load(&KeySource::default(), dir.path()).unwrap();
+        let path = dir.path().join(DEFAULT_KEY_FILE);
+        assert_eq!(ring.key_file(), path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Keyring::load(&KeySource::default(), dir.path()).unwrap();
+        let sealed = ring.seal("t", "a");
+        assert!(
+            again.open(&sealed, "a").is_ok(),
+            "the created key is reused"
+        );
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "not hex").unwrap();
+        let source = KeySource {
+            key_file: Some(bad),
+            old_key_files: vec![],
+        };
+        let err = Keyring::load(&source, dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("64 hex digits") && err.contains("bad.key"),
+            "{err}"
+        );
+    }
+}
