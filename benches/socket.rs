@@ -88,13 +88,14 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
         Duration::from_secs(5),
     )
     .expect("provider");
+    let metrics = Arc::new(tokend::metrics::Metrics::new(true));
     let engine = tokend::refresh::Engine::load(
-        Arc::new(ledger),
+        Arc::new(ledger.clone()),
         Arc::new(provider),
         Arc::new(tokend::refresh::SystemClock),
         config.refresh.clone(),
         tokend::notify::Notifier::disabled(),
-        Arc::new(tokend::metrics::Metrics::new(true)),
+        metrics.clone(),
     )
     .await
     .expect("engine");
@@ -107,6 +108,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
             own_uid: 0,
             config: config.access.clone(),
         })),
+        audit: tokend::audit::Audit::new(ledger.clone(), metrics.clone()),
     };
     tokio::spawn(tokend::api::server::serve(
         listener,

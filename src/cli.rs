@@ -164,6 +164,19 @@ pub enum Command {
         #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
         id: String,
     },
+    /// A connection's history, newest first, token reads included (admin).
+    #[command(after_help = SOCKET_HELP)]
+    Events {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+        /// Only events at or after this RFC 3339 time (e.g. 2026-01-02T03:04:05Z).
+        #[arg(long, value_name = "T", value_parser = NonEmptyStringValueParser::new())]
+        since: Option<String>,
+        /// Print the API's JSON array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point of the binary.
@@ -353,7 +366,48 @@ async fn client_command(
             client.request(Method::DELETE, &path, None).await?;
             emit(out, &format!("removed {id}\n"))
         }
+        Command::Events { id, since, json } => {
+            let mut path = format!(
+                "/v1/connections/{}/events?limit=1000",
+                encode_component(&id)
+            );
+            if let Some(since) = since {
+                path.push_str(&format!("&since={}", encode_component(&since)));
+            }
+            let resp = client.request(Method::GET, &path, None).await?;
+            let value: Value = resp.json()?;
+            if json {
+                return emit(out, &format!("{}\n", pretty(&value)));
+            }
+            emit(out, &format_events(&value))
+        }
     }
+}
+
+/// `tokend events`: one line per event, newest first.
+fn format_events(value: &Value) -> String {
+    let mut s = String::new();
+    for e in value.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+        let peer = match (e["peer"]["uid"].as_u64(), e["peer"]["pid"].as_u64()) {
+            (Some(uid), Some(pid)) => format!("uid {uid} pid {pid}"),
+            (Some(uid), None) => format!("uid {uid}"),
+            _ => "-".to_owned(),
+        };
+        let count = e["count"].as_u64().unwrap_or(1);
+        s.push_str(&format!(
+            "{}  {:<22} {:>6}  {:<20} {}\n",
+            text("at"),
+            text("kind"),
+            count,
+            peer,
+            text("message")
+        ));
+    }
+    if s.is_empty() {
+        s.push_str("no events\n");
+    }
+    s
 }
 
 fn pretty(value: &Value) -> String {

@@ -157,6 +157,8 @@ pub struct DaemonConfig {
     /// The key that seals every token in the ledger (`daemon.key_file`; absent: created as
     /// `<state_dir>/ledger.key`) and older keys that still open rows (`daemon.old_key_files`).
     pub keys: crate::ledger::seal::KeySource,
+    /// This daemon's name in events (`daemon.node_name`); `None` for the host name.
+    pub node_name: Option<String>,
 }
 
 /// `daemon.log_format`.
@@ -618,6 +620,7 @@ struct RawDaemon {
     metrics_per_connection: Option<bool>,
     key_file: Option<String>,
     old_key_files: Option<Vec<String>>,
+    node_name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -974,6 +977,16 @@ impl Validator<'_> {
             keys: crate::ledger::seal::KeySource {
                 key_file,
                 old_key_files,
+            },
+            node_name: match raw.node_name.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(n) if n.len() > 64 || n.chars().any(|c| c.is_control()) => {
+                    return Err(self.err(
+                        "daemon.node_name",
+                        "a node name is at most 64 printable characters",
+                    ));
+                }
+                Some(n) => Some(n.to_owned()),
             },
         })
     }

@@ -353,6 +353,15 @@ async fn shutdown_signal() {
     signals.handle().close();
 }
 
+/// The host's name, for `daemon.node_name = ""`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// Runs the daemon on an already-bound socket until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -360,7 +369,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ledger = Ledger::open(&config.daemon.state_dir, &config.daemon.keys)?;
-    tracing::info!(ledger = %ledger.path().display(), "ledger open");
+    let node = config.daemon.node_name.clone().unwrap_or_else(host_name);
+    ledger.set_node(&node)?;
+    tracing::info!(ledger = %ledger.path().display(), node = %node, "ledger open");
     let provider = Atlassian::new(
         config.providers.atlassian.clone(),
         config.refresh.request_timeout,
@@ -418,6 +429,7 @@ pub async fn run(
         }
         None => None,
     };
+    let audit = crate::audit::Audit::new(ledger.clone(), metrics.clone());
     let state = ApiState {
         engine: engine.clone(),
         jobs: monitor.clone(),
@@ -425,7 +437,10 @@ pub async fn run(
             own_uid: rustix::process::geteuid().as_raw(),
             config: config.access.clone(),
         })),
+        audit: audit.clone(),
     };
+    // Stops after the socket: the last reads are folded in, then written.
+    let audit_writer = tokio::spawn(audit.run(stopped()));
     let scheduler = tokio::spawn(engine.clone().run_scheduler(stopped()));
     let watch = tokio::spawn(jobs.watch(stopped()));
     let housekeeping = tokio::spawn(housekeeping(engine.clone(), monitor.clone(), stopped()));
@@ -469,6 +484,7 @@ pub async fn run(
     }
     let _ = watch.await;
     let _ = housekeeping.await;
+    let _ = audit_writer.await;
     if let Some(m) = metrics_server {
         let _ = m.await;
     }

@@ -10,6 +10,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -194,6 +194,7 @@ pub struct Metrics {
     api_duration: HistogramVec,
     api_requests: IntCounterVec,
     site_resolutions: IntCounterVec,
+    audit_writes: IntCounterVec,
     job_last_success: GaugeVec,
     job_period: GaugeVec,
 }
@@ -409,6 +410,21 @@ impl Metrics {
             }
         }
 
+        let audit_writes = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_audit_writes_total",
+                    "Background writes of folded token-read events to the ledger, by outcome: \
+                     one per flush, however many reads it folds.",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        for o in ["success", "failure"] {
+            audit_writes.with_label_values(&[o]).reset();
+        }
         let site_resolutions = register(
             &r,
             IntCounterVec::new(
@@ -484,6 +500,7 @@ impl Metrics {
             api_duration,
             api_requests,
             site_resolutions,
+            audit_writes,
             job_last_success,
             job_period,
         }
@@ -568,6 +585,12 @@ impl Metrics {
         self.api_requests
             .with_label_values(&[route, status_class(status)])
             .inc();
+    }
+
+    /// Counts one background write of the audit trail.
+    pub fn audit_write(&self, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.audit_writes.with_label_values(&[outcome]).inc();
     }
 
     /// Counts a site lookup for a connection.

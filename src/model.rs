@@ -191,6 +191,15 @@ impl Record {
     }
 }
 
+/// The local process an event concerns (a token read): from SO_PEERCRED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventPeer {
+    /// The peer's uid.
+    pub uid: u32,
+    /// The peer's pid, when the kernel said.
+    pub pid: Option<u32>,
+}
+
 /// A line of the append-only history. Never carries a secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -199,6 +208,10 @@ pub struct Event {
     pub kind: &'static str,
     /// A sentence for a human.
     pub message: String,
+    /// Who caused it, for token reads.
+    pub peer: Option<EventPeer>,
+    /// How many occurrences it folds (token reads of one uid in one minute), else 1.
+    pub count: u32,
 }
 
 impl Event {
@@ -207,8 +220,27 @@ impl Event {
         Event {
             kind,
             message: message.into(),
+            peer: None,
+            count: 1,
         }
     }
+}
+
+/// An event as the ledger holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// When it happened (for folded reads: the first of them).
+    pub at: Time,
+    /// See [`Event::kind`].
+    pub kind: String,
+    /// See [`Event::message`].
+    pub message: String,
+    /// The daemon that recorded it (`daemon.node_name`), when known.
+    pub node: Option<String>,
+    /// See [`Event::peer`].
+    pub peer: Option<EventPeer>,
+    /// See [`Event::count`].
+    pub count: u32,
 }
 
 /// A fresh random connection id.

@@ -11,6 +11,7 @@
 
 pub mod server;
 
+use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::TokenOutcome;
 use crate::model::{Site, Time};
@@ -44,6 +45,8 @@ pub struct Peer {
     /// Effective (primary) gid of the peer. Supplementary groups are not visible through
     /// SO_PEERCRED.
     pub gid: u32,
+    /// The peer's pid at connect time, for the audit trail.
+    pub pid: Option<u32>,
 }
 
 /// Who may do what, from `[access]`.
@@ -86,6 +89,8 @@ pub struct ApiState {
     pub jobs: Arc<crate::jobs::JobMonitor>,
     /// Access rules; behind a lock so that a reload can replace them.
     pub access: Arc<RwLock<AccessPolicy>>,
+    /// Records who read which token.
+    pub audit: crate::audit::Audit,
 }
 
 impl ApiState {
@@ -173,6 +178,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/connections/{id}", get(show).delete(remove))
         .route("/v1/connections/{id}/refresh", post(refresh))
         .route("/v1/connections/{id}/token", get(connection_token))
+        .route("/v1/connections/{id}/events", get(events))
         .route("/v1/token", get(site_token))
         .route("/v1/authorizations", post(authorize))
         .fallback(not_found)
@@ -523,6 +529,74 @@ fn parse_query(
     Ok((min_valid, site))
 }
 
+/// Events returned when `limit` is not given, and the most one request may ask for.
+const EVENTS_DEFAULT_LIMIT: usize = 100;
+const EVENTS_MAX_LIMIT: usize = 1000;
+
+async fn events(
+    State(state): State<ApiState>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult {
+    require_admin(&state, peer)?;
+    let Some((conn_id, _)) = state.engine.identity(&id) else {
+        return Err(ApiError::not_found(format!("no connection {id:?}")));
+    };
+    let (mut since, mut limit) = (None, EVENTS_DEFAULT_LIMIT);
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "since" => {
+                let t = chrono::DateTime::parse_from_rfc3339(v.trim()).map_err(|_| {
+                    ApiError::bad_request("since is an RFC 3339 time, e.g. 2026-01-02T03:04:05Z")
+                })?;
+                since = Some(t.with_timezone(&Utc));
+            }
+            "limit" => {
+                limit = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=EVENTS_MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit is 1 to {EVENTS_MAX_LIMIT}"))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {:?}: use since and limit",
+                    other.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+    }
+    let list = state
+        .audit
+        .events(&conn_id, since, limit)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the ledger cannot be read: {e}"),
+            )
+        })?;
+    let body: Vec<Value> = list
+        .iter()
+        .map(|e| {
+            json!({
+                "at": rfc3339(e.at),
+                "kind": e.kind,
+                "message": e.message,
+                "node": e.node,
+                "peer": e.peer.map(|p| json!({"uid": p.uid, "pid": p.pid})),
+                "count": e.count,
+            })
+        })
+        .collect();
+    Ok(ok_json(StatusCode::OK, Value::Array(body)))
+}
+
 async fn connection_token(
     State(state): State<ApiState>,
     Extension(peer): Extension<Peer>,
@@ -538,6 +612,13 @@ async fn connection_token(
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
     if !state.policy().may_read(peer, &conn_id, &label) {
+        state.audit.record(
+            &conn_id,
+            peer.uid,
+            peer.pid,
+            "connection_token",
+            ReadOutcome::Refused,
+        );
         state
             .engine
             .metrics()
@@ -547,7 +628,7 @@ async fn connection_token(
             peer.uid, label
         )));
     }
-    hand_out(&state, &conn_id, min_valid).await
+    hand_out(&state, peer, "connection_token", &conn_id, min_valid).await
 }
 
 async fn site_token(
@@ -592,13 +673,18 @@ async fn site_token(
             )))
         }
         (_, []) => {
+            for id in &candidates {
+                state
+                    .audit
+                    .record(id, peer.uid, peer.pid, "site_token", ReadOutcome::Refused);
+            }
             metrics.token_request(TokenOutcome::Forbidden);
             Err(ApiError::forbidden(format!(
                 "uid {} may not read the tokens of the connection reaching {site:?}",
                 peer.uid
             )))
         }
-        (_, [one]) => hand_out(&state, one, min_valid).await,
+        (_, [one]) => hand_out(&state, peer, "site_token", one, min_valid).await,
         (_, many) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -610,8 +696,19 @@ async fn site_token(
     }
 }
 
-async fn hand_out(state: &ApiState, id: &str, min_valid: Duration) -> ApiResult {
+async fn hand_out(
+    state: &ApiState,
+    peer: Peer,
+    route: &'static str,
+    id: &str,
+    min_valid: Duration,
+) -> ApiResult {
     let result = state.engine.token(id, min_valid).await;
+    if result.is_ok() {
+        state
+            .audit
+            .record(id, peer.uid, peer.pid, route, ReadOutcome::Served);
+    }
     let outcome = match &result {
         Ok(g) if g.served == Served::Cached => TokenOutcome::Cached,
         Ok(_) => TokenOutcome::Refreshed,
@@ -653,7 +750,15 @@ mod tests {
             (1, 800, true),
             (1001, 1001, false),
         ] {
-            assert_eq!(p.is_admin(Peer { uid, gid }), admin, "{uid}/{gid}");
+            assert_eq!(
+                p.is_admin(Peer {
+                    uid,
+                    gid,
+                    pid: None
+                }),
+                admin,
+                "{uid}/{gid}"
+            );
         }
     }
 
@@ -663,7 +768,8 @@ mod tests {
         assert!(open.may_read(
             Peer {
                 uid: 1001,
-                gid: 1001
+                gid: 1001,
+                pid: None
             },
             "c1",
             "conf"
@@ -673,10 +779,42 @@ mod tests {
             gid: None,
             connections: vec!["conf".into()],
         }]);
-        assert!(p.may_read(Peer { uid: 1001, gid: 5 }, "c1", "conf"));
-        assert!(!p.may_read(Peer { uid: 1001, gid: 5 }, "c2", "jira"));
-        assert!(!p.may_read(Peer { uid: 1002, gid: 5 }, "c1", "conf"));
-        assert!(p.may_read(Peer { uid: 0, gid: 0 }, "c2", "jira"));
+        assert!(p.may_read(
+            Peer {
+                uid: 1001,
+                gid: 5,
+                pid: None
+            },
+            "c1",
+            "conf"
+        ));
+        assert!(!p.may_read(
+            Peer {
+                uid: 1001,
+                gid: 5,
+                pid: None
+            },
+            "c2",
+            "jira"
+        ));
+        assert!(!p.may_read(
+            Peer {
+                uid: 1002,
+                gid: 5,
+                pid: None
+            },
+            "c1",
+            "conf"
+        ));
+        assert!(p.may_read(
+            Peer {
+                uid: 0,
+                gid: 0,
+                pid: None
+            },
+            "c2",
+            "jira"
+        ));
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl Accept for UnixListener {
                 Some(Peer {
                     uid: c.uid(),
                     gid: c.gid(),
+                    pid: c.pid().and_then(|p| u32::try_from(p).ok()),
                 }),
             ))),
             Err(e) => {

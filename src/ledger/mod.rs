@@ -13,7 +13,10 @@
 
 pub mod seal;
 
-use crate::model::{AccessToken, Chain, Connection, Event, LastError, Record, Site, Status, Time};
+use crate::model::{
+    AccessToken, Chain, Connection, Event, EventPeer, LastError, Record, Site, Status, StoredEvent,
+    Time,
+};
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
@@ -96,6 +99,14 @@ const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY CHECK (id = 1),
         value TEXT NOT NULL
     ) STRICT;
+    "#,
+    // 4: who caused an event (token reads), how many it folds, which daemon recorded it.
+    r#"
+    ALTER TABLE events ADD COLUMN node TEXT;
+    ALTER TABLE events ADD COLUMN peer_uid INTEGER;
+    ALTER TABLE events ADD COLUMN peer_pid INTEGER;
+    ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX events_by_connection_time ON events (connection_id, at);
     "#,
 ];
 
@@ -228,6 +239,8 @@ impl Ledger {
         db.pragma_update(None, "secure_delete", "ON")?;
         migrate(&mut db, &path)?;
         seal_at_rest(&mut db, &keys, &path)?;
+        // This daemon's name for the events it records (see `set_node`).
+        db.execute_batch("CREATE TEMP TABLE node (name TEXT NOT NULL);")?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db: Mutex::new(db),
@@ -520,19 +533,63 @@ impl Ledger {
         .await
     }
 
-    /// The history of one connection, oldest first: `(at, kind, message)`.
+    /// Names the daemon in every event it records from now on (`daemon.node_name`).
+    pub fn set_node(&self, name: &str) -> Result<(), LedgerError> {
+        let db = self.inner.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.execute("DELETE FROM temp.node", [])?;
+        db.execute("INSERT INTO temp.node (name) VALUES (?1)", [name])?;
+        Ok(())
+    }
+
+    /// Appends many events of many connections in one durable transaction (the audit trail's
+    /// background flush): `(connection id, at, event)`.
+    pub async fn append_batch(
+        &self,
+        events: Vec<(String, Time, Event)>,
+    ) -> Result<(), LedgerError> {
+        self.call(move |db| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (id, at, e) in &events {
+                append_events(&tx, Some(id), *at, std::slice::from_ref(e))?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The history of one connection, newest first: at most `limit` events, none before
+    /// `since`.
     pub async fn events(
         &self,
         connection_id: String,
-    ) -> Result<Vec<(Time, String, String)>, LedgerError> {
+        since: Option<Time>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, LedgerError> {
         self.call(move |db| {
             let mut stmt = db.prepare(
-                "SELECT at, kind, message FROM events WHERE connection_id = ?1 ORDER BY seq",
+                "SELECT at, kind, message, node, peer_uid, peer_pid, count FROM events \
+                 WHERE connection_id = ?1 AND at >= ?2 ORDER BY at DESC, seq DESC LIMIT ?3",
             )?;
             let rows = stmt
-                .query_map([&connection_id], |r| {
-                    Ok((from_ms(r.get(0)?), r.get(1)?, r.get(2)?))
-                })?
+                .query_map(
+                    params![connection_id, since.map_or(i64::MIN, ms), limit as i64],
+                    |r| {
+                        let uid: Option<i64> = r.get(4)?;
+                        let pid: Option<i64> = r.get(5)?;
+                        Ok(StoredEvent {
+                            at: from_ms(r.get(0)?),
+                            kind: r.get(1)?,
+                            message: r.get(2)?,
+                            node: r.get(3)?,
+                            peer: uid.map(|u| EventPeer {
+                                uid: u as u32,
+                                pid: pid.map(|p| p as u32),
+                            }),
+                            count: r.get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
+                        })
+                    },
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -947,8 +1004,17 @@ fn append_events(
 ) -> Result<(), LedgerError> {
     for e in events {
         tx.execute(
-            "INSERT INTO events (at, connection_id, kind, message) VALUES (?1, ?2, ?3, ?4)",
-            params![ms(now), connection_id, e.kind, e.message],
+            "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
+             VALUES (?1, ?2, ?3, ?4, (SELECT name FROM temp.node), ?5, ?6, ?7)",
+            params![
+                ms(now),
+                connection_id,
+                e.kind,
+                e.message,
+                e.peer.map(|p| p.uid),
+                e.peer.and_then(|p| p.pid),
+                e.count
+            ],
         )?;
     }
     Ok(())
@@ -1005,14 +1071,45 @@ mod tests {
         assert_eq!(got.conn.sites.len(), 1);
         assert_eq!(got.conn.last_error.as_ref().unwrap().code, "x");
         assert_eq!(got.conn.scopes, rec.conn.scopes);
-        let kinds: Vec<String> = ledger
-            .events("c1".into())
+        ledger.set_node("node-a").unwrap();
+        let mut read = Event::new("token_read", "3 token reads");
+        read.peer = Some(EventPeer {
+            uid: 1001,
+            pid: Some(42),
+        });
+        read.count = 3;
+        ledger
+            .append_batch(vec![("c1".into(), Utc::now(), read)])
             .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.1)
-            .collect();
-        assert_eq!(kinds, vec!["imported", "rotated"]);
+            .unwrap();
+        let events = ledger.events("c1".into(), None, 100).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            vec!["token_read", "rotated", "imported"],
+            "newest first"
+        );
+        assert_eq!(events[0].count, 3);
+        assert_eq!(
+            events[0].peer,
+            Some(EventPeer {
+                uid: 1001,
+                pid: Some(42)
+            })
+        );
+        assert_eq!(events[0].node.as_deref(), Some("node-a"));
+        assert_eq!(events[1].node, None, "recorded before the node was named");
+        let limited = ledger.events("c1".into(), None, 1).await.unwrap();
+        assert_eq!(limited.len(), 1);
+        let later = ledger
+            .events(
+                "c1".into(),
+                Some(Utc::now() + chrono::Duration::hours(1)),
+                10,
+            )
+            .await
+            .unwrap();
+        assert!(later.is_empty());
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 #![allow(clippy::disallowed_types)]
 
 mod api;
+mod audit;
 mod chain;
 mod crypt;
 mod engine;
