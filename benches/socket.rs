@@ -113,6 +113,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
     tokio::spawn(tokend::api::server::serve(
         listener,
         tokend::api::router(state),
+        engine.metrics().clone(),
         std::future::pending(),
         Duration::from_secs(1),
     ));

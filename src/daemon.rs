@@ -304,6 +304,17 @@ pub fn set_activated_listener(listener: std::os::unix::net::UnixListener) {
 pub fn main(config: Config) -> anyhow::Result<()> {
     init_logging(config.daemon.log_format, &config.daemon.log_level);
     crate::secret::forbid_core_dumps();
+    let open_files = api::server::raise_open_file_limit();
+    if let Some(n) = open_files
+        && n < api::server::OPEN_FILES_WANTED
+    {
+        tracing::warn!(
+            limit = n,
+            wanted = api::server::OPEN_FILES_WANTED,
+            "the open file limit is low: under a flood of connections, accepts fail (and are \
+             retried) before the socket's connection limits apply; raise LimitNOFILE="
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -469,7 +480,14 @@ pub async fn run(
             sd.stopping();
         }
     };
-    api::server::serve(listener, api::router(state), stopping, REQUEST_GRACE).await;
+    api::server::serve(
+        listener,
+        api::router(state),
+        metrics.clone(),
+        stopping,
+        REQUEST_GRACE,
+    )
+    .await;
     let _ = stop_tx.send(true);
     if let Some(w) = watchdog {
         let _ = w.await;

@@ -68,6 +68,10 @@ pub const OTHER_ROUTE: &str = "other";
 /// an error-ratio alert has both series before the first error.
 const PREINITIALISED_STATUS_CLASSES: &[&str] = &["2xx", "4xx", "5xx"];
 
+/// The `reason` of `tokend_api_connections_refused_total` when the peer's uid already held
+/// `api::server::MAX_CONNECTIONS_PER_UID` connections.
+const REFUSED_UID_LIMIT: &str = "uid_limit";
+
 /// The job name of the site re-resolution job (`[jobs] resolve_sites`).
 pub const JOB_RESOLVE_SITES: &str = "resolve_sites";
 
@@ -166,6 +170,38 @@ impl TokenOutcome {
     }
 }
 
+/// Where a socket API connection ran out of time (`tokend_api_timeouts_total{phase}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TimeoutPhase {
+    /// The request headers did not arrive within the header read timeout (a connection that
+    /// never completed a request; an idle keep-alive connection closed after its answers is
+    /// not counted).
+    Headers,
+    /// A request body did not arrive in full within the body read timeout.
+    Body,
+    /// A response write made no progress within the write timeout (a peer that does not
+    /// read its answers).
+    Write,
+}
+
+impl TimeoutPhase {
+    /// Every phase, for pre-initialisation.
+    pub const ALL: [TimeoutPhase; 3] = [
+        TimeoutPhase::Headers,
+        TimeoutPhase::Body,
+        TimeoutPhase::Write,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutPhase::Headers => "headers",
+            TimeoutPhase::Body => "body",
+            TimeoutPhase::Write => "write",
+        }
+    }
+}
+
 /// One connection in a [`Metrics::set_connection_deadlines`] snapshot:
 /// `(id, inactivity_deadline_unix, absolute_deadline_unix, active)`. Times are Unix seconds;
 /// `absolute_deadline_unix` is `None` when the absolute expiry is unknown or disabled; `active`
@@ -193,6 +229,9 @@ pub struct Metrics {
     token_requests: IntCounterVec,
     api_duration: HistogramVec,
     api_requests: IntCounterVec,
+    api_connections_open: IntGauge,
+    api_connections_refused: IntCounterVec,
+    api_timeouts: IntCounterVec,
     site_resolutions: IntCounterVec,
     audit_writes: IntCounterVec,
     job_last_success: GaugeVec,
@@ -425,6 +464,45 @@ impl Metrics {
         for o in ["success", "failure"] {
             audit_writes.with_label_values(&[o]).reset();
         }
+        let api_connections_open = register(
+            &r,
+            IntGauge::new(
+                "tokend_api_connections_open",
+                "Connections open on the socket API.",
+            )
+            .expect("valid"),
+        );
+        let api_connections_refused = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_api_connections_refused_total",
+                    "Socket API connections closed at once (answered 503), by reason; \
+                     uid_limit: the peer's uid already held its share of connections.",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+        );
+        api_connections_refused
+            .with_label_values(&[REFUSED_UID_LIMIT])
+            .reset();
+        let api_timeouts = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "tokend_api_timeouts_total",
+                    "Socket API connections closed because the peer was too slow, by phase \
+                     (headers, body, write).",
+                ),
+                &["phase"],
+            )
+            .expect("valid"),
+        );
+        for p in TimeoutPhase::ALL {
+            api_timeouts.with_label_values(&[p.as_str()]).reset();
+        }
+
         let site_resolutions = register(
             &r,
             IntCounterVec::new(
@@ -499,6 +577,9 @@ impl Metrics {
             token_requests,
             api_duration,
             api_requests,
+            api_connections_open,
+            api_connections_refused,
+            api_timeouts,
             site_resolutions,
             audit_writes,
             job_last_success,
@@ -593,6 +674,23 @@ impl Metrics {
         self.audit_writes.with_label_values(&[outcome]).inc();
     }
 
+    /// One more (`+1`) or one fewer (`-1`) open socket API connection.
+    pub fn api_connection_open(&self, delta: i64) {
+        self.api_connections_open.add(delta);
+    }
+
+    /// Counts a socket API connection refused at once because its uid held its share.
+    pub fn api_connection_refused(&self) {
+        self.api_connections_refused
+            .with_label_values(&[REFUSED_UID_LIMIT])
+            .inc();
+    }
+
+    /// Counts a socket API connection closed because the peer was too slow.
+    pub fn api_timeout(&self, phase: TimeoutPhase) {
+        self.api_timeouts.with_label_values(&[phase.as_str()]).inc();
+    }
+
     /// Counts a site lookup for a connection.
     pub fn site_resolution(&self, ok: bool) {
         let outcome = if ok { "success" } else { "failure" };
@@ -676,7 +774,7 @@ async fn not_found() -> Response {
 
 /// Serves [`router`] on `listener` until `shutdown` resolves, then stops accepting, lets
 /// requests in progress finish for up to [`SHUTDOWN_GRACE`], and returns. Connections get
-/// the socket API's header read timeout; at most [`MAX_CONNECTIONS`] are open.
+/// the socket API's header, body and write timeouts; at most [`MAX_CONNECTIONS`] are open.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -689,8 +787,11 @@ pub async fn serve(
         shutdown,
         crate::api::server::Limits {
             max_connections: MAX_CONNECTIONS,
-            grace: SHUTDOWN_GRACE,
+            // Scrapers and probes have no uid (TCP); the total is the only share.
+            max_connections_per_uid: MAX_CONNECTIONS,
+            ..crate::api::server::Limits::socket(SHUTDOWN_GRACE)
         },
+        None,
     )
     .await
 }
@@ -739,6 +840,37 @@ mod tests {
         active: bool,
     ) -> ConnectionDeadline {
         (id.to_owned(), inactivity, absolute, active)
+    }
+
+    #[test]
+    fn socket_defence_series_exist_from_the_start_and_count() {
+        let m = Metrics::new(false);
+        let t = m.render();
+        assert!(has_type(&t, "tokend_api_connections_open", "gauge"));
+        assert!(has_type(
+            &t,
+            "tokend_api_connections_refused_total",
+            "counter"
+        ));
+        assert!(has_type(&t, "tokend_api_timeouts_total", "counter"));
+        let refused = "tokend_api_connections_refused_total{reason=\"uid_limit\"}";
+        assert_eq!(value(&t, refused), Some(0.0));
+        for p in TimeoutPhase::ALL {
+            let series = format!("tokend_api_timeouts_total{{phase=\"{}\"}}", p.as_str());
+            assert_eq!(value(&t, &series), Some(0.0), "{series}");
+        }
+        m.api_connection_open(1);
+        m.api_connection_open(1);
+        m.api_connection_open(-1);
+        m.api_connection_refused();
+        m.api_timeout(TimeoutPhase::Body);
+        let t = m.render();
+        assert_eq!(value(&t, "tokend_api_connections_open"), Some(1.0));
+        assert_eq!(value(&t, refused), Some(1.0));
+        assert_eq!(
+            value(&t, "tokend_api_timeouts_total{phase=\"body\"}"),
+            Some(1.0)
+        );
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::model::{Site, Time};
 use crate::refresh::{ConnectionInfo, Engine, Failure, Served, TokenGrant};
 use crate::secret::Secret;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,7 +31,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// The largest request body accepted. Real bodies are a label and a token (a few KiB at
-/// most); anything larger is refused with 413 before it is read.
+/// most); anything larger is refused with 413: at once if its `Content-Length` says so, else
+/// as soon as that much has arrived.
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// How long `/v1/health` waits for the ledger write probe before calling it degraded.
@@ -229,11 +231,7 @@ async fn standard_errors(resp: Response) -> Response {
         return resp;
     }
     let err = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            status,
-            "payload_too_large",
-            format!("request bodies are limited to {MAX_BODY} bytes"),
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
         StatusCode::NOT_FOUND => ApiError::not_found("not found"),
         s if s.is_server_error() => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -243,6 +241,35 @@ async fn standard_errors(resp: Response) -> Response {
         _ => ApiError::bad_request("malformed request"),
     };
     err.into_response()
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request bodies are limited to {MAX_BODY} bytes"),
+    )
+}
+
+/// An admin peer: the extractor of every admin route. It is a request-*parts* extractor, and
+/// axum runs those before the body extractor, so a peer that is not an admin is answered
+/// 403 at once and its body never read: it cannot hold a connection by sending one slowly.
+pub struct Admin(pub Peer);
+
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let peer = parts.extensions.get::<Peer>().copied().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the peer's credentials are unknown",
+            )
+        })?;
+        require_admin(state, peer)?;
+        Ok(Admin(peer))
+    }
 }
 
 fn require_admin(state: &ApiState, peer: Peer) -> Result<(), ApiError> {
@@ -390,10 +417,13 @@ struct AddBody {
     state: Option<String>,
 }
 
-/// Parses a JSON body after checking its content type, with messages that never quote it.
-fn json_body<T: for<'de> Deserialize<'de>>(
+/// Reads and parses a JSON body, with messages that never quote it. The content type and a
+/// declared length over [`MAX_BODY`] are checked before anything is read; the read itself
+/// ends at [`MAX_BODY`] bytes and at the server's body deadline
+/// ([`server::BODY_READ_TIMEOUT`]).
+async fn read_json<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
-    body: &Bytes,
+    body: Body,
 ) -> Result<T, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -405,7 +435,17 @@ fn json_body<T: for<'de> Deserialize<'de>>(
             "the body must be JSON with Content-Type: application/json",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(payload_too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|e| body_error(&e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not valid JSON for this route ({:?} error at line {} column {}; expected fields are documented in INTERFACE.md)",
             e.classify(),
@@ -413,6 +453,29 @@ fn json_body<T: for<'de> Deserialize<'de>>(
             e.column()
         ))
     })
+}
+
+/// The answer to a body that could not be read: too slow, too long, or cut off.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> ApiError {
+    if let Some(t) = find_cause::<server::BodyTimedOut>(e) {
+        return ApiError::bad_request(t.to_string());
+    }
+    if find_cause::<http_body_util::LengthLimitError>(e).is_some() {
+        return payload_too_large();
+    }
+    ApiError::bad_request("the request body could not be read")
+}
+
+/// The first error of type `E` in `e`'s chain of sources.
+fn find_cause<'a, E: std::error::Error + 'static>(
+    mut e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    loop {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        e = e.source()?;
+    }
 }
 
 /// Only Atlassian is known today.
@@ -426,14 +489,8 @@ fn known_provider(provider: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn add(
-    State(state): State<ApiState>,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
-    require_admin(&state, peer)?;
-    let req: AddBody = json_body(&headers, &body)?;
+async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
+    let req: AddBody = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let added = match (req.refresh_token, req.code, req.state) {
         (Some(rt), None, None) => state.engine.import(&req.label, Secret::new(rt)).await?,
@@ -457,22 +514,12 @@ async fn add(
     Ok(ok_json(status, connection_json(&state.engine, &added.info)))
 }
 
-async fn remove(
-    State(state): State<ApiState>,
-    Extension(peer): Extension<Peer>,
-    Path(id): Path<String>,
-) -> ApiResult {
-    require_admin(&state, peer)?;
+async fn remove(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
     state.engine.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn refresh(
-    State(state): State<ApiState>,
-    Extension(peer): Extension<Peer>,
-    Path(id): Path<String>,
-) -> ApiResult {
-    require_admin(&state, peer)?;
+async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
     let info = state.engine.refresh_now(&id).await?;
     Ok(ok_json(
         StatusCode::OK,
@@ -488,12 +535,11 @@ struct AuthorizeBody {
 
 async fn authorize(
     State(state): State<ApiState>,
-    Extension(peer): Extension<Peer>,
+    _: Admin,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult {
-    require_admin(&state, peer)?;
-    let req: AuthorizeBody = json_body(&headers, &body)?;
+    let req: AuthorizeBody = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let a = state.engine.authorize()?;
     Ok(ok_json(

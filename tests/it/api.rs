@@ -1,7 +1,9 @@
 //! The socket API under bad input, access control, and the daemon's start-up rules.
 
 use crate::fake::{FakeAtlassian, FakeSite};
-use crate::util::{TestDaemon, assert_no_secrets, assert_success, import, toml_str};
+use crate::util::{
+    TestDaemon, assert_no_secrets, assert_success, eventually, import, metric, toml_str,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -310,4 +312,212 @@ fn a_client_that_never_finishes_its_headers_is_dropped() {
         "dropped after {waited:?} (header read timeout is 10 s)"
     );
     healthy(&d);
+}
+
+/// Reads every stream until the daemon closes it (EOF or a reset) or `timeout` passes,
+/// polling them all without blocking; returns, per stream, what arrived and when it closed.
+fn read_until_closed(
+    streams: &mut [std::os::unix::net::UnixStream],
+    timeout: Duration,
+) -> Vec<(Vec<u8>, Option<std::time::Instant>)> {
+    use std::io::Read;
+    let mut out: Vec<(Vec<u8>, Option<std::time::Instant>)> =
+        streams.iter().map(|_| (Vec::new(), None)).collect();
+    for s in streams.iter() {
+        s.set_nonblocking(true).unwrap();
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    while out.iter().any(|(_, closed)| closed.is_none()) && std::time::Instant::now() < deadline {
+        for (s, (got, closed)) in streams.iter_mut().zip(out.iter_mut()) {
+            while closed.is_none() {
+                match s.read(&mut buf) {
+                    Ok(0) => *closed = Some(std::time::Instant::now()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => *closed = Some(std::time::Instant::now()),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
+fn parse_answer(bytes: &[u8]) -> crate::util::HttpResponse {
+    crate::util::parse_response(bytes, true)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(bytes)))
+        .unwrap_or_else(|| panic!("incomplete answer {:?}", String::from_utf8_lossy(bytes)))
+}
+
+/// Issue "Defend the chains", item 4: 1,100 connections from one uid send the headers of a
+/// 65,000-byte `POST /v1/connections` and never the body. That uid gets its share of the
+/// socket's connections (the rest are answered 503 at once), a token request from another
+/// uid is answered within 1 s meanwhile, and the stalled connections are closed after the
+/// body timeout.
+#[test]
+fn stalled_bodies_from_one_uid_do_not_starve_another() {
+    use std::io::Write;
+    use tokend::api::server::{BODY_READ_TIMEOUT, MAX_CONNECTIONS_PER_UID};
+    const FLOOD: usize = 1_100;
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .metrics()
+        .start();
+    import(&d, "conf", &rt);
+    crate::util::raise_open_files(FLOOD as u64 + 512);
+    let head = b"POST /v1/connections HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: 65000\r\n\r\n";
+    let mut flood = Vec::with_capacity(FLOOD);
+    let mut opened = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket_path()).unwrap();
+        opened.push(std::time::Instant::now());
+        // A connection over the share may be answered and closed before this write.
+        let _ = s.write_all(head);
+        flood.push(s);
+    }
+    let metrics = || d.metrics_get("/metrics").unwrap().text();
+    let refused = "tokend_api_connections_refused_total{reason=\"uid_limit\"}";
+    let open = "tokend_api_connections_open";
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let m = metrics();
+            metric(&m, refused) == (FLOOD - MAX_CONNECTIONS_PER_UID) as f64
+                && metric(&m, open) == MAX_CONNECTIONS_PER_UID as f64
+        }),
+        "root holds its whole share and no more:\n{}",
+        metrics()
+    );
+
+    // Root holds every connection it may; another uid is answered at once.
+    let started = std::time::Instant::now();
+    let out = d.cli_as(65534, 65534, &["token", "conf"], None);
+    let took = started.elapsed();
+    assert_success("token as nobody during the flood", &out);
+    eprintln!("a token request from uid 65534 during the flood took {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "a token request from another uid took {took:?} during the flood"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim().len() > 10);
+
+    let closed = read_until_closed(&mut flood, BODY_READ_TIMEOUT + Duration::from_secs(20));
+    let (mut timed_out, mut turned_away) = (0, 0);
+    for (i, (bytes, at)) in closed.iter().enumerate() {
+        let at = at.unwrap_or_else(|| panic!("connection {i} is still open"));
+        let lived = at - opened[i];
+        let r = parse_answer(bytes);
+        match r.status {
+            503 => {
+                assert_error(&r, 503, "provider_unavailable");
+                assert_eq!(r.header("retry-after"), Some("1"));
+                turned_away += 1;
+            }
+            400 => {
+                assert_error(&r, 400, "bad_request");
+                assert!(r.text().contains("did not arrive"), "{}", r.text());
+                assert!(
+                    lived >= BODY_READ_TIMEOUT - Duration::from_secs(1)
+                        && lived < BODY_READ_TIMEOUT + Duration::from_secs(15),
+                    "a stalled body was closed after {lived:?} (the body timeout is {BODY_READ_TIMEOUT:?})"
+                );
+                timed_out += 1;
+            }
+            s => panic!("connection {i}: unexpected status {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(timed_out, MAX_CONNECTIONS_PER_UID);
+    assert_eq!(turned_away, FLOOD - MAX_CONNECTIONS_PER_UID);
+    let m = metrics();
+    assert_eq!(
+        metric(&m, "tokend_api_timeouts_total{phase=\"body\"}"),
+        MAX_CONNECTIONS_PER_UID as f64
+    );
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &metrics(),
+        open
+    ) == 0.0));
+    // Root has its share back.
+    healthy(&d);
+    let (code, tok) = d.get_json("/v1/connections/conf/token");
+    assert_eq!(code, 200, "{tok}");
+    assert_no_secrets(&d.logs(), &fake);
+}
+
+#[test]
+fn a_non_admin_with_a_slow_body_is_refused_without_waiting_for_it() {
+    use std::io::Write;
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .start();
+    let mut s = crate::util::connect_as(d.socket_path(), 65534, 65534).unwrap();
+    s.write_all(
+        b"POST /v1/connections HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/json\r\nContent-Length: 65000\r\n\r\n{\"provider\":",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let closed = read_until_closed(std::slice::from_mut(&mut s), Duration::from_secs(20));
+    let waited = started.elapsed();
+    let r = parse_answer(&closed[0].0);
+    assert_error(&r, 403, "forbidden");
+    assert!(
+        closed[0].1.is_some(),
+        "the connection is closed after the 403"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the 403 came after {waited:?}: the daemon waited for the body"
+    );
+    healthy(&d);
+}
+
+#[test]
+fn one_uid_gets_its_share_of_connections_and_another_still_connects() {
+    use std::io::Write;
+    use tokend::api::server::MAX_CONNECTIONS_PER_UID;
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::builder(&fake)
+        .set("daemon", "socket_mode", &toml_str("0666"))
+        .start();
+    crate::util::raise_open_files(MAX_CONNECTIONS_PER_UID as u64 + 512);
+    // Root (this test) opens its whole share and says nothing...
+    let held: Vec<_> = (0..MAX_CONNECTIONS_PER_UID)
+        .map(|_| std::os::unix::net::UnixStream::connect(d.socket_path()).unwrap())
+        .collect();
+    // ...so its next connection is answered 503 at once, before the daemon reads it...
+    let started = std::time::Instant::now();
+    let r = d
+        .try_request("GET", "/v1/health", &[], None)
+        .expect("an answer");
+    assert_error(&r, 503, "provider_unavailable");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("uid 0 already holds {MAX_CONNECTIONS_PER_UID}")),
+        "{}",
+        r.text()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // ...while another uid connects and is served, raw and through the CLI.
+    let mut other = crate::util::connect_as(d.socket_path(), 65534, 65534).unwrap();
+    other
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let closed = read_until_closed(std::slice::from_mut(&mut other), Duration::from_secs(20));
+    let r = parse_answer(&closed[0].0);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    assert_success("list as nobody", &d.cli_as(65534, 65534, &["list"], None));
+    // Closing connections gives the share back.
+    drop(held);
+    assert!(eventually(Duration::from_secs(5), || d
+        .try_request("GET", "/v1/health", &[], None)
+        .is_ok_and(|r| r.status == 200)));
 }

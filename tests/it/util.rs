@@ -983,6 +983,42 @@ fn dechunk(mut rest: &[u8]) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Connects to the Unix socket `path` as `uid`/`gid` (the test runs as root), so that the
+/// daemon sees that peer through SO_PEERCRED: a short-lived thread sets its own effective
+/// ids with the raw per-thread `setresgid`/`setresuid` (Linux keeps credentials per thread;
+/// the rest of the test process stays root) and connects. The stream is then used from any
+/// thread: the peer credentials are those of the connect.
+pub fn connect_as(path: &Path, uid: u32, gid: u32) -> io::Result<UnixStream> {
+    use rustix::process::{Gid, Uid};
+    use rustix::thread::{set_thread_res_gid, set_thread_res_uid};
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        set_thread_res_gid(None::<Gid>, Gid::from_raw(gid), None::<Gid>)?;
+        set_thread_res_uid(None::<Uid>, Uid::from_raw(uid), None::<Uid>)?;
+        UnixStream::connect(&path)
+    })
+    .join()
+    .expect("the connecting thread does not panic")
+}
+
+/// Raises this process's soft open-file limit to at least `n` (up to the hard limit), for
+/// tests that hold many sockets at once.
+pub fn raise_open_files(n: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_none_or(|soft| soft >= n) {
+        return;
+    }
+    let want = now.maximum.map_or(n, |hard| hard.min(n));
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(want),
+            maximum: now.maximum,
+        },
+    );
+}
+
 /// Polls `f` every 100 ms until it holds or `timeout` passes; returns whether it held.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
