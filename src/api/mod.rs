@@ -876,3 +876,116 @@ mod tests {
         assert!(parse_query(Some("bogus=1".into()), d).is_err());
     }
 }
+
+/// Property tests of the query parser: any query string is parsed or refused with a typed
+/// `bad_request`, never a panic, and a refusal never quotes a value.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DEFAULT: Duration = Duration::from_secs(900);
+    const MAX_MIN_VALID: Duration = Duration::from_secs(366 * 86_400);
+
+    fn check(
+        raw: Option<String>,
+    ) -> Result<Result<(Duration, Option<String>), ApiError>, TestCaseError> {
+        let result = parse_query(raw, DEFAULT);
+        match &result {
+            Ok((min_valid, _)) => prop_assert!(*min_valid <= MAX_MIN_VALID.max(DEFAULT)),
+            Err(e) => {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                prop_assert_eq!(e.code, "bad_request");
+                prop_assert!(
+                    !e.message.is_empty() && e.message.len() < 300,
+                    "{}",
+                    e.message
+                );
+                prop_assert_eq!(e.retry_after, None);
+            }
+        }
+        Ok(result)
+    }
+
+    fn encode(s: &str) -> String {
+        url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_query_strings(raw in prop::option::of("\\PC{0,200}")) {
+            let _ = check(raw)?;
+        }
+
+        #[test]
+        fn percent_escapes_and_separators(raw in "([a-z_]{0,10}|%[0-9A-Fa-f]{2}|%|[=&+;#?]){0,30}") {
+            let _ = check(Some(raw))?;
+        }
+
+        /// Pairs of known and unknown keys: the first unknown key or bad `min_valid` is
+        /// refused; otherwise the last `min_valid` (capped at 366 days) and `site` win.
+        #[test]
+        fn pairs_follow_the_rules(
+            pairs in prop::collection::vec(
+                (
+                    prop_oneof![
+                        3 => Just("min_valid".to_owned()),
+                        3 => Just("site".to_owned()),
+                        1 => "[a-zA-Z_]{1,50}",
+                        1 => "\\PC{0,10}",
+                    ],
+                    prop_oneof![
+                        any::<u64>().prop_map(|n| n.to_string()),
+                        (0u64..100_000).prop_map(|n| format!(" {n} ")),
+                        Just("-1".to_owned()),
+                        Just(String::new()),
+                        "rt-[A-Za-z0-9]{16}",
+                        "\\PC{0,20}",
+                    ],
+                ),
+                0..6,
+            ),
+        ) {
+            let raw: Vec<String> = pairs
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+                .collect();
+            let raw = raw.join("&");
+            let result = check(Some(raw.clone()))?;
+
+            let mut want_min = DEFAULT;
+            let mut want_site = None;
+            let mut want_err = false;
+            for (k, v) in &pairs {
+                match k.as_str() {
+                    "min_valid" => match v.trim().parse::<u64>() {
+                        Ok(n) => want_min = Duration::from_secs(n).min(MAX_MIN_VALID),
+                        Err(_) => {
+                            want_err = true;
+                            break;
+                        }
+                    },
+                    "site" => want_site = Some(v.clone()),
+                    _ => {
+                        want_err = true;
+                        break;
+                    }
+                }
+            }
+            match result {
+                Ok(got) => {
+                    prop_assert!(!want_err, "{raw:?} accepted as {got:?}");
+                    prop_assert_eq!(got, (want_min, want_site));
+                }
+                Err(e) => {
+                    prop_assert!(want_err, "{raw:?}: {e:?}");
+                    for (_, v) in &pairs {
+                        if v.len() >= 8 {
+                            prop_assert!(!e.message.contains(v.as_str()), "{} quotes {v:?}", e.message);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

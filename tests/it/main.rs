@@ -14,6 +14,7 @@ mod crypt;
 mod engine;
 mod fake;
 mod fake_selftest;
+mod fuzz;
 mod keeper;
 mod ops;
 mod util;
