@@ -527,7 +527,7 @@ impl Metrics {
                     "When a periodic job last succeeded (Unix time); the daemon's start time \
                      until its first success.",
                 ),
-                &["job"],
+                &["cron_job"],
             )
             .expect("valid"),
         );
@@ -542,7 +542,7 @@ impl Metrics {
                     "tokend_jobs_period_seconds",
                     "The nominal interval between runs of a periodic job.",
                 ),
-                &["job"],
+                &["cron_job"],
             )
             .expect("valid"),
         );
@@ -936,7 +936,7 @@ mod tests {
             assert_eq!(value(&t, &series), Some(0.0), "{series}");
         }
         for job in KNOWN_JOBS {
-            let series = format!("tokend_job_last_success_timestamp_seconds{{job=\"{job}\"}}");
+            let series = format!("tokend_job_last_success_timestamp_seconds{{cron_job=\"{job}\"}}");
             let v = value(&t, &series).unwrap();
             assert!((v - unix_now()).abs() < 60.0, "{series} = {v}");
         }
@@ -1031,11 +1031,11 @@ mod tests {
         assert_eq!(v("tokend_site_resolutions_total{outcome=\"success\"}"), 1.0);
         assert_eq!(v("tokend_site_resolutions_total{outcome=\"failure\"}"), 2.0);
         assert_eq!(
-            v("tokend_job_last_success_timestamp_seconds{job=\"maintenance\"}"),
+            v("tokend_job_last_success_timestamp_seconds{cron_job=\"maintenance\"}"),
             1_700_000_000.0
         );
         assert_eq!(
-            v("tokend_jobs_period_seconds{job=\"maintenance\"}"),
+            v("tokend_jobs_period_seconds{cron_job=\"maintenance\"}"),
             86_400.0
         );
         assert_eq!(v("tokend_inactivity_headroom_seconds"), 100_000.0);

@@ -335,7 +335,7 @@ fn metrics_after_a_scripted_scenario() {
     assert!(text.contains(
         "tokend_api_request_duration_seconds_bucket{route=\"/v1/connections/{id}/token\""
     ));
-    assert!(text.contains("tokend_job_last_success_timestamp_seconds{job=\"resolve_sites\"}"));
+    assert!(text.contains("tokend_job_last_success_timestamp_seconds{cron_job=\"resolve_sites\"}"));
     assert!(text.contains("process_resident_memory_bytes"));
     // Probes.
     assert_eq!(d.metrics_get("/healthz").unwrap().status, 200);
