@@ -1172,8 +1172,9 @@ mod tests {
         assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(200.0));
     }
 
-    /// Writes a rendered sample to `$TOKEND_METRICS_SAMPLE` when set, for
-    /// `promtool check metrics < "$TOKEND_METRICS_SAMPLE"`. Without it, checks the sample only.
+    /// A rendered sample (and the empty-ledger case, with its +Inf headroom) passes
+    /// `promtool check metrics`: when promtool is installed, and always in CI, where
+    /// `TOKEND_REQUIRE_PROMTOOL` is set.
     #[test]
     fn sample_for_promtool() {
         let m = Metrics::new(true);
@@ -1202,13 +1203,44 @@ mod tests {
         );
         let t = m.render();
         assert!(t.ends_with('\n'));
-        if let Some(path) = std::env::var_os("TOKEND_METRICS_SAMPLE") {
-            std::fs::write(&path, &t).unwrap();
-            // And the empty-ledger case, with the +Inf headroom.
-            let mut empty = std::path::PathBuf::from(path);
-            empty.set_extension("empty");
-            std::fs::write(empty, Metrics::new(true).render()).unwrap();
+        for text in [t, Metrics::new(true).render()] {
+            promtool_check(&text);
         }
+    }
+
+    /// Runs `promtool check metrics` on `text` if promtool is installed; required (a missing
+    /// promtool fails) when `TOKEND_REQUIRE_PROMTOOL` is set, as `.ci/run` does.
+    pub(crate) fn promtool_check(text: &str) {
+        use std::io::Write;
+        let spawned = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(
+                    std::env::var_os("TOKEND_REQUIRE_PROMTOOL").is_none(),
+                    "promtool is required here but cannot run: {e}"
+                );
+                return;
+            }
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// A minimal HTTP/1.1 client: one GET, `Connection: close`, returns (status, headers,

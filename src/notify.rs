@@ -193,9 +193,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_command_means_nothing_runs() {
-        let n = Notifier::start(Some("  ".into()), Duration::from_secs(1));
-        assert!(n.tx.is_none());
+    async fn the_hook_sees_an_allow_listed_environment_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        // Whatever the daemon's environment holds, the hook gets only the allow-list and
+        // its TOKEND_* variables: dump its whole environment and check every name.
+        let cmd = format!("env >> {}", out.display());
+        let n = Notifier::start(Some(cmd), Duration::from_secs(5));
         n.send(note(Kind::Recovered, "c1"));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let text = std::fs::read_to_string(&out).unwrap();
+        let names: Vec<&str> = text.lines().filter_map(|l| l.split('=').next()).collect();
+        assert!(names.contains(&"TOKEND_CONNECTION"), "{names:?}");
+        for name in names {
+            assert!(
+                NOTIFY_ENV_ALLOWED.contains(&name)
+                    || name.starts_with("TOKEND_")
+                    // The shell's own: not inherited from the daemon.
+                    || ["PWD", "SHLVL", "_", "OLDPWD"].contains(&name),
+                "the hook saw {name}"
+            );
+        }
     }
 }

@@ -15,7 +15,12 @@ pub struct SdNotify {
 impl SdNotify {
     /// Reads `$NOTIFY_SOCKET`; a missing or unusable socket gives a no-op handle.
     pub fn from_env() -> SdNotify {
-        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|raw| {
+        SdNotify::from_value(std::env::var_os("NOTIFY_SOCKET"))
+    }
+
+    /// A handle for a `$NOTIFY_SOCKET` value (`None` or empty: a no-op handle).
+    fn from_value(value: Option<std::ffi::OsString>) -> SdNotify {
+        let target = value.filter(|v| !v.is_empty()).and_then(|raw| {
             let raw = raw.into_encoded_bytes();
             let addr = if let Some(name) = raw.strip_prefix(b"@") {
                 use std::os::linux::net::SocketAddrExt;
@@ -114,9 +119,37 @@ mod tests {
     }
 
     #[test]
-    fn without_notify_socket_nothing_happens() {
-        let n = SdNotify { target: None };
-        assert!(!n.enabled());
-        n.ready();
+    fn notify_socket_values_are_parsed_and_a_missing_one_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let by_path = SdNotify::from_value(Some(path.clone().into_os_string()));
+        assert!(by_path.enabled());
+        by_path.ready();
+        let mut buf = [0u8; 64];
+        let k = listener
+            .recv(&mut buf)
+            .expect("the path value reaches the socket");
+        assert!(buf[..k].starts_with(b"READY=1"));
+        // An abstract name (systemd's usual form) is understood too.
+        let name = format!("tokend-test-{}", std::process::id());
+        let abstract_listener = {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+            UnixDatagram::bind_addr(&addr).unwrap()
+        };
+        SdNotify::from_value(Some(format!("@{name}").into())).watchdog();
+        let k = abstract_listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..k], b"WATCHDOG=1");
+        for missing in [None, Some(std::ffi::OsString::new())] {
+            let n = SdNotify::from_value(missing);
+            assert!(!n.enabled());
+            n.ready();
+        }
+        assert!(
+            listener.recv(&mut buf).is_err(),
+            "nothing is sent without a socket"
+        );
     }
 }

@@ -262,13 +262,7 @@ impl Ledger {
         R: Send + 'static,
         F: FnOnce(&mut rusqlite::Connection) -> Result<R, LedgerError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut db = inner.db.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut db)
-        })
-        .await
-        .map_err(|e| LedgerError::Task(e.to_string()))?
+        self.call_keys(move |db, _| f(db)).await
     }
 
     /// Runs `f` with the database and the keys on the blocking pool.

@@ -340,14 +340,21 @@ fn metrics_after_a_scripted_scenario() {
     // Probes.
     assert_eq!(d.metrics_get("/healthz").unwrap().status, 200);
     assert_eq!(d.metrics_get("/readyz").unwrap().status, 200);
-    // promtool, when installed (CI installs it through .ci/ops-checks before the tests).
-    if let Ok(mut p) = Command::new("promtool")
+    // promtool, when installed; required in CI (.ci/ops-checks installs it before the tests
+    // and .ci/run sets TOKEND_REQUIRE_PROMTOOL).
+    let spawned = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-    {
+        .spawn();
+    if let Err(e) = &spawned {
+        assert!(
+            std::env::var_os("TOKEND_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required here but cannot run: {e}"
+        );
+    }
+    if let Ok(mut p) = spawned {
         use std::io::Write;
         p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
         let out = p.wait_with_output().unwrap();
