@@ -702,7 +702,7 @@ pub(crate) fn settle(
         | Outcome::RenewedWithoutRotation { next, recovered } => {
             tracing::info!(connection = %id, "refreshed");
             st.rec.adopt_chain(&next);
-            st.held = None;
+            engine.set_held(st, None);
             st.not_before = None;
             st.provider_asked = false;
             if recovered {
@@ -735,14 +735,14 @@ pub(crate) fn settle(
                 st.rec.conn.label = next.conn.label.clone();
             }
             st.rec.adopt_chain(&next);
-            st.held = None;
+            engine.set_held(st, None);
             effects.resolve_sites = st.sites_wanted;
             Ok(())
         }
 
         Outcome::CommitPending { held, error } => {
             tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
-            st.held = Some(held);
+            engine.set_held(st, Some(held));
             Err(Failure::Internal(format!(
                 "the rotated refresh token could not be saved ({error}); tokend keeps it and retries the commit"
             )))
@@ -804,7 +804,7 @@ pub(crate) fn settle(
             })
         }
         Outcome::Superseded { current } => {
-            if let Some(held) = st.held.take() {
+            if let Some(held) = engine.set_held(st, None) {
                 tracing::error!(connection = %id, version = held.expect_version, "the ledger holds another chain than the one waiting for its commit; the ledger's chain wins");
             }
             match current {

@@ -40,6 +40,7 @@ use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -272,6 +273,9 @@ pub struct Engine {
     authorizations: Mutex<HashMap<String, Instant>>,
     /// Every task the engine started (attempts, onboarding, resolutions).
     tasks: flight::Tasks,
+    /// How many slots hold a change the store has not committed: health and readiness read
+    /// it on every probe, so it is kept, not counted over every connection.
+    held: AtomicUsize,
 }
 
 impl Engine {
@@ -299,6 +303,7 @@ impl Engine {
             onboarding: tokio::sync::Mutex::new(()),
             authorizations: Mutex::new(HashMap::new()),
             tasks: flight::Tasks::default(),
+            held: AtomicUsize::new(0),
         });
         for rec in records {
             if rec.chain.attempt_started_at.is_some() {
@@ -365,6 +370,9 @@ impl Engine {
     }
 
     fn install(&self, rec: Record, held: Option<Held>) -> Arc<Slot> {
+        if held.is_some() {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let slot = Arc::new(Slot {
@@ -396,6 +404,7 @@ impl Engine {
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
             st.removed = true;
+            self.set_held(&mut st, None);
             let label = st.rec.conn.label.clone();
             drop(st);
             if index.by_label.get(&label).map(String::as_str) == Some(id) {
@@ -404,6 +413,20 @@ impl Engine {
         }
         drop(index);
         self.plan.cancel(id);
+    }
+
+    /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
+    fn set_held(&self, st: &mut SlotState, held: Option<Held>) -> Option<Held> {
+        match (st.held.is_some(), held.is_some()) {
+            (false, true) => {
+                self.held.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.held.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        std::mem::replace(&mut st.held, held)
     }
 
     /// A connection's label changed (a held insert committed under a generated label).

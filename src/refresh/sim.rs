@@ -687,6 +687,13 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
         }
     }
     if let Some(e) = live {
+        let held = e.slots().iter().filter(|s| s.lock().held.is_some()).count();
+        if e.commit_pending() != held {
+            return Err(format!(
+                "{step}: commit_pending() says {} but {held} slots hold a change",
+                e.commit_pending()
+            ));
+        }
         for slot in e.slots() {
             let st = slot.lock();
             let id = &st.rec.conn.id;

@@ -10,10 +10,7 @@ use tokio::time::Instant;
 impl Engine {
     /// Whether some chain holds a rotated token its commit is still waiting for.
     pub fn commit_pending(&self) -> usize {
-        self.slots()
-            .iter()
-            .filter(|s| s.lock().held.is_some())
-            .count()
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The id and label of a connection (by id or label), cheaply: for access checks on the
