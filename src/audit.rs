@@ -68,6 +68,9 @@ struct Fold {
 #[derive(Clone)]
 pub struct Audit {
     pending: Arc<Mutex<BTreeMap<Key, Fold>>>,
+    /// Folds dropped because the ledger could not take them and memory was full: logged
+    /// once per flush, not once per read.
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     ledger: Ledger,
     metrics: Arc<Metrics>,
 }
@@ -77,6 +80,7 @@ impl Audit {
     pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Audit {
         Audit {
             pending: Arc::new(Mutex::new(BTreeMap::new())),
+            dropped: Arc::default(),
             ledger,
             metrics,
         }
@@ -115,17 +119,24 @@ impl Audit {
                 pid,
                 route,
             });
-        while pending.len() > MAX_PENDING {
+        if pending.len() > MAX_PENDING {
             pending.pop_first();
-            tracing::warn!(
-                "the audit trail cannot be written and is full; dropping its oldest folded reads"
-            );
+            drop(pending);
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     /// Writes folds of minutes that are over (or all of them, `all`), in one transaction.
     /// On failure they stay in memory for the next try.
     pub async fn flush(&self, all: bool) {
+        let dropped = self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the audit trail cannot be written and is full; dropped its oldest folded reads"
+            );
+        }
         let now = Utc::now();
         let this_minute = now
             .duration_trunc(chrono::Duration::minutes(1))

@@ -534,7 +534,8 @@ fn parse_grant(status: StatusCode, bytes: &[u8]) -> Result<Grant, ProviderError>
             },
         }
     };
-    let parsed: TokenBody = match serde_json::from_value(value.clone()) {
+    // From a borrow: a copy of the tree would hold both tokens in plain, unwiped Strings.
+    let parsed: TokenBody = match TokenBody::deserialize(&value) {
         Ok(p) => p,
         Err(e) => {
             return Err(salvage(format!(
