@@ -336,26 +336,18 @@ async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
             .save_chain(held.rec.clone(), held.expect_version, vec![])
             .await;
         if let Err(StoreError::Conflict(_)) = &saved {
-            // The store moved past the version memory knew (a write that failed but
-            // landed). The held chain is the newest there is (the chain lock is held):
-            // unless the store already has it, commit it over the stored version.
-            match engine.store.load(held.rec.conn.id.clone()).await {
-                Ok(Some(current))
-                    if current.chain.refresh_token.expose()
-                        == held.rec.chain.refresh_token.expose() =>
-                {
-                    return Outcome::Committed { next: current };
-                }
-                Ok(Some(current)) => {
-                    held.expect_version = current.chain.version;
-                    held.rec.chain.version = current.chain.version + 1;
+            match after_conflict(engine, &held.rec, held.presented.as_ref()).await {
+                Behind::Retry(version) => {
+                    held.expect_version = version;
+                    held.rec.chain.version = version + 1;
                     saved = engine
                         .store
                         .save_chain(held.rec.clone(), held.expect_version, vec![])
                         .await;
                 }
-                Ok(None) => return Outcome::Superseded { current: None },
-                Err(e) => saved = Err(e),
+                Behind::Done(current) => return Outcome::Committed { next: current },
+                Behind::Moved(current) => return Outcome::Superseded { current },
+                Behind::Unknown(e) => saved = Err(e),
             }
         }
         saved
@@ -370,6 +362,38 @@ async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
             held,
             error: e.to_string(),
         },
+    }
+}
+
+/// What a compare-and-swap conflict on a chain write turned out to be.
+enum Behind {
+    /// The store still holds the token presented: memory was behind only a write of this
+    /// chain's own that landed after reporting a failure. Write again over this version.
+    Retry(u64),
+    /// The store already holds the change (an earlier write of it landed).
+    Done(Record),
+    /// The store holds another chain (another writer moved it), or none.
+    Moved(Option<Record>),
+    /// The store could not be read.
+    Unknown(StoreError),
+}
+
+/// Reads the store after a conflict on writing `ours`, which replaces `presented`.
+async fn after_conflict(engine: &Engine, ours: &Record, presented: Option<&Secret>) -> Behind {
+    match engine.store.load(ours.conn.id.clone()).await {
+        Ok(Some(current)) => {
+            let stored = current.chain.refresh_token.expose();
+            if stored == ours.chain.refresh_token.expose() {
+                Behind::Done(current)
+            } else if presented.is_some_and(|p| p.expose() == stored) {
+                tracing::warn!(connection = %ours.conn.id, "the ledger was ahead of memory; committing the new chain over its version");
+                Behind::Retry(current.chain.version)
+            } else {
+                Behind::Moved(Some(current))
+            }
+        }
+        Ok(None) => Behind::Moved(None),
+        Err(e) => Behind::Unknown(e),
     }
 }
 
@@ -487,17 +511,15 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
         .save_chain(next.clone(), expect, events.clone())
         .await;
     if let Err(StoreError::Conflict(_)) = &saved {
-        // Memory was behind the store (a write that failed but landed). This answer is the
-        // newest chain there is (the chain lock is held): commit it over the stored version.
-        match engine.store.load(base.conn.id.clone()).await {
-            Ok(Some(current)) => {
-                tracing::warn!(connection = %base.conn.id, "the ledger was ahead of memory; committing the new chain over its version");
-                expect = current.chain.version;
+        match after_conflict(engine, &next, Some(&base.chain.refresh_token)).await {
+            Behind::Retry(version) => {
+                expect = version;
                 next.chain.version = expect + 1;
                 saved = engine.store.save_chain(next.clone(), expect, events).await;
             }
-            Ok(None) => return Outcome::Superseded { current: None },
-            Err(e) => saved = Err(e),
+            Behind::Done(current) => return Outcome::Committed { next: current },
+            Behind::Moved(current) => return Outcome::Superseded { current },
+            Behind::Unknown(e) => saved = Err(e),
         }
     }
     match saved {
@@ -508,6 +530,7 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
                 rec: next,
                 expect_version: expect,
                 insert: false,
+                presented: Some(base.chain.refresh_token.clone()),
             },
             error: e.to_string(),
         },

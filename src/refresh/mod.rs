@@ -199,6 +199,10 @@ pub(crate) struct Held {
     expect_version: u64,
     /// The connection is not in the store at all yet (a consent whose insert failed).
     insert: bool,
+    /// The refresh token the store holds while this change waits (the one presented to the
+    /// provider); `None` for an insert. A conflicting store that still holds it is behind
+    /// only by a write of this chain's own that landed, and may be written over.
+    presented: Option<Secret>,
 }
 
 /// Per-connection state, behind the slot's mutex (never held across an `.await`).
@@ -469,7 +473,7 @@ impl Engine {
             }
             let was_hot = plan::is_hot(&st.rec, st.last_requested);
             st.last_requested = Some(Instant::now());
-            if !was_hot {
+            if !was_hot && plan::is_hot(&st.rec, st.last_requested) {
                 // Became hot: plan its access renewal ahead of expiry from now on.
                 self.replan_locked(&st);
             }

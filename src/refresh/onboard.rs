@@ -293,6 +293,7 @@ impl Engine {
             rec: rec.clone(),
             expect_version: 0,
             insert: true,
+            presented: None,
         };
         let slot = self.install(rec, Some(held));
         slot.lock().sites_wanted = true;

@@ -38,14 +38,20 @@ pub enum SiteOutcome {
 
 impl Engine {
     /// Re-reads a connection's account (if unknown) and sites (the site job). Never refreshes.
+    /// The work runs on an engine task: a job cancelled half-way stops nothing half-done.
     pub async fn resolve_sites(self: &Arc<Self>, id: &str) -> SiteOutcome {
         let Some(slot) = self.find(id) else {
             return SiteOutcome::Skipped;
         };
-        match self.resolvable(&slot) {
-            Ok(access) => self.resolve_with(&slot, access, false).await.1,
-            Err(outcome) => outcome,
-        }
+        let access = match self.resolvable(&slot) {
+            Ok(access) => access,
+            Err(outcome) => return outcome,
+        };
+        let engine = self.clone();
+        let task = self
+            .tasks
+            .run(async move { engine.resolve_with(&slot, access, false).await.1 });
+        task.await.unwrap_or(SiteOutcome::Skipped)
     }
 
     /// Resolves a new connection's account and sites during onboarding (whose lock the
