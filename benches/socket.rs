@@ -103,6 +103,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
     let listener = tokend::api::server::bind(&socket, 0o600).expect("bind");
     let state = tokend::api::ApiState {
         engine: engine.clone(),
+        metrics: metrics.clone(),
         jobs: Arc::new(tokend::jobs::JobMonitor::default()),
         access: Arc::new(std::sync::RwLock::new(tokend::api::AccessPolicy {
             own_uid: 0,
@@ -113,7 +114,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
     tokio::spawn(tokend::api::server::serve(
         listener,
         tokend::api::router(state),
-        engine.metrics().clone(),
+        metrics.clone(),
         std::future::pending(),
         Duration::from_secs(1),
     ));

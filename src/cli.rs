@@ -180,13 +180,15 @@ pub enum Command {
 }
 
 /// Entry point of the binary.
-pub fn main() -> ExitCode {
+/// `activated` is a listening socket systemd passed (socket activation), adopted by
+/// `main.rs`: `tokend run` serves it instead of binding `daemon.socket_path`.
+pub fn main(activated: Option<std::os::unix::net::UnixListener>) -> ExitCode {
     // Usage errors exit 2 (clap's default); --help and --version exit 0.
     let cli = Cli::parse();
     let env_socket = std::env::var_os("TOKEND_SOCKET")
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
-    match run(cli, env_socket) {
+    match run(cli, env_socket, activated) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             let _ = writeln!(io::stderr(), "tokend: {}", failure.message);
@@ -224,11 +226,15 @@ impl From<ClientError> for Failure {
     }
 }
 
-fn run(cli: Cli, env_socket: Option<PathBuf>) -> Result<(), Failure> {
+fn run(
+    cli: Cli,
+    env_socket: Option<PathBuf>,
+    activated: Option<std::os::unix::net::UnixListener>,
+) -> Result<(), Failure> {
     match cli.command {
         Command::Run => {
             let config = Config::load(&cli.config).map_err(|e| Failure::config(e.to_string()))?;
-            crate::daemon::main(config).map_err(|e| Failure::runtime(format!("{e:#}")))
+            crate::daemon::main(config, activated).map_err(|e| Failure::runtime(format!("{e:#}")))
         }
         Command::CheckConfig => {
             let config = Config::load(&cli.config).map_err(|e| Failure::config(e.to_string()))?;
@@ -1217,7 +1223,7 @@ mod tests {
             "list",
         ])
         .unwrap();
-        let failure = run(cli, None).unwrap_err();
+        let failure = run(cli, None, None).unwrap_err();
         assert_eq!(failure.code, EXIT_CONFIG);
         assert!(
             failure.message.contains("missing.toml"),
@@ -1236,7 +1242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nobody.sock");
         let cli = parse(&["--config", "/nonexistent/daemon.toml", "list"]).unwrap();
-        let failure = run(cli, Some(socket.clone())).unwrap_err();
+        let failure = run(cli, Some(socket.clone()), None).unwrap_err();
         assert_eq!(failure.code, EXIT_RUNTIME);
         assert!(
             failure.message.starts_with(&format!(

@@ -1,11 +1,14 @@
 //! Daemon wiring: logging, the runtime, the ledger, the engine, the socket, and shutdown.
 //!
-//! [`run`] takes an already-bound listener and a shutdown future (so tests and socket
-//! activation can hand in their own); [`main`] binds the configured socket, installs the
-//! signal handlers and calls it. Shutdown order: stop accepting, let requests in progress
+//! [`run`] takes an already-bound listener and a shutdown [`CancellationToken`] (so tests
+//! and socket activation can hand in their own, as tokio-rs/mini-redis does); [`main`] binds
+//! the configured socket (or takes the one systemd passed), turns SIGTERM/SIGINT into a
+//! cancellation and calls it. This is the only module that knows every other: it builds
+//! each part and hands it what it needs (the metrics to whoever records, a view of the jobs
+//! to the API), so no lower module reaches back up. Shutdown order: stop accepting, let requests in progress
 //! finish (bounded), let in-flight refreshes commit (bounded), remove the socket.
 
-use crate::api::{self, AccessPolicy, ApiState};
+use crate::api::{self, AccessPolicy, ApiState, JobsView};
 use crate::config::{Config, LogFormat};
 use crate::jobs::{JobMonitor, Jobs};
 use crate::ledger::Ledger;
@@ -15,9 +18,10 @@ use crate::refresh::Engine;
 use crate::systemd::SdNotify;
 use anyhow::Context;
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 
 /// How long requests in progress may take to finish after a stop signal.
 pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
@@ -27,12 +31,20 @@ pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
 /// not lost: its attempt marker makes the next start retry it inside the reuse leeway.
 pub const REFRESH_GRACE_EXTRA: Duration = Duration::from_secs(5);
 
-/// How often connection gauges and job metrics are published.
+/// How often the job metrics are published. (Connection counts and deadlines are read from
+/// the engine when `/metrics` is scraped, not published.)
 pub const METRICS_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often the absolute-expiry warnings run (at start, then daily, as promised to
 /// operators: "a warning is logged daily within 14 days of the deadline").
 pub const ABSOLUTE_WARNING_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// The API's view of the jobs: which are late.
+impl JobsView for JobMonitor {
+    fn stalled(&self) -> Vec<&'static str> {
+        JobMonitor::stalled(self)
+    }
+}
 
 /// Readiness: the ledger is writable, the scheduler is alive, every job ran on time.
 fn readiness(engine: Arc<Engine>, monitor: Arc<JobMonitor>) -> crate::metrics::Readiness {
@@ -186,9 +198,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
-/// Publishes gauges periodically and runs the daily absolute-expiry warnings.
+/// Publishes the job metrics periodically and runs the daily absolute-expiry warnings.
 async fn housekeeping(
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
     monitor: Arc<JobMonitor>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -200,7 +213,6 @@ async fn housekeeping(
             _ = &mut shutdown => break,
             _ = publish.tick() => {
                 engine.publish_metrics();
-                let metrics = engine.metrics();
                 for (job, last, period) in monitor.snapshot() {
                     metrics.set_job_period(job, period.as_secs_f64());
                     if let Some(t) = last {
@@ -291,17 +303,13 @@ fn reload_log_level(level: &str) {
     }
 }
 
-/// A socket passed by systemd (socket activation), adopted by `main.rs`.
-static ACTIVATED: Mutex<Option<std::os::unix::net::UnixListener>> = Mutex::new(None);
-
-/// Hands the daemon a socket passed by systemd (`LISTEN_FDS`); `run` then serves it instead
-/// of binding `daemon.socket_path`, and leaves it in place on exit (systemd owns it).
-pub fn set_activated_listener(listener: std::os::unix::net::UnixListener) {
-    *ACTIVATED.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
-}
-
-/// Runs the daemon in the foreground until SIGTERM or SIGINT.
-pub fn main(config: Config) -> anyhow::Result<()> {
+/// Runs the daemon in the foreground until SIGTERM or SIGINT. `activated` is a socket
+/// systemd passed (`LISTEN_FDS`, adopted by `main.rs`): it is served instead of binding
+/// `daemon.socket_path`, and left in place on exit (systemd owns it).
+pub fn main(
+    config: Config,
+    activated: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<()> {
     init_logging(config.daemon.log_format, &config.daemon.log_level);
     crate::secret::forbid_core_dumps();
     let open_files = api::server::raise_open_file_limit();
@@ -320,7 +328,6 @@ pub fn main(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let activated = ACTIVATED.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (listener, owned) = match activated {
             Some(l) => {
                 l.set_nonblocking(true)
@@ -337,7 +344,16 @@ pub fn main(config: Config) -> anyhow::Result<()> {
             ),
         };
         let socket_path = config.daemon.socket_path.clone();
-        let result = run(config, listener, shutdown_signal()).await;
+        let shutdown = CancellationToken::new();
+        let on_signal = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown_signal().await;
+                shutdown.cancel();
+            }
+        });
+        let result = run(config, listener, shutdown).await;
+        on_signal.abort();
         if owned {
             let _ = std::fs::remove_file(&socket_path);
         }
@@ -373,11 +389,11 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// Runs the daemon on an already-bound socket until `shutdown` resolves.
+/// Runs the daemon on an already-bound socket until `shutdown` is cancelled.
 pub async fn run(
     config: Config,
     listener: UnixListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let ledger = Ledger::open(&config.daemon.state_dir, &config.daemon.keys)?;
     let node = config.daemon.node_name.clone().unwrap_or_else(host_name);
@@ -417,13 +433,9 @@ pub async fn run(
     )
     .await
     .context("cannot start the job scheduler")?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    // Cancelled once the socket has stopped serving: everything else stops after it.
+    let stop = CancellationToken::new();
+    let stopped = || stop.clone().cancelled_owned();
     let metrics_server = match config.daemon.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -443,6 +455,7 @@ pub async fn run(
     let audit = crate::audit::Audit::new(ledger.clone(), metrics.clone());
     let state = ApiState {
         engine: engine.clone(),
+        metrics: metrics.clone(),
         jobs: monitor.clone(),
         access: Arc::new(RwLock::new(AccessPolicy {
             own_uid: rustix::process::geteuid().as_raw(),
@@ -454,7 +467,12 @@ pub async fn run(
     let audit_writer = tokio::spawn(audit.run(stopped()));
     let scheduler = tokio::spawn(engine.clone().run_scheduler(stopped()));
     let watch = tokio::spawn(jobs.watch(stopped()));
-    let housekeeping = tokio::spawn(housekeeping(engine.clone(), monitor.clone(), stopped()));
+    let housekeeping = tokio::spawn(housekeeping(
+        engine.clone(),
+        metrics.clone(),
+        monitor.clone(),
+        stopped(),
+    ));
     tracing::info!(
         active,
         needs_reauth,
@@ -476,7 +494,7 @@ pub async fn run(
     let stopping = {
         let sd = sd.clone();
         async move {
-            shutdown.await;
+            shutdown.cancelled().await;
             sd.stopping();
         }
     };
@@ -488,7 +506,7 @@ pub async fn run(
         REQUEST_GRACE,
     )
     .await;
-    let _ = stop_tx.send(true);
+    stop.cancel();
     if let Some(w) = watchdog {
         let _ = w.await;
     }

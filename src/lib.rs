@@ -23,4 +23,5 @@ pub mod notify;
 pub mod provider;
 pub mod refresh;
 pub mod secret;
+pub mod serve;
 pub mod systemd;

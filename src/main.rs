@@ -7,10 +7,7 @@
 const LISTEN_FDS_START: i32 = 3;
 
 fn main() -> std::process::ExitCode {
-    if let Some(listener) = activated_socket() {
-        tokend::daemon::set_activated_listener(listener);
-    }
-    tokend::cli::main()
+    tokend::cli::main(activated_socket())
 }
 
 /// The socket systemd passed to this process, if any (`LISTEN_PID` is ours and

@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
+pub use crate::serve::TimeoutPhase;
+
 /// Buckets (seconds) for `tokend_api_request_duration_seconds`. A socket API request is
 /// normally served from memory (a cached token) in tens of microseconds, so the buckets start
 /// at 25 µs; requests that wait on a refresh or the ledger land in the millisecond buckets,
@@ -69,7 +71,7 @@ pub const OTHER_ROUTE: &str = "other";
 const PREINITIALISED_STATUS_CLASSES: &[&str] = &["2xx", "4xx", "5xx"];
 
 /// The `reason` of `tokend_api_connections_refused_total` when the peer's uid already held
-/// `api::server::MAX_CONNECTIONS_PER_UID` connections.
+/// `serve::MAX_CONNECTIONS_PER_UID` connections.
 const REFUSED_UID_LIMIT: &str = "uid_limit";
 
 /// The job name of the site re-resolution job (`[jobs] resolve_sites`).
@@ -166,38 +168,6 @@ impl TokenOutcome {
             TokenOutcome::NeedsReauth => "needs_reauth",
             TokenOutcome::Unavailable => "unavailable",
             TokenOutcome::Forbidden => "forbidden",
-        }
-    }
-}
-
-/// Where a socket API connection ran out of time (`tokend_api_timeouts_total{phase}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TimeoutPhase {
-    /// The request headers did not arrive within the header read timeout (a connection that
-    /// never completed a request; an idle keep-alive connection closed after its answers is
-    /// not counted).
-    Headers,
-    /// A request body did not arrive in full within the body read timeout.
-    Body,
-    /// A response write made no progress within the write timeout (a peer that does not
-    /// read its answers).
-    Write,
-}
-
-impl TimeoutPhase {
-    /// Every phase, for pre-initialisation.
-    pub const ALL: [TimeoutPhase; 3] = [
-        TimeoutPhase::Headers,
-        TimeoutPhase::Body,
-        TimeoutPhase::Write,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TimeoutPhase::Headers => "headers",
-            TimeoutPhase::Body => "body",
-            TimeoutPhase::Write => "write",
         }
     }
 }
@@ -719,6 +689,25 @@ impl Metrics {
     }
 }
 
+/// The socket API's accept loop reports its connections here.
+impl crate::serve::Observer for Metrics {
+    fn opened(&self) {
+        self.api_connection_open(1);
+    }
+
+    fn closed(&self) {
+        self.api_connection_open(-1);
+    }
+
+    fn refused(&self) {
+        self.api_connection_refused();
+    }
+
+    fn timed_out(&self, phase: TimeoutPhase) {
+        self.api_timeout(phase);
+    }
+}
+
 /// The readiness check behind `/readyz`: `Ok(())` when ready, else the reason.
 pub type Readiness = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
@@ -781,15 +770,15 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: impl Future<Output = ()>,
 ) {
-    crate::api::server::serve_http(
+    crate::serve::serve_http(
         listener,
         router(metrics, readiness),
         shutdown,
-        crate::api::server::Limits {
+        crate::serve::Limits {
             max_connections: MAX_CONNECTIONS,
             // Scrapers and probes have no uid (TCP); the total is the only share.
             max_connections_per_uid: MAX_CONNECTIONS,
-            ..crate::api::server::Limits::socket(SHUTDOWN_GRACE)
+            ..crate::serve::Limits::socket(SHUTDOWN_GRACE)
         },
         None,
     )

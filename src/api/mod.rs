@@ -13,7 +13,7 @@ pub mod server;
 
 use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
-use crate::metrics::TokenOutcome;
+use crate::metrics::{Metrics, TokenOutcome};
 use crate::model::{Site, Time};
 use crate::refresh::{ConnectionInfo, Engine, Failure, Served, TokenGrant};
 use crate::secret::Secret;
@@ -38,18 +38,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// How long `/v1/health` waits for the ledger write probe before calling it degraded.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The credentials of the process on the other end of the socket (SO_PEERCRED), captured
-/// when it connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer {
-    /// Effective uid of the peer.
-    pub uid: u32,
-    /// Effective (primary) gid of the peer. Supplementary groups are not visible through
-    /// SO_PEERCRED.
-    pub gid: u32,
-    /// The peer's pid at connect time, for the audit trail.
-    pub pid: Option<u32>,
-}
+pub use crate::serve::Peer;
 
 /// Who may do what, from `[access]`.
 #[derive(Clone, Debug)]
@@ -87,12 +76,23 @@ impl AccessPolicy {
 pub struct ApiState {
     /// The refresh engine.
     pub engine: Arc<Engine>,
-    /// Job health (a stalled job makes `/v1/health` degraded).
-    pub jobs: Arc<crate::jobs::JobMonitor>,
+    /// Where request, token-request and latency counts go (the handlers record what they
+    /// decide; the engine is not asked for its registry).
+    pub metrics: Arc<Metrics>,
+    /// Which periodic jobs are late: a stalled job makes `/v1/health` degraded. A view,
+    /// not the job monitor itself, so that `api` does not depend on `jobs`.
+    pub jobs: Arc<dyn JobsView>,
     /// Access rules; behind a lock so that a reload can replace them.
     pub access: Arc<RwLock<AccessPolicy>>,
     /// Records who read which token.
     pub audit: crate::audit::Audit,
+}
+
+/// What `/v1/health` needs to know about the periodic jobs (implemented over
+/// `jobs::JobMonitor` by the daemon's wiring).
+pub trait JobsView: Send + Sync {
+    /// The names of the jobs that have not succeeded within their allowed time, sorted.
+    fn stalled(&self) -> Vec<&'static str>;
 }
 
 impl ApiState {
@@ -205,8 +205,7 @@ async fn track(
     let started = tokio::time::Instant::now();
     let resp = next.run(req).await;
     state
-        .engine
-        .metrics()
+        .metrics
         .api_request(route, resp.status().as_u16(), started.elapsed());
     resp
 }
@@ -662,7 +661,7 @@ async fn connection_token(
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
     let Some((conn_id, label)) = state.engine.identity(&id) else {
-        state.engine.metrics().token_request(TokenOutcome::NotFound);
+        state.metrics.token_request(TokenOutcome::NotFound);
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
     if !state.policy().may_read(peer, &conn_id, &label) {
@@ -673,10 +672,7 @@ async fn connection_token(
             "connection_token",
             ReadOutcome::Refused,
         );
-        state
-            .engine
-            .metrics()
-            .token_request(TokenOutcome::Forbidden);
+        state.metrics.token_request(TokenOutcome::Forbidden);
         return Err(ApiError::forbidden(format!(
             "uid {} may not read the tokens of {}",
             peer.uid, label
@@ -718,7 +714,7 @@ async fn site_token(
         })
         .cloned()
         .collect();
-    let metrics = state.engine.metrics();
+    let metrics = &state.metrics;
     match (candidates.len(), readable.as_slice()) {
         (0, _) => {
             metrics.token_request(TokenOutcome::NotFound);
@@ -770,7 +766,7 @@ async fn hand_out(
         Err(Failure::NeedsReauth(_)) => TokenOutcome::NeedsReauth,
         Err(_) => TokenOutcome::Unavailable,
     };
-    state.engine.metrics().token_request(outcome);
+    state.metrics.token_request(outcome);
     let grant = result?;
     let mut resp = ok_json(StatusCode::OK, token_json(&state.engine, &grant));
     resp.headers_mut()

@@ -349,11 +349,6 @@ impl Engine {
             .clone()
     }
 
-    /// The metrics registry.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Why the provider cannot be used, if it cannot.
     pub fn provider_not_configured(&self) -> Option<String> {
         self.provider.not_configured()
