@@ -212,7 +212,6 @@ async fn housekeeping(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = publish.tick() => {
-                engine.publish_metrics();
                 for (job, last, period) in monitor.snapshot() {
                     metrics.set_job_period(job, period.as_secs_f64());
                     if let Some(t) = last {

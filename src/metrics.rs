@@ -20,13 +20,16 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
+use prometheus::core::Desc;
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
+    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_gauge_with_registry,
 };
-use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
@@ -172,30 +175,191 @@ impl TokenOutcome {
     }
 }
 
-/// One connection in a [`Metrics::set_connection_deadlines`] snapshot:
-/// `(id, inactivity_deadline_unix, absolute_deadline_unix, active)`. Times are Unix seconds;
-/// `absolute_deadline_unix` is `None` when the absolute expiry is unknown or disabled; `active`
-/// is false for a chain in `needs_reauth`.
-pub type ConnectionDeadline = (String, f64, Option<f64>, bool);
+/// One connection as the scrape-time gauges see it (from [`ConnectionSource::deadlines`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionDeadline {
+    /// The connection id (the `connection` label; never a user-chosen label).
+    pub id: String,
+    /// When its refresh token expires if unused (Unix seconds).
+    pub inactivity_unix: f64,
+    /// When its consent runs out regardless of use (Unix seconds); `None` when unknown or
+    /// disabled.
+    pub absolute_unix: Option<f64>,
+    /// False for a chain in `needs_reauth`: it has no deadline left to watch.
+    pub active: bool,
+}
 
-/// The per-connection gauges and the ids they currently hold series for.
-struct PerConnection {
-    inactivity_deadline: GaugeVec,
-    absolute_deadline: GaugeVec,
-    /// The ids exported by the last snapshot, so the next one can remove the series of
-    /// connections that disappeared (without clearing everything first, which would let a
-    /// scrape in between see no series at all). The lock also serialises snapshots.
-    exported: Mutex<HashSet<String>>,
+/// What the connection gauges are computed from when `/metrics` is scraped: the engine
+/// implements it (metrics sits below the engine and never names it), so a scrape always
+/// sees the connections as they are, never a copy made seconds ago.
+pub trait ConnectionSource: Send + Sync {
+    /// Connections by status, `(active, needs_reauth)`: kept as statuses change, O(1).
+    fn status_counts(&self) -> (usize, usize);
+    /// Every connection's deadlines, and now (Unix seconds) to measure the headroom from.
+    fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64);
+}
+
+/// The families a [`ConnectionGauges`] collect builds afresh at every scrape.
+struct ConnectionFamilies {
+    connections: IntGaugeVec,
+    headroom: Gauge,
+    /// `None` with `daemon.metrics_per_connection = false`.
+    per_connection: Option<(GaugeVec, GaugeVec)>,
+}
+
+impl ConnectionFamilies {
+    /// Unregistered metrics with the names, help texts and labels of INTERFACE.md.
+    fn new(per_connection: bool) -> ConnectionFamilies {
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            GaugeVec::new(Opts::new(name, help), &[label]).expect("valid")
+        };
+        ConnectionFamilies {
+            connections: IntGaugeVec::new(
+                Opts::new(
+                    "tokend_connections",
+                    "Connections in the ledger, by status (active, needs_reauth).",
+                ),
+                &["status"],
+            )
+            .expect("valid"),
+            headroom: Gauge::with_opts(Opts::new(
+                "tokend_inactivity_headroom_seconds",
+                "Smallest time left before an active connection's refresh token expires from \
+                 inactivity; +Inf when there is no active connection.",
+            ))
+            .expect("valid"),
+            per_connection: per_connection.then(|| {
+                (
+                    gauge_vec(
+                        "tokend_connection_inactivity_deadline_timestamp_seconds",
+                        "When an active connection's refresh token expires if unused (Unix \
+                         time).",
+                        "connection",
+                    ),
+                    gauge_vec(
+                        "tokend_connection_absolute_deadline_timestamp_seconds",
+                        "When an active connection's consent runs out regardless of use (Unix \
+                         time); absent when unknown.",
+                        "connection",
+                    ),
+                )
+            }),
+        }
+    }
+
+    fn collectors(&self) -> Vec<&dyn prometheus::core::Collector> {
+        let mut out: Vec<&dyn prometheus::core::Collector> =
+            vec![&self.connections, &self.headroom];
+        if let Some((inactivity, absolute)) = &self.per_connection {
+            out.push(inactivity);
+            out.push(absolute);
+        }
+        out
+    }
+}
+
+/// `tokend_connections{status}`, `tokend_inactivity_headroom_seconds` and the
+/// per-connection deadline series, computed from the [`ConnectionSource`] at each scrape.
+///
+/// Before a source is attached (or after it is gone) the counts are 0 and the headroom +Inf,
+/// as for an empty ledger.
+struct ConnectionGauges {
+    /// Weak: the engine holds the metrics, and must not be kept alive by them.
+    source: RwLock<Option<Weak<dyn ConnectionSource>>>,
+    per_connection: bool,
+    /// The descriptors of the families, for registration (built once).
+    descs: Vec<Desc>,
+}
+
+impl ConnectionGauges {
+    fn new(per_connection: bool) -> ConnectionGauges {
+        let families = ConnectionFamilies::new(per_connection);
+        let descs = families
+            .collectors()
+            .into_iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        ConnectionGauges {
+            source: RwLock::new(None),
+            per_connection,
+            descs,
+        }
+    }
+}
+
+/// Registers a collector the registry shares with its owner (the registry wants a box).
+struct SharedCollector<C>(Arc<C>);
+
+impl<C: prometheus::core::Collector> prometheus::core::Collector for SharedCollector<C> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+impl prometheus::core::Collector for ConnectionGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    /// Only active connections get per-connection series: a chain in `needs_reauth` is
+    /// already dead, has no deadline left to watch, and is counted by
+    /// `tokend_connections{status="needs_reauth"}`. The headroom is the smallest
+    /// `inactivity - now` over the active connections (+Inf when there is none, so a `< 7d`
+    /// alert cannot fire on an empty ledger; negative when one is overdue). Non-finite times
+    /// are ignored.
+    fn collect(&self) -> Vec<MetricFamily> {
+        let f = ConnectionFamilies::new(self.per_connection);
+        let source = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade);
+        let (active, needs_reauth) = source.as_ref().map_or((0, 0), |s| s.status_counts());
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        f.connections
+            .with_label_values(&["active"])
+            .set(as_i64(active));
+        f.connections
+            .with_label_values(&["needs_reauth"])
+            .set(as_i64(needs_reauth));
+        let (deadlines, now_unix) = source.map_or((Vec::new(), 0.0), |s| s.deadlines());
+        let watched = deadlines
+            .iter()
+            .filter(|d| d.active && d.inactivity_unix.is_finite());
+        f.headroom.set(
+            watched
+                .clone()
+                .map(|d| d.inactivity_unix - now_unix)
+                .fold(f64::INFINITY, f64::min),
+        );
+        if let Some((inactivity, absolute)) = &f.per_connection {
+            for d in watched {
+                let labels = [d.id.as_str()];
+                inactivity.with_label_values(&labels).set(d.inactivity_unix);
+                if let Some(a) = d.absolute_unix.filter(|a| a.is_finite()) {
+                    absolute.with_label_values(&labels).set(a);
+                }
+            }
+        }
+        f.collectors()
+            .into_iter()
+            .flat_map(|c| c.collect())
+            .collect()
+    }
 }
 
 /// Every metric tokend exports, in its own registry. Create once, share as `Arc<Metrics>`.
 pub struct Metrics {
     registry: Registry,
-    connections: IntGaugeVec,
+    /// The connection gauges, computed from the engine at each scrape.
+    connections: Arc<ConnectionGauges>,
     refreshes: IntCounterVec,
     refresh_duration: Histogram,
-    headroom: Gauge,
-    per_connection: Option<PerConnection>,
     token_requests: IntCounterVec,
     api_duration: HistogramVec,
     api_requests: IntCounterVec,
@@ -211,18 +375,21 @@ pub struct Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
-            .field("per_connection", &self.per_connection.is_some())
+            .field("per_connection", &self.connections.per_connection)
             .finish_non_exhaustive()
     }
 }
 
-/// Registers `metric` and hands it back. Names, help texts and labels are constants of this
-/// file, so a failure is a programming error that the unit tests catch.
-fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric definitions in metrics.rs are valid and unique");
-    metric
+/// Why every registration below may `expect`: names, help texts and labels are constants of
+/// this file, so a failure is a programming error that the unit tests catch.
+const VALID: &str = "metric definitions in metrics.rs are valid and unique";
+
+/// Sets every series of `vec` named by `labels` to 0, so that `rate()` and `increase()`
+/// have a series from the first scrape.
+fn preinit(vec: &IntCounterVec, labels: impl IntoIterator<Item = &'static str>) {
+    for l in labels {
+        vec.with_label_values(&[l]).reset();
+    }
 }
 
 fn unix_now() -> f64 {
@@ -292,126 +459,51 @@ impl Metrics {
     pub fn new(per_connection: bool) -> Metrics {
         let r = Registry::new();
 
-        let connections = register(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "tokend_connections",
-                    "Connections in the ledger, by status (active, needs_reauth).",
-                ),
-                &["status"],
-            )
-            .expect("valid"),
-        );
-        for status in ["active", "needs_reauth"] {
-            connections.with_label_values(&[status]).set(0);
-        }
+        let connections = Arc::new(ConnectionGauges::new(per_connection));
+        r.register(Box::new(SharedCollector(connections.clone())))
+            .expect(VALID);
 
-        let refreshes = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_refreshes_total",
-                    "Refresh attempts against the provider, by outcome.",
-                ),
-                &["outcome"],
-            )
-            .expect("valid"),
-        );
-        for o in RefreshOutcome::ALL {
-            refreshes.with_label_values(&[o.as_str()]).reset();
-        }
+        let refreshes = register_int_counter_vec_with_registry!(
+            "tokend_refreshes_total",
+            "Refresh attempts against the provider, by outcome.",
+            &["outcome"],
+            r
+        )
+        .expect(VALID);
+        preinit(&refreshes, RefreshOutcome::ALL.map(RefreshOutcome::as_str));
 
-        let refresh_duration = register(
-            &r,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "tokend_refresh_duration_seconds",
-                    "Duration of refresh attempts (provider round trip and ledger commit), \
-                     any outcome.",
-                )
-                .buckets(PROVIDER_LATENCY_BUCKETS.to_vec()),
-            )
-            .expect("valid"),
-        );
+        let refresh_duration = register_histogram_with_registry!(
+            "tokend_refresh_duration_seconds",
+            "Duration of refresh attempts (provider round trip and ledger commit), any outcome.",
+            PROVIDER_LATENCY_BUCKETS.to_vec(),
+            r
+        )
+        .expect(VALID);
 
-        let headroom = register(
-            &r,
-            Gauge::with_opts(Opts::new(
-                "tokend_inactivity_headroom_seconds",
-                "Smallest time left before an active connection's refresh token expires from \
-                 inactivity; +Inf when there is no active connection.",
-            ))
-            .expect("valid"),
-        );
-        headroom.set(f64::INFINITY);
+        let token_requests = register_int_counter_vec_with_registry!(
+            "tokend_token_requests_total",
+            "Access-token requests on the socket API, by outcome.",
+            &["outcome"],
+            r
+        )
+        .expect(VALID);
+        preinit(&token_requests, TokenOutcome::ALL.map(TokenOutcome::as_str));
 
-        let per_connection = per_connection.then(|| PerConnection {
-            inactivity_deadline: register(
-                &r,
-                GaugeVec::new(
-                    Opts::new(
-                        "tokend_connection_inactivity_deadline_timestamp_seconds",
-                        "When an active connection's refresh token expires if unused (Unix \
-                         time).",
-                    ),
-                    &["connection"],
-                )
-                .expect("valid"),
-            ),
-            absolute_deadline: register(
-                &r,
-                GaugeVec::new(
-                    Opts::new(
-                        "tokend_connection_absolute_deadline_timestamp_seconds",
-                        "When an active connection's consent runs out regardless of use (Unix \
-                         time); absent when unknown.",
-                    ),
-                    &["connection"],
-                )
-                .expect("valid"),
-            ),
-            exported: Mutex::new(HashSet::new()),
-        });
-
-        let token_requests = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_token_requests_total",
-                    "Access-token requests on the socket API, by outcome.",
-                ),
-                &["outcome"],
-            )
-            .expect("valid"),
-        );
-        for o in TokenOutcome::ALL {
-            token_requests.with_label_values(&[o.as_str()]).reset();
-        }
-
-        let api_duration = register(
-            &r,
-            HistogramVec::new(
-                HistogramOpts::new(
-                    "tokend_api_request_duration_seconds",
-                    "Duration of socket API requests, by route template.",
-                )
-                .buckets(API_LATENCY_BUCKETS.to_vec()),
-                &["route"],
-            )
-            .expect("valid"),
-        );
-        let api_requests = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_api_requests_total",
-                    "Socket API requests, by route template and status class.",
-                ),
-                &["route", "status"],
-            )
-            .expect("valid"),
-        );
+        let api_duration = register_histogram_vec_with_registry!(
+            "tokend_api_request_duration_seconds",
+            "Duration of socket API requests, by route template.",
+            &["route"],
+            API_LATENCY_BUCKETS.to_vec(),
+            r
+        )
+        .expect(VALID);
+        let api_requests = register_int_counter_vec_with_registry!(
+            "tokend_api_requests_total",
+            "Socket API requests, by route template and status class.",
+            &["route", "status"],
+            r
+        )
+        .expect(VALID);
         for route in API_ROUTES.iter().copied().chain([OTHER_ROUTE]) {
             api_duration.with_label_values(&[route]);
             for class in PREINITIALISED_STATUS_CLASSES {
@@ -419,116 +511,79 @@ impl Metrics {
             }
         }
 
-        let audit_writes = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_audit_writes_total",
-                    "Background writes of folded token-read events to the ledger, by outcome: \
-                     one per flush, however many reads it folds.",
-                ),
-                &["outcome"],
-            )
-            .expect("valid metric"),
-        );
-        for o in ["success", "failure"] {
-            audit_writes.with_label_values(&[o]).reset();
-        }
-        let api_connections_open = register(
-            &r,
-            IntGauge::new(
-                "tokend_api_connections_open",
-                "Connections open on the socket API.",
-            )
-            .expect("valid"),
-        );
-        let api_connections_refused = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_api_connections_refused_total",
-                    "Socket API connections closed at once (answered 503), by reason; \
-                     uid_limit: the peer's uid already held its share of connections.",
-                ),
-                &["reason"],
-            )
-            .expect("valid"),
-        );
-        api_connections_refused
-            .with_label_values(&[REFUSED_UID_LIMIT])
-            .reset();
-        let api_timeouts = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_api_timeouts_total",
-                    "Socket API connections closed because the peer was too slow, by phase \
-                     (headers, body, write).",
-                ),
-                &["phase"],
-            )
-            .expect("valid"),
-        );
-        for p in TimeoutPhase::ALL {
-            api_timeouts.with_label_values(&[p.as_str()]).reset();
-        }
+        let audit_writes = register_int_counter_vec_with_registry!(
+            "tokend_audit_writes_total",
+            "Background writes of folded token-read events to the ledger, by outcome: one per \
+             flush, however many reads it folds.",
+            &["outcome"],
+            r
+        )
+        .expect(VALID);
+        preinit(&audit_writes, ["success", "failure"]);
+        let api_connections_open = register_int_gauge_with_registry!(
+            "tokend_api_connections_open",
+            "Connections open on the socket API.",
+            r
+        )
+        .expect(VALID);
+        let api_connections_refused = register_int_counter_vec_with_registry!(
+            "tokend_api_connections_refused_total",
+            "Socket API connections closed at once (answered 503), by reason; uid_limit: the \
+             peer's uid already held its share of connections.",
+            &["reason"],
+            r
+        )
+        .expect(VALID);
+        preinit(&api_connections_refused, [REFUSED_UID_LIMIT]);
+        let api_timeouts = register_int_counter_vec_with_registry!(
+            "tokend_api_timeouts_total",
+            "Socket API connections closed because the peer was too slow, by phase (headers, \
+             body, write).",
+            &["phase"],
+            r
+        )
+        .expect(VALID);
+        preinit(&api_timeouts, TimeoutPhase::ALL.map(TimeoutPhase::as_str));
 
-        let site_resolutions = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "tokend_site_resolutions_total",
-                    "Lookups of the sites a connection reaches (accessible-resources), by \
-                     outcome.",
-                ),
-                &["outcome"],
-            )
-            .expect("valid"),
-        );
-        for o in ["success", "failure"] {
-            site_resolutions.with_label_values(&[o]).reset();
-        }
+        let site_resolutions = register_int_counter_vec_with_registry!(
+            "tokend_site_resolutions_total",
+            "Lookups of the sites a connection reaches (accessible-resources), by outcome.",
+            &["outcome"],
+            r
+        )
+        .expect(VALID);
+        preinit(&site_resolutions, ["success", "failure"]);
 
-        let job_last_success = register(
-            &r,
-            GaugeVec::new(
-                Opts::new(
-                    "tokend_job_last_success_timestamp_seconds",
-                    "When a periodic job last succeeded (Unix time); the daemon's start time \
-                     until its first success.",
-                ),
-                &["cron_job"],
-            )
-            .expect("valid"),
-        );
+        let job_last_success = register_gauge_vec_with_registry!(
+            "tokend_job_last_success_timestamp_seconds",
+            "When a periodic job last succeeded (Unix time); the daemon's start time until its \
+             first success.",
+            &["cron_job"],
+            r
+        )
+        .expect(VALID);
         let started = unix_now();
         for job in KNOWN_JOBS {
             job_last_success.with_label_values(&[job]).set(started);
         }
-        let job_period = register(
-            &r,
-            GaugeVec::new(
-                Opts::new(
-                    "tokend_jobs_period_seconds",
-                    "The nominal interval between runs of a periodic job.",
-                ),
-                &["cron_job"],
-            )
-            .expect("valid"),
-        );
+        let job_period = register_gauge_vec_with_registry!(
+            "tokend_jobs_period_seconds",
+            "The nominal interval between runs of a periodic job.",
+            &["cron_job"],
+            r
+        )
+        .expect(VALID);
 
-        let build_info = register(
-            &r,
-            IntGauge::with_opts(
-                Opts::new(
-                    "tokend_build_info",
-                    "Always 1; the version label says which tokend is running.",
-                )
-                .const_label("version", env!("CARGO_PKG_VERSION")),
+        register_int_gauge_with_registry!(
+            Opts::new(
+                "tokend_build_info",
+                "Always 1; the version label says which tokend is running.",
             )
-            .expect("valid"),
-        );
-        build_info.set(1);
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+            r
+        )
+        .expect(VALID)
+        .set(1);
 
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         #[cfg(target_os = "linux")]
@@ -542,8 +597,6 @@ impl Metrics {
             connections,
             refreshes,
             refresh_duration,
-            headroom,
-            per_connection,
             token_requests,
             api_duration,
             api_requests,
@@ -557,66 +610,21 @@ impl Metrics {
         }
     }
 
-    /// Sets `tokend_connections{status}`.
-    pub fn set_connections(&self, active: usize, needs_reauth: usize) {
-        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.connections
-            .with_label_values(&["active"])
-            .set(as_i64(active));
-        self.connections
-            .with_label_values(&["needs_reauth"])
-            .set(as_i64(needs_reauth));
+    /// Computes the connection gauges from `source` at every scrape from now on (the engine
+    /// attaches itself when it loads). Held weakly: a source that is gone reads as an empty
+    /// ledger.
+    pub fn watch_connections(&self, source: Weak<dyn ConnectionSource>) {
+        *self
+            .connections
+            .source
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(source);
     }
 
     /// Counts a refresh attempt and observes its duration.
     pub fn refresh_outcome(&self, outcome: RefreshOutcome, duration: Duration) {
         self.refreshes.with_label_values(&[outcome.as_str()]).inc();
         self.refresh_duration.observe(duration.as_secs_f64());
-    }
-
-    /// Replaces the per-connection deadline series with `snapshot` (series of connections not
-    /// in it are removed) and sets `tokend_inactivity_headroom_seconds` to the smallest
-    /// `inactivity_deadline - now_unix` over the *active* connections (+Inf when there is
-    /// none, so a `< 7d` alert cannot fire on an empty ledger; negative when one is overdue).
-    ///
-    /// Only active connections get per-connection series: a chain in `needs_reauth` is
-    /// already dead, has no deadline left to watch, and is counted by
-    /// `tokend_connections{status="needs_reauth"}`. Non-finite times are ignored.
-    pub fn set_connection_deadlines(&self, snapshot: &[ConnectionDeadline], now_unix: f64) {
-        let headroom = snapshot
-            .iter()
-            .filter(|(_, inactivity, _, active)| *active && inactivity.is_finite())
-            .map(|(_, inactivity, _, _)| inactivity - now_unix)
-            .fold(f64::INFINITY, f64::min);
-        self.headroom.set(headroom);
-
-        let Some(pc) = &self.per_connection else {
-            return;
-        };
-        let mut exported = pc.exported.lock().unwrap_or_else(|p| p.into_inner());
-        let mut now_exported = HashSet::with_capacity(snapshot.len());
-        for (id, inactivity, absolute, active) in snapshot {
-            if !*active || !inactivity.is_finite() {
-                continue;
-            }
-            let labels = [id.as_str()];
-            pc.inactivity_deadline
-                .with_label_values(&labels)
-                .set(*inactivity);
-            match absolute.filter(|a| a.is_finite()) {
-                Some(a) => pc.absolute_deadline.with_label_values(&labels).set(a),
-                None => {
-                    let _ = pc.absolute_deadline.remove_label_values(&labels);
-                }
-            }
-            now_exported.insert(id.clone());
-        }
-        for gone in exported.difference(&now_exported) {
-            let labels = [gone.as_str()];
-            let _ = pc.inactivity_deadline.remove_label_values(&labels);
-            let _ = pc.absolute_deadline.remove_label_values(&labels);
-        }
-        *exported = now_exported;
     }
 
     /// Counts a token request on the socket API.
@@ -789,6 +797,7 @@ pub async fn serve(
 mod tests {
     use super::*;
     use axum::body::Body;
+    use std::sync::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
 
@@ -828,7 +837,46 @@ mod tests {
         absolute: Option<f64>,
         active: bool,
     ) -> ConnectionDeadline {
-        (id.to_owned(), inactivity, absolute, active)
+        ConnectionDeadline {
+            id: id.to_owned(),
+            inactivity_unix: inactivity,
+            absolute_unix: absolute,
+            active,
+        }
+    }
+
+    /// A connection source whose answers the test sets, as the engine's would be.
+    #[derive(Default)]
+    struct Fixed {
+        counts: Mutex<(usize, usize)>,
+        deadlines: Mutex<(Vec<ConnectionDeadline>, f64)>,
+    }
+
+    impl ConnectionSource for Fixed {
+        fn status_counts(&self) -> (usize, usize) {
+            *self.counts.lock().unwrap()
+        }
+
+        fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64) {
+            self.deadlines.lock().unwrap().clone()
+        }
+    }
+
+    impl Fixed {
+        fn set_connections(&self, active: usize, needs_reauth: usize) {
+            *self.counts.lock().unwrap() = (active, needs_reauth);
+        }
+
+        fn set_connection_deadlines(&self, snapshot: &[ConnectionDeadline], now_unix: f64) {
+            *self.deadlines.lock().unwrap() = (snapshot.to_vec(), now_unix);
+        }
+    }
+
+    /// A source `m` computes its connection gauges from at each scrape (keep it alive).
+    fn watched(m: &Metrics) -> Arc<Fixed> {
+        let source = Arc::new(Fixed::default());
+        m.watch_connections(Arc::downgrade(&source) as Weak<dyn ConnectionSource>);
+        source
     }
 
     #[test]
@@ -941,7 +989,8 @@ mod tests {
     #[test]
     fn updates_show_up_with_the_right_values() {
         let m = Metrics::new(true);
-        m.set_connections(3, 1);
+        let src = watched(&m);
+        src.set_connections(3, 1);
         m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(120));
         m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(80));
         m.refresh_outcome(RefreshOutcome::Rejected, Duration::from_secs(2));
@@ -956,7 +1005,7 @@ mod tests {
         m.site_resolution(false);
         m.job_success(JOB_MAINTENANCE, 1_700_000_000.0);
         m.set_job_period(JOB_MAINTENANCE, 86_400.0);
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[deadline("c1", 1_700_100_000.0, Some(1_730_000_000.0), true)],
             1_700_000_000.0,
         );
@@ -1067,8 +1116,9 @@ mod tests {
     #[test]
     fn per_connection_series_follow_the_snapshot() {
         let m = Metrics::new(true);
+        let src = watched(&m);
         let now = 1_000_000.0;
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[
                 deadline("a", now + 500.0, Some(now + 9_000.0), true),
                 deadline("b", now + 200.0, None, true),
@@ -1095,7 +1145,7 @@ mod tests {
         assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(200.0));
 
         // A new snapshot: a is gone, b lost its absolute deadline... and gained one, d is new.
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[
                 deadline("b", now + 300.0, Some(now + 400.0), true),
                 deadline("d", now + 1_000.0, None, true),
@@ -1111,7 +1161,7 @@ mod tests {
         assert_eq!(value(&t, "tokend_inactivity_headroom_seconds"), Some(290.0));
 
         // b goes to needs_reauth: its series go, d is the only active one.
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[
                 deadline("b", now + 300.0, Some(now + 400.0), false),
                 deadline("d", now + 1_000.0, None, true),
@@ -1127,7 +1177,7 @@ mod tests {
         );
 
         // Nothing active: no series, and the headroom is +Inf (a `< 7d` alert stays quiet).
-        m.set_connection_deadlines(&[deadline("e", now - 5.0, None, false)], now);
+        src.set_connection_deadlines(&[deadline("e", now - 5.0, None, false)], now);
         let t = m.render();
         assert!(!t.contains("connection=\""), "{t}");
         assert_eq!(
@@ -1136,7 +1186,7 @@ mod tests {
         );
 
         // An overdue active connection shows as negative headroom.
-        m.set_connection_deadlines(&[deadline("f", now - 5.0, None, true)], now);
+        src.set_connection_deadlines(&[deadline("f", now - 5.0, None, true)], now);
         assert_eq!(
             value(&m.render(), "tokend_inactivity_headroom_seconds"),
             Some(-5.0)
@@ -1146,8 +1196,9 @@ mod tests {
     #[test]
     fn per_connection_series_can_be_turned_off() {
         let m = Metrics::new(false);
+        let src = watched(&m);
         let now = 1_000_000.0;
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[
                 deadline("a", now + 500.0, Some(now + 900.0), true),
                 deadline("b", now + 200.0, None, true),
@@ -1167,7 +1218,8 @@ mod tests {
     #[test]
     fn sample_for_promtool() {
         let m = Metrics::new(true);
-        m.set_connections(2, 1);
+        let src = watched(&m);
+        src.set_connections(2, 1);
         m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(150));
         m.refresh_outcome(RefreshOutcome::TransientError, Duration::from_secs(31));
         m.token_request(TokenOutcome::Refreshed);
@@ -1177,7 +1229,7 @@ mod tests {
         m.set_job_period(JOB_RESOLVE_SITES, 3_600.0);
         m.set_job_period(JOB_MAINTENANCE, 86_400.0);
         let now = unix_now();
-        m.set_connection_deadlines(
+        src.set_connection_deadlines(
             &[
                 deadline(
                     "conn-1",
@@ -1249,7 +1301,8 @@ mod tests {
     #[tokio::test]
     async fn serve_answers_the_probes() {
         let metrics = Arc::new(Metrics::new(true));
-        metrics.set_connections(1, 0);
+        let src = watched(&metrics);
+        src.set_connections(1, 0);
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let readiness: Readiness = {
             let ready = ready.clone();

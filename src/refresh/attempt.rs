@@ -161,7 +161,7 @@ pub(crate) async fn run(
         match engine.store.load(id).await {
             Ok(Some(current)) => {
                 let mut st = slot.lock();
-                st.rec.adopt_chain(&current);
+                engine.adopt(&mut st, &current);
                 st.stale = false;
             }
             Ok(None) => return Outcome::Superseded { current: None },
@@ -269,7 +269,7 @@ pub(crate) async fn run(
                 e => Outcome::Skipped(Skip::StoreDown(e.to_string())),
             };
         }
-        slot.lock().rec.adopt_chain(&marked);
+        engine.adopt(&mut slot.lock(), &marked);
         marked
     };
     // 5. The provider, then the commit.
@@ -724,7 +724,7 @@ pub(crate) fn settle(
         Outcome::Rotated { next, recovered }
         | Outcome::RenewedWithoutRotation { next, recovered } => {
             tracing::info!(connection = %id, "refreshed");
-            st.rec.adopt_chain(&next);
+            engine.adopt(st, &next);
             engine.set_held(st, None);
             st.not_before = None;
             st.provider_asked = false;
@@ -739,7 +739,7 @@ pub(crate) fn settle(
             Ok(())
         }
         Outcome::Adopted { next, revived } => {
-            st.rec.adopt_chain(&next);
+            engine.adopt(st, &next);
             st.not_before = None;
             st.provider_asked = false;
             if revived {
@@ -757,7 +757,7 @@ pub(crate) fn settle(
                 effects.relabel = Some((st.rec.conn.label.clone(), next.conn.label.clone()));
                 st.rec.conn.label = next.conn.label.clone();
             }
-            st.rec.adopt_chain(&next);
+            engine.adopt(st, &next);
             engine.set_held(st, None);
             effects.resolve_sites = st.sites_wanted;
             Ok(())
@@ -778,7 +778,7 @@ pub(crate) fn settle(
         } => {
             tracing::warn!(connection = %id, "chain rejected by the provider; needs re-consent");
             let version = st.rec.chain.version;
-            st.rec.adopt_chain(&next);
+            engine.adopt(st, &next);
             if !committed {
                 // Dead either way; keep the store's version as the compare-and-swap key, and
                 // reload before the next attempt (the write may have landed after all).
@@ -806,7 +806,7 @@ pub(crate) fn settle(
                 "refresh failed; will retry"
             );
             if committed {
-                st.rec.adopt_chain(&next);
+                engine.adopt(st, &next);
             } else {
                 // Memory may lead the store on failure counters, never on the chain; the
                 // write may have landed after all, so reload before the next attempt.
@@ -833,7 +833,7 @@ pub(crate) fn settle(
             match current {
                 Some(rec) => {
                     tracing::warn!(connection = %id, "the chain changed in the ledger; reloaded");
-                    st.rec.adopt_chain(&rec);
+                    engine.adopt(st, &rec);
                     Err(Failure::Conflict(
                         "the chain changed concurrently; try again".into(),
                     ))

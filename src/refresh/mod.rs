@@ -34,7 +34,7 @@ mod view;
 mod sim;
 
 use crate::config::RefreshConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionSource, Metrics};
 use crate::model::{AccessToken, Connection, Record, Status, Time};
 use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
@@ -280,6 +280,10 @@ pub struct Engine {
     /// How many slots hold a change the store has not committed: health and readiness read
     /// it on every probe, so it is kept, not counted over every connection.
     held: AtomicUsize,
+    /// How many installed slots are `Active` (the rest of the index is `needs_reauth`):
+    /// `/v1/health` and `/metrics` read it on every call, so it is kept as statuses change
+    /// ([`Engine::adopt`], `install`, `uninstall`), not counted over every connection.
+    active: AtomicUsize,
 }
 
 impl Engine {
@@ -308,7 +312,11 @@ impl Engine {
             authorizations: Mutex::new(HashMap::new()),
             tasks: flight::Tasks::default(),
             held: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
         });
+        engine
+            .metrics
+            .watch_connections(Arc::downgrade(&engine) as std::sync::Weak<dyn ConnectionSource>);
         for rec in records {
             if rec.chain.attempt_started_at.is_some() {
                 tracing::warn!(
@@ -374,6 +382,7 @@ impl Engine {
         }
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
+        let active = rec.conn.status == Status::Active;
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState {
@@ -394,7 +403,17 @@ impl Engine {
         });
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         index.by_label.insert(label, id.clone());
-        index.by_id.insert(id, slot.clone());
+        if active {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(old) = index.by_id.insert(id, slot.clone()) {
+            // Never happens (ids are new, or were uninstalled first); keep the count right.
+            let mut old = old.lock();
+            if !old.removed && old.rec.conn.status == Status::Active {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+            }
+            old.removed = true;
+        }
         slot
     }
 
@@ -402,6 +421,9 @@ impl Engine {
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
+            if !st.removed && st.rec.conn.status == Status::Active {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+            }
             st.removed = true;
             self.set_held(&mut st, None);
             let label = st.rec.conn.label.clone();
@@ -412,6 +434,22 @@ impl Engine {
         }
         drop(index);
         self.plan.cancel(id);
+    }
+
+    /// Takes `from`'s chain and status into a slot (`Record::adopt_chain`), keeping
+    /// [`Engine::status_counts`]'s count: the only way a slot's status changes.
+    pub(crate) fn adopt(&self, st: &mut SlotState, from: &Record) {
+        let was = st.rec.conn.status == Status::Active;
+        st.rec.adopt_chain(from);
+        let is = st.rec.conn.status == Status::Active;
+        if st.removed || was == is {
+            return;
+        }
+        if is {
+            self.active.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.

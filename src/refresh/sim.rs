@@ -694,6 +694,15 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
                 e.commit_pending()
             ));
         }
+        // The status counts health and `/metrics` read are kept as statuses change: they
+        // must equal a recount over every connection.
+        if e.status_counts() != e.recount_statuses() {
+            return Err(format!(
+                "{step}: status_counts() says {:?} but a recount gives {:?}",
+                e.status_counts(),
+                e.recount_statuses()
+            ));
+        }
         for slot in e.slots() {
             let st = slot.lock();
             let id = &st.rec.conn.id;

@@ -1,7 +1,9 @@
 //! Read-only views of the engine's connections: listings, lookups, counts, deadlines for
-//! the metrics, and the daily absolute-expiry warnings. Nothing here changes a chain.
+//! the metrics (read at each scrape through [`ConnectionSource`]), and the daily
+//! absolute-expiry warnings. Nothing here changes a chain.
 
 use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, SlotState, chrono_dur};
+use crate::metrics::{ConnectionDeadline, ConnectionSource};
 use crate::model::{Status, Time};
 use crate::notify::Kind;
 use std::time::Duration;
@@ -70,8 +72,27 @@ impl Engine {
             .collect()
     }
 
-    /// Counts of connections by status: `(active, needs_reauth)`.
+    /// Counts of connections by status: `(active, needs_reauth)`. O(1): the active count is
+    /// kept as statuses change ([`Engine::adopt`], install, uninstall), since any socket peer
+    /// may ask for `/v1/health` as often as it likes.
     pub fn status_counts(&self) -> (usize, usize) {
+        let total = self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .len();
+        let active = self
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(total);
+        (active, total - active)
+    }
+
+    /// Counts of connections by status, counted over every connection: what
+    /// [`Engine::status_counts`] must always equal (the simulation checks it).
+    #[cfg(test)]
+    pub(crate) fn recount_statuses(&self) -> (usize, usize) {
         let slots = self.slots();
         let active = slots
             .iter()
@@ -136,28 +157,35 @@ impl Engine {
         }
         warned
     }
+}
 
-    /// Publishes connection counts and deadlines to the metrics.
-    pub fn publish_metrics(&self) {
-        let list = self.list();
-        let active = list
-            .iter()
-            .filter(|c| c.conn.status == Status::Active)
-            .count();
-        self.metrics.set_connections(active, list.len() - active);
+/// What `/metrics` shows of the connections, read when it is scraped.
+impl ConnectionSource for Engine {
+    fn status_counts(&self) -> (usize, usize) {
+        Engine::status_counts(self)
+    }
+
+    fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64) {
+        let settings = self.settings();
         let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
-        let snapshot: Vec<crate::metrics::ConnectionDeadline> = list
+        let deadlines = self
+            .slots()
             .iter()
-            .map(|c| {
-                (
-                    c.conn.id.clone(),
-                    unix(c.inactivity_expires_at),
-                    c.absolute_expires_at.map(unix),
-                    c.conn.status == Status::Active,
-                )
+            .filter_map(|s| {
+                let st = s.lock();
+                let conn = &st.rec.conn;
+                (!st.removed).then(|| ConnectionDeadline {
+                    id: conn.id.clone(),
+                    inactivity_unix: unix(
+                        st.rec.chain.used_at + chrono_dur(settings.inactivity_expiry),
+                    ),
+                    absolute_unix: settings
+                        .absolute_expiry
+                        .map(|a| unix(conn.consented_at + chrono_dur(a))),
+                    active: conn.status == Status::Active,
+                })
             })
             .collect();
-        self.metrics
-            .set_connection_deadlines(&snapshot, unix(self.now()));
+        (deadlines, unix(self.now()))
     }
 }

@@ -260,6 +260,42 @@ fn sighup_applies_a_valid_config_and_keeps_the_running_one_on_error() {
     assert_no_secrets(&d.logs(), &fake);
 }
 
+/// The connection gauges are computed when `/metrics` is scraped, not copied every few
+/// seconds: a connection imported through the API shows in the very next scrape (and in
+/// `/v1/health`'s counts), with no wait.
+#[test]
+fn an_imported_connection_shows_in_metrics_at_once() {
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let d = TestDaemon::builder(&fake).metrics().start();
+    let text = d.metrics_get("/metrics").unwrap().text();
+    assert_eq!(metric(&text, "tokend_connections{status=\"active\"}"), 0.0);
+    let conn = import(&d, "fresh", &rt);
+    let id = conn["id"].as_str().unwrap();
+    // One scrape, straight after the import answered: no `eventually`.
+    let text = d.metrics_get("/metrics").unwrap().text();
+    assert_eq!(metric(&text, "tokend_connections{status=\"active\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "tokend_connections{status=\"needs_reauth\"}"),
+        0.0
+    );
+    let deadline = metric(
+        &text,
+        &format!("tokend_connection_inactivity_deadline_timestamp_seconds{{connection=\"{id}\"}}"),
+    );
+    let headroom = metric(&text, "tokend_inactivity_headroom_seconds");
+    assert!(
+        headroom.is_finite() && headroom > 89.0 * 86_400.0,
+        "{headroom}"
+    );
+    assert!(deadline > 1.0e9, "{deadline}");
+    let (code, health) = d.get_json("/v1/health");
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["connections"]["active"], 1);
+    assert_eq!(health["connections"]["needs_reauth"], 0);
+    assert_no_secrets(&d.logs(), &fake);
+}
+
 #[test]
 fn metrics_after_a_scripted_scenario() {
     let fake = FakeAtlassian::start();
@@ -286,7 +322,8 @@ fn metrics_after_a_scripted_scenario() {
         d.request("POST", "/v1/connections/ok/refresh", None).status,
         503
     );
-    // Gauges are published every few seconds.
+    // The connection gauges are computed at the scrape, so the first try already sees the
+    // rejection.
     let mut text = String::new();
     assert!(eventually(Duration::from_secs(8), || {
         text = d.metrics_get("/metrics").unwrap().text();
