@@ -246,35 +246,20 @@ pub fn init_logging(format: LogFormat, level: &str) {
     };
     let (filter, handle) = reload::Layer::new(filter);
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_target(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Text if under_journald => registry
-            .with(
-                fmt::layer()
-                    .without_time()
-                    .with_ansi(false)
-                    .with_target(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(
-                fmt::layer()
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
+    // One layer, three dresses: JSON lines; text without timestamps (journald adds its
+    // own); text with timestamps, coloured on a terminal.
+    let base = fmt::layer().with_target(false).with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Json => base.json().flatten_event(true).boxed(),
+        LogFormat::Text if under_journald => base.without_time().with_ansi(false).boxed(),
+        LogFormat::Text => base
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
     };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
     if result.is_ok() && !from_env {
         let _ = LOG_FILTER.set(handle);
     }

@@ -261,11 +261,25 @@ mod tests {
         }
     }
 
-    async fn fetch(path: &Path, route: &str) -> String {
+    /// Connects, writes `raw`, and reads the answer until the server closes.
+    async fn exchange(path: &Path, raw: &[u8]) -> String {
         let mut s = tokio::net::UnixStream::connect(path).await.unwrap();
-        let req = format!("GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(raw).await.unwrap();
         String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+    }
+
+    async fn fetch(path: &Path, route: &str) -> String {
+        let req = format!("GET {route} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        exchange(path, req.as_bytes()).await
+    }
+
+    /// Polls `done` every 20 ms until it holds; fails after 5 s, naming `what`.
+    async fn wait_until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done().await {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn counted(m: &Metrics, series: &str) -> f64 {
@@ -314,15 +328,10 @@ mod tests {
         first.shutdown().await.unwrap();
         let _ = read_all(&mut first).await;
         drop(first);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let answer = fetch(&path, "/ok").await;
-            if answer.starts_with("HTTP/1.1 200 ") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{answer}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("the place was not given back", || async {
+            fetch(&path, "/ok").await.starts_with("HTTP/1.1 200 ")
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -346,13 +355,11 @@ mod tests {
             1.0
         );
         // A body that arrives is read as usual.
-        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
-        s.write_all(
+        let answer = exchange(
+            &path,
             b"POST /body HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello",
         )
-        .await
-        .unwrap();
-        let answer = String::from_utf8_lossy(&read_all(&mut s).await).into_owned();
+        .await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         assert!(answer.ends_with("\r\n\r\n5"), "{answer}");
     }
@@ -364,18 +371,16 @@ mod tests {
         s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while counted(&metrics, "tokend_api_timeouts_total{phase=\"write\"}") < 1.0 {
-            assert!(Instant::now() < deadline, "the stalled write was not ended");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until("the stalled write was not ended", || async {
+            counted(&metrics, "tokend_api_timeouts_total{phase=\"write\"}") >= 1.0
+        })
+        .await;
         let got = read_all(&mut s).await;
         assert!(got.len() < 8 << 20, "the whole answer arrived");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while counted(&metrics, "tokend_api_connections_open") > 0.0 {
-            assert!(Instant::now() < deadline, "the connection is still open");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("the connection is still open", || async {
+            counted(&metrics, "tokend_api_connections_open") == 0.0
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -383,11 +388,8 @@ mod tests {
         let (_dir, path, metrics, _stop) = start(short(8)).await;
         let mut silent = tokio::net::UnixStream::connect(&path).await.unwrap();
         assert!(read_all(&mut silent).await.is_empty());
-        let mut idle = tokio::net::UnixStream::connect(&path).await.unwrap();
-        idle.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let answer = String::from_utf8_lossy(&read_all(&mut idle).await).into_owned();
+        // Keep-alive: the server closes it at the header timeout, after the answer.
+        let answer = exchange(&path, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
         assert_eq!(
             counted(&metrics, "tokend_api_timeouts_total{phase=\"headers\"}"),
