@@ -244,6 +244,9 @@ pub(crate) struct Slot {
     /// The chain lock: held by the engine task that runs an attempt, a merge or a removal,
     /// for its whole duration, provider call included.
     chain: Arc<tokio::sync::Mutex<()>>,
+    /// Everything else about the connection, behind a plain mutex held only for short,
+    /// non-awaiting reads and writes: a token served from cache needs only this, never the
+    /// chain lock, so a slow provider call does not delay cached answers.
     state: Mutex<SlotState>,
 }
 
@@ -253,27 +256,53 @@ impl Slot {
     }
 }
 
+/// How connections are found: callers name them by id or by label.
 #[derive(Default)]
 struct Index {
+    /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
+    /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
     by_id: HashMap<String, Arc<Slot>>,
+    /// Label to id: labels are unique in the ledger, and the API accepts either.
     by_label: HashMap<String, String>,
 }
 
 /// The refresh engine. Shared behind an `Arc`.
 pub struct Engine {
+    /// The ledger (or the simulation's store), reached only through this seam so that the
+    /// engine never knows SQL and the simulation can inject faults and crashes.
     store: Arc<dyn Store>,
+    /// Atlassian's token endpoint (or the simulation's strict provider), through a seam for
+    /// the same reasons: the engine never knows HTTP.
     provider: Arc<dyn TokenEndpoint>,
+    /// Wall time: the engine never reads the system clock itself, so tests and the
+    /// simulation decide what time it is (deadlines use tokio's `Instant`, which they pause).
     clock: Arc<dyn Clock>,
+    /// `[refresh]` in force; a reload replaces it (then every chain is re-planned), so it is
+    /// read fresh, cloned, at each decision.
     settings: RwLock<RefreshConfig>,
+    /// Every connection in memory, by id and label: the token path reads it on every request,
+    /// so a read lock; only install, uninstall and relabel write.
     index: RwLock<Index>,
+    /// `refresh.max_concurrent` as a priority gate: bounds provider calls across chains, and
+    /// lets the most urgent attempt go first.
     permits: permits::Permits,
+    /// When each chain needs its next action: the scheduler loop sleeps until its earliest.
     plan: plan::Planner,
+    /// `[notify] command`; a reload swaps it, so behind a lock (cloned to send).
     notifier: RwLock<crate::notify::Notifier>,
+    /// Where the engine records what it decides (refresh outcomes and durations, site
+    /// resolutions). The connection gauges are not pushed: `/metrics` reads them through
+    /// [`crate::metrics::ConnectionSource`] when it is scraped.
     metrics: Arc<Metrics>,
+    /// When the scheduler loop last woke: health, readiness and the watchdog call the engine
+    /// stalled when it is older than three heartbeats.
     last_heartbeat: Mutex<Instant>,
     /// Onboarding (import, consent, merges) runs one at a time: label and account checks and
     /// the exchange that spends a grant happen under it.
     onboarding: tokio::sync::Mutex<()>,
+    /// The `state` of every consent flow started and not yet finished, with when it was
+    /// handed out: single use, valid for [`AUTHORIZATION_TTL`], bounded in number, so a
+    /// callback with an unknown or replayed `state` is refused before the code is spent.
     authorizations: Mutex<HashMap<String, Instant>>,
     /// Every task the engine started (attempts, onboarding, resolutions).
     tasks: flight::Tasks,

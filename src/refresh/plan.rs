@@ -137,17 +137,24 @@ fn jitter_factor(id: &str, used_at: Time) -> f64 {
     1.0 - ROTATION_JITTER + 2.0 * ROTATION_JITTER * unit
 }
 
+/// The planner's state: both views of the same entries, changed together under one lock.
 #[derive(Default)]
 struct Queue {
     /// Ordered by instant, then urgency: exactly one entry per planned connection.
     order: BTreeSet<(Instant, Urgency, String)>,
-    /// Each planned connection's entry in `order`.
+    /// Each planned connection's entry in `order`: a re-plan finds and replaces the old
+    /// entry (one per chain, however often it is re-planned), and `next_of` answers the API's
+    /// `next_rotation_at` without walking the queue.
     current: HashMap<String, (Instant, Urgency)>,
 }
 
 /// The timer queue: one planned action per connection.
 pub struct Planner {
+    /// The entries. A std mutex: every operation is a few map updates, never awaited.
     queue: Mutex<Queue>,
+    /// Wakes the scheduler loop when an entry is planned, so one planned earlier than its
+    /// current sleep (a new import, a hot connection, a retry) is not left waiting for the
+    /// heartbeat.
     notify: Notify,
 }
 
