@@ -16,6 +16,8 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod jobs;
+#[cfg(test)]
+mod layering;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
