@@ -63,10 +63,10 @@ const PREINITIALISED_STATUS_CLASSES: &[&str] = &["2xx", "4xx", "5xx"];
 const REFUSED_UID_LIMIT: &str = "uid_limit";
 
 /// The job name of the site re-resolution job (`[jobs] resolve_sites`).
-pub const JOB_RESOLVE_SITES: &str = "resolve_sites";
+pub const JOB_RESOLVE_SITES: &str = crate::model::JobKind::ResolveSites.name();
 
 /// The job name of the maintenance job (`[jobs] maintenance`).
-pub const JOB_MAINTENANCE: &str = "maintenance";
+pub const JOB_MAINTENANCE: &str = crate::model::JobKind::Maintenance.name();
 
 /// Jobs whose `tokend_job_last_success_timestamp_seconds` series exist from the start.
 pub const KNOWN_JOBS: &[&str] = &[JOB_RESOLVE_SITES, JOB_MAINTENANCE];

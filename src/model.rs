@@ -191,6 +191,29 @@ impl Record {
     }
 }
 
+/// The periodic jobs (`[jobs]`). Their names are the config keys, the `cron_job` metric
+/// label and health's `stalled_jobs`: spelled once, in [`JobKind::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Re-read accessible-resources of every active connection.
+    ResolveSites,
+    /// Prune old events, checkpoint the WAL.
+    Maintenance,
+}
+
+impl JobKind {
+    /// Every job.
+    pub const ALL: [JobKind; 2] = [JobKind::ResolveSites, JobKind::Maintenance];
+
+    /// The job's name in config, logs, health and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JobKind::ResolveSites => "resolve_sites",
+            JobKind::Maintenance => "maintenance",
+        }
+    }
+}
+
 /// The local process an event concerns (a token read): from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventPeer {

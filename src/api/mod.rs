@@ -16,7 +16,7 @@ use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::TokenOutcome;
 use crate::model::Site;
-use crate::refresh::{ConnectionInfo, Engine, Failure, Served, TokenGrant};
+use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, Served, TokenGrant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, RawQuery, State};
@@ -732,7 +732,7 @@ async fn events(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
-    let Some((conn_id, _)) = state.engine.identity(&id) else {
+    let Some(Identity { id: conn_id, .. }) = state.engine.identity(&id) else {
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
     let (mut since, mut limit) = (None, EVENTS_DEFAULT_LIMIT);
@@ -790,7 +790,7 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let Some((conn_id, label)) = state.engine.identity(&id) else {
+    let Some(Identity { id: conn_id, label }) = state.engine.identity(&id) else {
         state.engine.metrics().token_request(TokenOutcome::NotFound);
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
@@ -843,7 +843,7 @@ async fn site_token(
             state
                 .engine
                 .identity(id)
-                .is_some_and(|(id, label)| policy.may_read(peer, &id, &label))
+                .is_some_and(|who| policy.may_read(peer, &who.id, &who.label))
         })
         .cloned()
         .collect();
