@@ -415,13 +415,27 @@ mod tests {
         assert_eq!(seen.lock().unwrap()[0].3, "application/json");
     }
 
+    /// `GET path` from the fake daemon through [`Client::request`], which must fail.
+    async fn request_error(path: &str) -> ClientError {
+        let (_dir, socket, _seen) = fake_daemon().await;
+        Client::new(&socket)
+            .request(Method::GET, path, None)
+            .await
+            .unwrap_err()
+    }
+
+    /// `GET path` from the fake daemon through [`Client::send`], whatever the status.
+    async fn sent(path: &str) -> ApiResponse {
+        let (_dir, socket, _seen) = fake_daemon().await;
+        Client::new(&socket)
+            .send(Method::GET, path, None)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn api_error_body_is_parsed() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/connections/nope", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/connections/nope").await;
         match &err {
             ClientError::Api {
                 status,
@@ -441,11 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_is_read_from_a_503() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/connections/c1/token", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/connections/c1/token").await;
         assert!(
             matches!(&err, ClientError::Api { status: 503, code, retry_after: Some(42), .. } if code == "provider_unavailable"),
             "{err:?}"
@@ -454,22 +464,14 @@ mod tests {
 
     #[tokio::test]
     async fn send_returns_error_answers_unchanged() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let resp = Client::new(&socket)
-            .send(Method::GET, "/v1/connections/nope", None)
-            .await
-            .unwrap();
+        let resp = sent("/v1/connections/nope").await;
         assert_eq!(resp.status, 404);
         assert!(!resp.is_success());
     }
 
     #[tokio::test]
     async fn non_json_error_bodies_still_make_an_api_error() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/plain", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/plain").await;
         assert!(
             matches!(&err, ClientError::Api { status: 502, code, message, .. } if code == "http_502" && message == "upstream broke"),
             "{err:?}"
@@ -478,11 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_json_in_a_success_is_a_protocol_error() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let resp = Client::new(&socket)
-            .send(Method::GET, "/v1/garbage", None)
-            .await
-            .unwrap();
+        let resp = sent("/v1/garbage").await;
         let err = resp.json::<serde_json::Value>().unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
     }

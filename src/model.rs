@@ -1,7 +1,8 @@
 //! The domain records every module shares: a connection, its sites, and its chain.
 //!
-//! These types carry no serialization: the ledger maps them to rows and the API maps them to
-//! JSON. [`Connection`] is the public face of a connection (safe to show anyone who may list
+//! These types carry no serde derives: the ledger maps them to rows and the API maps them to
+//! its wire types (`api::wire`, which also gives [`Status`] and [`EventKind`] their JSON
+//! form, the same spelling as their `as_str`). [`Connection`] is the public face of a connection (safe to show anyone who may list
 //! connections); [`Chain`] is the secret part (refresh and access tokens) and never leaves
 //! the refresh engine except toward the provider, the ledger, or a caller asking for a token.
 
@@ -23,6 +24,12 @@ pub enum Status {
     /// The provider definitely rejected the chain (`invalid_grant` or `unauthorized_client`):
     /// a person has to consent again. Never retried automatically.
     NeedsReauth,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Status {

@@ -459,7 +459,7 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
         label: c.label.clone(),
         provider: c.provider.clone(),
         account_id: c.account_id.clone(),
-        status: c.status.into(),
+        status: c.status,
         scopes: c.scopes.clone(),
         sites: sites_wire(engine, &c.sites),
         access_token_expires_at: info.access_token_expires_at,

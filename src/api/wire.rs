@@ -11,7 +11,7 @@
 //! - the only token in any body is [`Token::access_token`] (and the refresh token or code of
 //!   a [`NewConnection`] request), held as a [`Secret`] so that `Debug` never prints it.
 
-use crate::model::{EventKind, Time};
+use crate::model::{EventKind, Status, Time};
 use crate::secret::Secret;
 use axum::http::StatusCode;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -108,41 +108,6 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// A connection's status on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnectionStatus {
-    /// Refreshes are attempted.
-    Active,
-    /// The provider rejected the chain; consent again.
-    NeedsReauth,
-}
-
-impl ConnectionStatus {
-    /// The wire spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectionStatus::Active => "active",
-            ConnectionStatus::NeedsReauth => "needs_reauth",
-        }
-    }
-}
-
-impl std::fmt::Display for ConnectionStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<crate::model::Status> for ConnectionStatus {
-    fn from(s: crate::model::Status) -> Self {
-        match s {
-            crate::model::Status::Active => ConnectionStatus::Active,
-            crate::model::Status::NeedsReauth => ConnectionStatus::NeedsReauth,
-        }
-    }
-}
-
 /// `Connection` of INTERFACE.md: everything but its tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
@@ -155,7 +120,7 @@ pub struct Connection {
     /// The account behind the chain; null when the provider hides it.
     pub account_id: Option<String>,
     /// Whether the chain is alive.
-    pub status: ConnectionStatus,
+    pub status: Status,
     /// Scopes granted to the chain.
     pub scopes: Vec<String>,
     /// Sites the chain reaches.
@@ -372,6 +337,19 @@ pub struct Authorization {
     pub redirect_uri: String,
 }
 
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Status::parse(&s).ok_or_else(|| serde::de::Error::custom("not a connection status"))
+    }
+}
+
 impl Serialize for EventKind {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -497,7 +475,7 @@ mod tests {
             label: "conf".into(),
             provider: "atlassian".into(),
             account_id: None,
-            status: ConnectionStatus::NeedsReauth,
+            status: Status::NeedsReauth,
             scopes: vec!["offline_access".into()],
             sites: vec![site()],
             access_token_expires_at: Some(t(3600)),

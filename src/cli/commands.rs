@@ -102,14 +102,7 @@ pub async fn client_command(
                 code: None,
                 state: None,
             };
-            let resp = client
-                .request(Method::POST, "/v1/connections", Some(json_body(&body)?))
-                .await?;
-            let conn: Connection = resp.json()?;
-            emit(
-                out,
-                &format!("{}\n", added_summary("imported", resp.status, &conn)),
-            )
+            add_connection(client, &body, "imported", out).await
         }
         ClientCommand::List { json } => {
             let resp = client.request(Method::GET, "/v1/connections", None).await?;
@@ -177,6 +170,24 @@ pub async fn client_command(
             emit(out, &format_events(&events))
         }
     }
+}
+
+/// `POST /v1/connections` (an import or a consent) and its one-line answer, `verb` saying
+/// how the connection came.
+pub(super) async fn add_connection(
+    client: &Client,
+    body: &NewConnection,
+    verb: &str,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    let resp = client
+        .request(Method::POST, "/v1/connections", Some(json_body(body)?))
+        .await?;
+    let conn: Connection = resp.json()?;
+    emit(
+        out,
+        &format!("{}\n", added_summary(verb, resp.status, &conn)),
+    )
 }
 
 /// Reads a refresh token from `input`: one line when typed at a terminal, else everything

@@ -16,9 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use url::{Host, Url};
 
-use super::output::{added_summary, emit};
 use super::{Failure, MAX_STDIN_BYTES};
-use crate::api::wire::{Authorization, Connection, NewAuthorization, NewConnection};
+use crate::api::wire::{Authorization, NewAuthorization, NewConnection};
 use crate::client::{Client, json_body};
 use crate::model::PROVIDER_ATLASSIAN;
 use crate::secret::Secret;
@@ -122,14 +121,7 @@ pub(super) async fn connect(
         code: Some(code),
         state: Some(auth.state),
     };
-    let resp = client
-        .request(Method::POST, "/v1/connections", Some(json_body(&body)?))
-        .await?;
-    let conn: Connection = resp.json()?;
-    emit(
-        out,
-        &format!("{}\n", added_summary("added", resp.status, &conn)),
-    )
+    super::commands::add_connection(client, &body, "added", out).await
 }
 
 /// Where a `connect` redirect came from.
