@@ -1,6 +1,6 @@
 //! The client commands: each one request (or two, for `connect`) to the daemon's socket API,
 //! its answer parsed into the wire types of [`crate::api::wire`] and printed by
-//! [`super::output`]. stdout carries only the answer; only `token` prints a token.
+//! `cli::output`. stdout carries only the answer; only `token` prints a token.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 

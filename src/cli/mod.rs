@@ -7,8 +7,8 @@
 //! taken from `TOKEND_SOCKET` when set, else from `daemon.socket_path` of `--config`.
 //!
 //! - [`commands`]: the client commands, one request each;
-//! - [`output`]: their human output (tables, `show`, events);
-//! - [`connect`]: the consent flow of `tokend connect`.
+//! - `output`: their human output (tables, `show`, events);
+//! - `connect`: the consent flow of `tokend connect`.
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 usage error (clap's own), 64 bad configuration
 //! (`EX_CONFIG` from sysexits.h). Errors go to stderr as `tokend: ...`. stdout carries only
