@@ -11,7 +11,7 @@
 
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::model::{Event, EventPeer, StoredEvent, Time};
+use crate::model::{Event, EventKind, EventPeer, StoredEvent, Time};
 use chrono::{DurationRound, Utc};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,10 +36,10 @@ pub enum ReadOutcome {
 }
 
 impl ReadOutcome {
-    fn kind(self) -> &'static str {
+    fn kind(self) -> EventKind {
         match self {
-            ReadOutcome::Served => "token_read",
-            ReadOutcome::Refused => "token_refused",
+            ReadOutcome::Served => EventKind::TokenRead,
+            ReadOutcome::Refused => EventKind::TokenRefused,
         }
     }
 }
@@ -207,7 +207,7 @@ impl Audit {
                 let e = event_of(k, f);
                 StoredEvent {
                     at: f.first_at,
-                    kind: e.kind.to_owned(),
+                    kind: e.kind,
                     message: e.message,
                     node: None,
                     peer: e.peer,
@@ -274,7 +274,10 @@ mod tests {
         audit.flush(true).await;
         assert!(audit.lock().is_empty());
         let stored = ledger.events("c1".into(), None, 10).await.unwrap();
-        let reads: Vec<_> = stored.iter().filter(|e| e.kind == "token_read").collect();
+        let reads: Vec<_> = stored
+            .iter()
+            .filter(|e| e.kind == EventKind::TokenRead)
+            .collect();
         assert_eq!(reads.len(), 1);
         assert_eq!(reads[0].count, 1000);
         assert_eq!(
@@ -287,7 +290,7 @@ mod tests {
         assert!(
             stored
                 .iter()
-                .any(|e| e.kind == "token_refused" && e.count == 1)
+                .any(|e| e.kind == EventKind::TokenRefused && e.count == 1)
         );
     }
 }

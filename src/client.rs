@@ -6,6 +6,9 @@
 //! `{"error":{"code","message"}}` body parsed and `Retry-After` read; the caller never has
 //! to look at raw error bodies.
 //!
+//! Bodies are the typed structs of [`crate::wire`], the same ones the daemon serializes;
+//! none of them refuses unknown fields, so a newer daemon's additions never break this client.
+//!
 //! A response body may hold an access token (`GET .../token`), so [`ApiResponse`]'s `Debug`
 //! prints only the status and the body's length.
 
@@ -18,7 +21,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
 use hyper::{HeaderMap, Method, Request};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::wire::ErrorBody;
 use tokio::net::UnixStream;
 
 /// How long one request may take, connect to last body byte. Generous on purpose: a token
@@ -48,7 +54,8 @@ pub enum ClientError {
         /// The HTTP status.
         status: u16,
         /// `error.code` of the body (`not_found`, `needs_reauth`, ...), or `http_<status>`
-        /// when the body was not the documented error shape.
+        /// when the body was not the documented error shape (or had a code this build does
+        /// not know; its text is then the message).
         code: String,
         /// `error.message` of the body.
         message: String,
@@ -114,20 +121,9 @@ impl ApiResponse {
             return Ok(self);
         }
         let retry_after = self.retry_after();
-        let parsed = serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| {
-                let err = v.get("error")?;
-                let code = err.get("code")?.as_str()?.to_string();
-                let message = err
-                    .get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or_default()
-                    .to_string();
-                Some((code, message))
-            });
+        let parsed = serde_json::from_slice::<ErrorBody>(&self.body).ok();
         let (code, message) = match parsed {
-            Some(pair) => pair,
+            Some(body) => (body.error.code.as_str().to_owned(), body.error.message),
             None => {
                 let raw = String::from_utf8_lossy(&self.body);
                 let raw = raw.trim();
@@ -177,12 +173,12 @@ impl Client {
 
     /// Sends one request and returns the answer whatever its status (use
     /// [`Client::request`] to have non-2xx answers turned into errors). `path` includes the
-    /// query string and must already be percent-encoded.
+    /// query string and must already be percent-encoded; `body` is JSON ([`json_body`]).
     pub async fn send(
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Bytes>,
     ) -> Result<ApiResponse, ClientError> {
         tokio::time::timeout(self.timeout, self.send_inner(method, path, body))
             .await
@@ -194,7 +190,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Bytes>,
     ) -> Result<ApiResponse, ClientError> {
         self.send(method, path, body).await?.error_for_status()
     }
@@ -208,7 +204,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Bytes>,
     ) -> Result<ApiResponse, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
@@ -227,12 +223,8 @@ impl Client {
             let _ = conn.await;
         });
 
-        let payload = match &body {
-            Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| {
-                ClientError::Protocol(format!("cannot encode the request body: {e}"))
-            })?),
-            None => Bytes::new(),
-        };
+        let has_body = body.is_some();
+        let payload = body.unwrap_or_default();
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
@@ -242,7 +234,7 @@ impl Client {
                 USER_AGENT,
                 concat!("tokend-cli/", env!("CARGO_PKG_VERSION")),
             );
-        if body.is_some() {
+        if has_body {
             builder = builder
                 .header(CONTENT_TYPE, "application/json")
                 .header(CONTENT_LENGTH, payload.len());
@@ -272,6 +264,13 @@ impl Client {
         driver.abort();
         result
     }
+}
+
+/// Encodes a request body (one of [`crate::wire`]'s request types) for [`Client::send`].
+pub fn json_body(body: &impl Serialize) -> Result<Bytes, ClientError> {
+    serde_json::to_vec(body)
+        .map(Bytes::from)
+        .map_err(|e| ClientError::Protocol(format!("cannot encode the request body: {e}")))
 }
 
 /// Percent-encodes `value` so that it is exactly one path segment (or one query value):
@@ -408,7 +407,7 @@ mod tests {
         let client = Client::new(&socket);
         let body = serde_json::json!({"provider": "atlassian", "label": "x"});
         let resp = client
-            .request(Method::POST, "/v1/echo", Some(body.clone()))
+            .request(Method::POST, "/v1/echo", Some(json_body(&body).unwrap()))
             .await
             .unwrap();
         assert_eq!(resp.status, 201);
@@ -416,13 +415,27 @@ mod tests {
         assert_eq!(seen.lock().unwrap()[0].3, "application/json");
     }
 
+    /// `GET path` from the fake daemon through [`Client::request`], which must fail.
+    async fn request_error(path: &str) -> ClientError {
+        let (_dir, socket, _seen) = fake_daemon().await;
+        Client::new(&socket)
+            .request(Method::GET, path, None)
+            .await
+            .unwrap_err()
+    }
+
+    /// `GET path` from the fake daemon through [`Client::send`], whatever the status.
+    async fn sent(path: &str) -> ApiResponse {
+        let (_dir, socket, _seen) = fake_daemon().await;
+        Client::new(&socket)
+            .send(Method::GET, path, None)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn api_error_body_is_parsed() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/connections/nope", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/connections/nope").await;
         match &err {
             ClientError::Api {
                 status,
@@ -442,11 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_is_read_from_a_503() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/connections/c1/token", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/connections/c1/token").await;
         assert!(
             matches!(&err, ClientError::Api { status: 503, code, retry_after: Some(42), .. } if code == "provider_unavailable"),
             "{err:?}"
@@ -455,22 +464,14 @@ mod tests {
 
     #[tokio::test]
     async fn send_returns_error_answers_unchanged() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let resp = Client::new(&socket)
-            .send(Method::GET, "/v1/connections/nope", None)
-            .await
-            .unwrap();
+        let resp = sent("/v1/connections/nope").await;
         assert_eq!(resp.status, 404);
         assert!(!resp.is_success());
     }
 
     #[tokio::test]
     async fn non_json_error_bodies_still_make_an_api_error() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let err = Client::new(&socket)
-            .request(Method::GET, "/v1/plain", None)
-            .await
-            .unwrap_err();
+        let err = request_error("/v1/plain").await;
         assert!(
             matches!(&err, ClientError::Api { status: 502, code, message, .. } if code == "http_502" && message == "upstream broke"),
             "{err:?}"
@@ -479,11 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_json_in_a_success_is_a_protocol_error() {
-        let (_dir, socket, _seen) = fake_daemon().await;
-        let resp = Client::new(&socket)
-            .send(Method::GET, "/v1/garbage", None)
-            .await
-            .unwrap();
+        let resp = sent("/v1/garbage").await;
         let err = resp.json::<serde_json::Value>().unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
     }

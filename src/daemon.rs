@@ -212,10 +212,11 @@ async fn housekeeping(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = publish.tick() => {
-                for (job, last, period) in monitor.snapshot() {
-                    metrics.set_job_period(job, period.as_secs_f64());
-                    if let Some(t) = last {
-                        metrics.job_success(job, t.timestamp_millis() as f64 / 1000.0);
+                for job in monitor.snapshot() {
+                    let name = job.kind.name();
+                    metrics.set_job_period(name, job.period.as_secs_f64());
+                    if let Some(t) = job.last_success {
+                        metrics.job_success(name, t.timestamp_millis() as f64 / 1000.0);
                     }
                 }
             }

@@ -32,25 +32,25 @@ pub const STALL_PERIODS: u32 = 2;
 /// Slack added to the stall limit: the cron crate polls every 500 ms and a run takes time.
 const STALL_GRACE: Duration = Duration::from_secs(3);
 
-/// The jobs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum JobKind {
-    /// Re-read accessible-resources of every active connection.
-    ResolveSites,
-    /// Prune old events, checkpoint the WAL.
-    Maintenance,
+pub use crate::model::JobKind;
+
+/// A job's state for the metrics ([`JobMonitor::snapshot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobSnapshot {
+    /// Which job.
+    pub kind: JobKind,
+    /// When it last succeeded (wall time); `None` before its first success.
+    pub last_success: Option<Time>,
+    /// The time between two runs of its schedule.
+    pub period: Duration,
 }
 
-impl JobKind {
-    /// The job's name in config, logs, health and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            JobKind::ResolveSites => "resolve_sites",
-            JobKind::Maintenance => "maintenance",
-        }
+/// The schedule of `kind` in `[jobs]`.
+fn schedule_of(config: &JobsConfig, kind: JobKind) -> &CronExpr {
+    match kind {
+        JobKind::ResolveSites => &config.resolve_sites,
+        JobKind::Maintenance => &config.maintenance,
     }
-
-    const ALL: [JobKind; 2] = [JobKind::ResolveSites, JobKind::Maintenance];
 }
 
 struct JobState {
@@ -91,14 +91,17 @@ impl JobMonitor {
         out
     }
 
-    /// `(job, last success as wall time, period)` for metrics.
-    pub fn snapshot(&self) -> Vec<(&'static str, Option<Time>, Duration)> {
+    /// Every armed job's last success and period, for metrics.
+    pub fn snapshot(&self) -> Vec<JobSnapshot> {
         let jobs = self.lock();
         JobKind::ALL
             .iter()
-            .filter_map(|k| {
-                jobs.get(k)
-                    .map(|s| (k.name(), s.last_success_wall, s.period))
+            .filter_map(|&kind| {
+                jobs.get(&kind).map(|s| JobSnapshot {
+                    kind,
+                    last_success: s.last_success_wall,
+                    period: s.period,
+                })
             })
             .collect()
     }
@@ -109,10 +112,7 @@ impl JobMonitor {
         {
             let mut jobs = self.lock();
             for kind in JobKind::ALL {
-                let schedule = match kind {
-                    JobKind::ResolveSites => &config.resolve_sites,
-                    JobKind::Maintenance => &config.maintenance,
-                };
+                let schedule = schedule_of(config, kind);
                 if let Some(s) = jobs.get_mut(&kind)
                     && s.schedule.as_str() != schedule.as_str()
                 {
@@ -191,10 +191,7 @@ impl Jobs {
         {
             let mut jobs = monitor.lock();
             for kind in JobKind::ALL {
-                let schedule = match kind {
-                    JobKind::ResolveSites => config.resolve_sites.clone(),
-                    JobKind::Maintenance => config.maintenance.clone(),
-                };
+                let schedule = schedule_of(config, kind).clone();
                 jobs.insert(
                     kind,
                     JobState {
@@ -401,6 +398,6 @@ mod tests {
         assert_eq!(m.stalled(), vec!["maintenance"]);
         m.succeeded(JobKind::Maintenance);
         assert!(m.stalled().is_empty());
-        assert!(m.snapshot()[0].1.is_some());
+        assert!(m.snapshot()[0].last_success.is_some());
     }
 }

@@ -1,9 +1,9 @@
 //! tokend keeps Atlassian OAuth 2.0 (3LO) refresh-token chains alive and hands fresh access
 //! tokens to local services over a Unix socket.
 //!
-//! The binary (`src/main.rs`) is a thin shell over this library: [`cli`] parses the command
-//! line, [`config`] turns `daemon.toml` into a validated [`config::Config`], and
-//! [`daemon`] wires the ledger, the provider client, the refresh engine and the socket API
+//! The binary (`src/main.rs`) is a thin shell over this library: it parses the command line
+//! (clap) and [`cli`] runs the command, [`config`] turns `daemon.toml` into a validated
+//! [`config::Config`], and [`daemon`] wires the ledger, the provider client, the refresh engine and the socket API
 //! together. See `ARCHITECTURE.md` for the code map and the invariants.
 
 #![forbid(unsafe_code)]
@@ -27,3 +27,4 @@ pub mod refresh;
 pub mod secret;
 pub mod serve;
 pub mod systemd;
+pub mod wire;

@@ -1,13 +1,185 @@
-//! The `tokend` binary: everything lives in the library (see [`tokend::cli`]).
+//! The `tokend` binary: the command line (clap) and the adoption of a socket passed by
+//! systemd. Everything a command does lives in the library ([`tokend::cli`]); this file only
+//! parses arguments into a [`tokend::cli::Action`], so that the clap definition ([`Cli`],
+//! reachable through `clap::CommandFactory`) can also generate man pages and completions.
 //!
-//! The one thing done here is adopting a socket passed by systemd (socket activation): it
-//! needs `from_raw_fd`, which is `unsafe`, and the library forbids unsafe code.
+//! Socket activation needs `from_raw_fd`, which is `unsafe`, and the library forbids unsafe
+//! code: that is the other reason this file exists.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::{ArgGroup, Parser, Subcommand};
+use tokend::cli::{Action, ClientCommand, DEFAULT_LABEL, TokenTarget};
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: i32 = 3;
 
-fn main() -> std::process::ExitCode {
-    tokend::cli::main(activated_socket())
+/// Help text shared by the client commands.
+const SOCKET_HELP: &str = "\
+This command talks to the running daemon over its Unix socket: `daemon.socket_path` from \
+--config. If the environment variable TOKEND_SOCKET is set (and not empty), it names the \
+socket instead and no configuration file is read.";
+
+const AFTER_HELP: &str = "\
+Every command but `run` and `check-config` is a client of the running daemon's socket: its \
+path is `daemon.socket_path` from --config, unless the environment variable TOKEND_SOCKET \
+is set (and not empty), which names the socket directly; then no configuration is read.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error, 64 bad configuration.";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokend",
+    version,
+    about = "Keeps Atlassian OAuth refresh-token chains alive and serves fresh access tokens over a Unix socket",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// The daemon's configuration file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "TOKEND_CONFIG",
+        hide_env_values = true,
+        default_value = "daemon.toml"
+    )]
+    config: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands, exactly those of INTERFACE.md.
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (what systemd starts).
+    Run,
+    /// Load and validate the configuration, print a summary with secrets masked, and exit.
+    CheckConfig,
+    /// Add a connection through browser consent: prints the authorize URL, takes the
+    /// redirect on the loopback redirect_uri (or the pasted redirect URL on stdin), and has
+    /// the daemon exchange the code.
+    #[command(after_help = SOCKET_HELP)]
+    Connect {
+        /// A name for the connection, usable wherever an ID is expected.
+        #[arg(long, value_name = "LABEL", default_value = DEFAULT_LABEL, value_parser = NonEmptyStringValueParser::new())]
+        label: String,
+        /// Do not open a browser nor listen for the redirect: read the redirect URL,
+        /// pasted from the browser's address bar, on stdin.
+        #[arg(long)]
+        no_browser: bool,
+    },
+    /// Add a connection from an existing refresh token, read from stdin (never argv).
+    #[command(after_help = SOCKET_HELP)]
+    Import {
+        /// A name for the connection, usable wherever an ID is expected.
+        #[arg(long, value_name = "LABEL", value_parser = NonEmptyStringValueParser::new())]
+        label: String,
+    },
+    /// List connections: status, account, sites, next rotation, inactivity deadline.
+    #[command(after_help = SOCKET_HELP)]
+    List {
+        /// Print the API's JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one connection in full (never its tokens).
+    #[command(after_help = SOCKET_HELP)]
+    Show {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+        /// Print the API's JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a fresh access token on stdout, nothing else.
+    #[command(
+        after_help = SOCKET_HELP,
+        group(ArgGroup::new("target").required(true).args(["id", "site"]))
+    )]
+    Token {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: Option<String>,
+        /// Instead of an ID: the site's host (e.g. example.atlassian.net) or cloud id; the
+        /// active connection that reaches it is used.
+        #[arg(long, value_name = "HOST", value_parser = NonEmptyStringValueParser::new())]
+        site: Option<String>,
+    },
+    /// Rotate the connection's refresh token now.
+    #[command(after_help = SOCKET_HELP)]
+    Refresh {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+    },
+    /// Forget the connection.
+    #[command(after_help = SOCKET_HELP)]
+    Remove {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+    },
+    /// A connection's history, newest first, token reads included (admin).
+    #[command(after_help = SOCKET_HELP)]
+    Events {
+        /// Connection id or label.
+        #[arg(value_name = "ID", value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+        /// Only events at or after this RFC 3339 time (e.g. 2026-01-02T03:04:05Z).
+        #[arg(long, value_name = "T", value_parser = NonEmptyStringValueParser::new())]
+        since: Option<String>,
+        /// Print the API's JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Command {
+    /// The library's plain form of the command.
+    fn into_action(self) -> Action {
+        let client = |c| Action::Client(c);
+        match self {
+            Command::Run => Action::Run,
+            Command::CheckConfig => Action::CheckConfig,
+            Command::Connect { label, no_browser } => {
+                client(ClientCommand::Connect { label, no_browser })
+            }
+            Command::Import { label } => client(ClientCommand::Import { label }),
+            Command::List { json } => client(ClientCommand::List { json }),
+            Command::Show { id, json } => client(ClientCommand::Show { id, json }),
+            Command::Token { id, site } => client(ClientCommand::Token(match (id, site) {
+                (Some(id), _) => TokenTarget::Id(id),
+                (None, Some(site)) => TokenTarget::Site(site),
+                (None, None) => unreachable!("clap requires one of ID and --site"),
+            })),
+            Command::Refresh { id } => client(ClientCommand::Refresh { id }),
+            Command::Remove { id } => client(ClientCommand::Remove { id }),
+            Command::Events { id, since, json } => {
+                client(ClientCommand::Events { id, since, json })
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    // Taken before anything else opens a descriptor, so that fd 3 is still systemd's.
+    let activated = activated_socket();
+    // Usage errors exit 2 (clap's default); --help and --version exit 0.
+    let cli = Cli::parse();
+    let action = cli.command.into_action();
+    tokend::cli::exit(tokend::cli::run(
+        &cli.config,
+        action,
+        tokend::cli::env_socket(),
+        activated,
+    ))
 }
 
 /// The socket systemd passed to this process, if any (`LISTEN_PID` is ours and
@@ -31,5 +203,184 @@ fn activated_socket() -> Option<std::os::unix::net::UnixListener> {
             std::mem::forget(listener);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("tokend").chain(args.iter().copied()))
+    }
+
+    fn command(args: &[&str]) -> Command {
+        parse(args).unwrap().command
+    }
+
+    fn usage_error(args: &[&str]) -> ErrorKind {
+        let err = parse(args).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "usage errors exit 2: {args:?}");
+        err.kind()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_daemon_commands_and_global_config() {
+        let cli = parse(&["--config", "/etc/tokend/daemon.toml", "run"]).unwrap();
+        assert_eq!(cli.command, Command::Run);
+        assert_eq!(cli.config, PathBuf::from("/etc/tokend/daemon.toml"));
+        // --config is global: accepted after the subcommand too.
+        let cli = parse(&["check-config", "--config", "x.toml"]).unwrap();
+        assert_eq!(cli.command, Command::CheckConfig);
+        assert_eq!(cli.config, PathBuf::from("x.toml"));
+    }
+
+    #[test]
+    fn config_defaults_to_daemon_toml() {
+        if std::env::var_os("TOKEND_CONFIG").is_none() {
+            assert_eq!(
+                parse(&["run"]).unwrap().config,
+                PathBuf::from("daemon.toml")
+            );
+        }
+    }
+
+    #[test]
+    fn parses_connect() {
+        assert_eq!(
+            command(&["connect"]),
+            Command::Connect {
+                label: "atlassian".into(),
+                no_browser: false
+            }
+        );
+        assert_eq!(
+            command(&["connect", "--label", "conf", "--no-browser"]),
+            Command::Connect {
+                label: "conf".into(),
+                no_browser: true
+            }
+        );
+        assert_eq!(
+            usage_error(&["connect", "extra"]),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn parses_import_and_requires_a_label() {
+        assert_eq!(
+            command(&["import", "--label", "conf"]),
+            Command::Import {
+                label: "conf".into()
+            }
+        );
+        assert_eq!(usage_error(&["import"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(
+            usage_error(&["import", "--label", ""]),
+            ErrorKind::InvalidValue
+        );
+        // The token never goes on argv.
+        assert_eq!(
+            usage_error(&["import", "--label", "conf", "rt-value"]),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn parses_list_and_show() {
+        assert_eq!(command(&["list"]), Command::List { json: false });
+        assert_eq!(command(&["list", "--json"]), Command::List { json: true });
+        assert_eq!(
+            command(&["show", "conf", "--json"]),
+            Command::Show {
+                id: "conf".into(),
+                json: true
+            }
+        );
+        assert_eq!(usage_error(&["show"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(usage_error(&["show", ""]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn token_takes_exactly_one_of_id_and_site() {
+        assert_eq!(
+            command(&["token", "conf"]),
+            Command::Token {
+                id: Some("conf".into()),
+                site: None
+            }
+        );
+        assert_eq!(
+            command(&["token", "--site", "example.atlassian.net"]),
+            Command::Token {
+                id: None,
+                site: Some("example.atlassian.net".into())
+            }
+        );
+        assert_eq!(
+            usage_error(&["token", "conf", "--site", "example.atlassian.net"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(usage_error(&["token"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn parses_refresh_and_remove() {
+        assert_eq!(
+            command(&["refresh", "c1"]),
+            Command::Refresh { id: "c1".into() }
+        );
+        assert_eq!(
+            command(&["remove", "c1"]),
+            Command::Remove { id: "c1".into() }
+        );
+        assert_eq!(usage_error(&["remove"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(usage_error(&["frobnicate"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(
+            usage_error(&[]),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+    }
+
+    #[test]
+    fn version_and_help_exit_zero_and_help_documents_tokend_socket() {
+        let err = parse(&["--version"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayVersion);
+        assert_eq!(err.exit_code(), 0);
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("TOKEND_SOCKET"), "{help}");
+        assert!(help.contains("64 bad configuration"), "{help}");
+        let mut cmd = Cli::command();
+        let token_help = cmd
+            .find_subcommand_mut("token")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(token_help.contains("TOKEND_SOCKET"), "{token_help}");
+    }
+
+    #[test]
+    fn commands_map_to_the_library_actions() {
+        assert_eq!(command(&["run"]).into_action(), Action::Run);
+        assert_eq!(
+            command(&["token", "--site", "h"]).into_action(),
+            Action::Client(ClientCommand::Token(TokenTarget::Site("h".into())))
+        );
+        assert_eq!(
+            command(&["events", "c1", "--since", "2026-01-01T00:00:00Z"]).into_action(),
+            Action::Client(ClientCommand::Events {
+                id: "c1".into(),
+                since: Some("2026-01-01T00:00:00Z".into()),
+                json: false
+            })
+        );
     }
 }

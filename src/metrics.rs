@@ -29,7 +29,7 @@ use prometheus::{
     register_int_gauge_with_registry,
 };
 use std::future::Future;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
@@ -53,20 +53,10 @@ pub const API_LATENCY_BUCKETS: &[f64] = &[
 pub const PROVIDER_LATENCY_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// The route templates of the socket API (as written in `api::router`). Only these, plus
-/// [`OTHER_ROUTE`], are used as the `route` label: a raw path would put connection ids and
-/// whatever a client typed into label values. Keep in step with `api::router`.
-pub const API_ROUTES: &[&str] = &[
-    "/v1/health",
-    "/v1/connections",
-    "/v1/connections/{id}",
-    "/v1/connections/{id}/refresh",
-    "/v1/connections/{id}/token",
-    "/v1/token",
-    "/v1/authorizations",
-];
-
-/// The `route` label of a request that matched no route of [`API_ROUTES`] (404s, typos).
+/// The `route` label of a socket API request that matched no route (404s, typos). The other
+/// values are the API's route templates, which `api` declares
+/// ([`Metrics::declare_api_routes`]) from its route table: a raw path would put connection
+/// ids and whatever a client typed into label values.
 pub const OTHER_ROUTE: &str = "other";
 
 /// `status` label values of `tokend_api_requests_total` that exist from the start, so that
@@ -78,10 +68,10 @@ const PREINITIALISED_STATUS_CLASSES: &[&str] = &["2xx", "4xx", "5xx"];
 const REFUSED_UID_LIMIT: &str = "uid_limit";
 
 /// The job name of the site re-resolution job (`[jobs] resolve_sites`).
-pub const JOB_RESOLVE_SITES: &str = "resolve_sites";
+pub const JOB_RESOLVE_SITES: &str = crate::model::JobKind::ResolveSites.name();
 
 /// The job name of the maintenance job (`[jobs] maintenance`).
-pub const JOB_MAINTENANCE: &str = "maintenance";
+pub const JOB_MAINTENANCE: &str = crate::model::JobKind::Maintenance.name();
 
 /// Jobs whose `tokend_job_last_success_timestamp_seconds` series exist from the start.
 pub const KNOWN_JOBS: &[&str] = &[JOB_RESOLVE_SITES, JOB_MAINTENANCE];
@@ -363,6 +353,9 @@ pub struct Metrics {
     token_requests: IntCounterVec,
     api_duration: HistogramVec,
     api_requests: IntCounterVec,
+    /// The `route` label values `api` declared (its route templates); any other value is
+    /// recorded as [`OTHER_ROUTE`], so a caller's mistake can never unbound the label.
+    api_routes: Mutex<Vec<&'static str>>,
     api_connections_open: IntGauge,
     api_connections_refused: IntCounterVec,
     api_timeouts: IntCounterVec,
@@ -397,6 +390,16 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Creates the `route` series of `templates` (duration, and each preinitialised status class).
+fn preinit_routes(duration: &HistogramVec, requests: &IntCounterVec, templates: &[&str]) {
+    for route in templates {
+        duration.with_label_values(&[route]);
+        for class in PREINITIALISED_STATUS_CLASSES {
+            requests.with_label_values(&[route, class]).reset();
+        }
+    }
 }
 
 /// The `status` label of `tokend_api_requests_total`: the status class.
@@ -439,16 +442,6 @@ fn canonical_infinities(text: String) -> String {
         }
     }
     out
-}
-
-/// Maps a matched route template (axum's `MatchedPath`) to its `route` label: itself if it is
-/// one of [`API_ROUTES`], else [`OTHER_ROUTE`].
-pub fn api_route(template: &str) -> &'static str {
-    API_ROUTES
-        .iter()
-        .copied()
-        .find(|r| *r == template)
-        .unwrap_or(OTHER_ROUTE)
 }
 
 impl Metrics {
@@ -504,12 +497,7 @@ impl Metrics {
             r
         )
         .expect(VALID);
-        for route in API_ROUTES.iter().copied().chain([OTHER_ROUTE]) {
-            api_duration.with_label_values(&[route]);
-            for class in PREINITIALISED_STATUS_CLASSES {
-                api_requests.with_label_values(&[route, class]).reset();
-            }
-        }
+        preinit_routes(&api_duration, &api_requests, &[OTHER_ROUTE]);
 
         let audit_writes = register_int_counter_vec_with_registry!(
             "tokend_audit_writes_total",
@@ -600,6 +588,7 @@ impl Metrics {
             token_requests,
             api_duration,
             api_requests,
+            api_routes: Mutex::new(Vec::new()),
             api_connections_open,
             api_connections_refused,
             api_timeouts,
@@ -634,10 +623,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts and times a socket API request. `route` is the matched route *template* (see
-    /// [`api_route`]); anything not in [`API_ROUTES`] is recorded as [`OTHER_ROUTE`].
+    /// Creates the series of every route template of the socket API (from `api`'s route
+    /// table), so that rates and error ratios exist before the first request.
+    pub fn declare_api_routes(&self, templates: &[&'static str]) {
+        preinit_routes(&self.api_duration, &self.api_requests, templates);
+        let mut routes = self.api_routes.lock().unwrap_or_else(|p| p.into_inner());
+        for t in templates {
+            if !routes.contains(t) {
+                routes.push(t);
+            }
+        }
+    }
+
+    /// Counts and times a socket API request. `route` is the matched route template; one
+    /// not declared ([`Metrics::declare_api_routes`]) is recorded as [`OTHER_ROUTE`].
     pub fn api_request(&self, route: &'static str, status: u16, duration: Duration) {
-        let route = api_route(route);
+        let declared = self
+            .api_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&route);
+        let route = if declared { route } else { OTHER_ROUTE };
         self.api_duration
             .with_label_values(&[route])
             .observe(duration.as_secs_f64());
@@ -910,9 +916,13 @@ mod tests {
         );
     }
 
+    /// Route templates as `api` declares them (its table is tested in `api`).
+    const DECLARED_ROUTES: &[&str] = &["/v1/health", "/v1/connections/{id}/token"];
+
     #[test]
     fn interface_metrics_exist_from_the_start() {
         let m = Metrics::new(true);
+        m.declare_api_routes(DECLARED_ROUTES);
         let t = m.render();
         for name in INTERFACE_METRICS {
             // Per-connection series exist only once there are connections.
@@ -968,7 +978,7 @@ mod tests {
             value(&t, "tokend_inactivity_headroom_seconds"),
             Some(f64::INFINITY)
         );
-        for route in API_ROUTES.iter().chain([&OTHER_ROUTE]) {
+        for route in DECLARED_ROUTES.iter().chain([&OTHER_ROUTE]) {
             let series = format!("tokend_api_request_duration_seconds_count{{route=\"{route}\"}}");
             assert_eq!(value(&t, &series), Some(0.0), "{series}");
         }
@@ -989,6 +999,7 @@ mod tests {
     #[test]
     fn updates_show_up_with_the_right_values() {
         let m = Metrics::new(true);
+        m.declare_api_routes(DECLARED_ROUTES);
         let src = watched(&m);
         src.set_connections(3, 1);
         m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(120));
@@ -1103,11 +1114,7 @@ mod tests {
     }
 
     #[test]
-    fn the_route_label_is_bounded() {
-        assert_eq!(api_route("/v1/token"), "/v1/token");
-        assert_eq!(api_route("/v1/connections/{id}"), "/v1/connections/{id}");
-        assert_eq!(api_route("/v1/connections/x"), OTHER_ROUTE);
-        assert_eq!(api_route(""), OTHER_ROUTE);
+    fn the_status_label_is_bounded() {
         assert_eq!(status_class(204), "2xx");
         assert_eq!(status_class(429), "4xx");
         assert_eq!(status_class(42), "unknown");

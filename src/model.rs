@@ -1,7 +1,8 @@
 //! The domain records every module shares: a connection, its sites, and its chain.
 //!
-//! These types carry no serialization: the ledger maps them to rows and the API maps them to
-//! JSON. [`Connection`] is the public face of a connection (safe to show anyone who may list
+//! These types carry no serde derives: the ledger maps them to rows and the API maps them to
+//! its wire types (`wire`, which also gives [`Status`] and [`EventKind`] their JSON
+//! form, the same spelling as their `as_str`). [`Connection`] is the public face of a connection (safe to show anyone who may list
 //! connections); [`Chain`] is the secret part (refresh and access tokens) and never leaves
 //! the refresh engine except toward the provider, the ledger, or a caller asking for a token.
 
@@ -23,6 +24,12 @@ pub enum Status {
     /// The provider definitely rejected the chain (`invalid_grant` or `unauthorized_client`):
     /// a person has to consent again. Never retried automatically.
     NeedsReauth,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Status {
@@ -191,6 +198,29 @@ impl Record {
     }
 }
 
+/// The periodic jobs (`[jobs]`). Their names are the config keys, the `cron_job` metric
+/// label and health's `stalled_jobs`: spelled once, in [`JobKind::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobKind {
+    /// Re-read accessible-resources of every active connection.
+    ResolveSites,
+    /// Prune old events, checkpoint the WAL.
+    Maintenance,
+}
+
+impl JobKind {
+    /// Every job.
+    pub const ALL: [JobKind; 2] = [JobKind::ResolveSites, JobKind::Maintenance];
+
+    /// The job's name in config, logs, health and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JobKind::ResolveSites => "resolve_sites",
+            JobKind::Maintenance => "maintenance",
+        }
+    }
+}
+
 /// The local process an event concerns (a token read): from SO_PEERCRED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventPeer {
@@ -200,12 +230,107 @@ pub struct EventPeer {
     pub pid: Option<u32>,
 }
 
+/// What an [`Event`] records. The ledger, the API and the CLI spell it with
+/// [`EventKind::as_str`].
+///
+/// **Fallback:** a kind this build does not know (a row written by a newer daemon, or an
+/// older one's retired kind) is read as [`EventKind::Other`] holding the stored text
+/// unchanged, so the history still loads and is shown (and written back) as it was stored.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A connection was added (import or consent).
+    Imported,
+    /// The refresh token was rotated.
+    Rotated,
+    /// A refresh succeeded without a new refresh token.
+    Refreshed,
+    /// A refresh failed.
+    Failed,
+    /// The status changed (`active -> needs_reauth`).
+    StatusChanged,
+    /// accessible-resources listed a new site.
+    SiteAdded,
+    /// A known site's scopes changed.
+    SiteScopesChanged,
+    /// accessible-resources no longer lists a site.
+    SiteRemoved,
+    /// `/me` named the chain's account.
+    AccountResolved,
+    /// Another connection of the same account was merged into this one.
+    Merged,
+    /// The connection was removed.
+    Removed,
+    /// A chain that had failed works again.
+    Recovered,
+    /// Token reads (folded per uid and minute).
+    TokenRead,
+    /// Refused token reads (folded per uid and minute).
+    TokenRefused,
+    /// A kind this build does not know, kept as stored (see the type's doc).
+    Other(String),
+}
+
+impl EventKind {
+    /// Every kind this build writes, for tests and documentation.
+    pub const KNOWN: [EventKind; 14] = [
+        EventKind::Imported,
+        EventKind::Rotated,
+        EventKind::Refreshed,
+        EventKind::Failed,
+        EventKind::StatusChanged,
+        EventKind::SiteAdded,
+        EventKind::SiteScopesChanged,
+        EventKind::SiteRemoved,
+        EventKind::AccountResolved,
+        EventKind::Merged,
+        EventKind::Removed,
+        EventKind::Recovered,
+        EventKind::TokenRead,
+        EventKind::TokenRefused,
+    ];
+
+    /// The ledger, API and CLI spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::Imported => "imported",
+            EventKind::Rotated => "rotated",
+            EventKind::Refreshed => "refreshed",
+            EventKind::Failed => "failed",
+            EventKind::StatusChanged => "status_changed",
+            EventKind::SiteAdded => "site_added",
+            EventKind::SiteScopesChanged => "site_scopes_changed",
+            EventKind::SiteRemoved => "site_removed",
+            EventKind::AccountResolved => "account_resolved",
+            EventKind::Merged => "merged",
+            EventKind::Removed => "removed",
+            EventKind::Recovered => "recovered",
+            EventKind::TokenRead => "token_read",
+            EventKind::TokenRefused => "token_refused",
+            EventKind::Other(s) => s,
+        }
+    }
+
+    /// Parses a stored or wire spelling; never fails (unknown text is [`EventKind::Other`]).
+    pub fn parse(s: &str) -> EventKind {
+        EventKind::KNOWN
+            .iter()
+            .find(|k| k.as_str() == s)
+            .cloned()
+            .unwrap_or_else(|| EventKind::Other(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A line of the append-only history. Never carries a secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// What happened: `imported`, `rotated`, `refreshed`, `failed`, `status_changed`,
-    /// `site_added`, `site_removed`, `account_resolved`, `merged`, `removed`, `recovered`.
-    pub kind: &'static str,
+    /// What happened.
+    pub kind: EventKind,
     /// A sentence for a human.
     pub message: String,
     /// Who caused it, for token reads.
@@ -216,7 +341,7 @@ pub struct Event {
 
 impl Event {
     /// Builds an event.
-    pub fn new(kind: &'static str, message: impl Into<String>) -> Event {
+    pub fn new(kind: EventKind, message: impl Into<String>) -> Event {
         Event {
             kind,
             message: message.into(),
@@ -232,7 +357,7 @@ pub struct StoredEvent {
     /// When it happened (for folded reads: the first of them).
     pub at: Time,
     /// See [`Event::kind`].
-    pub kind: String,
+    pub kind: EventKind,
     /// See [`Event::message`].
     pub message: String,
     /// The daemon that recorded it (`daemon.node_name`), when known.

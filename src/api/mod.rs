@@ -14,21 +14,21 @@ pub mod server;
 use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::{Metrics, TokenOutcome};
-use crate::model::{Site, Time};
-use crate::refresh::{ConnectionInfo, Engine, Failure, Served, TokenGrant};
-use crate::secret::Secret;
+use crate::model::Site;
+use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, Served, TokenGrant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use chrono::{SecondsFormat, Utc};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use crate::wire::{self, ErrorCode};
 
 /// The largest request body accepted. Real bodies are a label and a token (a few KiB at
 /// most); anything larger is refused with 413: at once if its `Content-Length` says so, else
@@ -104,19 +104,18 @@ impl ApiState {
     }
 }
 
-/// An API error: one of INTERFACE.md's codes, a message, and for 503 a `Retry-After`.
+/// An API error: one of INTERFACE.md's codes (which decides the status), a message, and for
+/// `provider_unavailable` a `Retry-After`.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     retry_after: Option<Duration>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
             retry_after: None,
@@ -124,15 +123,19 @@ impl ApiError {
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
 
     fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ErrorCode::NotFound, message)
     }
 
     fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(ErrorCode::Forbidden, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
     }
 }
 
@@ -140,16 +143,15 @@ impl From<Failure> for ApiError {
     fn from(f: Failure) -> Self {
         match f {
             Failure::NotFound => ApiError::not_found("no such connection"),
-            Failure::NeedsReauth(m) => ApiError::new(StatusCode::CONFLICT, "needs_reauth", m),
-            Failure::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            Failure::NeedsReauth(m) => ApiError::new(ErrorCode::NeedsReauth, m),
+            Failure::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
             Failure::BadRequest(m) => ApiError::bad_request(m),
-            Failure::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+            Failure::Internal(m) => ApiError::internal(m),
             Failure::Unavailable {
                 retry_after,
                 message,
             } => ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: "provider_unavailable",
+                code: ErrorCode::ProviderUnavailable,
                 message,
                 retry_after: Some(retry_after),
             },
@@ -159,9 +161,14 @@ impl From<Failure> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        let mut resp = (self.status, axum::Json(body)).into_response();
-        if let Some(r) = self.retry_after {
+        let body = wire::ErrorBody {
+            error: wire::ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        let mut resp = (self.code.status(), axum::Json(body)).into_response();
+        if let Some(r) = self.retry_after.filter(|_| self.code.retry_after()) {
             let secs = r.as_secs() + u64::from(r.subsec_nanos() > 0);
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
@@ -172,17 +179,163 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The router. Requests must carry a [`Peer`] extension (the server inserts it).
+/// The handlers of the socket API, each named once in [`ROUTES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v1/health`.
+    Health,
+    /// `GET /v1/connections`.
+    ListConnections,
+    /// `POST /v1/connections` (admin).
+    AddConnection,
+    /// `GET /v1/connections/{id}`.
+    ShowConnection,
+    /// `DELETE /v1/connections/{id}` (admin).
+    RemoveConnection,
+    /// `POST /v1/connections/{id}/refresh` (admin).
+    RefreshConnection,
+    /// `GET /v1/connections/{id}/token`.
+    ConnectionToken,
+    /// `GET /v1/connections/{id}/events` (admin).
+    ConnectionEvents,
+    /// `GET /v1/token?site=`.
+    SiteToken,
+    /// `POST /v1/authorizations` (admin).
+    Authorize,
+}
+
+impl Endpoint {
+    /// The handler's name, in the audit trail (`through connection_token`) and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Health => "health",
+            Endpoint::ListConnections => "list_connections",
+            Endpoint::AddConnection => "add_connection",
+            Endpoint::ShowConnection => "show_connection",
+            Endpoint::RemoveConnection => "remove_connection",
+            Endpoint::RefreshConnection => "refresh_connection",
+            Endpoint::ConnectionToken => "connection_token",
+            Endpoint::ConnectionEvents => "connection_events",
+            Endpoint::SiteToken => "site_token",
+            Endpoint::Authorize => "authorize",
+        }
+    }
+
+    /// The handler, answering `method` only.
+    fn handler(self, method: &Method) -> MethodRouter<ApiState> {
+        let filter = MethodFilter::try_from(method.clone())
+            .unwrap_or_else(|_| panic!("{method} is not a routable method"));
+        match self {
+            Endpoint::Health => on(filter, health),
+            Endpoint::ListConnections => on(filter, list),
+            Endpoint::AddConnection => on(filter, add),
+            Endpoint::ShowConnection => on(filter, show),
+            Endpoint::RemoveConnection => on(filter, remove),
+            Endpoint::RefreshConnection => on(filter, refresh),
+            Endpoint::ConnectionToken => on(filter, connection_token),
+            Endpoint::ConnectionEvents => on(filter, events),
+            Endpoint::SiteToken => on(filter, site_token),
+            Endpoint::Authorize => on(filter, authorize),
+        }
+    }
+}
+
+/// One route of the socket API.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// The HTTP method.
+    pub method: Method,
+    /// The path template, as axum matches it; also the `route` label of the API metrics
+    /// (a template, never a raw path, so label values stay bounded).
+    pub template: &'static str,
+    /// What answers it.
+    pub endpoint: Endpoint,
+}
+
+/// Every route of the socket API: the router is built from this table, and the metrics'
+/// `route` label values are its templates (plus [`crate::metrics::OTHER_ROUTE`]).
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: Method::GET,
+        template: "/v1/health",
+        endpoint: Endpoint::Health,
+    },
+    Route {
+        method: Method::GET,
+        template: "/v1/connections",
+        endpoint: Endpoint::ListConnections,
+    },
+    Route {
+        method: Method::POST,
+        template: "/v1/connections",
+        endpoint: Endpoint::AddConnection,
+    },
+    Route {
+        method: Method::GET,
+        template: "/v1/connections/{id}",
+        endpoint: Endpoint::ShowConnection,
+    },
+    Route {
+        method: Method::DELETE,
+        template: "/v1/connections/{id}",
+        endpoint: Endpoint::RemoveConnection,
+    },
+    Route {
+        method: Method::POST,
+        template: "/v1/connections/{id}/refresh",
+        endpoint: Endpoint::RefreshConnection,
+    },
+    Route {
+        method: Method::GET,
+        template: "/v1/connections/{id}/token",
+        endpoint: Endpoint::ConnectionToken,
+    },
+    Route {
+        method: Method::GET,
+        template: "/v1/connections/{id}/events",
+        endpoint: Endpoint::ConnectionEvents,
+    },
+    Route {
+        method: Method::GET,
+        template: "/v1/token",
+        endpoint: Endpoint::SiteToken,
+    },
+    Route {
+        method: Method::POST,
+        template: "/v1/authorizations",
+        endpoint: Endpoint::Authorize,
+    },
+];
+
+/// The distinct templates of [`ROUTES`], in table order: the `route` label values.
+pub fn route_templates() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for r in ROUTES {
+        if !out.contains(&r.template) {
+            out.push(r.template);
+        }
+    }
+    out
+}
+
+/// The `route` label of a matched template: the table's own `&'static str`, else
+/// [`crate::metrics::OTHER_ROUTE`].
+fn route_label(matched: Option<&str>) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|r| Some(r.template) == matched)
+        .map_or(crate::metrics::OTHER_ROUTE, |r| r.template)
+}
+
+/// The router, built from [`ROUTES`]. Requests must carry a [`Peer`] extension (the server
+/// inserts it).
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/connections", get(list).post(add))
-        .route("/v1/connections/{id}", get(show).delete(remove))
-        .route("/v1/connections/{id}/refresh", post(refresh))
-        .route("/v1/connections/{id}/token", get(connection_token))
-        .route("/v1/connections/{id}/events", get(events))
-        .route("/v1/token", get(site_token))
-        .route("/v1/authorizations", post(authorize))
+    state.metrics.declare_api_routes(&route_templates());
+    let mut router = Router::new();
+    for r in ROUTES {
+        router = router.route(r.template, r.endpoint.handler(&r.method));
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(standard_errors))
@@ -197,11 +350,11 @@ async fn track(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|m| crate::metrics::api_route(m.as_str()))
-        .unwrap_or(crate::metrics::OTHER_ROUTE);
+    let route = route_label(
+        req.extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str()),
+    );
     let started = tokio::time::Instant::now();
     let resp = next.run(req).await;
     state
@@ -232,11 +385,7 @@ async fn standard_errors(resp: Response) -> Response {
     let err = match status {
         StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
         StatusCode::NOT_FOUND => ApiError::not_found("not found"),
-        s if s.is_server_error() => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        ),
+        s if s.is_server_error() => ApiError::internal("internal error"),
         _ => ApiError::bad_request("malformed request"),
     };
     err.into_response()
@@ -244,8 +393,7 @@ async fn standard_errors(resp: Response) -> Response {
 
 fn payload_too_large() -> ApiError {
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        ErrorCode::PayloadTooLarge,
         format!("request bodies are limited to {MAX_BODY} bytes"),
     )
 }
@@ -259,13 +407,11 @@ impl FromRequestParts<ApiState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let peer = parts.extensions.get::<Peer>().copied().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the peer's credentials are unknown",
-            )
-        })?;
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .copied()
+            .ok_or_else(|| ApiError::internal("the peer's credentials are unknown"))?;
         require_admin(state, peer)?;
         Ok(Admin(peer))
     }
@@ -282,71 +428,65 @@ fn require_admin(state: &ApiState, peer: Peer) -> Result<(), ApiError> {
     }
 }
 
-fn rfc3339(t: Time) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn opt_time(t: Option<Time>) -> Value {
-    t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
-}
-
-fn site_json(engine: &Engine, s: &Site) -> Value {
-    let mut bases = serde_json::Map::new();
-    for product in s.products() {
-        bases.insert(
-            product.to_owned(),
-            Value::String(engine.api_base_url(product, &s.cloud_id)),
-        );
+fn site_wire(engine: &Engine, s: &Site) -> wire::Site {
+    wire::Site {
+        cloud_id: s.cloud_id.clone(),
+        url: s.url.clone(),
+        name: s.name.clone(),
+        scopes: s.scopes.clone(),
+        api_base_urls: s
+            .products()
+            .into_iter()
+            .map(|p| (p.to_owned(), engine.api_base_url(p, &s.cloud_id)))
+            .collect(),
+        last_seen_at: s.last_seen_at,
     }
-    json!({
-        "cloud_id": s.cloud_id,
-        "url": s.url,
-        "name": s.name,
-        "scopes": s.scopes,
-        "api_base_urls": bases,
-        "last_seen_at": rfc3339(s.last_seen_at),
-    })
 }
 
-fn connection_json(engine: &Engine, info: &ConnectionInfo) -> Value {
+fn sites_wire(engine: &Engine, sites: &[Site]) -> Vec<wire::Site> {
+    sites.iter().map(|s| site_wire(engine, s)).collect()
+}
+
+fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
     let c = &info.conn;
-    json!({
-        "id": c.id,
-        "label": c.label,
-        "provider": c.provider,
-        "account_id": c.account_id,
-        "status": c.status.as_str(),
-        "scopes": c.scopes,
-        "sites": c.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
-        "access_token_expires_at": opt_time(info.access_token_expires_at),
-        "refresh_token_rotated_at": rfc3339(info.refresh_token_rotated_at),
-        "next_rotation_at": opt_time(info.next_rotation_at),
-        "inactivity_expires_at": rfc3339(info.inactivity_expires_at),
-        "absolute_expires_at": opt_time(info.absolute_expires_at),
-        "last_refresh_at": opt_time(c.last_refresh_at),
-        "last_error": c.last_error.as_ref().map(|e| json!({
-            "code": e.code, "message": e.message, "at": rfc3339(e.at),
-        })),
-        "consecutive_failures": c.consecutive_failures,
-        "created_at": rfc3339(c.created_at),
-        "updated_at": rfc3339(c.updated_at),
-    })
+    wire::Connection {
+        id: c.id.clone(),
+        label: c.label.clone(),
+        provider: c.provider.clone(),
+        account_id: c.account_id.clone(),
+        status: c.status,
+        scopes: c.scopes.clone(),
+        sites: sites_wire(engine, &c.sites),
+        access_token_expires_at: info.access_token_expires_at,
+        refresh_token_rotated_at: info.refresh_token_rotated_at,
+        next_rotation_at: info.next_rotation_at,
+        inactivity_expires_at: info.inactivity_expires_at,
+        absolute_expires_at: info.absolute_expires_at,
+        last_refresh_at: c.last_refresh_at,
+        last_error: c.last_error.as_ref().map(|e| wire::LastError {
+            code: e.code.clone(),
+            message: e.message.clone(),
+            at: e.at,
+        }),
+        consecutive_failures: c.consecutive_failures,
+        created_at: c.created_at,
+        updated_at: c.updated_at,
+    }
 }
 
-fn token_json(engine: &Engine, g: &TokenGrant) -> Value {
-    let expires_in = (g.expires_at - Utc::now()).num_seconds().max(0);
-    json!({
-        "connection_id": g.conn.id,
-        "access_token": g.access_token.expose(),
-        "token_type": "Bearer",
-        "expires_at": rfc3339(g.expires_at),
-        "expires_in": expires_in,
-        "scopes": g.conn.scopes,
-        "sites": g.conn.sites.iter().map(|s| site_json(engine, s)).collect::<Vec<_>>(),
-    })
+fn token_wire(engine: &Engine, g: &TokenGrant) -> wire::Token {
+    wire::Token {
+        connection_id: g.conn.id.clone(),
+        access_token: g.access_token.clone(),
+        token_type: wire::BEARER.to_owned(),
+        expires_at: g.expires_at,
+        expires_in: (g.expires_at - Utc::now()).num_seconds().max(0),
+        scopes: g.conn.scopes.clone(),
+        sites: sites_wire(engine, &g.conn.sites),
+    }
 }
 
-fn ok_json(status: StatusCode, v: Value) -> Response {
+fn ok_json(status: StatusCode, v: impl Serialize) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
@@ -354,10 +494,10 @@ async fn health(State(state): State<ApiState>) -> Response {
     let ledger = tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.store_writable()).await;
     let (active, needs_reauth) = state.engine.status_counts();
     let (mut status, ledger_state) = match ledger {
-        Ok(Ok(())) => ("ok", "writable".to_owned()),
-        Ok(Err(e)) => ("degraded", format!("not writable: {e}")),
+        Ok(Ok(())) => (wire::HealthStatus::Ok, "writable".to_owned()),
+        Ok(Err(e)) => (wire::HealthStatus::Degraded, format!("not writable: {e}")),
         Err(_) => (
-            "degraded",
+            wire::HealthStatus::Degraded,
             "not writable: the write probe timed out".to_owned(),
         ),
     };
@@ -365,19 +505,26 @@ async fn health(State(state): State<ApiState>) -> Response {
     let stalled = state.jobs.stalled();
     let pending = state.engine.commit_pending();
     if !scheduler_alive || !stalled.is_empty() || pending > 0 {
-        status = "degraded";
+        status = wire::HealthStatus::Degraded;
     }
-    let body = json!({
-        "status": status,
-        "version": env!("CARGO_PKG_VERSION"),
-        "ledger": ledger_state,
-        "scheduler": if scheduler_alive { "alive" } else { "stalled" },
-        "stalled_jobs": stalled,
-        "connections": {"active": active, "needs_reauth": needs_reauth},
-        "provider_configured": state.engine.provider_not_configured().is_none(),
-        "commits_pending": pending,
-    });
-    let code = if status == "ok" {
+    let body = wire::Health {
+        status,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ledger: ledger_state,
+        scheduler: if scheduler_alive {
+            wire::SchedulerState::Alive
+        } else {
+            wire::SchedulerState::Stalled
+        },
+        stalled_jobs: stalled.iter().map(|j| j.to_string()).collect(),
+        connections: wire::ConnectionCounts {
+            active,
+            needs_reauth,
+        },
+        provider_configured: state.engine.provider_not_configured().is_none(),
+        commits_pending: pending,
+    };
+    let code = if status == wire::HealthStatus::Ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -387,12 +534,12 @@ async fn health(State(state): State<ApiState>) -> Response {
 
 async fn list(State(state): State<ApiState>) -> Response {
     let engine = &state.engine;
-    let all: Vec<Value> = engine
+    let all: Vec<wire::Connection> = engine
         .list()
         .iter()
-        .map(|c| connection_json(engine, c))
+        .map(|c| connection_wire(engine, c))
         .collect();
-    ok_json(StatusCode::OK, Value::Array(all))
+    ok_json(StatusCode::OK, all)
 }
 
 async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
@@ -402,18 +549,8 @@ async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResul
         .ok_or_else(|| ApiError::not_found(format!("no connection {id:?}")))?;
     Ok(ok_json(
         StatusCode::OK,
-        connection_json(&state.engine, &info),
+        connection_wire(&state.engine, &info),
     ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddBody {
-    provider: String,
-    label: String,
-    refresh_token: Option<String>,
-    code: Option<String>,
-    state: Option<String>,
 }
 
 /// Reads and parses a JSON body, with messages that never quote it. The content type and a
@@ -489,16 +626,11 @@ fn known_provider(provider: &str) -> Result<(), ApiError> {
 }
 
 async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
-    let req: AddBody = read_json(&headers, body).await?;
+    let req: wire::NewConnection = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let added = match (req.refresh_token, req.code, req.state) {
-        (Some(rt), None, None) => state.engine.import(&req.label, Secret::new(rt)).await?,
-        (None, Some(code), Some(st)) => {
-            state
-                .engine
-                .connect(&req.label, Secret::new(code), &st)
-                .await?
-        }
+        (Some(rt), None, None) => state.engine.import(&req.label, rt).await?,
+        (None, Some(code), Some(st)) => state.engine.connect(&req.label, code, &st).await?,
         _ => {
             return Err(ApiError::bad_request(
                 "give either refresh_token, or code and state",
@@ -510,7 +642,7 @@ async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: 
     } else {
         StatusCode::OK
     };
-    Ok(ok_json(status, connection_json(&state.engine, &added.info)))
+    Ok(ok_json(status, connection_wire(&state.engine, &added.info)))
 }
 
 async fn remove(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
@@ -522,14 +654,8 @@ async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>
     let info = state.engine.refresh_now(&id).await?;
     Ok(ok_json(
         StatusCode::OK,
-        connection_json(&state.engine, &info),
+        connection_wire(&state.engine, &info),
     ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthorizeBody {
-    provider: String,
 }
 
 async fn authorize(
@@ -538,12 +664,16 @@ async fn authorize(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let req: AuthorizeBody = read_json(&headers, body).await?;
+    let req: wire::NewAuthorization = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let a = state.engine.authorize()?;
     Ok(ok_json(
         StatusCode::OK,
-        json!({"authorize_url": a.authorize_url, "state": a.state, "redirect_uri": a.redirect_uri}),
+        wire::Authorization {
+            authorize_url: a.authorize_url,
+            state: a.state,
+            redirect_uri: a.redirect_uri,
+        },
     ))
 }
 
@@ -597,7 +727,7 @@ async fn events(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
-    let Some((conn_id, _)) = state.engine.identity(&id) else {
+    let Some(Identity { id: conn_id, .. }) = state.engine.identity(&id) else {
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
     let (mut since, mut limit) = (None, EVENTS_DEFAULT_LIMIT);
@@ -627,27 +757,22 @@ async fn events(
         .audit
         .events(&conn_id, since, limit)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("the ledger cannot be read: {e}"),
-            )
-        })?;
-    let body: Vec<Value> = list
-        .iter()
-        .map(|e| {
-            json!({
-                "at": rfc3339(e.at),
-                "kind": e.kind,
-                "message": e.message,
-                "node": e.node,
-                "peer": e.peer.map(|p| json!({"uid": p.uid, "pid": p.pid})),
-                "count": e.count,
-            })
+        .map_err(|e| ApiError::internal(format!("the ledger cannot be read: {e}")))?;
+    let body: Vec<wire::Event> = list
+        .into_iter()
+        .map(|e| wire::Event {
+            at: e.at,
+            kind: e.kind,
+            message: e.message,
+            node: e.node,
+            peer: e.peer.map(|p| wire::EventPeer {
+                uid: p.uid,
+                pid: p.pid,
+            }),
+            count: e.count,
         })
         .collect();
-    Ok(ok_json(StatusCode::OK, Value::Array(body)))
+    Ok(ok_json(StatusCode::OK, body))
 }
 
 async fn connection_token(
@@ -660,7 +785,7 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let Some((conn_id, label)) = state.engine.identity(&id) else {
+    let Some(Identity { id: conn_id, label }) = state.engine.identity(&id) else {
         state.metrics.token_request(TokenOutcome::NotFound);
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
@@ -669,7 +794,7 @@ async fn connection_token(
             &conn_id,
             peer.uid,
             peer.pid,
-            "connection_token",
+            Endpoint::ConnectionToken.name(),
             ReadOutcome::Refused,
         );
         state.metrics.token_request(TokenOutcome::Forbidden);
@@ -678,7 +803,7 @@ async fn connection_token(
             peer.uid, label
         )));
     }
-    hand_out(&state, peer, "connection_token", &conn_id, min_valid).await
+    hand_out(&state, peer, Endpoint::ConnectionToken, &conn_id, min_valid).await
 }
 
 async fn site_token(
@@ -710,7 +835,7 @@ async fn site_token(
             state
                 .engine
                 .identity(id)
-                .is_some_and(|(id, label)| policy.may_read(peer, &id, &label))
+                .is_some_and(|who| policy.may_read(peer, &who.id, &who.label))
         })
         .cloned()
         .collect();
@@ -724,9 +849,13 @@ async fn site_token(
         }
         (_, []) => {
             for id in &candidates {
-                state
-                    .audit
-                    .record(id, peer.uid, peer.pid, "site_token", ReadOutcome::Refused);
+                state.audit.record(
+                    id,
+                    peer.uid,
+                    peer.pid,
+                    Endpoint::SiteToken.name(),
+                    ReadOutcome::Refused,
+                );
             }
             metrics.token_request(TokenOutcome::Forbidden);
             Err(ApiError::forbidden(format!(
@@ -734,10 +863,9 @@ async fn site_token(
                 peer.uid
             )))
         }
-        (_, [one]) => hand_out(&state, peer, "site_token", one, min_valid).await,
+        (_, [one]) => hand_out(&state, peer, Endpoint::SiteToken, one, min_valid).await,
         (_, many) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
+            ErrorCode::Conflict,
             format!(
                 "several connections reach {site:?} ({}); ask for one by id",
                 many.join(", ")
@@ -749,7 +877,7 @@ async fn site_token(
 async fn hand_out(
     state: &ApiState,
     peer: Peer,
-    route: &'static str,
+    endpoint: Endpoint,
     id: &str,
     min_valid: Duration,
 ) -> ApiResult {
@@ -757,7 +885,7 @@ async fn hand_out(
     if result.is_ok() {
         state
             .audit
-            .record(id, peer.uid, peer.pid, route, ReadOutcome::Served);
+            .record(id, peer.uid, peer.pid, endpoint.name(), ReadOutcome::Served);
     }
     let outcome = match &result {
         Ok(g) if g.served == Served::Cached => TokenOutcome::Cached,
@@ -768,7 +896,7 @@ async fn hand_out(
     };
     state.metrics.token_request(outcome);
     let grant = result?;
-    let mut resp = ok_json(StatusCode::OK, token_json(&state.engine, &grant));
+    let mut resp = ok_json(StatusCode::OK, token_wire(&state.engine, &grant));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
@@ -868,6 +996,37 @@ mod tests {
     }
 
     #[test]
+    fn the_route_table_is_the_router_and_the_metric_labels() {
+        assert_eq!(
+            route_templates(),
+            [
+                "/v1/health",
+                "/v1/connections",
+                "/v1/connections/{id}",
+                "/v1/connections/{id}/refresh",
+                "/v1/connections/{id}/token",
+                "/v1/connections/{id}/events",
+                "/v1/token",
+                "/v1/authorizations",
+            ]
+        );
+        for r in ROUTES {
+            assert_eq!(route_label(Some(r.template)), r.template);
+            // Every (method, template) once.
+            let same = ROUTES
+                .iter()
+                .filter(|o| o.method == r.method && o.template == r.template)
+                .count();
+            assert_eq!(same, 1, "{} {}", r.method, r.template);
+        }
+        assert_eq!(
+            route_label(Some("/v1/connections/x")),
+            crate::metrics::OTHER_ROUTE
+        );
+        assert_eq!(route_label(None), crate::metrics::OTHER_ROUTE);
+    }
+
+    #[test]
     fn query_parsing() {
         let d = Duration::from_secs(900);
         assert_eq!(parse_query(None, d).unwrap(), (d, None));
@@ -898,8 +1057,8 @@ mod props {
         match &result {
             Ok((min_valid, _)) => prop_assert!(*min_valid <= MAX_MIN_VALID.max(DEFAULT)),
             Err(e) => {
-                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
-                prop_assert_eq!(e.code, "bad_request");
+                prop_assert_eq!(e.code.status(), StatusCode::BAD_REQUEST);
+                prop_assert_eq!(e.code, ErrorCode::BadRequest);
                 prop_assert!(
                     !e.message.is_empty() && e.message.len() < 300,
                     "{}",

@@ -418,7 +418,7 @@ mod tests {
         ));
         let err = axum::body::to_bytes(slow, 100).await.unwrap_err();
         let answer = super::super::body_error(&err);
-        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer.code.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
             answer.message,
             "the request body did not arrive within 10 s"
@@ -426,7 +426,7 @@ mod tests {
         let big = axum::body::Body::from(vec![0u8; 100]);
         let err = axum::body::to_bytes(big, 10).await.unwrap_err();
         assert_eq!(
-            super::super::body_error(&err).status,
+            super::super::body_error(&err).code.status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
     }

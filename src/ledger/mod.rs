@@ -14,8 +14,8 @@
 pub mod seal;
 
 use crate::model::{
-    AccessToken, Chain, Connection, Event, EventPeer, LastError, Record, Site, Status, StoredEvent,
-    Time,
+    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
+    StoredEvent, Time,
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
@@ -424,7 +424,7 @@ impl Ledger {
                 Some(&from),
                 merged.conn.updated_at,
                 &[Event::new(
-                    "merged",
+                    EventKind::Merged,
                     format!("chain moved into connection {}", merged.conn.id),
                 )],
             )?;
@@ -454,11 +454,11 @@ impl Ledger {
                     .find(|b| b.cloud_id == site.cloud_id && b.url == site.url)
                 {
                     None => events.push(Event::new(
-                        "site_added",
+                        EventKind::SiteAdded,
                         format!("{} ({}) added", site.url, site.cloud_id),
                     )),
                     Some(b) if b.scopes != site.scopes => events.push(Event::new(
-                        "site_scopes_changed",
+                        EventKind::SiteScopesChanged,
                         format!(
                             "{} scopes changed from [{}] to [{}]",
                             site.url,
@@ -475,7 +475,7 @@ impl Ledger {
                     .any(|s| s.cloud_id == b.cloud_id && s.url == b.url)
                 {
                     events.push(Event::new(
-                        "site_removed",
+                        EventKind::SiteRemoved,
                         format!("{} ({}) no longer accessible", b.url, b.cloud_id),
                     ));
                     tx.execute(
@@ -503,7 +503,7 @@ impl Ledger {
                     &tx,
                     Some(&connection_id),
                     now,
-                    &[Event::new("removed", "connection removed")],
+                    &[Event::new(EventKind::Removed, "connection removed")],
                 )?;
             }
             tx.commit()?;
@@ -574,7 +574,7 @@ impl Ledger {
                         let pid: Option<i64> = r.get(5)?;
                         Ok(StoredEvent {
                             at: from_ms(r.get(0)?),
-                            kind: r.get(1)?,
+                            kind: EventKind::parse(&r.get::<_, String>(1)?),
                             message: r.get(2)?,
                             node: r.get(3)?,
                             peer: uid.map(|u| EventPeer {
@@ -1005,7 +1005,7 @@ fn append_events(
             params![
                 ms(now),
                 connection_id,
-                e.kind,
+                e.kind.as_str(),
                 e.message,
                 e.peer.map(|p| p.uid),
                 e.peer.and_then(|p| p.pid),
@@ -1039,7 +1039,7 @@ mod tests {
         let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let rec = record("c1", "conf", "rt-1");
         ledger
-            .insert(rec.clone(), vec![Event::new("imported", "x")])
+            .insert(rec.clone(), vec![Event::new(EventKind::Imported, "x")])
             .await
             .unwrap();
         let mut next = rec.clone();
@@ -1053,7 +1053,7 @@ mod tests {
             at: next.conn.created_at,
         });
         ledger
-            .save_chain(next, 0, vec![Event::new("rotated", "ok")])
+            .save_chain(next, 0, vec![Event::new(EventKind::Rotated, "ok")])
             .await
             .unwrap();
         drop(ledger);
@@ -1068,7 +1068,7 @@ mod tests {
         assert_eq!(got.conn.last_error.as_ref().unwrap().code, "x");
         assert_eq!(got.conn.scopes, rec.conn.scopes);
         ledger.set_node("node-a").unwrap();
-        let mut read = Event::new("token_read", "3 token reads");
+        let mut read = Event::new(EventKind::TokenRead, "3 token reads");
         read.peer = Some(EventPeer {
             uid: 1001,
             pid: Some(42),
@@ -1208,11 +1208,19 @@ mod tests {
         let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         let old = Utc::now() - chrono::Duration::days(400);
         ledger
-            .append(None, old, vec![Event::new("old", "x")])
+            .append(
+                None,
+                old,
+                vec![Event::new(EventKind::Other("old".into()), "x")],
+            )
             .await
             .unwrap();
         ledger
-            .append(None, Utc::now(), vec![Event::new("new", "y")])
+            .append(
+                None,
+                Utc::now(),
+                vec![Event::new(EventKind::Other("new".into()), "y")],
+            )
             .await
             .unwrap();
         let n = ledger
@@ -1232,7 +1240,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
         ledger
-            .append(None, Utc::now(), vec![Event::new("x", "y")])
+            .append(
+                None,
+                Utc::now(),
+                vec![Event::new(EventKind::Other("x".into()), "y")],
+            )
             .await
             .unwrap();
         let err = ledger
@@ -1260,7 +1272,7 @@ mod tests {
             .sync_sites("c1".into(), vec![jira.clone()], now)
             .await
             .unwrap();
-        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        let kinds: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, vec!["site_added", "site_removed"]);
         let all = ledger.load_all().await.unwrap();
         assert_eq!(all[0].conn.sites.len(), 1);

@@ -23,7 +23,7 @@ use super::{
     Engine, Failure, Held, Need, Slot, SlotState, StoreError, needs_reauth_failure, satisfies,
 };
 use crate::metrics::RefreshOutcome;
-use crate::model::{AccessToken, Event, LastError, Record, Status};
+use crate::model::{AccessToken, Event, EventKind, LastError, Record, Status};
 use crate::notify::Kind;
 use crate::provider::{
     ASSUMED_ACCESS_LIFETIME, Grant, LEEWAY_SAFETY_MARGIN, ProviderError, REUSE_LEEWAY,
@@ -322,7 +322,7 @@ async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
         {
             return Outcome::Committed { next: stored };
         }
-        let events = vec![Event::new("imported", "connected through consent")];
+        let events = vec![Event::new(EventKind::Imported, "connected through consent")];
         match engine.store.insert(held.rec.clone(), events.clone()).await {
             Err(StoreError::LabelTaken(label)) => {
                 held.rec.conn.label = super::onboard::generated_label(&label, &held.rec.conn.id);
@@ -469,12 +469,12 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
             next.chain.previous = previous_ok.then_some((old_rt, now));
             next.chain.refresh_token = new_rt;
             next.chain.rotated_at = now;
-            events.push(Event::new("rotated", "refresh token rotated"));
+            events.push(Event::new(EventKind::Rotated, "refresh token rotated"));
             true
         }
         _ => {
             events.push(Event::new(
-                "refreshed",
+                EventKind::Refreshed,
                 "access token renewed; the provider sent no new refresh token, the old one is kept",
             ));
             false
@@ -499,7 +499,7 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
     }
     let recovered = next.conn.status == Status::NeedsReauth;
     if recovered {
-        events.push(Event::new("recovered", "the chain works again"));
+        events.push(Event::new(EventKind::Recovered, "the chain works again"));
         next.conn.status = Status::Active;
     }
     next.conn.last_error = None;
@@ -553,9 +553,12 @@ async fn reject(engine: &Engine, base: Record, code: String, description: String
     next.chain.attempt_started_at = None;
     next.chain.access = None;
     next.chain.version = base.chain.version + 1;
-    let mut events = vec![Event::new("failed", message.clone())];
+    let mut events = vec![Event::new(EventKind::Failed, message.clone())];
     if newly {
-        events.push(Event::new("status_changed", "active -> needs_reauth"));
+        events.push(Event::new(
+            EventKind::StatusChanged,
+            "active -> needs_reauth",
+        ));
     }
     let committed = engine
         .store
@@ -615,7 +618,7 @@ async fn retry_later(
     next.chain.version = base.chain.version + 1;
     let committed = engine
         .store
-        .save_chain(next.clone(), base.chain.version, vec![Event::new("failed", e.to_string())])
+        .save_chain(next.clone(), base.chain.version, vec![Event::new(EventKind::Failed, e.to_string())])
         .await
         .inspect_err(|err| tracing::error!(connection = %base.conn.id, error = %err, "cannot record a failed refresh in the ledger"))
         .is_ok();
@@ -645,12 +648,12 @@ pub(crate) async fn adopt(engine: &Engine, source: &Record, base: Record) -> Out
     let mut next = base.clone();
     let revived = next.conn.status == Status::NeedsReauth;
     let mut events = vec![Event::new(
-        "merged",
+        EventKind::Merged,
         format!("took a new chain for the same account from {from_id}"),
     )];
     if revived {
         events.push(Event::new(
-            "recovered",
+            EventKind::Recovered,
             "revived by a new chain for the same account",
         ));
     }

@@ -117,6 +117,15 @@ pub enum Served {
     Refreshed,
 }
 
+/// Who a connection is: what an access check needs ([`Engine::identity`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The connection id.
+    pub id: String,
+    /// Its label.
+    pub label: String,
+}
+
 /// A connection as shown by the API: the record's public face plus derived deadlines.
 #[derive(Clone, Debug)]
 pub struct ConnectionInfo {
@@ -656,7 +665,7 @@ impl Engine {
             last_requested: st.last_requested,
         };
         match plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY) {
-            Some((at, urgency)) => self.plan.schedule(id, at, urgency),
+            Some(planned) => self.plan.schedule(id, planned.at, planned.urgency),
             None => self.plan.cancel(id),
         }
     }
@@ -680,7 +689,7 @@ impl Engine {
                 _ = self.plan.changed() => continue,
                 _ = sleep => {}
             }
-            for (id, urgency) in self.plan.take_due(Instant::now()) {
+            for plan::Due { id, urgency } in self.plan.take_due(Instant::now()) {
                 let Some(slot) = self.find(&id) else { continue };
                 let mut st = slot.lock();
                 // One running already re-plans the chain when it ends.
@@ -867,7 +876,7 @@ mod tests {
             let _ = rx.await;
         }));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (at, _) = engine.plan.next_of("c000000000000").expect("planned");
+        let at = engine.plan.next_of("c000000000000").expect("planned").at;
         assert!(
             at > Instant::now() + Duration::from_secs(10),
             "an attempt that cannot start is planned again at once: the scheduler spins"

@@ -12,7 +12,7 @@ use super::{
     AUTHORIZATION_TTL, Added, Authorization, Engine, Failure, Held, Need, Slot, StoreError, attempt,
 };
 use crate::model::{
-    AccessToken, Chain, Connection, Event, PROVIDER_ATLASSIAN, Record, Status, Time,
+    AccessToken, Chain, Connection, Event, EventKind, PROVIDER_ATLASSIAN, Record, Status, Time,
     new_connection_id,
 };
 use crate::provider::{ASSUMED_ACCESS_LIFETIME, ProviderError, TransientKind};
@@ -116,7 +116,10 @@ impl Engine {
         let now = self.now();
         let rec = self.new_record(label, refresh_token, None, now);
         let id = rec.conn.id.clone();
-        let event = Event::new("imported", format!("imported as {:?}", rec.conn.label));
+        let event = Event::new(
+            EventKind::Imported,
+            format!("imported as {:?}", rec.conn.label),
+        );
         // Nothing is spent yet: a failed insert loses nothing. (One that reports a failure
         // but landed must not leave a row nobody refreshes.)
         if let Err(e) = self.store.insert(rec.clone(), vec![event]).await {
@@ -258,7 +261,7 @@ impl Engine {
         if let Some(scopes) = grant.scopes {
             rec.conn.scopes = scopes;
         }
-        let events = || vec![Event::new("imported", "connected through consent")];
+        let events = || vec![Event::new(EventKind::Imported, "connected through consent")];
         let mut inserted = self.store.insert(rec.clone(), events()).await;
         if let Err(StoreError::LabelTaken(_)) = &inserted {
             rec.conn.label = generated_label(label, &rec.conn.id);

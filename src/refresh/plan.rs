@@ -53,6 +53,24 @@ pub struct PlanInput<'a> {
     pub last_requested: Option<Instant>,
 }
 
+/// A connection's next planned action: when, and how urgent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planned {
+    /// When the action is due.
+    pub at: Instant,
+    /// Its place in the permit order.
+    pub urgency: Urgency,
+}
+
+/// A connection whose planned instant has come ([`Planner::take_due`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    /// The connection id.
+    pub id: String,
+    /// The urgency it was planned with.
+    pub urgency: Urgency,
+}
+
 /// The earliest instant at which a connection needs an action and how urgent it is, or
 /// `None` when it needs none (a `needs_reauth` chain is never retried automatically).
 pub fn next_action(
@@ -60,19 +78,22 @@ pub fn next_action(
     settings: &RefreshConfig,
     now_w: Time,
     commit_retry: Duration,
-) -> Option<(Instant, Urgency)> {
+) -> Option<Planned> {
     let now_i = Instant::now();
     let rec = input.rec;
     if input.held {
-        return Some((now_i + commit_retry, Urgency::Recover));
+        return Some(Planned {
+            at: now_i + commit_retry,
+            urgency: Urgency::Recover,
+        });
     }
     if rec.chain.attempt_started_at.is_some() {
         // An unknown outcome is resolved first, whatever the status: the same token must be
         // presented again inside the leeway.
-        return Some((
-            input.not_before.map_or(now_i, |nb| nb.max(now_i)),
-            Urgency::Recover,
-        ));
+        return Some(Planned {
+            at: input.not_before.map_or(now_i, |nb| nb.max(now_i)),
+            urgency: Urgency::Recover,
+        });
     }
     if rec.conn.status == Status::NeedsReauth {
         return None;
@@ -108,10 +129,11 @@ pub fn next_action(
             due = (renew, due.1.min(Urgency::Renew));
         }
     }
-    Some(match input.not_before {
+    let (at, urgency) = match input.not_before {
         Some(nb) if nb > due.0 => (nb, due.1),
         _ => due,
-    })
+    };
+    Some(Planned { at, urgency })
 }
 
 /// Whether a caller asked for this connection's token within [`HOT_LIFETIMES`] access-token
@@ -199,7 +221,7 @@ impl Planner {
     }
 
     /// Removes and returns every connection whose instant has come, with its urgency.
-    pub fn take_due(&self, now: Instant) -> Vec<(String, Urgency)> {
+    pub fn take_due(&self, now: Instant) -> Vec<Due> {
         let mut q = self.lock();
         let mut out = Vec::new();
         while let Some((at, _, _)) = q.order.first() {
@@ -208,14 +230,17 @@ impl Planner {
             }
             let (_, u, id) = q.order.pop_first().expect("peeked");
             q.current.remove(&id);
-            out.push((id, u));
+            out.push(Due { id, urgency: u });
         }
         out
     }
 
     /// The planned instant of a connection, if it has one.
-    pub fn next_of(&self, id: &str) -> Option<(Instant, Urgency)> {
-        self.lock().current.get(id).copied()
+    pub fn next_of(&self, id: &str) -> Option<Planned> {
+        self.lock()
+            .current
+            .get(id)
+            .map(|&(at, urgency)| Planned { at, urgency })
     }
 
     /// How many connections are planned (one entry each).
@@ -260,8 +285,14 @@ mod tests {
         assert_eq!(
             p.take_due(Instant::now()),
             vec![
-                ("a".to_string(), Urgency::Recover),
-                ("b".to_string(), Urgency::Rotate)
+                Due {
+                    id: "a".to_string(),
+                    urgency: Urgency::Recover
+                },
+                Due {
+                    id: "b".to_string(),
+                    urgency: Urgency::Rotate
+                }
             ]
         );
         assert_eq!(p.next_due(), None, "the old 10 s entry of a is gone");

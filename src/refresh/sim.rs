@@ -670,7 +670,7 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
                 Some(format!(
                     "flight {}, plan {:?}, not_before {:?}, stale {}, held {}, marker {:?}, permits in use {}",
                     st.flight.is_some(),
-                    e.plan.next_of(id).map(|(at, u)| (at.saturating_duration_since(tokio::time::Instant::now()), u)),
+                    e.plan.next_of(id).map(|p| (p.at.saturating_duration_since(tokio::time::Instant::now()), p.urgency)),
                     st.not_before.map(|nb| nb.saturating_duration_since(tokio::time::Instant::now())),
                     st.stale,
                     st.held.is_some(),

@@ -7,7 +7,7 @@
 //! account turns out to be that of another connection is merged into it.
 
 use super::{Engine, Slot, backoff};
-use crate::model::{Event, Status};
+use crate::model::{Event, EventKind, Status};
 use crate::secret::Secret;
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,7 +205,7 @@ impl Engine {
             {
                 Ok(events) => {
                     for e in &events {
-                        tracing::info!(connection = %target_id, event = e.kind, "{}", e.message);
+                        tracing::info!(connection = %target_id, event = e.kind.as_str(), "{}", e.message);
                     }
                     target.lock().rec.conn.sites = sites;
                 }
@@ -273,7 +273,7 @@ impl Engine {
             };
         }
         let now = self.now();
-        let event = Event::new("account_resolved", format!("account {account_id}"));
+        let event = Event::new(EventKind::AccountResolved, format!("account {account_id}"));
         match self
             .store
             .set_account(id.clone(), account_id.to_owned(), now, vec![event])

@@ -2,7 +2,7 @@
 //! the metrics (read at each scrape through [`ConnectionSource`]), and the daily
 //! absolute-expiry warnings. Nothing here changes a chain.
 
-use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, SlotState, chrono_dur};
+use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, Identity, SlotState, chrono_dur};
 use crate::metrics::{ConnectionDeadline, ConnectionSource};
 use crate::model::{Status, Time};
 use crate::notify::Kind;
@@ -17,16 +17,20 @@ impl Engine {
 
     /// The id and label of a connection (by id or label), cheaply: for access checks on the
     /// token path.
-    pub fn identity(&self, id_or_label: &str) -> Option<(String, String)> {
+    pub fn identity(&self, id_or_label: &str) -> Option<Identity> {
         let slot = self.find(id_or_label)?;
         let st = slot.lock();
-        (!st.removed).then(|| (st.rec.conn.id.clone(), st.rec.conn.label.clone()))
+        (!st.removed).then(|| Identity {
+            id: st.rec.conn.id.clone(),
+            label: st.rec.conn.label.clone(),
+        })
     }
 
     pub(crate) fn info_of(&self, st: &SlotState) -> ConnectionInfo {
         let settings = self.settings();
         let rec = &st.rec;
-        let next_rotation_at = self.plan.next_of(&rec.conn.id).map(|(at, _)| {
+        let next_rotation_at = self.plan.next_of(&rec.conn.id).map(|planned| {
+            let at = planned.at;
             let now = Instant::now();
             let delta = if at > now { at - now } else { Duration::ZERO };
             self.now() + chrono_dur(delta)

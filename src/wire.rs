@@ -1,0 +1,680 @@
+//! The socket API's wire contract: one serde struct per JSON body of INTERFACE.md, shared by
+//! the daemon's handlers (which build and serialize them) and the CLI's client (which
+//! deserializes the very same types). There is no second copy of a shape anywhere.
+//!
+//! Rules the types encode:
+//! - field names and order are INTERFACE.md's; an optional value is `null`, never absent;
+//! - times are RFC 3339 UTC to the second (`2026-01-02T03:04:05Z`), read back from any RFC 3339
+//!   offset or precision;
+//! - answers carry no `deny_unknown_fields`, so a newer daemon's extra fields never break an
+//!   older CLI; only the request bodies the daemon reads refuse unknown fields;
+//! - the only token in any body is [`Token::access_token`] (and the refresh token or code of
+//!   a [`NewConnection`] request), held as a [`Secret`] so that `Debug` never prints it.
+
+use crate::model::{EventKind, Status, Time};
+use crate::secret::Secret;
+use axum::http::StatusCode;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+
+/// An error's machine-readable code: exactly INTERFACE.md's list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request is malformed or names something that cannot be.
+    BadRequest,
+    /// 403: the peer may not do this.
+    Forbidden,
+    /// 404: no such connection, route or site.
+    NotFound,
+    /// 409: the provider rejected the chain; a person must consent again.
+    NeedsReauth,
+    /// 409: the request clashes with the ledger (a taken label, several connections).
+    Conflict,
+    /// 413: the body exceeds the API's limit.
+    PayloadTooLarge,
+    /// 503 with `Retry-After`: the provider failed transiently.
+    ProviderUnavailable,
+    /// 500: tokend's own failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for tests and documentation.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::NeedsReauth,
+        ErrorCode::Conflict,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::ProviderUnavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The HTTP status INTERFACE.md pairs with the code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::NeedsReauth | ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether an answer with this code carries `Retry-After` (INTERFACE.md: only
+    /// `provider_unavailable`).
+    pub fn retry_after(self) -> bool {
+        self == ErrorCode::ProviderUnavailable
+    }
+
+    /// The wire spelling (`not_found`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NeedsReauth => "needs_reauth",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::ProviderUnavailable => "provider_unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every error answer: `{"error": {"code", "message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// One of INTERFACE.md's codes.
+    pub code: ErrorCode,
+    /// A sentence for a human; never a token or a secret.
+    pub message: String,
+}
+
+/// `Connection` of INTERFACE.md: everything but its tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// Stable id (`c` and 12 hex digits).
+    pub id: String,
+    /// Unique human name.
+    pub label: String,
+    /// `atlassian`.
+    pub provider: String,
+    /// The account behind the chain; null when the provider hides it.
+    pub account_id: Option<String>,
+    /// Whether the chain is alive.
+    pub status: Status,
+    /// Scopes granted to the chain.
+    pub scopes: Vec<String>,
+    /// Sites the chain reaches.
+    pub sites: Vec<Site>,
+    /// When the current access token expires; null when there is none.
+    #[serde(with = "opt_time")]
+    pub access_token_expires_at: Option<Time>,
+    /// When the refresh token was obtained.
+    #[serde(with = "time")]
+    pub refresh_token_rotated_at: Time,
+    /// When tokend refreshes next; null when it will not (`needs_reauth`).
+    #[serde(with = "opt_time")]
+    pub next_rotation_at: Option<Time>,
+    /// When the refresh token dies if unused.
+    #[serde(with = "time")]
+    pub inactivity_expires_at: Time,
+    /// When consent runs out; null when unknown.
+    #[serde(with = "opt_time")]
+    pub absolute_expires_at: Option<Time>,
+    /// When a refresh last succeeded.
+    #[serde(with = "opt_time")]
+    pub last_refresh_at: Option<Time>,
+    /// The last failure, null after a success.
+    pub last_error: Option<LastError>,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// When the connection was created.
+    #[serde(with = "time")]
+    pub created_at: Time,
+    /// When its ledger row last changed.
+    #[serde(with = "time")]
+    pub updated_at: Time,
+}
+
+/// `last_error` of a [`Connection`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    /// A stable code (`invalid_grant`, `provider_unavailable`, ...).
+    pub code: String,
+    /// A sentence for a human.
+    pub message: String,
+    /// When it happened.
+    #[serde(with = "time")]
+    pub at: Time,
+}
+
+/// `Site` of INTERFACE.md.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    /// The cloud id.
+    pub cloud_id: String,
+    /// `https://acme.atlassian.net`.
+    pub url: String,
+    /// Display name.
+    pub name: String,
+    /// Scopes granted on the site.
+    pub scopes: Vec<String>,
+    /// API base URL by product (`confluence`, `jira`), sorted by product.
+    pub api_base_urls: BTreeMap<String, String>,
+    /// When accessible-resources last listed the site.
+    #[serde(with = "time")]
+    pub last_seen_at: Time,
+}
+
+impl Site {
+    /// The site's host (`acme.atlassian.net`), else its raw url, else its cloud id: how the
+    /// CLI names a site.
+    pub fn host(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(url) if url.host_str().is_some() => url.host_str().unwrap_or_default().to_owned(),
+            _ if !self.url.is_empty() => self.url.clone(),
+            _ => self.cloud_id.clone(),
+        }
+    }
+}
+
+/// `Token` of INTERFACE.md: the only answer with a token. `Debug` redacts it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Token {
+    /// The connection it belongs to.
+    pub connection_id: String,
+    /// The bearer token.
+    #[serde(with = "secret")]
+    pub access_token: Secret,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// When it expires.
+    #[serde(with = "time")]
+    pub expires_at: Time,
+    /// Seconds left when answered.
+    pub expires_in: i64,
+    /// The connection's scopes.
+    pub scopes: Vec<String>,
+    /// The connection's sites.
+    pub sites: Vec<Site>,
+}
+
+/// The `token_type` of every [`Token`].
+pub const BEARER: &str = "Bearer";
+
+/// `Event` of INTERFACE.md: a line of a connection's history. Never a token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When it happened (for folded reads: the first).
+    #[serde(with = "time")]
+    pub at: Time,
+    /// What happened; an unknown kind is kept as sent (see [`EventKind`]).
+    pub kind: EventKind,
+    /// A sentence for a human.
+    pub message: String,
+    /// The daemon that recorded it; null when unknown.
+    pub node: Option<String>,
+    /// The local process concerned (token reads); null otherwise.
+    pub peer: Option<EventPeer>,
+    /// Occurrences folded into this event.
+    pub count: u32,
+}
+
+/// `peer` of an [`Event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventPeer {
+    /// The peer's uid.
+    pub uid: u32,
+    /// The peer's pid; null when the kernel did not say.
+    pub pid: Option<u32>,
+}
+
+/// `GET /v1/health`'s answer (200 `ok`, 503 `degraded`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `degraded`.
+    pub status: HealthStatus,
+    /// The daemon's version.
+    pub version: String,
+    /// `writable`, or `not writable: <why>`.
+    pub ledger: String,
+    /// Whether the scheduler loop beats.
+    pub scheduler: SchedulerState,
+    /// Names of the jobs that stopped firing (`[jobs]` keys).
+    pub stalled_jobs: Vec<String>,
+    /// Connections by status.
+    pub connections: ConnectionCounts,
+    /// Whether `[providers.atlassian]` is complete.
+    pub provider_configured: bool,
+    /// Rotated chains held in memory because the ledger refused them.
+    pub commits_pending: usize,
+}
+
+/// `status` of [`Health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Everything works.
+    Ok,
+    /// The ledger, the scheduler or a job is failing (503).
+    Degraded,
+}
+
+/// `scheduler` of [`Health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerState {
+    /// The scheduler loop beats.
+    Alive,
+    /// It stopped beating.
+    Stalled,
+}
+
+/// `connections` of [`Health`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionCounts {
+    /// Active connections.
+    pub active: usize,
+    /// Connections that need consent again.
+    pub needs_reauth: usize,
+}
+
+/// `POST /v1/connections`' body: an import (`refresh_token`) or a consent (`code` and
+/// `state`). Read by the daemon only, which refuses unknown fields.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConnection {
+    /// `atlassian`.
+    pub provider: String,
+    /// The new connection's label.
+    pub label: String,
+    /// An import's refresh token.
+    #[serde(default, with = "opt_secret", skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// A consent's authorization code.
+    #[serde(default, with = "opt_secret", skip_serializing_if = "Option::is_none")]
+    pub code: Option<Secret>,
+    /// A consent's `state`, as `POST /v1/authorizations` issued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+/// `POST /v1/authorizations`' body. Read by the daemon only, which refuses unknown fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAuthorization {
+    /// `atlassian`.
+    pub provider: String,
+}
+
+/// `POST /v1/authorizations`' answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authorization {
+    /// The consent screen to open.
+    pub authorize_url: String,
+    /// The single-use `state`.
+    pub state: String,
+    /// Where the provider sends the browser back.
+    pub redirect_uri: String,
+}
+
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Status::parse(&s).ok_or_else(|| serde::de::Error::custom("not a connection status"))
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(EventKind::parse(&s))
+    }
+}
+
+/// A time as RFC 3339 UTC to the second; read from any RFC 3339 form.
+pub mod time {
+    use super::*;
+    use chrono::SecondsFormat;
+
+    /// The wire form of a time.
+    pub fn format(t: &Time) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    }
+
+    /// Parses any RFC 3339 time (offset, fractions) into UTC.
+    pub fn parse(s: &str) -> Option<Time> {
+        chrono::DateTime::parse_from_rfc3339(s.trim())
+            .ok()
+            .map(|t| t.to_utc())
+    }
+
+    /// serde `with` serializer.
+    pub fn serialize<S: Serializer>(t: &Time, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(t))
+    }
+
+    /// serde `with` deserializer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Time, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom("not an RFC 3339 time"))
+    }
+}
+
+/// An optional time: [`time`], or `null`.
+pub mod opt_time {
+    use super::*;
+
+    /// serde `with` serializer.
+    pub fn serialize<S: Serializer>(t: &Option<Time>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => super::time::serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// serde `with` deserializer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Time>, D::Error> {
+        Option::<std::borrow::Cow<'de, str>>::deserialize(d)?
+            .map(|s| {
+                super::time::parse(&s)
+                    .ok_or_else(|| serde::de::Error::custom("not an RFC 3339 time"))
+            })
+            .transpose()
+    }
+}
+
+/// A [`Secret`] on the wire: exposed only while serializing into the body.
+mod secret {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Secret, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.expose())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
+/// An optional [`Secret`].
+mod opt_secret {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(v.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+        Option::<String>::deserialize(d).map(|v| v.map(Secret::new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::{Value, json};
+
+    fn t(s: i64) -> Time {
+        chrono::Utc.timestamp_opt(1_767_323_045 + s, 0).unwrap()
+    }
+
+    fn site() -> Site {
+        Site {
+            cloud_id: "1111".into(),
+            url: "https://acme.atlassian.net".into(),
+            name: "Acme".into(),
+            scopes: vec!["read:page:confluence".into()],
+            api_base_urls: [(
+                "confluence".to_owned(),
+                "https://api.atlassian.com/ex/confluence/1111".to_owned(),
+            )]
+            .into(),
+            last_seen_at: t(0),
+        }
+    }
+
+    fn connection() -> Connection {
+        Connection {
+            id: "c0123456789ab".into(),
+            label: "conf".into(),
+            provider: "atlassian".into(),
+            account_id: None,
+            status: Status::NeedsReauth,
+            scopes: vec!["offline_access".into()],
+            sites: vec![site()],
+            access_token_expires_at: Some(t(3600)),
+            refresh_token_rotated_at: t(0),
+            next_rotation_at: None,
+            inactivity_expires_at: t(90 * 86_400),
+            absolute_expires_at: None,
+            last_refresh_at: Some(t(1)),
+            last_error: Some(LastError {
+                code: "invalid_grant".into(),
+                message: "rejected".into(),
+                at: t(2),
+            }),
+            consecutive_failures: 3,
+            created_at: t(-10),
+            updated_at: t(2),
+        }
+    }
+
+    /// Serializes, checks the JSON, parses back and checks the value survived.
+    fn round_trip<T>(v: &T, check: impl FnOnce(&Value)) -> T
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+    {
+        let text = serde_json::to_string(v).unwrap();
+        check(&serde_json::from_str(&text).unwrap());
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn every_wire_type_round_trips() {
+        let c = connection();
+        let back = round_trip(&c, |v| {
+            assert_eq!(v["status"], "needs_reauth");
+            assert_eq!(v["account_id"], Value::Null, "null, not absent");
+            assert_eq!(v["next_rotation_at"], Value::Null);
+            assert_eq!(v["access_token_expires_at"], "2026-01-02T04:04:05Z");
+            assert_eq!(v["sites"][0]["last_seen_at"], "2026-01-02T03:04:05Z");
+            assert_eq!(
+                v["sites"][0]["api_base_urls"]["confluence"],
+                "https://api.atlassian.com/ex/confluence/1111"
+            );
+            assert_eq!(v["last_error"]["at"], "2026-01-02T03:04:07Z");
+            assert_eq!(v.as_object().unwrap().len(), 17, "{v}");
+        });
+        assert_eq!(back, c);
+
+        let token = Token {
+            connection_id: c.id.clone(),
+            access_token: Secret::new("at-very-secret"),
+            token_type: BEARER.into(),
+            expires_at: t(3600),
+            expires_in: 3599,
+            scopes: c.scopes.clone(),
+            sites: vec![site()],
+        };
+        let back = round_trip(&token, |v| {
+            assert_eq!(v["access_token"], "at-very-secret");
+            assert_eq!(v["token_type"], "Bearer");
+            assert_eq!(v["expires_in"], 3599);
+        });
+        assert_eq!(back.access_token.expose(), "at-very-secret");
+        assert!(!format!("{token:?}").contains("at-very-secret"));
+        assert_eq!(
+            (back.expires_at, back.sites),
+            (token.expires_at, token.sites)
+        );
+
+        for kind in EventKind::KNOWN
+            .into_iter()
+            .chain([EventKind::Other("from_the_future".into())])
+        {
+            let e = Event {
+                at: t(5),
+                kind: kind.clone(),
+                message: "m".into(),
+                node: Some("n1".into()),
+                peer: Some(EventPeer {
+                    uid: 1000,
+                    pid: None,
+                }),
+                count: 2,
+            };
+            let back = round_trip(&e, |v| {
+                assert_eq!(v["kind"], kind.as_str());
+                assert_eq!(v["peer"], json!({"uid": 1000, "pid": null}));
+            });
+            assert_eq!(back, e);
+        }
+
+        let h = Health {
+            status: HealthStatus::Degraded,
+            version: "1.0".into(),
+            ledger: "writable".into(),
+            scheduler: SchedulerState::Alive,
+            stalled_jobs: vec!["maintenance".into()],
+            connections: ConnectionCounts {
+                active: 2,
+                needs_reauth: 1,
+            },
+            provider_configured: false,
+            commits_pending: 0,
+        };
+        let back = round_trip(&h, |v| {
+            assert_eq!(v["status"], "degraded");
+            assert_eq!(v["scheduler"], "alive");
+            assert_eq!(v["connections"], json!({"active": 2, "needs_reauth": 1}));
+        });
+        assert_eq!(back, h);
+
+        let a = Authorization {
+            authorize_url: "https://auth.example/authorize?x".into(),
+            state: "s".into(),
+            redirect_uri: "http://localhost:8976/callback".into(),
+        };
+        assert_eq!(round_trip(&a, |_| {}), a);
+        let na = NewAuthorization {
+            provider: "atlassian".into(),
+        };
+        assert_eq!(
+            round_trip(&na, |v| assert_eq!(v, &json!({"provider": "atlassian"}))),
+            na
+        );
+
+        let import = NewConnection {
+            provider: "atlassian".into(),
+            label: "conf".into(),
+            refresh_token: Some(Secret::new("rt-1")),
+            code: None,
+            state: None,
+        };
+        let back = round_trip(&import, |v| {
+            assert_eq!(
+                v,
+                &json!({"provider": "atlassian", "label": "conf", "refresh_token": "rt-1"}),
+                "absent, not null: the daemon takes either refresh_token or code and state"
+            );
+        });
+        assert_eq!(back.refresh_token.unwrap().expose(), "rt-1");
+        assert!(!format!("{import:?}").contains("rt-1"));
+
+        let err = ErrorBody {
+            error: ErrorDetail {
+                code: ErrorCode::NeedsReauth,
+                message: "consent again".into(),
+            },
+        };
+        let back = round_trip(&err, |v| {
+            assert_eq!(
+                v,
+                &json!({"error": {"code": "needs_reauth", "message": "consent again"}})
+            );
+        });
+        assert_eq!(back, err);
+    }
+
+    #[test]
+    fn error_codes_are_interface_md_strings_and_statuses() {
+        let want = [
+            ("bad_request", 400),
+            ("forbidden", 403),
+            ("not_found", 404),
+            ("needs_reauth", 409),
+            ("conflict", 409),
+            ("payload_too_large", 413),
+            ("provider_unavailable", 503),
+            ("internal", 500),
+        ];
+        assert_eq!(ErrorCode::ALL.len(), want.len());
+        for (code, (text, status)) in ErrorCode::ALL.into_iter().zip(want) {
+            assert_eq!(serde_json::to_value(code).unwrap(), text);
+            assert_eq!(code.as_str(), text);
+            assert_eq!(code.status().as_u16(), status, "{text}");
+            assert_eq!(code.retry_after(), text == "provider_unavailable");
+            assert_eq!(
+                serde_json::from_value::<ErrorCode>(json!(text)).unwrap(),
+                code
+            );
+        }
+    }
+
+    #[test]
+    fn answers_tolerate_extra_fields_and_any_rfc3339_form() {
+        let mut v = serde_json::to_value(connection()).unwrap();
+        v["from_a_newer_daemon"] = json!({"x": 1});
+        v["sites"][0]["also_new"] = json!(true);
+        v["created_at"] = json!("2026-01-02T04:04:05.123456+01:00");
+        let c: Connection = serde_json::from_value(v).unwrap();
+        assert_eq!(time::format(&c.created_at), "2026-01-02T03:04:05Z");
+        let mut v = serde_json::to_value(connection()).unwrap();
+        v["created_at"] = json!("yesterday");
+        assert!(serde_json::from_value::<Connection>(v).is_err());
+    }
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields() {
+        let r = serde_json::from_value::<NewAuthorization>(
+            json!({"provider": "atlassian", "extra": 1}),
+        );
+        assert!(r.is_err());
+    }
+}
