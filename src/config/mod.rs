@@ -10,13 +10,15 @@
 //!
 //! Two passes:
 //!
-//! 1. **Parse**: TOML into private `Raw*` structs that mirror the file one to one, with
-//!    `deny_unknown_fields` everywhere, every key optional, and durations, modes, addresses,
-//!    URLs and cron expressions kept as strings. Errors carry the dotted key path (from
-//!    `serde_path_to_error`) and the line (from the TOML error's span).
-//! 2. **Validate**: defaults are applied and every string is turned into its real type. Each
-//!    failure is a [`ConfigError`] naming the file, the dotted key and the line of that key
-//!    (found by a small scan for the `[section]` header and then the `key =` line).
+//! 1. **Parse** (`raw`): TOML into private `Raw*` structs that mirror the file one to one,
+//!    with `deny_unknown_fields` everywhere, every key optional, and durations, modes,
+//!    addresses, URLs and cron expressions kept as strings, each wrapped in
+//!    [`toml::Spanned`] so that it carries its place in the text. Errors carry the dotted key
+//!    path (from `serde_path_to_error`) and the line (from the TOML error's span).
+//! 2. **Validate** (`validate`): defaults are applied and every string is turned into its
+//!    real type. Each failure is a [`ConfigError`] naming the file, the dotted key and the
+//!    line of that key's value, from the parser's span: right for inline tables, dotted keys
+//!    and any layout. A key left at its default has no line.
 //!
 //! Conventions a user can rely on:
 //!
@@ -36,7 +38,8 @@
 //!
 //! Files: `raw` (the serde structs as parsed, and TOML errors), `validate` (raw structs to
 //! [`Config`], defaults, limits, every [`ConfigError`] of a bad value), `summary` (the
-//! `tokend check-config` output); this file holds the public types and the entry points.
+//! `tokend check-config` output); this file holds the public types and the entry points;
+//! `tests` and `props` test them all on string literals.
 
 use std::fmt;
 use std::net::SocketAddr;

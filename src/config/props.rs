@@ -2,7 +2,6 @@
 //! shipped `daemon.toml`. It never panics, every refusal is a [`ConfigError`] naming a key
 //! or a line, and no outcome shows the client secret.
 
-use super::validate::header_name;
 use super::*;
 use proptest::prelude::*;
 
@@ -290,6 +289,20 @@ fn apply(text: &str, mutations: &[Mutation]) -> String {
     let mut out = lines.join("\n");
     out.push('\n');
     out
+}
+
+/// `[a.b]` or `[[a.b]]` (with optional spaces and quotes) → `a.b`: the table a line opens,
+/// to name the key a mutation hit.
+fn header_name(t: &str) -> Option<String> {
+    let rest = t.strip_prefix('[')?;
+    let rest = rest.strip_prefix('[').unwrap_or(rest);
+    let end = rest.find(']')?;
+    Some(
+        rest[..end]
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
+            .collect(),
+    )
 }
 
 /// The dotted key of the assignment on 0-based line `i` of `text`, from the last header

@@ -5,9 +5,14 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_path_to_error::{Path as KeyPath, Segment};
+use toml::Spanned;
 
-use super::validate::locate_dotted;
 use super::{CLIENT_SECRET_ENV, ConfigError};
+
+/// A value as written, with where it was written: its byte span in the text, from the TOML
+/// parser itself, so that a validation error names the exact line of the key.
+pub(super) type At<T> = Option<Spanned<T>>;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -23,43 +28,43 @@ pub(super) struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawDaemon {
-    pub(super) state_dir: Option<String>,
-    pub(super) socket_path: Option<String>,
-    pub(super) socket_mode: Option<String>,
-    pub(super) metrics_listen: Option<String>,
-    pub(super) log_format: Option<String>,
-    pub(super) log_level: Option<String>,
+    pub(super) state_dir: At<String>,
+    pub(super) socket_path: At<String>,
+    pub(super) socket_mode: At<String>,
+    pub(super) metrics_listen: At<String>,
+    pub(super) log_format: At<String>,
+    pub(super) log_level: At<String>,
     pub(super) metrics_per_connection: Option<bool>,
-    pub(super) key_file: Option<String>,
-    pub(super) old_key_files: Option<Vec<String>>,
-    pub(super) node_name: Option<String>,
+    pub(super) key_file: At<String>,
+    pub(super) old_key_files: At<Vec<Spanned<String>>>,
+    pub(super) node_name: At<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRefresh {
-    pub(super) access_token_margin: Option<String>,
-    pub(super) rotate_after: Option<String>,
-    pub(super) inactivity_expiry: Option<String>,
-    pub(super) absolute_expiry: Option<String>,
-    pub(super) max_concurrent: Option<i64>,
-    pub(super) request_timeout: Option<String>,
-    pub(super) backoff_min: Option<String>,
-    pub(super) backoff_max: Option<String>,
+    pub(super) access_token_margin: At<String>,
+    pub(super) rotate_after: At<String>,
+    pub(super) inactivity_expiry: At<String>,
+    pub(super) absolute_expiry: At<String>,
+    pub(super) max_concurrent: At<i64>,
+    pub(super) request_timeout: At<String>,
+    pub(super) backoff_min: At<String>,
+    pub(super) backoff_max: At<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawJobs {
-    pub(super) resolve_sites: Option<String>,
-    pub(super) maintenance: Option<String>,
+    pub(super) resolve_sites: At<String>,
+    pub(super) maintenance: At<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawNotify {
     pub(super) command: Option<String>,
-    pub(super) timeout: Option<String>,
+    pub(super) timeout: At<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -67,7 +72,7 @@ pub(super) struct RawNotify {
 pub(super) struct RawAccess {
     pub(super) admin_uids: Vec<u32>,
     pub(super) admin_gids: Vec<u32>,
-    pub(super) clients: Vec<RawClient>,
+    pub(super) clients: Vec<Spanned<RawClient>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -75,7 +80,7 @@ pub(super) struct RawAccess {
 pub(super) struct RawClient {
     pub(super) uid: Option<u32>,
     pub(super) gid: Option<u32>,
-    pub(super) connections: Vec<String>,
+    pub(super) connections: At<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,29 +92,25 @@ pub(super) struct RawProviders {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAtlassian {
-    pub(super) client_id: Option<String>,
-    pub(super) client_secret_file: Option<String>,
-    pub(super) scopes: Option<Vec<String>>,
-    pub(super) redirect_uri: Option<String>,
-    pub(super) authorize_url: Option<String>,
-    pub(super) token_url: Option<String>,
-    pub(super) api_url: Option<String>,
+    pub(super) client_id: At<String>,
+    pub(super) client_secret_file: At<String>,
+    pub(super) scopes: At<Vec<String>>,
+    pub(super) redirect_uri: At<String>,
+    pub(super) authorize_url: At<String>,
+    pub(super) token_url: At<String>,
+    pub(super) api_url: At<String>,
 }
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, file, &e, None))?;
     serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|e| {
-        let path = e.path().to_string();
-        let key = (path != ".").then_some(path);
+        let key = dotted(e.path());
         toml_error(text, file, e.inner(), key)
     })
 }
 
 fn toml_error(text: &str, file: &Path, e: &toml::de::Error, key: Option<String>) -> ConfigError {
-    let line = e
-        .span()
-        .map(|span| line_of_offset(text, span.start))
-        .or_else(|| key.as_deref().and_then(|k| locate_dotted(text, k)));
+    let line = e.span().map(|span| line_of_offset(text, span.start));
     let mut message = humane_serde_message(e.message().trim_end());
     if key
         .as_deref()
@@ -126,6 +127,33 @@ fn toml_error(text: &str, file: &Path, e: &toml::de::Error, key: Option<String>)
         line,
         message,
     }
+}
+
+/// The dotted key of a serde path (`access.clients[1].uid`), without the private fields
+/// through which [`Spanned`] reads a value; `None` for the whole document.
+fn dotted(path: &KeyPath) -> Option<String> {
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if key.starts_with("$__serde_spanned_private") {
+                    continue;
+                }
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// serde's messages name Rust types (`expected struct RawDaemon`, `expected u32`); say it in

@@ -2,7 +2,6 @@
 //! line, paths, secrets, the summary.
 
 use super::summary::format_duration;
-use super::validate::locate_dotted;
 use super::*;
 use std::cell::RefCell;
 use std::io;
@@ -637,12 +636,64 @@ fn display_format() {
     assert_eq!(e.to_string(), "daemon.toml: cannot read");
 }
 
+/// Every line comes from the parser's span of the value, whatever form the key is written
+/// in: an inline table, a dotted key at top level, or text that only looks like a header.
 #[test]
-fn locate_finds_keys() {
-    let text = "a = 1\n[daemon]\nx = 1\n[refresh]\n  \"rotate_after\" = \"1d\"\n[[access.clients]]\nuid=1\n[[access.clients]]\nuid = 2\n";
-    assert_eq!(locate_dotted(text, "refresh.rotate_after"), Some(5));
-    assert_eq!(locate_dotted(text, "access.clients[1].uid"), Some(9));
-    assert_eq!(locate_dotted(text, "access.clients[0].uid"), Some(7));
-    assert_eq!(locate_dotted(text, "refresh.backoff_min"), Some(4));
-    assert_eq!(locate_dotted(text, "jobs.maintenance"), None);
+fn lines_come_from_the_parser_in_every_form() {
+    // A bad value inside an inline table.
+    let e = parse_err(
+        "# tokend\n\nrefresh = { backoff_min = \"1s\", rotate_after = \"x\" }\n[daemon]\n",
+    );
+    assert_eq!(e.key.as_deref(), Some("refresh.rotate_after"), "{e}");
+    assert_eq!(e.line, Some(3), "{e}");
+    let e =
+        parse_err("[providers]\natlassian = { client_id = \"a\",\n  token_url = \"ftp://x\" }\n");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("providers.atlassian.token_url"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(3), "{e}");
+
+    // A dotted key at top level, before any table.
+    let e = parse_err("refresh.rotate_after = \"x\"\n[daemon]\nlog_format = \"text\"\n");
+    assert_eq!(e.key.as_deref(), Some("refresh.rotate_after"), "{e}");
+    assert_eq!(e.line, Some(1), "{e}");
+    let e =
+        parse_err("[providers]\natlassian.client_id = \"a\"\natlassian.token_url = \"ftp://x\"\n");
+    assert_eq!(
+        e.key.as_deref(),
+        Some("providers.atlassian.token_url"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(3), "{e}");
+
+    // A header and the key repeated later for real: the first copies only sit inside a
+    // multi-line string, which a scan of lines would take for the section.
+    let text = "[notify]\ncommand = \"\"\"\n[refresh]\nrotate_after = \"bad\"\n\"\"\"\ntimeout = \"5s\"\n\n[refresh]\nbackoff_min = \"1s\"\nrotate_after = \"7 dayz\"\n";
+    let e = parse_err(text);
+    assert_eq!(e.key.as_deref(), Some("refresh.rotate_after"), "{e}");
+    assert_eq!(e.line, Some(10), "{e}");
+
+    // A key repeated under every `[[access.clients]]` header: the bad one is in the second.
+    let text = "[[access.clients]]\nuid = 1\nconnections = [\"a\"]\n\n[[access.clients]]\nuid = 2\nconnections = [\"b\", \"\"]\n";
+    let e = parse_err(text);
+    assert_eq!(
+        e.key.as_deref(),
+        Some("access.clients[1].connections"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(7), "{e}");
+
+    // A value spread over lines points at where it starts, the line of its key.
+    let e = parse_err("[providers.atlassian]\nscopes = [\n  \"read:me\",\n]\n");
+    assert_eq!(e.key.as_deref(), Some("providers.atlassian.scopes"), "{e}");
+    assert_eq!(e.line, Some(2), "{e}");
+
+    // A key left at its default has no line to point at (the socket path is only too long
+    // because of where the file is).
+    let dir = format!("/{}", "d".repeat(100));
+    let e = Config::parse("", &Path::new(&dir).join("daemon.toml"), &no_env, &no_file).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("daemon.socket_path"), "{e}");
+    assert_eq!(e.line, None, "{e}");
 }

@@ -2,12 +2,18 @@
 //! its real type, and every bad value a [`ConfigError`] naming the file, the key and its line.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawAccess, RawAtlassian, RawConfig, RawDaemon, RawJobs, RawNotify, RawRefresh};
+use toml::Spanned;
+
+use super::raw::{
+    At, RawAccess, RawAtlassian, RawConfig, RawDaemon, RawJobs, RawNotify, RawRefresh,
+    line_of_offset,
+};
 use super::summary::format_duration;
 use super::{
     AccessConfig, AtlassianConfig, CLIENT_SECRET_ENV, ClientAccess, Config, ConfigError, CronExpr,
@@ -83,107 +89,48 @@ const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// Highest meaningful socket file mode: permission bits only, no setuid/setgid/sticky.
 const MAX_SOCKET_MODE: u32 = 0o777;
 
-// ---------------------------------------------------------------------------------------------
-// Line lookup for validation errors
-// ---------------------------------------------------------------------------------------------
-
-/// Line of a dotted key such as `refresh.rotate_after` or `access.clients[1].uid`.
-pub(super) fn locate_dotted(text: &str, dotted: &str) -> Option<usize> {
-    // Split "access.clients[1].uid" into section "access.clients", index 1, key "uid".
-    let (table, key) = match dotted.rsplit_once('.') {
-        Some((t, k)) if !k.contains('[') => (t, Some(k)),
-        _ => (dotted, None),
-    };
-    let (section, index) = match table.split_once('[') {
-        Some((s, rest)) => (s, rest.trim_end_matches(']').parse().unwrap_or(0)),
-        None => (table, 0),
-    };
-    locate(text, section, index, key)
-}
-
-/// Line (1-based) of `key =` inside the `index`-th `[section]` / `[[section]]` of `text`, or
-/// of the header itself when `key` is `None` or not found there. Falls back to the first line
-/// anywhere that sets `key` (dotted or inline forms). Good enough for the hand-written files
-/// tokend expects; it is only used to point at a line, never to read values.
-fn locate(text: &str, section: &str, index: usize, key: Option<&str>) -> Option<usize> {
-    let mut inside = false;
-    let mut seen = 0usize;
-    let mut header = None;
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim_start();
-        if let Some(name) = header_name(t) {
-            if inside {
-                break;
-            }
-            if name == section {
-                if seen == index {
-                    inside = true;
-                    header = Some(i + 1);
-                    if key.is_none() {
-                        return header;
-                    }
-                }
-                seen += 1;
-            }
-            continue;
-        }
-        if inside && key.is_some_and(|k| sets_key(t, k)) {
-            return Some(i + 1);
-        }
-    }
-    if header.is_some() {
-        return header;
-    }
-    let key = key?;
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start();
-            sets_key(t, key)
-                || t.split_once('=')
-                    .is_some_and(|(lhs, _)| lhs.trim_end().ends_with(&format!(".{key}")))
-        })
-        .map(|i| i + 1)
-}
-
-/// `[a.b]` or `[[a.b]]` (with optional spaces, quotes and trailing comment) → `a.b`.
-pub(super) fn header_name(t: &str) -> Option<String> {
-    let rest = t.strip_prefix('[')?;
-    let rest = rest.strip_prefix('[').unwrap_or(rest);
-    let end = rest.find(']')?;
-    Some(
-        rest[..end]
-            .chars()
-            .filter(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
-            .collect(),
-    )
-}
-
-/// Whether a (left-trimmed) line assigns `key` (bare or quoted).
-fn sets_key(t: &str, key: &str) -> bool {
-    let t = t
-        .strip_prefix('"')
-        .and_then(|r| r.strip_prefix(key)?.strip_prefix('"'))
-        .or_else(|| t.strip_prefix(key));
-    t.is_some_and(|rest| rest.trim_start().starts_with('='))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pass 2: validation
-// ---------------------------------------------------------------------------------------------
-
+/// The validation of one file: where errors point, and the base of relative paths.
 pub(super) struct Validator<'a> {
+    /// The text as parsed, to turn a value's span into its line.
     pub(super) text: &'a str,
+    /// The config file as given by the caller, named in every error.
     pub(super) file: &'a Path,
     /// Directory of the config file (absolute); base of relative paths.
     pub(super) dir: &'a Path,
 }
 
+/// The span of a value as written; `None` when the key is absent (its default is used).
+fn span<T>(value: &At<T>) -> Option<Range<usize>> {
+    value.as_ref().map(Spanned::span)
+}
+
+/// The text of a value as written, or the default when the key is absent.
+fn text_or<'v>(value: &'v At<String>, default: &'v str) -> &'v str {
+    value.as_ref().map_or(default, |v| v.get_ref().as_str())
+}
+
+/// A duration key with its value as written and its default.
+type DurationKey<'r> = (&'static str, &'r At<String>, &'static str);
+
+/// The first error of `results` in order, or all their values.
+fn all<T: Copy + Default, const N: usize>(
+    results: [Result<T, ConfigError>; N],
+) -> Result<[T; N], ConfigError> {
+    let mut out = [T::default(); N];
+    for (slot, result) in out.iter_mut().zip(results) {
+        *slot = result?;
+    }
+    Ok(out)
+}
+
 impl Validator<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+    /// An error at `key`, pointing at the line of the value `at` (from the parser's span),
+    /// or at no line when the key was not written.
+    fn err(&self, key: &str, at: Option<Range<usize>>, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_owned(),
             key: Some(key.to_owned()),
-            line: locate_dotted(self.text, key),
+            line: at.map(|span| line_of_offset(self.text, span.start)),
             message: message.into(),
         }
     }
@@ -208,18 +155,14 @@ impl Validator<'_> {
     }
 
     fn daemon(&self, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
-        let state_dir = self.path(
-            "daemon.state_dir",
-            raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR),
-        )?;
-        let socket_path = self.path(
-            "daemon.socket_path",
-            raw.socket_path.as_deref().unwrap_or(DEFAULT_SOCKET_PATH),
-        )?;
+        let state_dir = self.path_or("daemon.state_dir", &raw.state_dir, DEFAULT_STATE_DIR)?;
+        let socket_path =
+            self.path_or("daemon.socket_path", &raw.socket_path, DEFAULT_SOCKET_PATH)?;
         let len = socket_path.as_os_str().len();
         if len > MAX_SOCKET_PATH_BYTES {
             return Err(self.err(
                 "daemon.socket_path",
+                span(&raw.socket_path),
                 format!(
                     "socket path {} is {len} bytes long; Unix sockets allow at most \
                      {MAX_SOCKET_PATH_BYTES}",
@@ -228,10 +171,11 @@ impl Validator<'_> {
             ));
         }
 
-        let mode_text = raw.socket_mode.as_deref().unwrap_or(DEFAULT_SOCKET_MODE);
+        let mode_text = text_or(&raw.socket_mode, DEFAULT_SOCKET_MODE);
         let socket_mode = parse_mode(mode_text).ok_or_else(|| {
             self.err(
                 "daemon.socket_mode",
+                span(&raw.socket_mode),
                 format!(
                     "invalid socket mode {mode_text:?}: expected an octal string such as \
                          \"0660\", at most \"0777\""
@@ -239,17 +183,14 @@ impl Validator<'_> {
             )
         })?;
 
-        let listen = raw
-            .metrics_listen
-            .as_deref()
-            .unwrap_or(DEFAULT_METRICS_LISTEN)
-            .trim();
+        let listen = text_or(&raw.metrics_listen, DEFAULT_METRICS_LISTEN).trim();
         let metrics_listen = if listen.is_empty() {
             None
         } else {
             Some(listen.parse::<SocketAddr>().map_err(|e| {
                 self.err(
                     "daemon.metrics_listen",
+                    span(&raw.metrics_listen),
                     format!(
                         "invalid listen address {listen:?}: {e}; expected IP:PORT such as \
                          \"127.0.0.1:9464\" or \"[::1]:9464\", or \"\" to disable metrics"
@@ -258,50 +199,74 @@ impl Validator<'_> {
             })?)
         };
 
-        let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+        let log_format = match text_or(&raw.log_format, "text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
                 return Err(self.err(
                     "daemon.log_format",
+                    span(&raw.log_format),
                     format!("invalid log format {other:?}: expected \"text\" or \"json\""),
                 ));
             }
         };
 
-        let log_level = raw
-            .log_level
-            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+        let log_level = text_or(&raw.log_level, DEFAULT_LOG_LEVEL).to_owned();
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_level) {
             return Err(self.err(
                 "daemon.log_level",
+                span(&raw.log_level),
                 format!(
                     "invalid log level {log_level:?}: {e}; expected e.g. \"info\", \"debug\" or \"info,tokend=debug\""
                 ),
             ));
         }
 
-        let key_file = match raw.key_file.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(p) => Some(self.path("daemon.key_file", p)?),
+        let key_file = match raw.key_file.as_ref() {
+            Some(p) if !p.get_ref().trim().is_empty() => {
+                Some(self.path("daemon.key_file", p.get_ref().trim(), Some(p.span()))?)
+            }
+            _ => None,
         };
         let old_key_files = raw
             .old_key_files
-            .unwrap_or_default()
+            .as_ref()
+            .map_or(&[][..], |list| list.get_ref().as_slice())
             .iter()
-            .map(|p| self.path("daemon.old_key_files", p))
+            .map(|p| self.path("daemon.old_key_files", p.get_ref(), Some(p.span())))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(k) = &key_file
-            && old_key_files.contains(k)
+            && let Some(at) = old_key_files.iter().position(|old| old == k)
         {
+            let at = raw
+                .old_key_files
+                .as_ref()
+                .and_then(|list| list.get_ref().get(at))
+                .map(Spanned::span);
             return Err(self.err(
                 "daemon.old_key_files",
+                at,
                 format!(
                     "{} is daemon.key_file itself; list only the keys it replaces",
                     k.display()
                 ),
             ));
         }
+
+        let node_name = match raw.node_name.as_ref() {
+            None => None,
+            Some(n) => match n.get_ref().trim() {
+                "" => None,
+                t if t.len() > 64 || t.chars().any(char::is_control) => {
+                    return Err(self.err(
+                        "daemon.node_name",
+                        Some(n.span()),
+                        "a node name is at most 64 printable characters",
+                    ));
+                }
+                t => Some(t.to_owned()),
+            },
+        };
 
         Ok(DaemonConfig {
             state_dir,
@@ -315,60 +280,58 @@ impl Validator<'_> {
                 key_file,
                 old_key_files,
             },
-            node_name: match raw.node_name.as_deref().map(str::trim) {
-                None | Some("") => None,
-                Some(n) if n.len() > 64 || n.chars().any(|c| c.is_control()) => {
-                    return Err(self.err(
-                        "daemon.node_name",
-                        "a node name is at most 64 printable characters",
-                    ));
-                }
-                Some(n) => Some(n.to_owned()),
-            },
+            node_name,
         })
     }
 
     fn refresh(&self, raw: RawRefresh) -> Result<RefreshConfig, ConfigError> {
-        let access_token_margin = self.duration(
-            "refresh.access_token_margin",
-            raw.access_token_margin.as_deref(),
-            DEFAULT_ACCESS_TOKEN_MARGIN,
-        )?;
-        let rotate_after = self.duration(
-            "refresh.rotate_after",
-            raw.rotate_after.as_deref(),
-            DEFAULT_ROTATE_AFTER,
-        )?;
-        let inactivity_expiry = self.duration(
-            "refresh.inactivity_expiry",
-            raw.inactivity_expiry.as_deref(),
-            DEFAULT_INACTIVITY_EXPIRY,
-        )?;
+        // Every duration of `[refresh]` that must be > 0, validated the same way.
+        let keys: [DurationKey<'_>; 6] = [
+            (
+                "refresh.access_token_margin",
+                &raw.access_token_margin,
+                DEFAULT_ACCESS_TOKEN_MARGIN,
+            ),
+            (
+                "refresh.rotate_after",
+                &raw.rotate_after,
+                DEFAULT_ROTATE_AFTER,
+            ),
+            (
+                "refresh.inactivity_expiry",
+                &raw.inactivity_expiry,
+                DEFAULT_INACTIVITY_EXPIRY,
+            ),
+            (
+                "refresh.request_timeout",
+                &raw.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            ),
+            ("refresh.backoff_min", &raw.backoff_min, DEFAULT_BACKOFF_MIN),
+            ("refresh.backoff_max", &raw.backoff_max, DEFAULT_BACKOFF_MAX),
+        ];
+        let [
+            access_token_margin,
+            rotate_after,
+            inactivity_expiry,
+            request_timeout,
+            backoff_min,
+            backoff_max,
+        ] = all(keys.map(|(key, value, default)| self.duration(key, value, default)))?;
         let absolute_expiry = self.duration_or_zero(
             "refresh.absolute_expiry",
-            raw.absolute_expiry.as_deref(),
+            &raw.absolute_expiry,
             DEFAULT_ABSOLUTE_EXPIRY,
         )?;
-        let request_timeout = self.duration(
-            "refresh.request_timeout",
-            raw.request_timeout.as_deref(),
-            DEFAULT_REQUEST_TIMEOUT,
-        )?;
-        let backoff_min = self.duration(
-            "refresh.backoff_min",
-            raw.backoff_min.as_deref(),
-            DEFAULT_BACKOFF_MIN,
-        )?;
-        let backoff_max = self.duration(
-            "refresh.backoff_max",
-            raw.backoff_max.as_deref(),
-            DEFAULT_BACKOFF_MAX,
-        )?;
 
-        let max = raw.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
+        let max = raw
+            .max_concurrent
+            .as_ref()
+            .map_or(DEFAULT_MAX_CONCURRENT, |m| *m.get_ref());
         if !(1..=MAX_CONCURRENT_CAP).contains(&max) {
             return Err(self.err(
                 "refresh.max_concurrent",
+                span(&raw.max_concurrent),
                 format!("must be between 1 and {MAX_CONCURRENT_CAP}, got {max}"),
             ));
         }
@@ -377,13 +340,14 @@ impl Validator<'_> {
 
         if backoff_min > backoff_max {
             // Point at whichever of the two the user wrote.
-            let key = if raw.backoff_min.is_some() || raw.backoff_max.is_none() {
-                "refresh.backoff_min"
+            let (key, at) = if raw.backoff_min.is_some() || raw.backoff_max.is_none() {
+                ("refresh.backoff_min", span(&raw.backoff_min))
             } else {
-                "refresh.backoff_max"
+                ("refresh.backoff_max", span(&raw.backoff_max))
             };
             return Err(self.err(
                 key,
+                at,
                 format!(
                     "backoff_min ({}) must not exceed backoff_max ({})",
                     format_duration(backoff_min),
@@ -392,13 +356,14 @@ impl Validator<'_> {
             ));
         }
         if rotate_after >= inactivity_expiry {
-            let key = if raw.rotate_after.is_some() || raw.inactivity_expiry.is_none() {
-                "refresh.rotate_after"
+            let (key, at) = if raw.rotate_after.is_some() || raw.inactivity_expiry.is_none() {
+                ("refresh.rotate_after", span(&raw.rotate_after))
             } else {
-                "refresh.inactivity_expiry"
+                ("refresh.inactivity_expiry", span(&raw.inactivity_expiry))
             };
             return Err(self.err(
                 key,
+                at,
                 format!(
                     "rotate_after ({}) must be shorter than inactivity_expiry ({}), otherwise \
                      unused refresh tokens expire before they are rotated",
@@ -421,18 +386,18 @@ impl Validator<'_> {
     }
 
     fn jobs(&self, raw: RawJobs) -> Result<JobsConfig, ConfigError> {
-        let cron = |key: &str, value: Option<&str>, default: &str| {
-            CronExpr::parse(value.unwrap_or(default)).map_err(|m| self.err(key, m))
+        let cron = |key: &str, value: &At<String>, default: &str| {
+            CronExpr::parse(text_or(value, default)).map_err(|m| self.err(key, span(value), m))
         };
         Ok(JobsConfig {
             resolve_sites: cron(
                 "jobs.resolve_sites",
-                raw.resolve_sites.as_deref(),
+                &raw.resolve_sites,
                 DEFAULT_RESOLVE_SITES_CRON,
             )?,
             maintenance: cron(
                 "jobs.maintenance",
-                raw.maintenance.as_deref(),
+                &raw.maintenance,
                 DEFAULT_MAINTENANCE_CRON,
             )?,
         })
@@ -440,33 +405,35 @@ impl Validator<'_> {
 
     fn notify(&self, raw: RawNotify) -> Result<NotifyConfig, ConfigError> {
         let command = raw.command.filter(|c| !c.trim().is_empty());
-        let timeout = self.duration(
-            "notify.timeout",
-            raw.timeout.as_deref(),
-            DEFAULT_NOTIFY_TIMEOUT,
-        )?;
+        let timeout = self.duration("notify.timeout", &raw.timeout, DEFAULT_NOTIFY_TIMEOUT)?;
         Ok(NotifyConfig { command, timeout })
     }
 
     fn access(&self, raw: RawAccess) -> Result<AccessConfig, ConfigError> {
         let mut clients = Vec::with_capacity(raw.clients.len());
-        for (i, c) in raw.clients.into_iter().enumerate() {
+        for (i, entry) in raw.clients.into_iter().enumerate() {
+            let entry_at = entry.span();
+            let c = entry.into_inner();
             if c.uid.is_none() && c.gid.is_none() {
                 return Err(self.err(
                     &format!("access.clients[{i}]"),
+                    Some(entry_at),
                     "an [[access.clients]] entry needs a uid or a gid (or both)",
                 ));
             }
-            if let Some(j) = c.connections.iter().position(|n| n.trim().is_empty()) {
+            let connections_at = span(&c.connections);
+            let connections = c.connections.map(Spanned::into_inner).unwrap_or_default();
+            if let Some(j) = connections.iter().position(|n| n.trim().is_empty()) {
                 return Err(self.err(
                     &format!("access.clients[{i}].connections"),
+                    connections_at,
                     format!("entry {j} is empty: expected a connection id or label"),
                 ));
             }
             clients.push(ClientAccess {
                 uid: c.uid,
                 gid: c.gid,
-                connections: c.connections,
+                connections,
             });
         }
         Ok(AccessConfig {
@@ -482,16 +449,18 @@ impl Validator<'_> {
         secrets: Option<SecretReaders<'_>>,
     ) -> Result<AtlassianConfig, ConfigError> {
         const P: &str = "providers.atlassian";
-        let client_id = raw.client_id.unwrap_or_default();
+        let client_id = text_or(&raw.client_id, "").to_owned();
         if client_id.chars().any(char::is_whitespace) {
             return Err(self.err(
                 &format!("{P}.client_id"),
+                span(&raw.client_id),
                 "must not contain whitespace (check for a stray space or newline when pasting)",
             ));
         }
 
+        let scopes_at = span(&raw.scopes);
         let scopes = match raw.scopes {
-            Some(s) => s,
+            Some(s) => s.into_inner(),
             None => DEFAULT_SCOPES.iter().map(|s| (*s).to_owned()).collect(),
         };
         if let Some(bad) = scopes
@@ -500,12 +469,14 @@ impl Validator<'_> {
         {
             return Err(self.err(
                 &format!("{P}.scopes"),
+                scopes_at,
                 format!("invalid scope {bad:?}: scopes are non-empty and contain no whitespace"),
             ));
         }
         if !scopes.iter().any(|s| s == REQUIRED_SCOPE) {
             return Err(self.err(
                 &format!("{P}.scopes"),
+                scopes_at,
                 format!(
                     "must contain {REQUIRED_SCOPE:?}: without it Atlassian issues no refresh \
                      token"
@@ -513,34 +484,37 @@ impl Validator<'_> {
             ));
         }
 
-        let url = |key: &str, value: Option<String>, default: &str| {
+        let url = |key: &str, value: &At<String>, default: &str| {
             let key = format!("{P}.{key}");
-            let text = value.unwrap_or_else(|| default.to_owned());
+            let text = text_or(value, default);
             let url = Url::parse(text.trim())
-                .map_err(|e| self.err(&key, format!("invalid URL {text:?}: {e}")))?;
+                .map_err(|e| self.err(&key, span(value), format!("invalid URL {text:?}: {e}")))?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(self.err(
                     &key,
+                    span(value),
                     format!("invalid URL {text:?}: scheme must be http or https"),
                 ));
             }
             Ok(url)
         };
-        let redirect_uri = url("redirect_uri", raw.redirect_uri, DEFAULT_REDIRECT_URI)?;
-        let authorize_url = url("authorize_url", raw.authorize_url, DEFAULT_AUTHORIZE_URL)?;
-        let token_url = url("token_url", raw.token_url, DEFAULT_TOKEN_URL)?;
-        let api_url = url("api_url", raw.api_url, DEFAULT_API_URL)?;
+        let redirect_uri = url("redirect_uri", &raw.redirect_uri, DEFAULT_REDIRECT_URI)?;
+        let authorize_url = url("authorize_url", &raw.authorize_url, DEFAULT_AUTHORIZE_URL)?;
+        let token_url = url("token_url", &raw.token_url, DEFAULT_TOKEN_URL)?;
+        let api_url = url("api_url", &raw.api_url, DEFAULT_API_URL)?;
 
         let file_key = format!("{P}.client_secret_file");
-        let secret_file = match raw.client_secret_file.as_deref() {
-            None | Some("") => None,
-            Some(p) => Some(self.path(&file_key, p)?),
+        let file_at = span(&raw.client_secret_file);
+        let secret_file = match text_or(&raw.client_secret_file, "") {
+            "" => None,
+            p => Some(self.path(&file_key, p, file_at.clone())?),
         };
         let (client_secret, client_secret_source) = match (secret_file, secrets) {
             (Some(file), Some(readers)) => {
                 let content = (readers.read_file)(&file).map_err(|e| {
                     self.err(
                         &file_key,
+                        file_at.clone(),
                         format!("cannot read client secret file {}: {e}", file.display()),
                     )
                 })?;
@@ -548,6 +522,7 @@ impl Validator<'_> {
                 if value.is_empty() {
                     return Err(self.err(
                         &file_key,
+                        file_at,
                         format!("client secret file {} is empty", file.display()),
                     ));
                 }
@@ -575,14 +550,30 @@ impl Validator<'_> {
         })
     }
 
+    /// A path key as written, or its default.
+    fn path_or(
+        &self,
+        key: &str,
+        value: &At<String>,
+        default: &str,
+    ) -> Result<PathBuf, ConfigError> {
+        self.path(key, text_or(value, default), span(value))
+    }
+
     /// A path from the file: non-empty, no `~`, relative ones joined to the config directory.
-    fn path(&self, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    fn path(
+        &self,
+        key: &str,
+        value: &str,
+        at: Option<Range<usize>>,
+    ) -> Result<PathBuf, ConfigError> {
         if value.trim().is_empty() {
-            return Err(self.err(key, "must not be empty"));
+            return Err(self.err(key, at, "must not be empty"));
         }
         if value.starts_with('~') {
             return Err(self.err(
                 key,
+                at,
                 format!("{value:?}: `~` is not expanded; write an absolute path"),
             ));
         }
@@ -593,12 +584,12 @@ impl Validator<'_> {
     fn duration(
         &self,
         key: &str,
-        value: Option<&str>,
+        value: &At<String>,
         default: &str,
     ) -> Result<Duration, ConfigError> {
         match self.duration_or_zero(key, value, default)? {
             Some(d) => Ok(d),
-            None => Err(self.err(key, "must be greater than zero")),
+            None => Err(self.err(key, span(value), "must be greater than zero")),
         }
     }
 
@@ -606,19 +597,21 @@ impl Validator<'_> {
     fn duration_or_zero(
         &self,
         key: &str,
-        value: Option<&str>,
+        value: &At<String>,
         default: &str,
     ) -> Result<Option<Duration>, ConfigError> {
-        let text = value.unwrap_or(default);
+        let text = text_or(value, default);
         let d = humantime::parse_duration(text.trim()).map_err(|e| {
             self.err(
                 key,
+                span(value),
                 format!("invalid duration {text:?}: {e} (examples: \"90s\", \"15m\", \"7d\")"),
             )
         })?;
         if d > MAX_DURATION {
             return Err(self.err(
                 key,
+                span(value),
                 format!("duration {text:?} is too long (at most 100 years)"),
             ));
         }
