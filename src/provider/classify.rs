@@ -304,18 +304,25 @@ pub(super) fn json_problem(e: &serde_json::Error) -> String {
     )
 }
 
-pub(super) fn api_error(
-    what: &str,
-    status: StatusCode,
-    retry_after: Option<Duration>,
-) -> ProviderError {
-    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+/// The kind of a non-2xx answer that is not a rejection: 429 asks to slow down, 5xx and
+/// 408 are the provider's failure, any other status refuses the request.
+fn kind_of_status(status: StatusCode) -> TransientKind {
+    if status == StatusCode::TOO_MANY_REQUESTS {
         TransientKind::RateLimited
     } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
         TransientKind::ServerError
     } else {
         TransientKind::Refused
-    };
+    }
+}
+
+/// A non-2xx answer of accessible-resources or `/me` (never a rejection of the chain).
+pub(super) fn api_error(
+    what: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    let kind = kind_of_status(status);
     ProviderError::Transient {
         kind,
         retry_after,
@@ -360,13 +367,7 @@ pub(super) fn classify_error(
             };
         }
     }
-    let kind = if status == StatusCode::TOO_MANY_REQUESTS {
-        TransientKind::RateLimited
-    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
-        TransientKind::ServerError
-    } else {
-        TransientKind::Refused
-    };
+    let kind = kind_of_status(status);
     let mut message = format!("the token endpoint answered {status}");
     if let Some(code) = code {
         message.push_str(&format!(" ({}", scrub(&code, sent_secrets)));

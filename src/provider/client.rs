@@ -69,53 +69,50 @@ impl Atlassian {
 
     /// Exchanges a refresh token for a new access token (and, normally, a new refresh token).
     pub async fn refresh(&self, refresh_token: &Secret) -> Result<Grant, ProviderError> {
-        let secret = self.credentials()?;
-        let body = serde_json::json!({
-            "grant_type": "refresh_token",
-            "client_id": self.config.client_id,
-            "client_secret": secret.expose(),
-            "refresh_token": refresh_token.expose(),
-        });
-        self.token_request(body, &[refresh_token.expose(), secret.expose()])
+        self.token_request("refresh_token", ("refresh_token", refresh_token), &[])
             .await
     }
 
     /// Exchanges an authorization code from the consent screen.
     pub async fn exchange_code(&self, code: &Secret) -> Result<Grant, ProviderError> {
-        let secret = self.credentials()?;
-        let body = serde_json::json!({
-            "grant_type": "authorization_code",
-            "client_id": self.config.client_id,
-            "client_secret": secret.expose(),
-            "code": code.expose(),
-            "redirect_uri": self.config.redirect_uri.as_str(),
-        });
-        self.token_request(body, &[code.expose(), secret.expose()])
-            .await
+        let redirect_uri = self.config.redirect_uri.as_str();
+        self.token_request(
+            "authorization_code",
+            ("code", code),
+            &[("redirect_uri", redirect_uri)],
+        )
+        .await
     }
 
+    /// A `grant_type` request to the token endpoint presenting `credential` (the refresh
+    /// token or the code, under its field name) with the client id and secret in the JSON
+    /// body, as Atlassian documents; `extra` fields hold no secret.
     async fn token_request(
         &self,
-        body: serde_json::Value,
-        sent_secrets: &[&str],
+        grant_type: &str,
+        (field, credential): (&str, &Secret),
+        extra: &[(&str, &str)],
     ) -> Result<Grant, ProviderError> {
-        let admission = self.gates.admit(Endpoint::Token)?;
-        let response = self
-            .http
-            .post(self.config.token_url.clone())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let retry_after = parse_retry_after(response.headers());
-        admission.settle(Some(status), retry_after);
-        let bytes = response.bytes().await.map_err(transport_error)?;
+        let secret = self.credentials()?;
+        let mut body = serde_json::Map::new();
+        for (key, value) in [
+            ("grant_type", grant_type),
+            ("client_id", &self.config.client_id),
+            ("client_secret", secret.expose()),
+            (field, credential.expose()),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        {
+            body.insert(key.to_owned(), value.into());
+        }
+        let request = self.http.post(self.config.token_url.clone()).json(&body);
+        let (status, retry_after, bytes) = self.send(Endpoint::Token, request).await?;
         if status.is_success() {
             return parse_grant(status, &bytes);
         }
-        Err(classify_error(status, retry_after, &bytes, sent_secrets))
+        let sent_secrets = [credential.expose(), secret.expose()];
+        Err(classify_error(status, retry_after, &bytes, &sent_secrets))
     }
 
     /// The sites an access token reaches.
@@ -175,17 +172,26 @@ impl Atlassian {
         )
     }
 
+    /// A GET of the API gateway with an access token.
     async fn get(
         &self,
         endpoint: Endpoint,
         url: String,
         access_token: &Secret,
     ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), ProviderError> {
+        let request = self.http.get(url).bearer_auth(access_token.expose());
+        self.send(endpoint, request).await
+    }
+
+    /// Sends one request through the endpoint's `Retry-After` gate, which the answer's status
+    /// and `Retry-After` settle; the body is read whole (reqwest's timeout bounds it).
+    async fn send(
+        &self,
+        endpoint: Endpoint,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), ProviderError> {
         let admission = self.gates.admit(endpoint)?;
-        let response = self
-            .http
-            .get(url)
-            .bearer_auth(access_token.expose())
+        let response = request
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await

@@ -115,6 +115,30 @@ fn kind_of(status: StatusCode) -> TransientKind {
     }
 }
 
+/// The invariants of a transient failure of accessible-resources or `/me` (`what`) for an
+/// answer `(status, Retry-After)`: a 2xx is a malformed body, without `Retry-After`; any
+/// other status is classified by itself and keeps the provider's `Retry-After`; the message
+/// names the endpoint and is short.
+fn check_api_failure(
+    what: &str,
+    (status, retry_after): (StatusCode, Option<Duration>),
+    (kind, r, message): (TransientKind, Option<Duration>, &str),
+) -> Result<(), TestCaseError> {
+    if status.is_success() {
+        prop_assert_eq!(kind, TransientKind::Malformed);
+        prop_assert_eq!(r, None);
+    } else {
+        prop_assert_eq!(kind, kind_of(status));
+        prop_assert_eq!(r, retry_after);
+    }
+    prop_assert!(
+        message.starts_with(&format!("{what} answered")),
+        "{message}"
+    );
+    prop_assert!(message.len() < 200, "{message}");
+    Ok(())
+}
+
 fn shown(e: &ProviderError) -> String {
     format!("{e} {e:?}")
 }
@@ -500,15 +524,7 @@ proptest! {
                 prop_assert!(sites.iter().all(|s| s.last_seen_at == now));
             }
             Err(ProviderError::Transient { kind, retry_after: r, message }) => {
-                if status.is_success() {
-                    prop_assert_eq!(kind, TransientKind::Malformed);
-                    prop_assert_eq!(r, None);
-                } else {
-                    prop_assert_eq!(kind, kind_of(status));
-                    prop_assert_eq!(r, retry_after);
-                }
-                prop_assert!(message.starts_with("accessible-resources answered"));
-                prop_assert!(message.len() < 200, "{message}");
+                check_api_failure("accessible-resources", (status, retry_after), (kind, r, &message))?;
             }
             Err(other) => prop_assert!(false, "untyped outcome {other:?}"),
         }
@@ -596,15 +612,7 @@ proptest! {
             }
             Err(ProviderError::Transient { kind, retry_after: r, message }) => {
                 prop_assert!(!matches!(status.as_u16(), 401 | 403));
-                if status.is_success() {
-                    prop_assert_eq!(kind, TransientKind::Malformed);
-                    prop_assert_eq!(r, None);
-                } else {
-                    prop_assert_eq!(kind, kind_of(status));
-                    prop_assert_eq!(r, retry_after);
-                }
-                prop_assert!(message.starts_with("/me answered"));
-                prop_assert!(message.len() < 200, "{message}");
+                check_api_failure("/me", (status, retry_after), (kind, r, &message))?;
             }
             Err(other) => prop_assert!(false, "untyped outcome {other:?}"),
         }
