@@ -4,11 +4,11 @@
 //! backoff against operators and `Retry-After`, markers across a crash). Each test states,
 //! in its doc comment, what a correct daemon shows from the outside.
 
-use crate::chain::{SmallDisk, ledger_refresh_token, status_of};
+use crate::chain::status_of;
 use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
-use crate::ops::NotifySocket;
 use crate::util::{
-    HttpResponse, TestDaemon, assert_no_secrets, build_request, eventually, import, toml_str,
+    HttpResponse, NotifySocket, SmallDisk, TestDaemon, assert_no_secrets, authorize, build_request,
+    consent_body, eventually, import, ledger_refresh_token, toml_str,
 };
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -380,17 +380,8 @@ fn a_full_ledger_keeps_the_watchdog_fed_and_commits_the_held_token_later() {
 fn two_concurrent_consents_with_one_label_both_keep_their_chains() {
     let fake = FakeAtlassian::start();
     let d = TestDaemon::start(&fake);
-    let authorize = || {
-        let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        (
-            v["state"].as_str().unwrap().to_owned(),
-            v["redirect_uri"].as_str().unwrap().to_owned(),
-        )
-    };
-    let (state1, redirect) = authorize();
-    let (state2, _) = authorize();
+    let (first, second) = (authorize(&d), authorize(&d));
+    let (state1, state2, redirect) = (first.state, second.state, first.redirect_uri);
     let code1 = fake.issue_code("acct-1", &[FakeSite::jira("alpha")], &redirect);
     let code2 = fake.issue_code("acct-2", &[FakeSite::jira("beta")], &redirect);
     fake.set_token_delay(Duration::from_secs(1));
@@ -401,7 +392,7 @@ fn two_concurrent_consents_with_one_label_both_keep_their_chains() {
             .map(|(code, state)| {
                 let (d, barrier) = (&d, &barrier);
                 s.spawn(move || {
-                    let body = json!({"provider": "atlassian", "label": "jira", "code": code, "state": state});
+                    let body = consent_body("jira", &code, &state);
                     barrier.wait();
                     d.post_json("/v1/connections", &body)
                 })
@@ -505,19 +496,10 @@ fn a_2xx_answer_with_only_a_refresh_token_keeps_that_token() {
     );
 
     // Onboarding by consent.
-    let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
-    assert_eq!(r.status, 200, "{}", r.text());
-    let auth = r.json();
-    let code = fake.issue_code(
-        "acct-2",
-        &[FakeSite::jira("beta")],
-        auth["redirect_uri"].as_str().unwrap(),
-    );
+    let auth = authorize(&d);
+    let code = fake.issue_code("acct-2", &[FakeSite::jira("beta")], &auth.redirect_uri);
     fake.inject_token(Fault::RefreshTokenOnly);
-    let r = d.post_json(
-        "/v1/connections",
-        &json!({"provider": "atlassian", "label": "jira", "code": code, "state": auth["state"]}),
-    );
+    let r = d.post_json("/v1/connections", &consent_body("jira", &code, &auth.state));
     assert_eq!(
         r.status,
         201,
