@@ -13,6 +13,16 @@ fn token_of(d: &TestDaemon, label: &str) -> (u16, Value) {
     d.get_json(&format!("/v1/connections/{label}/token"))
 }
 
+/// Whether the daemon's access token of `label` has expired (its `access_token_expires_at`,
+/// shown to the second, plus a second), or it has none.
+fn access_token_expired(d: &TestDaemon, label: &str) -> bool {
+    let (_, conn) = d.get_json(&format!("/v1/connections/{label}"));
+    conn["access_token_expires_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_none_or(|t| t + chrono::Duration::seconds(1) <= chrono::Utc::now())
+}
+
 pub fn status_of(d: &TestDaemon, label: &str) -> String {
     let (code, v) = d.get_json(&format!("/v1/connections/{label}"));
     assert_eq!(code, 200, "{v}");
@@ -123,7 +133,10 @@ fn concurrent_callers_share_one_refresh() {
     let d = TestDaemon::start(&fake);
     import(&d, "conf", &rt);
     // Let the access token expire, then make the provider slow.
-    std::thread::sleep(Duration::from_millis(4300));
+    assert!(
+        eventually(Duration::from_secs(10), || access_token_expired(&d, "conf")),
+        "the access token never expired"
+    );
     fake.set_token_delay(Duration::from_millis(1000));
     let before = fake.refresh_calls();
     let tokens: Vec<(u16, String)> = std::thread::scope(|s| {
@@ -178,7 +191,12 @@ fn kill_during_a_held_refresh_then_restart_keeps_the_chain() {
             eventually(Duration::from_secs(5), || fake.refresh_calls() > calls),
             "the refresh never reached the fake"
         );
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            eventually(Duration::from_secs(5), || fake
+                .current_refresh_token("acct-1")
+                .is_some_and(|t| t != before_kill)),
+            "the fake never rotated"
+        );
         // SAFETY of the scenario: the fake has rotated; the daemon never sees the answer.
         let pid = d.pid().expect("running");
         let _ = std::process::Command::new("kill")
