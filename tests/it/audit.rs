@@ -2,7 +2,9 @@
 //! in the background, read by an admin through the events route and `tokend events`.
 
 use crate::fake::{FakeAtlassian, FakeSite};
-use crate::util::{TestDaemon, assert_no_secrets, assert_success, import, metric, toml_str};
+use crate::util::{
+    TestDaemon, assert_no_secrets, assert_success, import, metric, open_ledger, toml_str,
+};
 use serde_json::Value;
 
 fn events(d: &TestDaemon, label: &str) -> Vec<Value> {
@@ -84,11 +86,7 @@ fn token_reads_are_audited_per_uid_and_minute_with_few_writes() {
         .unwrap();
     assert_eq!(stored["node"], "node-it", "{stored}");
     let rows: i64 = {
-        let db = rusqlite::Connection::open_with_flags(
-            d.ledger_path(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let db = open_ledger(&d);
         db.query_row(
             "SELECT count(*) FROM events WHERE kind IN ('token_read', 'token_refused')",
             [],

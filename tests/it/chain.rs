@@ -2,45 +2,25 @@
 //! classification — the real binary against the strict fake.
 
 use crate::fake::{ErrorShape, FakeAtlassian, FakeSite, Fault};
-use crate::util::{TestDaemon, assert_no_secrets, assert_success, eventually, import};
-use serde_json::{Value, json};
+use crate::util::{
+    SmallDisk, TestDaemon, assert_no_secrets, assert_success, authorize, consent_body, eventually,
+    import, ledger_refresh_token,
+};
+use serde_json::Value;
 use std::time::Duration;
-
-/// The refresh token the daemon's ledger holds for a label (read-only, beside the daemon),
-/// unsealed with the daemon's default key (`state/ledger.key`).
-pub fn ledger_refresh_token(d: &TestDaemon, label: &str) -> String {
-    try_ledger_refresh_token(d, label).expect("connection row")
-}
-
-/// [`ledger_refresh_token`], or `None` while there is no such row.
-pub fn try_ledger_refresh_token(d: &TestDaemon, label: &str) -> Option<String> {
-    let db = rusqlite::Connection::open_with_flags(
-        d.ledger_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .ok()?;
-    let (id, sealed): (String, String) = db
-        .query_row(
-            "SELECT id, refresh_token FROM connections WHERE label = ?1",
-            [label],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .ok()?;
-    Some(unseal(d, &id, "refresh_token", &sealed))
-}
-
-/// Opens a sealed token column with the daemon's default key.
-pub fn unseal(d: &TestDaemon, id: &str, column: &str, sealed: &str) -> String {
-    use tokend::ledger::seal::{KeySource, Keyring, aad};
-    let keys = Keyring::load(&KeySource::default(), &d.state_dir()).expect("the ledger key");
-    let opened = keys
-        .open(sealed, &aad(id, column))
-        .expect("a sealed token opens");
-    opened.plaintext.as_str().to_owned()
-}
 
 fn token_of(d: &TestDaemon, label: &str) -> (u16, Value) {
     d.get_json(&format!("/v1/connections/{label}/token"))
+}
+
+/// Whether the daemon's access token of `label` has expired (its `access_token_expires_at`,
+/// shown to the second, plus a second), or it has none.
+fn access_token_expired(d: &TestDaemon, label: &str) -> bool {
+    let (_, conn) = d.get_json(&format!("/v1/connections/{label}"));
+    conn["access_token_expires_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_none_or(|t| t + chrono::Duration::seconds(1) <= chrono::Utc::now())
 }
 
 pub fn status_of(d: &TestDaemon, label: &str) -> String {
@@ -153,7 +133,10 @@ fn concurrent_callers_share_one_refresh() {
     let d = TestDaemon::start(&fake);
     import(&d, "conf", &rt);
     // Let the access token expire, then make the provider slow.
-    std::thread::sleep(Duration::from_millis(4300));
+    assert!(
+        eventually(Duration::from_secs(10), || access_token_expired(&d, "conf")),
+        "the access token never expired"
+    );
     fake.set_token_delay(Duration::from_millis(1000));
     let before = fake.refresh_calls();
     let tokens: Vec<(u16, String)> = std::thread::scope(|s| {
@@ -208,7 +191,12 @@ fn kill_during_a_held_refresh_then_restart_keeps_the_chain() {
             eventually(Duration::from_secs(5), || fake.refresh_calls() > calls),
             "the refresh never reached the fake"
         );
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            eventually(Duration::from_secs(5), || fake
+                .current_refresh_token("acct-1")
+                .is_some_and(|t| t != before_kill)),
+            "the fake never rotated"
+        );
         // SAFETY of the scenario: the fake has rotated; the daemon never sees the answer.
         let pid = d.pid().expect("running");
         let _ = std::process::Command::new("kill")
@@ -486,57 +474,6 @@ fn remove_forgets_the_connection() {
     assert_no_secrets(&d.logs(), &fake);
 }
 
-/// A tmpfs mounted over a directory for the life of the guard, so a test can fill the disk.
-pub struct SmallDisk {
-    path: std::path::PathBuf,
-}
-
-impl SmallDisk {
-    pub fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .status()
-            .expect("run mount");
-        assert!(ok.success(), "mounting a tmpfs needs root (as in CI)");
-        SmallDisk {
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// Fills the disk with a filler file until writes fail.
-    pub fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.flush();
-        let one = vec![0u8; 512];
-        while f.write_all(&one).is_ok() {}
-        let _ = f.sync_all();
-    }
-
-    pub fn free(&self) {
-        std::fs::remove_file(self.path.join("filler")).unwrap();
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_never_loses_the_chain() {
     let fake = FakeAtlassian::start();
@@ -618,15 +555,8 @@ fn a_full_disk_never_loses_the_chain() {
 fn consent_flow_exchanges_a_code_once() {
     let fake = FakeAtlassian::start();
     let d = TestDaemon::start(&fake);
-    let r = d.post_json(
-        "/v1/authorizations",
-        &serde_json::json!({"provider": "atlassian"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let auth = r.json();
-    let url = auth["authorize_url"].as_str().unwrap();
-    let state = auth["state"].as_str().unwrap();
-    let redirect = auth["redirect_uri"].as_str().unwrap();
+    let auth = authorize(&d);
+    let (url, state, redirect) = (&auth.authorize_url, &auth.state, &auth.redirect_uri);
     for part in [
         "audience=api.atlassian.com",
         "prompt=consent",
@@ -637,7 +567,7 @@ fn consent_flow_exchanges_a_code_once() {
     }
     assert!(url.contains(&format!("state={state}")), "{url}");
     let code = fake.issue_code("acct-9", &[FakeSite::jira("gamma")], redirect);
-    let body = serde_json::json!({"provider":"atlassian","label":"jira","code":code,"state":state});
+    let body = consent_body("jira", &code, state);
     let r = d.post_json("/v1/connections", &body);
     assert_eq!(r.status, 201, "{}", r.text());
     let conn = r.json();
@@ -808,16 +738,13 @@ fn a_full_disk_during_a_consent_does_not_spend_the_code() {
     let mut d = TestDaemon::builder(&fake).prepare();
     let disk = SmallDisk::mount(&d.state_dir(), "4m");
     d.restart();
-    let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
-    assert_eq!(r.status, 200, "{}", r.text());
-    let auth = r.json();
+    let auth = authorize(&d);
     let code = fake.issue_code(
         "acct-1",
         &[FakeSite::confluence("acme")],
-        auth["redirect_uri"].as_str().unwrap(),
+        &auth.redirect_uri,
     );
-    let body =
-        json!({"provider": "atlassian", "label": "conf", "code": code, "state": auth["state"]});
+    let body = consent_body("conf", &code, &auth.state);
     disk.fill();
     let exchanges = fake.token_calls();
     let r = d.post_json("/v1/connections", &body);

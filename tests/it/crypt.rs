@@ -10,7 +10,8 @@
 
 use crate::fake::{self, FakeAtlassian, FakeSite, IssuedSecret};
 use crate::util::{
-    SECRET_WINDOW, TestDaemon, assert_no_secrets, build_request, import, parse_response, toml_str,
+    SECRET_WINDOW, TestDaemon, assert_no_secrets, build_request, import, last_extra_output,
+    ledger::try_open_ledger, parse_response, start_output, toml_str,
 };
 use rand::Rng;
 use serde_json::{Value, json};
@@ -141,10 +142,7 @@ fn dump_ledger(db: &Path) -> String {
 
 fn dump_with_rusqlite(db: &Path) -> String {
     use rusqlite::types::ValueRef;
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open ledger read-only");
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let conn = try_open_ledger(db).expect("open ledger read-only");
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         .unwrap()
@@ -304,32 +302,6 @@ fn wait_child(c: &mut Child, timeout: Duration) -> Option<ExitStatus> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-const EXTRA_MARKER: &str = "===== tokend-it: extra instance =====";
-
-/// Everything the last [`TestDaemon::spawn_raw`] instance printed (stdout, then stderr).
-fn last_extra_output(d: &TestDaemon) -> String {
-    let tail = |log: String| {
-        log.rfind(EXTRA_MARKER)
-            .map(|i| log[i + EXTRA_MARKER.len()..].to_string())
-            .unwrap_or_default()
-    };
-    format!("{}{}", tail(d.stdout_log()), tail(d.stderr_log()))
-}
-
-/// What start number `n` (see [`TestDaemon::restart`]) printed, stdout then stderr.
-fn start_output(d: &TestDaemon, n: usize) -> String {
-    let marker = format!("===== tokend-it: start #{n} =====");
-    let section = |log: String| {
-        let Some(i) = log.find(&marker) else {
-            return String::new();
-        };
-        let rest = &log[i + marker.len()..];
-        let end = rest.find("===== tokend-it:").unwrap_or(rest.len());
-        rest[..end].to_string()
-    };
-    format!("{}{}", section(d.stdout_log()), section(d.stderr_log()))
 }
 
 /// Runs `tokend run` on the daemon's config and expects it to refuse to start: a non-zero

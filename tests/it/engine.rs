@@ -4,11 +4,11 @@
 //! backoff against operators and `Retry-After`, markers across a crash). Each test states,
 //! in its doc comment, what a correct daemon shows from the outside.
 
-use crate::chain::{SmallDisk, ledger_refresh_token, status_of};
+use crate::chain::status_of;
 use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
-use crate::ops::NotifySocket;
 use crate::util::{
-    HttpResponse, TestDaemon, assert_no_secrets, build_request, eventually, import, toml_str,
+    HttpResponse, NotifySocket, SmallDisk, TestDaemon, assert_no_secrets, authorize, build_request,
+    consent_body, eventually, import, ledger_refresh_token, toml_str,
 };
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -335,8 +335,11 @@ fn a_full_ledger_keeps_the_watchdog_fed_and_commits_the_held_token_later() {
     let (code, health) = d.get_json("/v1/health");
     assert_eq!(code, 503, "{health}");
     assert_eq!(health["status"], "degraded");
+    // A held token is never handed out: the caller is told it is not committed yet.
     let t = d.request("GET", "/v1/connections/conf/token?min_valid=999999", None);
-    assert!(t.status == 500 || t.status == 200, "{}", t.text());
+    assert_eq!(t.status, 500, "{}", t.text());
+    assert_eq!(t.error_code().as_deref(), Some("internal"), "{}", t.text());
+    assert!(t.json().get("access_token").is_none(), "{}", t.text());
     assert_eq!(
         fake.rotations("acct-1"),
         rotations,
@@ -377,17 +380,8 @@ fn a_full_ledger_keeps_the_watchdog_fed_and_commits_the_held_token_later() {
 fn two_concurrent_consents_with_one_label_both_keep_their_chains() {
     let fake = FakeAtlassian::start();
     let d = TestDaemon::start(&fake);
-    let authorize = || {
-        let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        (
-            v["state"].as_str().unwrap().to_owned(),
-            v["redirect_uri"].as_str().unwrap().to_owned(),
-        )
-    };
-    let (state1, redirect) = authorize();
-    let (state2, _) = authorize();
+    let (first, second) = (authorize(&d), authorize(&d));
+    let (state1, state2, redirect) = (first.state, second.state, first.redirect_uri);
     let code1 = fake.issue_code("acct-1", &[FakeSite::jira("alpha")], &redirect);
     let code2 = fake.issue_code("acct-2", &[FakeSite::jira("beta")], &redirect);
     fake.set_token_delay(Duration::from_secs(1));
@@ -398,7 +392,7 @@ fn two_concurrent_consents_with_one_label_both_keep_their_chains() {
             .map(|(code, state)| {
                 let (d, barrier) = (&d, &barrier);
                 s.spawn(move || {
-                    let body = json!({"provider": "atlassian", "label": "jira", "code": code, "state": state});
+                    let body = consent_body("jira", &code, &state);
                     barrier.wait();
                     d.post_json("/v1/connections", &body)
                 })
@@ -462,14 +456,15 @@ fn a_2xx_answer_with_only_a_refresh_token_keeps_that_token() {
     // Onboarding by refresh token.
     fake.inject_token(Fault::RefreshTokenOnly);
     let r = add(&d, "conf", &rt);
-    assert_ne!(
+    assert_eq!(
         r.status,
-        409,
-        "a malformed 200 is no rejection: {}",
+        201,
+        "a malformed 200 that rotated is a stored chain: {}",
         r.text()
     );
-    // Past the leeway of the imported token.
-    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(r.json()["status"], "active", "{}", r.text());
+    // Past the leeway of the imported token, on the fake's clock (which decides reuse).
+    fake.advance(Duration::from_secs(2));
     let (code, conn) = d.get_json("/v1/connections/conf");
     assert_eq!(code, 200, "the connection must exist: {conn}");
     let r = d.request("POST", "/v1/connections/conf/refresh", None);
@@ -501,29 +496,22 @@ fn a_2xx_answer_with_only_a_refresh_token_keeps_that_token() {
     );
 
     // Onboarding by consent.
-    let r = d.post_json("/v1/authorizations", &json!({"provider": "atlassian"}));
-    assert_eq!(r.status, 200, "{}", r.text());
-    let auth = r.json();
-    let code = fake.issue_code(
-        "acct-2",
-        &[FakeSite::jira("beta")],
-        auth["redirect_uri"].as_str().unwrap(),
-    );
+    let auth = authorize(&d);
+    let code = fake.issue_code("acct-2", &[FakeSite::jira("beta")], &auth.redirect_uri);
     fake.inject_token(Fault::RefreshTokenOnly);
-    let r = d.post_json(
-        "/v1/connections",
-        &json!({"provider": "atlassian", "label": "jira", "code": code, "state": auth["state"]}),
-    );
-    assert!(
-        eventually(Duration::from_secs(10), || d
-            .get_json("/v1/connections/jira")
-            .0
-            == 200),
-        "the chain of a spent code was thrown away (POST answered {}: {})",
+    let r = d.post_json("/v1/connections", &consent_body("jira", &code, &auth.state));
+    assert_eq!(
         r.status,
+        201,
+        "the chain of a spent code was thrown away: {}",
         r.text()
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    let conn = r.json();
+    assert_eq!(conn["account_id"], "acct-2", "{conn}");
+    assert_eq!(conn["status"], "active", "{conn}");
+    assert_eq!(d.get_json("/v1/connections/jira").0, 200);
+    // Past the leeway of the code's first refresh token, on the fake's clock.
+    fake.advance(Duration::from_secs(2));
     let r = d.request("POST", "/v1/connections/jira/refresh", None);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_of(&d, "jira"), "active");

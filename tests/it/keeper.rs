@@ -2,7 +2,9 @@
 //! re-resolution, rejections and notifications — with short durations against the fake.
 
 use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
-use crate::util::{TestDaemon, assert_no_secrets, eventually, import, metric, toml_str};
+use crate::util::{
+    TestDaemon, assert_no_secrets, eventually, import, metric, open_ledger, toml_str,
+};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -275,11 +277,7 @@ fn resolve_sites_follows_added_and_removed_sites() {
     assert_eq!(d.get_json("/v1/token?site=acme.atlassian.net").0, 404);
     assert_eq!(d.get_json("/v1/token?site=newco.atlassian.net").0, 200);
     // The history keeps both changes.
-    let db = rusqlite::Connection::open_with_flags(
-        d.ledger_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let db = open_ledger(&d);
     let kinds: Vec<String> = db
         .prepare("SELECT kind FROM events ORDER BY seq")
         .unwrap()

@@ -3,60 +3,11 @@
 
 use crate::fake::{FakeAtlassian, FakeSite, Fault};
 use crate::util::{
-    TestDaemon, assert_no_secrets, eventually, import, metric, tokend_bin, toml_str,
+    NotifySocket, SmallDisk, TestDaemon, assert_no_secrets, eventually, import, last_run_stderr,
+    metric, open_ledger, tokend_bin, toml_str, unseal,
 };
-use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// A fake `$NOTIFY_SOCKET`: collects what the daemon sends.
-pub struct NotifySocket {
-    sock: UnixDatagram,
-    pub path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl NotifySocket {
-    pub fn new() -> NotifySocket {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        NotifySocket {
-            sock,
-            path,
-            _dir: dir,
-        }
-    }
-
-    /// Messages received within `window`.
-    pub fn collect(&self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        out
-    }
-
-    /// Waits for a message starting with `prefix`.
-    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n]).starts_with(prefix)
-            {
-                return true;
-            }
-        }
-        false
-    }
-}
+use std::time::Duration;
 
 /// READY=1 at start, WATCHDOG=1 every `WATCHDOG_USEC / 2`, RELOADING=1 (with
 /// MONOTONIC_USEC) and READY=1 again on SIGHUP, STOPPING=1 on SIGTERM. (A full ledger does
@@ -168,11 +119,7 @@ fn sigterm_during_a_slow_refresh_commits_it_and_exits_cleanly() {
             r.text()
         );
     }
-    let db = rusqlite::Connection::open_with_flags(
-        d.ledger_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let db = open_ledger(&d);
     let (id, stored, marker): (String, String, Option<i64>) = db
         .query_row(
             "SELECT id, refresh_token, attempt_started_at FROM connections WHERE label = 'conf'",
@@ -180,7 +127,7 @@ fn sigterm_during_a_slow_refresh_commits_it_and_exits_cleanly() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-    let stored = crate::chain::unseal(&d, &id, "refresh_token", &stored);
+    let stored = unseal(&d, &id, "refresh_token", &stored);
     assert_eq!(
         stored,
         fake.current_refresh_token("acct-1").unwrap(),
@@ -405,13 +352,6 @@ fn metrics_after_a_scripted_scenario() {
     assert_no_secrets(&(d.logs() + &text), &fake);
 }
 
-/// The daemon's stderr after the last start marker.
-fn last_run_stderr(d: &TestDaemon) -> String {
-    let all = d.stderr_log();
-    let start = all.rfind("===== tokend-it").unwrap_or(0);
-    all[start..].lines().skip(1).collect::<Vec<_>>().join("\n")
-}
-
 #[test]
 fn logs_are_json_lines_with_connection_ids_and_journald_gets_no_timestamps() {
     let fake = FakeAtlassian::start();
@@ -473,7 +413,7 @@ fn a_job_that_keeps_failing_is_reported_and_recovers() {
         .set("jobs", "maintenance", &toml_str("* * * * * *"))
         .metrics()
         .prepare();
-    let disk = crate::chain::SmallDisk::mount(&d.state_dir(), "4m");
+    let disk = SmallDisk::mount(&d.state_dir(), "4m");
     d.restart();
     assert_eq!(d.get_json("/v1/health").0, 200);
     disk.fill();
