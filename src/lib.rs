@@ -24,3 +24,5 @@ pub mod provider;
 pub mod refresh;
 pub mod secret;
 pub mod systemd;
+#[cfg(test)]
+mod testpg;
