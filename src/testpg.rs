@@ -39,12 +39,24 @@ pub struct Cluster {
     port: u16,
     /// Run the server's tools as `postgres` (we are root).
     as_postgres: bool,
+    /// `server.crt` and `server.key` are in the dir, and the server has `ssl=on`.
+    tls: bool,
 }
 
 impl Cluster {
     /// Starts a new cluster, or `None` (after a notice) when no server is installed and
     /// [`REQUIRE_ENV`] is not set. Panics when one is installed but does not start.
     pub fn start() -> Option<Cluster> {
+        Cluster::start_with(None)
+    }
+
+    /// [`Cluster::start`] with TLS on (`ssl=on`), serving the PEM certificate (chain) and key
+    /// given; TCP clients must use TLS (`hostssl` only).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Cluster> {
+        Cluster::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Option<Cluster> {
         let Some(bindir) = bindir() else {
             if std::env::var_os(REQUIRE_ENV).is_some() {
                 panic!(
@@ -72,6 +84,7 @@ impl Cluster {
             dir,
             port: 0,
             as_postgres,
+            tls: tls.is_some(),
         };
         run(cluster
             .tool("initdb")
@@ -86,6 +99,28 @@ impl Cluster {
                 "-D",
             ])
             .arg(&data));
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+                let path = cluster.dir.path().join(name);
+                std::fs::write(&path, pem).expect("write a TLS file");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .expect("chmod a TLS file");
+                if as_postgres {
+                    run(Command::new("chown")
+                        .arg(format!("{SUPERUSER}:"))
+                        .arg(&path));
+                }
+            }
+        }
+        if tls.is_some() {
+            // TLS or nothing over TCP: a test that connects proves TLS was used.
+            std::fs::write(
+                cluster.data().join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .expect("write pg_hba.conf");
+        }
         let mut last = String::new();
         for _ in 0..START_TRIES {
             cluster.port = free_port();
@@ -109,9 +144,17 @@ impl Cluster {
             .arg(self.dir.path().join("server.log"))
             .arg("-o")
             .arg(format!(
-                "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-                self.dir.path().display(),
-                self.port
+                "-k {dir} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{tls}",
+                dir = self.dir.path().display(),
+                port = self.port,
+                tls = if self.tls {
+                    format!(
+                        " -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+                        dir = self.dir.path().display()
+                    )
+                } else {
+                    String::new()
+                },
             ))
             .args(["-w", "-t", "60", "start"])
             .stdin(Stdio::null())

@@ -448,3 +448,114 @@ async fn a_server_restart_is_survived() {
     let all = loaded.expect("the ledger reconnects by itself");
     assert_eq!(all[0].chain.refresh_token.expose(), "rt-1");
 }
+
+#[tokio::test]
+async fn sslmodes_check_the_servers_certificate_as_libpq_does() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (params, key, cert)
+    };
+    let (ca_params, ca_key, ca_cert) = ca("tokend test CA");
+    let (_, _, other_cert) = ca("another CA");
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let Some(cluster) = testpg::Cluster::start_tls(&server_cert.pem(), &server_key.serialize_pem())
+    else {
+        return;
+    };
+    let name = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k", 7);
+    let trusted = dir.path().join("ca.pem");
+    std::fs::write(&trusted, ca_cert.pem()).unwrap();
+    let untrusted = dir.path().join("other.pem");
+    std::fs::write(&untrusted, other_cert.pem()).unwrap();
+    let cases: &[(&str, &str, Option<&Path>, bool)] = &[
+        ("localhost", "verify-full", Some(&trusted), true),
+        ("127.0.0.1", "verify-full", Some(&trusted), false), // the name is not in the cert
+        ("127.0.0.1", "verify-ca", Some(&trusted), true),
+        ("localhost", "verify-full", Some(&untrusted), false),
+        ("localhost", "verify-ca", Some(&untrusted), false),
+        ("localhost", "verify-full", None, false), // not a public root
+        ("127.0.0.1", "require", None, true),      // encrypted, unchecked
+        ("127.0.0.1", "require", Some(&untrusted), false), // a root file: as verify-ca
+        ("127.0.0.1", "prefer", None, true),
+        ("127.0.0.1", "disable", None, false), // the server takes TLS only
+    ];
+    for (host, mode, root, ok) in cases {
+        let root = root
+            .map(|p| format!("&sslrootcert={}", p.display()))
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://postgres@{host}:{}/{name}?sslmode={mode}{root}",
+            cluster.port()
+        );
+        let got = PgLedger::connect(&url, &only(&key), dir.path()).await;
+        match (got, ok) {
+            (Ok(ledger), true) => ledger.check_writable().await.unwrap(),
+            (Err(e), false) => assert!(matches!(e, PgError::Unavailable(_)), "{url}: {e}"),
+            (Ok(_), false) => panic!("{url} must be refused"),
+            (Err(e), true) => panic!("{url} must connect: {e}\n{}", cluster.log()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_racing_on_one_chain_win_once() {
+    let Some(db) = Db::new() else { return };
+    let daemons = [db.ledger().await, db.ledger().await, db.ledger().await];
+    let rec = record("c1", "conf", "rt-0");
+    daemons[0].insert(rec.clone(), vec![]).await.unwrap();
+    // Every daemon claims at once: one holder.
+    let mut claims = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let d = d.clone();
+        claims.push(tokio::spawn(async move {
+            d.claim("c1".into(), format!("node-{i}"), Duration::from_secs(60))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut granted = Vec::new();
+    for c in claims {
+        granted.extend(c.await.unwrap());
+    }
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    // Every daemon commits its own next chain over version 0 at once: one lands.
+    let mut commits = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let d = d.clone();
+        let mut next = rec.clone();
+        next.chain.refresh_token = Secret::new(format!("rt-from-{i}"));
+        next.chain.version = 1;
+        commits.push(tokio::spawn(async move {
+            d.save_chain(next, 0, vec![Event::new("rotated", format!("by {i}"))])
+                .await
+        }));
+    }
+    let mut won = Vec::new();
+    for (i, c) in commits.into_iter().enumerate() {
+        match c.await.unwrap() {
+            Ok(()) => won.push(i),
+            Err(PgError::Conflict(id)) => assert_eq!(id, "c1"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    let stored = daemons[1].load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(
+        stored.chain.refresh_token.expose(),
+        format!("rt-from-{}", won[0])
+    );
+    let events = daemons[2].events("c1".into(), None, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "only the winner's event was appended");
+    assert_eq!(events[0].message, format!("by {}", won[0]));
+}
