@@ -27,4 +27,6 @@ pub mod refresh;
 pub mod secret;
 pub mod serve;
 pub mod systemd;
+#[cfg(test)]
+mod testpg;
 pub mod wire;

@@ -16,6 +16,7 @@ use crate::config::AccessConfig;
 use crate::metrics::{Metrics, TokenOutcome};
 use crate::model::Site;
 use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, Served, TokenGrant};
+use crate::wire::{self, ErrorCode};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, RawQuery, State};
@@ -28,7 +29,6 @@ use serde::Deserialize;
 use serde::Serialize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use crate::wire::{self, ErrorCode};
 
 /// The largest request body accepted. Real bodies are a label and a token (a few KiB at
 /// most); anything larger is refused with 413: at once if its `Content-Length` says so, else

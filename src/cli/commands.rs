@@ -11,10 +11,10 @@ use super::output::{
     added_summary, emit, format_events, format_show, format_table, pretty, refreshed_summary,
 };
 use super::{Failure, MAX_STDIN_BYTES};
-use crate::wire::{Connection, Event, NewConnection, Token};
 use crate::client::{Client, ClientError, encode_component, json_body};
 use crate::model::PROVIDER_ATLASSIAN;
 use crate::secret::Secret;
+use crate::wire::{Connection, Event, NewConnection, Token};
 
 /// The most events `tokend events` asks for (the API's own maximum).
 const EVENTS_LIMIT: usize = 1000;

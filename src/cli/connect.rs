@@ -17,10 +17,10 @@ use tokio::sync::mpsc;
 use url::{Host, Url};
 
 use super::{Failure, MAX_STDIN_BYTES};
-use crate::wire::{Authorization, NewAuthorization, NewConnection};
 use crate::client::{Client, json_body};
 use crate::model::PROVIDER_ATLASSIAN;
 use crate::secret::Secret;
+use crate::wire::{Authorization, NewAuthorization, NewConnection};
 
 /// How long `connect` waits for the browser's redirect (or a pasted URL). Consent may need a
 /// login and a second factor, so minutes, not seconds; the daemon's `state` expires anyway.

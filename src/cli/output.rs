@@ -7,8 +7,8 @@ use std::io::Write;
 use serde_json::Value;
 
 use super::Failure;
-use crate::wire::{self, Connection, Event, Site};
 use crate::model::Time;
+use crate::wire::{self, Connection, Event, Site};
 
 /// Writes `text` to the command's output; a closed stdout is a runtime failure, not a panic.
 pub(super) fn emit(out: &mut dyn Write, text: &str) -> Result<(), Failure> {

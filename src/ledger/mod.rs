@@ -11,7 +11,12 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
+pub mod pg;
 pub mod seal;
+#[cfg(test)]
+mod semantics;
+
+pub use pg::{Fence, PgError, PgLedger};
 
 use crate::model::{
     AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
@@ -447,42 +452,12 @@ impl Ledger {
         self.call(move |db| {
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let before = load_sites(&tx, &connection_id)?;
-            let mut events = Vec::new();
-            for site in &sites {
-                match before
-                    .iter()
-                    .find(|b| b.cloud_id == site.cloud_id && b.url == site.url)
-                {
-                    None => events.push(Event::new(
-                        EventKind::SiteAdded,
-                        format!("{} ({}) added", site.url, site.cloud_id),
-                    )),
-                    Some(b) if b.scopes != site.scopes => events.push(Event::new(
-                        EventKind::SiteScopesChanged,
-                        format!(
-                            "{} scopes changed from [{}] to [{}]",
-                            site.url,
-                            b.scopes.join(" "),
-                            site.scopes.join(" ")
-                        ),
-                    )),
-                    Some(_) => {}
-                }
-            }
-            for b in &before {
-                if !sites
-                    .iter()
-                    .any(|s| s.cloud_id == b.cloud_id && s.url == b.url)
-                {
-                    events.push(Event::new(
-                        EventKind::SiteRemoved,
-                        format!("{} ({}) no longer accessible", b.url, b.cloud_id),
-                    ));
-                    tx.execute(
-                        "UPDATE sites SET removed_at = ?3 WHERE connection_id = ?1 AND cloud_id = ?2 AND url = ?4 AND removed_at IS NULL",
-                        params![connection_id, b.cloud_id, ms(now), b.url],
-                    )?;
-                }
+            let (events, removed) = site_changes(&before, &sites);
+            for b in removed {
+                tx.execute(
+                    "UPDATE sites SET removed_at = ?3 WHERE connection_id = ?1 AND cloud_id = ?2 AND url = ?4 AND removed_at IS NULL",
+                    params![connection_id, b.cloud_id, ms(now), b.url],
+                )?;
             }
             write_sites(&tx, &connection_id, &sites, now)?;
             append_events(&tx, Some(&connection_id), now, &events)?;
@@ -619,6 +594,49 @@ impl Ledger {
         })
         .await
     }
+}
+
+/// What replacing a connection's sites `before` by `after` changes: the events describing it
+/// (additions and scope changes in `after`'s order, then removals), and the sites removed.
+/// Both ledgers use it, so that they tell the same history.
+fn site_changes<'a>(before: &'a [Site], after: &[Site]) -> (Vec<Event>, Vec<&'a Site>) {
+    let mut events = Vec::new();
+    for site in after {
+        match before
+            .iter()
+            .find(|b| b.cloud_id == site.cloud_id && b.url == site.url)
+        {
+            None => events.push(Event::new(
+                EventKind::SiteAdded,
+                format!("{} ({}) added", site.url, site.cloud_id),
+            )),
+            Some(b) if b.scopes != site.scopes => events.push(Event::new(
+                EventKind::SiteScopesChanged,
+                format!(
+                    "{} scopes changed from [{}] to [{}]",
+                    site.url,
+                    b.scopes.join(" "),
+                    site.scopes.join(" ")
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    let removed: Vec<&Site> = before
+        .iter()
+        .filter(|b| {
+            !after
+                .iter()
+                .any(|s| s.cloud_id == b.cloud_id && s.url == b.url)
+        })
+        .collect();
+    for b in &removed {
+        events.push(Event::new(
+            EventKind::SiteRemoved,
+            format!("{} ({}) no longer accessible", b.url, b.cloud_id),
+        ));
+    }
+    (events, removed)
 }
 
 /// Makes every token column sealed under the current key: checks the key against the

@@ -7,11 +7,13 @@
 //! trait: every chain write is a compare-and-swap on the chain's version, and no SQL lives
 //! outside a store.
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Fence, Ledger, LedgerError, PgError, PgLedger};
+
 use crate::model::{Event, Record, Site, Time};
 use crate::provider::{Account, Atlassian, Grant, ProviderError};
 use crate::secret::Secret;
 use futures_util::future::BoxFuture;
+use std::time::Duration;
 
 /// Why a store operation failed, as the engine needs to tell it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +35,16 @@ impl From<LedgerError> for StoreError {
         match e {
             LedgerError::Conflict(id) => StoreError::Conflict(id),
             LedgerError::LabelTaken(l) => StoreError::LabelTaken(l),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> StoreError {
+        match e {
+            PgError::Conflict(id) => StoreError::Conflict(id),
+            PgError::LabelTaken(l) => StoreError::LabelTaken(l),
             other => StoreError::Unavailable(other.to_string()),
         }
     }
@@ -84,6 +96,57 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Proves the store can take a write now.
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Claims the refresh of chain `id` for `holder` for `lease`: `None` while another
+    /// holder's claim runs. A store only one daemon writes (SQLite, behind its state-dir
+    /// lock) grants every claim.
+    fn claim(
+        &self,
+        id: String,
+        holder: String,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        let _ = id;
+        Box::pin(async move {
+            Ok(Some(Fence {
+                holder,
+                version: 0,
+                valid_for: lease,
+            }))
+        })
+    }
+    /// Extends a claim to `lease` from now: `None` when another holder claimed meanwhile.
+    fn renew(
+        &self,
+        id: String,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        let _ = id;
+        Box::pin(async move {
+            Ok(Some(Fence {
+                valid_for: lease,
+                ..fence
+            }))
+        })
+    }
+    /// Gives a claim up; false when it no longer held.
+    fn release(&self, id: String, fence: Fence) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let _ = (id, fence);
+        Box::pin(async { Ok(true) })
+    }
+    /// [`Store::save_chain`], only while `fence` still holds the chain's claim (else
+    /// `Conflict`): a holder whose claim lapsed never commits over the one that took over.
+    fn save_chain_fenced(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        fence: Fence,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let _ = fence;
+        self.save_chain(rec, expect_version, events)
+    }
 }
 
 impl Store for Ledger {
@@ -138,6 +201,91 @@ impl Store for Ledger {
     }
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move { Ok(Ledger::check_writable(self).await?) })
+    }
+}
+
+impl Store for PgLedger {
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::load_all(self).await?) })
+    }
+    fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::load_one(self, id).await?) })
+    }
+    fn insert(&self, rec: Record, events: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(PgLedger::insert(self, rec, events).await?) })
+    }
+    fn save_chain(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(PgLedger::save_chain(self, rec, expect_version, events).await?) })
+    }
+    fn set_account(
+        &self,
+        id: String,
+        account_id: String,
+        now: Time,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(PgLedger::set_account(self, id, account_id, now, events).await?) })
+    }
+    fn merge(
+        &self,
+        from: String,
+        from_version: u64,
+        merged: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            Ok(PgLedger::merge(self, from, from_version, merged, expect_version, events).await?)
+        })
+    }
+    fn sync_sites(
+        &self,
+        id: String,
+        sites: Vec<Site>,
+        now: Time,
+    ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::sync_sites(self, id, sites, now).await?) })
+    }
+    fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::delete(self, id, now).await?) })
+    }
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move { Ok(PgLedger::check_writable(self).await?) })
+    }
+    fn claim(
+        &self,
+        id: String,
+        holder: String,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::claim(self, id, holder, lease).await?) })
+    }
+    fn renew(
+        &self,
+        id: String,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::renew(self, id, fence, lease).await?) })
+    }
+    fn release(&self, id: String, fence: Fence) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(PgLedger::release(self, id, fence).await?) })
+    }
+    fn save_chain_fenced(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        fence: Fence,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            Ok(PgLedger::save_chain_fenced(self, rec, expect_version, fence, events).await?)
+        })
     }
 }
 

@@ -1,0 +1,1444 @@
+//! The PostgreSQL ledger: the same connections, sites, events and sealed tokens as the
+//! SQLite ledger, shared by several daemons, plus the claims that fence their refreshes.
+//!
+//! Every operation is one transaction on a connection of a small pool (`deadpool-postgres`),
+//! with the SQLite ledger's semantics: chain writes are compare-and-swaps on
+//! `chain_version` (`Conflict`), a used label is `LabelTaken`, events are appended in the
+//! write's own transaction, tokens are sealed by [`super::seal`] with the same key and
+//! associated data (`tokend:<id>:<column>`), so one key file opens the rows of both ledgers.
+//!
+//! Nothing here holds a session across transactions: no session advisory lock, no `SET`
+//! outside `SET LOCAL`, no statement prepared across transactions. So it works behind a
+//! transaction-mode pooler (PgBouncer `pool_mode=transaction`). Migrations run once, inside
+//! one transaction holding `pg_advisory_xact_lock`; a schema newer than this build is
+//! refused.
+//!
+//! **Claims** (the `claims` table): a chain's refresh is leased to one holder (a daemon's
+//! `node_name`) until an expiry computed by the database's clock, never a daemon's. Every
+//! claim makes the row's `version` grow; that version is the [`Fence`]. A commit with a
+//! fence ([`PgLedger::save_chain_fenced`]) lands only while the claim is still held with
+//! that fence and unexpired, so a holder whose lease lapsed (paused, partitioned) can never
+//! commit over the one that took over.
+//!
+//! **Architecture Invariant:** no error of this module carries a secret: a server error is
+//! reported by its message and SQLSTATE only (its DETAIL can quote a row), and the URL is
+//! never quoted.
+
+mod tls;
+
+use super::seal::{self, KeySource, Keyring};
+use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, from_ms, join_scopes, ms, split_scopes};
+use crate::model::{
+    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
+    StoredEvent, Time,
+};
+use crate::secret::Secret;
+use chrono::Utc;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::BoxFuture;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+
+pub use tls::SslMode;
+
+/// Connections kept open to the server. A daemon's writes are few (one per refresh, batches
+/// of audit events) and each is short, so a handful serves it; the database's
+/// `max_connections` is shared by every daemon.
+const POOL_SIZE: usize = 4;
+
+/// How long an operation waits for a pooled connection, or to open one.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest one operation (its whole transaction) may take. Past it the outcome is
+/// unknown and reported `Unavailable`, as a lost connection is: the engine reloads the chain
+/// before its next write, so an unknown outcome is never guessed.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long opening a connection may take, when the URL does not say (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The transaction-scoped advisory lock under which migrations and the key check run:
+/// "tokend" in ASCII, so that it is recognisable in `pg_locks`.
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e64;
+
+/// The schema, one entry per version: entry `i` takes the database from version `i` to
+/// `i + 1` (`tokend_schema.version`). Never edit a released entry: append a new one. Times
+/// are milliseconds since the epoch, as in SQLite, except the claims' expiry, which only the
+/// database's clock writes and compares.
+#[doc(hidden)] // Public for tests that build databases of other versions.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the SQLite ledger's tables at its schema 4, and claims.
+    r#"
+    CREATE TABLE connections (
+        id TEXT PRIMARY KEY,
+        label TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        account_id TEXT,
+        status TEXT NOT NULL CHECK (status IN ('active', 'needs_reauth')),
+        scopes TEXT NOT NULL,
+        refresh_token TEXT NOT NULL,
+        refresh_token_rotated_at BIGINT NOT NULL,
+        previous_refresh_token TEXT,
+        previous_rotated_at BIGINT,
+        attempt_started_at BIGINT,
+        access_token TEXT,
+        access_token_expires_at BIGINT,
+        consented_at BIGINT NOT NULL,
+        last_refresh_at BIGINT,
+        last_error_code TEXT,
+        last_error_message TEXT,
+        last_error_at BIGINT,
+        consecutive_failures BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        chain_version BIGINT NOT NULL DEFAULT 0,
+        refresh_token_used_at BIGINT,
+        CONSTRAINT connections_label_key UNIQUE (label)
+    );
+    CREATE UNIQUE INDEX connections_chain_identity
+        ON connections (provider, client_id, account_id) WHERE account_id IS NOT NULL;
+    CREATE TABLE sites (
+        connection_id TEXT NOT NULL REFERENCES connections (id) ON DELETE CASCADE,
+        cloud_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        first_seen_at BIGINT NOT NULL,
+        last_seen_at BIGINT NOT NULL,
+        removed_at BIGINT,
+        PRIMARY KEY (connection_id, cloud_id, url)
+    );
+    CREATE TABLE events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at BIGINT NOT NULL,
+        connection_id TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        node TEXT,
+        peer_uid BIGINT,
+        peer_pid BIGINT,
+        count BIGINT NOT NULL DEFAULT 1
+    );
+    CREATE INDEX events_by_connection ON events (connection_id, seq);
+    CREATE INDEX events_by_connection_time ON events (connection_id, at);
+    CREATE FUNCTION tokend_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'events are append-only';
+    END
+    $$;
+    CREATE TRIGGER events_append_only BEFORE UPDATE ON events
+        FOR EACH ROW EXECUTE FUNCTION tokend_events_append_only();
+    CREATE TABLE keycheck (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        value TEXT NOT NULL
+    );
+    CREATE TABLE health (
+        id INTEGER PRIMARY KEY,
+        at BIGINT NOT NULL
+    );
+    CREATE TABLE claims (
+        connection_id TEXT PRIMARY KEY REFERENCES connections (id) ON DELETE CASCADE,
+        holder TEXT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL,
+        version BIGINT NOT NULL CHECK (version > 0)
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// What can go wrong with the PostgreSQL ledger. No variant carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// `ledger.url` is not usable (never quoted: it may hold a password).
+    #[error("ledger.url is not a usable PostgreSQL URL: {0}")]
+    Url(String),
+    /// The TLS setup (root certificates) failed.
+    #[error("ledger.url TLS setup failed: {0}")]
+    Tls(String),
+    /// The database was migrated by a newer tokend.
+    #[error(
+        "the PostgreSQL ledger has schema version {found}, newer than this tokend understands ({supported}); run a newer tokend on every daemon"
+    )]
+    TooNew {
+        /// `tokend_schema.version`.
+        found: i32,
+        /// [`SCHEMA_VERSION`].
+        supported: i32,
+    },
+    /// The ledger's tokens were sealed with a key tokend was not given.
+    #[error(
+        "the PostgreSQL ledger was sealed with another key: {key_file} does not open it, nor does any of daemon.old_key_files; every daemon on one ledger needs the same key file (daemon.key_file)"
+    )]
+    WrongKey {
+        /// The key that was tried.
+        key_file: PathBuf,
+    },
+    /// A key file could not be read or created.
+    #[error(transparent)]
+    Key(#[from] seal::KeyError),
+    /// A row could not be understood.
+    #[error("ledger row is invalid: {0}")]
+    Corrupt(String),
+    /// A compare-and-swap failed: the chain (or its claim) moved, or the connection is gone.
+    #[error("connection {0} changed concurrently; refusing to overwrite its chain")]
+    Conflict(String),
+    /// The label is already taken by another connection.
+    #[error("the label {0:?} is already used by another connection")]
+    LabelTaken(String),
+    /// The server could not be reached or refused the statement.
+    #[error("PostgreSQL ledger unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A server error as text without a secret: a server error by its severity, message and
+/// SQLSTATE (never its DETAIL, which can quote a whole row), any other by its kind and cause.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> PgError {
+        PgError::Unavailable(describe(&e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(e: deadpool_postgres::PoolError) -> PgError {
+        use deadpool_postgres::PoolError as P;
+        PgError::Unavailable(match e {
+            P::Backend(e) => describe(&e),
+            P::Timeout(_) => "no connection to the server within the pool timeout".into(),
+            other => other.to_string(),
+        })
+    }
+}
+
+/// A claim on a chain's refresh: who holds it, and the fencing version every write under it
+/// carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The holder (a daemon's `node_name`).
+    pub holder: String,
+    /// The claim's version when it was granted: grows with every claim of the chain, so a
+    /// write carrying an older one is refused.
+    pub version: u64,
+    /// How much of the lease was left when the database answered, by its own clock (a
+    /// daemon subtracts it from its own monotonic clock, so clock skew does not matter).
+    pub valid_for: Duration,
+}
+
+/// A cheap, cloneable handle on the PostgreSQL ledger.
+#[derive(Clone)]
+pub struct PgLedger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    /// Seals and opens every token column (the same keys as the SQLite ledger's).
+    keys: Keyring,
+    /// This daemon's name for the events it records (`daemon.node_name`), once set.
+    node: RwLock<Option<String>>,
+}
+
+impl PgLedger {
+    /// Connects to `url` (`sslmode` honoured, see [`tls`]), migrates the schema to
+    /// [`SCHEMA_VERSION`] and checks (or, on a new database, records) the key. `keys` are
+    /// the daemon's `daemon.key_file` / `old_key_files`; `state_dir` holds the default key
+    /// file, created on first start as for SQLite (every daemon on one ledger needs the same
+    /// key: a second one's own new key is refused as [`PgError::WrongKey`]).
+    pub async fn connect(
+        url: &str,
+        keys: &KeySource,
+        state_dir: &Path,
+    ) -> Result<PgLedger, PgError> {
+        let keys = Keyring::load(keys, state_dir)?;
+        let mut target = tls::parse_url(url)?;
+        if target.config.get_connect_timeout().is_none() {
+            target.config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if target.config.get_application_name().is_none() {
+            target.config.application_name("tokend");
+        }
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = if target.mode == SslMode::Disable {
+            Manager::from_config(target.config.clone(), tokio_postgres::NoTls, manager_config)
+        } else {
+            let tls = tls::connector(&target)?;
+            Manager::from_config(target.config.clone(), tls, manager_config)
+        };
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| PgError::Unavailable(e.to_string()))?;
+        let ledger = PgLedger {
+            inner: Arc::new(Inner {
+                pool,
+                keys,
+                node: RwLock::new(None),
+            }),
+        };
+        ledger.migrate_and_check_key().await?;
+        Ok(ledger)
+    }
+
+    /// Runs `f` in one transaction (committed when it returns `Ok`), bounded by
+    /// [`OPERATION_TIMEOUT`].
+    async fn tx<R, F>(&self, f: F) -> Result<R, PgError>
+    where
+        F: AsyncTxFn<R>,
+    {
+        let work = async {
+            let mut client = self.inner.pool.get().await?;
+            let tx = client.transaction().await?;
+            let out = f.call(&tx, &self.inner.keys).await?;
+            tx.commit().await?;
+            Ok(out)
+        };
+        tokio::time::timeout(OPERATION_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PgError::Unavailable(format!(
+                    "no answer within {}s; the outcome is unknown",
+                    OPERATION_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    async fn migrate_and_check_key(&self) -> Result<(), PgError> {
+        self.tx(Migrate).await
+    }
+
+    /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
+    pub async fn load_all(&self) -> Result<Vec<Record>, PgError> {
+        self.tx(LoadAll).await
+    }
+
+    /// One connection with its chain and sites, or `None`.
+    pub async fn load_one(&self, id: String) -> Result<Option<Record>, PgError> {
+        self.tx(LoadOne(id)).await
+    }
+
+    /// Inserts a new connection with its first events (`LabelTaken` when the label is used).
+    pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(Insert(rec, events, node)).await
+    }
+
+    /// Commits a change of a connection's chain and appends events, only while the stored
+    /// chain is at `expect_version` (see the SQLite ledger's `save_chain`).
+    pub async fn save_chain(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(SaveChain {
+            rec,
+            expect_version,
+            fence: None,
+            events,
+            node,
+        })
+        .await
+    }
+
+    /// [`PgLedger::save_chain`], and only while `fence` still holds the chain's claim,
+    /// unexpired by the database's clock; else `Conflict`.
+    pub async fn save_chain_fenced(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        fence: Fence,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(SaveChain {
+            rec,
+            expect_version,
+            fence: Some(fence),
+            events,
+            node,
+        })
+        .await
+    }
+
+    /// Records the account behind a connection and appends events.
+    pub async fn set_account(
+        &self,
+        id: String,
+        account_id: String,
+        now: Time,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(SetAccount {
+            id,
+            account_id,
+            now,
+            events,
+            node,
+        })
+        .await
+    }
+
+    /// Moves the chain of `from` into `merged` and deletes `from` (see the SQLite ledger's
+    /// `merge`).
+    pub async fn merge(
+        &self,
+        from: String,
+        from_version: u64,
+        merged: Record,
+        expect_version: u64,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(Merge {
+            from,
+            from_version,
+            merged,
+            expect_version,
+            events,
+            node,
+        })
+        .await
+    }
+
+    /// Replaces the sites of a connection; returns the events describing the changes
+    /// (already appended).
+    pub async fn sync_sites(
+        &self,
+        id: String,
+        sites: Vec<Site>,
+        now: Time,
+    ) -> Result<Vec<Event>, PgError> {
+        let node = self.node();
+        self.tx(SyncSites {
+            id,
+            sites,
+            now,
+            node,
+        })
+        .await
+    }
+
+    /// Deletes a connection (its sites and claim go with it); false when there was none.
+    pub async fn delete(&self, id: String, now: Time) -> Result<bool, PgError> {
+        let node = self.node();
+        self.tx(Delete { id, now, node }).await
+    }
+
+    /// Appends events without changing any row.
+    pub async fn append(
+        &self,
+        connection_id: Option<String>,
+        now: Time,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(Append {
+            rows: events
+                .into_iter()
+                .map(|e| (connection_id.clone(), now, e))
+                .collect(),
+            node,
+        })
+        .await
+    }
+
+    /// Appends many events of many connections in one transaction (the audit trail's flush).
+    pub async fn append_batch(&self, events: Vec<(String, Time, Event)>) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(Append {
+            rows: events
+                .into_iter()
+                .map(|(id, at, e)| (Some(id), at, e))
+                .collect(),
+            node,
+        })
+        .await
+    }
+
+    /// Names the daemon in every event it records from now on (`daemon.node_name`).
+    pub fn set_node(&self, name: &str) {
+        *self.inner.node.write().unwrap_or_else(|p| p.into_inner()) = Some(name.to_owned());
+    }
+
+    fn node(&self) -> Option<String> {
+        self.inner
+            .node
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The history of one connection, newest first: at most `limit` events, none before
+    /// `since`.
+    pub async fn events(
+        &self,
+        id: String,
+        since: Option<Time>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, PgError> {
+        self.tx(Events { id, since, limit }).await
+    }
+
+    /// Housekeeping: deletes events older than `before`; returns how many.
+    pub async fn maintain(&self, before: Time) -> Result<usize, PgError> {
+        self.tx(Maintain(before)).await
+    }
+
+    /// Proves the ledger takes a write now.
+    pub async fn check_writable(&self) -> Result<(), PgError> {
+        self.tx(CheckWritable).await
+    }
+
+    /// Claims the refresh of chain `id` for `holder` for `lease` (by the database's clock):
+    /// granted when nobody holds it, its lease expired, or `holder` holds it already; the
+    /// claim's version grows each time. `None` when another holder's lease runs; `Conflict`
+    /// when there is no such connection.
+    pub async fn claim(
+        &self,
+        id: String,
+        holder: String,
+        lease: Duration,
+    ) -> Result<Option<Fence>, PgError> {
+        self.tx(Claim { id, holder, lease }).await
+    }
+
+    /// Extends the claim `fence` to `lease` from now, while nobody else claimed the chain
+    /// since (even past its expiry: an unchanged version proves no other holder wrote).
+    /// `None` when the fence no longer holds.
+    pub async fn renew(
+        &self,
+        id: String,
+        fence: Fence,
+        lease: Duration,
+    ) -> Result<Option<Fence>, PgError> {
+        self.tx(Renew { id, fence, lease }).await
+    }
+
+    /// Gives the claim `fence` up, so that another holder may claim at once; false when it
+    /// no longer held. The row stays, so the next claim's version still grows.
+    pub async fn release(&self, id: String, fence: Fence) -> Result<bool, PgError> {
+        self.tx(Release { id, fence }).await
+    }
+}
+
+/// The body of one transaction. (A trait rather than a closure: the future borrows the
+/// transaction, which a closure's return type cannot name.)
+trait AsyncTxFn<R>: Send {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<R, PgError>>;
+}
+
+struct Migrate;
+impl AsyncTxFn<()> for Migrate {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS tokend_schema (
+                     id INTEGER PRIMARY KEY CHECK (id = 1),
+                     version INTEGER NOT NULL
+                 )",
+            )
+            .await?;
+            let found: i32 = tx
+                .query_opt("SELECT version FROM tokend_schema WHERE id = 1", &[])
+                .await?
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                return Err(PgError::TooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+                tx.batch_execute(sql).await?;
+                tracing::info!(version = i + 1, "PostgreSQL ledger migrated");
+            }
+            tx.execute(
+                "INSERT INTO tokend_schema (id, version) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                &[&SCHEMA_VERSION.max(found)],
+            )
+            .await?;
+            check_key(tx, keys).await
+        })
+    }
+}
+
+/// Checks the key against the stored check value (recording it on a new ledger) and
+/// re-seals every row not sealed under the current key (a rotation), under the migration
+/// lock.
+async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> Result<(), PgError> {
+    let check: Option<String> = tx
+        .query_opt("SELECT value FROM keycheck WHERE id = 1", &[])
+        .await?
+        .map(|r| r.get(0));
+    if let Some(c) = check.as_deref()
+        && keys.verify(c).is_none()
+    {
+        return Err(PgError::WrongKey {
+            key_file: keys.key_file().to_path_buf(),
+        });
+    }
+    if check.is_some() && !keys.has_old_keys() {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT id, refresh_token, previous_refresh_token, access_token FROM connections FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let mut resealed = 0;
+    for row in rows {
+        let id: String = row.get(0);
+        let mut stale = false;
+        let mut reseal = |column: &str, value: &str| -> Result<String, PgError> {
+            let aad = seal::aad(&id, column);
+            let o = keys.open(value, &aad).map_err(|e| {
+                PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
+            })?;
+            stale |= o.stale;
+            Ok(keys.seal(&o.plaintext, &aad))
+        };
+        let rt = reseal("refresh_token", &row.get::<_, String>(1))?;
+        let prev = row
+            .get::<_, Option<String>>(2)
+            .map(|p| reseal("previous_refresh_token", &p))
+            .transpose()?;
+        let access = row
+            .get::<_, Option<String>>(3)
+            .map(|a| reseal("access_token", &a))
+            .transpose()?;
+        if stale {
+            tx.execute(
+                "UPDATE connections SET refresh_token = $1, previous_refresh_token = $2, access_token = $3 WHERE id = $4",
+                &[&rt, &prev, &access, &id],
+            )
+            .await?;
+            resealed += 1;
+        }
+    }
+    tx.execute(
+        "INSERT INTO keycheck (id, value) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
+        &[&keys.check_value()],
+    )
+    .await?;
+    if resealed > 0 {
+        tracing::info!(
+            connections = resealed,
+            key_file = %keys.key_file().display(),
+            "re-sealed the PostgreSQL ledger under key_file; daemon.old_key_files are no longer needed"
+        );
+    }
+    Ok(())
+}
+
+struct LoadAll;
+impl AsyncTxFn<Vec<Record>> for LoadAll {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Vec<Record>, PgError>> {
+        Box::pin(async move {
+            // One snapshot for both statements: no site of a connection inserted between them.
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
+            let rows = tx
+                .query(
+                    &format!("SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY id"),
+                    &[],
+                )
+                .await?;
+            let mut records = rows
+                .iter()
+                .map(|r| row_to_record(r, keys))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sites = tx
+                .query(
+                    &format!("SELECT connection_id, {SITE_COLUMNS} FROM sites WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id"),
+                    &[],
+                )
+                .await?;
+            for s in &sites {
+                let id: &str = s.get(0);
+                if let Some(rec) = records.iter_mut().find(|r| r.conn.id == id) {
+                    rec.conn.sites.push(row_to_site(s, 1));
+                }
+            }
+            Ok(records)
+        })
+    }
+}
+
+struct LoadOne(String);
+impl AsyncTxFn<Option<Record>> for LoadOne {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Option<Record>, PgError>> {
+        Box::pin(async move {
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
+            let Some(row) = tx
+                .query_opt(
+                    &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"),
+                    &[&self.0],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let mut rec = row_to_record(&row, keys)?;
+            rec.conn.sites = load_sites(tx, &self.0).await?;
+            Ok(Some(rec))
+        })
+    }
+}
+
+struct Insert(Record, Vec<Event>, Option<String>);
+impl AsyncTxFn<()> for Insert {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            let Insert(rec, events, node) = self;
+            durable(tx).await?;
+            let taken = tx
+                .query_opt(
+                    "SELECT id FROM connections WHERE label = $1",
+                    &[&rec.conn.label],
+                )
+                .await?;
+            if taken.is_some() {
+                return Err(PgError::LabelTaken(rec.conn.label.clone()));
+            }
+            let values = record_values(&rec, keys);
+            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v.as_sql()).collect();
+            let placeholders = (1..=values.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.execute(
+                &format!("INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({placeholders})"),
+                &params,
+            )
+            .await
+            .map_err(|e| {
+                // A concurrent insert of the same label, between our check and this row.
+                match e.as_db_error() {
+                    Some(db) if db.constraint() == Some("connections_label_key") => {
+                        PgError::LabelTaken(rec.conn.label.clone())
+                    }
+                    _ => e.into(),
+                }
+            })?;
+            write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at).await?;
+            append_events(
+                tx,
+                Some(&rec.conn.id),
+                rec.conn.updated_at,
+                &events,
+                node.as_deref(),
+            )
+            .await
+        })
+    }
+}
+
+struct SaveChain {
+    rec: Record,
+    expect_version: u64,
+    fence: Option<Fence>,
+    events: Vec<Event>,
+    node: Option<String>,
+}
+impl AsyncTxFn<()> for SaveChain {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            let id = self.rec.conn.id.clone();
+            durable(tx).await?;
+            if let Some(fence) = &self.fence {
+                // The claim row is locked until commit: no takeover can slip in between this
+                // check and the write.
+                let held = tx
+                    .query_opt(
+                        "SELECT 1 FROM claims WHERE connection_id = $1 AND holder = $2 \
+                         AND version = $3 AND expires_at > clock_timestamp() FOR UPDATE",
+                        &[&id, &fence.holder, &(fence.version as i64)],
+                    )
+                    .await?;
+                if held.is_none() {
+                    return Err(PgError::Conflict(id));
+                }
+            }
+            if update_row(tx, keys, &self.rec, self.expect_version).await? == 0 {
+                return Err(PgError::Conflict(id));
+            }
+            append_events(
+                tx,
+                Some(&id),
+                self.rec.conn.updated_at,
+                &self.events,
+                self.node.as_deref(),
+            )
+            .await
+        })
+    }
+}
+
+struct SetAccount {
+    id: String,
+    account_id: String,
+    now: Time,
+    events: Vec<Event>,
+    node: Option<String>,
+}
+impl AsyncTxFn<()> for SetAccount {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            let n = tx
+                .execute(
+                    "UPDATE connections SET account_id = $1, updated_at = $2 WHERE id = $3",
+                    &[&self.account_id, &ms(self.now), &self.id],
+                )
+                .await?;
+            if n == 0 {
+                return Err(PgError::Conflict(self.id));
+            }
+            append_events(
+                tx,
+                Some(&self.id),
+                self.now,
+                &self.events,
+                self.node.as_deref(),
+            )
+            .await
+        })
+    }
+}
+
+struct Merge {
+    from: String,
+    from_version: u64,
+    merged: Record,
+    expect_version: u64,
+    events: Vec<Event>,
+    node: Option<String>,
+}
+impl AsyncTxFn<()> for Merge {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            durable(tx).await?;
+            let deleted = tx
+                .execute(
+                    "DELETE FROM connections WHERE id = $1 AND chain_version = $2",
+                    &[&self.from, &(self.from_version as i64)],
+                )
+                .await?;
+            if deleted == 0 {
+                return Err(PgError::Conflict(self.from));
+            }
+            if update_row(tx, keys, &self.merged, self.expect_version).await? == 0 {
+                return Err(PgError::Conflict(self.merged.conn.id.clone()));
+            }
+            let at = self.merged.conn.updated_at;
+            let node = self.node.as_deref();
+            append_events(
+                tx,
+                Some(&self.from),
+                at,
+                &[Event::new(
+                    EventKind::Merged,
+                    format!("chain moved into connection {}", self.merged.conn.id),
+                )],
+                node,
+            )
+            .await?;
+            append_events(tx, Some(&self.merged.conn.id), at, &self.events, node).await
+        })
+    }
+}
+
+struct SyncSites {
+    id: String,
+    sites: Vec<Site>,
+    now: Time,
+    node: Option<String>,
+}
+impl AsyncTxFn<Vec<Event>> for SyncSites {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Vec<Event>, PgError>> {
+        Box::pin(async move {
+            // Two daemons syncing one connection's sites take turns, so that each change is
+            // told once.
+            tx.execute(
+                "SELECT 1 FROM connections WHERE id = $1 FOR UPDATE",
+                &[&self.id],
+            )
+            .await?;
+            let before = load_sites(tx, &self.id).await?;
+            let (events, removed) = super::site_changes(&before, &self.sites);
+            for b in removed {
+                tx.execute(
+                    "UPDATE sites SET removed_at = $3 WHERE connection_id = $1 AND cloud_id = $2 \
+                     AND url = $4 AND removed_at IS NULL",
+                    &[&self.id, &b.cloud_id, &ms(self.now), &b.url],
+                )
+                .await?;
+            }
+            write_sites(tx, &self.id, &self.sites, self.now).await?;
+            append_events(tx, Some(&self.id), self.now, &events, self.node.as_deref()).await?;
+            Ok(events)
+        })
+    }
+}
+
+struct Delete {
+    id: String,
+    now: Time,
+    node: Option<String>,
+}
+impl AsyncTxFn<bool> for Delete {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<bool, PgError>> {
+        Box::pin(async move {
+            let n = tx
+                .execute("DELETE FROM connections WHERE id = $1", &[&self.id])
+                .await?;
+            if n > 0 {
+                append_events(
+                    tx,
+                    Some(&self.id),
+                    self.now,
+                    &[Event::new(EventKind::Removed, "connection removed")],
+                    self.node.as_deref(),
+                )
+                .await?;
+            }
+            Ok(n > 0)
+        })
+    }
+}
+
+struct Append {
+    rows: Vec<(Option<String>, Time, Event)>,
+    node: Option<String>,
+}
+impl AsyncTxFn<()> for Append {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            for (id, at, e) in &self.rows {
+                append_events(
+                    tx,
+                    id.as_deref(),
+                    *at,
+                    std::slice::from_ref(e),
+                    self.node.as_deref(),
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+struct Events {
+    id: String,
+    since: Option<Time>,
+    limit: usize,
+}
+impl AsyncTxFn<Vec<StoredEvent>> for Events {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Vec<StoredEvent>, PgError>> {
+        Box::pin(async move {
+            let rows = tx
+                .query(
+                    "SELECT at, kind, message, node, peer_uid, peer_pid, count FROM events \
+                     WHERE connection_id = $1 AND at >= $2 ORDER BY at DESC, seq DESC LIMIT $3",
+                    &[
+                        &self.id,
+                        &self.since.map_or(i64::MIN, ms),
+                        &(self.limit.min(i64::MAX as usize) as i64),
+                    ],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let uid: Option<i64> = r.get(4);
+                    let pid: Option<i64> = r.get(5);
+                    StoredEvent {
+                        at: from_ms(r.get(0)),
+                        kind: EventKind::parse(&r.get::<_, String>(1)),
+                        message: r.get(2),
+                        node: r.get(3),
+                        peer: uid.map(|u| EventPeer {
+                            uid: u as u32,
+                            pid: pid.map(|p| p as u32),
+                        }),
+                        count: r.get::<_, i64>(6).clamp(0, u32::MAX as i64) as u32,
+                    }
+                })
+                .collect())
+        })
+    }
+}
+
+struct Maintain(Time);
+impl AsyncTxFn<usize> for Maintain {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<usize, PgError>> {
+        Box::pin(async move {
+            let n = tx
+                .execute("DELETE FROM events WHERE at < $1", &[&ms(self.0)])
+                .await?;
+            Ok(n as usize)
+        })
+    }
+}
+
+struct CheckWritable;
+impl AsyncTxFn<()> for CheckWritable {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<(), PgError>> {
+        Box::pin(async move {
+            tx.execute(
+                "INSERT INTO health (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                &[&ms(Utc::now())],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+/// `expires_at - clock_timestamp()` in milliseconds, as the claim statements return it.
+const LEFT_MS: &str = "(extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::bigint";
+
+fn fence_of(row: &tokio_postgres::Row, holder: String) -> Fence {
+    Fence {
+        holder,
+        version: row.get::<_, i64>(0).max(0) as u64,
+        valid_for: Duration::from_millis(row.get::<_, i64>(1).max(0) as u64),
+    }
+}
+
+struct Claim {
+    id: String,
+    holder: String,
+    lease: Duration,
+}
+impl AsyncTxFn<Option<Fence>> for Claim {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Option<Fence>, PgError>> {
+        Box::pin(async move {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "INSERT INTO claims (connection_id, holder, expires_at, version) \
+                         SELECT id, $2, clock_timestamp() + make_interval(secs => $3), 1 \
+                         FROM connections WHERE id = $1 \
+                         ON CONFLICT (connection_id) DO UPDATE SET holder = excluded.holder, \
+                           expires_at = excluded.expires_at, version = claims.version + 1 \
+                         WHERE claims.holder = excluded.holder OR claims.expires_at < clock_timestamp() \
+                         RETURNING version, {LEFT_MS}"
+                    ),
+                    &[&self.id, &self.holder, &self.lease.as_secs_f64()],
+                )
+                .await?;
+            if let Some(row) = row {
+                return Ok(Some(fence_of(&row, self.holder)));
+            }
+            let exists = tx
+                .query_opt("SELECT 1 FROM connections WHERE id = $1", &[&self.id])
+                .await?;
+            match exists {
+                Some(_) => Ok(None),
+                None => Err(PgError::Conflict(self.id)),
+            }
+        })
+    }
+}
+
+struct Renew {
+    id: String,
+    fence: Fence,
+    lease: Duration,
+}
+impl AsyncTxFn<Option<Fence>> for Renew {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Option<Fence>, PgError>> {
+        Box::pin(async move {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE claims SET expires_at = clock_timestamp() + make_interval(secs => $4) \
+                         WHERE connection_id = $1 AND holder = $2 AND version = $3 \
+                         RETURNING version, {LEFT_MS}"
+                    ),
+                    &[
+                        &self.id,
+                        &self.fence.holder,
+                        &(self.fence.version as i64),
+                        &self.lease.as_secs_f64(),
+                    ],
+                )
+                .await?;
+            Ok(row.map(|r| fence_of(&r, self.fence.holder)))
+        })
+    }
+}
+
+struct Release {
+    id: String,
+    fence: Fence,
+}
+impl AsyncTxFn<bool> for Release {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<bool, PgError>> {
+        Box::pin(async move {
+            let n = tx
+                .execute(
+                    "UPDATE claims SET expires_at = '-infinity' \
+                     WHERE connection_id = $1 AND holder = $2 AND version = $3",
+                    &[&self.id, &self.fence.holder, &(self.fence.version as i64)],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+}
+
+/// Makes this transaction's commit wait for the server's WAL flush whatever the server's
+/// default: a rotated token is durable when the commit returns. (`SET LOCAL`: it ends with
+/// the transaction, so nothing leaks into a pooled session.)
+async fn durable(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await?;
+    Ok(())
+}
+
+/// A column value of a connection row.
+enum Value {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    OptInt(Option<i64>),
+}
+
+impl Value {
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Value::Text(v) => v,
+            Value::OptText(v) => v,
+            Value::Int(v) => v,
+            Value::OptInt(v) => v,
+        }
+    }
+}
+
+/// The row of a record in [`CONNECTION_COLUMNS`]' order, its tokens sealed.
+fn record_values(rec: &Record, keys: &Keyring) -> Vec<Value> {
+    let c = &rec.conn;
+    let ch = &rec.chain;
+    let sealed =
+        |column: &str, token: &Secret| keys.seal(token.expose(), &seal::aad(&c.id, column));
+    vec![
+        Value::Text(c.id.clone()),
+        Value::Text(c.label.clone()),
+        Value::Text(c.provider.clone()),
+        Value::Text(c.client_id.clone()),
+        Value::OptText(c.account_id.clone()),
+        Value::Text(c.status.as_str().to_owned()),
+        Value::Text(join_scopes(&c.scopes)),
+        Value::Text(sealed("refresh_token", &ch.refresh_token)),
+        Value::Int(ms(ch.rotated_at)),
+        Value::OptText(
+            ch.previous
+                .as_ref()
+                .map(|(s, _)| sealed("previous_refresh_token", s)),
+        ),
+        Value::OptInt(ch.previous.as_ref().map(|(_, t)| ms(*t))),
+        Value::OptInt(ch.attempt_started_at.map(ms)),
+        Value::OptText(ch.access.as_ref().map(|a| sealed("access_token", &a.token))),
+        Value::OptInt(ch.access.as_ref().map(|a| ms(a.expires_at))),
+        Value::Int(ms(c.consented_at)),
+        Value::OptInt(c.last_refresh_at.map(ms)),
+        Value::OptText(c.last_error.as_ref().map(|e| e.code.clone())),
+        Value::OptText(c.last_error.as_ref().map(|e| e.message.clone())),
+        Value::OptInt(c.last_error.as_ref().map(|e| ms(e.at))),
+        Value::Int(c.consecutive_failures as i64),
+        Value::Int(ms(c.created_at)),
+        Value::Int(ms(c.updated_at)),
+        Value::Int(ch.version as i64),
+        Value::Int(ms(ch.used_at)),
+    ]
+}
+
+/// Overwrites the chain columns of `rec`'s row while its `chain_version` is
+/// `expect_version`; returns the number of rows changed.
+async fn update_row(
+    tx: &deadpool_postgres::Transaction<'_>,
+    keys: &Keyring,
+    rec: &Record,
+    expect_version: u64,
+) -> Result<u64, PgError> {
+    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
+    let values = record_values(rec, keys);
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(CHAIN_COLUMNS.len() + 2);
+    let mut assignments = Vec::with_capacity(CHAIN_COLUMNS.len());
+    for c in CHAIN_COLUMNS {
+        let i = all
+            .iter()
+            .position(|a| a == c)
+            .ok_or_else(|| PgError::Corrupt(format!("unknown column {c}")))?;
+        params.push(values[i].as_sql());
+        assignments.push(format!("{c} = ${}", params.len()));
+    }
+    let expect = expect_version as i64;
+    params.push(&rec.conn.id);
+    params.push(&expect);
+    Ok(tx
+        .execute(
+            &format!(
+                "UPDATE connections SET {} WHERE id = ${} AND chain_version = ${}",
+                assignments.join(", "),
+                params.len() - 1,
+                params.len()
+            ),
+            &params,
+        )
+        .await?)
+}
+
+fn row_to_record(r: &tokio_postgres::Row, keys: &Keyring) -> Result<Record, PgError> {
+    let id: String = r.try_get(0)?;
+    let open = |column: &str, value: &str| -> Result<Secret, PgError> {
+        keys.open(value, &seal::aad(&id, column))
+            .map(|o| Secret::new(o.plaintext.as_str()))
+            .map_err(|e| PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
+    };
+    let status: String = r.try_get(5)?;
+    let status = Status::parse(&status)
+        .ok_or_else(|| PgError::Corrupt(format!("unknown status {status:?}")))?;
+    let opt_time = |i: usize| -> Result<Option<Time>, PgError> {
+        Ok(r.try_get::<_, Option<i64>>(i)?.map(from_ms))
+    };
+    let previous = match (r.try_get::<_, Option<String>>(9)?, opt_time(10)?) {
+        (Some(t), Some(at)) => Some((open("previous_refresh_token", &t)?, at)),
+        _ => None,
+    };
+    let access = match (r.try_get::<_, Option<String>>(12)?, opt_time(13)?) {
+        (Some(t), Some(at)) => Some(AccessToken {
+            token: open("access_token", &t)?,
+            expires_at: at,
+        }),
+        _ => None,
+    };
+    let refresh_token = open("refresh_token", &r.try_get::<_, String>(7)?)?;
+    let last_error = match (
+        r.try_get::<_, Option<String>>(16)?,
+        r.try_get::<_, Option<String>>(17)?,
+        opt_time(18)?,
+    ) {
+        (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
+        _ => None,
+    };
+    let rotated_at = from_ms(r.try_get(8)?);
+    Ok(Record {
+        conn: Connection {
+            label: r.try_get(1)?,
+            provider: r.try_get(2)?,
+            client_id: r.try_get(3)?,
+            account_id: r.try_get(4)?,
+            status,
+            scopes: split_scopes(&r.try_get::<_, String>(6)?),
+            sites: Vec::new(),
+            consented_at: from_ms(r.try_get(14)?),
+            last_refresh_at: opt_time(15)?,
+            last_error,
+            consecutive_failures: r.try_get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
+            created_at: from_ms(r.try_get(20)?),
+            updated_at: from_ms(r.try_get(21)?),
+            id,
+        },
+        chain: Chain {
+            refresh_token,
+            rotated_at,
+            used_at: opt_time(23)?.unwrap_or(rotated_at),
+            version: r.try_get::<_, i64>(22)?.max(0) as u64,
+            previous,
+            attempt_started_at: opt_time(11)?,
+            access,
+        },
+    })
+}
+
+const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
+
+/// A site from [`SITE_COLUMNS`] starting at column `at`.
+fn row_to_site(r: &tokio_postgres::Row, at: usize) -> Site {
+    Site {
+        cloud_id: r.get(at),
+        url: r.get(at + 1),
+        name: r.get(at + 2),
+        scopes: split_scopes(r.get(at + 3)),
+        last_seen_at: from_ms(r.get(at + 4)),
+    }
+}
+
+async fn load_sites(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+) -> Result<Vec<Site>, PgError> {
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {SITE_COLUMNS} FROM sites WHERE connection_id = $1 AND removed_at IS NULL \
+                 ORDER BY url, cloud_id"
+            ),
+            &[&id],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| row_to_site(r, 0)).collect())
+}
+
+async fn write_sites(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+    sites: &[Site],
+    now: Time,
+) -> Result<(), PgError> {
+    for s in sites {
+        tx.execute(
+            "INSERT INTO sites (connection_id, cloud_id, url, name, scopes, first_seen_at, last_seen_at, removed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL) \
+             ON CONFLICT (connection_id, cloud_id, url) DO UPDATE SET \
+               name = excluded.name, scopes = excluded.scopes, \
+               last_seen_at = excluded.last_seen_at, removed_at = NULL",
+            &[
+                &id,
+                &s.cloud_id,
+                &s.url,
+                &s.name,
+                &join_scopes(&s.scopes),
+                &ms(now),
+                &ms(s.last_seen_at),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn append_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: Option<&str>,
+    now: Time,
+    events: &[Event],
+    node: Option<&str>,
+) -> Result<(), PgError> {
+    for e in events {
+        let kind = e.kind.to_string();
+        tx.execute(
+            "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &ms(now),
+                &id,
+                &kind,
+                &e.message,
+                &node,
+                &e.peer.map(|p| i64::from(p.uid)),
+                &e.peer.and_then(|p| p.pid).map(i64::from),
+                &i64::from(e.count),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,574 @@
+//! Tests of what only the PostgreSQL ledger has (migrations under a lock, claims and fences,
+//! TLS modes, errors without secrets), against a real server (`crate::testpg`). What both
+//! ledgers share is tested on both in `ledger::semantics`.
+
+use super::*;
+use crate::testpg;
+use std::path::PathBuf;
+
+fn record(id: &str, label: &str, rt: &str) -> Record {
+    let now = from_ms(Utc::now().timestamp_millis());
+    crate::model::sample_record(id, label, rt, now)
+}
+
+fn key_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let hex: String = std::iter::repeat_n(format!("{byte:02x}"), 32).collect();
+    std::fs::write(&path, hex).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn only(key: &Path) -> KeySource {
+    KeySource {
+        key_file: Some(key.to_path_buf()),
+        old_key_files: vec![],
+    }
+}
+
+/// A fresh database and a key for it, or `None` when no server is installed (see testpg).
+struct Db {
+    url: String,
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Db {
+    fn new() -> Option<Db> {
+        let url = testpg::database()?;
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "ledger.key", 0x42);
+        Some(Db { url, dir, key })
+    }
+    async fn ledger(&self) -> PgLedger {
+        PgLedger::connect(&self.url, &only(&self.key), self.dir.path())
+            .await
+            .unwrap()
+    }
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_once_under_a_lock_and_a_newer_schema_is_refused() {
+    let Some(db) = Db::new() else { return };
+    // Daemons starting together on an empty database: one migrates, the others wait for
+    // its transaction and find the schema done.
+    let mut starts = Vec::new();
+    for _ in 0..4 {
+        let (url, key, dir) = (db.url.clone(), db.key.clone(), db.dir.path().to_path_buf());
+        starts.push(tokio::spawn(async move {
+            PgLedger::connect(&url, &only(&key), &dir).await.map(|_| ())
+        }));
+    }
+    for s in starts {
+        s.await.unwrap().unwrap();
+    }
+    let raw = db.raw().await;
+    let v: i32 = raw
+        .query_one("SELECT version FROM tokend_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, SCHEMA_VERSION);
+    let rows: i64 = raw
+        .query_one("SELECT count(*) FROM tokend_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    // Reconnecting changes nothing.
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    drop(ledger);
+    assert_eq!(db.ledger().await.load_all().await.unwrap().len(), 1);
+
+    raw.execute(
+        "UPDATE tokend_schema SET version = $1",
+        &[&(SCHEMA_VERSION + 1)],
+    )
+    .await
+    .unwrap();
+    let err = PgLedger::connect(&db.url, &only(&db.key), db.dir.path())
+        .await
+        .err()
+        .expect("a newer schema must be refused");
+    assert!(matches!(err, PgError::TooNew { .. }), "{err}");
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
+#[tokio::test]
+async fn another_key_is_refused_and_rotation_reseals_every_row() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    drop(ledger);
+    let other = key_file(db.dir.path(), "other.key", 0x43);
+    let err = PgLedger::connect(&db.url, &only(&other), db.dir.path())
+        .await
+        .err()
+        .expect("another key must be refused");
+    assert!(matches!(err, PgError::WrongKey { .. }), "{err}");
+    assert!(err.to_string().contains("other.key"), "{err}");
+    // A daemon without a key_file creates its own key, and is refused the same way.
+    let fresh = tempfile::tempdir().unwrap();
+    let err = PgLedger::connect(&db.url, &KeySource::default(), fresh.path())
+        .await
+        .err()
+        .expect("a new default key must be refused");
+    assert!(matches!(err, PgError::WrongKey { .. }), "{err}");
+
+    let rotate = KeySource {
+        key_file: Some(other.clone()),
+        old_key_files: vec![db.key.clone()],
+    };
+    let ledger = PgLedger::connect(&db.url, &rotate, db.dir.path())
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.load_all().await.unwrap()[0]
+            .chain
+            .refresh_token
+            .expose(),
+        "rt-1"
+    );
+    drop(ledger);
+    let ledger = PgLedger::connect(&db.url, &only(&other), db.dir.path())
+        .await
+        .expect("no row is left under the old key");
+    assert_eq!(
+        ledger.load_all().await.unwrap()[0]
+            .chain
+            .refresh_token
+            .expose(),
+        "rt-1"
+    );
+}
+
+#[tokio::test]
+async fn the_sqlite_ledgers_key_opens_its_sealed_rows_here() {
+    let Some(db) = Db::new() else { return };
+    let state = db.dir.path().join("sqlite");
+    let sqlite = crate::ledger::Ledger::open(&state, &only(&db.key)).unwrap();
+    let mut rec = record("c1", "conf", "rt-shared");
+    rec.chain.access = Some(AccessToken {
+        token: Secret::new("at-shared"),
+        expires_at: rec.chain.rotated_at,
+    });
+    sqlite.insert(rec.clone(), vec![]).await.unwrap();
+    let (rt, at): (String, String) = sqlite
+        .call(|c| {
+            Ok(c.query_row(
+                "SELECT refresh_token, access_token FROM connections WHERE id = 'c1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+        .unwrap();
+    drop(sqlite);
+    let ledger = db.ledger().await;
+    let mut other = rec.clone();
+    other.chain.refresh_token = Secret::new("placeholder");
+    ledger.insert(other, vec![]).await.unwrap();
+    // The SQLite ledger's sealed values, copied as they are (what migrate-ledger does).
+    db.raw()
+        .await
+        .execute(
+            "UPDATE connections SET refresh_token = $1, access_token = $2 WHERE id = 'c1'",
+            &[&rt, &at],
+        )
+        .await
+        .unwrap();
+    let got = ledger.load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(got.chain.refresh_token.expose(), "rt-shared");
+    assert_eq!(got.chain.access.unwrap().token.expose(), "at-shared");
+}
+
+#[tokio::test]
+async fn a_lapsed_claim_is_taken_over_and_its_late_commit_refused() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    let rec = record("c1", "conf", "rt-1");
+    ledger.insert(rec.clone(), vec![]).await.unwrap();
+    let lease = Duration::from_secs(60);
+
+    let a = ledger
+        .claim("c1".into(), "node-a".into(), lease)
+        .await
+        .unwrap()
+        .expect("nobody holds it");
+    assert_eq!(a.holder, "node-a");
+    assert!(
+        a.valid_for <= lease && a.valid_for > Duration::ZERO,
+        "{a:?}"
+    );
+    assert_eq!(
+        ledger
+            .claim("c1".into(), "node-b".into(), lease)
+            .await
+            .unwrap(),
+        None,
+        "node-a's lease runs"
+    );
+    let renewed = ledger
+        .renew("c1".into(), a.clone(), lease)
+        .await
+        .unwrap()
+        .expect("node-a still holds it");
+    assert_eq!(renewed.version, a.version, "a renewal is the same claim");
+    // A claim that lapses at once (a zero lease): by the database's clock it has expired
+    // by the next statement.
+    let a = ledger
+        .claim("c1".into(), "node-a".into(), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.version > renewed.version, "every claim grows the version");
+    let b = ledger
+        .claim("c1".into(), "node-b".into(), lease)
+        .await
+        .unwrap()
+        .expect("a lapsed claim is taken over");
+    assert!(b.version > a.version);
+
+    // node-a wakes up with its answer: its commit under the old fence is refused, even
+    // though the chain version still matches.
+    let mut late = rec.clone();
+    late.chain.refresh_token = Secret::new("rt-from-a");
+    late.chain.version = 1;
+    let err = ledger
+        .save_chain_fenced(late, 0, a.clone(), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+    assert_eq!(
+        ledger.renew("c1".into(), a.clone(), lease).await.unwrap(),
+        None
+    );
+    assert!(!ledger.release("c1".into(), a).await.unwrap());
+    let stored = ledger.load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(stored.chain.refresh_token.expose(), "rt-1");
+    assert_eq!(stored.chain.version, 0);
+
+    // node-b commits under its fence, then releases; the next claim still grows.
+    let mut next = rec.clone();
+    next.chain.refresh_token = Secret::new("rt-from-b");
+    next.chain.version = 1;
+    ledger
+        .save_chain_fenced(
+            next,
+            0,
+            b.clone(),
+            vec![Event::new(EventKind::Rotated, "ok")],
+        )
+        .await
+        .unwrap();
+    assert!(ledger.release("c1".into(), b.clone()).await.unwrap());
+    let a2 = ledger
+        .claim("c1".into(), "node-a".into(), lease)
+        .await
+        .unwrap()
+        .expect("a released claim is free");
+    assert!(a2.version > b.version);
+    // The chain's compare-and-swap still holds under a valid fence.
+    let mut stale = rec.clone();
+    stale.chain.version = 1;
+    let err = ledger
+        .save_chain_fenced(stale, 0, a2, vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+    let stored = ledger.load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(stored.chain.refresh_token.expose(), "rt-from-b");
+
+    // No claim of a connection that is gone; deleting one drops its claim.
+    let err = ledger
+        .claim("nope".into(), "node-a".into(), lease)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+    assert!(ledger.delete("c1".into(), Utc::now()).await.unwrap());
+    let left: i64 = db
+        .raw()
+        .await
+        .query_one("SELECT count(*) FROM claims", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn an_expired_fence_commits_nothing_even_before_a_takeover() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    let rec = record("c1", "conf", "rt-1");
+    ledger.insert(rec.clone(), vec![]).await.unwrap();
+    let a = ledger
+        .claim("c1".into(), "node-a".into(), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut next = rec.clone();
+    next.chain.version = 1;
+    let err = ledger
+        .save_chain_fenced(next.clone(), 0, a.clone(), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+    // Renewed (nobody claimed meanwhile, so the fence still proves sole ownership), the
+    // commit lands.
+    let a = ledger
+        .renew("c1".into(), a, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("no other holder claimed");
+    ledger.save_chain_fenced(next, 0, a, vec![]).await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_carry_no_secret() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    // A unique violation's DETAIL quotes the row's key; the error must not.
+    let mut twin = record("c2", "other", "rt-2");
+    twin.conn.account_id = Some("acct-c1".into());
+    let err = ledger.insert(twin, vec![]).await.unwrap_err().to_string();
+    assert!(err.contains("SQLSTATE 23505"), "{err}");
+    assert!(!err.contains("acct-c1"), "{err}");
+    // Nobody listens on the port: unavailable, and the password is not in the message.
+    let port = testpg::shared().unwrap().port();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    assert_ne!(port, closed);
+    let url = format!("postgres://postgres:hunter2-secret@127.0.0.1:{closed}/x?sslmode=disable");
+    let err = PgLedger::connect(&url, &only(&db.key), db.dir.path())
+        .await
+        .err()
+        .expect("nothing listens");
+    assert!(matches!(err, PgError::Unavailable(_)), "{err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+}
+
+#[tokio::test]
+async fn sslmode_require_refuses_a_server_without_tls_and_prefer_falls_back() {
+    let Some(db) = Db::new() else { return };
+    let require = db.url.replace("sslmode=disable", "sslmode=require");
+    let err = PgLedger::connect(&require, &only(&db.key), db.dir.path())
+        .await
+        .err()
+        .expect("the test server has no TLS");
+    assert!(matches!(err, PgError::Unavailable(_)), "{err}");
+    let prefer = db.url.replace("sslmode=disable", "sslmode=prefer");
+    let ledger = PgLedger::connect(&prefer, &only(&db.key), db.dir.path())
+        .await
+        .expect("prefer connects without TLS");
+    ledger.check_writable().await.unwrap();
+}
+
+#[tokio::test]
+async fn events_are_append_only_and_maintenance_prunes_old_ones() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    let old = Utc::now() - chrono::Duration::days(400);
+    ledger
+        .append(None, old, vec![Event::new(EventKind::parse("old"), "x")])
+        .await
+        .unwrap();
+    ledger
+        .append(
+            None,
+            Utc::now(),
+            vec![Event::new(EventKind::parse("new"), "y")],
+        )
+        .await
+        .unwrap();
+    let err = db
+        .raw()
+        .await
+        .execute("UPDATE events SET message = 'z'", &[])
+        .await
+        .unwrap_err();
+    assert!(describe(&err).contains("append-only"), "{}", describe(&err));
+    let n = ledger
+        .maintain(Utc::now() - chrono::Duration::days(365))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let left: i64 = db
+        .raw()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+}
+
+#[tokio::test]
+async fn a_server_restart_is_survived() {
+    // Its own cluster: crashing the shared one would fail the other tests.
+    let Some(cluster) = testpg::Cluster::start() else {
+        return;
+    };
+    let url = cluster.url(&cluster.create_database());
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k", 1);
+    let ledger = PgLedger::connect(&url, &only(&key), dir.path())
+        .await
+        .unwrap();
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    cluster.crash();
+    let err = ledger.load_all().await.unwrap_err();
+    assert!(matches!(err, PgError::Unavailable(_)), "{err}");
+    cluster.restart();
+    // The pooled connections died with the server: each is found closed and replaced. A
+    // connection's death is noticed by its first use, so allow one failure per pooled one.
+    let mut loaded = None;
+    for _ in 0..=POOL_SIZE {
+        if let Ok(all) = ledger.load_all().await {
+            loaded = Some(all);
+            break;
+        }
+    }
+    let all = loaded.expect("the ledger reconnects by itself");
+    assert_eq!(all[0].chain.refresh_token.expose(), "rt-1");
+}
+
+#[tokio::test]
+async fn sslmodes_check_the_servers_certificate_as_libpq_does() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        (params, key, cert)
+    };
+    let (ca_params, ca_key, ca_cert) = ca("tokend test CA");
+    let (_, _, other_cert) = ca("another CA");
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let Some(cluster) = testpg::Cluster::start_tls(&server_cert.pem(), &server_key.serialize_pem())
+    else {
+        return;
+    };
+    let name = cluster.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k", 7);
+    let trusted = dir.path().join("ca.pem");
+    std::fs::write(&trusted, ca_cert.pem()).unwrap();
+    let untrusted = dir.path().join("other.pem");
+    std::fs::write(&untrusted, other_cert.pem()).unwrap();
+    let cases: &[(&str, &str, Option<&Path>, bool)] = &[
+        ("localhost", "verify-full", Some(&trusted), true),
+        ("127.0.0.1", "verify-full", Some(&trusted), false), // the name is not in the cert
+        ("127.0.0.1", "verify-ca", Some(&trusted), true),
+        ("localhost", "verify-full", Some(&untrusted), false),
+        ("localhost", "verify-ca", Some(&untrusted), false),
+        ("localhost", "verify-full", None, false), // not a public root
+        ("127.0.0.1", "require", None, true),      // encrypted, unchecked
+        ("127.0.0.1", "require", Some(&untrusted), false), // a root file: as verify-ca
+        ("127.0.0.1", "prefer", None, true),
+        ("127.0.0.1", "disable", None, false), // the server takes TLS only
+    ];
+    for (host, mode, root, ok) in cases {
+        let root = root
+            .map(|p| format!("&sslrootcert={}", p.display()))
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://postgres@{host}:{}/{name}?sslmode={mode}{root}",
+            cluster.port()
+        );
+        let got = PgLedger::connect(&url, &only(&key), dir.path()).await;
+        match (got, ok) {
+            (Ok(ledger), true) => ledger.check_writable().await.unwrap(),
+            (Err(e), false) => assert!(matches!(e, PgError::Unavailable(_)), "{url}: {e}"),
+            (Ok(_), false) => panic!("{url} must be refused"),
+            (Err(e), true) => panic!("{url} must connect: {e}\n{}", cluster.log()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_racing_on_one_chain_win_once() {
+    let Some(db) = Db::new() else { return };
+    let daemons = [db.ledger().await, db.ledger().await, db.ledger().await];
+    let rec = record("c1", "conf", "rt-0");
+    daemons[0].insert(rec.clone(), vec![]).await.unwrap();
+    // Every daemon claims at once: one holder.
+    let mut claims = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let d = d.clone();
+        claims.push(tokio::spawn(async move {
+            d.claim("c1".into(), format!("node-{i}"), Duration::from_secs(60))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut granted = Vec::new();
+    for c in claims {
+        granted.extend(c.await.unwrap());
+    }
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    // Every daemon commits its own next chain over version 0 at once: one lands.
+    let mut commits = Vec::new();
+    for (i, d) in daemons.iter().enumerate() {
+        let d = d.clone();
+        let mut next = rec.clone();
+        next.chain.refresh_token = Secret::new(format!("rt-from-{i}"));
+        next.chain.version = 1;
+        commits.push(tokio::spawn(async move {
+            d.save_chain(
+                next,
+                0,
+                vec![Event::new(EventKind::Rotated, format!("by {i}"))],
+            )
+            .await
+        }));
+    }
+    let mut won = Vec::new();
+    for (i, c) in commits.into_iter().enumerate() {
+        match c.await.unwrap() {
+            Ok(()) => won.push(i),
+            Err(PgError::Conflict(id)) => assert_eq!(id, "c1"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    let stored = daemons[1].load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(
+        stored.chain.refresh_token.expose(),
+        format!("rt-from-{}", won[0])
+    );
+    let events = daemons[2].events("c1".into(), None, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "only the winner's event was appended");
+    assert_eq!(events[0].message, format!("by {}", won[0]));
+}

@@ -1,0 +1,319 @@
+//! `ledger.url` for PostgreSQL: the URL, its `sslmode` as libpq means it, and the rustls
+//! connector (no OpenSSL) that honours it.
+//!
+//! tokio-postgres knows `disable`, `prefer` and `require` only, and never checks a
+//! certificate by itself. So `sslmode` and `sslrootcert` are taken out of the URL here and
+//! carried out by the rustls verifier, as libpq does:
+//!
+//! | `sslmode` | TLS | certificate checked |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `prefer` (the default) | if the server offers it | no |
+//! | `require` | always | no (as `verify-ca` when `sslrootcert` is given, like libpq) |
+//! | `verify-ca` | always | chain to a trusted root |
+//! | `verify-full` | always | chain, and the host name |
+//!
+//! Trusted roots are the PEM certificates of `sslrootcert` (a file), else the Mozilla roots
+//! compiled in (`webpki-roots`; also for `sslrootcert=system`).
+//!
+//! **Architecture Invariant:** no error of this module quotes the URL (it may hold a
+//! password).
+
+use super::PgError;
+use rustls::DigitallySignedStruct;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// `sslmode`, as libpq spells and means it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it, certificate unchecked.
+    Prefer,
+    /// TLS, certificate unchecked.
+    Require,
+    /// TLS, certificate chained to a trusted root.
+    VerifyCa,
+    /// TLS, certificate chained to a trusted root and naming the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+/// A parsed `ledger.url`.
+pub struct Target {
+    /// Everything tokio-postgres is told (its `ssl_mode` set from [`Target::mode`]).
+    pub config: tokio_postgres::Config,
+    /// The `sslmode` asked for.
+    pub mode: SslMode,
+    /// `sslrootcert`, when a file.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Parses a `postgres://` (or `postgresql://`) URL. Errors never quote it.
+pub fn parse_url(url: &str) -> Result<Target, PgError> {
+    let url = url.trim();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(PgError::Url(
+            "it must start with postgres:// or postgresql://".into(),
+        ));
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut mode = SslMode::Prefer;
+    let mut root_cert = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = url::form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .unwrap_or_default();
+        match &*key {
+            "sslmode" => {
+                mode = SslMode::parse(&value).ok_or_else(|| {
+                    PgError::Url(
+                        "sslmode must be disable, prefer, require, verify-ca or verify-full".into(),
+                    )
+                })?;
+            }
+            "sslrootcert" => {
+                if value != "system" {
+                    root_cert = Some(PathBuf::from(&*value));
+                }
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    let mut config = tokio_postgres::Config::from_str(&rest)
+        // tokio-postgres names the option, never its value.
+        .map_err(|e| PgError::Url(super::describe(&e)))?;
+    if mode == SslMode::Require && root_cert.is_some() {
+        mode = SslMode::VerifyCa;
+    }
+    config.ssl_mode(match mode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok(Target {
+        config,
+        mode,
+        root_cert,
+    })
+}
+
+/// The rustls connector for `mode` (unused under `disable`).
+pub fn connector(target: &Target) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::Tls(e.to_string()))?;
+    let roots = Arc::new(roots(target)?);
+    let verifier: Arc<dyn ServerCertVerifier> = match target.mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
+            Arc::new(Unchecked(provider.clone()))
+        }
+        SslMode::VerifyCa | SslMode::VerifyFull => {
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| PgError::Tls(e.to_string()))?;
+            if target.mode == SslMode::VerifyCa {
+                Arc::new(AnyName(webpki))
+            } else {
+                webpki
+            }
+        }
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+fn roots(target: &Target) -> Result<rustls::RootCertStore, PgError> {
+    let mut store = rustls::RootCertStore::empty();
+    match &target.root_cert {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    PgError::Tls(format!("cannot read sslrootcert {}: {e}", path.display()))
+                })?;
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(PgError::Tls(format!(
+                    "sslrootcert {} holds no usable certificate",
+                    path.display()
+                )));
+            }
+        }
+        None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(store)
+}
+
+/// `prefer` / `require`: encryption without authentication, as libpq does. The handshake's
+/// signatures are still checked (the peer holds the certificate's key).
+#[derive(Debug)]
+struct Unchecked(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must reach a trusted root; the name is not checked.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_is_taken_from_the_url_and_never_echoed() {
+        let t = parse_url("postgres://u:pw@db.example:5433/tokend?sslmode=verify-full").unwrap();
+        assert_eq!(t.mode, SslMode::VerifyFull);
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(t.config.get_dbname(), Some("tokend"));
+        assert_eq!(t.config.get_ports(), &[5433]);
+        let t = parse_url("postgresql://u@h/db").unwrap();
+        assert_eq!(t.mode, SslMode::Prefer, "libpq's default");
+        let t = parse_url("postgres://u@h/db?sslmode=disable&application_name=x").unwrap();
+        assert_eq!(t.mode, SslMode::Disable);
+        assert_eq!(t.config.get_application_name(), Some("x"));
+        let t = parse_url("postgres://u@h/db?sslrootcert=%2Fetc%2Fca.pem&sslmode=require").unwrap();
+        assert_eq!(
+            t.mode,
+            SslMode::VerifyCa,
+            "require with a root file is verify-ca"
+        );
+        assert_eq!(
+            t.root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        for bad in [
+            "postgres://u:hunter2@h/db?sslmode=allow-ish",
+            "postgres://u:hunter2@h/db?password_typo=hunter2",
+            "mysql://u:hunter2@h/db",
+        ] {
+            let err = parse_url(bad).err().expect(bad).to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_root_file_is_a_clear_error() {
+        let t = parse_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
+            .unwrap();
+        let err = connector(&t).err().expect("no file").to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        for mode in ["prefer", "require", "verify-ca", "verify-full"] {
+            let t = parse_url(&format!("postgres://u@h/db?sslmode={mode}")).unwrap();
+            assert!(connector(&t).is_ok(), "{mode}");
+        }
+    }
+}
