@@ -13,8 +13,6 @@
 
 pub mod pg;
 pub mod seal;
-#[cfg(test)]
-mod semantics;
 
 pub use pg::{Fence, PgError, PgLedger};
 
@@ -263,6 +261,36 @@ impl Ledger {
     }
 
     /// Runs `f` with the database on the blocking pool.
+    /// Tests only: a connection's `refresh_token` column as stored (sealed), for the
+    /// semantics tests that check sealing at rest.
+    #[cfg(test)]
+    pub async fn stored_refresh_token(&self, id: &str) -> String {
+        let id = id.to_owned();
+        self.call(move |db| {
+            Ok(db.query_row(
+                "SELECT refresh_token FROM connections WHERE id = ?1",
+                [&id],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Tests only: overwrites a connection's stored `refresh_token` column.
+    #[cfg(test)]
+    pub async fn overwrite_stored_refresh_token(&self, id: &str, value: &str) {
+        let (id, value) = (id.to_owned(), value.to_owned());
+        self.call(move |db| {
+            Ok(db.execute(
+                "UPDATE connections SET refresh_token = ?1 WHERE id = ?2",
+                [&value, &id],
+            )?)
+        })
+        .await
+        .unwrap();
+    }
+
     async fn call<R, F>(&self, f: F) -> Result<R, LedgerError>
     where
         R: Send + 'static,

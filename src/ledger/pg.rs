@@ -327,6 +327,34 @@ impl PgLedger {
             })
     }
 
+    /// Tests only: a connection's `refresh_token` column as stored (sealed), for the
+    /// semantics tests that check sealing at rest.
+    #[cfg(test)]
+    pub async fn stored_refresh_token(&self, id: &str) -> String {
+        let client = self.inner.pool.get().await.unwrap();
+        client
+            .query_one(
+                "SELECT refresh_token FROM connections WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Tests only: overwrites a connection's stored `refresh_token` column.
+    #[cfg(test)]
+    pub async fn overwrite_stored_refresh_token(&self, id: &str, value: &str) {
+        let client = self.inner.pool.get().await.unwrap();
+        client
+            .execute(
+                "UPDATE connections SET refresh_token = $1 WHERE id = $2",
+                &[&value, &id],
+            )
+            .await
+            .unwrap();
+    }
+
     async fn migrate_and_check_key(&self) -> Result<(), PgError> {
         self.tx(Migrate).await
     }

@@ -31,6 +31,8 @@ pub mod store;
 mod view;
 
 #[cfg(test)]
+mod semantics;
+#[cfg(test)]
 mod sim;
 
 use crate::config::RefreshConfig;

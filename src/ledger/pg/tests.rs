@@ -1,6 +1,6 @@
 //! Tests of what only the PostgreSQL ledger has (migrations under a lock, claims and fences,
 //! TLS modes, errors without secrets), against a real server (`crate::testpg`). What both
-//! ledgers share is tested on both in `ledger::semantics`.
+//! ledgers share is tested on both in `refresh::semantics`.
 
 use super::*;
 use crate::testpg;

@@ -1,4 +1,6 @@
-//! Tests only: the ledger's semantics, run against both stores (SQLite and PostgreSQL).
+//! Tests only: the semantics of the engine's [`Store`] seam, run against both ledgers
+//! (SQLite and PostgreSQL). It lives here, beside the trait, so that `ledger` never imports
+//! `refresh` (the code map's layering).
 //!
 //! Each test is written once, over the engine's [`Store`] trait plus the few ledger calls
 //! the daemon makes beyond it ([`Harness`]), and `both_stores!` instantiates it as
@@ -6,14 +8,18 @@
 //! the test process's throw-away cluster (`crate::testpg`; skipped with a notice where no
 //! server is installed, a failure under `TOKEND_REQUIRE_POSTGRES`).
 
-use super::seal::KeySource;
-use super::{Ledger, PgLedger, from_ms};
+use super::store::{Store, StoreError};
+use crate::ledger::seal::KeySource;
+use crate::ledger::{Ledger, PgLedger};
 use crate::model::{
     AccessToken, Event, EventKind, EventPeer, LastError, Record, Site, StoredEvent, Time,
 };
-use crate::refresh::store::{Store, StoreError};
 use crate::secret::Secret;
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
+
+fn from_ms(v: i64) -> Time {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
 use std::path::{Path, PathBuf};
 
 /// What the tests need of a ledger beyond the [`Store`] trait.
@@ -50,7 +56,6 @@ impl Sqlite {
 /// A PostgreSQL ledger on a fresh database of the shared test cluster.
 struct Postgres {
     ledger: PgLedger,
-    raw: tokio_postgres::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -60,15 +65,7 @@ impl Postgres {
         let dir = tempfile::tempdir().unwrap();
         let key = test_key(dir.path());
         let ledger = PgLedger::connect(&url, &key, dir.path()).await.unwrap();
-        let (raw, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        Some(Postgres {
-            ledger,
-            raw,
-            _dir: dir,
-        })
+        Some(Postgres { ledger, _dir: dir })
     }
 }
 
@@ -166,29 +163,10 @@ impl Harness for Sqlite {
         self.ledger.set_node(name).unwrap()
     }
     async fn raw_refresh_token(&self, id: &str) -> String {
-        let id = id.to_owned();
-        self.ledger
-            .call(move |db| {
-                Ok(db.query_row(
-                    "SELECT refresh_token FROM connections WHERE id = ?1",
-                    [&id],
-                    |r| r.get(0),
-                )?)
-            })
-            .await
-            .unwrap()
+        self.ledger.stored_refresh_token(id).await
     }
     async fn put_raw_refresh_token(&self, id: &str, value: &str) {
-        let (id, value) = (id.to_owned(), value.to_owned());
-        self.ledger
-            .call(move |db| {
-                Ok(db.execute(
-                    "UPDATE connections SET refresh_token = ?1 WHERE id = ?2",
-                    [&value, &id],
-                )?)
-            })
-            .await
-            .unwrap();
+        self.ledger.overwrite_stored_refresh_token(id, value).await
     }
 }
 
@@ -274,23 +252,10 @@ impl Harness for Postgres {
         self.ledger.set_node(name)
     }
     async fn raw_refresh_token(&self, id: &str) -> String {
-        self.raw
-            .query_one(
-                "SELECT refresh_token FROM connections WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap()
-            .get(0)
+        self.ledger.stored_refresh_token(id).await
     }
     async fn put_raw_refresh_token(&self, id: &str, value: &str) {
-        self.raw
-            .execute(
-                "UPDATE connections SET refresh_token = $1 WHERE id = $2",
-                &[&value, &id],
-            )
-            .await
-            .unwrap();
+        self.ledger.overwrite_stored_refresh_token(id, value).await
     }
 }
 
