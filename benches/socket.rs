@@ -105,7 +105,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
         engine: engine.clone(),
         metrics: metrics.clone(),
         jobs: Arc::new(tokend::jobs::JobMonitor::default()),
-        access: Arc::new(std::sync::RwLock::new(tokend::api::AccessPolicy {
+        access: Arc::new(parking_lot::RwLock::new(tokend::api::AccessPolicy {
             own_uid: 0,
             config: config.access.clone(),
         })),

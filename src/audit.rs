@@ -13,9 +13,10 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::model::{Event, EventKind, EventPeer, StoredEvent, Time};
 use chrono::{DurationRound, Utc};
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often finished minutes are written. Short enough that an admin sees a read within
@@ -86,8 +87,8 @@ impl Audit {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Fold>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, BTreeMap<Key, Fold>> {
+        self.pending.lock()
     }
 
     /// Records one read. O(log n) in memory; never waits for I/O.

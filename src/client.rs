@@ -295,8 +295,9 @@ pub fn encode_component(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use parking_lot::Mutex;
     use std::convert::Infallible;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use hyper::body::Incoming;
     use hyper::service::service_fn;
@@ -347,7 +348,6 @@ mod tests {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let body_text = String::from_utf8_lossy(&body).to_string();
         seen.lock()
-            .unwrap()
             .push((method, path.clone(), host, ctype, body_text.clone()));
         let json = |status: u16, text: String| {
             Response::builder()
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(resp.headers[CONTENT_TYPE], "application/json");
         let v: serde_json::Value = resp.json().unwrap();
         assert_eq!(v["status"], "ok");
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         assert_eq!(seen[0].0, "GET");
         assert_eq!(seen[0].2, "localhost", "Host header");
     }
@@ -412,7 +412,7 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status, 201);
         assert_eq!(resp.json::<serde_json::Value>().unwrap(), body);
-        assert_eq!(seen.lock().unwrap()[0].3, "application/json");
+        assert_eq!(seen.lock()[0].3, "application/json");
     }
 
     /// `GET path` from the fake daemon through [`Client::request`], which must fail.

@@ -17,8 +17,9 @@ use crate::provider::Atlassian;
 use crate::refresh::Engine;
 use crate::systemd::SdNotify;
 use anyhow::Context;
+use parking_lot::RwLock;
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
@@ -129,7 +130,7 @@ async fn reload_on_sighup(
             Ok(Ok(new)) => {
                 let restart_needed = needs_restart(&running, &new);
                 engine.set_settings(new.refresh.clone());
-                *access.write().unwrap_or_else(|p| p.into_inner()) = AccessPolicy {
+                *access.write() = AccessPolicy {
                     own_uid: rustix::process::geteuid().as_raw(),
                     config: new.access.clone(),
                 };

@@ -12,9 +12,10 @@ use crate::ledger::Ledger;
 use crate::model::Time;
 use crate::refresh::{Engine, SiteOutcome};
 use chrono::Utc;
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_cron_scheduler::{Job, JobScheduler};
@@ -75,8 +76,8 @@ pub struct JobMonitor {
 }
 
 impl JobMonitor {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKind, JobState>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<JobKind, JobState>> {
+        self.jobs.lock()
     }
 
     /// Jobs that have not succeeded within [`STALL_PERIODS`] of their period.
@@ -124,10 +125,7 @@ impl JobMonitor {
             }
         }
         if !changed.is_empty() {
-            self.rearm
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(changed);
+            self.rearm.lock().extend(changed);
             self.rearm_notify.notify_one();
         }
     }
@@ -271,7 +269,7 @@ impl Jobs {
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 _ = self.monitor.rearm_notify.notified() => {
                     let kinds: Vec<JobKind> = std::mem::take(
-                        &mut *self.monitor.rearm.lock().unwrap_or_else(|p| p.into_inner()),
+                        &mut *self.monitor.rearm.lock(),
                     );
                     for kind in kinds {
                         tracing::info!(job = kind.name(), "schedule changed; re-arming");

@@ -20,6 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
+use parking_lot::{Mutex, RwLock};
 use prometheus::core::Desc;
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -29,7 +30,7 @@ use prometheus::{
     register_int_gauge_with_registry,
 };
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
@@ -303,12 +304,7 @@ impl prometheus::core::Collector for ConnectionGauges {
     /// are ignored.
     fn collect(&self) -> Vec<MetricFamily> {
         let f = ConnectionFamilies::new(self.per_connection);
-        let source = self
-            .source
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .and_then(Weak::upgrade);
+        let source = self.source.read().as_ref().and_then(Weak::upgrade);
         let (active, needs_reauth) = source.as_ref().map_or((0, 0), |s| s.status_counts());
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         f.connections
@@ -603,11 +599,7 @@ impl Metrics {
     /// attaches itself when it loads). Held weakly: a source that is gone reads as an empty
     /// ledger.
     pub fn watch_connections(&self, source: Weak<dyn ConnectionSource>) {
-        *self
-            .connections
-            .source
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(source);
+        *self.connections.source.write() = Some(source);
     }
 
     /// Counts a refresh attempt and observes its duration.
@@ -627,7 +619,7 @@ impl Metrics {
     /// table), so that rates and error ratios exist before the first request.
     pub fn declare_api_routes(&self, templates: &[&'static str]) {
         preinit_routes(&self.api_duration, &self.api_requests, templates);
-        let mut routes = self.api_routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = self.api_routes.lock();
         for t in templates {
             if !routes.contains(t) {
                 routes.push(t);
@@ -638,11 +630,7 @@ impl Metrics {
     /// Counts and times a socket API request. `route` is the matched route template; one
     /// not declared ([`Metrics::declare_api_routes`]) is recorded as [`OTHER_ROUTE`].
     pub fn api_request(&self, route: &'static str, status: u16, duration: Duration) {
-        let declared = self
-            .api_routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&route);
+        let declared = self.api_routes.lock().contains(&route);
         let route = if declared { route } else { OTHER_ROUTE };
         self.api_duration
             .with_label_values(&[route])
@@ -803,7 +791,7 @@ pub async fn serve(
 mod tests {
     use super::*;
     use axum::body::Body;
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
 
@@ -860,21 +848,21 @@ mod tests {
 
     impl ConnectionSource for Fixed {
         fn status_counts(&self) -> (usize, usize) {
-            *self.counts.lock().unwrap()
+            *self.counts.lock()
         }
 
         fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64) {
-            self.deadlines.lock().unwrap().clone()
+            self.deadlines.lock().clone()
         }
     }
 
     impl Fixed {
         fn set_connections(&self, active: usize, needs_reauth: usize) {
-            *self.counts.lock().unwrap() = (active, needs_reauth);
+            *self.counts.lock() = (active, needs_reauth);
         }
 
         fn set_connection_deadlines(&self, snapshot: &[ConnectionDeadline], now_unix: f64) {
-            *self.deadlines.lock().unwrap() = (snapshot.to_vec(), now_unix);
+            *self.deadlines.lock() = (snapshot.to_vec(), now_unix);
         }
     }
 

@@ -17,12 +17,13 @@ use axum::Router;
 use axum::body::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -397,7 +398,7 @@ impl UidShares {
 
     /// One more connection for `uid`, unless it holds its share already.
     fn take(self: &Arc<Self>, uid: u32) -> Option<UidShare> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.held.lock();
         let n = held.get(&uid).copied().unwrap_or(0);
         if n >= self.max {
             return None;
@@ -418,7 +419,7 @@ struct UidShare {
 
 impl Drop for UidShare {
     fn drop(&mut self) {
-        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.shares.held.lock();
         if let Some(n) = held.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {

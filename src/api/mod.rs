@@ -25,9 +25,10 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use chrono::Utc;
+use parking_lot::RwLock;
 use serde::Deserialize;
 use serde::Serialize;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The largest request body accepted. Real bodies are a label and a token (a few KiB at
@@ -97,10 +98,7 @@ pub trait JobsView: Send + Sync {
 
 impl ApiState {
     fn policy(&self) -> AccessPolicy {
-        self.access
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.access.read().clone()
     }
 }
 

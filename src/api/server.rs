@@ -88,7 +88,7 @@ pub enum BindError {
 /// Held while [`bind`] narrows the process-wide umask, and while it creates the socket's
 /// directory: a directory created by one bind while another has the umask narrowed would get
 /// the narrow mode (seen when tests bind in parallel).
-static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static UMASK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Creates the socket at `path` with `mode`.
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
@@ -96,7 +96,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
         path: path.to_path_buf(),
         source,
     };
-    let _umask = UMASK.lock().unwrap_or_else(|p| p.into_inner());
+    let _umask = UMASK.lock();
     let dir = path.parent().unwrap_or(Path::new("/"));
     if !dir.exists() {
         std::fs::DirBuilder::new()

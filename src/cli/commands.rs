@@ -220,9 +220,10 @@ mod tests {
     use super::*;
     use crate::cli::EXIT_RUNTIME;
     use crate::cli::output::tests::sample_connection;
+    use parking_lot::Mutex;
     use serde_json::json;
     use std::convert::Infallible;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     #[test]
     fn refresh_token_is_read_trimmed_and_empty_input_refused() {
@@ -267,9 +268,7 @@ mod tests {
                         let path = req.uri().to_string();
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let body = String::from_utf8_lossy(&body).to_string();
-                        seen.lock()
-                            .unwrap()
-                            .push((method.clone(), path.clone(), body));
+                        seen.lock().push((method.clone(), path.clone(), body));
                         let route = routes.iter().find(|r| r.0 == method && r.1 == path);
                         let (status, retry, json) = match route {
                             Some((_, _, s, r, j)) => (*s, *r, j.to_string()),
@@ -329,7 +328,7 @@ mod tests {
         assert_eq!(output(id, &client).await.unwrap(), "at-123\n");
         let site = ClientCommand::Token(TokenTarget::Site("example.atlassian.net".into()));
         assert_eq!(output(site, &client).await.unwrap(), "at-123\n");
-        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert_eq!(seen.lock().len(), 2);
     }
 
     #[tokio::test]
@@ -419,7 +418,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(failure.message, "not_found: no route");
-        let methods: Vec<String> = seen.lock().unwrap().iter().map(|s| s.0.clone()).collect();
+        let methods: Vec<String> = seen.lock().iter().map(|s| s.0.clone()).collect();
         assert_eq!(methods, ["GET", "GET", "GET", "POST", "DELETE", "DELETE"]);
     }
 }

@@ -22,12 +22,13 @@ use crate::model::{
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
+use parking_lot::Mutex;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use seal::Keyring;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a statement waits for a lock held by another connection (a backup tool, say)
@@ -307,7 +308,7 @@ impl Ledger {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut db = inner.db.lock().unwrap_or_else(|p| p.into_inner());
+            let mut db = inner.db.lock();
             f(&mut db, &inner.keys)
         })
         .await
@@ -533,7 +534,7 @@ impl Ledger {
 
     /// Names the daemon in every event it records from now on (`daemon.node_name`).
     pub fn set_node(&self, name: &str) -> Result<(), LedgerError> {
-        let db = self.inner.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.inner.db.lock();
         db.execute("DELETE FROM temp.node", [])?;
         db.execute("INSERT INTO temp.node (name) VALUES (?1)", [name])?;
         Ok(())

@@ -36,8 +36,9 @@ use crate::secret::Secret;
 use chrono::Utc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
+use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
@@ -512,15 +513,11 @@ impl PgLedger {
 
     /// Names the daemon in every event it records from now on (`daemon.node_name`).
     pub fn set_node(&self, name: &str) {
-        *self.inner.node.write().unwrap_or_else(|p| p.into_inner()) = Some(name.to_owned());
+        *self.inner.node.write() = Some(name.to_owned());
     }
 
     fn node(&self) -> Option<String> {
-        self.inner
-            .node
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.node.read().clone()
     }
 
     /// The history of one connection, newest first: at most `limit` events, none before

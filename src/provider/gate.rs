@@ -3,8 +3,9 @@
 //! ends; then one call probes and the others wait for its answer, which reopens the endpoint
 //! or pauses it again.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -44,7 +45,7 @@ pub(super) struct Gates(Arc<Mutex<HashMap<Endpoint, Gate>>>);
 impl Gates {
     /// Lets a call through unless the endpoint is paused by a `Retry-After`.
     pub(super) fn admit(&self, endpoint: Endpoint) -> Result<Admission, ProviderError> {
-        let mut gates = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gates = self.0.lock();
         let gate = gates.entry(endpoint).or_default();
         let mut probe = false;
         if let Some(until) = gate.paused_until {
@@ -103,7 +104,7 @@ pub(super) struct Admission {
 impl Admission {
     /// Records the answer: a 429/503 with `Retry-After` pauses the endpoint.
     pub(super) fn settle(mut self, status: Option<StatusCode>, retry_after: Option<Duration>) {
-        let mut gates = self.gates.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gates = self.gates.0.lock();
         let gate = gates.entry(self.endpoint).or_default();
         let pausing = matches!(
             status,
@@ -132,7 +133,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if self.probe && !self.settled {
-            let mut gates = self.gates.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut gates = self.gates.0.lock();
             gates.entry(self.endpoint).or_default().probing = false;
         }
     }

@@ -11,9 +11,10 @@
 use super::permits::Ticket;
 use super::plan::Urgency;
 use super::{Engine, Failure, Need, Slot, SlotState, attempt};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 
@@ -182,11 +183,7 @@ impl Drop for FlightGuard {
         // store: reload before the next attempt, plan a retry (a marker, if any, makes it a
         // recovery). The slot is locked by this very thread only when the engine refused to
         // spawn the attempt (it is stopping): then there is nothing to plan.
-        let locked = match self.slot.state.try_lock() {
-            Ok(st) => Some(st),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        };
+        let locked = self.slot.state.try_lock();
         if let Some(mut st) = locked {
             st.flight = None;
             st.stale = true;
@@ -219,7 +216,7 @@ struct TasksInner {
 impl Tasks {
     /// Spawns `fut` as an engine task.
     pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.lock();
         if inner.aborted {
             return;
         }
@@ -228,11 +225,7 @@ impl Tasks {
         let registry = self.inner.clone();
         let handle = tokio::spawn(async move {
             fut.await;
-            registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .handles
-                .remove(&id);
+            registry.lock().handles.remove(&id);
         });
         inner.handles.insert(id, handle.abort_handle());
     }
@@ -252,13 +245,13 @@ impl Tasks {
 
     /// Whether [`Tasks::abort_all`] ran: nothing new may start.
     pub(crate) fn stopped(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).aborted
+        self.inner.lock().aborted
     }
 
     /// Aborts every task (a simulated crash) and refuses new ones.
     #[cfg(test)]
     pub(crate) fn abort_all(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.lock();
         inner.aborted = true;
         for (_, h) in inner.handles.drain() {
             h.abort();

@@ -41,9 +41,10 @@ use crate::model::{AccessToken, Connection, Record, Status, Time};
 use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -262,8 +263,8 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, SlotState> {
+        self.state.lock()
     }
 }
 
@@ -378,7 +379,7 @@ impl Engine {
     /// Applies new refresh settings (a reload) and re-plans every connection.
     pub fn set_settings(&self, new: RefreshConfig) {
         self.permits.set_limit(new.max_concurrent);
-        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = new;
+        *self.settings.write() = new;
         for slot in self.slots() {
             self.replan(&slot);
         }
@@ -386,15 +387,12 @@ impl Engine {
 
     /// Replaces the notifier (a reload changed `[notify]`).
     pub fn set_notifier(&self, notifier: crate::notify::Notifier) {
-        *self.notifier.write().unwrap_or_else(|p| p.into_inner()) = notifier;
+        *self.notifier.write() = notifier;
     }
 
     /// The refresh settings in force.
     pub fn settings(&self) -> RefreshConfig {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.settings.read().clone()
     }
 
     /// Why the provider cannot be used, if it cannot.
@@ -441,7 +439,7 @@ impl Engine {
                 stale: false,
             }),
         });
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.write();
         index.by_label.insert(label, id.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -458,7 +456,7 @@ impl Engine {
     }
 
     fn uninstall(&self, id: &str) {
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.write();
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
             if !st.removed && st.rec.conn.status == Status::Active {
@@ -508,7 +506,7 @@ impl Engine {
 
     /// A connection's label changed (a held insert committed under a generated label).
     fn relabel(&self, id: &str, old: &str, new: &str) {
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.write();
         if index.by_label.get(old).map(String::as_str) == Some(id) {
             index.by_label.remove(old);
         }
@@ -516,13 +514,13 @@ impl Engine {
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.read();
         index.by_id.values().cloned().collect()
     }
 
     /// Finds a connection by id, or else by label.
     fn find(&self, id_or_label: &str) -> Option<Arc<Slot>> {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.read();
         if let Some(slot) = index.by_id.get(id_or_label) {
             return Some(slot.clone());
         }
@@ -635,11 +633,7 @@ impl Engine {
     }
 
     fn notify(&self, kind: Kind, conn: &Connection, message: &str) {
-        let notifier = self
-            .notifier
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let notifier = self.notifier.read().clone();
         notifier.send(Notification {
             kind,
             connection: conn.id.clone(),
@@ -707,19 +701,12 @@ impl Engine {
 
     /// Records that the scheduler loop is alive (for health and the watchdog).
     fn heartbeat(&self) {
-        *self
-            .last_heartbeat
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self.last_heartbeat.lock() = Instant::now();
     }
 
     /// Whether the scheduler loop ran recently.
     pub fn scheduler_alive(&self) -> bool {
-        self.last_heartbeat
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            < HEARTBEAT * 3
+        self.last_heartbeat.lock().elapsed() < HEARTBEAT * 3
     }
 
     /// Stops starting attempts and waits, up to `grace`, for those holding a permit (the

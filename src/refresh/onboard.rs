@@ -43,10 +43,7 @@ impl Engine {
         }
         let state = crate::provider::new_state();
         let (authorize_url, redirect_uri) = self.provider.authorize_url(&state);
-        let mut pending = self
-            .authorizations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.authorizations.lock();
         pending.retain(|_, created| created.elapsed() < AUTHORIZATION_TTL);
         if pending.len() >= MAX_PENDING_AUTHORIZATIONS
             && let Some(oldest) = pending
@@ -199,10 +196,7 @@ impl Engine {
             )));
         }
         let fresh = {
-            let mut pending = self
-                .authorizations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.authorizations.lock();
             pending
                 .remove(state)
                 .is_some_and(|created| created.elapsed() < AUTHORIZATION_TTL)

@@ -7,8 +7,9 @@
 //! rotation), and the limit can change at run time (a reload).
 
 use super::plan::Urgency;
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::{Notify, oneshot};
 
 /// The order of waiters: urgency, then inactivity deadline (Unix ms), then arrival.
@@ -83,8 +84,8 @@ impl Permits {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// A ticket for a later [`Permits::acquire`]; raising it before or while it waits moves
@@ -257,7 +258,7 @@ mod tests {
             let (p, order) = (p.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = p.acquire(ticket, prio).await.unwrap();
-                order.lock().unwrap().push(name);
+                order.lock().push(name);
                 tokio::task::yield_now().await;
             }));
             tokio::task::yield_now().await;
@@ -268,7 +269,7 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(
-            *order.lock().unwrap(),
+            *order.lock(),
             vec!["recover", "raised", "rotate-early", "rotate-late"]
         );
         assert_eq!(p.in_use(), 0);
@@ -310,7 +311,7 @@ mod tests {
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = w.wait().await.unwrap();
-                order.lock().unwrap().push(name);
+                order.lock().push(name);
                 tokio::task::yield_now().await;
             }));
         }
@@ -318,7 +319,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), vec!["early", "mid", "late"]);
+        assert_eq!(*order.lock(), vec!["early", "mid", "late"]);
     }
 
     #[tokio::test]

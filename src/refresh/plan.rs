@@ -6,9 +6,9 @@
 
 use crate::config::RefreshConfig;
 use crate::model::{Record, Status, Time};
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -189,8 +189,8 @@ impl Planner {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Queue> {
+        self.queue.lock()
     }
 
     /// Plans (or re-plans) a connection, replacing its earlier entry.

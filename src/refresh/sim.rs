@@ -22,10 +22,11 @@ use crate::provider::{Account, Grant, ProviderError, REUSE_LEEWAY, TransientKind
 use crate::secret::Secret;
 use chrono::TimeZone;
 use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Schedules CI runs (`TOKEND_SIM_SCHEDULES` overrides).
@@ -200,8 +201,8 @@ impl World {
 
 type Shared = Arc<Mutex<World>>;
 
-fn lock(w: &Shared) -> std::sync::MutexGuard<'_, World> {
-    w.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(w: &Shared) -> parking_lot::MutexGuard<'_, World> {
+    w.lock()
 }
 
 /// Counts a provider call in flight for a chain while it lives.

@@ -80,12 +80,7 @@ impl Engine {
     /// kept as statuses change ([`Engine::adopt`], install, uninstall), since any socket peer
     /// may ask for `/v1/health` as often as it likes.
     pub fn status_counts(&self) -> (usize, usize) {
-        let total = self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_id
-            .len();
+        let total = self.index.read().by_id.len();
         let active = self
             .active
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -112,7 +107,7 @@ impl Engine {
             .ok()
             .and_then(|u| u.host_str().map(str::to_owned))
             .unwrap_or_else(|| wanted.clone());
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = self.index.read();
         index
             .by_id
             .iter()
