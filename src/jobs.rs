@@ -46,14 +46,6 @@ pub struct JobSnapshot {
     pub period: Duration,
 }
 
-/// The schedule of `kind` in `[jobs]`.
-fn schedule_of(config: &JobsConfig, kind: JobKind) -> &CronExpr {
-    match kind {
-        JobKind::ResolveSites => &config.resolve_sites,
-        JobKind::Maintenance => &config.maintenance,
-    }
-}
-
 struct JobState {
     schedule: CronExpr,
     period: Duration,
@@ -113,7 +105,7 @@ impl JobMonitor {
         {
             let mut jobs = self.lock();
             for kind in JobKind::ALL {
-                let schedule = schedule_of(config, kind);
+                let schedule = config.schedule(kind);
                 if let Some(s) = jobs.get_mut(&kind)
                     && s.schedule.as_str() != schedule.as_str()
                 {
@@ -189,7 +181,7 @@ impl Jobs {
         {
             let mut jobs = monitor.lock();
             for kind in JobKind::ALL {
-                let schedule = schedule_of(config, kind).clone();
+                let schedule = config.schedule(kind).clone();
                 jobs.insert(
                     kind,
                     JobState {

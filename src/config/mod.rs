@@ -48,6 +48,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::model::JobKind;
 use crate::secret::Secret;
 
 mod raw;
@@ -141,6 +142,16 @@ pub struct RefreshConfig {
 pub struct JobsConfig {
     pub resolve_sites: CronExpr,
     pub maintenance: CronExpr,
+}
+
+impl JobsConfig {
+    /// The schedule of a job: its key in `[jobs]` is [`JobKind::name`].
+    pub fn schedule(&self, kind: JobKind) -> &CronExpr {
+        match kind {
+            JobKind::ResolveSites => &self.resolve_sites,
+            JobKind::Maintenance => &self.maintenance,
+        }
+    }
 }
 
 /// A validated six-field cron expression (seconds first), as accepted by croner with

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::{CLIENT_SECRET_ENV, Config, LogFormat, SecretSource};
+use crate::model::JobKind;
 
 impl Config {
     /// Human multi-line summary for `tokend check-config`: every key with its effective
@@ -87,8 +88,9 @@ impl Config {
         let _ = writeln!(s, "backoff_max = {}", dur(r.backoff_max));
         let _ = writeln!(s);
         let _ = writeln!(s, "[jobs]");
-        let _ = writeln!(s, "resolve_sites = {}", self.jobs.resolve_sites);
-        let _ = writeln!(s, "maintenance = {}", self.jobs.maintenance);
+        for kind in JobKind::ALL {
+            let _ = writeln!(s, "{} = {}", kind.name(), self.jobs.schedule(kind));
+        }
         let _ = writeln!(s);
         let _ = writeln!(s, "[notify]");
         let _ = writeln!(

@@ -20,6 +20,7 @@ use super::{
     DaemonConfig, JobsConfig, LogFormat, NotifyConfig, ProvidersConfig, RefreshConfig,
     SecretReaders, SecretSource, normalize,
 };
+use crate::model::JobKind;
 use crate::secret::Secret;
 
 // ---------------------------------------------------------------------------------------------
@@ -386,17 +387,18 @@ impl Validator<'_> {
     }
 
     fn jobs(&self, raw: RawJobs) -> Result<JobsConfig, ConfigError> {
-        let cron = |key: &str, value: &At<String>, default: &str| {
-            CronExpr::parse(text_or(value, default)).map_err(|m| self.err(key, span(value), m))
+        let cron = |kind: JobKind, value: &At<String>, default: &str| {
+            CronExpr::parse(text_or(value, default))
+                .map_err(|m| self.err(&format!("jobs.{}", kind.name()), span(value), m))
         };
         Ok(JobsConfig {
             resolve_sites: cron(
-                "jobs.resolve_sites",
+                JobKind::ResolveSites,
                 &raw.resolve_sites,
                 DEFAULT_RESOLVE_SITES_CRON,
             )?,
             maintenance: cron(
-                "jobs.maintenance",
+                JobKind::Maintenance,
                 &raw.maintenance,
                 DEFAULT_MAINTENANCE_CRON,
             )?,
