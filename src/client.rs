@@ -13,7 +13,7 @@
 //! prints only the status and the body's length.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -161,14 +161,10 @@ impl Client {
     }
 
     /// The same client with another overall per-request timeout.
+    #[cfg(test)]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
-    }
-
-    /// The socket path this client talks to.
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// Sends one request and returns the answer whatever its status (use
@@ -193,11 +189,6 @@ impl Client {
         body: Option<Bytes>,
     ) -> Result<ApiResponse, ClientError> {
         self.send(method, path, body).await?.error_for_status()
-    }
-
-    /// `GET path`, the 2xx body parsed as `T`.
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.request(Method::GET, path, None).await?.json()
     }
 
     async fn send_inner(

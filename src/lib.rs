@@ -12,9 +12,9 @@
 pub mod api;
 pub mod audit;
 pub mod cli;
-pub mod client;
+pub(crate) mod client;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod jobs;
 #[cfg(test)]
 mod layering;
@@ -25,8 +25,8 @@ pub mod notify;
 pub mod provider;
 pub mod refresh;
 pub mod secret;
-pub mod serve;
-pub mod systemd;
+pub(crate) mod serve;
+pub(crate) mod systemd;
 #[cfg(test)]
 mod testpg;
-pub mod wire;
+pub(crate) mod wire;

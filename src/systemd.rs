@@ -36,6 +36,7 @@ impl SdNotify {
     }
 
     /// Whether systemd is listening.
+    #[cfg(test)]
     pub fn enabled(&self) -> bool {
         self.target.is_some()
     }

@@ -15,7 +15,7 @@
 //! the command's answer, so that `tokend token ID` prints the access token and nothing else;
 //! no other command ever prints a token.
 
-pub mod commands;
+pub(crate) mod commands;
 mod connect;
 mod output;
 

@@ -11,7 +11,7 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
-pub mod pg;
+pub(crate) mod pg;
 pub mod seal;
 
 pub use pg::{Fence, PgError, PgLedger};

@@ -21,13 +21,13 @@
 //! on an engine task holding that chain's lock.
 
 mod attempt;
-pub mod backoff;
+pub(crate) mod backoff;
 mod flight;
 mod onboard;
-pub mod permits;
-pub mod plan;
+pub(crate) mod permits;
+pub(crate) mod plan;
 mod sites;
-pub mod store;
+pub(crate) mod store;
 mod view;
 
 #[cfg(test)]

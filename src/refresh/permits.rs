@@ -168,6 +168,7 @@ impl Permits {
     }
 
     /// How many tickets the gate remembers (waiting or raised): for leak checks.
+    #[cfg(test)]
     pub fn remembered(&self) -> usize {
         self.lock().keys.len()
     }

@@ -244,6 +244,7 @@ impl Planner {
     }
 
     /// How many connections are planned (one entry each).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         let q = self.lock();
         debug_assert_eq!(q.order.len(), q.current.len());
@@ -251,6 +252,7 @@ impl Planner {
     }
 
     /// Whether nothing is planned.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
