@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 
@@ -108,13 +109,15 @@ impl Engine {
             }
             _ => None,
         };
+        let defused = Arc::new(AtomicBool::new(false));
         let guard = FlightGuard {
             engine: self.clone(),
             slot: slot.clone(),
             tx: Some(tx),
             ticket,
+            defused: defused.clone(),
         };
-        self.tasks.spawn(async move {
+        let spawned = self.tasks.spawn(async move {
             // The chain lock is held from before the attempt until its outcome is settled in
             // memory, so that a merge or a removal waiting for it sees the settled state.
             let chain = match guard.slot.chain.clone().try_lock_owned() {
@@ -130,6 +133,15 @@ impl Engine {
             };
             finish_with(guard, chain, need, ticket, reserved).await
         });
+        if let Err(refused) = spawned {
+            // The engine stopped between the check above and the spawn: nothing ran. The
+            // slot is locked by this very thread, so the guard must not touch it: defuse
+            // it, undo the flight here, and let the callers see the closed channel.
+            defused.store(true, Ordering::Relaxed);
+            drop(refused);
+            st.flight = None;
+            self.permits.forget(ticket);
+        }
         Joined { rx }
     }
 }
@@ -152,6 +164,10 @@ struct FlightGuard {
     slot: Arc<Slot>,
     tx: Option<watch::Sender<Shared>>,
     ticket: Ticket,
+    /// Set by [`Engine::join_or_start`] when the engine refused to spawn the attempt: the
+    /// slot is then locked by the very thread dropping the guard, which undoes the flight
+    /// itself. Every other drop may (and must) lock the slot.
+    defused: Arc<AtomicBool>,
 }
 
 impl FlightGuard {
@@ -178,13 +194,17 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         let Some(tx) = self.tx.take() else { return };
+        if self.defused.load(Ordering::Relaxed) {
+            return;
+        }
         self.engine.permits.forget(self.ticket);
         // The task ended without settling (a panic or an abort). Memory may be behind the
         // store: reload before the next attempt, plan a retry (a marker, if any, makes it a
-        // recovery). The slot is locked by this very thread only when the engine refused to
-        // spawn the attempt (it is stopping): then there is nothing to plan.
-        let locked = self.slot.state.try_lock();
-        if let Some(mut st) = locked {
+        // recovery). This waits for the slot's lock: skipping the clean-up when another
+        // thread held it (a scrape, a token request) would leave a dead flight that every
+        // caller joins and the scheduler skips, until a restart.
+        {
+            let mut st = self.slot.lock();
             st.flight = None;
             st.stale = true;
             let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
@@ -214,11 +234,15 @@ struct TasksInner {
 }
 
 impl Tasks {
-    /// Spawns `fut` as an engine task.
-    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+    /// Spawns `fut` as an engine task; after [`Tasks::abort_all`] it is refused and handed
+    /// back unpolled, for the caller to drop where that is safe.
+    pub(crate) fn spawn<F>(&self, fut: F) -> Result<(), F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let mut inner = self.inner.lock();
         if inner.aborted {
-            return;
+            return Err(fut);
         }
         let id = inner.next;
         inner.next += 1;
@@ -228,6 +252,7 @@ impl Tasks {
             registry.lock().handles.remove(&id);
         });
         inner.handles.insert(id, handle.abort_handle());
+        Ok(())
     }
 
     /// Runs `fut` as an engine task and returns a receiver of its result: the caller may drop
@@ -237,7 +262,8 @@ impl Tasks {
         fut: impl Future<Output = T> + Send + 'static,
     ) -> oneshot::Receiver<T> {
         let (tx, rx) = oneshot::channel();
-        self.spawn(async move {
+        // Refused (the engine stopped): the dropped sender tells the caller.
+        let _ = self.spawn(async move {
             let _ = tx.send(fut.await);
         });
         rx

@@ -795,7 +795,8 @@ fn needs_reauth_failure(conn: &Connection) -> Failure {
 mod tests {
     use super::*;
     use crate::ledger::Ledger;
-    use crate::provider::Atlassian;
+    use crate::model::Site;
+    use crate::provider::{Atlassian, ProviderError};
 
     async fn engine_with(n: usize, max_concurrent: usize) -> (Arc<Engine>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -826,6 +827,131 @@ mod tests {
         .await
         .unwrap();
         (engine, dir)
+    }
+
+    /// A provider whose refresh panics, after letting the test lock the chain's slot from
+    /// another thread, so that the attempt's clean-up runs while the slot is held.
+    struct PanicsWhileLocked {
+        about_to_panic: std::sync::mpsc::Sender<()>,
+        locked: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl TokenEndpoint for PanicsWhileLocked {
+        fn refresh<'a>(
+            &'a self,
+            _: &'a Secret,
+        ) -> futures_util::future::BoxFuture<'a, Result<crate::provider::Grant, ProviderError>>
+        {
+            Box::pin(async move {
+                self.about_to_panic.send(()).unwrap();
+                self.locked.lock().recv().unwrap();
+                panic!("the provider client panicked (test)");
+            })
+        }
+        fn exchange_code<'a>(
+            &'a self,
+            _: &'a Secret,
+        ) -> futures_util::future::BoxFuture<'a, Result<crate::provider::Grant, ProviderError>>
+        {
+            unreachable!("no consent in this test")
+        }
+        fn accessible_resources<'a>(
+            &'a self,
+            _: &'a Secret,
+            _: Time,
+        ) -> futures_util::future::BoxFuture<'a, Result<Vec<Site>, ProviderError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn me<'a>(
+            &'a self,
+            _: &'a Secret,
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<Option<crate::provider::Account>, ProviderError>,
+        > {
+            Box::pin(async { Ok(None) })
+        }
+        fn not_configured(&self) -> Option<String> {
+            None
+        }
+        fn client_id(&self) -> &str {
+            "test-client"
+        }
+        fn scopes(&self) -> Vec<String> {
+            vec!["offline_access".into()]
+        }
+        fn authorize_url(&self, state: &str) -> (String, String) {
+            (
+                format!("https://auth.invalid/?state={state}"),
+                String::new(),
+            )
+        }
+        fn api_base_url(&self, product: &str, cloud_id: &str) -> String {
+            format!("https://api.invalid/{product}/{cloud_id}")
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_attempt_ends_its_flight_even_while_another_thread_holds_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &Default::default()).unwrap();
+        let old = chrono::Utc::now() - chrono::Duration::hours(1);
+        let rec = crate::model::sample_record("c000000000000", "l0", "rt-0", old);
+        ledger.insert(rec, vec![]).await.unwrap();
+        let (about_tx, about_rx) = std::sync::mpsc::channel();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let provider = PanicsWhileLocked {
+            about_to_panic: about_tx,
+            locked: parking_lot::Mutex::new(locked_rx),
+        };
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(provider),
+            Arc::new(SystemClock),
+            config.refresh.clone(),
+            crate::notify::Notifier::disabled(),
+            Arc::new(Metrics::new(true)),
+        )
+        .await
+        .unwrap();
+        let slot = engine.find("c000000000000").unwrap();
+        // A second thread takes the slot's lock just before the provider panics, and holds it
+        // while the attempt's clean-up runs (as a scrape or a token request may).
+        let holder = std::thread::spawn(move || {
+            about_rx.recv().unwrap();
+            let st = slot.lock();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let had_flight = st.flight.is_some();
+            drop(st);
+            had_flight
+        });
+        let first = engine.refresh_now("c000000000000").await;
+        assert!(
+            matches!(first, Err(Failure::Internal(_))),
+            "a panicked attempt answers internal: {first:?}"
+        );
+        assert!(
+            holder.join().unwrap(),
+            "the flight ran while the slot was held"
+        );
+        let slot = engine.find("c000000000000").unwrap();
+        let st = slot.lock();
+        assert!(
+            st.flight.is_none(),
+            "the panicked attempt left a dead flight"
+        );
+        assert!(
+            st.stale,
+            "memory may be behind the store: reload before the next attempt"
+        );
     }
 
     #[tokio::test]

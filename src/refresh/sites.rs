@@ -75,7 +75,8 @@ impl Engine {
             st.resolving = true;
         }
         let (engine, slot) = (self.clone(), slot.clone());
-        self.tasks.spawn(async move {
+        // Refused only when the engine stopped: then nothing resolves any more.
+        let _ = self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             slot.lock().resolving = false;
             if let Ok(access) = engine.resolvable(&slot) {
