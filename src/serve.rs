@@ -204,9 +204,10 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The socket API's limits (the constants of this module), draining for `grace`, with
-    /// [`plain_refusal`] as the answer over a uid's share.
-    pub fn socket(grace: Duration) -> Limits {
+    /// The standard limits (the constants of this module), draining for `grace`, with
+    /// `refusal` as the answer over a uid's share: each server names its own error shape
+    /// (the socket API's is JSON), so that none gets another's by default.
+    pub fn standard(grace: Duration, refusal: fn(uid: u32, share: usize) -> Vec<u8>) -> Limits {
         Limits {
             max_connections: MAX_CONNECTIONS,
             max_connections_per_uid: MAX_CONNECTIONS_PER_UID,
@@ -214,13 +215,13 @@ impl Limits {
             body_read_timeout: BODY_READ_TIMEOUT,
             write_timeout: WRITE_TIMEOUT,
             grace,
-            refusal: plain_refusal,
+            refusal,
         }
     }
 }
 
-/// A bare 503 for a connection over its uid's share (`Retry-After: 1`, then closed): the
-/// default [`Limits::refusal`], for servers without an error shape of their own.
+/// A bare 503 for a connection over its uid's share (`Retry-After: 1`, then closed), for
+/// servers without an error shape of their own (the metrics port).
 pub fn plain_refusal(uid: u32, share: usize) -> Vec<u8> {
     let body = format!("uid {uid} already holds {share} connections, the most one uid may hold\n");
     format!(

@@ -993,6 +993,114 @@ mod tests {
         ));
     }
 
+    struct NoneStalled;
+    impl JobsView for NoneStalled {
+        fn stalled(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+    }
+
+    /// Every (method, template) of [`ROUTES`] reaches its handler through the real router
+    /// (neither the router's 404 nor its 405), and is counted under its own template, whose
+    /// series exist from the start.
+    #[tokio::test]
+    async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        let metrics = Arc::new(Metrics::new(true));
+        let provider = crate::provider::Atlassian::new(
+            config.providers.atlassian.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger.clone()),
+            Arc::new(provider),
+            Arc::new(crate::refresh::SystemClock),
+            config.refresh.clone(),
+            crate::notify::Notifier::disabled(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let state = ApiState {
+            engine,
+            metrics: metrics.clone(),
+            jobs: Arc::new(NoneStalled),
+            access: Arc::new(RwLock::new(AccessPolicy {
+                own_uid: 0,
+                config: config.access.clone(),
+            })),
+            audit: crate::audit::Audit::new(ledger, metrics.clone()),
+        };
+        let app = router(state);
+        let before = metrics.render();
+        for r in ROUTES {
+            let series = format!(
+                "tokend_api_requests_total{{route=\"{}\",status=\"2xx\"}} 0",
+                r.template
+            );
+            assert!(
+                before.contains(&series),
+                "no series before any request: {series}"
+            );
+        }
+        for r in ROUTES {
+            let path = r.template.replace("{id}", "unknown-connection");
+            let req = axum::http::Request::builder()
+                .method(r.method.clone())
+                .uri(&path)
+                .header("content-type", "application/json")
+                .extension(Peer {
+                    uid: 0,
+                    gid: 0,
+                    pid: None,
+                })
+                .body(Body::from("{}"))
+                .unwrap();
+            let resp = app.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                !text.contains("no route") && !text.contains("is not allowed on"),
+                "{} {path} did not reach its handler: {status} {text}",
+                r.method
+            );
+        }
+        let after = metrics.render();
+        for r in ROUTES {
+            let count: f64 = after
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tokend_api_requests_total{")
+                        && l.contains(&format!("route=\"{}\"", r.template))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum();
+            let routes_here = ROUTES.iter().filter(|o| o.template == r.template).count();
+            assert_eq!(
+                count, routes_here as f64,
+                "requests counted under {}",
+                r.template
+            );
+        }
+        assert!(
+            !after.contains("unknown-connection"),
+            "a raw path became a label"
+        );
+    }
+
     #[test]
     fn the_route_table_is_the_router_and_the_metric_labels() {
         assert_eq!(

@@ -152,10 +152,7 @@ pub async fn serve(
 /// The socket API's [`Limits`]: the constants of [`crate::serve`], draining for `grace`,
 /// and the standard JSON error as the answer over a uid's share.
 pub fn limits(grace: Duration) -> Limits {
-    Limits {
-        refusal,
-        ..Limits::socket(grace)
-    }
+    Limits::standard(grace, refusal)
 }
 
 /// The answer to a connection over its uid's share: 503 with the standard error body and a
@@ -163,14 +160,16 @@ pub fn limits(grace: Duration) -> Limits {
 /// overloaded daemon; `provider_unavailable` is its only 503, and what a client does with it
 /// (retry after `Retry-After`) is what it should do here. The message says what happened.
 pub fn refusal(uid: u32, share: usize) -> Vec<u8> {
-    let body = serde_json::json!({"error": {
-        "code": "provider_unavailable",
-        "message": format!(
-            "uid {uid} already holds {share} connections to tokend, the most one uid may \
-             hold; close some, then retry"
-        ),
-    }})
-    .to_string();
+    let body = serde_json::to_string(&crate::wire::ErrorBody {
+        error: crate::wire::ErrorDetail {
+            code: crate::wire::ErrorCode::ProviderUnavailable,
+            message: format!(
+                "uid {uid} already holds {share} connections to tokend, the most one uid may \
+                 hold; close some, then retry"
+            ),
+        },
+    })
+    .expect("an error body always serializes");
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
