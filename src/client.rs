@@ -98,8 +98,15 @@ impl ApiResponse {
 
     /// The body parsed as JSON into `T`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        // By category and position only: serde's own text can quote the offending value.
         serde_json::from_slice(&self.body).map_err(|e| {
-            ClientError::Protocol(format!("invalid JSON body (HTTP {}): {e}", self.status))
+            ClientError::Protocol(format!(
+                "invalid JSON body (HTTP {}): {} at line {} column {}",
+                self.status,
+                json_category(&e),
+                e.line(),
+                e.column()
+            ))
         })
     }
 
@@ -121,9 +128,17 @@ impl ApiResponse {
             return Ok(self);
         }
         let retry_after = self.retry_after();
-        let parsed = serde_json::from_slice::<ErrorBody>(&self.body).ok();
+        // The typed body first; then the same shape with a code this build does not know (a
+        // newer daemon's), kept as it is.
+        let parsed = serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|b| (b.error.code.as_str().to_owned(), b.error.message))
+            .or_else(|_| {
+                serde_json::from_slice::<LooseErrorBody>(&self.body)
+                    .map(|b| (b.error.code, b.error.message))
+            })
+            .ok();
         let (code, message) = match parsed {
-            Some(body) => (body.error.code.as_str().to_owned(), body.error.message),
+            Some(pair) => pair,
             None => {
                 let raw = String::from_utf8_lossy(&self.body);
                 let raw = raw.trim();
@@ -141,6 +156,28 @@ impl ApiResponse {
             message,
             retry_after,
         })
+    }
+}
+
+/// The error body's shape with any code string: what a newer daemon may send.
+#[derive(serde::Deserialize)]
+struct LooseErrorBody {
+    error: LooseErrorDetail,
+}
+
+#[derive(serde::Deserialize)]
+struct LooseErrorDetail {
+    code: String,
+    message: String,
+}
+
+/// A JSON error's category, for messages that must not quote the input.
+fn json_category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "an I/O error",
+        serde_json::error::Category::Syntax => "a syntax error",
+        serde_json::error::Category::Data => "an unexpected value",
+        serde_json::error::Category::Eof => "an early end",
     }
 }
 
@@ -474,6 +511,43 @@ mod tests {
         let resp = sent("/v1/garbage").await;
         let err = resp.json::<serde_json::Value>().unwrap_err();
         assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+    }
+
+    fn response(status: u16, body: &str) -> ApiResponse {
+        ApiResponse {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_body_of_the_wrong_shape_is_reported_without_quoting_it() {
+        // A token answer whose token is a number: serde's own message would quote it.
+        let resp = response(
+            200,
+            r#"{"access_token": 12345678987654321, "expires_at": "x"}"#,
+        );
+        let err = resp.json::<crate::wire::Token>().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("an unexpected value at line 1 column"),
+            "{text}"
+        );
+        assert!(!text.contains("12345678987654321"), "{text}");
+    }
+
+    #[test]
+    fn an_error_code_this_build_does_not_know_is_kept() {
+        let resp = response(
+            429,
+            r#"{"error": {"code": "slow_down", "message": "too many requests"}}"#,
+        );
+        let err = resp.error_for_status().unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Api { status: 429, code, message, .. } if code == "slow_down" && message == "too many requests"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

@@ -448,7 +448,7 @@ impl Engine {
             // Never happens (ids are new, or were uninstalled first); keep the count right.
             let mut old = old.lock();
             if !old.removed && old.rec.conn.status == Status::Active {
-                self.active.fetch_sub(1, Ordering::Relaxed);
+                self.one_fewer_active();
             }
             old.removed = true;
         }
@@ -460,7 +460,7 @@ impl Engine {
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
             if !st.removed && st.rec.conn.status == Status::Active {
-                self.active.fetch_sub(1, Ordering::Relaxed);
+                self.one_fewer_active();
             }
             st.removed = true;
             self.set_held(&mut st, None);
@@ -472,6 +472,22 @@ impl Engine {
         }
         drop(index);
         self.plan.cancel(id);
+    }
+
+    /// The active count goes down by one. It never wraps: a decrement below zero would be a
+    /// bookkeeping bug, reported once in debug builds and logged in release builds, while
+    /// health keeps reporting a count that is at worst too low rather than "all active".
+    fn one_fewer_active(&self) {
+        if self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
+        {
+            debug_assert!(false, "the active count went below zero");
+            tracing::error!(
+                "the active-connection count went below zero: health counts may be off"
+            );
+        }
     }
 
     /// Takes `from`'s chain and status into a slot (`Record::adopt_chain`), keeping
@@ -486,7 +502,7 @@ impl Engine {
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.active.fetch_sub(1, Ordering::Relaxed);
+            self.one_fewer_active();
         }
     }
 
