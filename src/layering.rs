@@ -25,29 +25,54 @@ fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The `crate::NAME` modules a source text imports, outside comments.
+/// The `crate::NAME` modules a source text imports, outside comments; a group
+/// `crate::{a::X, b}` (over several lines too) names each of its first segments.
 fn imports(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut code = String::new();
     for line in text.lines() {
-        let code = line.trim_start();
-        if code.starts_with("//") {
+        let line = line.trim_start();
+        if line.starts_with("//") {
             continue;
         }
-        let code = code.split(" //").next().unwrap_or(code);
-        for (i, _) in code.match_indices("crate::") {
-            let before = code[..i].chars().next_back();
-            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-                continue;
+        code.push_str(line.split(" //").next().unwrap_or(line));
+        code.push('\n');
+    }
+    let segment = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (i, _) in code.match_indices("crate::") {
+        let before = code[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        let rest = &code[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The group up to its matching brace; its items split at top-level commas.
+            let (mut depth, mut start) = (0usize, 0usize);
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        out.push(segment(&group[start..j]));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.push(segment(&group[start..j]));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
             }
-            let name: String = code[i + "crate::".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                out.push(name);
-            }
+        } else {
+            out.push(segment(rest));
         }
     }
+    out.retain(|n| !n.is_empty() && n != "self");
     out
 }
 
@@ -102,4 +127,6 @@ fn imports_are_read_from_code_not_comments() {
     let text =
         "use crate::a::B;\n/// see [`crate::b`]\nlet x = crate::c::f(); // crate::d\nmy_crate::e";
     assert_eq!(imports(text), ["a", "c"]);
+    let grouped = "use crate::{\n    refresh::Engine,\n    model::{Site, Time},\n};\nuse crate::{self as x, wire};";
+    assert_eq!(imports(grouped), ["refresh", "model", "wire"]);
 }

@@ -3,7 +3,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin shell over this library: it parses the command line
 //! (clap) and [`cli`] runs the command, [`config`] turns `daemon.toml` into a validated
-//! [`config::Config`], and [`daemon`] wires the ledger, the provider client, the refresh engine and the socket API
+//! [`config::Config`], and `daemon` wires the ledger, the provider client, the refresh engine and the socket API
 //! together. See `ARCHITECTURE.md` for the code map and the invariants.
 
 #![forbid(unsafe_code)]

@@ -8,7 +8,9 @@
 //! [`Metrics`] is created once at start and shared as `Arc<Metrics>`; it keeps its own
 //! [`prometheus::Registry`] (not the crate's global default), so tests and several daemons in
 //! one process never see each other's series. Every labelled counter is pre-initialised for
-//! every value of its label, so `rate()` and `increase()` have a series from the first scrape.
+//! every value of its label (the API's `route` values once `api` declares its route table,
+//! when the socket API is built), so `rate()` and `increase()` have a series from the first
+//! scrape.
 //!
 //! **Architecture Invariant:** label values are connection ids, route templates, job names and
 //! enum names, never tokens, labels chosen by users, or raw request paths: the set of series

@@ -7,7 +7,10 @@
 //! - times are RFC 3339 UTC to the second (`2026-01-02T03:04:05Z`), read back from any RFC 3339
 //!   offset or precision;
 //! - answers carry no `deny_unknown_fields`, so a newer daemon's extra fields never break an
-//!   older CLI; only the request bodies the daemon reads refuse unknown fields;
+//!   older CLI; only the request bodies the daemon reads refuse unknown fields. One
+//!   exception, on purpose: a connection `status` is one of INTERFACE.md's two values, and an
+//!   older CLI refuses a third (a status it cannot act on is not one to guess at), while an
+//!   event kind it does not know is shown as sent (`EventKind::Other`);
 //! - the only token in any body is [`Token::access_token`] (and the refresh token or code of
 //!   a [`NewConnection`] request), held as a [`Secret`] so that `Debug` never prints it.
 

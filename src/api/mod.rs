@@ -1,5 +1,5 @@
-//! The socket API: routes, access checks and JSON shapes. The only module that knows JSON
-//! (besides the CLI's client side).
+//! The socket API: routes, access checks, and the JSON answers built from the shapes of
+//! [`crate::wire`] (which the CLI's client reads too); no other module writes JSON.
 //!
 //! Every response body is JSON; every error is `{"error":{"code","message"}}` with the codes
 //! of INTERFACE.md. Handlers never use extractors whose rejections could echo request

@@ -87,7 +87,9 @@ pub enum BindError {
 
 /// Held while [`bind`] narrows the process-wide umask, and while it creates the socket's
 /// directory: a directory created by one bind while another has the umask narrowed would get
-/// the narrow mode (seen when tests bind in parallel).
+/// the narrow mode (seen when tests bind in parallel). It orders binds only: a file or
+/// directory another thread creates meanwhile without taking it (the daemon binds once, at
+/// start, before anything else creates files) would still get the narrow mode.
 static UMASK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Creates the socket at `path` with `mode`.

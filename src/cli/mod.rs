@@ -3,10 +3,10 @@
 //! into an [`Action`] and calls [`run`].
 //!
 //! `run` and `check-config` load the full configuration; every other command is a client of
-//! the running daemon's socket API (see [`crate::client`]) and only needs the socket path,
+//! the running daemon's socket API (see `crate::client`) and only needs the socket path,
 //! taken from `TOKEND_SOCKET` when set, else from `daemon.socket_path` of `--config`.
 //!
-//! - [`commands`]: the client commands, one request each;
+//! - `commands`: the client commands, one request each;
 //! - `output`: their human output (tables, `show`, events);
 //! - `connect`: the consent flow of `tokend connect`.
 //!

@@ -261,7 +261,6 @@ impl Ledger {
         &self.inner.path
     }
 
-    /// Runs `f` with the database on the blocking pool.
     /// Tests only: a connection's `refresh_token` column as stored (sealed), for the
     /// semantics tests that check sealing at rest.
     #[cfg(test)]
@@ -292,6 +291,7 @@ impl Ledger {
         .unwrap();
     }
 
+    /// Runs `f` with the database on the blocking pool.
     async fn call<R, F>(&self, f: F) -> Result<R, LedgerError>
     where
         R: Send + 'static,

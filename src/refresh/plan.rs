@@ -172,7 +172,8 @@ struct Queue {
 
 /// The timer queue: one planned action per connection.
 pub struct Planner {
-    /// The entries. A std mutex: every operation is a few map updates, never awaited.
+    /// The entries. A blocking (parking_lot) mutex: every operation is a few map updates,
+    /// never held across an await.
     queue: Mutex<Queue>,
     /// Wakes the scheduler loop when an entry is planned, so one planned earlier than its
     /// current sleep (a new import, a hot connection, a retry) is not left waiting for the
