@@ -157,8 +157,9 @@ fn report(copied: &Copied, setting: &UrlSetting, key_configured: bool) -> String
             plural(copied.markers, "chain has", "chains have"),
         );
     }
+    s += "  Every row equals its SQLite original and every chain version is the same.\n";
     s += &format!(
-        "  Every row equals its SQLite original, every chain version is the same, and every\n  sealed token opens with {} on the new ledger (tokens were copied sealed, as they are).\n",
+        "  Every sealed token opens on the new ledger with {} (copied sealed, as they are).\n",
         copied.key_file.display()
     );
     s += "\nPut these lines in daemon.toml (of every daemon that is to use this ledger):\n\n";
@@ -186,7 +187,7 @@ fn report(copied: &Copied, setting: &UrlSetting, key_configured: bool) -> String
         UrlSetting::Url(url) => s += &format!("url = {}\n", toml_string(url)),
     }
     s += &format!(
-        "\nThen start tokend. The SQLite ledger {} is left untouched, as a backup of the\nledger at this moment: without ledger.url a daemon would go on from it, not from PostgreSQL.\n",
+        "\nThen start tokend. The SQLite ledger is left untouched, as a backup of this moment:\n  {}\nNever start a daemon on it again once the PostgreSQL ledger is in use: both would spend the\nsame refresh tokens, and a token spent twice can revoke its whole chain at Atlassian.\n",
         copied.source.display()
     );
     s
