@@ -166,7 +166,7 @@ fn report(copied: &Copied, setting: &UrlSetting, key_configured: bool) -> String
     let key = toml_string(&copied.key_file.display().to_string());
     if key_configured {
         s += &format!(
-            "# [daemon] key_file = {key} stays: every daemon on this ledger needs a copy of that key.\n"
+            "# Keep [daemon] key_file pointing at this key ({key}) on every daemon of this ledger.\n"
         );
     } else {
         s += &format!(
@@ -272,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn a_url_file_is_read_trimmed_and_an_empty_one_is_a_usage_error() {
+    fn a_url_file_is_read_trimmed_and_a_missing_one_is_exit_1() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("url");
         std::fs::write(&path, "  postgres://u:pw@h/db\n").unwrap();

@@ -174,6 +174,11 @@ pub enum MigrateError {
         "the ledger key {0} does not exist: migrate-ledger needs the key the SQLite ledger is sealed with (set daemon.key_file to it)"
     )]
     NoKey(PathBuf),
+    /// `daemon.key_file` does not exist.
+    #[error(
+        "the ledger key {0} does not exist; a systemd credential (/run/credentials/...) exists only while its service runs: give migrate-ledger a copy of the configuration whose daemon.key_file names the key file itself (e.g. /etc/tokend/ledger_key)"
+    )]
+    KeyFileMissing(PathBuf),
     /// A key file could not be read.
     #[error(transparent)]
     Key(#[from] seal::KeyError),
@@ -306,11 +311,15 @@ pub async fn copy_to_postgres(
             reason: e.to_string(),
         },
     })?;
-    if keys.key_file.is_none() {
-        // Never let `Keyring::load` create a new key: it would open nothing.
-        let default = state_dir.join(seal::DEFAULT_KEY_FILE);
-        if !default.is_file() {
-            return Err(MigrateError::NoKey(default));
+    match &keys.key_file {
+        Some(key) if !key.exists() => return Err(MigrateError::KeyFileMissing(key.clone())),
+        Some(_) => {}
+        None => {
+            // Never let `Keyring::load` create a new key: it would open nothing.
+            let default = state_dir.join(seal::DEFAULT_KEY_FILE);
+            if !default.is_file() {
+                return Err(MigrateError::NoKey(default));
+            }
         }
     }
     // Checks the URL before reading anything; opens no connection yet.

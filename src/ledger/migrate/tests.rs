@@ -367,7 +367,7 @@ async fn a_running_daemon_a_non_empty_target_and_a_bad_url_are_refused_writing_n
 }
 
 #[tokio::test]
-async fn a_missing_default_key_is_not_created() {
+async fn a_missing_key_is_refused_and_the_default_one_not_created() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     build_sqlite(&state, &KeySource::default()).await;
@@ -381,4 +381,13 @@ async fn a_missing_default_key_is_not_created() {
     .unwrap_err();
     assert!(matches!(err, MigrateError::NoKey(_)), "{err}");
     assert!(!state.join("ledger.key").exists());
+    let credential = dir.path().join("credentials/ledger_key");
+    let err = copy_to_postgres(&state, &only(&credential), "postgres://u@h/x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MigrateError::KeyFileMissing(_)), "{err}");
+    assert!(
+        err.to_string().contains("only while its service runs"),
+        "{err}"
+    );
 }
