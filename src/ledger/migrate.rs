@@ -2,8 +2,8 @@
 //! the copy, and leaves the SQLite file as it was (a backup).
 //!
 //! [`copy_to_postgres`] holds the state directory's lock for the whole run (so no daemon
-//! starts on it meanwhile, and a running one is refused), reads the SQLite file read-only in
-//! one snapshot, and writes everything into PostgreSQL in **one** transaction: every
+//! starts on it meanwhile, and a running one is refused), reads the SQLite file in one
+//! snapshot (a connection that may only read), and writes everything into PostgreSQL in **one** transaction: every
 //! connection row (its chain version, its attempt marker, its failure record), every site
 //! (removed ones too, with their times), every event (its node, peer and count, and its
 //! `seq`, so that the history keeps its order). Before the commit, the same transaction
@@ -363,16 +363,25 @@ pub async fn copy_to_postgres(
     })
 }
 
-/// Reads the whole SQLite ledger in one read transaction, read-only, and checks that every
-/// token is sealed under the current key.
+/// Reads the whole SQLite ledger in one read transaction and checks that every token is
+/// sealed under the current key.
+///
+/// The connection may read only (`query_only`), but is opened read-write: a read-only one
+/// would create the `-wal` and `-shm` files of a WAL database and leave them behind (only a
+/// writer removes them when it closes). So the state directory is left as a stopped daemon
+/// left it; a WAL left by a daemon that crashed is folded into the file at the close, as the
+/// daemon's own next start would.
 fn read_sqlite(path: &Path, keys: &Keyring) -> Result<Snapshot, MigrateError> {
     let source = |e: rusqlite::Error| MigrateError::Source {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let mut db =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(source)?;
+    let mut db = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(source)?;
+    db.pragma_update(None, "query_only", true).map_err(source)?;
     db.busy_timeout(BUSY_TIMEOUT).map_err(source)?;
     let tx = db.transaction().map_err(source)?;
     let found: i64 = tx

@@ -75,6 +75,16 @@ fn target_counts(url: &str) -> Option<[i64; 3]> {
     })
 }
 
+/// The names of the files in `dir`, sorted.
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn stop(d: &mut TestDaemon) {
     d.sigterm();
     assert!(
@@ -127,6 +137,7 @@ fn a_daemons_sqlite_ledger_moves_to_postgresql_and_every_chain_is_current_there(
         .unwrap();
     drop(db);
     let sqlite_file = std::fs::read(d.ledger_path()).unwrap();
+    let state_files = files(&d.state_dir());
 
     let out = d.cli(&["migrate-ledger", "--to", &with_password(&url)], None);
     assert_success("tokend migrate-ledger", &out);
@@ -156,6 +167,12 @@ fn a_daemons_sqlite_ledger_moves_to_postgresql_and_every_chain_is_current_there(
     assert!(
         std::fs::read(d.ledger_path()).unwrap() == sqlite_file,
         "the SQLite ledger was changed"
+    );
+    // (The test's own read-only opens above left a -wal and -shm; the migration adds none.)
+    let after = files(&d.state_dir());
+    assert!(
+        after.iter().all(|f| state_files.contains(f)),
+        "the migration left files beside the ledger: {after:?}, before: {state_files:?}"
     );
 
     // Read as a daemon on the new ledger would: the same key file opens every chain, and

@@ -42,6 +42,16 @@ fn only(key: &Path) -> KeySource {
     }
 }
 
+/// The names of the files in `dir`, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Everything a daemon reads of a record, tokens included, as one comparable text.
 fn view(rec: &Record) -> String {
     let c = &rec.conn;
@@ -158,6 +168,7 @@ async fn every_row_is_copied_as_it_is_and_reads_back_as_a_daemon_reads_it() {
     let keys = KeySource::default();
     build_sqlite(&state, &keys).await;
     let sqlite_file = std::fs::read(state.join("ledger.db")).unwrap();
+    let files_before = files(&state);
 
     let copied = copy_to_postgres(&state, &keys, &url).await.unwrap();
     assert_eq!(
@@ -176,6 +187,11 @@ async fn every_row_is_copied_as_it_is_and_reads_back_as_a_daemon_reads_it() {
     assert!(
         std::fs::read(state.join("ledger.db")).unwrap() == sqlite_file,
         "the SQLite file is left as it was"
+    );
+    assert_eq!(
+        files(&state),
+        files_before,
+        "no -wal or -shm file is left behind"
     );
 
     let sqlite = Ledger::open(&state, &keys).unwrap();
