@@ -30,9 +30,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokio_postgres::types::ToSql;
 
-/// Event rows inserted per statement: 9 parameters each, far below PostgreSQL's 65535
-/// parameters per statement, and few round trips for a long history.
-const EVENT_BATCH: usize = 1000;
+/// Rows inserted per statement: at most 24 parameters each (a connection row), so at most
+/// 24 000 per statement, below PostgreSQL's 65 535, and few round trips for a long history.
+const ROWS_PER_INSERT: usize = 1000;
 
 /// The token columns of a connection row: sealed, copied as they are.
 const SEALED_COLUMNS: [&str; 3] = ["refresh_token", "previous_refresh_token", "access_token"];
@@ -550,9 +550,8 @@ async fn insert_rows(
     tx: &deadpool_postgres::Transaction<'_>,
     table: &Table,
     rows: &[Row],
-    batch: usize,
 ) -> Result<(), MigrateError> {
-    for chunk in rows.chunks(batch) {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
         let params: Vec<&(dyn ToSql + Sync)> = chunk
             .iter()
             .flat_map(|row| row.iter().map(Cell::as_sql))
@@ -608,9 +607,13 @@ async fn copy(target: &PgLedger, snapshot: &Snapshot) -> Result<(), MigrateError
     if let Some(e) = not_empty(counts(&*tx).await?) {
         return Err(e);
     }
-    insert_rows(&tx, &CONNECTIONS, &snapshot.connections, 1).await?;
-    insert_rows(&tx, &SITES, &snapshot.sites, EVENT_BATCH / 2).await?;
-    insert_rows(&tx, &EVENTS, &snapshot.events, EVENT_BATCH).await?;
+    for (table, rows) in [
+        (&CONNECTIONS, &snapshot.connections),
+        (&SITES, &snapshot.sites),
+        (&EVENTS, &snapshot.events),
+    ] {
+        insert_rows(&tx, table, rows).await?;
+    }
     let seq = EVENTS.index("seq");
     if let Some(last) = snapshot.events.iter().filter_map(|r| r[seq].int()).max() {
         // The next event a daemon appends comes after the copied history.

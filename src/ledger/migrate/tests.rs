@@ -407,3 +407,42 @@ async fn a_missing_key_is_refused_and_the_default_one_not_created() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_history_longer_than_one_insert_is_copied_whole_and_in_order() {
+    let Some(url) = testpg::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let keys = KeySource::default();
+    let n = 2 * ROWS_PER_INSERT + 345;
+    {
+        let ledger = Ledger::open(&state, &keys).unwrap();
+        let t = now();
+        ledger
+            .insert(crate::model::sample_record("c1", "conf", "rt", t), vec![])
+            .await
+            .unwrap();
+        let events = (0..n)
+            .map(|i| {
+                let at = t + chrono::Duration::milliseconds((i / 3) as i64);
+                (
+                    "c1".to_owned(),
+                    at,
+                    Event::new(EventKind::TokenRead, format!("read {i}")),
+                )
+            })
+            .collect();
+        ledger.append_batch(events).await.unwrap();
+    }
+    let copied = copy_to_postgres(&state, &keys, &url).await.unwrap();
+    assert_eq!(copied.events, n);
+    let sqlite = Ledger::open(&state, &keys).unwrap();
+    let pg = PgLedger::connect(&url, &keys, &state).await.unwrap();
+    assert_eq!(
+        pg.events("c1".into(), None, n + 1).await.unwrap(),
+        sqlite.events("c1".into(), None, n + 1).await.unwrap(),
+        "the same history in the same order (equal times ordered by seq)"
+    );
+}
