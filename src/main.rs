@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Parser, Subcommand};
-use tokend::cli::{Action, ClientCommand, DEFAULT_LABEL, TokenTarget};
+use tokend::cli::{Action, ClientCommand, DEFAULT_LABEL, LedgerUrl, MigrateTarget, TokenTarget};
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: i32 = 3;
@@ -23,8 +23,8 @@ This command talks to the running daemon over its Unix socket: `daemon.socket_pa
 socket instead and no configuration file is read.";
 
 const AFTER_HELP: &str = "\
-Every command but `run` and `check-config` is a client of the running daemon's socket: its \
-path is `daemon.socket_path` from --config, unless the environment variable TOKEND_SOCKET \
+Every command but `run`, `check-config` and `migrate-ledger` is a client of the running \
+daemon's socket: its path is `daemon.socket_path` from --config, unless the environment variable TOKEND_SOCKET \
 is set (and not empty), which names the socket directly; then no configuration is read.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage error, 64 bad configuration.";
@@ -139,7 +139,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// With the daemon stopped: copy the SQLite ledger into an empty PostgreSQL ledger,
+    /// verify it, and print the daemon.toml lines to use.
+    #[command(
+        after_help = MIGRATE_HELP,
+        group(ArgGroup::new("migrate_target").required(true).args(["to", "to_file"]))
+    )]
+    MigrateLedger {
+        /// The PostgreSQL URL, e.g. postgres://tokend@db.example:5432/tokend?sslmode=verify-full.
+        #[arg(long, value_name = "URL", value_parser = parse_ledger_url)]
+        to: Option<LedgerUrl>,
+        /// Read the URL from this file instead (for a URL holding a password).
+        #[arg(long, value_name = "PATH")]
+        to_file: Option<PathBuf>,
+    },
 }
+
+/// `--to`: any non-empty text (the library judges it, and never echoes it).
+fn parse_ledger_url(s: &str) -> Result<LedgerUrl, String> {
+    if s.trim().is_empty() {
+        return Err("the URL is empty".into());
+    }
+    Ok(LedgerUrl::new(s))
+}
+
+/// Help text of `migrate-ledger`.
+const MIGRATE_HELP: &str = "\
+Stop the daemon first: the copy refuses a state directory a daemon holds. The target must be \
+an empty PostgreSQL database (no tokend rows; the schema is created). Everything is copied in \
+one transaction (tokens sealed as they are: the same key file opens them), compared with the \
+SQLite ledger, and only then committed; the SQLite file is left untouched, as a backup. The \
+URL may hold a password: it is never printed, and --to-file keeps it off the command line.
+
+Exit codes: 0 copied and checked, 1 refused or failed (nothing committed), 2 usage error \
+(also a URL that is not a PostgreSQL URL), 64 bad configuration.";
 
 impl Command {
     /// The library's plain form of the command.
@@ -164,6 +197,11 @@ impl Command {
             Command::Events { id, since, json } => {
                 client(ClientCommand::Events { id, since, json })
             }
+            Command::MigrateLedger { to, to_file } => Action::MigrateLedger(match (to, to_file) {
+                (Some(url), _) => MigrateTarget::Url(url),
+                (None, Some(path)) => MigrateTarget::File(path),
+                (None, None) => unreachable!("clap requires one of --to and --to-file"),
+            }),
         }
     }
 }
@@ -365,6 +403,40 @@ mod tests {
             .render_long_help()
             .to_string();
         assert!(token_help.contains("TOKEND_SOCKET"), "{token_help}");
+    }
+
+    #[test]
+    fn migrate_ledger_takes_exactly_one_of_to_and_to_file() {
+        assert_eq!(
+            command(&["migrate-ledger", "--to", "postgres://db/tokend"]).into_action(),
+            Action::MigrateLedger(MigrateTarget::Url(LedgerUrl::new("postgres://db/tokend")))
+        );
+        assert_eq!(
+            command(&["migrate-ledger", "--to-file", "/etc/tokend/url"]).into_action(),
+            Action::MigrateLedger(MigrateTarget::File("/etc/tokend/url".into()))
+        );
+        assert_eq!(
+            usage_error(&["migrate-ledger"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error(&["migrate-ledger", "--to", "postgres://a/b", "--to-file", "f"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            usage_error(&["migrate-ledger", "--to", " "]),
+            ErrorKind::ValueValidation
+        );
+        // A URL clap refuses is never echoed in its message.
+        let err = parse(&[
+            "migrate-ledger",
+            "--to",
+            "postgres://u:hunter2@h/d",
+            "--to",
+            "x",
+        ])
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]

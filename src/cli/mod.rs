@@ -2,21 +2,26 @@
 //! argument parsing (clap) lives in the binary (`src/main.rs`), which turns the command line
 //! into an [`Action`] and calls [`run`].
 //!
-//! `run` and `check-config` load the full configuration; every other command is a client of
-//! the running daemon's socket API (see `crate::client`) and only needs the socket path,
+//! `run` and `check-config` load the full configuration, `migrate-ledger` all but the
+//! secrets; every other command is a client of the running daemon's socket API (see `crate::client`) and only needs the socket path,
 //! taken from `TOKEND_SOCKET` when set, else from `daemon.socket_path` of `--config`.
 //!
 //! - `commands`: the client commands, one request each;
 //! - `output`: their human output (tables, `show`, events);
-//! - `connect`: the consent flow of `tokend connect`.
+//! - `connect`: the consent flow of `tokend connect`;
+//! - `migrate`: `tokend migrate-ledger`, which reads the configuration (state directory,
+//!   keys) like `run` but never the daemon's secrets, and talks to no daemon (it refuses a
+//!   running one).
 //!
-//! Exit codes: 0 ok, 1 runtime failure, 2 usage error (clap's own), 64 bad configuration
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage error (clap's own, and an unusable
+//! `migrate-ledger` URL), 64 bad configuration
 //! (`EX_CONFIG` from sysexits.h). Errors go to stderr as `tokend: ...`. stdout carries only
 //! the command's answer, so that `tokend token ID` prints the access token and nothing else;
 //! no other command ever prints a token.
 
 pub(crate) mod commands;
 mod connect;
+pub(crate) mod migrate;
 mod output;
 
 use std::io::{self, Write};
@@ -24,12 +29,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use commands::{ClientCommand, TokenTarget};
+pub use migrate::{LedgerUrl, MigrateTarget};
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 
 /// Runtime failure: the daemon refused, was unreachable, or the input was unusable.
 pub const EXIT_RUNTIME: u8 = 1;
+/// Usage error: what clap exits with for a bad command line; also a value clap cannot judge
+/// (a `migrate-ledger` URL that is not a PostgreSQL URL).
+pub const EXIT_USAGE: u8 = 2;
 /// Bad configuration: `EX_CONFIG` from sysexits.h, what service managers and scripts expect.
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -47,6 +56,9 @@ pub enum Action {
     Run,
     /// `check-config`: validate and summarize the configuration.
     CheckConfig,
+    /// `migrate-ledger`: copy the SQLite ledger into an empty PostgreSQL ledger (with the
+    /// daemon stopped).
+    MigrateLedger(MigrateTarget),
     /// Any other command: a client of the running daemon.
     Client(ClientCommand),
 }
@@ -54,7 +66,7 @@ pub enum Action {
 /// A command's failure: the exit code and the message for stderr (without the `tokend: `).
 #[derive(Debug)]
 pub struct Failure {
-    /// The process exit code ([`EXIT_RUNTIME`] or [`EXIT_CONFIG`]).
+    /// The process exit code ([`EXIT_RUNTIME`], [`EXIT_USAGE`] or [`EXIT_CONFIG`]).
     pub code: u8,
     /// What went wrong, for a human.
     pub message: String,
@@ -64,6 +76,13 @@ impl Failure {
     fn runtime(message: impl Into<String>) -> Self {
         Failure {
             code: EXIT_RUNTIME,
+            message: message.into(),
+        }
+    }
+
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_USAGE,
             message: message.into(),
         }
     }
@@ -122,6 +141,17 @@ pub fn run(
             output::emit(
                 &mut io::stdout().lock(),
                 &format!("{}\nconfiguration OK\n", summary.trim_end()),
+            )
+        }
+        Action::MigrateLedger(target) => {
+            // The state directory and keys only: never the Atlassian client secret.
+            let config =
+                Config::load_for_client(config).map_err(|e| Failure::config(e.to_string()))?;
+            migrate::run(
+                &config,
+                target,
+                &mut io::stdout().lock(),
+                &mut io::stderr().lock(),
             )
         }
         Action::Client(command) => {

@@ -11,6 +11,7 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
+pub(crate) mod migrate;
 pub(crate) mod pg;
 pub mod seal;
 
@@ -206,21 +207,7 @@ impl Ledger {
                 .create(state_dir)
                 .map_err(open_err(state_dir))?;
         }
-        let lock_path = state_dir.join("tokend.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(open_err(&lock_path))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
-                return Err(LedgerError::Locked(state_dir.to_path_buf()));
-            }
-            Err(e) => return Err(open_err(&lock_path)(e.into())),
-        }
+        let lock = lock_state_dir(state_dir)?;
         // Under the lock: two daemons must not both create a first key.
         let keys = Keyring::load(keys, state_dir)?;
         let path = state_dir.join("ledger.db");
@@ -622,6 +609,31 @@ impl Ledger {
             Ok(())
         })
         .await
+    }
+}
+
+/// Takes the state directory's lock: an exclusive `flock` on `<state_dir>/tokend.lock`
+/// (created 0600 if missing), held while the returned file is open. `Locked` when another
+/// process (a running daemon) holds it.
+fn lock_state_dir(state_dir: &Path) -> Result<File, LedgerError> {
+    let lock_path = state_dir.join("tokend.lock");
+    let open_err = |source| LedgerError::Open {
+        path: lock_path.clone(),
+        source,
+    };
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(open_err)?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(lock),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            Err(LedgerError::Locked(state_dir.to_path_buf()))
+        }
+        Err(e) => Err(open_err(e.into())),
     }
 }
 

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
-pub use tls::SslMode;
+pub use tls::{PASSWORD_PLACEHOLDER, SslMode, with_password_placeholder};
 
 /// Connections kept open to the server. A daemon's writes are few (one per refresh, batches
 /// of audit events) and each is short, so a handful serves it; the database's
@@ -269,6 +269,19 @@ impl PgLedger {
         keys: &KeySource,
         state_dir: &Path,
     ) -> Result<PgLedger, PgError> {
+        let ledger = PgLedger::unmigrated(url, keys, state_dir)?;
+        ledger.migrate_and_check_key().await?;
+        Ok(ledger)
+    }
+
+    /// The pool and keys of [`PgLedger::connect`], without touching the database yet (no
+    /// connection is opened until the first operation): `ledger::migrate` looks at the
+    /// target before anything is written to it.
+    pub(super) fn unmigrated(
+        url: &str,
+        keys: &KeySource,
+        state_dir: &Path,
+    ) -> Result<PgLedger, PgError> {
         let keys = Keyring::load(keys, state_dir)?;
         let mut target = tls::parse_url(url)?;
         if target.config.get_connect_timeout().is_none() {
@@ -294,15 +307,24 @@ impl PgLedger {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::Unavailable(e.to_string()))?;
-        let ledger = PgLedger {
+        Ok(PgLedger {
             inner: Arc::new(Inner {
                 pool,
                 keys,
                 node: RwLock::new(None),
             }),
-        };
-        ledger.migrate_and_check_key().await?;
-        Ok(ledger)
+        })
+    }
+
+    /// A connection of the pool, for `ledger::migrate`'s own long transaction (a copy of a
+    /// whole ledger is not bounded by [`OPERATION_TIMEOUT`]).
+    pub(super) async fn pooled(&self) -> Result<deadpool_postgres::Object, PgError> {
+        Ok(self.inner.pool.get().await?)
+    }
+
+    /// The keys this ledger seals and opens with.
+    pub(super) fn keyring(&self) -> &Keyring {
+        &self.inner.keys
     }
 
     /// Runs `f` in one transaction (committed when it returns `Ok`), bounded by
@@ -356,7 +378,7 @@ impl PgLedger {
             .unwrap();
     }
 
-    async fn migrate_and_check_key(&self) -> Result<(), PgError> {
+    pub(super) async fn migrate_and_check_key(&self) -> Result<(), PgError> {
         self.tx(Migrate).await
     }
 

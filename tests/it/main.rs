@@ -16,5 +16,6 @@ mod fake;
 mod fake_selftest;
 mod fuzz;
 mod keeper;
+mod migrate;
 mod ops;
 mod util;

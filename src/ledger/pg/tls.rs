@@ -123,6 +123,53 @@ pub fn parse_url(url: &str) -> Result<Target, PgError> {
     })
 }
 
+/// What stands for a password in a URL shown to the user.
+pub const PASSWORD_PLACEHOLDER: &str = "PASSWORD";
+
+/// `url` with its password (in the user info, or a `password=` parameter) replaced by
+/// [`PASSWORD_PLACEHOLDER`], and whether it had one: the form of a URL that may be printed
+/// (`tokend migrate-ledger`'s `daemon.toml` lines). Done on the text, so that nothing else
+/// of the URL is re-encoded or reordered (and several hosts, `h1,h2`, stay as they are).
+pub fn with_password_placeholder(url: &str) -> (String, bool) {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), false);
+    };
+    let mut had = false;
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) =
+        before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => {
+                had = true;
+                format!("{user}:{PASSWORD_PLACEHOLDER}@{host}")
+            }
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some(("password", _)) => {
+                    had = true;
+                    format!("password={PASSWORD_PLACEHOLDER}")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    (out, had)
+}
+
 /// The rustls connector for `mode` (unused under `disable`).
 pub fn connector(target: &Target) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -302,6 +349,39 @@ mod tests {
         ] {
             let err = parse_url(bad).err().expect(bad).to_string();
             assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_password_is_replaced_by_the_placeholder_and_nothing_else_changes() {
+        let cases = [
+            (
+                "postgres://tokend:s3cr%40t@db.example:5432/tokend?sslmode=verify-full",
+                "postgres://tokend:PASSWORD@db.example:5432/tokend?sslmode=verify-full",
+                true,
+            ),
+            (
+                "postgresql://u@h1,h2/db?password=s3cret&sslmode=require",
+                "postgresql://u@h1,h2/db?password=PASSWORD&sslmode=require",
+                true,
+            ),
+            (
+                "postgres://tokend@db/tokend?sslmode=verify-full",
+                "postgres://tokend@db/tokend?sslmode=verify-full",
+                false,
+            ),
+            (
+                "postgres:///tokend?host=/run/postgresql",
+                "postgres:///tokend?host=/run/postgresql",
+                false,
+            ),
+        ];
+        for (url, shown, had) in cases {
+            assert_eq!(
+                with_password_placeholder(url),
+                (shown.to_owned(), had),
+                "{url}"
+            );
         }
     }
 
