@@ -1,8 +1,13 @@
 //! Tests only: throw-away PostgreSQL clusters for the PostgreSQL ledger's tests.
 //!
-//! A [`Cluster`] is `initdb` + `pg_ctl start` in a fresh temp dir (trust authentication, a
-//! Unix socket in that dir and TCP on 127.0.0.1 at a free port), stopped when dropped. As
-//! root, the server runs as the `postgres` user (`runuser`), which owns the dir. [`shared`]
+//! A [`Cluster`] is `initdb` + `pg_ctl start` in a fresh temp dir, stopped when dropped. It
+//! listens on a Unix socket in that dir only (`listen_addresses=''`), so its trust
+//! authentication is open to nobody but users who can reach the dir, never to every local
+//! process over 127.0.0.1; [`PASSWORD_ROLE`] alone must give a password. The TLS cluster
+//! ([`Cluster::start_tls`]) also listens on 127.0.0.1 at a free port, TLS only
+//! (`hostssl`), still with trust over it: its tests check which certificates the client
+//! accepts, and the cluster lives for one test in a private temp dir. As root, the server
+//! runs as the `postgres` user (`runuser`), which owns the dir. [`shared`]
 //! is one cluster per test process; [`database`] gives each test its own database in it.
 //!
 //! The file depends on nothing but std and `tempfile`, so that the unit tests (`lib.rs`
@@ -29,13 +34,18 @@ const START_TRIES: usize = 3;
 /// The superuser `initdb` creates, and the user tests connect as.
 pub const SUPERUSER: &str = "postgres";
 
+/// The one role that must give a password (`scram-sha-256`), for tests of a failed login.
+/// A test creates it (with a password of its choosing).
+pub const PASSWORD_ROLE: &str = "tokend_pw";
+
 /// A running throw-away cluster.
 pub struct Cluster {
     /// `pg_ctl`, `initdb`, `createdb`, ... live here.
     bindir: PathBuf,
     /// The data directory, the socket and the log (removed with it).
     dir: tempfile::TempDir,
-    /// The TCP port on 127.0.0.1 (also the socket's number).
+    /// The socket's number (`.s.PGSQL.<port>`), and the TCP port on 127.0.0.1 of a TLS
+    /// cluster.
     port: u16,
     /// Run the server's tools as `postgres` (we are root).
     as_postgres: bool,
@@ -113,14 +123,18 @@ impl Cluster {
                 }
             }
         }
-        if tls.is_some() {
-            // TLS or nothing over TCP: a test that connects proves TLS was used.
-            std::fs::write(
-                cluster.data().join("pg_hba.conf"),
-                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
-            )
-            .expect("write pg_hba.conf");
-        }
+        // The first matching line wins: PASSWORD_ROLE gives a password, the rest is trusted
+        // on the socket; over TCP (TLS clusters only) TLS or nothing, so that a test that
+        // connects proves TLS was used.
+        let hba = format!(
+            "local all {PASSWORD_ROLE} scram-sha-256\nlocal all all trust\n{}",
+            if tls.is_some() {
+                "hostssl all all 127.0.0.1/32 trust\n"
+            } else {
+                ""
+            }
+        );
+        std::fs::write(cluster.data().join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         let mut last = String::new();
         for _ in 0..START_TRIES {
             cluster.port = free_port();
@@ -144,9 +158,11 @@ impl Cluster {
             .arg(self.dir.path().join("server.log"))
             .arg("-o")
             .arg(format!(
-                "-k {dir} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{tls}",
+                "-k {dir} -p {port} -c listen_addresses={listen} -c fsync=off -c max_connections=200{tls}",
                 dir = self.dir.path().display(),
                 port = self.port,
+                // The socket only, unless a test needs TCP (the TLS tests do).
+                listen = if self.tls { "127.0.0.1" } else { "''" },
                 tls = if self.tls {
                     format!(
                         " -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
@@ -216,7 +232,7 @@ impl Cluster {
         }
     }
 
-    /// The TCP port on 127.0.0.1.
+    /// The port: the socket's number, and on a TLS cluster the TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -231,10 +247,28 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    /// A URL of database `db` over TCP, without TLS.
+    /// A URL of database `db` over the Unix socket, without TLS.
     pub fn url(&self, db: &str) -> String {
+        self.url_as(SUPERUSER, db)
+    }
+
+    /// [`Cluster::url`] for `userinfo` (`user` or `user:password`, percent-encoded).
+    pub fn url_as(&self, userinfo: &str, db: &str) -> String {
+        let dir: String = self
+            .dir
+            .path()
+            .display()
+            .to_string()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    (b as char).to_string()
+                }
+                b => format!("%{b:02X}"),
+            })
+            .collect();
         format!(
-            "postgres://{SUPERUSER}@127.0.0.1:{}/{db}?sslmode=disable",
+            "postgres://{userinfo}@{dir}:{}/{db}?sslmode=disable",
             self.port
         )
     }

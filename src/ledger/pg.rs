@@ -60,6 +60,66 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening a connection may take, when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The server-side bounds of one operation's transaction (`SET LOCAL`, so they end with it
+/// and never leak into a pooled session). The client's [`OPERATION_TIMEOUT`] alone cannot
+/// free the server: a daemon stopped (SIGSTOP, a paused VM) inside a transaction would hold
+/// its row locks, and block the chain on every daemon, for ever. These make the server end
+/// such a transaction itself.
+struct Limits {
+    /// The client's bound on the whole operation; past it the outcome is unknown.
+    whole: Duration,
+    /// `lock_timeout`: a row another holder keeps locked is given up on well before the
+    /// whole operation's bound, so the error is a definite "not done".
+    lock: Duration,
+    /// `statement_timeout`: no single statement outlives the operation.
+    statement: Duration,
+    /// `idle_in_transaction_session_timeout`: a client that stops talking mid-transaction
+    /// (stopped, partitioned) has its transaction rolled back and its locks freed by the
+    /// server once the operation could no longer succeed anyway.
+    idle: Duration,
+}
+
+/// Every ordinary operation: locks 3 s, statements 8 s, idle 10 s, all within
+/// [`OPERATION_TIMEOUT`].
+const OPERATION_LIMITS: Limits = Limits {
+    whole: OPERATION_TIMEOUT,
+    lock: Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 3 / 10),
+    statement: Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 8 / 10),
+    idle: OPERATION_TIMEOUT,
+};
+
+/// The migration and key check (and re-seal of every row on a key rotation) at start: it may
+/// wait for another daemon's migration (the advisory lock) and rewrite every row, so it gets
+/// longer than one operation; a daemon that stops inside it is still cut off after
+/// [`OPERATION_TIMEOUT`] of silence.
+const MIGRATION_LIMITS: Limits = Limits {
+    whole: Duration::from_secs(120),
+    lock: Duration::from_secs(90),
+    statement: Duration::from_secs(100),
+    idle: OPERATION_TIMEOUT,
+};
+
+/// TCP keepalive idle time, when the URL does not say (`keepalives_idle`): a server that
+/// vanished without a FIN (a partition, a dead host) is noticed on an idle pooled
+/// connection in under a minute instead of the kernel's two hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// TCP keepalive probe interval, when the URL does not say (`keepalives_interval`).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Unacknowledged keepalive probes before the connection is dropped, when the URL does not
+/// say (`keepalives_retries`).
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// `tcp_user_timeout`, when the URL does not say: sent data left unacknowledged this long
+/// drops the connection, so a write into a partition fails rather than waiting for TCP's
+/// retransmissions (minutes).
+const TCP_USER_TIMEOUT: Duration = OPERATION_TIMEOUT;
+
+/// Events deleted per statement (and transaction) by [`PgLedger::maintain`]: each batch is
+/// short, so pruning a large backlog never holds one long statement or transaction.
+const PRUNE_BATCH: i64 = 1000;
+
 /// The transaction-scoped advisory lock under which migrations and the key check run:
 /// "tokend" in ASCII, so that it is recognisable in `pg_locks`.
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e64;
@@ -147,6 +207,10 @@ pub const MIGRATIONS: &[&str] = &[
         version BIGINT NOT NULL CHECK (version > 0)
     );
     "#,
+    // 2: events by time alone, for maintenance's pruning in batches (oldest first).
+    r#"
+    CREATE INDEX events_by_time ON events (at, seq);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -194,6 +258,30 @@ pub enum PgError {
     /// The server could not be reached or refused the statement.
     #[error("PostgreSQL ledger unavailable: {0}")]
     Unavailable(String),
+    /// The server refused a value as data (SQLSTATE class 22, e.g. a NUL byte in a TEXT
+    /// column): the same write fails the same way every time, so it is not "unavailable".
+    /// Names what was refused and the SQLSTATE, never the value.
+    #[error(
+        "the PostgreSQL ledger refused {what} as malformed data (SQLSTATE {sqlstate}); retrying the same value cannot succeed"
+    )]
+    Refused {
+        /// Which value (column or record kind), never the value itself.
+        what: String,
+        /// The server's SQLSTATE (class 22).
+        sqlstate: String,
+    },
+}
+
+/// `e` as a [`PgError`], a data exception (SQLSTATE class 22) as [`PgError::Refused`] naming
+/// `what` (its message can quote the value, so it is not kept).
+fn refused_as(what: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
+    move |e| match e.as_db_error() {
+        Some(db) if db.code().code().starts_with("22") => PgError::Refused {
+            what: what.to_owned(),
+            sqlstate: db.code().code().to_owned(),
+        },
+        _ => e.into(),
+    }
 }
 
 /// A server error as text without a secret: a server error by its severity, message and
@@ -215,7 +303,14 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 impl From<tokio_postgres::Error> for PgError {
     fn from(e: tokio_postgres::Error) -> PgError {
-        PgError::Unavailable(describe(&e))
+        match e.as_db_error() {
+            // A data exception's message can quote the value: only its code is kept.
+            Some(db) if db.code().code().starts_with("22") => PgError::Refused {
+                what: "a value".into(),
+                sqlstate: db.code().code().to_owned(),
+            },
+            _ => PgError::Unavailable(describe(&e)),
+        }
     }
 }
 
@@ -290,6 +385,21 @@ impl PgLedger {
         if target.config.get_application_name().is_none() {
             target.config.application_name("tokend");
         }
+        if !target.gave("keepalives") {
+            target.config.keepalives(true);
+        }
+        if !target.gave("keepalives_idle") {
+            target.config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if !target.gave("keepalives_interval") {
+            target.config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if !target.gave("keepalives_retries") {
+            target.config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
+        if !target.gave("tcp_user_timeout") {
+            target.config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -328,24 +438,53 @@ impl PgLedger {
     }
 
     /// Runs `f` in one transaction (committed when it returns `Ok`), bounded by
-    /// [`OPERATION_TIMEOUT`].
+    /// [`OPERATION_LIMITS`].
     async fn tx<R, F>(&self, f: F) -> Result<R, PgError>
     where
         F: AsyncTxFn<R>,
     {
+        self.tx_within(&OPERATION_LIMITS, f).await
+    }
+
+    /// [`PgLedger::tx`] under `limits`: the server-side timeouts first, then
+    /// `synchronous_commit = on` for every transaction that writes ([`AsyncTxFn::WRITES`]).
+    /// A connection whose transaction was cut off by the client's bound is detached from the
+    /// pool (closed), never recycled: it may still be inside the wedged transaction.
+    async fn tx_within<R, F>(&self, limits: &Limits, f: F) -> Result<R, PgError>
+    where
+        F: AsyncTxFn<R>,
+    {
         let work = async {
-            let mut client = self.inner.pool.get().await?;
-            let tx = client.transaction().await?;
-            let out = f.call(&tx, &self.inner.keys).await?;
-            tx.commit().await?;
-            Ok(out)
+            let mut held = Detach(Some(self.inner.pool.get().await?));
+            let result = async {
+                let client = held.0.as_mut().expect("held until the end");
+                let tx = client.transaction().await?;
+                tx.batch_execute(&format!(
+                    "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
+                     SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+                    limits.lock.as_millis(),
+                    limits.statement.as_millis(),
+                    limits.idle.as_millis()
+                ))
+                .await?;
+                if F::WRITES {
+                    durable(&tx).await?;
+                }
+                let out = f.call(&tx, &self.inner.keys).await?;
+                tx.commit().await?;
+                Ok(out)
+            }
+            .await;
+            // Finished either way (the connection is in a known state): back to the pool.
+            held.release();
+            result
         };
-        tokio::time::timeout(OPERATION_TIMEOUT, work)
+        tokio::time::timeout(limits.whole, work)
             .await
             .unwrap_or_else(|_| {
                 Err(PgError::Unavailable(format!(
                     "no answer within {}s; the outcome is unknown",
-                    OPERATION_TIMEOUT.as_secs()
+                    limits.whole.as_secs()
                 )))
             })
     }
@@ -379,7 +518,7 @@ impl PgLedger {
     }
 
     pub(super) async fn migrate_and_check_key(&self) -> Result<(), PgError> {
-        self.tx(Migrate).await
+        self.tx_within(&MIGRATION_LIMITS, Migrate).await
     }
 
     /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
@@ -553,9 +692,17 @@ impl PgLedger {
         self.tx(Events { id, since, limit }).await
     }
 
-    /// Housekeeping: deletes events older than `before`; returns how many.
+    /// Housekeeping: deletes events older than `before`, [`PRUNE_BATCH`] at a time (one
+    /// transaction each); returns how many.
     pub async fn maintain(&self, before: Time) -> Result<usize, PgError> {
-        self.tx(Maintain(before)).await
+        let mut total = 0;
+        loop {
+            let n = self.tx(Maintain(before)).await?;
+            total += n;
+            if (n as i64) < PRUNE_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Proves the ledger takes a write now.
@@ -598,6 +745,10 @@ impl PgLedger {
 /// The body of one transaction. (A trait rather than a closure: the future borrows the
 /// transaction, which a closure's return type cannot name.)
 trait AsyncTxFn<R>: Send {
+    /// Whether the transaction writes (then its commit waits for the WAL flush, see
+    /// [`durable`]); only the read-only loads say no.
+    const WRITES: bool = true;
+
     fn call<'t>(
         self,
         tx: &'t deadpool_postgres::Transaction<'t>,
@@ -615,23 +766,38 @@ impl AsyncTxFn<()> for Migrate {
         Box::pin(async move {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS tokend_schema (
-                     id INTEGER PRIMARY KEY CHECK (id = 1),
-                     version INTEGER NOT NULL
-                 )",
-            )
-            .await?;
-            let found: i32 = tx
-                .query_opt("SELECT version FROM tokend_schema WHERE id = 1", &[])
+            // Read before any DDL: a daemon whose schema is current needs only read and
+            // write rights on the tables, never CREATE on the schema.
+            let exists: bool = tx
+                .query_one("SELECT to_regclass('tokend_schema') IS NOT NULL", &[])
                 .await?
-                .map(|r| r.get(0))
-                .unwrap_or(0);
+                .try_get(0)?;
+            let found: i32 = if exists {
+                tx.query_opt("SELECT version FROM tokend_schema WHERE id = 1", &[])
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             if found > SCHEMA_VERSION {
                 return Err(PgError::TooNew {
                     found,
                     supported: SCHEMA_VERSION,
                 });
+            }
+            if found == SCHEMA_VERSION {
+                return check_key(tx, keys).await;
+            }
+            if !exists {
+                tx.batch_execute(
+                    "CREATE TABLE tokend_schema (
+                         id INTEGER PRIMARY KEY CHECK (id = 1),
+                         version INTEGER NOT NULL
+                     )",
+                )
+                .await?;
             }
             for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
                 tx.batch_execute(sql).await?;
@@ -711,7 +877,7 @@ async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> R
         tracing::info!(
             connections = resealed,
             key_file = %keys.key_file().display(),
-            "re-sealed the PostgreSQL ledger under key_file; daemon.old_key_files are no longer needed"
+            "re-sealed the PostgreSQL ledger under key_file; daemon.old_key_files can go once every daemon on this ledger runs with the new key_file (README: rotating the key)"
         );
     }
     Ok(())
@@ -719,6 +885,8 @@ async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> R
 
 struct LoadAll;
 impl AsyncTxFn<Vec<Record>> for LoadAll {
+    const WRITES: bool = false;
+
     fn call<'t>(
         self,
         tx: &'t deadpool_postgres::Transaction<'t>,
@@ -745,9 +913,9 @@ impl AsyncTxFn<Vec<Record>> for LoadAll {
                 )
                 .await?;
             for s in &sites {
-                let id: &str = s.get(0);
+                let id: &str = s.try_get(0)?;
                 if let Some(rec) = records.iter_mut().find(|r| r.conn.id == id) {
-                    rec.conn.sites.push(row_to_site(s, 1));
+                    rec.conn.sites.push(row_to_site(s, 1)?);
                 }
             }
             Ok(records)
@@ -757,6 +925,8 @@ impl AsyncTxFn<Vec<Record>> for LoadAll {
 
 struct LoadOne(String);
 impl AsyncTxFn<Option<Record>> for LoadOne {
+    const WRITES: bool = false;
+
     fn call<'t>(
         self,
         tx: &'t deadpool_postgres::Transaction<'t>,
@@ -790,7 +960,6 @@ impl AsyncTxFn<()> for Insert {
     ) -> BoxFuture<'t, Result<(), PgError>> {
         Box::pin(async move {
             let Insert(rec, events, node) = self;
-            durable(tx).await?;
             let taken = tx
                 .query_opt(
                     "SELECT id FROM connections WHERE label = $1",
@@ -817,7 +986,7 @@ impl AsyncTxFn<()> for Insert {
                     Some(db) if db.constraint() == Some("connections_label_key") => {
                         PgError::LabelTaken(rec.conn.label.clone())
                     }
-                    _ => e.into(),
+                    _ => refused_as("a connection row")(e),
                 }
             })?;
             write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at).await?;
@@ -848,8 +1017,11 @@ impl AsyncTxFn<()> for SaveChain {
     ) -> BoxFuture<'t, Result<(), PgError>> {
         Box::pin(async move {
             let id = self.rec.conn.id.clone();
-            durable(tx).await?;
             if let Some(fence) = &self.fence {
+                // The connection row first, then the claim, the order a delete takes them in
+                // (its cascade reaches the claim last): two such transactions never deadlock.
+                tx.execute("SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", &[&id])
+                    .await?;
                 // The claim row is locked until commit: no takeover can slip in between this
                 // check and the write.
                 let held = tx
@@ -897,7 +1069,8 @@ impl AsyncTxFn<()> for SetAccount {
                     "UPDATE connections SET account_id = $1, updated_at = $2 WHERE id = $3",
                     &[&self.account_id, &ms(self.now), &self.id],
                 )
-                .await?;
+                .await
+                .map_err(refused_as("account_id"))?;
             if n == 0 {
                 return Err(PgError::Conflict(self.id));
             }
@@ -928,7 +1101,6 @@ impl AsyncTxFn<()> for Merge {
         keys: &'t Keyring,
     ) -> BoxFuture<'t, Result<(), PgError>> {
         Box::pin(async move {
-            durable(tx).await?;
             let deleted = tx
                 .execute(
                     "DELETE FROM connections WHERE id = $1 AND chain_version = $2",
@@ -1058,6 +1230,8 @@ struct Events {
     limit: usize,
 }
 impl AsyncTxFn<Vec<StoredEvent>> for Events {
+    const WRITES: bool = false;
+
     fn call<'t>(
         self,
         tx: &'t deadpool_postgres::Transaction<'t>,
@@ -1075,24 +1249,23 @@ impl AsyncTxFn<Vec<StoredEvent>> for Events {
                     ],
                 )
                 .await?;
-            Ok(rows
-                .iter()
+            rows.iter()
                 .map(|r| {
-                    let uid: Option<i64> = r.get(4);
-                    let pid: Option<i64> = r.get(5);
-                    StoredEvent {
-                        at: from_ms(r.get(0)),
-                        kind: EventKind::parse(&r.get::<_, String>(1)),
-                        message: r.get(2),
-                        node: r.get(3),
+                    let uid: Option<i64> = r.try_get(4)?;
+                    let pid: Option<i64> = r.try_get(5)?;
+                    Ok(StoredEvent {
+                        at: from_ms(r.try_get(0)?),
+                        kind: EventKind::parse(&r.try_get::<_, String>(1)?),
+                        message: r.try_get(2)?,
+                        node: r.try_get(3)?,
                         peer: uid.map(|u| EventPeer {
                             uid: u as u32,
                             pid: pid.map(|p| p as u32),
                         }),
-                        count: r.get::<_, i64>(6).clamp(0, u32::MAX as i64) as u32,
-                    }
+                        count: r.try_get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
+                    })
                 })
-                .collect())
+                .collect()
         })
     }
 }
@@ -1106,7 +1279,11 @@ impl AsyncTxFn<usize> for Maintain {
     ) -> BoxFuture<'t, Result<usize, PgError>> {
         Box::pin(async move {
             let n = tx
-                .execute("DELETE FROM events WHERE at < $1", &[&ms(self.0)])
+                .execute(
+                    "DELETE FROM events WHERE seq IN \
+                     (SELECT seq FROM events WHERE at < $1 ORDER BY at, seq LIMIT $2)",
+                    &[&ms(self.0), &PRUNE_BATCH],
+                )
                 .await?;
             Ok(n as usize)
         })
@@ -1199,6 +1376,7 @@ impl AsyncTxFn<Option<Fence>> for Renew {
                     &format!(
                         "UPDATE claims SET expires_at = clock_timestamp() + make_interval(secs => $4) \
                          WHERE connection_id = $1 AND holder = $2 AND version = $3 \
+                         AND expires_at > '-infinity' \
                          RETURNING version, {LEFT_MS}"
                     ),
                     &[
@@ -1244,6 +1422,26 @@ async fn durable(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError>
     tx.batch_execute("SET LOCAL synchronous_commit = on")
         .await?;
     Ok(())
+}
+
+/// The pooled connection of one transaction: detached from the pool (closed) when dropped
+/// without [`Detach::release`], as when the operation's timeout drops it mid-transaction.
+struct Detach(Option<deadpool_postgres::Object>);
+
+impl Detach {
+    /// The transaction finished (committed, rolled back or failed): the connection may be
+    /// reused.
+    fn release(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
 }
 
 /// A column value of a connection row.
@@ -1404,15 +1602,16 @@ fn row_to_record(r: &tokio_postgres::Row, keys: &Keyring) -> Result<Record, PgEr
 
 const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
 
-/// A site from [`SITE_COLUMNS`] starting at column `at`.
-fn row_to_site(r: &tokio_postgres::Row, at: usize) -> Site {
-    Site {
-        cloud_id: r.get(at),
-        url: r.get(at + 1),
-        name: r.get(at + 2),
-        scopes: split_scopes(r.get(at + 3)),
-        last_seen_at: from_ms(r.get(at + 4)),
-    }
+/// A site from [`SITE_COLUMNS`] starting at column `at` (a column of another type is an
+/// error, not a panic).
+fn row_to_site(r: &tokio_postgres::Row, at: usize) -> Result<Site, PgError> {
+    Ok(Site {
+        cloud_id: r.try_get(at)?,
+        url: r.try_get(at + 1)?,
+        name: r.try_get(at + 2)?,
+        scopes: split_scopes(r.try_get(at + 3)?),
+        last_seen_at: from_ms(r.try_get(at + 4)?),
+    })
 }
 
 async fn load_sites(
@@ -1428,7 +1627,7 @@ async fn load_sites(
             &[&id],
         )
         .await?;
-    Ok(rows.iter().map(|r| row_to_site(r, 0)).collect())
+    rows.iter().map(|r| row_to_site(r, 0)).collect()
 }
 
 async fn write_sites(
@@ -1454,7 +1653,8 @@ async fn write_sites(
                 &ms(s.last_seen_at),
             ],
         )
-        .await?;
+        .await
+        .map_err(refused_as("a site (cloud_id, url, name or scopes)"))?;
     }
     Ok(())
 }
@@ -1482,7 +1682,8 @@ async fn append_events(
                 &i64::from(e.count),
             ],
         )
-        .await?;
+        .await
+        .map_err(refused_as("an event"))?;
     }
     Ok(())
 }

@@ -12,6 +12,15 @@
 //!
 //! Provider texts are scrubbed of every secret sent and shortened; JSON errors are described
 //! by category and position, never by their `Display` (which quotes the body).
+//!
+//! **Control characters** (NUL and the rest of Unicode's `Cc`) never pass into a stored
+//! value: a ledger column cannot hold NUL (PostgreSQL's TEXT refuses it), and a write that
+//! fails the same way every time would hold a rotated token in memory for ever. So a scope
+//! holding one is malformed and dropped (the grant and its tokens are kept whatever the
+//! scope string says: losing a chain over a scope would be far worse); a site whose id or
+//! URL holds one is malformed and left out (its name only loses the characters); a `/me`
+//! account id holding one is a malformed answer ([`TransientKind::Malformed`]), never an
+//! identity to merge on.
 
 use std::time::Duration;
 
@@ -207,10 +216,22 @@ pub(super) fn parse_grant(status: StatusCode, bytes: &[u8]) -> Result<Grant, Pro
             .filter(|r| !r.is_empty())
             .map(Secret::new),
         expires_in: parsed.expires_in.as_ref().and_then(parse_expires_in),
-        scopes: parsed
-            .scope
-            .map(|s| s.split_whitespace().map(str::to_owned).collect()),
+        scopes: parsed.scope.map(|s| clean_scopes(s.split_whitespace())),
     })
+}
+
+/// Whether `s` holds a control character (see the module doc).
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+/// The scopes without those holding a control character (malformed, dropped).
+fn clean_scopes<'a>(scopes: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    scopes
+        .into_iter()
+        .filter(|s| !has_control(s))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Reads an answer of accessible-resources: the sites a token reaches, as of `now`.
@@ -234,11 +255,13 @@ pub(super) fn parse_resources(
         })?;
     Ok(list
         .into_iter()
+        // A site's identity with a control character is malformed: left out.
+        .filter(|r| !has_control(&r.id) && !has_control(&r.url))
         .map(|r| Site {
             cloud_id: r.id,
             url: r.url,
-            name: r.name,
-            scopes: r.scopes,
+            name: r.name.chars().filter(|c| !c.is_control()).collect(),
+            scopes: clean_scopes(r.scopes.iter().map(String::as_str)),
             last_seen_at: now,
         })
         .collect())
@@ -265,6 +288,13 @@ pub(super) fn parse_me(
             json_problem(&e)
         ),
     })?;
+    if me.account_id.as_deref().is_some_and(has_control) {
+        return Err(ProviderError::Transient {
+            kind: TransientKind::Malformed,
+            retry_after: None,
+            message: "/me answered an account_id holding a control character".into(),
+        });
+    }
     Ok(me
         .account_id
         .filter(|a| !a.is_empty())
@@ -455,6 +485,49 @@ mod tests {
             body.as_bytes(),
             &["rt-secret-1234"],
         )
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_stored_value() {
+        // A NUL in a scope: the scope goes, the grant and both tokens stay.
+        let g = parse_grant(
+            StatusCode::OK,
+            br#"{"access_token":"at-1","refresh_token":"rt-2","expires_in":3600,"scope":"read:jira-work bad\u0000scope offline_access \u0007"}"#,
+        )
+        .unwrap();
+        assert_eq!(g.access_token.expose(), "at-1");
+        assert_eq!(g.refresh_token.unwrap().expose(), "rt-2");
+        assert_eq!(
+            g.scopes.unwrap(),
+            vec!["read:jira-work".to_owned(), "offline_access".to_owned()]
+        );
+        // Sites: an id or URL with one is left out, a name loses it, a scope with one goes.
+        let sites = parse_resources(
+            StatusCode::OK,
+            None,
+            br#"[{"id":"c\u00001","url":"https://a.atlassian.net","name":"a","scopes":[]},
+                 {"id":"c2","url":"https://b.atlassian.net\u0000","name":"b","scopes":[]},
+                 {"id":"c3","url":"https://c.atlassian.net","name":"c\u0000c","scopes":["x","y\u0000"]}]"#,
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(sites.len(), 1);
+        assert_eq!(sites[0].cloud_id, "c3");
+        assert_eq!(sites[0].name, "cc");
+        assert_eq!(sites[0].scopes, vec!["x".to_owned()]);
+        // /me: an account id with one is a malformed answer, not an identity.
+        let err = parse_me(StatusCode::OK, None, br#"{"account_id":"acc\u0000-1"}"#)
+            .expect_err("a NUL in an account id");
+        assert!(
+            matches!(
+                err,
+                ProviderError::Transient {
+                    kind: TransientKind::Malformed,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

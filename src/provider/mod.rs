@@ -69,3 +69,20 @@ pub struct Account {
     /// The Atlassian account id.
     pub account_id: String,
 }
+
+/// Tests only: a 200 answer of the token endpoint through the real parser, for the store
+/// semantics tests that check what the provider boundary lets through can be stored.
+#[cfg(test)]
+pub fn parse_token_answer(body: &[u8]) -> Result<Grant, ProviderError> {
+    classify::parse_grant(reqwest::StatusCode::OK, body)
+}
+
+/// Tests only: a 200 answer of accessible-resources through the real parser (see
+/// [`parse_token_answer`]).
+#[cfg(test)]
+pub fn parse_sites_answer(
+    body: &[u8],
+    now: crate::model::Time,
+) -> Result<Vec<crate::model::Site>, ProviderError> {
+    classify::parse_resources(reqwest::StatusCode::OK, None, body, now)
+}

@@ -291,6 +291,7 @@ both_stores!(
     delete_removes_a_connection_and_tells_it,
     events_come_newest_first_with_who_and_where,
     tokens_are_sealed_and_a_moved_value_does_not_open,
+    control_characters_from_the_provider_never_stop_a_write,
 );
 
 fn record(id: &str, label: &str, rt: &str) -> Record {
@@ -607,5 +608,35 @@ async fn tokens_are_sealed_and_a_moved_value_does_not_open(s: &impl Harness) {
     assert!(
         s.load("c1".into()).await.unwrap().is_some(),
         "c1 still opens"
+    );
+}
+
+/// A NUL (PostgreSQL's TEXT refuses it) in a granted scope or a site, through the provider's
+/// parsers: what they let through is stored by both stores, and the grant's tokens are kept.
+async fn control_characters_from_the_provider_never_stop_a_write(s: &impl Harness) {
+    let grant = crate::provider::parse_token_answer(
+        br#"{"access_token":"at-1","refresh_token":"rt-2","expires_in":3600,"scope":"read:jira-work bad\u0000scope"}"#,
+    )
+    .unwrap();
+    let mut rec = record("c1", "conf", "a");
+    rec.conn.scopes = grant.scopes.unwrap();
+    rec.chain.refresh_token = grant.refresh_token.expect("the rotated token is kept");
+    s.insert(rec, vec![]).await.unwrap();
+    let now = from_ms(Utc::now().timestamp_millis());
+    let sites = crate::provider::parse_sites_answer(
+        br#"[{"id":"cloud-1","url":"https://acme.atlassian.net","name":"ac\u0000me","scopes":["read:page:confluence","x\u0000"]},
+             {"id":"cloud-\u00002","url":"https://b.atlassian.net","name":"b","scopes":[]}]"#,
+        now,
+    )
+    .unwrap();
+    s.sync_sites("c1".into(), sites, now).await.unwrap();
+    let got = s.load("c1".into()).await.unwrap().unwrap();
+    assert_eq!(got.conn.scopes, vec!["read:jira-work".to_owned()]);
+    assert_eq!(got.chain.refresh_token.expose(), "rt-2");
+    assert_eq!(got.conn.sites.len(), 1);
+    assert_eq!(got.conn.sites[0].name, "acme");
+    assert_eq!(
+        got.conn.sites[0].scopes,
+        vec!["read:page:confluence".to_owned()]
     );
 }

@@ -25,7 +25,9 @@ pub enum StoreError {
     /// The label is taken by another connection.
     #[error("the label {0:?} is already used by another connection")]
     LabelTaken(String),
-    /// The write did not happen (full disk, I/O error, lost connection): try again later.
+    /// The outcome is unknown (full disk, I/O error, lost connection, a timeout): the write
+    /// may have committed or not. The engine treats it as unknown: it reloads the chain
+    /// before its next write and retries later, never assuming either way.
     #[error("{0}")]
     Unavailable(String),
 }

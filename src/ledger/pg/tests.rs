@@ -353,21 +353,263 @@ async fn errors_carry_no_secret() {
     let err = ledger.insert(twin, vec![]).await.unwrap_err().to_string();
     assert!(err.contains("SQLSTATE 23505"), "{err}");
     assert!(!err.contains("acct-c1"), "{err}");
-    // Nobody listens on the port: unavailable, and the password is not in the message.
-    let port = testpg::shared().unwrap().port();
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    assert_ne!(port, closed);
-    let url = format!("postgres://postgres:hunter2-secret@127.0.0.1:{closed}/x?sslmode=disable");
+    // A failed password login (the server answers, and refuses): neither the password
+    // given nor the right one is in the message.
+    let raw = db.raw().await;
+    // Roles are cluster-wide: whichever test process made it first set the password.
+    let _ = raw
+        .batch_execute(&format!(
+            "CREATE ROLE {} LOGIN PASSWORD 'right-hunter2-secret'",
+            testpg::PASSWORD_ROLE
+        ))
+        .await;
+    let url = db.url.replacen(
+        "postgres@",
+        &format!("{}:wrong-hunter2-secret@", testpg::PASSWORD_ROLE),
+        1,
+    );
+    assert_ne!(url, db.url);
     let err = PgLedger::connect(&url, &only(&db.key), db.dir.path())
         .await
         .err()
-        .expect("nothing listens");
+        .expect("a wrong password is refused");
     assert!(matches!(err, PgError::Unavailable(_)), "{err}");
-    assert!(!err.to_string().contains("hunter2"), "{err}");
-    assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    let text = format!("{err} {err:?}");
+    assert!(
+        text.contains("28P01") || text.contains("password"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
+async fn a_released_claim_cannot_be_renewed() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    let a = ledger
+        .claim("c1".into(), "node-a".into(), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ledger.release("c1".into(), a.clone()).await.unwrap());
+    let renewed = ledger
+        .renew("c1".into(), a.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(renewed, None, "a released claim stays released");
+    let mut next = record("c1", "conf", "rt-2");
+    next.chain.version = 1;
+    let err = ledger
+        .save_chain_fenced(next, 0, a, vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_value_the_server_refuses_is_not_unavailable() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    let mut rec = record("c1", "conf", "rt-1");
+    rec.conn.sites = vec![Site {
+        cloud_id: "cloud-1".into(),
+        url: "https://a.atlassian.net".into(),
+        name: "bad\0name".into(),
+        scopes: vec![],
+        last_seen_at: rec.conn.updated_at,
+    }];
+    let err = ledger.insert(rec, vec![]).await.unwrap_err();
+    assert!(
+        matches!(&err, PgError::Refused { what, sqlstate } if what.contains("site") && sqlstate.starts_with("22")),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("unavailable"), "{err}");
+    assert!(!err.to_string().contains("bad"), "{err}");
+    ledger
+        .insert(record("c2", "other", "rt-2"), vec![])
+        .await
+        .unwrap();
+    let err = ledger
+        .set_account("c2".into(), "acc\0x".into(), Utc::now(), vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PgError::Refused { what, .. } if what == "account_id"),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("unavailable"), "{err}");
+}
+
+/// Reads, inside a ledger transaction, the settings `tx()` gave it.
+struct ShowSettings;
+impl AsyncTxFn<Vec<String>> for ShowSettings {
+    fn call<'t>(
+        self,
+        tx: &'t deadpool_postgres::Transaction<'t>,
+        _keys: &'t Keyring,
+    ) -> BoxFuture<'t, Result<Vec<String>, PgError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for name in [
+                "lock_timeout",
+                "statement_timeout",
+                "idle_in_transaction_session_timeout",
+                "synchronous_commit",
+            ] {
+                out.push(
+                    tx.query_one(&format!("SHOW {name}"), &[])
+                        .await?
+                        .try_get(0)?,
+                );
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_lock_holder_blocks_nobody_for_long() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    // Every transaction is bounded by the server, and every write is durable.
+    let settings = ledger.tx(ShowSettings).await.unwrap();
+    assert_eq!(settings, ["3s", "8s", "10s", "on"]);
+    let rec = record("c1", "conf", "rt-1");
+    ledger.insert(rec.clone(), vec![]).await.unwrap();
+    // Another daemon's transaction, stopped while it holds the row (it never commits nor
+    // talks again), with the bounds tx() gives every transaction.
+    let raw = db.raw().await;
+    raw.batch_execute(&format!(
+        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = '{}ms'; \
+         SELECT 1 FROM connections WHERE id = 'c1' FOR UPDATE",
+        OPERATION_LIMITS.idle.as_millis()
+    ))
+    .await
+    .unwrap();
+    let mut next = rec.clone();
+    next.chain.version = 1;
+    next.chain.refresh_token = Secret::new("rt-2");
+    // The write gives up at the lock timeout: a definite failure, not a hang.
+    let err = ledger
+        .save_chain(next.clone(), 0, vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PgError::Unavailable(m) if m.contains("55P03")),
+        "{err}"
+    );
+    // Once the server ends the stopped holder's transaction, the write lands.
+    let mut tries = 0;
+    loop {
+        match ledger.save_chain(next.clone(), 0, vec![]).await {
+            Ok(()) => break,
+            Err(PgError::Unavailable(m)) if m.contains("55P03") && tries < 20 => tries += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        ledger
+            .load_one("c1".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .chain
+            .refresh_token
+            .expose(),
+        "rt-2"
+    );
+    assert!(raw.is_closed() || raw.simple_query("SELECT 1").await.is_err());
+}
+
+#[tokio::test]
+async fn a_role_without_create_starts_on_a_current_schema() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    drop(ledger);
+    let raw = db.raw().await;
+    let dbname: String = raw
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let role = format!("rw_{dbname}");
+    raw.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; \
+         REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+    ))
+    .await
+    .unwrap();
+    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    // The role really cannot create.
+    let (as_role, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert!(
+        as_role
+            .batch_execute("CREATE TABLE x (i int)")
+            .await
+            .is_err()
+    );
+    let ledger = PgLedger::connect(&url, &only(&db.key), db.dir.path())
+        .await
+        .expect("a current schema needs no CREATE");
+    assert_eq!(ledger.load_all().await.unwrap().len(), 1);
+    ledger
+        .insert(
+            record("c2", "other", "rt-2"),
+            vec![Event::new(EventKind::parse("x"), "y")],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn maintenance_prunes_a_backlog_in_batches() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    let old = ms(Utc::now() - chrono::Duration::days(400));
+    let total = 2 * PRUNE_BATCH + 7;
+    db.raw()
+        .await
+        .execute(
+            "INSERT INTO events (at, kind, message) SELECT $1, 'old', 'x' FROM generate_series(1::bigint, $2::bigint)",
+            &[&old, &total],
+        )
+        .await
+        .unwrap();
+    ledger
+        .append(
+            None,
+            Utc::now(),
+            vec![Event::new(EventKind::parse("new"), "y")],
+        )
+        .await
+        .unwrap();
+    let n = ledger
+        .maintain(Utc::now() - chrono::Duration::days(365))
+        .await
+        .unwrap();
+    assert_eq!(n as i64, total);
+    let left: i64 = db
+        .raw()
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
 }
 
 #[tokio::test]

@@ -10,11 +10,20 @@
 //! | `disable` | never | — |
 //! | `prefer` (the default) | if the server offers it | no |
 //! | `require` | always | no (as `verify-ca` when `sslrootcert` is given, like libpq) |
-//! | `verify-ca` | always | chain to a trusted root |
+//! | `verify-ca` | always | chain to a root of the `sslrootcert` file (required) |
 //! | `verify-full` | always | chain, and the host name |
 //!
-//! Trusted roots are the PEM certificates of `sslrootcert` (a file), else the Mozilla roots
-//! compiled in (`webpki-roots`; also for `sslrootcert=system`).
+//! Trusted roots are the PEM certificates of `sslrootcert` (a file). Only `verify-full` may
+//! trust the Mozilla roots compiled in (`webpki-roots`: no `sslrootcert`, or
+//! `sslrootcert=system`, which alone implies `verify-full`, as in libpq 16): any public CA
+//! can issue a certificate for *some* name, so a public root without the name check
+//! authenticates nobody. `verify-ca` without a root file, or `sslrootcert=system` with a
+//! weaker mode, is refused.
+//!
+//! The query is found after the authority (the last `@` before the path), and the user
+//! information is percent-encoded again before tokio-postgres reads it, so a password
+//! holding a raw `?` or `@` can neither hide `sslmode` nor move the host. tokio-postgres is
+//! then handed the `sslmode` it understands and must read it back unchanged.
 //!
 //! **Architecture Invariant:** no error of this module quotes the URL (it may hold a
 //! password).
@@ -66,6 +75,44 @@ pub struct Target {
     pub mode: SslMode,
     /// `sslrootcert`, when a file.
     pub root_cert: Option<PathBuf>,
+    /// The query keys the URL gave (lower-case), so that tokend's defaults (timeouts,
+    /// keepalives) apply only where the URL said nothing.
+    pub given: Vec<String>,
+}
+
+impl Target {
+    /// Whether the URL set query parameter `key`.
+    pub fn gave(&self, key: &str) -> bool {
+        self.given.iter().any(|k| k == key)
+    }
+}
+
+/// Where the user information of `rest` (a URL after `scheme://`) ends: the last `@` before
+/// the path (the first `/`), if any. A password may hold a raw `@` or `?` (not a raw `/`:
+/// percent-encode it); a host never holds `@`.
+fn userinfo_end(rest: &str) -> Option<usize> {
+    let path = rest.find('/').unwrap_or(rest.len());
+    rest[..path].rfind('@')
+}
+
+/// Percent-encodes what tokio-postgres would misread in user information (`@`, `?`, `/`,
+/// `#`, and a `:` after the first), keeping escapes already there.
+fn encode_userinfo(info: &str) -> String {
+    let mut out = String::with_capacity(info.len());
+    let mut colon_seen = false;
+    for ch in info.chars() {
+        match ch {
+            ':' if !colon_seen => {
+                colon_seen = true;
+                out.push(':');
+            }
+            '@' | '?' | '/' | '#' | ':' | '&' | '=' | ' ' => {
+                out.push_str(&format!("%{:02X}", ch as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Parses a `postgres://` (or `postgresql://`) URL. Errors never quote it.
@@ -76,50 +123,92 @@ pub fn parse_url(url: &str) -> Result<Target, PgError> {
             "it must start with postgres:// or postgresql://".into(),
         ));
     }
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut mode = SslMode::Prefer;
+    let (scheme, rest) = url.split_once("://").unwrap_or((url, ""));
+    let (userinfo, hostpart) = match userinfo_end(rest) {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let (base, query) = hostpart.split_once('?').unwrap_or((hostpart, ""));
+    let mut mode = None;
     let mut root_cert = None;
+    let mut system_roots = false;
     let mut kept = Vec::new();
+    let mut given = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = url::form_urlencoded::parse(pair.as_bytes())
             .next()
             .unwrap_or_default();
+        given.push(key.to_ascii_lowercase());
         match &*key {
             "sslmode" => {
-                mode = SslMode::parse(&value).ok_or_else(|| {
+                mode = Some(SslMode::parse(&value).ok_or_else(|| {
                     PgError::Url(
                         "sslmode must be disable, prefer, require, verify-ca or verify-full".into(),
                     )
-                })?;
+                })?);
             }
             "sslrootcert" => {
-                if value != "system" {
+                if value == "system" {
+                    system_roots = true;
+                } else {
                     root_cert = Some(PathBuf::from(&*value));
                 }
             }
             _ => kept.push(pair),
         }
     }
-    let rest = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
+    let mode = match mode {
+        // libpq 16: sslrootcert=system alone means verify-full.
+        None if system_roots => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some(SslMode::Require) if root_cert.is_some() => SslMode::VerifyCa,
+        Some(m) => m,
     };
-    let mut config = tokio_postgres::Config::from_str(&rest)
-        // tokio-postgres names the option, never its value.
-        .map_err(|e| PgError::Url(super::describe(&e)))?;
-    if mode == SslMode::Require && root_cert.is_some() {
-        mode = SslMode::VerifyCa;
+    if system_roots && mode != SslMode::VerifyFull {
+        return Err(PgError::Url(
+            "sslrootcert=system trusts every public CA, so it needs sslmode=verify-full (the host name checked)".into(),
+        ));
     }
-    config.ssl_mode(match mode {
+    if mode == SslMode::VerifyCa && root_cert.is_none() {
+        return Err(PgError::Url(
+            "sslmode=verify-ca needs sslrootcert=<file> (the CA that signs the server's certificate); with public CAs use sslmode=verify-full".into(),
+        ));
+    }
+    // tokio-postgres is told the mode it knows, and must read it back: a URL it splits
+    // otherwise than tokend did is refused rather than silently downgraded.
+    let wire = match mode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
         _ => tokio_postgres::config::SslMode::Require,
-    });
+    };
+    let wire_name = match wire {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Prefer => "prefer",
+        _ => "require",
+    };
+    let sslmode = format!("sslmode={wire_name}");
+    kept.push(&sslmode);
+    let rest = match userinfo {
+        Some(info) => format!(
+            "{scheme}://{}@{base}?{}",
+            encode_userinfo(info),
+            kept.join("&")
+        ),
+        None => format!("{scheme}://{base}?{}", kept.join("&")),
+    };
+    let config = tokio_postgres::Config::from_str(&rest)
+        // tokio-postgres names the option, never its value.
+        .map_err(|e| PgError::Url(super::describe(&e)))?;
+    if config.get_ssl_mode() != wire {
+        return Err(PgError::Url(
+            "tokio-postgres reads another sslmode from it than tokend does; percent-encode the special characters of the user and password".into(),
+        ));
+    }
     Ok(Target {
         config,
         mode,
         root_cert,
+        given,
     })
 }
 
@@ -216,6 +305,8 @@ fn roots(target: &Target) -> Result<rustls::RootCertStore, PgError> {
                 )));
             }
         }
+        // parse_url allows no root file only under verify-full (and the unchecked modes,
+        // which never read the store).
         None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     Ok(store)
@@ -391,9 +482,83 @@ mod tests {
             .unwrap();
         let err = connector(&t).err().expect("no file").to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        for mode in ["prefer", "require", "verify-ca", "verify-full"] {
+        for mode in ["prefer", "require", "verify-full"] {
             let t = parse_url(&format!("postgres://u@h/db?sslmode={mode}")).unwrap();
             assert!(connector(&t).is_ok(), "{mode}");
         }
+    }
+
+    #[test]
+    fn public_roots_only_with_the_name_checked() {
+        // verify-ca without a root file would trust any public CA for any name: refused.
+        let err = parse_url("postgres://u:hunter2@h/db?sslmode=verify-ca")
+            .err()
+            .expect("verify-ca needs a root file")
+            .to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        for weak in ["verify-ca", "require", "prefer", "disable"] {
+            let err = parse_url(&format!(
+                "postgres://u@h/db?sslmode={weak}&sslrootcert=system"
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("sslrootcert=system with {weak}"))
+            .to_string();
+            assert!(err.contains("verify-full"), "{err}");
+        }
+        let t = parse_url("postgres://u@h/db?sslrootcert=system").unwrap();
+        assert_eq!(
+            t.mode,
+            SslMode::VerifyFull,
+            "system alone means verify-full"
+        );
+        assert!(connector(&t).is_ok());
+        let t = parse_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").unwrap();
+        assert_eq!(t.mode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn a_password_with_question_marks_or_ats_hides_nothing() {
+        for (url, password) in [
+            (
+                "postgres://u:pa?ss@db.example/tokend?sslmode=verify-full",
+                "pa?ss",
+            ),
+            (
+                "postgres://u:pa@ss@db.example/tokend?sslmode=verify-full",
+                "pa@ss",
+            ),
+            (
+                "postgres://u:pa%3Fss@db.example/tokend?sslmode=verify-full",
+                "pa?ss",
+            ),
+            (
+                "postgres://u:pa%40ss@db.example/tokend?sslmode=verify-full",
+                "pa@ss",
+            ),
+            (
+                "postgres://u:p?a@s?s@db.example/tokend?sslmode=verify-full",
+                "p?a@s?s",
+            ),
+        ] {
+            let t = parse_url(url).unwrap_or_else(|e| panic!("{password}: {e}"));
+            assert_eq!(t.mode, SslMode::VerifyFull, "{password}");
+            assert_eq!(
+                t.config.get_ssl_mode(),
+                tokio_postgres::config::SslMode::Require,
+                "{password}"
+            );
+            assert_eq!(t.config.get_password(), Some(password.as_bytes()));
+            assert_eq!(t.config.get_user(), Some("u"));
+            assert_eq!(t.config.get_dbname(), Some("tokend"));
+            assert!(
+                matches!(&t.config.get_hosts()[0], tokio_postgres::config::Host::Tcp(h) if h == "db.example"),
+                "{password}: {:?}",
+                t.config.get_hosts()
+            );
+        }
+        // A URL tokio-postgres would read another sslmode from is refused.
+        let t = parse_url("postgres://u@h/db?sslmode=require&sslmode=disable").unwrap();
+        assert_eq!(t.mode, SslMode::Disable, "the last one wins, for both");
     }
 }
