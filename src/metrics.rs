@@ -363,6 +363,9 @@ pub struct Metrics {
     audit_writes: IntCounterVec,
     job_last_success: GaugeVec,
     job_period: GaugeVec,
+    /// `tokend_ledger_up`: exported only with a shared (PostgreSQL) ledger, so it is
+    /// registered on its first [`Metrics::set_ledger_up`].
+    ledger_up: std::sync::OnceLock<IntGauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -596,7 +599,22 @@ impl Metrics {
             audit_writes,
             job_last_success,
             job_period,
+            ledger_up: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether this daemon can write its shared ledger now (`tokend_ledger_up`, exported
+    /// from the first call on; a SQLite daemon never calls it).
+    pub fn set_ledger_up(&self, up: bool) {
+        let gauge = self.ledger_up.get_or_init(|| {
+            register_int_gauge_with_registry!(
+                "tokend_ledger_up",
+                "1 when this daemon can write the shared (PostgreSQL) ledger, else 0.",
+                self.registry
+            )
+            .expect(VALID)
+        });
+        gauge.set(i64::from(up));
     }
 
     /// Computes the connection gauges from `source` at every scrape from now on (the engine

@@ -11,9 +11,11 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
+mod any;
 pub mod pg;
 pub mod seal;
 
+pub use any::{AnyError, AnyLedger};
 pub use pg::{Fence, PgError, PgLedger};
 
 use crate::model::{

@@ -26,6 +26,7 @@ mod flight;
 mod onboard;
 pub mod permits;
 pub mod plan;
+mod shared;
 mod sites;
 pub mod store;
 mod view;
