@@ -913,7 +913,8 @@ impl AsyncTxFn<()> for SetAccount {
                 &self.events,
                 self.node.as_deref(),
             )
-            .await
+            .await?;
+            announce(tx, &self.id, self.node.as_deref()).await
         })
     }
 }

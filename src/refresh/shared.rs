@@ -13,6 +13,14 @@ use super::{Engine, Slot, StoreError};
 use crate::model::{Record, Status};
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A chain stored with another daemon's attempt marker is taken into memory only once that
+/// attempt committed (its commit is announced too), or once the marker is older than this:
+/// then its daemon died or lost the ledger mid-refresh, and resolving the unknown outcome
+/// falls to whichever daemon claims the chain next. Far longer than any attempt
+/// (`refresh.request_timeout`, seconds).
+const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
 
 impl Engine {
     /// Takes connection `id` as the store holds it now, when that is newer than memory.
@@ -45,6 +53,11 @@ impl Engine {
     /// Applies what the store holds for `id` (`None`: no such connection); true when memory
     /// changed.
     fn take_stored(&self, id: &str, stored: Option<Record>) -> bool {
+        if let Some(rec) = &stored
+            && self.foreign_attempt_running(rec)
+        {
+            return false;
+        }
         let slot = self.index_by_id(id);
         match (slot, stored) {
             (None, Some(rec)) => {
@@ -78,8 +91,16 @@ impl Engine {
     /// own waiting for a commit (that commit's compare-and-swap decides instead).
     fn take_newer(&self, slot: &Arc<Slot>, rec: &Record) -> bool {
         let mut st = slot.lock();
-        if st.removed || st.held.is_some() || rec.chain.version <= st.rec.chain.version {
+        if st.removed || st.held.is_some() {
             return false;
+        }
+        // The account is resolved after the insert, without a new chain version.
+        let account = st.rec.conn.account_id.is_none() && rec.conn.account_id.is_some();
+        if account {
+            st.rec.conn.account_id = rec.conn.account_id.clone();
+        }
+        if rec.chain.version <= st.rec.chain.version {
+            return account;
         }
         tracing::debug!(
             connection = %rec.conn.id,
@@ -87,13 +108,22 @@ impl Engine {
             "taking the chain another daemon committed"
         );
         self.adopt(&mut st, rec);
-        if st.rec.conn.account_id.is_none() && rec.conn.account_id.is_some() {
-            st.rec.conn.account_id = rec.conn.account_id.clone();
-        }
         // Memory is the store's again.
         st.stale = false;
         self.replan_locked(&st);
         true
+    }
+
+    /// Whether `rec` carries the marker of an attempt that is (or recently was) running
+    /// elsewhere: memory that took it would plan to resolve that attempt's outcome at once,
+    /// presenting the same refresh token while the other daemon's request is in flight.
+    fn foreign_attempt_running(&self, rec: &Record) -> bool {
+        rec.chain.attempt_started_at.is_some_and(|at| {
+            (self.now() - at)
+                .to_std()
+                .is_ok_and(|age| age < FOREIGN_ATTEMPT_GRACE)
+                || at > self.now()
+        })
     }
 
     /// The slot of connection `id` (ids only, not labels).

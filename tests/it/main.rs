@@ -17,4 +17,5 @@ mod fake_selftest;
 mod fuzz;
 mod keeper;
 mod ops;
+mod shared;
 mod util;
