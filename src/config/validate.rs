@@ -382,6 +382,7 @@ impl Validator<'_> {
             request_timeout,
             backoff_min,
             backoff_max,
+            lease: super::DEFAULT_LEASE,
         })
     }
 
