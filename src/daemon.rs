@@ -198,9 +198,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         out.push("ledger.url");
     }
-    if old.ledger.lease != new.ledger.lease {
-        out.push("ledger.lease");
-    }
+
     if old.refresh.request_timeout != new.refresh.request_timeout {
         out.push("refresh.request_timeout");
     }
@@ -522,6 +520,8 @@ pub async fn run(
     )
     .await
     .context("cannot load the ledger")?;
+    // The holder of this daemon's claims on a shared ledger.
+    engine.set_node_name(node.clone());
     let (active, needs_reauth) = engine.status_counts();
     let monitor = Arc::new(JobMonitor::default());
     let jobs = Jobs::start(

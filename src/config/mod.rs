@@ -135,7 +135,17 @@ pub struct RefreshConfig {
     /// Retry delays after transient failures; `backoff_min <= backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long a claim on one chain's refresh lasts (`ledger.lease`, [`DEFAULT_LEASE`] until
+    /// that key is read): a shared ledger lets one daemon at a time refresh a chain, and a
+    /// daemon that stopped (paused, partitioned) loses its claim after this. It must exceed
+    /// `request_timeout`, since a refresh request is sent only while the claim has at least
+    /// that long left. A SQLite ledger grants every claim, so it changes nothing there.
+    pub lease: Duration,
 }
+
+/// `ledger.lease` by default (INTERFACE.md): twice the default `request_timeout`, so that a
+/// claim renewed just before the request still covers it with room for the commit.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// `[jobs]`: cron schedules.
 #[derive(Clone, Debug)]

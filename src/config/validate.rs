@@ -61,10 +61,6 @@ const DEFAULT_BACKOFF_MAX: &str = "30m";
 const DEFAULT_RESOLVE_SITES_CRON: &str = "0 0 * * * *";
 /// Ledger housekeeping daily at 03:30, a quiet hour.
 const DEFAULT_MAINTENANCE_CRON: &str = "0 30 3 * * *";
-/// A claim on one chain's refresh lasts this long unless renewed: twice the default
-/// `refresh.request_timeout`, so that a claim outlives a request in flight with room for the
-/// commit.
-const DEFAULT_LEASE: &str = "60s";
 /// The URL schemes of a PostgreSQL ledger (both spellings libpq accepts).
 const POSTGRES_SCHEMES: &[&str] = &["postgres", "postgresql"];
 /// A notify command that hangs is killed after this long, so events do not pile up.
@@ -154,7 +150,7 @@ impl Validator<'_> {
             .as_ref()
             .is_some_and(|k| !k.get_ref().trim().is_empty());
         let daemon = self.daemon(raw.daemon)?;
-        let refresh = self.refresh(raw.refresh)?;
+        let mut refresh = self.refresh(raw.refresh)?;
         let ledger = self.ledger(
             raw.ledger,
             secrets,
@@ -162,6 +158,8 @@ impl Validator<'_> {
             request_timeout_at,
             key_file_written,
         )?;
+        // The engine claims chains for `ledger.lease` (a SQLite ledger grants every claim).
+        refresh.lease = ledger.lease;
         Ok(Config {
             path,
             daemon,
@@ -404,6 +402,7 @@ impl Validator<'_> {
             request_timeout,
             backoff_min,
             backoff_max,
+            lease: super::DEFAULT_LEASE,
         })
     }
 
@@ -418,7 +417,8 @@ impl Validator<'_> {
         request_timeout_at: Option<Range<usize>>,
         key_file_written: bool,
     ) -> Result<LedgerConfig, ConfigError> {
-        let lease = self.duration("ledger.lease", &raw.lease, DEFAULT_LEASE)?;
+        let default_lease = format_duration(super::DEFAULT_LEASE);
+        let lease = self.duration("ledger.lease", &raw.lease, &default_lease)?;
         let url_at = span(&raw.url);
         let url_text = text_or(&raw.url, "").trim();
         let file_at = span(&raw.url_file);

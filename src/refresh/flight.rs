@@ -161,6 +161,7 @@ impl FlightGuard {
         let (result, effects) = {
             let mut st = self.slot.lock();
             let settled = attempt::settle(&self.engine, &mut st, outcome);
+            attempt::release_claim(&self.engine, &mut st);
             st.flight = None;
             self.engine.replan_locked(&st);
             settled
@@ -188,6 +189,8 @@ impl Drop for FlightGuard {
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
         if let Some(mut st) = locked {
+            // A release the engine can no longer send (a crash) just lapses.
+            attempt::release_claim(&self.engine, &mut st);
             st.flight = None;
             st.stale = true;
             let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;

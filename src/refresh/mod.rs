@@ -249,6 +249,12 @@ pub(crate) struct SlotState {
     /// Memory may be behind the store (an attempt ended without settling, or a write
     /// conflicted): the next attempt reloads the chain from the store first.
     stale: bool,
+    /// The claim on this chain's refresh the running attempt holds (`attempt` takes and
+    /// renews it; the end of the attempt, `FlightGuard`, releases it).
+    claim: Option<attempt::Claim>,
+    /// The last attempt found the chain claimed by another daemon: a caller waits for what
+    /// that daemon commits (`shared.rs`). Cleared when a change from the ledger is taken.
+    claimed_elsewhere: bool,
 }
 
 /// One connection in memory.
@@ -325,7 +331,19 @@ pub struct Engine {
     /// `/v1/health` and `/metrics` read it on every call, so it is kept as statuses change
     /// ([`Engine::adopt`], `install`, `uninstall`), not counted over every connection.
     active: AtomicUsize,
+    /// Woken whenever [`Engine::reload`] / [`Engine::reload_all`] take a change another
+    /// daemon committed, so that a caller waiting for that daemon's refresh is served what
+    /// it committed (`shared.rs`).
+    changed: tokio::sync::Notify,
+    /// Who this engine is when it claims a chain's refresh (`daemon.node_name`, set by
+    /// [`Engine::set_node_name`]): the claim's holder. Until set, a name unique to this
+    /// process and engine, so that two engines never share a holder by accident (the store
+    /// grants a holder's own claim again).
+    holder: RwLock<String>,
 }
+
+/// Engines made in this process so far: the default holder names stay unique.
+static ENGINES: AtomicUsize = AtomicUsize::new(0);
 
 impl Engine {
     /// Loads every connection from the store into memory and plans each one.
@@ -354,6 +372,12 @@ impl Engine {
             tasks: flight::Tasks::default(),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
+            holder: RwLock::new(format!(
+                "tokend-{}-{}",
+                std::process::id(),
+                ENGINES.fetch_add(1, Ordering::Relaxed)
+            )),
         });
         engine
             .metrics
@@ -383,6 +407,21 @@ impl Engine {
         for slot in self.slots() {
             self.replan(&slot);
         }
+    }
+
+    /// Names this daemon as the holder of its claims on chains (`daemon.node_name`, or the
+    /// host name). Every daemon sharing a ledger needs its own name: the store grants a
+    /// holder's claim to the same holder again.
+    pub fn set_node_name(&self, name: String) {
+        *self.holder.write().unwrap_or_else(|p| p.into_inner()) = name;
+    }
+
+    /// The holder name of this engine's claims.
+    fn holder(&self) -> String {
+        self.holder
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Replaces the notifier (a reload changed `[notify]`).
@@ -440,6 +479,8 @@ impl Engine {
                 resolving: false,
                 last_site_miss: None,
                 stale: false,
+                claim: None,
+                claimed_elsewhere: false,
             }),
         });
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
@@ -563,6 +604,18 @@ impl Engine {
             self.join_or_start(&slot, &mut st, Need::Lifetime(min_valid))
         };
         let outcome = flight.result().await;
+        if matches!(outcome, Err(Failure::Unavailable { .. }))
+            && self.store.shared()
+            && {
+                let st = slot.lock();
+                st.claimed_elsewhere || st.rec.chain.attempt_started_at.is_some()
+            }
+            && let Some(grant) = self.await_foreign_commit(&slot).await
+        {
+            // Another daemon's refresh was in flight (memory holds its marker): its commit
+            // is served rather than a 503.
+            return Ok(grant);
+        }
         let st = slot.lock();
         if st.removed {
             return Err(Failure::NotFound);

@@ -32,12 +32,82 @@ fn connection(d: &TestDaemon, label: &str) -> Value {
     v
 }
 
+/// Whether `d`'s access token of `label` has expired (or it has none).
+fn access_token_expired(d: &TestDaemon, label: &str) -> bool {
+    connection(d, label)["access_token_expires_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_none_or(|t| t + chrono::Duration::seconds(1) <= chrono::Utc::now())
+}
+
 fn readyz(d: &TestDaemon) -> u16 {
     d.metrics_get("/readyz").map_or(0, |r| r.status)
 }
 
 fn logs(daemons: &[&PgDaemon]) -> String {
     daemons.iter().map(|d| d.daemon.logs()).collect()
+}
+
+#[test]
+fn many_requests_over_three_daemons_cause_one_refresh_and_get_one_token() {
+    let Some(ledger) = SharedLedger::new() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    fake.set_access_lifetime(Some(Duration::from_secs(4)));
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let nodes: Vec<PgDaemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| ledger.start(&fake, n))
+        .collect();
+    import(&nodes[0].daemon, "conf", &rt);
+    for n in &nodes {
+        assert!(
+            eventually(WAIT, || knows(&n.daemon, "conf")),
+            "every daemon learns of the import"
+        );
+    }
+    for n in &nodes {
+        assert!(
+            eventually(WAIT, || access_token_expired(&n.daemon, "conf")),
+            "the access token never expired"
+        );
+    }
+    fake.set_token_delay(Duration::from_millis(1000));
+    let before = fake.refresh_calls();
+    let tokens: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..150)
+            .map(|i| {
+                let d = &nodes[i % nodes.len()].daemon;
+                s.spawn(move || {
+                    let r = d.request("GET", "/v1/connections/conf/token", None);
+                    let t = if r.status == 200 {
+                        r.json()["access_token"].as_str().unwrap().to_owned()
+                    } else {
+                        r.text()
+                    };
+                    (r.status, t)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = logs(&nodes.iter().collect::<Vec<_>>());
+    assert_eq!(
+        fake.refresh_calls() - before,
+        1,
+        "150 callers over three daemons cause exactly one refresh\n{all}"
+    );
+    let first = &tokens[0].1;
+    for (status, t) in &tokens {
+        assert_eq!(*status, 200, "{t}");
+        assert_eq!(t, first, "every caller on every daemon gets the same token");
+    }
+    assert_eq!(fake.access_token_account(first).as_deref(), Some("acct-1"));
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_eq!(fake.leeway_reuses(), 0, "the one refresh was never doubled");
+    assert!(fake.family_alive("acct-1"));
+    assert_no_secrets(&all, &fake);
 }
 
 #[test]
