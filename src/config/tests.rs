@@ -704,6 +704,7 @@ fn ledger_defaults_to_sqlite_and_a_sixty_second_lease() {
     assert!(matches!(c.ledger.backend, LedgerBackend::Sqlite));
     assert!(!c.ledger.is_shared());
     assert_eq!(c.ledger.lease, Duration::from_secs(60));
+    assert_eq!(c.refresh.lease, DEFAULT_LEASE);
     // A SQLite user's long request timeout is not measured against the (unused) lease.
     let c = parse("[refresh]\nrequest_timeout = \"2m\"\n").unwrap();
     assert!(matches!(c.ledger.backend, LedgerBackend::Sqlite));
@@ -832,6 +833,10 @@ fn lease_must_exceed_the_request_timeout() {
     ))
     .unwrap();
     assert_eq!(c.ledger.lease, Duration::from_secs(2));
+    assert_eq!(
+        c.refresh.lease, c.ledger.lease,
+        "the engine claims for ledger.lease"
+    );
     let e = parse_err(&format!("{base}lease = \"0s\"\n"));
     assert_eq!(e.key.as_deref(), Some("ledger.lease"));
     let e = parse_err("[ledger]\nleases = \"1m\"\n");
