@@ -266,7 +266,8 @@ async fn follow_shared_ledger(
                 }
                 None => break,
             },
-            _ = resync.tick() => reload_all("periodic").await,
+            // While the ledger is unwritable the re-read would fail too; its return triggers one.
+            _ = resync.tick(), if up => reload_all("periodic").await,
             _ = probe.tick() => {
                 let now_up = pg.check_writable().await.is_ok();
                 metrics.set_ledger_up(now_up);

@@ -64,14 +64,18 @@ pub(super) fn payload(id: &str, node: Option<&str>) -> String {
 pub(super) fn start(target: ListenTarget, own_node: Option<String>) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(BUFFER);
     tokio::spawn(async move {
+        // Whether the last session was listening (or this is the first): only then is its
+        // end news. Attempts that fail while the server stays unreachable are not repeated.
+        let mut report = true;
         loop {
-            let lost = tokio::select! {
+            let (lost, listened) = tokio::select! {
                 _ = tx.closed() => return,
-                lost = session(&target, own_node.as_deref(), &tx) => lost,
+                ended = session(&target, own_node.as_deref(), &tx) => ended,
             };
-            if tx.send(Change::Lost(lost.to_string())).await.is_err() {
+            if (report || listened) && tx.send(Change::Lost(lost.to_string())).await.is_err() {
                 return;
             }
+            report = false;
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(RECONNECT_DELAY) => {}
@@ -81,30 +85,34 @@ pub(super) fn start(target: ListenTarget, own_node: Option<String>) -> mpsc::Rec
     rx
 }
 
-/// One listening session, until its connection is lost (the error says why).
+/// One listening session, until its connection is lost: why, and whether `LISTEN` had
+/// succeeded.
 async fn session(
     target: &ListenTarget,
     own_node: Option<&str>,
     tx: &mpsc::Sender<Change>,
-) -> PgError {
+) -> (PgError, bool) {
     let (notes_tx, mut notes) = mpsc::unbounded_channel();
     let (client, driver) = match &target.tls {
         None => match target.config.connect(tokio_postgres::NoTls).await {
             Ok((client, conn)) => (client, tokio::spawn(drive(conn, notes_tx))),
-            Err(e) => return e.into(),
+            Err(e) => return (e.into(), false),
         },
         Some(tls) => match target.config.connect(tls.clone()).await {
             Ok((client, conn)) => (client, tokio::spawn(drive(conn, notes_tx))),
-            Err(e) => return e.into(),
+            Err(e) => return (e.into(), false),
         },
     };
     // Aborts the connection's driver however this session ends.
     let _driver = AbortOnDrop(driver);
     if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-        return e.into();
+        return (e.into(), false);
     }
     if tx.send(Change::Resync).await.is_err() {
-        return PgError::Unavailable("the daemon stopped listening".into());
+        return (
+            PgError::Unavailable("the daemon stopped listening".into()),
+            true,
+        );
     }
     let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
     keepalive.tick().await;
@@ -117,17 +125,17 @@ async fn session(
                         continue;
                     }
                     if tx.send(Change::Connection(id.to_owned())).await.is_err() {
-                        return PgError::Unavailable("the daemon stopped listening".into());
+                        return (PgError::Unavailable("the daemon stopped listening".into()), true);
                     }
                 }
-                Some(Err(e)) => return e,
-                None => return PgError::Unavailable("the listening connection closed".into()),
+                Some(Err(e)) => return (e, true),
+                None => return (PgError::Unavailable("the listening connection closed".into()), true),
             },
             _ = keepalive.tick() => {
                 match tokio::time::timeout(KEEPALIVE_TIMEOUT, client.simple_query("")).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return e.into(),
-                    Err(_) => return PgError::Unavailable("the listening connection stopped answering".into()),
+                    Ok(Err(e)) => return (e.into(), true),
+                    Err(_) => return (PgError::Unavailable("the listening connection stopped answering".into()), true),
                 }
             }
         }
