@@ -926,6 +926,11 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
             let st = slot.lock();
             let id = &st.rec.conn.id;
             let unknown = st.rec.chain.attempt_started_at.is_some();
+            if st.flight.is_none() && st.claim.is_some() {
+                return Err(format!(
+                    "{step}: {id}: a claim is held with no attempt running"
+                ));
+            }
             if (st.rec.conn.status == Status::Active || unknown)
                 && st.flight.is_none()
                 && e.plan.next_of(id).is_none()
@@ -1625,6 +1630,49 @@ fn an_unknown_outcome_goes_before_every_bulk_rotation() {
             &expected[..],
             "bulk rotations go nearest inactivity deadline first"
         );
+        crash(inc);
+    });
+}
+
+#[test]
+fn a_chain_claimed_by_another_daemon_is_left_to_it() {
+    // Another daemon holds the claim: no request, no status change, a retry; once it
+    // releases, the next attempt goes through.
+    let rt = paused_runtime();
+    rt.block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(3, clock.clone())));
+        let id = lock(&world).add_chain(0, start);
+        let other = SimStore(world.clone(), Some(9));
+        let fence = other
+            .claim(id.clone(), "other".into(), Duration::from_secs(60))
+            .await
+            .expect("store up")
+            .expect("granted");
+        let inc = boot_node(&world, &clock, 2, Some(0)).await.expect("boot");
+        let calls = lock(&world).calls;
+        let got = inc.engine.refresh_now(&id).await;
+        assert!(
+            matches!(got, Err(super::Failure::Unavailable { .. })),
+            "a claim held elsewhere is a retry: {got:?}"
+        );
+        assert_eq!(
+            lock(&world).calls,
+            calls,
+            "a request went out under another's claim"
+        );
+        assert_eq!(lock(&world).store[&id].conn.status, Status::Active);
+        let text = inc.engine.metrics.render();
+        assert!(text.contains("tokend_lease_conflicts_total 1"), "{text}");
+        assert!(other.release(id.clone(), fence).await.expect("store up"));
+        let info = inc.engine.refresh_now(&id).await.expect("refreshed");
+        assert_eq!(info.conn.status, Status::Active);
+        assert_eq!(lock(&world).calls, calls + 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = inc.engine.metrics.render();
+        assert!(text.contains("tokend_leases_held 0"), "{text}");
+        assert!(check_all(&world, &[&*inc.engine], "end").is_ok());
         crash(inc);
     });
 }
