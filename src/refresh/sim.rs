@@ -1665,6 +1665,33 @@ fn a_chain_claimed_by_another_daemon_is_left_to_it() {
         assert_eq!(lock(&world).store[&id].conn.status, Status::Active);
         let text = inc.engine.metrics.render();
         assert!(text.contains("tokend_lease_conflicts_total 1"), "{text}");
+        // A caller who needs a token waits for what the other daemon commits.
+        let engine = inc.engine.clone();
+        let wanted = id.clone();
+        let caller =
+            tokio::spawn(async move { engine.token(&wanted, Duration::from_secs(60)).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        {
+            let mut w = lock(&world);
+            let now = w.now();
+            let at = w.mint("at");
+            w.access.insert(at.clone(), (id.clone(), 0));
+            let rec = w.store.get_mut(&id).expect("stored");
+            rec.chain.access = Some(crate::model::AccessToken {
+                token: Secret::new(at.clone()),
+                expires_at: now + chrono::Duration::seconds(300),
+            });
+            rec.conn.last_refresh_at = Some(now);
+            rec.chain.version += 1;
+        }
+        let grant = caller.await.expect("joined").expect("served");
+        let expected = lock(&world).store[&id].chain.access.clone().expect("set");
+        assert_eq!(grant.access_token.expose(), expected.token.expose());
+        assert_eq!(
+            lock(&world).calls,
+            calls,
+            "the other daemon's token was refreshed again"
+        );
         assert!(other.release(id.clone(), fence).await.expect("store up"));
         let info = inc.engine.refresh_now(&id).await.expect("refreshed");
         assert_eq!(info.conn.status, Status::Active);
