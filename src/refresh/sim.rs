@@ -1703,3 +1703,65 @@ fn a_chain_claimed_by_another_daemon_is_left_to_it() {
         crash(inc);
     });
 }
+
+/// Two engines ("daemons", each with its own pool) on one real PostgreSQL ledger, against the
+/// strict simulated provider: concurrent callers on both cause exactly one refresh (the
+/// ledger's claims, by its own clock), and every caller gets the access token it gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_on_one_postgres_ledger_refresh_a_chain_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(url) = crate::testpg::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("test.key");
+    std::fs::write(&path, "5a".repeat(32)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = crate::ledger::seal::KeySource {
+        key_file: Some(path),
+        old_key_files: vec![],
+    };
+    let start = chrono::Utc::now();
+    let clock = Arc::new(TokioClock::new(start));
+    let world: Shared = Arc::new(Mutex::new(World::new(5, clock.clone())));
+    let id = "c000000000000".to_owned();
+    let first = lock(&world).new_family(&id, start);
+    let rec = crate::model::sample_record(&id, "l0", &first, start);
+    let mut engines = Vec::new();
+    for n in 0..2 {
+        let ledger = crate::ledger::PgLedger::connect(&url, &key, dir.path())
+            .await
+            .unwrap();
+        if n == 0 {
+            ledger.insert(rec.clone(), vec![]).await.unwrap();
+        }
+        ledger.set_node(&format!("node{n}"));
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(SimProvider(world.clone(), None)),
+            clock.clone(),
+            settings(2),
+            crate::notify::Notifier::disabled(),
+            Arc::new(crate::metrics::Metrics::new(false)),
+        )
+        .await
+        .unwrap();
+        engine.set_node_name(format!("node{n}"));
+        engines.push(engine);
+    }
+    let callers: Vec<_> = (0..40)
+        .map(|i| {
+            let (engine, id) = (engines[i % 2].clone(), id.clone());
+            tokio::spawn(async move { engine.token(&id, Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for caller in callers {
+        let grant = caller.await.unwrap().expect("every caller is served");
+        tokens.insert(grant.access_token.expose().to_owned());
+    }
+    let w = lock(&world);
+    assert!(w.broken.is_empty(), "{:?}", w.broken);
+    assert_eq!(w.calls, 1, "one refresh across both daemons");
+    assert_eq!(tokens.len(), 1, "every caller gets the one new token");
+}
