@@ -59,6 +59,9 @@ const AMBIGUOUS_RETRY_MIN: Duration = Duration::from_secs(1);
 /// reach the store.
 const CLAIM_RECHECK_SLACK: Duration = Duration::from_secs(1);
 
+/// How often a caller waiting for another daemon's refresh of a chain reads the store.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
+
 /// The claim an attempt holds on its chain's refresh (`SlotState::claim`).
 #[derive(Clone, Debug)]
 pub(crate) struct Claim {
@@ -207,13 +210,14 @@ pub(crate) async fn run(
             Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
         }
     }
-    let (mut rec, held, not_before, provider_asked) = {
+    let (mut rec, held, not_before, provider_asked, claim_wait) = {
         let st = slot.lock();
         (
             st.rec.clone(),
             st.held.clone(),
             st.not_before,
             st.provider_asked,
+            st.claim_wait,
         )
     };
     // 1. A held change first.
@@ -235,6 +239,7 @@ pub(crate) async fn run(
     if let Some(nb) = not_before
         && nb > Instant::now()
         && (need != Need::Forced || provider_asked)
+        && !(claim_wait && matches!(need, Need::Lifetime(_)))
     {
         let message = rec
             .conn
@@ -287,7 +292,11 @@ pub(crate) async fn run(
             return Outcome::Skipped(Skip::LeaseShort(left(until)));
         }
         Ok(Some(_)) => {}
-        Ok(None) => return claimed_elsewhere(engine, &id).await,
+        Ok(None) => {
+            // Waiting for another daemon's commit takes no permit from this one's chains.
+            drop(_permit);
+            return claimed_elsewhere(engine, &id, need).await;
+        }
         Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
     }
     if shared {
@@ -471,7 +480,7 @@ async fn lease_for_request(engine: &Engine, slot: &Slot, id: &str) -> Option<Out
     match renew_claim(engine, slot, id).await {
         Ok(Some(until)) if left(until) >= budget => None,
         Ok(Some(until)) => Some(Outcome::Skipped(Skip::LeaseShort(left(until)))),
-        Ok(None) => Some(claimed_elsewhere(engine, id).await),
+        Ok(None) => Some(claimed_elsewhere(engine, id, Need::Forced).await),
         Err(e) => Some(Outcome::Skipped(Skip::StoreDown(e.to_string()))),
     }
 }
@@ -494,20 +503,42 @@ async fn present(engine: &Engine, token: &Secret) -> Result<Grant, ProviderError
     }
 }
 
-/// Another daemon holds the claim: take the store's chain (it is the one to serve, and what
-/// that daemon commits arrives the same way) and look again once its claim has ended.
-async fn claimed_elsewhere(engine: &Engine, id: &str) -> Outcome {
-    let wait = engine.settings().lease + CLAIM_RECHECK_SLACK;
-    match engine.store.load(id.to_owned()).await {
-        Ok(None) => Outcome::Superseded { current: None },
-        Ok(current) => Outcome::Skipped(Skip::ClaimedElsewhere {
-            current: current.map(Box::new),
-            wait,
-        }),
-        Err(_) => Outcome::Skipped(Skip::ClaimedElsewhere {
-            current: None,
-            wait,
-        }),
+/// Another daemon holds the claim: take the store's chain (it is the one to serve) and look
+/// again once its claim has ended. A caller waiting for a token (`need` a lifetime) waits,
+/// up to `request_timeout`, for what that daemon commits: the store is read every
+/// [`CLAIM_POLL`] until it holds an access token good enough (or a chain without a marker:
+/// that daemon's attempt is over).
+async fn claimed_elsewhere(engine: &Engine, id: &str, need: Need) -> Outcome {
+    let settings = engine.settings();
+    let wait = settings.lease + CLAIM_RECHECK_SLACK;
+    let deadline = Instant::now() + settings.request_timeout;
+    loop {
+        let current = match engine.store.load(id.to_owned()).await {
+            Ok(None) => return Outcome::Superseded { current: None },
+            Ok(Some(current)) => current,
+            Err(_) => {
+                return Outcome::Skipped(Skip::ClaimedElsewhere {
+                    current: None,
+                    wait,
+                });
+            }
+        };
+        let Need::Lifetime(min) = need else {
+            return Outcome::Skipped(Skip::ClaimedElsewhere {
+                current: Some(Box::new(current)),
+                wait,
+            });
+        };
+        if satisfies(&current, min, engine.now()) {
+            return Outcome::Committed { next: current };
+        }
+        if Instant::now() + CLAIM_POLL > deadline {
+            return Outcome::Skipped(Skip::ClaimedElsewhere {
+                current: Some(Box::new(current)),
+                wait,
+            });
+        }
+        tokio::time::sleep(CLAIM_POLL).await;
     }
 }
 
@@ -1169,6 +1200,7 @@ pub(crate) fn settle(
                 st.stale = true;
             }
             st.not_before = Some(Instant::now() + delay);
+            st.claim_wait = false;
             st.provider_asked = provider_asked;
             Err(Failure::Unavailable {
                 retry_after: delay,
@@ -1231,7 +1263,9 @@ pub(crate) fn settle(
                     }
                     None => st.stale = true,
                 }
-                hold_off(st, wait);
+                if hold_off(st, wait) {
+                    st.claim_wait = true;
+                }
                 Err(Failure::Unavailable {
                     retry_after: wait,
                     message: "another tokend daemon is refreshing this chain; try again shortly"
@@ -1252,10 +1286,14 @@ pub(crate) fn settle(
 }
 
 /// Whatever failed without a backoff of its own must not be retried in a tight loop; a
-/// backoff already running is left alone (callers during it must not push it out).
-fn hold_off(st: &mut SlotState, wait: Duration) {
+/// backoff already running is left alone (callers during it must not push it out). Whether
+/// it set a new wait.
+fn hold_off(st: &mut SlotState, wait: Duration) -> bool {
     let now = Instant::now();
     if st.not_before.is_none_or(|nb| nb <= now) {
         st.not_before = Some(now + wait);
+        st.claim_wait = false;
+        return true;
     }
+    false
 }

@@ -196,6 +196,7 @@ impl Drop for FlightGuard {
             let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
             if st.not_before.is_none_or(|nb| nb < retry) {
                 st.not_before = Some(retry);
+                st.claim_wait = false;
             }
             self.engine.replan_locked(&st);
         }

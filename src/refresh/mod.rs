@@ -229,6 +229,10 @@ pub(crate) struct SlotState {
     /// The provider itself asked for this wait (`Retry-After`): even a forced refresh
     /// honours it.
     provider_asked: bool,
+    /// The wait is only for another daemon's claim on the chain (`Skip::ClaimedElsewhere`):
+    /// it spaces the scheduler's looks, but a caller who needs a token may still look (and
+    /// wait for what that daemon commits).
+    claim_wait: bool,
     /// The last time a caller asked for a token (hot connections are renewed ahead).
     last_requested: Option<Instant>,
     /// The attempt running now, if any: callers join it instead of starting another.
@@ -470,6 +474,7 @@ impl Engine {
                 held,
                 not_before: None,
                 provider_asked: false,
+                claim_wait: false,
                 last_requested: None,
                 flight: None,
                 removed: false,
