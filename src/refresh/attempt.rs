@@ -1255,7 +1255,6 @@ pub(crate) fn settle(
             ))),
             Skip::ClaimedElsewhere { current, wait } => {
                 tracing::info!(connection = %id, "another tokend daemon is refreshing this chain; serving what it commits");
-                st.claimed_elsewhere = true;
                 match current {
                     Some(rec) => {
                         engine.adopt(st, &rec);

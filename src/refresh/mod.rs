@@ -256,9 +256,6 @@ pub(crate) struct SlotState {
     /// The claim on this chain's refresh the running attempt holds (`attempt` takes and
     /// renews it; the end of the attempt, `FlightGuard`, releases it).
     claim: Option<attempt::Claim>,
-    /// The last attempt found the chain claimed by another daemon: a caller waits for what
-    /// that daemon commits (`shared.rs`). Cleared when a change from the ledger is taken.
-    claimed_elsewhere: bool,
 }
 
 /// One connection in memory.
@@ -335,10 +332,6 @@ pub struct Engine {
     /// `/v1/health` and `/metrics` read it on every call, so it is kept as statuses change
     /// ([`Engine::adopt`], `install`, `uninstall`), not counted over every connection.
     active: AtomicUsize,
-    /// Woken whenever [`Engine::reload`] / [`Engine::reload_all`] take a change another
-    /// daemon committed, so that a caller waiting for that daemon's refresh is served what
-    /// it committed (`shared.rs`).
-    changed: tokio::sync::Notify,
     /// Who this engine is when it claims a chain's refresh (`daemon.node_name`, set by
     /// [`Engine::set_node_name`]): the claim's holder. Until set, a name unique to this
     /// process and engine, so that two engines never share a holder by accident (the store
@@ -376,7 +369,6 @@ impl Engine {
             tasks: flight::Tasks::default(),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
-            changed: tokio::sync::Notify::new(),
             holder: RwLock::new(format!(
                 "tokend-{}-{}",
                 std::process::id(),
@@ -485,7 +477,6 @@ impl Engine {
                 last_site_miss: None,
                 stale: false,
                 claim: None,
-                claimed_elsewhere: false,
             }),
         });
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
@@ -609,18 +600,6 @@ impl Engine {
             self.join_or_start(&slot, &mut st, Need::Lifetime(min_valid))
         };
         let outcome = flight.result().await;
-        if matches!(outcome, Err(Failure::Unavailable { .. }))
-            && self.store.shared()
-            && {
-                let st = slot.lock();
-                st.claimed_elsewhere || st.rec.chain.attempt_started_at.is_some()
-            }
-            && let Some(grant) = self.await_foreign_commit(&slot).await
-        {
-            // Another daemon's refresh was in flight (memory holds its marker): its commit
-            // is served rather than a 503.
-            return Ok(grant);
-        }
         let st = slot.lock();
         if st.removed {
             return Err(Failure::NotFound);

@@ -9,15 +9,11 @@
 //! Never writes, never calls the provider, never takes a chain lock: an attempt running
 //! meanwhile finds out through its own compare-and-swap, as it always did.
 
-use super::{Engine, Served, Slot, StoreError, TokenGrant, grant_of};
+use super::{Engine, Slot, StoreError};
 use crate::model::{Record, Status};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long past `refresh.request_timeout` a caller waits for another daemon's refresh to
-/// commit and be announced: room for its commit and the notification.
-const FOREIGN_COMMIT_SLACK: Duration = Duration::from_secs(5);
 
 /// A chain stored with another daemon's attempt marker is taken into memory only once that
 /// attempt committed (its commit is announced too), or once the marker is older than this:
@@ -27,39 +23,6 @@ const FOREIGN_COMMIT_SLACK: Duration = Duration::from_secs(5);
 const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
 
 impl Engine {
-    /// Waits (at most `request_timeout` + [`FOREIGN_COMMIT_SLACK`]) until memory holds a
-    /// chain past the other daemon's attempt marker it holds now, and returns its access
-    /// token if that is valid; `None` when it does not come or brings no valid token.
-    pub(crate) async fn await_foreign_commit(&self, slot: &Arc<Slot>) -> Option<TokenGrant> {
-        let marked_version = slot.lock().rec.chain.version;
-        let deadline =
-            tokio::time::Instant::now() + self.settings().request_timeout + FOREIGN_COMMIT_SLACK;
-        loop {
-            let woken = self.changed.notified();
-            tokio::pin!(woken);
-            // Registered before memory is looked at: a change in between still wakes it.
-            woken.as_mut().enable();
-            {
-                let st = slot.lock();
-                if st.removed {
-                    return None;
-                }
-                if st.rec.chain.version > marked_version {
-                    let now = self.now();
-                    return match &st.rec.chain.access {
-                        Some(a) if st.held.is_none() && a.expires_at > now => {
-                            Some(grant_of(&st, a.clone(), Served::Cached))
-                        }
-                        _ => None,
-                    };
-                }
-            }
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                return None;
-            }
-        }
-    }
-
     /// Takes connection `id` as the store holds it now, when that is newer than memory.
     pub async fn reload(&self, id: &str) -> Result<(), StoreError> {
         let stored = self.store.load(id.to_owned()).await?;
@@ -90,15 +53,6 @@ impl Engine {
     /// Applies what the store holds for `id` (`None`: no such connection); true when memory
     /// changed.
     fn take_stored(&self, id: &str, stored: Option<Record>) -> bool {
-        let changed = self.take_stored_quietly(id, stored);
-        if changed {
-            self.changed.notify_waiters();
-        }
-        changed
-    }
-
-    /// [`Engine::take_stored`], without waking the waiters.
-    fn take_stored_quietly(&self, id: &str, stored: Option<Record>) -> bool {
         if let Some(rec) = &stored
             && self.foreign_attempt_running(rec)
         {
@@ -156,7 +110,6 @@ impl Engine {
         self.adopt(&mut st, rec);
         // Memory is the store's again.
         st.stale = false;
-        st.claimed_elsewhere = false;
         self.replan_locked(&st);
         true
     }
