@@ -76,7 +76,7 @@ fn many_requests_over_three_daemons_cause_one_refresh_and_get_one_token() {
     fake.set_token_delay(Duration::from_millis(1000));
     let before = fake.refresh_calls();
     let tokens: Vec<(u16, String)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..150)
+        let handles: Vec<_> = (0..300)
             .map(|i| {
                 let d = &nodes[i % nodes.len()].daemon;
                 s.spawn(move || {
@@ -96,7 +96,7 @@ fn many_requests_over_three_daemons_cause_one_refresh_and_get_one_token() {
     assert_eq!(
         fake.refresh_calls() - before,
         1,
-        "150 callers over three daemons cause exactly one refresh\n{all}"
+        "300 callers over three daemons cause exactly one refresh\n{all}"
     );
     let first = &tokens[0].1;
     for (status, t) in &tokens {
