@@ -261,3 +261,51 @@ fn a_daemon_cut_off_the_ledger_serves_its_cache_refreshes_nothing_and_catches_up
     assert!(fake.family_alive("acct-1"));
     assert_no_secrets(&logs(&[&a, &b]), &fake);
 }
+
+#[test]
+fn the_daemons_survive_a_postgresql_restart_and_reconnect_by_themselves() {
+    let Some((cluster, ledger)) = SharedLedger::own_cluster() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let a = ledger.start(&fake, "a");
+    let b = ledger.start(&fake, "b");
+    import(&a.daemon, "conf", &rt);
+    assert!(eventually(WAIT, || knows(&b.daemon, "conf")));
+    let cached = token(&b.daemon, "conf");
+
+    cluster.crash();
+    for d in [&a, &b] {
+        assert!(
+            eventually(WAIT, || readyz(&d.daemon) == 503),
+            "without the server, no daemon is ready"
+        );
+        assert_eq!(token(&d.daemon, "conf"), cached, "but both serve the cache");
+    }
+    let calls = fake.refresh_calls();
+    cluster.restart();
+    for d in [&a, &b] {
+        assert!(
+            eventually(WAIT, || readyz(&d.daemon) == 200),
+            "the server back, every daemon is ready again"
+        );
+    }
+    let r = a
+        .daemon
+        .request("POST", "/v1/connections/conf/refresh", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let newer = token(&a.daemon, "conf");
+    assert!(
+        eventually(WAIT, || token(&b.daemon, "conf") == newer),
+        "the reconnected daemon takes the other daemon's commit"
+    );
+    assert_eq!(
+        fake.refresh_calls(),
+        calls + 1,
+        "nothing was lost or doubled"
+    );
+    assert_eq!(fake.reuse_violations(), 0);
+    assert!(fake.family_alive("acct-1"));
+    assert_no_secrets(&logs(&[&a, &b]), &fake);
+}

@@ -34,7 +34,18 @@ impl SharedLedger {
     /// A fresh database, or `None` when no PostgreSQL is installed (and
     /// `TOKEND_REQUIRE_POSTGRES` is not set): the test then returns early.
     pub fn new() -> Option<SharedLedger> {
-        let cluster = testpg::shared()?;
+        Some(SharedLedger::on(testpg::shared()?))
+    }
+
+    /// A fresh database in a cluster of the test's own (one it may crash and restart), or
+    /// `None` as in [`SharedLedger::new`].
+    pub fn own_cluster() -> Option<(testpg::Cluster, SharedLedger)> {
+        let cluster = testpg::Cluster::start()?;
+        let ledger = SharedLedger::on(&cluster);
+        Some((cluster, ledger))
+    }
+
+    fn on(cluster: &testpg::Cluster) -> SharedLedger {
         let db = cluster.create_database();
         let dir = tempfile::tempdir().expect("temp dir for the key file");
         let key = dir.path().join("ledger.key");
@@ -44,11 +55,11 @@ impl SharedLedger {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
                 .expect("chmod the key file");
         }
-        Some(SharedLedger {
+        SharedLedger {
             db,
             port: cluster.port(),
             dir,
-        })
+        }
     }
 
     /// The key file every daemon is given.
