@@ -9,7 +9,7 @@
 //! **Architecture Invariant:** an audit event never holds a token: only ids, uids, pids,
 //! routes and counts.
 
-use crate::ledger::Ledger;
+use crate::ledger::AnyLedger;
 use crate::metrics::Metrics;
 use crate::model::{Event, EventKind, EventPeer, StoredEvent, Time};
 use chrono::{DurationRound, Utc};
@@ -72,17 +72,17 @@ pub struct Audit {
     /// Folds dropped because the ledger could not take them and memory was full: logged
     /// once per flush, not once per read.
     dropped: Arc<std::sync::atomic::AtomicU64>,
-    ledger: Ledger,
+    ledger: AnyLedger,
     metrics: Arc<Metrics>,
 }
 
 impl Audit {
     /// An audit trail that writes into `ledger`.
-    pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> Audit {
+    pub fn new(ledger: impl Into<AnyLedger>, metrics: Arc<Metrics>) -> Audit {
         Audit {
             pending: Arc::new(Mutex::new(BTreeMap::new())),
             dropped: Arc::default(),
-            ledger,
+            ledger: ledger.into(),
             metrics,
         }
     }
@@ -195,7 +195,7 @@ impl Audit {
         connection: &str,
         since: Option<Time>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, crate::ledger::LedgerError> {
+    ) -> Result<Vec<StoredEvent>, crate::ledger::AnyError> {
         let mut out = self
             .ledger
             .events(connection.to_owned(), since, limit)
@@ -251,6 +251,7 @@ fn event_of(k: &Key, f: &Fold) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::Ledger;
 
     #[tokio::test]
     async fn reads_fold_per_uid_and_minute_and_flush_in_one_write() {

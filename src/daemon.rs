@@ -11,7 +11,8 @@
 use crate::api::{self, AccessPolicy, ApiState, JobsView};
 use crate::config::{Config, LogFormat};
 use crate::jobs::{JobMonitor, Jobs};
-use crate::ledger::Ledger;
+use crate::ledger::pg::Change;
+use crate::ledger::{AnyLedger, Ledger, PgLedger};
 use crate::metrics::Metrics;
 use crate::provider::Atlassian;
 use crate::refresh::Engine;
@@ -39,6 +40,14 @@ pub const METRICS_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the absolute-expiry warnings run (at start, then daily, as promised to
 /// operators: "a warning is logged daily within 14 days of the deadline").
 pub const ABSOLUTE_WARNING_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// How often a daemon on a shared ledger compares every connection with the ledger, in
+/// case a notification was lost (they are not durable): the fallback behind `LISTEN`.
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a daemon on a shared ledger proves it can write it (`tokend_ledger_up`); a
+/// return of the ledger after a partition is also noticed this way, and caught up on.
+pub const LEDGER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The API's view of the jobs: which are late.
 impl JobsView for JobMonitor {
@@ -181,6 +190,16 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if a.keys != b.keys {
         out.push("daemon.key_file/old_key_files");
     }
+    if a.node_name != b.node_name {
+        out.push("daemon.node_name");
+    }
+    if old.ledger.postgres_url().map(|u| u.expose())
+        != new.ledger.postgres_url().map(|u| u.expose())
+        || old.ledger.is_shared() != new.ledger.is_shared()
+    {
+        out.push("ledger.url");
+    }
+
     if old.refresh.request_timeout != new.refresh.request_timeout {
         out.push("refresh.request_timeout");
     }
@@ -197,6 +216,102 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("providers.atlassian");
     }
     out
+}
+
+/// Keeps memory in step with a shared ledger: a change another daemon announced is
+/// reloaded at once; everything is compared when the listener (re)connects, every
+/// [`RESYNC_INTERVAL`], and when the ledger comes back after being unwritable; the
+/// `tokend_ledger_up` gauge is probed every [`LEDGER_PROBE_INTERVAL`].
+async fn follow_shared_ledger(
+    pg: PgLedger,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut changes = pg.listen();
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probe = tokio::time::interval(LEDGER_PROBE_INTERVAL);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut up = true;
+    metrics.set_ledger_up(true);
+    let reload_all = |why: &'static str| {
+        let engine = engine.clone();
+        async move {
+            match engine.reload_all().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    changed = n,
+                    "took {n} connection change(s) from the shared ledger ({why})"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot re-read the shared ledger ({why})"),
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            change = changes.recv() => match change {
+                Some(Change::Connection(id)) => {
+                    if let Err(e) = engine.reload(&id).await {
+                        tracing::warn!(connection = %id, error = %e, "cannot read a change another daemon made; the next re-read takes it");
+                    }
+                }
+                Some(Change::Resync) => {
+                    tracing::info!("listening for changes on the shared ledger");
+                    reload_all("listener connected").await;
+                }
+                Some(Change::Lost(e)) => {
+                    tracing::warn!(error = %e, "lost the connection listening for changes on the shared ledger; reconnecting");
+                }
+                None => break,
+            },
+            // While the ledger is unwritable the re-read would fail too; its return triggers one.
+            _ = resync.tick(), if up => reload_all("periodic").await,
+            _ = probe.tick() => {
+                let now_up = pg.check_writable().await.is_ok();
+                metrics.set_ledger_up(now_up);
+                if now_up && !up {
+                    tracing::info!("the shared ledger is writable again; catching up");
+                    reload_all("ledger back").await;
+                } else if !now_up && up {
+                    tracing::warn!("the shared ledger cannot be written: serving cached tokens, refreshing nothing until it is back");
+                }
+                up = now_up;
+            }
+        }
+    }
+}
+
+/// Opens the ledger `[ledger]` names: SQLite in the state directory, or the PostgreSQL
+/// server of `ledger.url`. Returns it as the engine's store and as the daemon's ledger.
+async fn open_ledger(
+    config: &Config,
+    node: &str,
+) -> anyhow::Result<(Arc<dyn crate::refresh::Store>, AnyLedger)> {
+    match config.ledger.postgres_url() {
+        None if config.ledger.is_shared() => {
+            anyhow::bail!("the PostgreSQL ledger URL was not read")
+        }
+        None => {
+            let ledger = Ledger::open(&config.daemon.state_dir, &config.daemon.keys)?;
+            ledger.set_node(node)?;
+            tracing::info!(ledger = %ledger.path().display(), node = %node, "ledger open");
+            Ok((Arc::new(ledger.clone()), AnyLedger::Sqlite(ledger)))
+        }
+        Some(url) => {
+            let pg = PgLedger::connect(url.expose(), &config.daemon.keys, &config.daemon.state_dir)
+                .await?;
+            pg.set_node(node);
+            tracing::info!(
+                ledger = %crate::config::masked_url(url.expose()),
+                node = %node,
+                "shared PostgreSQL ledger open"
+            );
+            Ok((Arc::new(pg.clone()), AnyLedger::Postgres(pg)))
+        }
+    }
 }
 
 /// Publishes the job metrics periodically and runs the daily absolute-expiry warnings.
@@ -381,10 +496,8 @@ pub async fn run(
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ledger = Ledger::open(&config.daemon.state_dir, &config.daemon.keys)?;
     let node = config.daemon.node_name.clone().unwrap_or_else(host_name);
-    ledger.set_node(&node)?;
-    tracing::info!(ledger = %ledger.path().display(), node = %node, "ledger open");
+    let (store, ledger) = open_ledger(&config, &node).await?;
     let provider = Atlassian::new(
         config.providers.atlassian.clone(),
         config.refresh.request_timeout,
@@ -400,7 +513,7 @@ pub async fn run(
         crate::notify::Notifier::start(config.notify.command.clone(), config.notify.timeout);
     let metrics = Arc::new(Metrics::new(config.daemon.metrics_per_connection));
     let engine = Engine::load(
-        Arc::new(ledger.clone()),
+        store,
         Arc::new(provider),
         Arc::new(crate::refresh::SystemClock),
         config.refresh.clone(),
@@ -409,6 +522,8 @@ pub async fn run(
     )
     .await
     .context("cannot load the ledger")?;
+    // The holder of this daemon's claims on a shared ledger.
+    engine.set_node_name(node.clone());
     let (active, needs_reauth) = engine.status_counts();
     let monitor = Arc::new(JobMonitor::default());
     let jobs = Jobs::start(
@@ -452,6 +567,15 @@ pub async fn run(
     // Stops after the socket: the last reads are folded in, then written.
     let audit_writer = tokio::spawn(audit.run(stopped()));
     let scheduler = tokio::spawn(engine.clone().run_scheduler(stopped()));
+    let follower = match &ledger {
+        AnyLedger::Postgres(pg) => Some(tokio::spawn(follow_shared_ledger(
+            pg.clone(),
+            engine.clone(),
+            metrics.clone(),
+            stopped(),
+        ))),
+        AnyLedger::Sqlite(_) => None,
+    };
     let watch = tokio::spawn(jobs.watch(stopped()));
     let housekeeping = tokio::spawn(housekeeping(
         engine.clone(),
@@ -498,6 +622,9 @@ pub async fn run(
     }
     let _ = reloader.await;
     let _ = scheduler.await;
+    if let Some(f) = follower {
+        let _ = f.await;
+    }
     if !engine
         .drain(config.refresh.request_timeout + REFRESH_GRACE_EXTRA)
         .await

@@ -8,7 +8,7 @@
 //! period (health turns degraded) and re-arms it by replacing the job in the scheduler.
 
 use crate::config::{CronExpr, JobsConfig};
-use crate::ledger::Ledger;
+use crate::ledger::AnyLedger;
 use crate::model::Time;
 use crate::refresh::{Engine, SiteOutcome};
 use chrono::Utc;
@@ -166,14 +166,14 @@ pub struct Jobs {
     monitor: Arc<JobMonitor>,
     engine: Arc<Engine>,
     /// Housekeeping (`maintenance`) is the ledger's own business, not the engine's.
-    ledger: Ledger,
+    ledger: AnyLedger,
 }
 
 impl Jobs {
     /// Creates and starts the cron scheduler with both jobs.
     pub async fn start(
         engine: Arc<Engine>,
-        ledger: Ledger,
+        ledger: AnyLedger,
         config: &JobsConfig,
         monitor: Arc<JobMonitor>,
     ) -> anyhow::Result<Jobs> {
@@ -300,7 +300,7 @@ impl Jobs {
 }
 
 /// One run of a job; true when it completed.
-pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &Ledger) -> bool {
+pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &AnyLedger) -> bool {
     match kind {
         JobKind::ResolveSites => {
             // Never refreshes: a connection without a valid access token is resolved with

@@ -26,9 +26,10 @@ use parking_lot::RwLock;
 use prometheus::core::Desc;
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
-    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder, register_gauge_vec_with_registry,
+    register_histogram_vec_with_registry, register_histogram_with_registry,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
     register_int_gauge_with_registry,
 };
 use std::future::Future;
@@ -358,6 +359,14 @@ pub struct Metrics {
     audit_writes: IntCounterVec,
     job_last_success: GaugeVec,
     job_period: GaugeVec,
+    /// `tokend_ledger_up`: exported only with a shared (PostgreSQL) ledger, so it is
+    /// registered on its first [`Metrics::set_ledger_up`].
+    ledger_up: std::sync::OnceLock<IntGauge>,
+    /// Claims on chains' refreshes this daemon holds now (a shared ledger; with SQLite every
+    /// attempt holds the always-granted claim for its duration).
+    leases_held: IntGauge,
+    /// Claims or fenced commits refused because another daemon holds or moved the chain.
+    lease_conflicts: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -557,6 +566,19 @@ impl Metrics {
         )
         .expect(VALID);
 
+        let leases_held = register_int_gauge_with_registry!(
+            "tokend_leases_held",
+            "Claims on a chain's refresh this daemon holds now (one per refresh in flight).",
+            r
+        )
+        .expect(VALID);
+        let lease_conflicts = register_int_counter_with_registry!(
+            "tokend_lease_conflicts_total",
+            "Claims or commits refused because another daemon holds or moved the chain.",
+            r
+        )
+        .expect(VALID);
+
         register_int_gauge_with_registry!(
             Opts::new(
                 "tokend_build_info",
@@ -590,7 +612,24 @@ impl Metrics {
             audit_writes,
             job_last_success,
             job_period,
+            ledger_up: std::sync::OnceLock::new(),
+            leases_held,
+            lease_conflicts,
         }
+    }
+
+    /// Whether this daemon can write its shared ledger now (`tokend_ledger_up`, exported
+    /// from the first call on; a SQLite daemon never calls it).
+    pub fn set_ledger_up(&self, up: bool) {
+        let gauge = self.ledger_up.get_or_init(|| {
+            register_int_gauge_with_registry!(
+                "tokend_ledger_up",
+                "1 when this daemon can write the shared (PostgreSQL) ledger, else 0.",
+                self.registry
+            )
+            .expect(VALID)
+        });
+        gauge.set(i64::from(up));
     }
 
     /// Computes the connection gauges from `source` at every scrape from now on (the engine
@@ -604,6 +643,17 @@ impl Metrics {
     pub fn refresh_outcome(&self, outcome: RefreshOutcome, duration: Duration) {
         self.refreshes.with_label_values(&[outcome.as_str()]).inc();
         self.refresh_duration.observe(duration.as_secs_f64());
+    }
+
+    /// One more (`+1`) or one fewer (`-1`) claim held on a chain's refresh.
+    pub fn lease_held(&self, delta: i64) {
+        self.leases_held.add(delta);
+    }
+
+    /// Counts a claim or fenced commit refused because another daemon holds or moved the
+    /// chain.
+    pub fn lease_conflict(&self) {
+        self.lease_conflicts.inc();
     }
 
     /// Counts a token request on the socket API.
@@ -798,6 +848,8 @@ mod tests {
         "tokend_site_resolutions_total",
         "tokend_job_last_success_timestamp_seconds",
         "tokend_build_info",
+        "tokend_leases_held",
+        "tokend_lease_conflicts_total",
     ];
 
     /// The value of the sample line `series` (name plus labels, exactly as rendered).
@@ -930,6 +982,8 @@ mod tests {
             "gauge"
         ));
         assert!(has_type(&t, "tokend_build_info", "gauge"));
+        assert!(has_type(&t, "tokend_leases_held", "gauge"));
+        assert!(has_type(&t, "tokend_lease_conflicts_total", "counter"));
 
         for s in ["active", "needs_reauth"] {
             assert_eq!(

@@ -82,6 +82,7 @@ pub struct Config {
     pub refresh: RefreshConfig,
     pub jobs: JobsConfig,
     pub notify: NotifyConfig,
+    pub ledger: LedgerConfig,
     pub access: AccessConfig,
     pub providers: ProvidersConfig,
 }
@@ -135,7 +136,17 @@ pub struct RefreshConfig {
     /// Retry delays after transient failures; `backoff_min <= backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long a claim on one chain's refresh lasts (`ledger.lease`, [`DEFAULT_LEASE`] until
+    /// that key is read): a shared ledger lets one daemon at a time refresh a chain, and a
+    /// daemon that stopped (paused, partitioned) loses its claim after this. It must exceed
+    /// `request_timeout`, since a refresh request is sent only while the claim has at least
+    /// that long left. A SQLite ledger grants every claim, so it changes nothing there.
+    pub lease: Duration,
 }
+
+/// `ledger.lease` by default (INTERFACE.md): twice the default `request_timeout`, so that a
+/// claim renewed just before the request still covers it with room for the commit.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// `[jobs]`: cron schedules.
 #[derive(Clone, Debug)]
@@ -208,6 +219,86 @@ pub struct NotifyConfig {
     /// Command run on lifecycle events; `None` for `command = ""`.
     pub command: Option<String>,
     pub timeout: Duration,
+}
+
+/// `[ledger]`: where the ledger lives.
+#[derive(Clone, Debug)]
+pub struct LedgerConfig {
+    /// SQLite in the state directory (the default), or a PostgreSQL server shared by
+    /// several daemons.
+    pub backend: LedgerBackend,
+    /// How long a daemon's claim on one chain's refresh lasts (PostgreSQL); longer than
+    /// `refresh.request_timeout`, so that a claim never lapses under a request in flight.
+    pub lease: Duration,
+}
+
+/// Which ledger `[ledger]` names.
+#[derive(Clone, Debug)]
+pub enum LedgerBackend {
+    /// `ledger.url = ""`: SQLite at `<state_dir>/ledger.db`.
+    Sqlite,
+    /// A `postgres://` or `postgresql://` URL.
+    Postgres {
+        /// The URL, which may hold a password: a [`Secret`], so that no `Debug` shows it.
+        /// `None` when it sits in `url_file` and this process does not read secrets
+        /// ([`Config::load_for_client`]).
+        url: Option<Secret>,
+        /// Where the URL was written: the config file itself, or `ledger.url_file`.
+        source: LedgerUrlSource,
+    },
+}
+
+/// Where a PostgreSQL URL comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerUrlSource {
+    /// `ledger.url` in the config file.
+    Inline,
+    /// `ledger.url_file` (absolute path).
+    File(PathBuf),
+}
+
+impl LedgerConfig {
+    /// The PostgreSQL URL when the ledger is PostgreSQL and the URL was read.
+    pub fn postgres_url(&self) -> Option<&Secret> {
+        match &self.backend {
+            LedgerBackend::Postgres { url, .. } => url.as_ref(),
+            LedgerBackend::Sqlite => None,
+        }
+    }
+
+    /// Whether several daemons may share this ledger (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, LedgerBackend::Postgres { .. })
+    }
+}
+
+/// A PostgreSQL URL with its password (if any) replaced by `***`, for `check-config` and
+/// logs. A URL that does not parse is not shown at all (it might be all password).
+pub fn masked_url(url: &str) -> String {
+    match Url::parse(url.trim()) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            // A password can also sit in the query (`?password=`).
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".to_owned(),
+    }
 }
 
 /// `[access]`.
@@ -334,6 +425,7 @@ impl std::error::Error for ConfigError {}
 // ---------------------------------------------------------------------------------------------
 
 /// The injected secret look-ups; `None` in client mode, where secrets are never read.
+#[derive(Clone, Copy)]
 pub(super) struct SecretReaders<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,

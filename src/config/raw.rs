@@ -21,6 +21,7 @@ pub(super) struct RawConfig {
     pub(super) refresh: RawRefresh,
     pub(super) jobs: RawJobs,
     pub(super) notify: RawNotify,
+    pub(super) ledger: RawLedger,
     pub(super) access: RawAccess,
     pub(super) providers: RawProviders,
 }
@@ -38,6 +39,14 @@ pub(super) struct RawDaemon {
     pub(super) key_file: At<String>,
     pub(super) old_key_files: At<Vec<Spanned<String>>>,
     pub(super) node_name: At<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLedger {
+    pub(super) url: At<String>,
+    pub(super) url_file: At<String>,
+    pub(super) lease: At<String>,
 }
 
 #[derive(Deserialize, Default)]

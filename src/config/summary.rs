@@ -4,7 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{CLIENT_SECRET_ENV, Config, LogFormat, SecretSource};
+use super::{
+    CLIENT_SECRET_ENV, Config, LedgerBackend, LedgerUrlSource, LogFormat, SecretSource, masked_url,
+};
 use crate::model::JobKind;
 
 impl Config {
@@ -86,6 +88,31 @@ impl Config {
         let _ = writeln!(s, "request_timeout = {}", dur(r.request_timeout));
         let _ = writeln!(s, "backoff_min = {}", dur(r.backoff_min));
         let _ = writeln!(s, "backoff_max = {}", dur(r.backoff_max));
+        let _ = writeln!(s);
+        let _ = writeln!(s, "[ledger]");
+        match &self.ledger.backend {
+            LedgerBackend::Sqlite => {
+                let _ = writeln!(
+                    s,
+                    "url = SQLite at {}",
+                    d.state_dir.join("ledger.db").display()
+                );
+            }
+            LedgerBackend::Postgres { url, source } => {
+                let shown = url
+                    .as_ref()
+                    .map_or_else(|| "not read".to_owned(), |u| masked_url(u.expose()));
+                match source {
+                    LedgerUrlSource::Inline => {
+                        let _ = writeln!(s, "url = {shown}");
+                    }
+                    LedgerUrlSource::File(p) => {
+                        let _ = writeln!(s, "url = {shown} (from file {})", p.display());
+                    }
+                }
+                let _ = writeln!(s, "lease = {}", dur(self.ledger.lease));
+            }
+        }
         let _ = writeln!(s);
         let _ = writeln!(s, "[jobs]");
         for kind in JobKind::ALL {

@@ -697,3 +697,148 @@ fn lines_come_from_the_parser_in_every_form() {
     assert_eq!(e.key.as_deref(), Some("daemon.socket_path"), "{e}");
     assert_eq!(e.line, None, "{e}");
 }
+
+#[test]
+fn ledger_defaults_to_sqlite_and_a_sixty_second_lease() {
+    let c = parse("").unwrap();
+    assert!(matches!(c.ledger.backend, LedgerBackend::Sqlite));
+    assert!(!c.ledger.is_shared());
+    assert_eq!(c.ledger.lease, Duration::from_secs(60));
+    assert_eq!(c.refresh.lease, DEFAULT_LEASE);
+    // A SQLite user's long request timeout is not measured against the (unused) lease.
+    let c = parse("[refresh]\nrequest_timeout = \"2m\"\n").unwrap();
+    assert!(matches!(c.ledger.backend, LedgerBackend::Sqlite));
+    assert!(
+        c.summary()
+            .contains("url = SQLite at /etc/tokend/state/ledger.db")
+    );
+}
+
+#[test]
+fn postgres_url_inline_is_kept_secret_and_masked() {
+    let text = "[daemon]\nkey_file = \"/etc/tokend/ledger.key\"\n[ledger]\n\
+                url = \"postgres://tokend:hunter2@db.example:5432/tokend?sslmode=verify-full\"\n";
+    let c = parse(text).unwrap();
+    assert!(c.ledger.is_shared());
+    assert_eq!(
+        c.ledger.postgres_url().unwrap().expose(),
+        "postgres://tokend:hunter2@db.example:5432/tokend?sslmode=verify-full"
+    );
+    assert!(!format!("{c:?}").contains("hunter2"));
+    let summary = c.summary();
+    assert!(!summary.contains("hunter2"), "{summary}");
+    assert!(
+        summary.contains("url = postgres://tokend:***@db.example:5432/tokend?sslmode=verify-full"),
+        "{summary}"
+    );
+    assert!(summary.contains("lease = 1m"), "{summary}");
+    // `postgresql://` is the other spelling.
+    let text = "[daemon]\nkey_file = \"k\"\n[ledger]\nurl = \"postgresql://h/db\"\n";
+    assert!(parse(text).unwrap().ledger.is_shared());
+}
+
+#[test]
+fn masked_url_hides_a_password_in_the_query_too() {
+    let m = masked_url("postgres://u@h/db?password=hunter2&sslmode=require");
+    assert!(!m.contains("hunter2"), "{m}");
+    assert!(m.contains("sslmode=require"), "{m}");
+    assert_eq!(masked_url("postgres://u:p@h/db"), "postgres://u:***@h/db");
+    assert_eq!(masked_url("hunter2"), "(not a URL)");
+}
+
+#[test]
+fn postgres_url_from_file_is_read_and_never_printed() {
+    let text = "[daemon]\nkey_file = \"/k\"\n[ledger]\nurl_file = \"pg.url\"\n";
+    let read = |p: &Path| {
+        assert_eq!(p, Path::new("/etc/tokend/pg.url"));
+        Ok("postgres://u:hunter2@h/db\n".to_owned())
+    };
+    let c = Config::parse(text, Path::new("/etc/tokend/daemon.toml"), &no_env, &read).unwrap();
+    assert_eq!(
+        c.ledger.postgres_url().unwrap().expose(),
+        "postgres://u:hunter2@h/db"
+    );
+    let summary = c.summary();
+    assert!(!summary.contains("hunter2"), "{summary}");
+    assert!(
+        summary.contains("url = postgres://u:***@h/db (from file /etc/tokend/pg.url)"),
+        "{summary}"
+    );
+    // A client never reads it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("daemon.toml");
+    std::fs::write(&path, text).unwrap();
+    let c = Config::load_for_client(&path).unwrap();
+    assert!(c.ledger.is_shared());
+    assert!(c.ledger.postgres_url().is_none());
+}
+
+#[test]
+fn bad_ledger_urls_name_key_and_line_without_quoting_the_url() {
+    let e = parse("[daemon]\nkey_file = \"/k\"\n[ledger]\nurl = \"mysql://u:hunter2@h/db\"\n");
+    let e = e.unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("ledger.url"));
+    assert_eq!(e.line, Some(4));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert!(e.message.contains("postgres://"), "{e}");
+
+    let e = parse_err("[daemon]\nkey_file = \"/k\"\n[ledger]\nurl = \"hunter2\"\n");
+    assert_eq!(e.key.as_deref(), Some("ledger.url"));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    let read = |_: &Path| Ok("http://u:hunter2@h/db".to_owned());
+    let text = "[daemon]\nkey_file = \"/k\"\n[ledger]\n\n url_file = \"/u\"\n";
+    let e = Config::parse(text, Path::new("/etc/tokend/daemon.toml"), &no_env, &read).unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("ledger.url_file"));
+    assert_eq!(e.line, Some(5));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+
+    let read = |_: &Path| Ok(" \n".to_owned());
+    let e = Config::parse(text, Path::new("/etc/tokend/daemon.toml"), &no_env, &read).unwrap_err();
+    assert!(e.message.contains("is empty"), "{e}");
+
+    let read = |_: &Path| Err(io::Error::from(io::ErrorKind::PermissionDenied));
+    let e = Config::parse(text, Path::new("/etc/tokend/daemon.toml"), &no_env, &read).unwrap_err();
+    assert!(e.message.contains("cannot read ledger URL file /u"), "{e}");
+
+    let e = parse_err("[ledger]\nurl = \"postgres://h/db\"\nurl_file = \"/u\"\n");
+    assert_eq!(e.key.as_deref(), Some("ledger.url_file"));
+    assert_eq!(e.line, Some(3));
+}
+
+#[test]
+fn postgres_ledger_needs_an_explicit_key_file() {
+    let e = parse_err("[ledger]\nurl = \"postgres://h/db\"\n");
+    assert_eq!(e.key.as_deref(), Some("ledger.url"));
+    assert_eq!(e.line, Some(2));
+    assert!(e.message.contains("daemon.key_file"), "{e}");
+    // An empty key_file is the default key file, not an explicit one.
+    let e = parse_err("[daemon]\nkey_file = \"\"\n[ledger]\nurl = \"postgres://h/db\"\n");
+    assert!(e.message.contains("daemon.key_file"), "{e}");
+}
+
+#[test]
+fn lease_must_exceed_the_request_timeout() {
+    let base = "[daemon]\nkey_file = \"/k\"\n[ledger]\nurl = \"postgres://h/db\"\n";
+    let e = parse_err(&format!("{base}lease = \"30s\"\n"));
+    assert_eq!(e.key.as_deref(), Some("ledger.lease"));
+    assert_eq!(e.line, Some(5));
+    assert!(e.message.contains("refresh.request_timeout (30s)"), "{e}");
+    // Only the request timeout written: the error points at it.
+    let e = parse_err(&format!("{base}[refresh]\nrequest_timeout = \"90s\"\n"));
+    assert_eq!(e.key.as_deref(), Some("refresh.request_timeout"));
+    assert_eq!(e.line, Some(6));
+    let c = parse(&format!(
+        "{base}lease = \"2s\"\n[refresh]\nrequest_timeout = \"1s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.ledger.lease, Duration::from_secs(2));
+    assert_eq!(
+        c.refresh.lease, c.ledger.lease,
+        "the engine claims for ledger.lease"
+    );
+    let e = parse_err(&format!("{base}lease = \"0s\"\n"));
+    assert_eq!(e.key.as_deref(), Some("ledger.lease"));
+    let e = parse_err("[ledger]\nleases = \"1m\"\n");
+    assert_eq!(e.key.as_deref(), Some("ledger.leases"));
+}

@@ -11,14 +11,14 @@ use url::Url;
 use toml::Spanned;
 
 use super::raw::{
-    At, RawAccess, RawAtlassian, RawConfig, RawDaemon, RawJobs, RawNotify, RawRefresh,
+    At, RawAccess, RawAtlassian, RawConfig, RawDaemon, RawJobs, RawLedger, RawNotify, RawRefresh,
     line_of_offset,
 };
 use super::summary::format_duration;
 use super::{
     AccessConfig, AtlassianConfig, CLIENT_SECRET_ENV, ClientAccess, Config, ConfigError, CronExpr,
-    DaemonConfig, JobsConfig, LogFormat, NotifyConfig, ProvidersConfig, RefreshConfig,
-    SecretReaders, SecretSource, normalize,
+    DaemonConfig, JobsConfig, LedgerBackend, LedgerConfig, LedgerUrlSource, LogFormat,
+    NotifyConfig, ProvidersConfig, RefreshConfig, SecretReaders, SecretSource, normalize,
 };
 use crate::model::JobKind;
 use crate::secret::Secret;
@@ -62,6 +62,8 @@ const DEFAULT_BACKOFF_MAX: &str = "30m";
 const DEFAULT_RESOLVE_SITES_CRON: &str = "0 0 * * * *";
 /// Ledger housekeeping daily at 03:30, a quiet hour.
 const DEFAULT_MAINTENANCE_CRON: &str = "0 30 3 * * *";
+/// The URL schemes of a PostgreSQL ledger (both spellings libpq accepts).
+const POSTGRES_SCHEMES: &[&str] = &["postgres", "postgresql"];
 /// A notify command that hangs is killed after this long, so events do not pile up.
 const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
 /// `offline_access` is what makes Atlassian issue a refresh token at all.
@@ -142,10 +144,28 @@ impl Validator<'_> {
         path: PathBuf,
         secrets: Option<SecretReaders<'_>>,
     ) -> Result<Config, ConfigError> {
+        let request_timeout_at = span(&raw.refresh.request_timeout);
+        let key_file_written = raw
+            .daemon
+            .key_file
+            .as_ref()
+            .is_some_and(|k| !k.get_ref().trim().is_empty());
+        let daemon = self.daemon(raw.daemon)?;
+        let mut refresh = self.refresh(raw.refresh)?;
+        let ledger = self.ledger(
+            raw.ledger,
+            secrets,
+            &refresh,
+            request_timeout_at,
+            key_file_written,
+        )?;
+        // The engine claims chains for `ledger.lease` (a SQLite ledger grants every claim).
+        refresh.lease = ledger.lease;
         Ok(Config {
             path,
-            daemon: self.daemon(raw.daemon)?,
-            refresh: self.refresh(raw.refresh)?,
+            daemon,
+            refresh,
+            ledger,
             jobs: self.jobs(raw.jobs)?,
             notify: self.notify(raw.notify)?,
             access: self.access(raw.access)?,
@@ -383,7 +403,135 @@ impl Validator<'_> {
             request_timeout,
             backoff_min,
             backoff_max,
+            lease: super::DEFAULT_LEASE,
         })
+    }
+
+    /// `[ledger]`: SQLite unless a PostgreSQL URL is given (in the file or in `url_file`);
+    /// a PostgreSQL ledger needs an explicit `daemon.key_file` (every daemon on it must
+    /// seal with the same key) and a lease longer than `refresh.request_timeout`.
+    fn ledger(
+        &self,
+        raw: RawLedger,
+        secrets: Option<SecretReaders<'_>>,
+        refresh: &RefreshConfig,
+        request_timeout_at: Option<Range<usize>>,
+        key_file_written: bool,
+    ) -> Result<LedgerConfig, ConfigError> {
+        let default_lease = format_duration(super::DEFAULT_LEASE);
+        let lease = self.duration("ledger.lease", &raw.lease, &default_lease)?;
+        let url_at = span(&raw.url);
+        let url_text = text_or(&raw.url, "").trim();
+        let file_at = span(&raw.url_file);
+        let file_text = text_or(&raw.url_file, "").trim();
+        let backend = match (url_text.is_empty(), file_text.is_empty()) {
+            (true, true) => LedgerBackend::Sqlite,
+            (false, false) => {
+                return Err(self.err(
+                    "ledger.url_file",
+                    file_at,
+                    "set either ledger.url or ledger.url_file, not both",
+                ));
+            }
+            (false, true) => {
+                self.postgres_url("ledger.url", url_at.clone(), url_text)?;
+                LedgerBackend::Postgres {
+                    url: Some(Secret::new(url_text)),
+                    source: LedgerUrlSource::Inline,
+                }
+            }
+            (true, false) => {
+                let file = self.path("ledger.url_file", file_text, file_at.clone())?;
+                let url = match secrets {
+                    None => None,
+                    Some(readers) => {
+                        let content = (readers.read_file)(&file).map_err(|e| {
+                            self.err(
+                                "ledger.url_file",
+                                file_at.clone(),
+                                format!("cannot read ledger URL file {}: {e}", file.display()),
+                            )
+                        })?;
+                        let url = content.trim();
+                        if url.is_empty() {
+                            return Err(self.err(
+                                "ledger.url_file",
+                                file_at,
+                                format!("ledger URL file {} is empty", file.display()),
+                            ));
+                        }
+                        self.postgres_url("ledger.url_file", file_at.clone(), url)?;
+                        Some(Secret::new(url))
+                    }
+                };
+                LedgerBackend::Postgres {
+                    url,
+                    source: LedgerUrlSource::File(file),
+                }
+            }
+        };
+        if matches!(backend, LedgerBackend::Postgres { .. }) {
+            if !key_file_written {
+                let (key, at) = if url_at.is_some() {
+                    ("ledger.url", url_at)
+                } else {
+                    ("ledger.url_file", file_at)
+                };
+                return Err(self.err(
+                    key,
+                    at,
+                    "a PostgreSQL ledger needs daemon.key_file: every daemon on one ledger                      seals tokens with the same key, so give each of them a copy of one key                      file (64 hex digits; a SQLite daemon's is <state_dir>/ledger.key)",
+                ));
+            }
+            if lease <= refresh.request_timeout {
+                let (key, at) = if raw.lease.is_some() || request_timeout_at.is_none() {
+                    ("ledger.lease", span(&raw.lease))
+                } else {
+                    ("refresh.request_timeout", request_timeout_at)
+                };
+                return Err(self.err(
+                    key,
+                    at,
+                    format!(
+                        "ledger.lease ({}) must exceed refresh.request_timeout ({}): a claim \
+                         must outlive a refresh request in flight",
+                        format_duration(lease),
+                        format_duration(refresh.request_timeout)
+                    ),
+                ));
+            }
+        }
+        Ok(LedgerConfig { backend, lease })
+    }
+
+    /// Checks that `text` is a PostgreSQL URL; the error never quotes it (it may hold a
+    /// password).
+    fn postgres_url(
+        &self,
+        key: &str,
+        at: Option<Range<usize>>,
+        text: &str,
+    ) -> Result<(), ConfigError> {
+        match Url::parse(text) {
+            Ok(u) if POSTGRES_SCHEMES.contains(&u.scheme()) => Ok(()),
+            Ok(u) => Err(self.err(
+                key,
+                at,
+                format!(
+                    "the ledger URL's scheme is {:?}: expected postgres:// or postgresql:// \
+                     (or \"\" for the SQLite ledger in state_dir)",
+                    u.scheme()
+                ),
+            )),
+            Err(e) => Err(self.err(
+                key,
+                at,
+                format!(
+                    "not a URL ({e}): expected e.g. \
+                     \"postgres://tokend@db.example:5432/tokend?sslmode=verify-full\""
+                ),
+            )),
+        }
     }
 
     fn jobs(&self, raw: RawJobs) -> Result<JobsConfig, ConfigError> {

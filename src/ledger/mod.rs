@@ -11,10 +11,12 @@
 //! **Architecture Invariant:** the `events` table is append-only (a trigger refuses updates)
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
+mod any;
 pub(crate) mod migrate;
 pub(crate) mod pg;
 pub mod seal;
 
+pub use any::{AnyError, AnyLedger};
 pub use pg::{Fence, PgError, PgLedger};
 
 use crate::model::{

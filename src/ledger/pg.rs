@@ -24,6 +24,7 @@
 //! reported by its message and SQLSTATE only (its DETAIL can quote a row), and the URL is
 //! never quoted.
 
+mod listen;
 mod tls;
 
 use super::seal::{self, KeySource, Keyring};
@@ -42,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
+pub use listen::Change;
 pub use tls::{PASSWORD_PLACEHOLDER, SslMode, with_password_placeholder};
 
 /// Connections kept open to the server. A daemon's writes are few (one per refresh, batches
@@ -351,6 +353,8 @@ struct Inner {
     keys: Keyring,
     /// This daemon's name for the events it records (`daemon.node_name`), once set.
     node: RwLock<Option<String>>,
+    /// Where [`PgLedger::listen`] opens its own connection (outside the pool).
+    listen: listen::ListenTarget,
 }
 
 impl PgLedger {
@@ -403,11 +407,17 @@ impl PgLedger {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = if target.mode == SslMode::Disable {
-            Manager::from_config(target.config.clone(), tokio_postgres::NoTls, manager_config)
+        let (manager, tls) = if target.mode == SslMode::Disable {
+            (
+                Manager::from_config(target.config.clone(), tokio_postgres::NoTls, manager_config),
+                None,
+            )
         } else {
             let tls = tls::connector(&target)?;
-            Manager::from_config(target.config.clone(), tls, manager_config)
+            (
+                Manager::from_config(target.config.clone(), tls.clone(), manager_config),
+                Some(tls),
+            )
         };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -422,6 +432,10 @@ impl PgLedger {
                 pool,
                 keys,
                 node: RwLock::new(None),
+                listen: listen::ListenTarget {
+                    config: target.config.clone(),
+                    tls,
+                },
             }),
         })
     }
@@ -708,6 +722,14 @@ impl PgLedger {
     /// Proves the ledger takes a write now.
     pub async fn check_writable(&self) -> Result<(), PgError> {
         self.tx(CheckWritable).await
+    }
+
+    /// Listens for the changes other daemons commit (see [`listen`]): on a dedicated
+    /// connection outside the pool, reconnecting by itself, until the receiver is dropped.
+    /// Changes this daemon's node (set with [`PgLedger::set_node`] before) wrote are left
+    /// out.
+    pub fn listen(&self) -> tokio::sync::mpsc::Receiver<Change> {
+        listen::start(self.inner.listen.clone(), self.node())
     }
 
     /// Claims the refresh of chain `id` for `holder` for `lease` (by the database's clock):
@@ -997,7 +1019,8 @@ impl AsyncTxFn<()> for Insert {
                 &events,
                 node.as_deref(),
             )
-            .await
+            .await?;
+            announce(tx, &rec.conn.id, node.as_deref()).await
         })
     }
 }
@@ -1045,7 +1068,8 @@ impl AsyncTxFn<()> for SaveChain {
                 &self.events,
                 self.node.as_deref(),
             )
-            .await
+            .await?;
+            announce(tx, &id, self.node.as_deref()).await
         })
     }
 }
@@ -1081,7 +1105,8 @@ impl AsyncTxFn<()> for SetAccount {
                 &self.events,
                 self.node.as_deref(),
             )
-            .await
+            .await?;
+            announce(tx, &self.id, self.node.as_deref()).await
         })
     }
 }
@@ -1126,7 +1151,9 @@ impl AsyncTxFn<()> for Merge {
                 node,
             )
             .await?;
-            append_events(tx, Some(&self.merged.conn.id), at, &self.events, node).await
+            append_events(tx, Some(&self.merged.conn.id), at, &self.events, node).await?;
+            announce(tx, &self.from, node).await?;
+            announce(tx, &self.merged.conn.id, node).await
         })
     }
 }
@@ -1192,6 +1219,7 @@ impl AsyncTxFn<bool> for Delete {
                     self.node.as_deref(),
                 )
                 .await?;
+                announce(tx, &self.id, self.node.as_deref()).await?;
             }
             Ok(n > 0)
         })
@@ -1418,6 +1446,20 @@ impl AsyncTxFn<bool> for Release {
 /// Makes this transaction's commit wait for the server's WAL flush whatever the server's
 /// default: a rotated token is durable when the commit returns. (`SET LOCAL`: it ends with
 /// the transaction, so nothing leaks into a pooled session.)
+/// Tells the other daemons, when this transaction commits, that connection `id` changed.
+async fn announce(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+    node: Option<&str>,
+) -> Result<(), PgError> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&listen::CHANNEL, &listen::payload(id, node)],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn durable(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
     tx.batch_execute("SET LOCAL synchronous_commit = on")
         .await?;

@@ -6,11 +6,27 @@
 //! 1. a chain change held uncommitted (the store failed earlier) is committed first, or
 //!    nothing else happens;
 //! 2. the gates: `needs_reauth`, backoff / `Retry-After`, a provider that is not configured;
-//! 3. a `max_concurrent` permit, by urgency;
+//! 3. a `max_concurrent` permit, by urgency, then the chain's **claim** (`Store::claim`,
+//!    holder = `daemon.node_name`, for `lease`): at most one refresh per chain in flight
+//!    across daemons sharing a ledger. A claim another daemon holds ends the attempt as a
+//!    retry (`Skip::ClaimedElsewhere`: the store's chain is reloaded, the chain looked at
+//!    again after that claim's lease), never as a failure of the chain. On a shared store
+//!    the chain is reloaded under the claim, and an attempt whose work another daemon did
+//!    meanwhile ends there;
 //! 4. the attempt marker is committed before the token leaves the process (no marker, no
-//!    request);
-//! 5. the provider call, and the commit of what it answered (compare-and-swap on the chain
-//!    version) before anything may use the new access token.
+//!    request); on a shared store it is written even when already set, so that every
+//!    presentation of a token is preceded by a new chain version;
+//! 5. the claim is renewed, and the request goes out only while it has at least
+//!    `request_timeout` left (else `Skip::LeaseShort`, a retry); then the provider call,
+//!    and the commit of what it answered (compare-and-swap on the chain version, fenced by
+//!    the claim: `Store::save_chain_fenced`, after renewing it once more) before anything
+//!    may use the new access token. A fenced commit refused after the provider answered is
+//!    resolved by `after_conflict` (its docs give the reasoning). The claim is released at
+//!    the end of the attempt (`FlightGuard`, also when the attempt panics or is aborted; a
+//!    release that is lost just lapses).
+//!
+//! With SQLite (one daemon per ledger) every claim is granted, and none of the shared-store
+//! steps (reload, marker rewrite, lease checks, the call's own timeout) happen.
 //!
 //! Its result is an [`Outcome`]; [`settle`] derives from it, in one `match`, the in-memory
 //! state, the logs, the notifications and whether sites are to be resolved; the caller
@@ -22,6 +38,7 @@ use super::plan::Urgency;
 use super::{
     Engine, Failure, Held, Need, Slot, SlotState, StoreError, needs_reauth_failure, satisfies,
 };
+use crate::ledger::Fence;
 use crate::metrics::RefreshOutcome;
 use crate::model::{AccessToken, Event, EventKind, LastError, Record, Status};
 use crate::notify::Kind;
@@ -36,6 +53,21 @@ use tokio::time::Instant;
 
 /// The shortest wait before retrying an unknown outcome: room for the provider to recover.
 const AMBIGUOUS_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// After a claim refused because another daemon holds it, look again this long after the
+/// other claim ends at the latest (`lease` from now): room for its release or expiry to
+/// reach the store.
+const CLAIM_RECHECK_SLACK: Duration = Duration::from_secs(1);
+
+/// How often a caller waiting for another daemon's refresh of a chain reads the store.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
+
+/// The claim an attempt holds on its chain's refresh (`SlotState::claim`).
+#[derive(Clone, Debug)]
+pub(crate) struct Claim {
+    /// What the store granted: every write under the claim carries it.
+    fence: Fence,
+}
 
 /// What one attempt did. Each variant says when it happens.
 #[derive(Debug)]
@@ -138,6 +170,16 @@ pub(crate) enum Skip {
     ShuttingDown,
     /// A merge could not be stored; both connections stay as they were.
     MergeFailed(String),
+    /// Another daemon holds the chain's claim: it is refreshing the chain, and what it
+    /// commits is what this daemon serves. Not a failure of the chain.
+    ClaimedElsewhere {
+        /// The store's record, reloaded (`None` when it could not be read).
+        current: Option<Box<Record>>,
+        /// When to look again: shortly after the other claim ends at the latest.
+        wait: Duration,
+    },
+    /// The claim has less than `request_timeout` left: no request now, a retry soon.
+    LeaseShort(Duration),
 }
 
 /// One attempt. Runs on an engine task; see the module docs for the order.
@@ -158,7 +200,7 @@ pub(crate) async fn run(
     };
     if stale {
         // Memory may be behind the store: take the store's chain first.
-        match engine.store.load(id).await {
+        match engine.store.load(id.clone()).await {
             Ok(Some(current)) => {
                 let mut st = slot.lock();
                 engine.adopt(&mut st, &current);
@@ -168,18 +210,19 @@ pub(crate) async fn run(
             Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
         }
     }
-    let (rec, held, not_before, provider_asked) = {
+    let (mut rec, held, not_before, provider_asked, claim_wait) = {
         let st = slot.lock();
         (
             st.rec.clone(),
             st.held.clone(),
             st.not_before,
             st.provider_asked,
+            st.claim_wait,
         )
     };
     // 1. A held change first.
     if let Some(held) = held {
-        return commit_held(engine, held).await;
+        return commit_held(engine, slot, held).await;
     }
     // 2. Gates.
     // A `needs_reauth` chain is not tried again unless forced, or unless an earlier forced
@@ -196,6 +239,7 @@ pub(crate) async fn run(
     if let Some(nb) = not_before
         && nb > Instant::now()
         && (need != Need::Forced || provider_asked)
+        && !(claim_wait && matches!(need, Need::Lifetime(_)))
     {
         let message = rec
             .conn
@@ -240,9 +284,42 @@ pub(crate) async fn run(
     let Ok(_permit) = permit else {
         return Outcome::Skipped(Skip::ShuttingDown);
     };
-    // 4. The marker, durably, before the token leaves the process.
+    // 3b. The claim: at most one refresh of the chain in flight across daemons.
+    let shared = engine.store.shared();
+    let budget = engine.settings().request_timeout;
+    match take_claim(engine, slot, &id).await {
+        Ok(Some(until)) if shared && left(until) < budget => {
+            return Outcome::Skipped(Skip::LeaseShort(left(until)));
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            // Waiting for another daemon's commit takes no permit from this one's chains.
+            drop(_permit);
+            return claimed_elsewhere(engine, &id, need).await;
+        }
+        Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
+    }
+    if shared {
+        // Another daemon may have moved the chain (or done this very work) meanwhile.
+        match engine.store.load(id.clone()).await {
+            Ok(Some(current)) => {
+                let mut st = slot.lock();
+                engine.adopt(&mut st, &current);
+                st.stale = false;
+                rec = st.rec.clone();
+                if let Some(skip) = done_meanwhile(engine, &st, need) {
+                    return Outcome::Skipped(skip);
+                }
+            }
+            Ok(None) => return Outcome::Superseded { current: None },
+            Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
+        }
+    }
+    // 4. The marker, durably, before the token leaves the process. On a shared store a
+    // marker already set is written again (same instant, next version), so that whoever
+    // wrote the chain after this attempt is seen by its commit (see `after_conflict`).
     let marked_before = rec.chain.attempt_started_at.is_some();
-    let base = if marked_before {
+    let base = if marked_before && !shared {
         let age = age_of(engine, rec.chain.attempt_started_at);
         if age > REUSE_LEEWAY.saturating_sub(LEEWAY_SAFETY_MARGIN) {
             // The stored token is the only one tokend has: if the provider never saw the
@@ -257,13 +334,11 @@ pub(crate) async fn run(
         rec
     } else {
         let mut marked = rec.clone();
-        marked.chain.attempt_started_at = Some(engine.now());
+        if !marked_before {
+            marked.chain.attempt_started_at = Some(engine.now());
+        }
         marked.chain.version += 1;
-        if let Err(e) = engine
-            .store
-            .save_chain(marked.clone(), rec.chain.version, vec![])
-            .await
-        {
+        if let Err(e) = save(engine, slot, marked.clone(), rec.chain.version, vec![]).await {
             return match e {
                 StoreError::Conflict(_) => superseded(engine, &rec.conn.id).await,
                 e => Outcome::Skipped(Skip::StoreDown(e.to_string())),
@@ -272,10 +347,13 @@ pub(crate) async fn run(
         engine.adopt(&mut slot.lock(), &marked);
         marked
     };
+    if shared && let Some(skip) = lease_for_request(engine, slot, &id).await {
+        return skip;
+    }
     // 5. The provider, then the commit.
     tracing::debug!(connection = %base.conn.id, "refreshing");
     let started = Instant::now();
-    let result = engine.provider.refresh(&base.chain.refresh_token).await;
+    let result = present(engine, &base.chain.refresh_token).await;
     engine.metrics.refresh_outcome(
         match &result {
             Ok(_) | Err(ProviderError::Partial { .. }) => RefreshOutcome::Success,
@@ -285,7 +363,7 @@ pub(crate) async fn run(
         started.elapsed(),
     );
     match result {
-        Ok(grant) => commit_grant(engine, base, grant.into(), true).await,
+        Ok(grant) => commit_grant(engine, slot, base, grant.into(), true).await,
         Err(ProviderError::Partial {
             refresh_token,
             message,
@@ -297,16 +375,231 @@ pub(crate) async fn run(
                 expires_in: None,
                 scopes: None,
             };
-            commit_grant(engine, base, answer, true).await
+            commit_grant(engine, slot, base, answer, true).await
         }
         Err(ProviderError::Rejected { code, description }) => {
-            if let Some(outcome) = try_previous(engine, &base).await {
+            if let Some(outcome) = try_previous(engine, slot, &base).await {
                 return outcome;
             }
-            reject(engine, base, code, description).await
+            reject(engine, slot, base, code, description).await
         }
-        Err(e) => retry_later(engine, base, e, marked_before).await,
+        Err(e) => retry_later(engine, slot, base, e, marked_before).await,
     }
+}
+
+/// How long is left until `until`.
+fn left(until: Instant) -> Duration {
+    until.saturating_duration_since(Instant::now())
+}
+
+/// Claims the chain's refresh for this engine (or re-claims it: the store grants a holder's
+/// own claim again, with a new fence) and keeps the claim in the slot. Returns the instant
+/// by which the claim has lapsed at the latest: the store's `valid_for` counted from when the
+/// request was sent, so never later than the store's own expiry. `Ok(None)`: another daemon
+/// holds it.
+async fn take_claim(engine: &Engine, slot: &Slot, id: &str) -> Result<Option<Instant>, StoreError> {
+    let sent = Instant::now();
+    let lease = engine.settings().lease;
+    match engine
+        .store
+        .claim(id.to_owned(), engine.holder(), lease)
+        .await?
+    {
+        Some(fence) => {
+            let until = sent + fence.valid_for;
+            let mut st = slot.lock();
+            if st.claim.is_none() {
+                engine.metrics.lease_held(1);
+            }
+            st.claim = Some(Claim { fence });
+            Ok(Some(until))
+        }
+        None => {
+            engine.metrics.lease_conflict();
+            Ok(None)
+        }
+    }
+}
+
+/// Extends the attempt's claim to a full lease from now. `Ok(None)`: another daemon claimed
+/// the chain meanwhile (the claim is gone from the slot).
+async fn renew_claim(
+    engine: &Engine,
+    slot: &Slot,
+    id: &str,
+) -> Result<Option<Instant>, StoreError> {
+    let Some(fence) = fence_of(slot) else {
+        return take_claim(engine, slot, id).await;
+    };
+    let sent = Instant::now();
+    let lease = engine.settings().lease;
+    match engine.store.renew(id.to_owned(), fence, lease).await? {
+        Some(fence) => {
+            let until = sent + fence.valid_for;
+            slot.lock().claim = Some(Claim { fence });
+            Ok(Some(until))
+        }
+        None => {
+            drop_claim(engine, &mut slot.lock());
+            engine.metrics.lease_conflict();
+            Ok(None)
+        }
+    }
+}
+
+fn fence_of(slot: &Slot) -> Option<Fence> {
+    slot.lock().claim.as_ref().map(|c| c.fence.clone())
+}
+
+fn drop_claim(engine: &Engine, st: &mut SlotState) -> Option<Fence> {
+    let claim = st.claim.take()?;
+    engine.metrics.lease_held(-1);
+    Some(claim.fence)
+}
+
+/// Gives up the claim the attempt held, if any (the end of every attempt, `FlightGuard`),
+/// on an engine task: a release that never happens (a crash, a store that is down) just
+/// lapses at the claim's expiry.
+pub(crate) fn release_claim(engine: &Engine, st: &mut SlotState) {
+    let Some(fence) = drop_claim(engine, st) else {
+        return;
+    };
+    let id = st.rec.conn.id.clone();
+    let store = engine.store.clone();
+    // Refused only when the engine stopped: the claim then lapses at its expiry.
+    let _ = engine.tasks.spawn(async move {
+        if let Err(e) = store.release(id.clone(), fence).await {
+            tracing::debug!(connection = %id, error = %e, "cannot release the claim; it lapses");
+        }
+    });
+}
+
+/// Renews the claim just before a request, which goes out only while the claim has at
+/// least `request_timeout` left; else the `Outcome` that ends the attempt instead.
+async fn lease_for_request(engine: &Engine, slot: &Slot, id: &str) -> Option<Outcome> {
+    let budget = engine.settings().request_timeout;
+    match renew_claim(engine, slot, id).await {
+        Ok(Some(until)) if left(until) >= budget => None,
+        Ok(Some(until)) => Some(Outcome::Skipped(Skip::LeaseShort(left(until)))),
+        Ok(None) => Some(claimed_elsewhere(engine, id, Need::Forced).await),
+        Err(e) => Some(Outcome::Skipped(Skip::StoreDown(e.to_string()))),
+    }
+}
+
+/// Presents a refresh token. On a shared store the call is bounded by `request_timeout`
+/// here too (the HTTP client's own timeout is the same), so that it never outlives the claim
+/// it was sent under, whatever hangs around the HTTP request.
+async fn present(engine: &Engine, token: &Secret) -> Result<Grant, ProviderError> {
+    if !engine.store.shared() {
+        return engine.provider.refresh(token).await;
+    }
+    let budget = engine.settings().request_timeout;
+    match tokio::time::timeout(budget, engine.provider.refresh(token)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProviderError::Transient {
+            kind: TransientKind::Timeout,
+            retry_after: None,
+            message: format!("no answer within {}s", budget.as_secs()),
+        }),
+    }
+}
+
+/// Another daemon holds the claim: take the store's chain (it is the one to serve) and look
+/// again once its claim has ended. A caller waiting for a token (`need` a lifetime) waits,
+/// up to `request_timeout`, for what that daemon commits: the store is read every
+/// [`CLAIM_POLL`] until it holds an access token good enough (or a chain without a marker:
+/// that daemon's attempt is over).
+async fn claimed_elsewhere(engine: &Engine, id: &str, need: Need) -> Outcome {
+    let settings = engine.settings();
+    let wait = settings.lease + CLAIM_RECHECK_SLACK;
+    let deadline = Instant::now() + settings.request_timeout;
+    loop {
+        let current = match engine.store.load(id.to_owned()).await {
+            Ok(None) => return Outcome::Superseded { current: None },
+            Ok(Some(current)) => current,
+            Err(_) => {
+                return Outcome::Skipped(Skip::ClaimedElsewhere {
+                    current: None,
+                    wait,
+                });
+            }
+        };
+        let Need::Lifetime(min) = need else {
+            return Outcome::Skipped(Skip::ClaimedElsewhere {
+                current: Some(Box::new(current)),
+                wait,
+            });
+        };
+        if satisfies(&current, min, engine.now()) {
+            return Outcome::Committed { next: current };
+        }
+        if Instant::now() + CLAIM_POLL > deadline {
+            return Outcome::Skipped(Skip::ClaimedElsewhere {
+                current: Some(Box::new(current)),
+                wait,
+            });
+        }
+        tokio::time::sleep(CLAIM_POLL).await;
+    }
+}
+
+/// After the reload under a fresh claim: whether another daemon already did what this
+/// attempt is for (or found the chain rejected), so that no request is needed.
+fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
+    let rec = &st.rec;
+    let marked = rec.chain.attempt_started_at.is_some();
+    if rec.conn.status == Status::NeedsReauth && need != Need::Forced && !marked {
+        return Some(Skip::NeedsReauth(match needs_reauth_failure(&rec.conn) {
+            Failure::NeedsReauth(m) => m,
+            other => other.to_string(),
+        }));
+    }
+    match need {
+        Need::Lifetime(min) if satisfies(rec, min, engine.now()) => Some(Skip::AlreadyFresh),
+        Need::Scheduled(_) if !marked => {
+            let input = super::plan::PlanInput {
+                rec,
+                not_before: None,
+                held: false,
+                last_requested: st.last_requested,
+            };
+            let planned = super::plan::next_action(
+                &input,
+                &engine.settings(),
+                engine.now(),
+                super::COMMIT_RETRY,
+            );
+            planned
+                .is_none_or(|p| p.at > Instant::now())
+                .then_some(Skip::AlreadyFresh)
+        }
+        _ => None,
+    }
+}
+
+/// A chain write of the attempt, fenced by its claim: on a shared store, an attempt whose
+/// claim was taken over writes nothing (`Conflict`).
+async fn save(
+    engine: &Engine,
+    slot: &Slot,
+    rec: Record,
+    expect_version: u64,
+    events: Vec<Event>,
+) -> Result<(), StoreError> {
+    let result = match fence_of(slot) {
+        Some(fence) => {
+            engine
+                .store
+                .save_chain_fenced(rec, expect_version, fence, events)
+                .await
+        }
+        None if engine.store.shared() => Err(StoreError::Conflict(rec.conn.id)),
+        None => engine.store.save_chain(rec, expect_version, events).await,
+    };
+    if engine.store.shared() && matches!(result, Err(StoreError::Conflict(_))) {
+        engine.metrics.lease_conflict();
+    }
+    result
 }
 
 fn age_of(engine: &Engine, at: Option<crate::model::Time>) -> Duration {
@@ -314,7 +607,18 @@ fn age_of(engine: &Engine, at: Option<crate::model::Time>) -> Duration {
         .unwrap_or_default()
 }
 
-async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
+async fn commit_held(engine: &Engine, slot: &Slot, mut held: Held) -> Outcome {
+    if !held.insert {
+        // A chain write: under the chain's claim, like any other.
+        let refused = match take_claim(engine, slot, &held.rec.conn.id).await {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(ANOTHER_HOLDS.to_owned()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = refused {
+            return Outcome::CommitPending { held, error };
+        }
+    }
     let result = if held.insert {
         // An earlier insert may have landed although it reported a failure.
         if let Ok(Some(stored)) = engine.store.load(held.rec.conn.id.clone()).await
@@ -331,22 +635,25 @@ async fn commit_held(engine: &Engine, mut held: Held) -> Outcome {
             other => other,
         }
     } else {
-        let mut saved = engine
-            .store
-            .save_chain(held.rec.clone(), held.expect_version, vec![])
-            .await;
+        let mut saved = save(engine, slot, held.rec.clone(), held.expect_version, vec![]).await;
         if let Err(StoreError::Conflict(_)) = &saved {
-            match after_conflict(engine, &held.rec, held.presented.as_ref()).await {
+            match after_conflict(
+                engine,
+                slot,
+                &held.rec,
+                held.presented.as_ref(),
+                held.expect_version,
+            )
+            .await
+            {
                 Behind::Retry(version) => {
                     held.expect_version = version;
                     held.rec.chain.version = version + 1;
-                    saved = engine
-                        .store
-                        .save_chain(held.rec.clone(), held.expect_version, vec![])
-                        .await;
+                    saved = save(engine, slot, held.rec.clone(), held.expect_version, vec![]).await;
                 }
                 Behind::Done(current) => return Outcome::Committed { next: current },
                 Behind::Moved(current) => return Outcome::Superseded { current },
+                Behind::Claimed => saved = Err(StoreError::Unavailable(ANOTHER_HOLDS.into())),
                 Behind::Unknown(e) => saved = Err(e),
             }
         }
@@ -374,20 +681,74 @@ enum Behind {
     Done(Record),
     /// The store holds another chain (another writer moved it), or none.
     Moved(Option<Record>),
+    /// The store still holds the chain this attempt presented, but another daemon holds
+    /// its claim now: hold the new chain and commit it once that claim has ended.
+    Claimed,
     /// The store could not be read.
     Unknown(StoreError),
 }
 
-/// Reads the store after a conflict on writing `ours`, which replaces `presented`.
-async fn after_conflict(engine: &Engine, ours: &Record, presented: Option<&Secret>) -> Behind {
+/// Why a rotated token waits in memory while another daemon holds the chain's claim.
+const ANOTHER_HOLDS: &str =
+    "another tokend daemon holds this chain's claim; the rotated token is held until it ends";
+
+/// Reads the store after a conflict on writing `ours`, which replaces `presented`; the
+/// write expected the store at `expected`.
+///
+/// **Several daemons (a shared store).** A fenced commit refused after the provider
+/// answered means this daemon's claim lapsed (it was paused or cut off longer than the
+/// lease), or the chain moved. Invariant 1 (no chain lost) asks which token to keep:
+///
+/// - Every daemon writes the attempt marker (a new chain version) before it presents a
+///   token, retries included. So if the store is still at `expected`, the version this
+///   attempt's own marker left, nobody presented the old token after this attempt did, and
+///   the new token this attempt holds is the provider's current one: it is recorded, under
+///   a fresh claim. Should another daemon hold the claim now, it has not written yet (or the
+///   version would have moved); the new token is held in memory (`Claimed`, then
+///   `CommitPending`) and committed once that claim ends, unless the chain moves first.
+/// - If the version moved while the store still holds the presented token, another daemon
+///   has written the chain since, typically its own marker before presenting the same old
+///   token again (inside the provider's 10-minute leeway, which makes that reuse legal).
+///   Its answer, not this one, is then the provider's current token, and the refresh it
+///   issued may even have superseded this attempt's: writing this one over it could keep a
+///   dead token and lose a live one. So the store's chain wins (`Moved`): either that daemon
+///   commits its rotation, or its marker stays and whoever next claims the chain presents
+///   the old token again inside the leeway of this attempt's marker, which it kept.
+/// - A store holding a third token was rotated by another daemon: it is the newest chain and
+///   is never overwritten (`Moved`).
+///
+/// A store only this daemon writes (SQLite) keeps the single-daemon rule: a store that still
+/// holds the presented token is behind only by this chain's own write that landed after
+/// reporting a failure, and is written over at its version.
+async fn after_conflict(
+    engine: &Engine,
+    slot: &Slot,
+    ours: &Record,
+    presented: Option<&Secret>,
+    expected: u64,
+) -> Behind {
     match engine.store.load(ours.conn.id.clone()).await {
         Ok(Some(current)) => {
             let stored = current.chain.refresh_token.expose();
             if stored == ours.chain.refresh_token.expose() {
                 Behind::Done(current)
             } else if presented.is_some_and(|p| p.expose() == stored) {
-                tracing::warn!(connection = %ours.conn.id, "the ledger was ahead of memory; committing the new chain over its version");
-                Behind::Retry(current.chain.version)
+                if !engine.store.shared() {
+                    tracing::warn!(connection = %ours.conn.id, "the ledger was ahead of memory; committing the new chain over its version");
+                    return Behind::Retry(current.chain.version);
+                }
+                if current.chain.version != expected {
+                    tracing::warn!(connection = %ours.conn.id, "another daemon wrote the chain after this refresh presented its token; the ledger's chain wins");
+                    return Behind::Moved(Some(current));
+                }
+                match take_claim(engine, slot, &ours.conn.id).await {
+                    Ok(Some(_)) => {
+                        tracing::warn!(connection = %ours.conn.id, "the claim lapsed before the commit, and nobody wrote the chain since; committing the new chain under a new claim");
+                        Behind::Retry(current.chain.version)
+                    }
+                    Ok(None) => Behind::Claimed,
+                    Err(e) => Behind::Unknown(e),
+                }
             } else {
                 Behind::Moved(Some(current))
             }
@@ -406,7 +767,7 @@ async fn superseded(engine: &Engine, id: &str) -> Outcome {
 
 /// After a rejection of the current token, the previous one may still be accepted inside
 /// the reuse leeway (the provider lost the rotation): one try, never outside the leeway.
-async fn try_previous(engine: &Engine, base: &Record) -> Option<Outcome> {
+async fn try_previous(engine: &Engine, slot: &Slot, base: &Record) -> Option<Outcome> {
     let (prev, rotated_at) = base.chain.previous.clone()?;
     let age = (engine.now() - rotated_at)
         .to_std()
@@ -421,9 +782,14 @@ async fn try_previous(engine: &Engine, base: &Record) -> Option<Outcome> {
     from.chain.refresh_token = prev;
     // The access token came with the rejected token: not served any more.
     from.chain.access = None;
-    match engine.provider.refresh(&from.chain.refresh_token).await {
+    if engine.store.shared()
+        && let Some(skip) = lease_for_request(engine, slot, &base.conn.id).await
+    {
+        return Some(skip);
+    }
+    match present(engine, &from.chain.refresh_token).await {
         // Its leeway counts from its rotation, not from now: never keep it as `previous`.
-        Ok(grant) => Some(commit_grant(engine, from, grant.into(), false).await),
+        Ok(grant) => Some(commit_grant(engine, slot, from, grant.into(), false).await),
         Err(ProviderError::Rejected { .. }) => None,
         Err(e) => {
             // The provider may have rotated it: keep it with a marker dated from its
@@ -433,7 +799,7 @@ async fn try_previous(engine: &Engine, base: &Record) -> Option<Outcome> {
                 .attempt_started_at
                 .map_or(rotated_at, |m| m.min(rotated_at));
             from.chain.attempt_started_at = Some(marked);
-            Some(retry_later(engine, from, e, true).await)
+            Some(retry_later(engine, slot, from, e, true).await)
         }
     }
 }
@@ -459,7 +825,13 @@ impl From<Grant> for Answer {
 
 /// Commits a successful answer. `previous_ok` says whether the token presented may be kept
 /// as `previous` (for a later reuse inside the leeway): not when it was itself a previous.
-async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok: bool) -> Outcome {
+async fn commit_grant(
+    engine: &Engine,
+    slot: &Slot,
+    base: Record,
+    grant: Answer,
+    previous_ok: bool,
+) -> Outcome {
     let now = engine.now();
     let old_rt = base.chain.refresh_token.clone();
     let mut next = base.clone();
@@ -506,19 +878,22 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
     next.conn.consecutive_failures = 0;
     next.conn.updated_at = now;
     let mut expect = base.chain.version;
-    let mut saved = engine
-        .store
-        .save_chain(next.clone(), expect, events.clone())
-        .await;
+    if engine.store.shared() {
+        // The request may have taken long: renew, so that a claim nobody took over is not
+        // lost to its expiry (a renewal fails once another daemon has claimed).
+        let _ = renew_claim(engine, slot, &base.conn.id).await;
+    }
+    let mut saved = save(engine, slot, next.clone(), expect, events.clone()).await;
     if let Err(StoreError::Conflict(_)) = &saved {
-        match after_conflict(engine, &next, Some(&base.chain.refresh_token)).await {
+        match after_conflict(engine, slot, &next, Some(&base.chain.refresh_token), expect).await {
             Behind::Retry(version) => {
                 expect = version;
                 next.chain.version = expect + 1;
-                saved = engine.store.save_chain(next.clone(), expect, events).await;
+                saved = save(engine, slot, next.clone(), expect, events).await;
             }
             Behind::Done(current) => return Outcome::Committed { next: current },
             Behind::Moved(current) => return Outcome::Superseded { current },
+            Behind::Claimed => saved = Err(StoreError::Unavailable(ANOTHER_HOLDS.into())),
             Behind::Unknown(e) => saved = Err(e),
         }
     }
@@ -537,7 +912,13 @@ async fn commit_grant(engine: &Engine, base: Record, grant: Answer, previous_ok:
     }
 }
 
-async fn reject(engine: &Engine, base: Record, code: String, description: String) -> Outcome {
+async fn reject(
+    engine: &Engine,
+    slot: &Slot,
+    base: Record,
+    code: String,
+    description: String,
+) -> Outcome {
     let now = engine.now();
     let message = format!("the provider rejected the chain ({code}: {description}); consent again");
     let newly = base.conn.status != Status::NeedsReauth;
@@ -560,9 +941,7 @@ async fn reject(engine: &Engine, base: Record, code: String, description: String
             "active -> needs_reauth",
         ));
     }
-    let committed = engine
-        .store
-        .save_chain(next.clone(), base.chain.version, events)
+    let committed = save(engine, slot, next.clone(), base.chain.version, events)
         .await
         .inspect_err(|e| tracing::error!(connection = %base.conn.id, error = %e, "cannot record needs_reauth in the ledger"))
         .is_ok();
@@ -576,6 +955,7 @@ async fn reject(engine: &Engine, base: Record, code: String, description: String
 
 async fn retry_later(
     engine: &Engine,
+    slot: &Slot,
     base: Record,
     e: ProviderError,
     marked_before: bool,
@@ -616,9 +996,7 @@ async fn retry_later(
         next.chain.attempt_started_at = None;
     }
     next.chain.version = base.chain.version + 1;
-    let committed = engine
-        .store
-        .save_chain(next.clone(), base.chain.version, vec![Event::new(EventKind::Failed, e.to_string())])
+    let committed = save(engine, slot, next.clone(), base.chain.version, vec![Event::new(EventKind::Failed, e.to_string())])
         .await
         .inspect_err(|err| tracing::error!(connection = %base.conn.id, error = %err, "cannot record a failed refresh in the ledger"))
         .is_ok();
@@ -823,6 +1201,7 @@ pub(crate) fn settle(
                 st.stale = true;
             }
             st.not_before = Some(Instant::now() + delay);
+            st.claim_wait = false;
             st.provider_asked = provider_asked;
             Err(Failure::Unavailable {
                 retry_after: delay,
@@ -875,16 +1254,46 @@ pub(crate) fn settle(
             Skip::MergeFailed(e) => Err(Failure::Internal(format!(
                 "the new chain could not be merged into the account's connection ({e}); both stay as they are"
             ))),
+            Skip::ClaimedElsewhere { current, wait } => {
+                tracing::info!(connection = %id, "another tokend daemon is refreshing this chain; serving what it commits");
+                match current {
+                    Some(rec) => {
+                        engine.adopt(st, &rec);
+                        st.stale = false;
+                    }
+                    None => st.stale = true,
+                }
+                if hold_off(st, wait) {
+                    st.claim_wait = true;
+                }
+                Err(Failure::Unavailable {
+                    retry_after: wait,
+                    message: "another tokend daemon is refreshing this chain; try again shortly"
+                        .into(),
+                })
+            }
+            Skip::LeaseShort(left) => {
+                tracing::warn!(connection = %id, left_ms = left.as_millis() as u64, "the claim on this chain has less than request_timeout left; not refreshing now");
+                hold_off(st, super::COMMIT_RETRY);
+                Err(Failure::Unavailable {
+                    retry_after: super::COMMIT_RETRY,
+                    message: "the claim on this chain's refresh ran short; retrying".into(),
+                })
+            }
         },
     };
     (result, effects)
 }
 
 /// Whatever failed without a backoff of its own must not be retried in a tight loop; a
-/// backoff already running is left alone (callers during it must not push it out).
-fn hold_off(st: &mut SlotState, wait: Duration) {
+/// backoff already running is left alone (callers during it must not push it out). Whether
+/// it set a new wait.
+fn hold_off(st: &mut SlotState, wait: Duration) -> bool {
     let now = Instant::now();
     if st.not_before.is_none_or(|nb| nb <= now) {
         st.not_before = Some(now + wait);
+        st.claim_wait = false;
+        return true;
     }
+    false
 }

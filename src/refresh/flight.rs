@@ -178,6 +178,7 @@ impl FlightGuard {
         let (result, effects) = {
             let mut st = self.slot.lock();
             let settled = attempt::settle(&self.engine, &mut st, outcome);
+            attempt::release_claim(&self.engine, &mut st);
             st.flight = None;
             self.engine.replan_locked(&st);
             settled
@@ -205,11 +206,14 @@ impl Drop for FlightGuard {
         // caller joins and the scheduler skips, until a restart.
         {
             let mut st = self.slot.lock();
+            // A release the engine can no longer send (a crash) just lapses.
+            attempt::release_claim(&self.engine, &mut st);
             st.flight = None;
             st.stale = true;
             let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
             if st.not_before.is_none_or(|nb| nb < retry) {
                 st.not_before = Some(retry);
+                st.claim_wait = false;
             }
             self.engine.replan_locked(&st);
         }

@@ -26,6 +26,7 @@ mod flight;
 mod onboard;
 pub(crate) mod permits;
 pub(crate) mod plan;
+mod shared;
 mod sites;
 pub(crate) mod store;
 mod view;
@@ -229,6 +230,10 @@ pub(crate) struct SlotState {
     /// The provider itself asked for this wait (`Retry-After`): even a forced refresh
     /// honours it.
     provider_asked: bool,
+    /// The wait is only for another daemon's claim on the chain (`Skip::ClaimedElsewhere`):
+    /// it spaces the scheduler's looks, but a caller who needs a token may still look (and
+    /// wait for what that daemon commits).
+    claim_wait: bool,
     /// The last time a caller asked for a token (hot connections are renewed ahead).
     last_requested: Option<Instant>,
     /// The attempt running now, if any: callers join it instead of starting another.
@@ -249,6 +254,9 @@ pub(crate) struct SlotState {
     /// Memory may be behind the store (an attempt ended without settling, or a write
     /// conflicted): the next attempt reloads the chain from the store first.
     stale: bool,
+    /// The claim on this chain's refresh the running attempt holds (`attempt` takes and
+    /// renews it; the end of the attempt, `FlightGuard`, releases it).
+    claim: Option<attempt::Claim>,
 }
 
 /// One connection in memory.
@@ -325,7 +333,15 @@ pub struct Engine {
     /// `/v1/health` and `/metrics` read it on every call, so it is kept as statuses change
     /// ([`Engine::adopt`], `install`, `uninstall`), not counted over every connection.
     active: AtomicUsize,
+    /// Who this engine is when it claims a chain's refresh (`daemon.node_name`, set by
+    /// [`Engine::set_node_name`]): the claim's holder. Until set, a name unique to this
+    /// process and engine, so that two engines never share a holder by accident (the store
+    /// grants a holder's own claim again).
+    holder: RwLock<String>,
 }
+
+/// Engines made in this process so far: the default holder names stay unique.
+static ENGINES: AtomicUsize = AtomicUsize::new(0);
 
 impl Engine {
     /// Loads every connection from the store into memory and plans each one.
@@ -354,6 +370,11 @@ impl Engine {
             tasks: flight::Tasks::default(),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            holder: RwLock::new(format!(
+                "tokend-{}-{}",
+                std::process::id(),
+                ENGINES.fetch_add(1, Ordering::Relaxed)
+            )),
         });
         engine
             .metrics
@@ -383,6 +404,18 @@ impl Engine {
         for slot in self.slots() {
             self.replan(&slot);
         }
+    }
+
+    /// Names this daemon as the holder of its claims on chains (`daemon.node_name`, or the
+    /// host name). Every daemon sharing a ledger needs its own name: the store grants a
+    /// holder's claim to the same holder again.
+    pub fn set_node_name(&self, name: String) {
+        *self.holder.write() = name;
+    }
+
+    /// The holder name of this engine's claims.
+    fn holder(&self) -> String {
+        self.holder.read().clone()
     }
 
     /// Replaces the notifier (a reload changed `[notify]`).
@@ -428,6 +461,7 @@ impl Engine {
                 held,
                 not_before: None,
                 provider_asked: false,
+                claim_wait: false,
                 last_requested: None,
                 flight: None,
                 removed: false,
@@ -437,6 +471,7 @@ impl Engine {
                 resolving: false,
                 last_site_miss: None,
                 stale: false,
+                claim: None,
             }),
         });
         let mut index = self.index.write();

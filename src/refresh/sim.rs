@@ -12,11 +12,20 @@
 //! After every step it checks: no chain lost, at most one provider call in flight per chain,
 //! no reuse outside the leeway, no access token handed out before its refresh token was
 //! committed, no `needs_reauth` without a definite rejection, every active chain planned or
-//! in flight. A failure prints its seed; `TOKEND_SIM_SEED=<seed>` replays exactly that one,
+//! in flight, and that no commit ever puts an older token of a chain over a newer one. A
+//! failure prints its seed; `TOKEND_SIM_SEED=<seed>` replays exactly that one,
 //! `TOKEND_SIM_SCHEDULES=<n>` runs more schedules than CI does.
+//!
+//! **Several daemons** ([`multi_schedule`]): two or three engines share one store that
+//! implements claims with fencing on a lease clock (paused tokio time), like the PostgreSQL
+//! ledger, with a daemon paused past its lease (before or right after reading an answer),
+//! killed mid-attempt and restarted, and the store unavailable; the same checks hold across
+//! all of them (the provider counts calls in flight per chain whichever daemon makes them).
+//! `TOKEND_SIM_MULTI_SCHEDULES=<n>` runs more of them.
 
 use super::Engine;
 use super::store::{Store, StoreError, TokenEndpoint, TokioClock};
+use crate::ledger::Fence;
 use crate::model::{Event, Record, Site, Status, Time};
 use crate::provider::{Account, Grant, ProviderError, REUSE_LEEWAY, TransientKind};
 use crate::secret::Secret;
@@ -89,7 +98,23 @@ struct Family {
     revoked: bool,
 }
 
+/// A daemon's claim on a chain's refresh in the shared store: the PostgreSQL ledger's
+/// `claims` row, with the lease clock being tokio's (paused) time.
+struct SimClaim {
+    holder: String,
+    version: u64,
+    expires: tokio::time::Instant,
+}
+
 struct World {
+    /// The claims of the shared store (multi-daemon schedules).
+    claims: HashMap<String, SimClaim>,
+    /// Daemons paused (SIGSTOP) until an instant: their store operations and provider
+    /// answers wait for it.
+    paused: HashMap<usize, tokio::time::Instant>,
+    /// Daemons to pause for this long once they have read the provider's answer to their
+    /// next refresh (stopped mid-refresh, holding the claim, the answer not committed).
+    pause_at_answer: HashMap<usize, Duration>,
     rng: StdRng,
     clock: Arc<TokioClock>,
     families: HashMap<String, Family>,
@@ -113,6 +138,9 @@ struct World {
 impl World {
     fn new(seed: u64, clock: Arc<TokioClock>) -> World {
         World {
+            claims: HashMap::new(),
+            paused: HashMap::new(),
+            pause_at_answer: HashMap::new(),
             rng: StdRng::seed_from_u64(seed),
             clock,
             families: HashMap::new(),
@@ -205,6 +233,17 @@ fn lock(w: &Shared) -> parking_lot::MutexGuard<'_, World> {
     w.lock()
 }
 
+/// Waits while daemon `node` is paused: a stopped process sends and reads nothing.
+async fn wait_unpaused(world: &Shared, node: usize) {
+    loop {
+        let until = lock(world).paused.get(&node).copied();
+        match until {
+            Some(u) if u > tokio::time::Instant::now() => tokio::time::sleep_until(u).await,
+            _ => return,
+        }
+    }
+}
+
 /// Counts a provider call in flight for a chain while it lives.
 struct InFlight {
     world: Shared,
@@ -219,7 +258,9 @@ impl Drop for InFlight {
     }
 }
 
-struct SimProvider(Shared);
+/// The provider as one daemon reaches it; `Some(node)` in a multi-daemon schedule (its
+/// answers wait while the daemon is paused).
+struct SimProvider(Shared, Option<usize>);
 
 fn transient(kind: TransientKind, retry_after: Option<Duration>) -> ProviderError {
     ProviderError::Transient {
@@ -361,7 +402,23 @@ impl TokenEndpoint for SimProvider {
         &'a self,
         refresh_token: &'a Secret,
     ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
-        Box::pin(self.refresh_inner(refresh_token.expose().to_owned()))
+        Box::pin(async move {
+            let result = self.refresh_inner(refresh_token.expose().to_owned()).await;
+            if let Some(node) = self.1 {
+                // Processed by the provider; a paused daemon reads the answer only later (and
+                // its own timeout may strike first). One armed to stop right after reading
+                // its answer stops in its next store operation: the commit.
+                {
+                    let mut w = lock(&self.0);
+                    if let Some(pause) = w.pause_at_answer.remove(&node) {
+                        w.paused.insert(node, tokio::time::Instant::now() + pause);
+                        return result;
+                    }
+                }
+                wait_unpaused(&self.0, node).await;
+            }
+            result
+        })
     }
     fn exchange_code<'a>(
         &'a self,
@@ -444,7 +501,52 @@ impl TokenEndpoint for SimProvider {
     }
 }
 
-struct SimStore(Shared);
+/// The store as one daemon reaches it; `Some(node)`: a store several daemons share, with
+/// claims (a paused daemon's operations wait for it to resume).
+struct SimStore(Shared, Option<usize>);
+
+/// A chain write at `expect_version`, checking that a chain never goes back to an older
+/// token of its family (a late commit over a newer chain).
+fn save_in(w: &mut World, rec: Record, expect_version: u64) -> Result<(), StoreError> {
+    let Some(stored) = w.store.get(&rec.conn.id) else {
+        return Err(StoreError::Conflict(rec.conn.id));
+    };
+    if stored.chain.version != expect_version {
+        return Err(StoreError::Conflict(rec.conn.id));
+    }
+    let (old, new) = (
+        stored.chain.refresh_token.expose(),
+        rec.chain.refresh_token.expose(),
+    );
+    let regress = match (w.owner.get(old), w.owner.get(new)) {
+        // (After the user revoked consent, a failed try of the previous token keeps it as
+        // the chain: legitimately older, and dead anyway.)
+        (Some(fo), Some(fnew)) if fo == fnew && !w.families[fo].revoked => {
+            let g = &w.families[fo].generation;
+            g.get(new) < g.get(old)
+        }
+        _ => false,
+    };
+    if regress {
+        let msg = format!(
+            "{}: a commit replaced a newer refresh token by an older one",
+            rec.conn.id
+        );
+        w.broke(msg);
+    }
+    if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
+        tracing::info!(
+            "SIM store: {} committed version {}",
+            rec.conn.id,
+            rec.chain.version
+        );
+    }
+    w.store
+        .get_mut(&rec.conn.id)
+        .expect("checked")
+        .adopt_chain(&rec);
+    Ok(())
+}
 
 impl SimStore {
     /// A store operation: a short pause (an await point where a crash can strike), then
@@ -456,6 +558,9 @@ impl SimStore {
         Box::pin(async move {
             let pause = lock(&self.0).rng.random_range(0..3);
             tokio::time::sleep(Duration::from_millis(pause)).await;
+            if let Some(node) = self.1 {
+                wait_unpaused(&self.0, node).await;
+            }
             let mut w = lock(&self.0);
             if w.store_fails() {
                 return Err(StoreError::Unavailable("simulated full disk".into()));
@@ -494,19 +599,112 @@ impl Store for SimStore {
         expect_version: u64,
         _: Vec<Event>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.op(move |w| match w.store.get_mut(&rec.conn.id) {
-            Some(stored) if stored.chain.version == expect_version => {
-                if std::env::var_os("TOKEND_SIM_TRACE").is_some() {
-                    tracing::info!(
-                        "SIM store: {} committed version {}",
-                        rec.conn.id,
-                        rec.chain.version
-                    );
-                }
-                stored.adopt_chain(&rec);
-                Ok(())
+        self.op(move |w| save_in(w, rec, expect_version))
+    }
+    fn shared(&self) -> bool {
+        self.1.is_some()
+    }
+    fn claim(
+        &self,
+        id: String,
+        holder: String,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        if self.1.is_none() {
+            // One daemon: the SQLite ledger's always-granted claim, without an await.
+            return Box::pin(async move {
+                Ok(Some(Fence {
+                    holder,
+                    version: 0,
+                    valid_for: lease,
+                }))
+            });
+        }
+        self.op(move |w| {
+            if !w.store.contains_key(&id) {
+                return Err(StoreError::Conflict(id));
             }
-            _ => Err(StoreError::Conflict(rec.conn.id)),
+            let now = tokio::time::Instant::now();
+            let c = w.claims.entry(id).or_insert(SimClaim {
+                holder: holder.clone(),
+                version: 0,
+                expires: now,
+            });
+            if c.holder != holder && c.expires > now {
+                return Ok(None);
+            }
+            c.holder = holder.clone();
+            c.version += 1;
+            c.expires = now + lease;
+            Ok(Some(Fence {
+                holder,
+                version: c.version,
+                valid_for: lease,
+            }))
+        })
+    }
+    fn renew(
+        &self,
+        id: String,
+        fence: Fence,
+        lease: Duration,
+    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+        if self.1.is_none() {
+            return Box::pin(async move {
+                Ok(Some(Fence {
+                    valid_for: lease,
+                    ..fence
+                }))
+            });
+        }
+        self.op(move |w| {
+            let now = tokio::time::Instant::now();
+            match w.claims.get_mut(&id) {
+                Some(c) if c.holder == fence.holder && c.version == fence.version => {
+                    c.expires = now + lease;
+                    Ok(Some(Fence {
+                        valid_for: lease,
+                        ..fence
+                    }))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+    fn release(&self, id: String, fence: Fence) -> BoxFuture<'_, Result<bool, StoreError>> {
+        if self.1.is_none() {
+            return Box::pin(async { Ok(true) });
+        }
+        self.op(move |w| {
+            let now = tokio::time::Instant::now();
+            match w.claims.get_mut(&id) {
+                Some(c) if c.holder == fence.holder && c.version == fence.version => {
+                    c.expires = c.expires.min(now);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+    }
+    fn save_chain_fenced(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        fence: Fence,
+        _: Vec<Event>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        if self.1.is_none() {
+            return self.op(move |w| save_in(w, rec, expect_version));
+        }
+        self.op(move |w| {
+            let now = tokio::time::Instant::now();
+            let holds = w.claims.get(&rec.conn.id).is_some_and(|c| {
+                c.holder == fence.holder && c.version == fence.version && c.expires > now
+            });
+            if !holds {
+                return Err(StoreError::Conflict(rec.conn.id));
+            }
+            save_in(w, rec, expect_version)
         })
     }
     fn set_account(
@@ -590,9 +788,19 @@ async fn boot(
     clock: &Arc<TokioClock>,
     max_concurrent: usize,
 ) -> Option<Incarnation> {
+    boot_node(world, clock, max_concurrent, None).await
+}
+
+/// Boots an engine; `Some(node)`: daemon `node` of several sharing the store.
+async fn boot_node(
+    world: &Shared,
+    clock: &Arc<TokioClock>,
+    max_concurrent: usize,
+    node: Option<usize>,
+) -> Option<Incarnation> {
     let engine = Engine::load(
-        Arc::new(SimStore(world.clone())),
-        Arc::new(SimProvider(world.clone())),
+        Arc::new(SimStore(world.clone(), node)),
+        Arc::new(SimProvider(world.clone(), node)),
         clock.clone(),
         settings(max_concurrent),
         crate::notify::Notifier::disabled(),
@@ -600,6 +808,9 @@ async fn boot(
     )
     .await
     .ok()?;
+    if let Some(n) = node {
+        engine.set_node_name(format!("node{n}"));
+    }
     let scheduler = tokio::spawn(engine.clone().run_scheduler(std::future::pending()));
     Some(Incarnation { engine, scheduler })
 }
@@ -612,6 +823,11 @@ fn crash(inc: Incarnation) {
 /// Whether every chain can still be refreshed, and the other invariants; the first broken
 /// one, if any.
 fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String> {
+    check_all(world, live.as_slice(), step)
+}
+
+/// [`check`] over every live daemon sharing the store.
+fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String> {
     let mut w = lock(world);
     if let Some(b) = w.broken.first() {
         return Err(format!("{step}: {b}"));
@@ -642,7 +858,7 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
         let f = w.families.get_mut(&family).expect("family");
         f.seen = true;
         let id = &rec.conn.id;
-        let forgotten = f.removal && live.is_some_and(|e| e.find(id).is_none());
+        let forgotten = f.removal && !live.is_empty() && live.iter().all(|e| e.find(id).is_none());
         if f.revoked || forgotten {
             continue;
         }
@@ -652,20 +868,23 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
             ));
         }
         let committed = rec.chain.refresh_token.expose();
-        let held = live.and_then(|e| {
-            let slot = e.find(id)?;
-            let st = slot.lock();
-            st.held
-                .as_ref()
-                .map(|h| h.rec.chain.refresh_token.expose().to_owned())
-        });
+        let held: Vec<String> = live
+            .iter()
+            .filter_map(|e| {
+                let slot = e.find(id)?;
+                let st = slot.lock();
+                st.held
+                    .as_ref()
+                    .map(|h| h.rec.chain.refresh_token.expose().to_owned())
+            })
+            .collect();
         let refreshable = committed == f.current
             || f.parent.as_ref().is_some_and(|(p, at)| {
                 p == committed && (now - *at).to_std().unwrap_or_default() < REUSE_LEEWAY
             })
-            || held.as_deref() == Some(f.current.as_str());
+            || held.contains(&f.current);
         if !refreshable || !f.alive {
-            let engine_view = live.and_then(|e| {
+            let engine_view = live.first().and_then(|e| {
                 let slot = e.find(id)?;
                 let st = slot.lock();
                 Some(format!(
@@ -687,7 +906,7 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
             ));
         }
     }
-    if let Some(e) = live {
+    for e in live {
         let held = e.slots().iter().filter(|s| s.lock().held.is_some()).count();
         if e.commit_pending() != held {
             return Err(format!(
@@ -708,6 +927,11 @@ fn check(world: &Shared, live: Option<&Engine>, step: &str) -> Result<(), String
             let st = slot.lock();
             let id = &st.rec.conn.id;
             let unknown = st.rec.chain.attempt_started_at.is_some();
+            if st.flight.is_none() && st.claim.is_some() {
+                return Err(format!(
+                    "{step}: {id}: a claim is held with no attempt running"
+                ));
+            }
             if (st.rec.conn.status == Status::Active || unknown)
                 && st.flight.is_none()
                 && e.plan.next_of(id).is_none()
@@ -1039,6 +1263,245 @@ async fn schedule(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Multi-daemon schedules CI runs (`TOKEND_SIM_MULTI_SCHEDULES` overrides).
+const CI_MULTI_SCHEDULES: u64 = 150;
+/// Steps of one multi-daemon schedule.
+const MULTI_STEPS: usize = 100;
+/// The longest pause of a daemon (SIGSTOP): several leases, well inside the reuse leeway
+/// (another daemon learns of a marker the paused one left only when it next claims the
+/// chain: without `LISTEN/NOTIFY` here, a pause as long as the leeway could lose a chain by
+/// physics).
+const MAX_PAUSE: Duration = Duration::from_secs(4 * 60);
+
+/// The engines of the daemons running now.
+fn engines(daemons: &[Option<Incarnation>]) -> Vec<&Engine> {
+    daemons.iter().flatten().map(|i| &*i.engine).collect()
+}
+
+fn run_multi_schedule(seed: u64) -> Result<(), String> {
+    let rt = paused_runtime();
+    crate::model::seed_this_thread(Some(seed));
+    let result = rt.block_on(multi_schedule(seed));
+    crate::model::seed_this_thread(None);
+    result
+}
+
+/// Two or three daemons ("engines") share one store with claims and fencing, each with its
+/// own memory and no `LISTEN/NOTIFY` (a daemon learns of another's work when it next claims
+/// the chain). Faults: callers and operator refreshes on any daemon, provider faults, store
+/// failures and lying writes, a daemon paused past its lease (its store operations and
+/// provider answers wait), a daemon killed mid-attempt and restarted. After every step the
+/// checks of [`check_all`] over every daemon, the provider's (at most one refresh of a chain
+/// in flight across all daemons, no reuse outside the leeway) and the store's (no commit
+/// puts an older token of a chain over a newer one).
+async fn multi_schedule(seed: u64) -> Result<(), String> {
+    let start = sim_start(0);
+    let clock = Arc::new(TokioClock::new(start));
+    let world: Shared = Arc::new(Mutex::new(World::new(seed, clock.clone())));
+    {
+        let mut w = lock(&world);
+        for i in 0..CHAINS {
+            w.add_chain(i, start);
+        }
+    }
+    let n = 2 + (seed % 2) as usize;
+    let mut daemons: Vec<Option<Incarnation>> = Vec::new();
+    for node in 0..n {
+        daemons.push(boot_node(&world, &clock, 2, Some(node)).await);
+    }
+    let lease = settings(2).lease;
+    let roll = |world: &Shared, n: u32| lock(world).rng.random_range(0..n);
+    let pick = |world: &Shared| -> Option<String> {
+        let mut w = lock(world);
+        let mut ids: Vec<String> = w.store.keys().cloned().collect();
+        ids.sort();
+        (!ids.is_empty()).then(|| {
+            let i = w.rng.random_range(0..ids.len());
+            ids.swap_remove(i)
+        })
+    };
+    for step in 0..MULTI_STEPS {
+        let what;
+        let node = roll(&world, n as u32) as usize;
+        match roll(&world, 100) {
+            0..35 => {
+                what = "caller";
+                if let (Some(inc), Some(id)) = (&daemons[node], pick(&world)) {
+                    let min_valid = Duration::from_secs(roll(&world, 400) as u64);
+                    let (engine, world) = (inc.engine.clone(), world.clone());
+                    tokio::spawn(async move {
+                        if let Ok(grant) = engine.token(&id, min_valid).await {
+                            check_handed_out(&world, grant.access_token.expose());
+                        }
+                    });
+                }
+            }
+            35..50 => {
+                what = "provider fault";
+                let fault = match roll(&world, 6) {
+                    0 => Fault::Connect,
+                    1 => Fault::ServerErrorBefore,
+                    2 => Fault::LostAfterRotate,
+                    3 => Fault::ServerErrorAfterRotate,
+                    4 => Fault::NoRotation,
+                    _ => Fault::Slow(roll(&world, 5000) as u64),
+                };
+                let mut w = lock(&world);
+                if w.faults.len() < MAX_PENDING_FAULTS {
+                    w.faults.push_back(fault);
+                }
+            }
+            50..54 => {
+                what = "store unavailable";
+                let n = 1 + roll(&world, 6);
+                lock(&world).store_failures += n;
+            }
+            54..56 => {
+                what = "store writes that land but report a failure";
+                lock(&world).store_lies += 1 + roll(&world, 2);
+            }
+            56..64 => {
+                what = "a daemon paused";
+                // Half of the pauses outlast the lease.
+                let pause = if roll(&world, 2) == 0 {
+                    Duration::from_millis(roll(&world, lease.as_millis() as u32) as u64)
+                } else {
+                    lease
+                        + Duration::from_millis(
+                            roll(&world, (MAX_PAUSE - lease).as_millis() as u32) as u64,
+                        )
+                };
+                if roll(&world, 2) == 0 {
+                    let until = tokio::time::Instant::now() + pause;
+                    lock(&world).paused.insert(node, until);
+                } else {
+                    // Stopped mid-refresh: at its next provider answer.
+                    lock(&world).pause_at_answer.insert(node, pause);
+                }
+            }
+            64..69 => {
+                what = "a daemon killed and restarted";
+                if let Some(inc) = daemons[node].take() {
+                    crash(inc);
+                }
+                lock(&world).paused.remove(&node);
+                lock(&world).pause_at_answer.remove(&node);
+                tokio::time::sleep(Duration::from_millis(roll(&world, 60_000) as u64)).await;
+                while daemons[node].is_none() {
+                    daemons[node] = boot_node(&world, &clock, 2, Some(node)).await;
+                    if daemons[node].is_none() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            69..77 => {
+                what = "operator refresh";
+                // Half of them on the chain last presented to the provider: the one a paused
+                // daemon may be stuck on, so that another daemon takes it over.
+                let last = lock(&world).order.last().cloned();
+                let id = match last {
+                    Some(id) if roll(&world, 2) == 0 => Some(id),
+                    _ => pick(&world),
+                };
+                if let (Some(inc), Some(id)) = (&daemons[node], id) {
+                    let engine = inc.engine.clone();
+                    let hang_up = Duration::from_millis(roll(&world, 3000) as u64);
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(hang_up, engine.refresh_now(&id)).await;
+                    });
+                }
+            }
+            _ => {
+                what = "time passes";
+                let ms = match roll(&world, 3) {
+                    0 => roll(&world, 5_000) as u64,
+                    1 => roll(&world, 60_000) as u64,
+                    _ => roll(&world, 180_000) as u64,
+                };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        check_all(
+            &world,
+            &engines(&daemons),
+            &format!("step {step} ({what} at node{node})"),
+        )?;
+    }
+    {
+        let mut w = lock(&world);
+        w.faults.clear();
+        w.store_failures = 0;
+        w.store_lies = 0;
+        w.paused.clear();
+        w.pause_at_answer.clear();
+    }
+    for minute in 0..80 {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        check_all(
+            &world,
+            &engines(&daemons),
+            &format!("healed, minute {minute}"),
+        )?;
+    }
+    let w = lock(&world);
+    for (node, engine) in engines(&daemons).into_iter().enumerate() {
+        for rec in w.store.values() {
+            let id = &rec.conn.id;
+            let slot = engine
+                .find(id)
+                .ok_or(format!("node{node}: {id}: gone from the engine"))?;
+            let st = slot.lock();
+            if st.rec.conn.status != Status::Active || st.held.is_some() {
+                return Err(format!(
+                    "node{node}: {id}: not active and committed after healing"
+                ));
+            }
+            let f = &w.families[&w.family_of(rec).expect("checked")];
+            let age = (w.now() - f.used_at).to_std().unwrap_or_default();
+            if age > Duration::from_secs(70 * 60) {
+                return Err(format!(
+                    "{id}: not rotated for {age:?} after healing (rotate_after is 1h)"
+                ));
+            }
+        }
+        if engine.permits.remembered() > 0 {
+            return Err(format!("node{node}: permit tickets leaked"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn several_daemons_share_a_store_with_fenced_claims() {
+    let seeds: Vec<u64> = match env_u64("TOKEND_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let base = env_u64("TOKEND_SIM_BASE").unwrap_or(0);
+            let n = env_u64("TOKEND_SIM_MULTI_SCHEDULES").unwrap_or(CI_MULTI_SCHEDULES);
+            (base..base + n).collect()
+        }
+    };
+    let mut failed = Vec::new();
+    for &seed in &seeds {
+        if let Err(e) = run_multi_schedule(seed) {
+            eprintln!(
+                "multi-daemon simulation seed {seed} failed: {e}\n  replay: TOKEND_SIM_SEED={seed} cargo test --lib several_daemons"
+            );
+            failed.push(seed);
+            if failed.len() >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} multi-daemon schedules broke an invariant; seeds {failed:?}",
+        failed.len(),
+        seeds.len()
+    );
+}
+
 /// A current-thread runtime with paused time: task order and time are the seed's alone.
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -1170,4 +1633,136 @@ fn an_unknown_outcome_goes_before_every_bulk_rotation() {
         );
         crash(inc);
     });
+}
+
+#[test]
+fn a_chain_claimed_by_another_daemon_is_left_to_it() {
+    // Another daemon holds the claim: no request, no status change, a retry; once it
+    // releases, the next attempt goes through.
+    let rt = paused_runtime();
+    rt.block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(3, clock.clone())));
+        let id = lock(&world).add_chain(0, start);
+        let other = SimStore(world.clone(), Some(9));
+        let fence = other
+            .claim(id.clone(), "other".into(), Duration::from_secs(60))
+            .await
+            .expect("store up")
+            .expect("granted");
+        let inc = boot_node(&world, &clock, 2, Some(0)).await.expect("boot");
+        let calls = lock(&world).calls;
+        let got = inc.engine.refresh_now(&id).await;
+        assert!(
+            matches!(got, Err(super::Failure::Unavailable { .. })),
+            "a claim held elsewhere is a retry: {got:?}"
+        );
+        assert_eq!(
+            lock(&world).calls,
+            calls,
+            "a request went out under another's claim"
+        );
+        assert_eq!(lock(&world).store[&id].conn.status, Status::Active);
+        let text = inc.engine.metrics.render();
+        assert!(text.contains("tokend_lease_conflicts_total 1"), "{text}");
+        // A caller who needs a token waits for what the other daemon commits.
+        let engine = inc.engine.clone();
+        let wanted = id.clone();
+        let caller =
+            tokio::spawn(async move { engine.token(&wanted, Duration::from_secs(60)).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        {
+            let mut w = lock(&world);
+            let now = w.now();
+            let at = w.mint("at");
+            w.access.insert(at.clone(), (id.clone(), 0));
+            let rec = w.store.get_mut(&id).expect("stored");
+            rec.chain.access = Some(crate::model::AccessToken {
+                token: Secret::new(at.clone()),
+                expires_at: now + chrono::Duration::seconds(300),
+            });
+            rec.conn.last_refresh_at = Some(now);
+            rec.chain.version += 1;
+        }
+        let grant = caller.await.expect("joined").expect("served");
+        let expected = lock(&world).store[&id].chain.access.clone().expect("set");
+        assert_eq!(grant.access_token.expose(), expected.token.expose());
+        assert_eq!(
+            lock(&world).calls,
+            calls,
+            "the other daemon's token was refreshed again"
+        );
+        assert!(other.release(id.clone(), fence).await.expect("store up"));
+        let info = inc.engine.refresh_now(&id).await.expect("refreshed");
+        assert_eq!(info.conn.status, Status::Active);
+        assert_eq!(lock(&world).calls, calls + 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = inc.engine.metrics.render();
+        assert!(text.contains("tokend_leases_held 0"), "{text}");
+        assert!(check_all(&world, &[&*inc.engine], "end").is_ok());
+        crash(inc);
+    });
+}
+
+/// Two engines ("daemons", each with its own pool) on one real PostgreSQL ledger, against the
+/// strict simulated provider: concurrent callers on both cause exactly one refresh (the
+/// ledger's claims, by its own clock), and every caller gets the access token it gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_on_one_postgres_ledger_refresh_a_chain_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(url) = crate::testpg::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("test.key");
+    std::fs::write(&path, "5a".repeat(32)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = crate::ledger::seal::KeySource {
+        key_file: Some(path),
+        old_key_files: vec![],
+    };
+    let start = chrono::Utc::now();
+    let clock = Arc::new(TokioClock::new(start));
+    let world: Shared = Arc::new(Mutex::new(World::new(5, clock.clone())));
+    let id = "c000000000000".to_owned();
+    let first = lock(&world).new_family(&id, start);
+    let rec = crate::model::sample_record(&id, "l0", &first, start);
+    let mut engines = Vec::new();
+    for n in 0..2 {
+        let ledger = crate::ledger::PgLedger::connect(&url, &key, dir.path())
+            .await
+            .unwrap();
+        if n == 0 {
+            ledger.insert(rec.clone(), vec![]).await.unwrap();
+        }
+        ledger.set_node(&format!("node{n}"));
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(SimProvider(world.clone(), None)),
+            clock.clone(),
+            settings(2),
+            crate::notify::Notifier::disabled(),
+            Arc::new(crate::metrics::Metrics::new(false)),
+        )
+        .await
+        .unwrap();
+        engine.set_node_name(format!("node{n}"));
+        engines.push(engine);
+    }
+    let callers: Vec<_> = (0..40)
+        .map(|i| {
+            let (engine, id) = (engines[i % 2].clone(), id.clone());
+            tokio::spawn(async move { engine.token(&id, Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for caller in callers {
+        let grant = caller.await.unwrap().expect("every caller is served");
+        tokens.insert(grant.access_token.expose().to_owned());
+    }
+    let w = lock(&world);
+    assert!(w.broken.is_empty(), "{:?}", w.broken);
+    assert_eq!(w.calls, 1, "one refresh across both daemons");
+    assert_eq!(tokens.len(), 1, "every caller gets the one new token");
 }

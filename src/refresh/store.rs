@@ -99,6 +99,14 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the store can take a write now.
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Whether other daemons write this store too (PostgreSQL): then memory may be behind
+    /// it at any time, so an attempt reloads the chain once it holds the claim, and writes a
+    /// marker before every request (even a retry of an unknown outcome), so that a writer
+    /// after it is always seen. A store only this daemon writes (SQLite) says `false`.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Claims the refresh of chain `id` for `holder` for `lease`: `None` while another
     /// holder's claim runs. A store only one daemon writes (SQLite, behind its state-dir
     /// lock) grants every claim.
@@ -207,6 +215,9 @@ impl Store for Ledger {
 }
 
 impl Store for PgLedger {
+    fn shared(&self) -> bool {
+        true
+    }
     fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
         Box::pin(async move { Ok(PgLedger::load_all(self).await?) })
     }

@@ -18,4 +18,5 @@ mod fuzz;
 mod keeper;
 mod migrate;
 mod ops;
+mod shared;
 mod util;

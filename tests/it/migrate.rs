@@ -7,8 +7,7 @@
 //! `tokend::ledger::PgLedger` with the same key file, every chain loaded, opened, and equal
 //! to the fake's current refresh token of its family.
 
-#[path = "../../src/testpg.rs"]
-mod testpg;
+use crate::util::pg::testpg;
 
 use crate::fake::{FakeAtlassian, FakeSite};
 use crate::util::{

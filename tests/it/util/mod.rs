@@ -15,7 +15,8 @@
 //! Beside the daemon: [`http`] (the socket client), [`consent`] (the consent flow over the
 //! API), [`ledger`] (read-only opens of the daemon's ledger, unsealing), [`notify`] (a fake
 //! `$NOTIFY_SOCKET`), [`disk`] (a small tmpfs to fill), [`output`] (the markers between the
-//! daemon's starts in its output, and the sections between them).
+//! daemon's starts in its output, and the sections between them), [`pg`] (daemons on one
+//! PostgreSQL ledger) and [`proxy`] (a TCP proxy a test can cut, between a daemon and it).
 
 #![allow(dead_code)]
 
@@ -40,6 +41,8 @@ pub mod http;
 pub mod ledger;
 pub mod notify;
 pub mod output;
+pub mod pg;
+pub mod proxy;
 
 pub use consent::{authorize, consent_body};
 pub use disk::SmallDisk;

@@ -1,0 +1,134 @@
+//! Changes other daemons made: on a shared (PostgreSQL) ledger, another daemon may refresh,
+//! import or remove a connection. The daemon's wiring tells the engine which connection
+//! moved ([`Engine::reload`], from a notification) or asks it to compare everything
+//! ([`Engine::reload_all`], the periodic fallback and the catch-up after a partition), and
+//! the engine takes the stored state into memory: a newer chain is adopted (so that its
+//! access token is served without a second refresh), an unknown connection is installed, a
+//! connection the ledger no longer has is forgotten.
+//!
+//! Never writes, never calls the provider, never takes a chain lock: an attempt running
+//! meanwhile finds out through its own compare-and-swap, as it always did.
+
+use super::{Engine, Slot, StoreError};
+use crate::model::{Record, Status};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A chain stored with another daemon's attempt marker is taken into memory only once that
+/// attempt committed (its commit is announced too), or once the marker is older than this:
+/// then its daemon died or lost the ledger mid-refresh, and resolving the unknown outcome
+/// falls to whichever daemon claims the chain next. Far longer than any attempt
+/// (`refresh.request_timeout`, seconds).
+const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
+
+impl Engine {
+    /// Takes connection `id` as the store holds it now, when that is newer than memory.
+    pub async fn reload(&self, id: &str) -> Result<(), StoreError> {
+        let stored = self.store.load(id.to_owned()).await?;
+        self.take_stored(id, stored);
+        Ok(())
+    }
+
+    /// Compares every connection with the store, as [`Engine::reload`] does for one.
+    /// Returns how many changed in memory.
+    pub async fn reload_all(&self) -> Result<usize, StoreError> {
+        let stored = self.store.load_all().await?;
+        let mut seen = HashSet::with_capacity(stored.len());
+        let mut changed = 0;
+        for rec in stored {
+            seen.insert(rec.conn.id.clone());
+            let id = rec.conn.id.clone();
+            changed += usize::from(self.take_stored(&id, Some(rec)));
+        }
+        for slot in self.slots() {
+            let id = slot.lock().rec.conn.id.clone();
+            if !seen.contains(&id) {
+                changed += usize::from(self.take_stored(&id, None));
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Applies what the store holds for `id` (`None`: no such connection); true when memory
+    /// changed.
+    fn take_stored(&self, id: &str, stored: Option<Record>) -> bool {
+        if let Some(rec) = &stored
+            && self.foreign_attempt_running(rec)
+        {
+            return false;
+        }
+        let slot = self.index_by_id(id);
+        match (slot, stored) {
+            (None, Some(rec)) => {
+                tracing::info!(connection = %id, label = %rec.conn.label, "connection added through another daemon");
+                let wanted = rec.conn.status == Status::Active
+                    && (rec.conn.sites.is_empty() || rec.conn.account_id.is_none());
+                let slot = self.install(rec, None);
+                slot.lock().sites_wanted = wanted;
+                self.replan(&slot);
+                true
+            }
+            (Some(slot), Some(rec)) => self.take_newer(&slot, &rec),
+            (Some(slot), None) => {
+                {
+                    let st = slot.lock();
+                    // A connection whose insert waits for its commit is not in the store
+                    // yet: that is not a removal.
+                    if st.removed || st.held.as_ref().is_some_and(|h| h.insert) {
+                        return false;
+                    }
+                }
+                tracing::info!(connection = %id, "connection removed through another daemon");
+                self.uninstall(id);
+                true
+            }
+            (None, None) => false,
+        }
+    }
+
+    /// Adopts `rec`'s chain into `slot` when it is newer and memory holds no change of its
+    /// own waiting for a commit (that commit's compare-and-swap decides instead).
+    fn take_newer(&self, slot: &Arc<Slot>, rec: &Record) -> bool {
+        let mut st = slot.lock();
+        if st.removed || st.held.is_some() {
+            return false;
+        }
+        // The account is resolved after the insert, without a new chain version.
+        let account = st.rec.conn.account_id.is_none() && rec.conn.account_id.is_some();
+        if account {
+            st.rec.conn.account_id = rec.conn.account_id.clone();
+        }
+        if rec.chain.version <= st.rec.chain.version {
+            return account;
+        }
+        tracing::debug!(
+            connection = %rec.conn.id,
+            version = rec.chain.version,
+            "taking the chain another daemon committed"
+        );
+        self.adopt(&mut st, rec);
+        // Memory is the store's again.
+        st.stale = false;
+        self.replan_locked(&st);
+        true
+    }
+
+    /// Whether `rec` carries the marker of an attempt that is (or recently was) running
+    /// elsewhere: memory that took it would plan to resolve that attempt's outcome at once,
+    /// presenting the same refresh token while the other daemon's request is in flight.
+    fn foreign_attempt_running(&self, rec: &Record) -> bool {
+        rec.chain.attempt_started_at.is_some_and(|at| {
+            (self.now() - at)
+                .to_std()
+                .is_ok_and(|age| age < FOREIGN_ATTEMPT_GRACE)
+                || at > self.now()
+        })
+    }
+
+    /// The slot of connection `id` (ids only, not labels).
+    fn index_by_id(&self, id: &str) -> Option<Arc<Slot>> {
+        let index = self.index.read();
+        index.by_id.get(id).cloned()
+    }
+}
