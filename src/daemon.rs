@@ -481,6 +481,19 @@ async fn shutdown_signal() {
     signals.handle().close();
 }
 
+/// This daemon's name on the ledger: its node name, and on a shared ledger a suffix unique to
+/// this process (`node#1a2b3c4d`). The name is the holder of its claims and the origin its
+/// notifications carry, and the store grants a holder its own claim again: two daemons with
+/// one `node_name` (the same host, the default name) must never hold one name, or both would
+/// refresh one chain at once.
+fn daemon_instance(node: String, shared: bool) -> String {
+    if !shared {
+        return node;
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{node}#{}", &id[..8])
+}
+
 /// The host's name, for `daemon.node_name = ""`.
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -496,7 +509,10 @@ pub async fn run(
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node = config.daemon.node_name.clone().unwrap_or_else(host_name);
+    let node = daemon_instance(
+        config.daemon.node_name.clone().unwrap_or_else(host_name),
+        config.ledger.is_shared(),
+    );
     let (store, ledger) = open_ledger(&config, &node).await?;
     let provider = Atlassian::new(
         config.providers.atlassian.clone(),
@@ -639,4 +655,24 @@ pub async fn run(
     }
     tracing::info!("tokend stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemons_on_a_shared_ledger_never_share_a_name() {
+        assert_eq!(daemon_instance("host-a".into(), false), "host-a");
+        let one = daemon_instance("host-a".into(), true);
+        let two = daemon_instance("host-a".into(), true);
+        assert!(
+            one.starts_with("host-a#") && one.len() == "host-a#".len() + 8,
+            "{one}"
+        );
+        assert_ne!(
+            one, two,
+            "two processes with one node_name got one claim holder"
+        );
+    }
 }
