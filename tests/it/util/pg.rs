@@ -18,8 +18,8 @@ const KEY_HEX: &str = "8f1c2e3d4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c
 pub struct SharedLedger {
     /// The database's name in the shared cluster.
     db: String,
-    /// The cluster's TCP port, which each daemon's proxy forwards to.
-    port: u16,
+    /// The cluster's Unix socket, which each daemon's proxy forwards to.
+    socket: PathBuf,
     /// Holds the key file.
     dir: tempfile::TempDir,
 }
@@ -57,7 +57,9 @@ impl SharedLedger {
         }
         SharedLedger {
             db,
-            port: cluster.port(),
+            socket: cluster
+                .socket_dir()
+                .join(format!(".s.PGSQL.{}", cluster.port())),
             dir,
         }
     }
@@ -71,11 +73,7 @@ impl SharedLedger {
     /// `daemon.key_file`, `ledger.url` and a short `ledger.lease` set; anything else can be
     /// set on the builder before [`PgDaemon::start`].
     pub fn builder(&self, fake: &FakeAtlassian, node: &str) -> (DaemonBuilder, Proxy) {
-        let proxy = Proxy::start(
-            format!("127.0.0.1:{}", self.port)
-                .parse()
-                .expect("cluster address"),
-        );
+        let proxy = Proxy::start(self.socket.clone());
         let url = format!(
             "postgres://{}@{}/{}?sslmode=disable&connect_timeout=2",
             testpg::SUPERUSER,

@@ -1,5 +1,7 @@
 //! A TCP proxy between one daemon and PostgreSQL that a test can cut and heal: a partition
-//! of that daemon alone, without touching the server or the other daemons.
+//! of that daemon alone, without touching the server or the other daemons. The daemon
+//! connects over TCP; the proxy reaches the server on its Unix socket (the test cluster
+//! listens on no TCP port, so that its trust authentication reaches no other local user).
 //!
 //! [`Proxy::cut`] closes every connection through it and refuses new ones (accepted, then
 //! closed at once, as a dead route looks to a client with a short timeout: an error, not a
@@ -7,6 +9,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,12 +26,12 @@ struct Shared {
     /// Dropped: the accept loop ends.
     stop: AtomicBool,
     /// Both ends of every open connection, so that a cut can close them.
-    open: Mutex<Vec<TcpStream>>,
+    open: Mutex<Vec<Box<dyn Fn() + Send>>>,
 }
 
 impl Proxy {
-    /// Listens on a free port of 127.0.0.1 and forwards to `upstream`.
-    pub fn start(upstream: SocketAddr) -> Proxy {
+    /// Listens on a free port of 127.0.0.1 and forwards to the Unix socket `upstream`.
+    pub fn start(upstream: PathBuf) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
@@ -46,20 +50,33 @@ impl Proxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(upstream) else {
+                let Ok(server) = UnixStream::connect(&upstream) else {
                     continue;
                 };
                 let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
                 let mut open = s.open.lock().unwrap();
-                for stream in [&client, &server] {
-                    if let Ok(c) = stream.try_clone() {
-                        open.push(c);
-                    }
+                if let (Ok(c), Ok(u)) = (client.try_clone(), server.try_clone()) {
+                    open.push(Box::new(move || {
+                        let _ = c.shutdown(Shutdown::Both);
+                        let _ = u.shutdown(Shutdown::Both);
+                    }));
                 }
                 drop(open);
-                pump(&client, &server);
-                pump(&server, &client);
+                if let (Ok(c1), Ok(c2), Ok(u1), Ok(u2)) = (
+                    client.try_clone(),
+                    client.try_clone(),
+                    server.try_clone(),
+                    server.try_clone(),
+                ) {
+                    pump(c1, u1, |c, u| {
+                        let _ = c.shutdown(Shutdown::Both);
+                        let _ = u.shutdown(Shutdown::Both);
+                    });
+                    pump(u2, c2, |u, c| {
+                        let _ = u.shutdown(Shutdown::Both);
+                        let _ = c.shutdown(Shutdown::Both);
+                    });
+                }
             }
         });
         Proxy { addr, shared }
@@ -73,8 +90,8 @@ impl Proxy {
     /// Closes every connection through the proxy and refuses new ones until [`Proxy::heal`].
     pub fn cut(&self) {
         self.shared.cut.store(true, Ordering::SeqCst);
-        for s in self.shared.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
+        for close in self.shared.open.lock().unwrap().drain(..) {
+            close();
         }
     }
 
@@ -93,11 +110,12 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies `from` to `to` on a thread until either side closes.
-fn pump(from: &TcpStream, to: &TcpStream) {
-    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
-        return;
-    };
+/// Copies `from` to `to` on a thread until either side closes, then closes both.
+fn pump<A, B>(mut from: A, mut to: B, close: fn(&A, &B))
+where
+    A: Read + Send + 'static,
+    B: Write + Send + 'static,
+{
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -110,7 +128,6 @@ fn pump(from: &TcpStream, to: &TcpStream) {
                 }
             }
         }
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
+        close(&from, &to);
     });
 }
