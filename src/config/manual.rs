@@ -24,7 +24,8 @@ pub fn page(version: &str) -> String {
              environment variable TOKEND_CONFIG); the package installs /etc/tokend/daemon.toml \
              (0640 root:tokend), which its systemd unit passes.",
             "Every table and key is optional: an empty file is a valid configuration, and an \
-             absent key takes the default shown below. An unknown key is an error. tokend \
+             absent key takes the default shown below (the built-in one, made to run without root; the \
+             package's file sets the paths its systemd units use). An unknown key is an error. tokend \
              check-config validates the file and prints the effective configuration with \
              secrets masked; a bad file exits 64 with the file, key and line.",
             &format!(
