@@ -40,8 +40,13 @@ fn git_commit() -> Option<String> {
         watched.push(branch);
     }
     for name in watched {
-        if let Some(path) = git(&dir, &["rev-parse", "--git-path", &name]) {
-            println!("cargo:rerun-if-changed={}", dir.join(path).display());
+        // Only files that exist: cargo reruns a script on every build for a missing one
+        // (a ref lives either in its own file or in packed-refs).
+        if let Some(path) = git(&dir, &["rev-parse", "--git-path", &name])
+            .map(|p| dir.join(p))
+            .filter(|p| p.exists())
+        {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
     }
     git(&dir, &["rev-parse", COMMIT_DIGITS, "HEAD"])
