@@ -13,6 +13,15 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::{ArgGroup, Parser, Subcommand};
 use tokend::cli::{Action, ClientCommand, DEFAULT_LABEL, LedgerUrl, MigrateTarget, TokenTarget};
 
+/// `tokend --version`: the package version and the git commit it was built from
+/// (`build.rs`; `unknown` from a tarball without git).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TOKEND_GIT_COMMIT"),
+    ")"
+);
+
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: i32 = 3;
 
@@ -33,7 +42,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage error, 64 bad configuration.";
 #[derive(Debug, Parser)]
 #[command(
     name = "tokend",
-    version,
+    version = VERSION,
     about = "Keeps Atlassian OAuth refresh-token chains alive and serves fresh access tokens over a Unix socket",
     after_help = AFTER_HELP
 )]
@@ -153,6 +162,32 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         to_file: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    ///
+    /// bash: `tokend completions bash > /etc/bash_completion.d/tokend`; zsh: into a
+    /// directory of `$fpath` as `_tokend`; fish: `~/.config/fish/completions/tokend.fish`.
+    /// The Debian package installs all three.
+    Completions {
+        /// The shell.
+        #[arg(value_name = "SHELL")]
+        shell: CompletionShell,
+    },
+    /// Write the man pages (tokend(1), one per subcommand, daemon.toml(5)) into DIR/man1 and
+    /// DIR/man5: a packaging step (`.ci/package`), hidden from --help.
+    #[command(hide = true)]
+    ManPages {
+        /// Output directory; created when missing.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// The shells `tokend completions` supports (INTERFACE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// `--to`: any non-empty text (the library judges it, and never echoes it).
@@ -202,6 +237,9 @@ impl Command {
                 (None, Some(path)) => MigrateTarget::File(path),
                 (None, None) => unreachable!("clap requires one of --to and --to-file"),
             }),
+            Command::Completions { .. } | Command::ManPages { .. } => {
+                unreachable!("main runs these without the library (generated())")
+            }
         }
     }
 }
@@ -211,6 +249,9 @@ fn main() -> ExitCode {
     let activated = activated_socket();
     // Usage errors exit 2 (clap's default); --help and --version exit 0.
     let cli = Cli::parse();
+    if let Some(code) = generated(&cli.command) {
+        return code;
+    }
     let action = cli.command.into_action();
     tokend::cli::exit(tokend::cli::run(
         &cli.config,
@@ -218,6 +259,121 @@ fn main() -> ExitCode {
         tokend::cli::env_socket(),
         activated,
     ))
+}
+
+/// The commands that print what is generated from this clap definition (completions, man
+/// pages) and need neither a configuration nor the daemon; `None` for every other command.
+fn generated(command: &Command) -> Option<ExitCode> {
+    let result = match command {
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            print_completions(*shell, &mut out)
+        }
+        Command::ManPages { dir } => write_man_pages(dir),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokend: {e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// The completion script for `shell`, generated from [`Cli`].
+fn print_completions(shell: CompletionShell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut completion_command(), "tokend", out);
+    out.flush()
+}
+
+/// [`Cli`] without its hidden subcommands (clap_complete would offer them): the same
+/// arguments, the visible subcommands, nothing else changed.
+fn completion_command() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let args: Vec<clap::Arg> = full.get_arguments().cloned().collect();
+    let subcommands: Vec<clap::Command> = full
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new("tokend")
+        .version(VERSION)
+        .args(args)
+        .subcommands(subcommands)
+}
+
+/// Writes `man1/tokend.1`, `man1/tokend-<subcommand>.1` for every visible subcommand, and
+/// `man5/daemon.toml.5` (from the config's own key table, [`tokend::config::manual`]).
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    let man1 = dir.join("man1");
+    let man5 = dir.join("man5");
+    std::fs::create_dir_all(&man1)?;
+    std::fs::create_dir_all(&man5)?;
+    for (name, page) in man_pages()? {
+        std::fs::write(man1.join(name), page)?;
+    }
+    std::fs::write(
+        man5.join("daemon.toml.5"),
+        tokend::config::manual::page(env!("CARGO_PKG_VERSION")),
+    )
+}
+
+/// Section-1 pages as (file name, roff): `tokend.1` and one per visible subcommand.
+fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    use clap::CommandFactory;
+    // The page's footer names the version without the commit (as Debian's pages do).
+    let mut cmd = Cli::command()
+        .version(env!("CARGO_PKG_VERSION"))
+        .disable_help_subcommand(true);
+    cmd.build();
+    let subcommands: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    let mut see_also: Vec<String> = subcommands
+        .iter()
+        .map(|s| format!("tokend-{}(1)", s.get_name()))
+        .collect();
+    see_also.push("daemon.toml(5)".to_owned());
+    let mut top = Vec::new();
+    clap_mangen::Man::new(cmd).render(&mut top)?;
+    append_see_also(&mut top, &see_also);
+    out.push(("tokend.1".to_owned(), top));
+    for sub in subcommands {
+        let name = format!("tokend-{}", sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.name(name.clone()))
+            .title(name.clone())
+            .render(&mut page)?;
+        append_see_also(
+            &mut page,
+            &["tokend(1)".to_owned(), "daemon.toml(5)".to_owned()],
+        );
+        out.push((format!("{name}.1"), page));
+    }
+    Ok(out)
+}
+
+/// A SEE ALSO section naming `pages` (`name(section)`), in bold as man-pages(7) asks.
+fn append_see_also(page: &mut Vec<u8>, pages: &[String]) {
+    let refs: Vec<String> = pages
+        .iter()
+        .map(|p| match p.split_once('(') {
+            Some((name, rest)) => format!("\\fB{}\\fR({rest}", name.replace('-', "\\-")),
+            None => p.clone(),
+        })
+        .collect();
+    page.extend_from_slice(format!(".SH \"SEE ALSO\"\n{}\n", refs.join(", ")).as_bytes());
 }
 
 /// The socket systemd passed to this process, if any (`LISTEN_PID` is ours and
@@ -267,6 +423,7 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+        completion_command().debug_assert();
     }
 
     #[test]
@@ -437,6 +594,74 @@ mod tests {
         ])
         .unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        let version = Cli::command().render_version();
+        assert!(
+            version.starts_with(&format!("tokend {} (commit ", env!("CARGO_PKG_VERSION"))),
+            "{version}"
+        );
+    }
+
+    #[test]
+    fn completions_cover_every_visible_subcommand_in_each_shell() {
+        assert_eq!(
+            command(&["completions", "zsh"]),
+            Command::Completions {
+                shell: CompletionShell::Zsh
+            }
+        );
+        assert_eq!(
+            usage_error(&["completions", "powershell"]),
+            ErrorKind::InvalidValue
+        );
+        for shell in [
+            CompletionShell::Bash,
+            CompletionShell::Zsh,
+            CompletionShell::Fish,
+        ] {
+            let mut out = Vec::new();
+            print_completions(shell, &mut out).unwrap();
+            let script = String::from_utf8(out).unwrap();
+            for sub in [
+                "run",
+                "check-config",
+                "import",
+                "token",
+                "events",
+                "completions",
+            ] {
+                assert!(script.contains(sub), "{shell:?} lacks {sub}");
+            }
+            assert!(
+                !script.contains("man-pages"),
+                "{shell:?} offers the hidden command"
+            );
+        }
+    }
+
+    #[test]
+    fn man_pages_are_one_per_visible_subcommand() {
+        let pages = man_pages().unwrap();
+        let names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
+        let mut want = vec!["tokend.1".to_owned()];
+        want.extend(
+            Cli::command()
+                .get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .map(|s| format!("tokend-{}.1", s.get_name())),
+        );
+        assert_eq!(names, want);
+        assert!(!names.contains(&"tokend-man-pages.1"));
+        let top = String::from_utf8(pages[0].1.clone()).unwrap();
+        assert!(top.contains(".SH \"SEE ALSO\""), "{top}");
+        assert!(top.contains("daemon.toml\\fR(5)"), "{top}");
+        let token = &pages.iter().find(|(n, _)| n == "tokend-token.1").unwrap().1;
+        let token = String::from_utf8(token.clone()).unwrap();
+        assert!(token.contains("tokend\\-token"), "{token}");
+        assert!(token.contains("TOKEND_SOCKET"), "{token}");
     }
 
     #[test]

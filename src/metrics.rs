@@ -1414,4 +1414,219 @@ mod tests {
         let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
         assert!(String::from_utf8_lossy(&body).contains("took longer"));
     }
+
+    /// The Grafana dashboard shipped in `contrib/grafana/` (and in the Debian package).
+    const DASHBOARD: &str = include_str!("../contrib/grafana/tokend.json");
+
+    /// PromQL functions and aggregations the dashboard may call.
+    const PROMQL_FUNCTIONS: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "bottomk",
+        "topk",
+        "rate",
+        "irate",
+        "increase",
+        "histogram_quantile",
+        "time",
+        "clamp_min",
+        "max_over_time",
+        "min_over_time",
+        "absent",
+        "vector",
+        "scalar",
+    ];
+    /// Keywords followed by a parenthesised list of label names, not metrics.
+    const PROMQL_LABEL_LISTS: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    /// Other keywords.
+    const PROMQL_KEYWORDS: &[&str] = &["bool", "offset", "and", "or", "unless"];
+
+    /// The index after the `close` matching the opener at `i` (quotes inside skipped).
+    fn skip_group(c: &[char], mut i: usize, open: char, close: char) -> usize {
+        let mut depth = 0;
+        while i < c.len() {
+            match c[i] {
+                '"' | '\'' | '`' => i = skip_string(c, i) - 1,
+                x if x == open => depth += 1,
+                x if x == close => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        panic!(
+            "unbalanced {open}{close} in {}",
+            c.iter().collect::<String>()
+        )
+    }
+
+    /// The index after the string literal starting at `i`.
+    fn skip_string(c: &[char], i: usize) -> usize {
+        let quote = c[i];
+        let mut j = i + 1;
+        while j < c.len() && c[j] != quote {
+            j += if c[j] == '\\' { 2 } else { 1 };
+        }
+        j + 1
+    }
+
+    /// The metric names a PromQL expression selects: every identifier outside strings,
+    /// label matchers, ranges and grouping lists that is not a function or keyword. An
+    /// unknown function is an error, so a metric name cannot hide as one.
+    fn promql_metrics(expr: &str) -> Vec<String> {
+        let c: Vec<char> = expr.chars().collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < c.len() {
+            match c[i] {
+                '"' | '\'' | '`' => i = skip_string(&c, i),
+                '{' => i = skip_group(&c, i, '{', '}'),
+                '[' => i = skip_group(&c, i, '[', ']'),
+                d if d.is_ascii_digit() || d == '.' => {
+                    while i < c.len() && (c[i].is_ascii_alphanumeric() || c[i] == '.') {
+                        i += 1;
+                    }
+                }
+                a if a.is_ascii_alphabetic() || a == '_' || a == ':' => {
+                    let start = i;
+                    while i < c.len()
+                        && (c[i].is_ascii_alphanumeric() || c[i] == '_' || c[i] == ':')
+                    {
+                        i += 1;
+                    }
+                    let ident: String = c[start..i].iter().collect();
+                    let mut next = i;
+                    while next < c.len() && c[next].is_whitespace() {
+                        next += 1;
+                    }
+                    let call = c.get(next) == Some(&'(');
+                    if PROMQL_LABEL_LISTS.contains(&ident.as_str()) {
+                        if call {
+                            i = skip_group(&c, next, '(', ')');
+                        }
+                    } else if PROMQL_FUNCTIONS.contains(&ident.as_str())
+                        || PROMQL_KEYWORDS.contains(&ident.as_str())
+                    {
+                    } else if call {
+                        panic!("unknown PromQL function {ident} in {expr}");
+                    } else {
+                        out.push(ident);
+                    }
+                }
+                _ => i += 1,
+            }
+        }
+        out
+    }
+
+    /// Every queried expression of the dashboard: panel targets and the metric of each
+    /// `label_values(METRIC..., label)` variable.
+    fn dashboard_queries() -> Vec<String> {
+        let d: serde_json::Value = serde_json::from_str(DASHBOARD).expect("valid JSON");
+        let mut out = Vec::new();
+        for panel in d["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().expect("every target has an expr");
+                out.push(expr.to_owned());
+            }
+        }
+        for var in d["templating"]["list"].as_array().expect("templating") {
+            if let Some(q) = var["definition"].as_str() {
+                let inner = q
+                    .strip_prefix("label_values(")
+                    .unwrap_or_else(|| panic!("unexpected variable query {q}"));
+                let metric = inner.split(['{', ',', ')']).next().unwrap().trim();
+                out.push(metric.to_owned());
+            }
+        }
+        out
+    }
+
+    /// Every sample name `/metrics` can carry: each family, with `_bucket`, `_sum` and
+    /// `_count` for histograms, rendered with every series populated.
+    fn exported_names() -> Vec<String> {
+        let m = Metrics::new(true);
+        m.declare_api_routes(DECLARED_ROUTES);
+        let source = watched(&m);
+        source.set_connections(1, 1);
+        source.set_connection_deadlines(&[deadline("c1", 2e9, Some(3e9), true)], 1e9);
+        m.refresh_outcome(RefreshOutcome::Success, Duration::from_millis(5));
+        m.token_request(TokenOutcome::Cached);
+        m.api_request(DECLARED_ROUTES[0], 200, Duration::from_millis(1));
+        m.site_resolution(true);
+        m.audit_write(true);
+        m.job_success(KNOWN_JOBS[0], 1e9);
+        m.set_job_period(KNOWN_JOBS[0], 3600.0);
+        let mut out = Vec::new();
+        for line in m.render().lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').unwrap();
+            out.push(name.to_owned());
+            if kind == "histogram" || kind == "summary" {
+                out.extend(["_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            if kind == "histogram" {
+                out.push(format!("{name}_bucket"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn promql_metric_extraction() {
+        assert_eq!(
+            promql_metrics(
+                "histogram_quantile(0.99, sum by (le, route) (rate(a_bucket{x=~\"$i\",y=\"}\"}[$__rate_interval])))"
+            ),
+            ["a_bucket"]
+        );
+        assert_eq!(
+            promql_metrics("time() - max by (cron_job) (b{i=\"1\"}) / on (x) c"),
+            ["b", "c"]
+        );
+        assert!(std::panic::catch_unwind(|| promql_metrics("tokend_nope(x)")).is_err());
+    }
+
+    #[test]
+    fn the_dashboard_queries_only_metrics_tokend_exports() {
+        let exported = exported_names();
+        let queries = dashboard_queries();
+        assert!(queries.len() > 15, "{queries:?}");
+        let mut used = Vec::new();
+        for q in &queries {
+            let names = promql_metrics(q);
+            assert!(!names.is_empty(), "a query that reads no metric: {q}");
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "contrib/grafana/tokend.json queries {name}, which tokend does not export: {q}"
+                );
+                used.push(name);
+            }
+        }
+        // And it shows every metric of INTERFACE.md.
+        for name in INTERFACE_METRICS {
+            assert!(
+                used.iter()
+                    .any(|u| u.strip_suffix("_bucket").unwrap_or(u) == *name),
+                "the dashboard does not show {name}"
+            );
+        }
+    }
 }

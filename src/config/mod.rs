@@ -38,7 +38,8 @@
 //!
 //! Files: `raw` (the serde structs as parsed, and TOML errors), `validate` (raw structs to
 //! [`Config`], defaults, limits, every [`ConfigError`] of a bad value), `summary` (the
-//! `tokend check-config` output); this file holds the public types and the entry points;
+//! `tokend check-config` output), `keys` (the documentation of every key: meaning, default,
+//! reload; the one source of `daemon.toml(5)`), `manual` (that page, in roff); this file holds the public types and the entry points;
 //! `tests` and `props` test them all on string literals.
 
 use std::fmt;
@@ -51,6 +52,8 @@ use url::Url;
 use crate::model::JobKind;
 use crate::secret::Secret;
 
+pub mod keys;
+pub mod manual;
 mod raw;
 mod summary;
 mod validate;

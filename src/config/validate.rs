@@ -29,53 +29,59 @@ use crate::secret::Secret;
 
 /// Default ledger directory, relative to the config file: the shipped config must run
 /// without root, so nothing under `/var`.
-const DEFAULT_STATE_DIR: &str = "state";
+pub(super) const DEFAULT_STATE_DIR: &str = "state";
 /// Default socket path, relative to the config file and outside the private `state_dir` so
 /// that other users can reach it.
-const DEFAULT_SOCKET_PATH: &str = "run/tokend.sock";
+pub(super) const DEFAULT_SOCKET_PATH: &str = "run/tokend.sock";
 /// Default socket file mode: owner and group may connect, others may not.
-const DEFAULT_SOCKET_MODE: &str = "0660";
+pub(super) const DEFAULT_SOCKET_MODE: &str = "0660";
 /// Default metrics listener: loopback only, the conventional port range of exporters.
-const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+pub(super) const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default log format: journald and terminals read plain lines.
+pub(super) const DEFAULT_LOG_FORMAT: &str = "text";
+/// Per-connection series by default: a few hundred connections are cheap for Prometheus.
+pub(super) const DEFAULT_METRICS_PER_CONNECTION: bool = true;
 /// Default log filter: lifecycle events and warnings, without per-request noise.
-const DEFAULT_LOG_LEVEL: &str = "info";
+pub(super) const DEFAULT_LOG_LEVEL: &str = "info";
 /// Renew an access token this long before it expires, so a caller never gets one that dies
 /// in flight.
-const DEFAULT_ACCESS_TOKEN_MARGIN: &str = "15m";
+pub(super) const DEFAULT_ACCESS_TOKEN_MARGIN: &str = "15m";
 /// Rotate every refresh token at least this often, used or not, so that no chain comes
 /// near the provider's inactivity expiry.
-const DEFAULT_ROTATE_AFTER: &str = "7d";
+pub(super) const DEFAULT_ROTATE_AFTER: &str = "7d";
 /// Atlassian's documented inactivity expiry of a refresh token.
-const DEFAULT_INACTIVITY_EXPIRY: &str = "90d";
+pub(super) const DEFAULT_INACTIVITY_EXPIRY: &str = "90d";
 /// Atlassian's documented absolute lifetime of a consent (re-consent deadline).
-const DEFAULT_ABSOLUTE_EXPIRY: &str = "365d";
+pub(super) const DEFAULT_ABSOLUTE_EXPIRY: &str = "365d";
 /// Refreshes in flight across all connections: enough to catch up quickly after downtime,
 /// few enough not to trip the provider's rate limits.
-const DEFAULT_MAX_CONCURRENT: i64 = 8;
+pub(super) const DEFAULT_MAX_CONCURRENT: i64 = 8;
 /// Timeout of one HTTP request to the provider.
-const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+pub(super) const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
 /// First retry delay after a transient failure.
-const DEFAULT_BACKOFF_MIN: &str = "30s";
+pub(super) const DEFAULT_BACKOFF_MIN: &str = "30s";
 /// Longest retry delay: far below `rotate_after`, so a long outage is retried often enough.
-const DEFAULT_BACKOFF_MAX: &str = "30m";
+pub(super) const DEFAULT_BACKOFF_MAX: &str = "30m";
 /// Re-resolve accessible sites hourly, on the hour.
-const DEFAULT_RESOLVE_SITES_CRON: &str = "0 0 * * * *";
+pub(super) const DEFAULT_RESOLVE_SITES_CRON: &str = "0 0 * * * *";
 /// Ledger housekeeping daily at 03:30, a quiet hour.
-const DEFAULT_MAINTENANCE_CRON: &str = "0 30 3 * * *";
+pub(super) const DEFAULT_MAINTENANCE_CRON: &str = "0 30 3 * * *";
 /// The URL schemes of a PostgreSQL ledger (both spellings libpq accepts).
 const POSTGRES_SCHEMES: &[&str] = &["postgres", "postgresql"];
+/// `ledger.lease`'s default as written in `daemon.toml` ([`super::DEFAULT_LEASE`]).
+pub(super) const DEFAULT_LEASE_TEXT: &str = "60s";
 /// A notify command that hangs is killed after this long, so events do not pile up.
-const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
+pub(super) const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
 /// `offline_access` is what makes Atlassian issue a refresh token at all.
-const DEFAULT_SCOPES: &[&str] = &["offline_access", "read:page:confluence"];
+pub(super) const DEFAULT_SCOPES: &[&str] = &["offline_access", "read:page:confluence"];
 /// Loopback callback for `tokend connect`; must match the app's registered callback URL.
-const DEFAULT_REDIRECT_URI: &str = "http://localhost:8976/callback";
+pub(super) const DEFAULT_REDIRECT_URI: &str = "http://localhost:8976/callback";
 /// Atlassian's authorization endpoint (3LO).
-const DEFAULT_AUTHORIZE_URL: &str = "https://auth.atlassian.com/authorize";
+pub(super) const DEFAULT_AUTHORIZE_URL: &str = "https://auth.atlassian.com/authorize";
 /// Atlassian's token endpoint (code exchange and refresh).
-const DEFAULT_TOKEN_URL: &str = "https://auth.atlassian.com/oauth/token";
+pub(super) const DEFAULT_TOKEN_URL: &str = "https://auth.atlassian.com/oauth/token";
 /// Atlassian's API gateway: accessible-resources, `/me`, and the per-site API base URLs.
-const DEFAULT_API_URL: &str = "https://api.atlassian.com";
+pub(super) const DEFAULT_API_URL: &str = "https://api.atlassian.com";
 
 /// The scope without which Atlassian issues no refresh token, and tokend has nothing to keep
 /// alive.
@@ -220,7 +226,7 @@ impl Validator<'_> {
             })?)
         };
 
-        let log_format = match text_or(&raw.log_format, "text") {
+        let log_format = match text_or(&raw.log_format, DEFAULT_LOG_FORMAT) {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
@@ -296,7 +302,9 @@ impl Validator<'_> {
             metrics_listen,
             log_format,
             log_level,
-            metrics_per_connection: raw.metrics_per_connection.unwrap_or(true),
+            metrics_per_connection: raw
+                .metrics_per_connection
+                .unwrap_or(DEFAULT_METRICS_PER_CONNECTION),
             keys: crate::ledger::seal::KeySource {
                 key_file,
                 old_key_files,
@@ -418,8 +426,7 @@ impl Validator<'_> {
         request_timeout_at: Option<Range<usize>>,
         key_file_written: bool,
     ) -> Result<LedgerConfig, ConfigError> {
-        let default_lease = format_duration(super::DEFAULT_LEASE);
-        let lease = self.duration("ledger.lease", &raw.lease, &default_lease)?;
+        let lease = self.duration("ledger.lease", &raw.lease, DEFAULT_LEASE_TEXT)?;
         let url_at = span(&raw.url);
         let url_text = text_or(&raw.url, "").trim();
         let file_at = span(&raw.url_file);
