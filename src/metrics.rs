@@ -1571,6 +1571,8 @@ mod tests {
         m.audit_write(true);
         m.job_success(KNOWN_JOBS[0], 1e9);
         m.set_job_period(KNOWN_JOBS[0], 3600.0);
+        // Exported only with a shared ledger, from its first report.
+        m.set_ledger_up(true);
         let mut out = Vec::new();
         for line in m.render().lines() {
             let Some(rest) = line.strip_prefix("# TYPE ") else {
