@@ -304,6 +304,22 @@ impl Ledger {
         .map_err(|e| LedgerError::Task(e.to_string()))?
     }
 
+    /// Runs `f` in one write transaction (`IMMEDIATE`) on the blocking pool, committed when
+    /// it returns `Ok` (rolled back otherwise).
+    async fn write<R, F>(&self, f: F) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+    {
+        self.call_keys(move |db, keys| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx, keys)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
     /// Every connection with its chain and sites (removed sites excluded).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.call_keys(|db, keys| {
@@ -345,8 +361,7 @@ impl Ledger {
 
     /// Inserts a new connection with its first events.
     pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, keys| {
             let taken: Option<String> = tx
                 .query_row(
                     "SELECT id FROM connections WHERE label = ?1",
@@ -364,9 +379,8 @@ impl Ledger {
                 ),
                 rusqlite::params_from_iter(record_values(&rec, keys)),
             )?;
-            write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
-            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
-            tx.commit()?;
+            write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
+            append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -382,13 +396,11 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if update_row(&tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
+        self.write(move |tx, keys| {
+            if update_row(tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
-            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -402,8 +414,7 @@ impl Ledger {
         now: Time,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             let n = tx.execute(
                 "UPDATE connections SET account_id = ?1, updated_at = ?2 WHERE id = ?3",
                 params![account_id, ms(now), connection_id],
@@ -411,8 +422,7 @@ impl Ledger {
             if n == 0 {
                 return Err(LedgerError::Conflict(connection_id));
             }
-            append_events(&tx, Some(&connection_id), now, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&connection_id), now, &events)?;
             Ok(())
         })
         .await
@@ -430,8 +440,7 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, keys| {
             let deleted = tx.execute(
                 "DELETE FROM connections WHERE id = ?1 AND chain_version = ?2",
                 params![from, from_version as i64],
@@ -439,11 +448,11 @@ impl Ledger {
             if deleted == 0 {
                 return Err(LedgerError::Conflict(from));
             }
-            if update_row(&tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
-                &tx,
+                tx,
                 Some(&from),
                 merged.conn.updated_at,
                 &[Event::new(
@@ -451,8 +460,7 @@ impl Ledger {
                     format!("chain moved into connection {}", merged.conn.id),
                 )],
             )?;
-            append_events(&tx, Some(&merged.conn.id), merged.conn.updated_at, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&merged.conn.id), merged.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -467,9 +475,8 @@ impl Ledger {
         sites: Vec<Site>,
         now: Time,
     ) -> Result<Vec<Event>, LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let before = load_sites(&tx, &connection_id)?;
+        self.write(move |tx, _| {
+            let before = load_sites(tx, &connection_id)?;
             let (events, removed) = site_changes(&before, &sites);
             for b in removed {
                 tx.execute(
@@ -477,9 +484,8 @@ impl Ledger {
                     params![connection_id, b.cloud_id, ms(now), b.url],
                 )?;
             }
-            write_sites(&tx, &connection_id, &sites, now)?;
-            append_events(&tx, Some(&connection_id), now, &events)?;
-            tx.commit()?;
+            write_sites(tx, &connection_id, &sites, now)?;
+            append_events(tx, Some(&connection_id), now, &events)?;
             Ok(events)
         })
         .await
@@ -488,18 +494,16 @@ impl Ledger {
     /// Deletes a connection (its sites go with it); the history keeps a `removed` event.
     /// Returns false when there was no such connection.
     pub async fn delete(&self, connection_id: String, now: Time) -> Result<bool, LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             let n = tx.execute("DELETE FROM connections WHERE id = ?1", [&connection_id])?;
             if n > 0 {
                 append_events(
-                    &tx,
+                    tx,
                     Some(&connection_id),
                     now,
                     &[Event::new(EventKind::Removed, "connection removed")],
                 )?;
             }
-            tx.commit()?;
             Ok(n > 0)
         })
         .await
@@ -512,10 +516,8 @@ impl Ledger {
         now: Time,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            append_events(&tx, connection_id.as_deref(), now, &events)?;
-            tx.commit()?;
+        self.write(move |tx, _| {
+            append_events(tx, connection_id.as_deref(), now, &events)?;
             Ok(())
         })
         .await
@@ -535,12 +537,10 @@ impl Ledger {
         &self,
         events: Vec<(String, Time, Event)>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             for (id, at, e) in &events {
-                append_events(&tx, Some(id), *at, std::slice::from_ref(e))?;
+                append_events(tx, Some(id), *at, std::slice::from_ref(e))?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -598,8 +598,7 @@ impl Ledger {
 
     /// Proves the ledger is writable: a write transaction that touches the database file.
     pub async fn check_writable(&self) -> Result<(), LedgerError> {
-        self.call(|db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(|tx, _| {
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at INTEGER NOT NULL) STRICT;",
             )?;
@@ -607,7 +606,6 @@ impl Ledger {
                 "INSERT INTO health (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 [ms(Utc::now())],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
