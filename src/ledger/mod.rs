@@ -716,27 +716,17 @@ fn seal_at_rest(
     };
     let mut resealed = 0;
     for (id, rt, prev, access) in rows {
-        let mut stale = false;
-        let mut reseal = |column: &str, value: &str| -> Result<String, LedgerError> {
-            let aad = seal::aad(&id, column);
-            let o = keys.open(value, &aad).map_err(|e| {
-                LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
-            })?;
-            stale |= o.stale;
-            Ok(keys.seal(&o.plaintext, &aad))
+        let Some((rt, prev, access)) =
+            reseal_tokens(keys, &id, &rt, prev.as_deref(), access.as_deref())
+                .map_err(LedgerError::Corrupt)?
+        else {
+            continue;
         };
-        let rt = reseal("refresh_token", &rt)?;
-        let prev = prev
-            .map(|p| reseal("previous_refresh_token", &p))
-            .transpose()?;
-        let access = access.map(|a| reseal("access_token", &a)).transpose()?;
-        if stale {
-            tx.execute(
-                "UPDATE connections SET refresh_token = ?1, previous_refresh_token = ?2, access_token = ?3 WHERE id = ?4",
-                params![rt, prev, access, id],
-            )?;
-            resealed += 1;
-        }
+        tx.execute(
+            "UPDATE connections SET refresh_token = ?1, previous_refresh_token = ?2, access_token = ?3 WHERE id = ?4",
+            params![rt, prev, access, id],
+        )?;
+        resealed += 1;
     }
     tx.execute(
         "INSERT INTO keycheck (id, value) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
@@ -925,36 +915,107 @@ fn sealed(keys: &Keyring, id: &str, column: &str, token: &Secret) -> String {
     keys.seal(token.expose(), &seal::aad(id, column))
 }
 
-/// Opens a sealed token column of connection `id`.
-fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, LedgerError> {
+/// Opens a sealed token column of connection `id`; the error (for `Corrupt`) names the
+/// column.
+fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, String> {
     keys.open(value, &seal::aad(id, column))
         .map(|o| Secret::new(o.plaintext.as_str()))
-        .map_err(|e| LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
+        .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))
 }
 
-fn row_to_record(
-    r: &rusqlite::Row<'_>,
+/// The token columns of connection `id` (`refresh_token`, `previous_refresh_token`,
+/// `access_token`) sealed under the current key, or `None` when every one already was; the
+/// error (for `Corrupt`) names the column that does not open. The key check and re-seal of
+/// both ledgers.
+#[allow(clippy::type_complexity)]
+fn reseal_tokens(
     keys: &Keyring,
-) -> rusqlite::Result<Result<Record, LedgerError>> {
-    let id: String = r.get(0)?;
+    id: &str,
+    refresh: &str,
+    previous: Option<&str>,
+    access: Option<&str>,
+) -> Result<Option<(String, Option<String>, Option<String>)>, String> {
+    let mut stale = false;
+    let mut reseal = |column: &str, value: &str| -> Result<String, String> {
+        let aad = seal::aad(id, column);
+        let o = keys
+            .open(value, &aad)
+            .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))?;
+        stale |= o.stale;
+        Ok(keys.seal(&o.plaintext, &aad))
+    };
+    let rt = reseal("refresh_token", refresh)?;
+    let prev = previous
+        .map(|p| reseal("previous_refresh_token", p))
+        .transpose()?;
+    let access = access.map(|a| reseal("access_token", a)).transpose()?;
+    Ok(stale.then_some((rt, prev, access)))
+}
+
+/// A row of [`CONNECTION_COLUMNS`] as either ledger's driver reads it: each getter fails
+/// with the driver's error on a column of another type.
+trait ConnectionRow {
+    type Error;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+}
+
+impl ConnectionRow for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+}
+
+impl ConnectionRow for tokio_postgres::Row {
+    type Error = tokio_postgres::Error;
+    fn text(&self, i: usize) -> Result<String, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn int(&self, i: usize) -> Result<i64, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+}
+
+/// The record in a row of [`CONNECTION_COLUMNS`] (its sites left empty), its tokens opened:
+/// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
+/// understood.
+fn decode_record<R: ConnectionRow>(
+    r: &R,
+    keys: &Keyring,
+) -> Result<Result<Record, String>, R::Error> {
+    let id: String = r.text(0)?;
     let open = |column: &str, value: String| opened(keys, &id, column, &value);
-    let status: String = r.get(5)?;
+    let status: String = r.text(5)?;
     let Some(status) = Status::parse(&status) else {
-        return Ok(Err(LedgerError::Corrupt(format!(
-            "unknown status {status:?}"
-        ))));
+        return Ok(Err(format!("unknown status {status:?}")));
     };
-    let opt_time = |i: usize| -> rusqlite::Result<Option<Time>> {
-        Ok(r.get::<_, Option<i64>>(i)?.map(from_ms))
-    };
-    let previous = match (r.get::<_, Option<String>>(9)?, opt_time(10)?) {
+    let opt_time = |i: usize| -> Result<Option<Time>, R::Error> { Ok(r.opt_int(i)?.map(from_ms)) };
+    let previous = match (r.opt_text(9)?, opt_time(10)?) {
         (Some(t), Some(at)) => match open("previous_refresh_token", t) {
             Ok(t) => Some((t, at)),
             Err(e) => return Ok(Err(e)),
         },
         _ => None,
     };
-    let access = match (r.get::<_, Option<String>>(12)?, opt_time(13)?) {
+    let access = match (r.opt_text(12)?, opt_time(13)?) {
         (Some(t), Some(at)) => match open("access_token", t) {
             Ok(token) => Some(AccessToken {
                 token,
@@ -964,45 +1025,49 @@ fn row_to_record(
         },
         _ => None,
     };
-    let refresh_token = match open("refresh_token", r.get::<_, String>(7)?) {
+    let refresh_token = match open("refresh_token", r.text(7)?) {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let last_error = match (
-        r.get::<_, Option<String>>(16)?,
-        r.get::<_, Option<String>>(17)?,
-        opt_time(18)?,
-    ) {
+    let last_error = match (r.opt_text(16)?, r.opt_text(17)?, opt_time(18)?) {
         (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
         _ => None,
     };
+    let rotated_at = from_ms(r.int(8)?);
     Ok(Ok(Record {
         conn: Connection {
-            id,
-            label: r.get(1)?,
-            provider: r.get(2)?,
-            client_id: r.get(3)?,
-            account_id: r.get(4)?,
+            label: r.text(1)?,
+            provider: r.text(2)?,
+            client_id: r.text(3)?,
+            account_id: r.opt_text(4)?,
             status,
-            scopes: split_scopes(&r.get::<_, String>(6)?),
+            scopes: split_scopes(&r.text(6)?),
             sites: Vec::new(),
-            consented_at: from_ms(r.get(14)?),
+            consented_at: from_ms(r.int(14)?),
             last_refresh_at: opt_time(15)?,
             last_error,
-            consecutive_failures: r.get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
-            created_at: from_ms(r.get(20)?),
-            updated_at: from_ms(r.get(21)?),
+            consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
+            created_at: from_ms(r.int(20)?),
+            updated_at: from_ms(r.int(21)?),
+            id,
         },
         chain: Chain {
             refresh_token,
-            rotated_at: from_ms(r.get(8)?),
-            used_at: opt_time(23)?.unwrap_or_else(|| from_ms(r.get(8).unwrap_or_default())),
-            version: r.get::<_, i64>(22)?.max(0) as u64,
+            rotated_at,
+            used_at: opt_time(23)?.unwrap_or(rotated_at),
+            version: r.int(22)?.max(0) as u64,
             previous,
             attempt_started_at: opt_time(11)?,
             access,
         },
     }))
+}
+
+fn row_to_record(
+    r: &rusqlite::Row<'_>,
+    keys: &Keyring,
+) -> rusqlite::Result<Result<Record, LedgerError>> {
+    Ok(decode_record(r, keys)?.map_err(LedgerError::Corrupt))
 }
 
 fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {

@@ -29,10 +29,7 @@ mod tls;
 
 use super::seal::{self, KeySource, Keyring};
 use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, from_ms, join_scopes, ms, split_scopes};
-use crate::model::{
-    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
-    StoredEvent, Time,
-};
+use crate::model::{Event, EventKind, EventPeer, Record, Site, StoredEvent, Time};
 use crate::secret::Secret;
 use chrono::Utc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -1182,32 +1179,23 @@ async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> R
     let mut resealed = 0;
     for row in rows {
         let id: String = row.get(0);
-        let mut stale = false;
-        let mut reseal = |column: &str, value: &str| -> Result<String, PgError> {
-            let aad = seal::aad(&id, column);
-            let o = keys.open(value, &aad).map_err(|e| {
-                PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
-            })?;
-            stale |= o.stale;
-            Ok(keys.seal(&o.plaintext, &aad))
+        let Some((rt, prev, access)) = super::reseal_tokens(
+            keys,
+            &id,
+            &row.get::<_, String>(1),
+            row.get::<_, Option<String>>(2).as_deref(),
+            row.get::<_, Option<String>>(3).as_deref(),
+        )
+        .map_err(PgError::Corrupt)?
+        else {
+            continue;
         };
-        let rt = reseal("refresh_token", &row.get::<_, String>(1))?;
-        let prev = row
-            .get::<_, Option<String>>(2)
-            .map(|p| reseal("previous_refresh_token", &p))
-            .transpose()?;
-        let access = row
-            .get::<_, Option<String>>(3)
-            .map(|a| reseal("access_token", &a))
-            .transpose()?;
-        if stale {
-            tx.execute(
-                "UPDATE connections SET refresh_token = $1, previous_refresh_token = $2, access_token = $3 WHERE id = $4",
-                &[&rt, &prev, &access, &id],
-            )
-            .await?;
-            resealed += 1;
-        }
+        tx.execute(
+            "UPDATE connections SET refresh_token = $1, previous_refresh_token = $2, access_token = $3 WHERE id = $4",
+            &[&rt, &prev, &access, &id],
+        )
+        .await?;
+        resealed += 1;
     }
     tx.execute(
         "INSERT INTO keycheck (id, value) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
@@ -1385,66 +1373,7 @@ async fn update_row(
 }
 
 fn row_to_record(r: &tokio_postgres::Row, keys: &Keyring) -> Result<Record, PgError> {
-    let id: String = r.try_get(0)?;
-    let open = |column: &str, value: &str| -> Result<Secret, PgError> {
-        keys.open(value, &seal::aad(&id, column))
-            .map(|o| Secret::new(o.plaintext.as_str()))
-            .map_err(|e| PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
-    };
-    let status: String = r.try_get(5)?;
-    let status = Status::parse(&status)
-        .ok_or_else(|| PgError::Corrupt(format!("unknown status {status:?}")))?;
-    let opt_time = |i: usize| -> Result<Option<Time>, PgError> {
-        Ok(r.try_get::<_, Option<i64>>(i)?.map(from_ms))
-    };
-    let previous = match (r.try_get::<_, Option<String>>(9)?, opt_time(10)?) {
-        (Some(t), Some(at)) => Some((open("previous_refresh_token", &t)?, at)),
-        _ => None,
-    };
-    let access = match (r.try_get::<_, Option<String>>(12)?, opt_time(13)?) {
-        (Some(t), Some(at)) => Some(AccessToken {
-            token: open("access_token", &t)?,
-            expires_at: at,
-        }),
-        _ => None,
-    };
-    let refresh_token = open("refresh_token", &r.try_get::<_, String>(7)?)?;
-    let last_error = match (
-        r.try_get::<_, Option<String>>(16)?,
-        r.try_get::<_, Option<String>>(17)?,
-        opt_time(18)?,
-    ) {
-        (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
-        _ => None,
-    };
-    let rotated_at = from_ms(r.try_get(8)?);
-    Ok(Record {
-        conn: Connection {
-            label: r.try_get(1)?,
-            provider: r.try_get(2)?,
-            client_id: r.try_get(3)?,
-            account_id: r.try_get(4)?,
-            status,
-            scopes: split_scopes(&r.try_get::<_, String>(6)?),
-            sites: Vec::new(),
-            consented_at: from_ms(r.try_get(14)?),
-            last_refresh_at: opt_time(15)?,
-            last_error,
-            consecutive_failures: r.try_get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
-            created_at: from_ms(r.try_get(20)?),
-            updated_at: from_ms(r.try_get(21)?),
-            id,
-        },
-        chain: Chain {
-            refresh_token,
-            rotated_at,
-            used_at: opt_time(23)?.unwrap_or(rotated_at),
-            version: r.try_get::<_, i64>(22)?.max(0) as u64,
-            previous,
-            attempt_started_at: opt_time(11)?,
-            access,
-        },
-    })
+    super::decode_record(r, keys)?.map_err(PgError::Corrupt)
 }
 
 const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
