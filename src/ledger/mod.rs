@@ -562,21 +562,7 @@ impl Ledger {
             let rows = stmt
                 .query_map(
                     params![connection_id, since.map_or(i64::MIN, ms), limit as i64],
-                    |r| {
-                        let uid: Option<i64> = r.get(4)?;
-                        let pid: Option<i64> = r.get(5)?;
-                        Ok(StoredEvent {
-                            at: from_ms(r.get(0)?),
-                            kind: EventKind::parse(&r.get::<_, String>(1)?),
-                            message: r.get(2)?,
-                            node: r.get(3)?,
-                            peer: uid.map(|u| EventPeer {
-                                uid: u as u32,
-                                pid: pid.map(|p| p as u32),
-                            }),
-                            count: r.get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
-                        })
-                    },
+                    |r| decode_event(r),
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -952,9 +938,9 @@ fn reseal_tokens(
     Ok(stale.then_some((rt, prev, access)))
 }
 
-/// A row of [`CONNECTION_COLUMNS`] as either ledger's driver reads it: each getter fails
-/// with the driver's error on a column of another type.
-trait ConnectionRow {
+/// A row as either ledger's driver reads it: each getter fails with the driver's error on a
+/// column of another type.
+trait Columns {
     type Error;
     fn text(&self, i: usize) -> Result<String, Self::Error>;
     fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
@@ -962,7 +948,7 @@ trait ConnectionRow {
     fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
 }
 
-impl ConnectionRow for rusqlite::Row<'_> {
+impl Columns for rusqlite::Row<'_> {
     type Error = rusqlite::Error;
     fn text(&self, i: usize) -> rusqlite::Result<String> {
         self.get(i)
@@ -978,7 +964,7 @@ impl ConnectionRow for rusqlite::Row<'_> {
     }
 }
 
-impl ConnectionRow for tokio_postgres::Row {
+impl Columns for tokio_postgres::Row {
     type Error = tokio_postgres::Error;
     fn text(&self, i: usize) -> Result<String, tokio_postgres::Error> {
         self.try_get(i)
@@ -997,10 +983,7 @@ impl ConnectionRow for tokio_postgres::Row {
 /// The record in a row of [`CONNECTION_COLUMNS`] (its sites left empty), its tokens opened:
 /// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
 /// understood.
-fn decode_record<R: ConnectionRow>(
-    r: &R,
-    keys: &Keyring,
-) -> Result<Result<Record, String>, R::Error> {
+fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
     let id: String = r.text(0)?;
     let open = |column: &str, value: String| opened(keys, &id, column, &value);
     let status: String = r.text(5)?;
@@ -1063,6 +1046,34 @@ fn decode_record<R: ConnectionRow>(
     }))
 }
 
+/// A site from `cloud_id, url, name, scopes, last_seen_at` starting at column `at`.
+fn decode_site<R: Columns>(r: &R, at: usize) -> Result<Site, R::Error> {
+    Ok(Site {
+        cloud_id: r.text(at)?,
+        url: r.text(at + 1)?,
+        name: r.text(at + 2)?,
+        scopes: split_scopes(&r.text(at + 3)?),
+        last_seen_at: from_ms(r.int(at + 4)?),
+    })
+}
+
+/// An event from `at, kind, message, node, peer_uid, peer_pid, count`.
+fn decode_event<R: Columns>(r: &R) -> Result<StoredEvent, R::Error> {
+    let uid = r.opt_int(4)?;
+    let pid = r.opt_int(5)?;
+    Ok(StoredEvent {
+        at: from_ms(r.int(0)?),
+        kind: EventKind::parse(&r.text(1)?),
+        message: r.text(2)?,
+        node: r.opt_text(3)?,
+        peer: uid.map(|u| EventPeer {
+            uid: u as u32,
+            pid: pid.map(|p| p as u32),
+        }),
+        count: r.int(6)?.clamp(0, u32::MAX as i64) as u32,
+    })
+}
+
 fn row_to_record(
     r: &rusqlite::Row<'_>,
     keys: &Keyring,
@@ -1076,15 +1087,7 @@ fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site
          WHERE connection_id = ?1 AND removed_at IS NULL ORDER BY url, cloud_id",
     )?;
     let sites = stmt
-        .query_map([connection_id], |r| {
-            Ok(Site {
-                cloud_id: r.get(0)?,
-                url: r.get(1)?,
-                name: r.get(2)?,
-                scopes: split_scopes(&r.get::<_, String>(3)?),
-                last_seen_at: from_ms(r.get(4)?),
-            })
-        })?
+        .query_map([connection_id], |r| decode_site(r, 0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(sites)
 }

@@ -28,8 +28,8 @@ mod listen;
 mod tls;
 
 use super::seal::{self, KeySource, Keyring};
-use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, from_ms, join_scopes, ms, split_scopes};
-use crate::model::{Event, EventKind, EventPeer, Record, Site, StoredEvent, Time};
+use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, join_scopes, ms};
+use crate::model::{Event, EventKind, Record, Site, StoredEvent, Time};
 use crate::secret::Secret;
 use chrono::Utc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -967,23 +967,7 @@ impl PgLedger {
                         ],
                     )
                     .await?;
-                rows.iter()
-                    .map(|r| {
-                        let uid: Option<i64> = r.try_get(4)?;
-                        let pid: Option<i64> = r.try_get(5)?;
-                        Ok(StoredEvent {
-                            at: from_ms(r.try_get(0)?),
-                            kind: EventKind::parse(&r.try_get::<_, String>(1)?),
-                            message: r.try_get(2)?,
-                            node: r.try_get(3)?,
-                            peer: uid.map(|u| EventPeer {
-                                uid: u as u32,
-                                pid: pid.map(|p| p as u32),
-                            }),
-                            count: r.try_get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(|r| Ok(super::decode_event(r)?)).collect()
             })
         })
         .await
@@ -1381,13 +1365,7 @@ const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
 /// A site from [`SITE_COLUMNS`] starting at column `at` (a column of another type is an
 /// error, not a panic).
 fn row_to_site(r: &tokio_postgres::Row, at: usize) -> Result<Site, PgError> {
-    Ok(Site {
-        cloud_id: r.try_get(at)?,
-        url: r.try_get(at + 1)?,
-        name: r.try_get(at + 2)?,
-        scopes: split_scopes(r.try_get(at + 3)?),
-        last_seen_at: from_ms(r.try_get(at + 4)?),
-    })
+    Ok(super::decode_site(r, at)?)
 }
 
 async fn load_sites(

@@ -3,6 +3,7 @@
 //! ledgers share is tested on both in `refresh::semantics`.
 
 use super::*;
+use crate::ledger::from_ms;
 use crate::model::AccessToken;
 use crate::testpg;
 use std::path::PathBuf;
