@@ -802,29 +802,38 @@ fn update_row(
     columns: &[&str],
     expect_version: u64,
 ) -> Result<usize, LedgerError> {
-    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
     let values = record_values(rec, keys);
-    let mut params = Vec::with_capacity(columns.len() + 2);
+    let (sql, bound) = chain_update(columns, '?').map_err(LedgerError::Corrupt)?;
+    let mut params: Vec<_> = bound.iter().map(|&i| values[i].clone()).collect();
+    params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
+    params.push(rusqlite::types::Value::Integer(expect_version as i64));
+    Ok(tx.execute(&sql, rusqlite::params_from_iter(params))?)
+}
+
+/// Both ledgers' compare-and-swap of `columns` of one connection row, `p` marking each
+/// parameter number (`?` for SQLite, `$` for PostgreSQL): the statement, and the index in
+/// [`CONNECTION_COLUMNS`] (that is, in the record's values) of each value to bind, in order,
+/// before the row's id and the expected `chain_version`. The error (for `Corrupt`) names an
+/// unknown column.
+fn chain_update(columns: &[&str], p: char) -> Result<(String, Vec<usize>), String> {
+    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
+    let mut bound = Vec::with_capacity(columns.len());
     let mut assignments = Vec::with_capacity(columns.len());
     for c in columns {
         let i = all
             .iter()
             .position(|a| a == c)
-            .ok_or_else(|| LedgerError::Corrupt(format!("unknown column {c}")))?;
-        params.push(values[i].clone());
-        assignments.push(format!("{c} = ?{}", params.len()));
+            .ok_or_else(|| format!("unknown column {c}"))?;
+        bound.push(i);
+        assignments.push(format!("{c} = {p}{}", bound.len()));
     }
-    params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
-    params.push(rusqlite::types::Value::Integer(expect_version as i64));
-    Ok(tx.execute(
-        &format!(
-            "UPDATE connections SET {} WHERE id = ?{} AND chain_version = ?{}",
-            assignments.join(", "),
-            params.len() - 1,
-            params.len()
-        ),
-        rusqlite::params_from_iter(params),
-    )?)
+    let sql = format!(
+        "UPDATE connections SET {} WHERE id = {p}{} AND chain_version = {p}{}",
+        assignments.join(", "),
+        bound.len() + 1,
+        bound.len() + 2
+    );
+    Ok((sql, bound))
 }
 
 fn placeholders(n: usize) -> String {

@@ -1328,32 +1328,13 @@ async fn update_row(
     rec: &Record,
     expect_version: u64,
 ) -> Result<u64, PgError> {
-    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
     let values = record_values(rec, keys);
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(CHAIN_COLUMNS.len() + 2);
-    let mut assignments = Vec::with_capacity(CHAIN_COLUMNS.len());
-    for c in CHAIN_COLUMNS {
-        let i = all
-            .iter()
-            .position(|a| a == c)
-            .ok_or_else(|| PgError::Corrupt(format!("unknown column {c}")))?;
-        params.push(values[i].as_sql());
-        assignments.push(format!("{c} = ${}", params.len()));
-    }
+    let (sql, bound) = super::chain_update(CHAIN_COLUMNS, '$').map_err(PgError::Corrupt)?;
     let expect = expect_version as i64;
+    let mut params: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|&i| values[i].as_sql()).collect();
     params.push(&rec.conn.id);
     params.push(&expect);
-    Ok(tx
-        .execute(
-            &format!(
-                "UPDATE connections SET {} WHERE id = ${} AND chain_version = ${}",
-                assignments.join(", "),
-                params.len() - 1,
-                params.len()
-            ),
-            &params,
-        )
-        .await?)
+    Ok(tx.execute(&sql, &params).await?)
 }
 
 fn row_to_record(r: &tokio_postgres::Row, keys: &Keyring) -> Result<Record, PgError> {
