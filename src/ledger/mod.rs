@@ -304,6 +304,22 @@ impl Ledger {
         .map_err(|e| LedgerError::Task(e.to_string()))?
     }
 
+    /// Runs `f` in one write transaction (`IMMEDIATE`) on the blocking pool, committed when
+    /// it returns `Ok` (rolled back otherwise).
+    async fn write<R, F>(&self, f: F) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+    {
+        self.call_keys(move |db, keys| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx, keys)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
     /// Every connection with its chain and sites (removed sites excluded).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.call_keys(|db, keys| {
@@ -345,8 +361,7 @@ impl Ledger {
 
     /// Inserts a new connection with its first events.
     pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, keys| {
             let taken: Option<String> = tx
                 .query_row(
                     "SELECT id FROM connections WHERE label = ?1",
@@ -364,9 +379,8 @@ impl Ledger {
                 ),
                 rusqlite::params_from_iter(record_values(&rec, keys)),
             )?;
-            write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
-            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
-            tx.commit()?;
+            write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at)?;
+            append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -382,13 +396,11 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if update_row(&tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
+        self.write(move |tx, keys| {
+            if update_row(tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
-            append_events(&tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -402,8 +414,7 @@ impl Ledger {
         now: Time,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             let n = tx.execute(
                 "UPDATE connections SET account_id = ?1, updated_at = ?2 WHERE id = ?3",
                 params![account_id, ms(now), connection_id],
@@ -411,8 +422,7 @@ impl Ledger {
             if n == 0 {
                 return Err(LedgerError::Conflict(connection_id));
             }
-            append_events(&tx, Some(&connection_id), now, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&connection_id), now, &events)?;
             Ok(())
         })
         .await
@@ -430,8 +440,7 @@ impl Ledger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, keys| {
             let deleted = tx.execute(
                 "DELETE FROM connections WHERE id = ?1 AND chain_version = ?2",
                 params![from, from_version as i64],
@@ -439,11 +448,11 @@ impl Ledger {
             if deleted == 0 {
                 return Err(LedgerError::Conflict(from));
             }
-            if update_row(&tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
-                &tx,
+                tx,
                 Some(&from),
                 merged.conn.updated_at,
                 &[Event::new(
@@ -451,8 +460,7 @@ impl Ledger {
                     format!("chain moved into connection {}", merged.conn.id),
                 )],
             )?;
-            append_events(&tx, Some(&merged.conn.id), merged.conn.updated_at, &events)?;
-            tx.commit()?;
+            append_events(tx, Some(&merged.conn.id), merged.conn.updated_at, &events)?;
             Ok(())
         })
         .await
@@ -467,9 +475,8 @@ impl Ledger {
         sites: Vec<Site>,
         now: Time,
     ) -> Result<Vec<Event>, LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let before = load_sites(&tx, &connection_id)?;
+        self.write(move |tx, _| {
+            let before = load_sites(tx, &connection_id)?;
             let (events, removed) = site_changes(&before, &sites);
             for b in removed {
                 tx.execute(
@@ -477,9 +484,8 @@ impl Ledger {
                     params![connection_id, b.cloud_id, ms(now), b.url],
                 )?;
             }
-            write_sites(&tx, &connection_id, &sites, now)?;
-            append_events(&tx, Some(&connection_id), now, &events)?;
-            tx.commit()?;
+            write_sites(tx, &connection_id, &sites, now)?;
+            append_events(tx, Some(&connection_id), now, &events)?;
             Ok(events)
         })
         .await
@@ -488,18 +494,16 @@ impl Ledger {
     /// Deletes a connection (its sites go with it); the history keeps a `removed` event.
     /// Returns false when there was no such connection.
     pub async fn delete(&self, connection_id: String, now: Time) -> Result<bool, LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             let n = tx.execute("DELETE FROM connections WHERE id = ?1", [&connection_id])?;
             if n > 0 {
                 append_events(
-                    &tx,
+                    tx,
                     Some(&connection_id),
                     now,
                     &[Event::new(EventKind::Removed, "connection removed")],
                 )?;
             }
-            tx.commit()?;
             Ok(n > 0)
         })
         .await
@@ -512,10 +516,8 @@ impl Ledger {
         now: Time,
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            append_events(&tx, connection_id.as_deref(), now, &events)?;
-            tx.commit()?;
+        self.write(move |tx, _| {
+            append_events(tx, connection_id.as_deref(), now, &events)?;
             Ok(())
         })
         .await
@@ -535,12 +537,10 @@ impl Ledger {
         &self,
         events: Vec<(String, Time, Event)>,
     ) -> Result<(), LedgerError> {
-        self.call(move |db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(move |tx, _| {
             for (id, at, e) in &events {
-                append_events(&tx, Some(id), *at, std::slice::from_ref(e))?;
+                append_events(tx, Some(id), *at, std::slice::from_ref(e))?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -562,21 +562,7 @@ impl Ledger {
             let rows = stmt
                 .query_map(
                     params![connection_id, since.map_or(i64::MIN, ms), limit as i64],
-                    |r| {
-                        let uid: Option<i64> = r.get(4)?;
-                        let pid: Option<i64> = r.get(5)?;
-                        Ok(StoredEvent {
-                            at: from_ms(r.get(0)?),
-                            kind: EventKind::parse(&r.get::<_, String>(1)?),
-                            message: r.get(2)?,
-                            node: r.get(3)?,
-                            peer: uid.map(|u| EventPeer {
-                                uid: u as u32,
-                                pid: pid.map(|p| p as u32),
-                            }),
-                            count: r.get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
-                        })
-                    },
+                    |r| decode_event(r),
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -598,8 +584,7 @@ impl Ledger {
 
     /// Proves the ledger is writable: a write transaction that touches the database file.
     pub async fn check_writable(&self) -> Result<(), LedgerError> {
-        self.call(|db| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        self.write(|tx, _| {
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, at INTEGER NOT NULL) STRICT;",
             )?;
@@ -607,7 +592,6 @@ impl Ledger {
                 "INSERT INTO health (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 [ms(Utc::now())],
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -718,27 +702,17 @@ fn seal_at_rest(
     };
     let mut resealed = 0;
     for (id, rt, prev, access) in rows {
-        let mut stale = false;
-        let mut reseal = |column: &str, value: &str| -> Result<String, LedgerError> {
-            let aad = seal::aad(&id, column);
-            let o = keys.open(value, &aad).map_err(|e| {
-                LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
-            })?;
-            stale |= o.stale;
-            Ok(keys.seal(&o.plaintext, &aad))
+        let Some((rt, prev, access)) =
+            reseal_tokens(keys, &id, &rt, prev.as_deref(), access.as_deref())
+                .map_err(LedgerError::Corrupt)?
+        else {
+            continue;
         };
-        let rt = reseal("refresh_token", &rt)?;
-        let prev = prev
-            .map(|p| reseal("previous_refresh_token", &p))
-            .transpose()?;
-        let access = access.map(|a| reseal("access_token", &a)).transpose()?;
-        if stale {
-            tx.execute(
-                "UPDATE connections SET refresh_token = ?1, previous_refresh_token = ?2, access_token = ?3 WHERE id = ?4",
-                params![rt, prev, access, id],
-            )?;
-            resealed += 1;
-        }
+        tx.execute(
+            "UPDATE connections SET refresh_token = ?1, previous_refresh_token = ?2, access_token = ?3 WHERE id = ?4",
+            params![rt, prev, access, id],
+        )?;
+        resealed += 1;
     }
     tx.execute(
         "INSERT INTO keycheck (id, value) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
@@ -828,29 +802,38 @@ fn update_row(
     columns: &[&str],
     expect_version: u64,
 ) -> Result<usize, LedgerError> {
-    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
     let values = record_values(rec, keys);
-    let mut params = Vec::with_capacity(columns.len() + 2);
+    let (sql, bound) = chain_update(columns, '?').map_err(LedgerError::Corrupt)?;
+    let mut params: Vec<_> = bound.iter().map(|&i| values[i].clone()).collect();
+    params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
+    params.push(rusqlite::types::Value::Integer(expect_version as i64));
+    Ok(tx.execute(&sql, rusqlite::params_from_iter(params))?)
+}
+
+/// Both ledgers' compare-and-swap of `columns` of one connection row, `p` marking each
+/// parameter number (`?` for SQLite, `$` for PostgreSQL): the statement, and the index in
+/// [`CONNECTION_COLUMNS`] (that is, in the record's values) of each value to bind, in order,
+/// before the row's id and the expected `chain_version`. The error (for `Corrupt`) names an
+/// unknown column.
+fn chain_update(columns: &[&str], p: char) -> Result<(String, Vec<usize>), String> {
+    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
+    let mut bound = Vec::with_capacity(columns.len());
     let mut assignments = Vec::with_capacity(columns.len());
     for c in columns {
         let i = all
             .iter()
             .position(|a| a == c)
-            .ok_or_else(|| LedgerError::Corrupt(format!("unknown column {c}")))?;
-        params.push(values[i].clone());
-        assignments.push(format!("{c} = ?{}", params.len()));
+            .ok_or_else(|| format!("unknown column {c}"))?;
+        bound.push(i);
+        assignments.push(format!("{c} = {p}{}", bound.len()));
     }
-    params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
-    params.push(rusqlite::types::Value::Integer(expect_version as i64));
-    Ok(tx.execute(
-        &format!(
-            "UPDATE connections SET {} WHERE id = ?{} AND chain_version = ?{}",
-            assignments.join(", "),
-            params.len() - 1,
-            params.len()
-        ),
-        rusqlite::params_from_iter(params),
-    )?)
+    let sql = format!(
+        "UPDATE connections SET {} WHERE id = {p}{} AND chain_version = {p}{}",
+        assignments.join(", "),
+        bound.len() + 1,
+        bound.len() + 2
+    );
+    Ok((sql, bound))
 }
 
 fn placeholders(n: usize) -> String {
@@ -927,36 +910,104 @@ fn sealed(keys: &Keyring, id: &str, column: &str, token: &Secret) -> String {
     keys.seal(token.expose(), &seal::aad(id, column))
 }
 
-/// Opens a sealed token column of connection `id`.
-fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, LedgerError> {
+/// Opens a sealed token column of connection `id`; the error (for `Corrupt`) names the
+/// column.
+fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, String> {
     keys.open(value, &seal::aad(id, column))
         .map(|o| Secret::new(o.plaintext.as_str()))
-        .map_err(|e| LedgerError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
+        .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))
 }
 
-fn row_to_record(
-    r: &rusqlite::Row<'_>,
+/// The token columns of connection `id` (`refresh_token`, `previous_refresh_token`,
+/// `access_token`) sealed under the current key, or `None` when every one already was; the
+/// error (for `Corrupt`) names the column that does not open. The key check and re-seal of
+/// both ledgers.
+#[allow(clippy::type_complexity)]
+fn reseal_tokens(
     keys: &Keyring,
-) -> rusqlite::Result<Result<Record, LedgerError>> {
-    let id: String = r.get(0)?;
+    id: &str,
+    refresh: &str,
+    previous: Option<&str>,
+    access: Option<&str>,
+) -> Result<Option<(String, Option<String>, Option<String>)>, String> {
+    let mut stale = false;
+    let mut reseal = |column: &str, value: &str| -> Result<String, String> {
+        let aad = seal::aad(id, column);
+        let o = keys
+            .open(value, &aad)
+            .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))?;
+        stale |= o.stale;
+        Ok(keys.seal(&o.plaintext, &aad))
+    };
+    let rt = reseal("refresh_token", refresh)?;
+    let prev = previous
+        .map(|p| reseal("previous_refresh_token", p))
+        .transpose()?;
+    let access = access.map(|a| reseal("access_token", a)).transpose()?;
+    Ok(stale.then_some((rt, prev, access)))
+}
+
+/// A row as either ledger's driver reads it: each getter fails with the driver's error on a
+/// column of another type.
+trait Columns {
+    type Error;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+}
+
+impl Columns for tokio_postgres::Row {
+    type Error = tokio_postgres::Error;
+    fn text(&self, i: usize) -> Result<String, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn int(&self, i: usize) -> Result<i64, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, tokio_postgres::Error> {
+        self.try_get(i)
+    }
+}
+
+/// The record in a row of [`CONNECTION_COLUMNS`] (its sites left empty), its tokens opened:
+/// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
+/// understood.
+fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
+    let id: String = r.text(0)?;
     let open = |column: &str, value: String| opened(keys, &id, column, &value);
-    let status: String = r.get(5)?;
+    let status: String = r.text(5)?;
     let Some(status) = Status::parse(&status) else {
-        return Ok(Err(LedgerError::Corrupt(format!(
-            "unknown status {status:?}"
-        ))));
+        return Ok(Err(format!("unknown status {status:?}")));
     };
-    let opt_time = |i: usize| -> rusqlite::Result<Option<Time>> {
-        Ok(r.get::<_, Option<i64>>(i)?.map(from_ms))
-    };
-    let previous = match (r.get::<_, Option<String>>(9)?, opt_time(10)?) {
+    let opt_time = |i: usize| -> Result<Option<Time>, R::Error> { Ok(r.opt_int(i)?.map(from_ms)) };
+    let previous = match (r.opt_text(9)?, opt_time(10)?) {
         (Some(t), Some(at)) => match open("previous_refresh_token", t) {
             Ok(t) => Some((t, at)),
             Err(e) => return Ok(Err(e)),
         },
         _ => None,
     };
-    let access = match (r.get::<_, Option<String>>(12)?, opt_time(13)?) {
+    let access = match (r.opt_text(12)?, opt_time(13)?) {
         (Some(t), Some(at)) => match open("access_token", t) {
             Ok(token) => Some(AccessToken {
                 token,
@@ -966,45 +1017,77 @@ fn row_to_record(
         },
         _ => None,
     };
-    let refresh_token = match open("refresh_token", r.get::<_, String>(7)?) {
+    let refresh_token = match open("refresh_token", r.text(7)?) {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let last_error = match (
-        r.get::<_, Option<String>>(16)?,
-        r.get::<_, Option<String>>(17)?,
-        opt_time(18)?,
-    ) {
+    let last_error = match (r.opt_text(16)?, r.opt_text(17)?, opt_time(18)?) {
         (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
         _ => None,
     };
+    let rotated_at = from_ms(r.int(8)?);
     Ok(Ok(Record {
         conn: Connection {
-            id,
-            label: r.get(1)?,
-            provider: r.get(2)?,
-            client_id: r.get(3)?,
-            account_id: r.get(4)?,
+            label: r.text(1)?,
+            provider: r.text(2)?,
+            client_id: r.text(3)?,
+            account_id: r.opt_text(4)?,
             status,
-            scopes: split_scopes(&r.get::<_, String>(6)?),
+            scopes: split_scopes(&r.text(6)?),
             sites: Vec::new(),
-            consented_at: from_ms(r.get(14)?),
+            consented_at: from_ms(r.int(14)?),
             last_refresh_at: opt_time(15)?,
             last_error,
-            consecutive_failures: r.get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
-            created_at: from_ms(r.get(20)?),
-            updated_at: from_ms(r.get(21)?),
+            consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
+            created_at: from_ms(r.int(20)?),
+            updated_at: from_ms(r.int(21)?),
+            id,
         },
         chain: Chain {
             refresh_token,
-            rotated_at: from_ms(r.get(8)?),
-            used_at: opt_time(23)?.unwrap_or_else(|| from_ms(r.get(8).unwrap_or_default())),
-            version: r.get::<_, i64>(22)?.max(0) as u64,
+            rotated_at,
+            used_at: opt_time(23)?.unwrap_or(rotated_at),
+            version: r.int(22)?.max(0) as u64,
             previous,
             attempt_started_at: opt_time(11)?,
             access,
         },
     }))
+}
+
+/// A site from `cloud_id, url, name, scopes, last_seen_at` starting at column `at`.
+fn decode_site<R: Columns>(r: &R, at: usize) -> Result<Site, R::Error> {
+    Ok(Site {
+        cloud_id: r.text(at)?,
+        url: r.text(at + 1)?,
+        name: r.text(at + 2)?,
+        scopes: split_scopes(&r.text(at + 3)?),
+        last_seen_at: from_ms(r.int(at + 4)?),
+    })
+}
+
+/// An event from `at, kind, message, node, peer_uid, peer_pid, count`.
+fn decode_event<R: Columns>(r: &R) -> Result<StoredEvent, R::Error> {
+    let uid = r.opt_int(4)?;
+    let pid = r.opt_int(5)?;
+    Ok(StoredEvent {
+        at: from_ms(r.int(0)?),
+        kind: EventKind::parse(&r.text(1)?),
+        message: r.text(2)?,
+        node: r.opt_text(3)?,
+        peer: uid.map(|u| EventPeer {
+            uid: u as u32,
+            pid: pid.map(|p| p as u32),
+        }),
+        count: r.int(6)?.clamp(0, u32::MAX as i64) as u32,
+    })
+}
+
+fn row_to_record(
+    r: &rusqlite::Row<'_>,
+    keys: &Keyring,
+) -> rusqlite::Result<Result<Record, LedgerError>> {
+    Ok(decode_record(r, keys)?.map_err(LedgerError::Corrupt))
 }
 
 fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {
@@ -1013,15 +1096,7 @@ fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site
          WHERE connection_id = ?1 AND removed_at IS NULL ORDER BY url, cloud_id",
     )?;
     let sites = stmt
-        .query_map([connection_id], |r| {
-            Ok(Site {
-                cloud_id: r.get(0)?,
-                url: r.get(1)?,
-                name: r.get(2)?,
-                scopes: split_scopes(&r.get::<_, String>(3)?),
-                last_seen_at: from_ms(r.get(4)?),
-            })
-        })?
+        .query_map([connection_id], |r| decode_site(r, 0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(sites)
 }

@@ -28,11 +28,8 @@ mod listen;
 mod tls;
 
 use super::seal::{self, KeySource, Keyring};
-use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, from_ms, join_scopes, ms, split_scopes};
-use crate::model::{
-    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
-    StoredEvent, Time,
-};
+use super::{CHAIN_COLUMNS, CONNECTION_COLUMNS, join_scopes, ms};
+use crate::model::{Event, EventKind, Record, Site, StoredEvent, Time};
 use crate::secret::Secret;
 use chrono::Utc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -451,22 +448,31 @@ impl PgLedger {
         &self.inner.keys
     }
 
-    /// Runs `f` in one transaction (committed when it returns `Ok`), bounded by
+    /// Runs `f` in one transaction that writes (committed when it returns `Ok`), bounded by
     /// [`OPERATION_LIMITS`].
     async fn tx<R, F>(&self, f: F) -> Result<R, PgError>
     where
-        F: AsyncTxFn<R>,
+        F: TxFn<R>,
     {
-        self.tx_within(&OPERATION_LIMITS, f).await
+        self.tx_within(&OPERATION_LIMITS, true, f).await
+    }
+
+    /// [`PgLedger::tx`] for a transaction that only reads (the loads): its commit need not
+    /// wait for the WAL flush.
+    async fn read<R, F>(&self, f: F) -> Result<R, PgError>
+    where
+        F: TxFn<R>,
+    {
+        self.tx_within(&OPERATION_LIMITS, false, f).await
     }
 
     /// [`PgLedger::tx`] under `limits`: the server-side timeouts first, then
-    /// `synchronous_commit = on` for every transaction that writes ([`AsyncTxFn::WRITES`]).
+    /// `synchronous_commit = on` for every transaction that `writes` (see [`durable`]).
     /// A connection whose transaction was cut off by the client's bound is detached from the
     /// pool (closed), never recycled: it may still be inside the wedged transaction.
-    async fn tx_within<R, F>(&self, limits: &Limits, f: F) -> Result<R, PgError>
+    async fn tx_within<R, F>(&self, limits: &Limits, writes: bool, f: F) -> Result<R, PgError>
     where
-        F: AsyncTxFn<R>,
+        F: TxFn<R>,
     {
         let work = async {
             let mut held = Detach(Some(self.inner.pool.get().await?));
@@ -481,10 +487,10 @@ impl PgLedger {
                     limits.idle.as_millis()
                 ))
                 .await?;
-                if F::WRITES {
+                if writes {
                     durable(&tx).await?;
                 }
-                let out = f.call(&tx, &self.inner.keys).await?;
+                let out = f(&tx, &self.inner.keys).await?;
                 tx.commit().await?;
                 Ok(out)
             }
@@ -532,23 +538,166 @@ impl PgLedger {
     }
 
     pub(super) async fn migrate_and_check_key(&self) -> Result<(), PgError> {
-        self.tx_within(&MIGRATION_LIMITS, Migrate).await
+        self.tx_within(&MIGRATION_LIMITS, true, |tx, keys| {
+            Box::pin(async move {
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                    .await?;
+                // Read before any DDL: a daemon whose schema is current needs only read and
+                // write rights on the tables, never CREATE on the schema.
+                let exists: bool = tx
+                    .query_one("SELECT to_regclass('tokend_schema') IS NOT NULL", &[])
+                    .await?
+                    .try_get(0)?;
+                let found: i32 = if exists {
+                    tx.query_opt("SELECT version FROM tokend_schema WHERE id = 1", &[])
+                        .await?
+                        .map(|r| r.try_get(0))
+                        .transpose()?
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                if found > SCHEMA_VERSION {
+                    return Err(PgError::TooNew {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                if found == SCHEMA_VERSION {
+                    return check_key(tx, keys).await;
+                }
+                if !exists {
+                    tx.batch_execute(
+                        "CREATE TABLE tokend_schema (
+                             id INTEGER PRIMARY KEY CHECK (id = 1),
+                             version INTEGER NOT NULL
+                         )",
+                    )
+                    .await?;
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+                    tx.batch_execute(sql).await?;
+                    tracing::info!(version = i + 1, "PostgreSQL ledger migrated");
+                }
+                tx.execute(
+                    "INSERT INTO tokend_schema (id, version) VALUES (1, $1) \
+                     ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    &[&SCHEMA_VERSION.max(found)],
+                )
+                .await?;
+                check_key(tx, keys).await
+            })
+        })
+        .await
     }
 
     /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
     pub async fn load_all(&self) -> Result<Vec<Record>, PgError> {
-        self.tx(LoadAll).await
+        self.read(|tx, keys| {
+            Box::pin(async move {
+                // One snapshot for both statements: no site of a connection inserted between
+                // them.
+                tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .await?;
+                let rows = tx
+                    .query(
+                        &format!("SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY id"),
+                        &[],
+                    )
+                    .await?;
+                let mut records = rows
+                    .iter()
+                    .map(|r| row_to_record(r, keys))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let sites = tx
+                    .query(
+                        &format!("SELECT connection_id, {SITE_COLUMNS} FROM sites WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id"),
+                        &[],
+                    )
+                    .await?;
+                for s in &sites {
+                    let id: &str = s.try_get(0)?;
+                    if let Some(rec) = records.iter_mut().find(|r| r.conn.id == id) {
+                        rec.conn.sites.push(row_to_site(s, 1)?);
+                    }
+                }
+                Ok(records)
+            })
+        })
+        .await
     }
 
     /// One connection with its chain and sites, or `None`.
     pub async fn load_one(&self, id: String) -> Result<Option<Record>, PgError> {
-        self.tx(LoadOne(id)).await
+        self.read(move |tx, keys| {
+            Box::pin(async move {
+                tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .await?;
+                let Some(row) = tx
+                    .query_opt(
+                        &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"),
+                        &[&id],
+                    )
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let mut rec = row_to_record(&row, keys)?;
+                rec.conn.sites = load_sites(tx, &id).await?;
+                Ok(Some(rec))
+            })
+        })
+        .await
     }
 
     /// Inserts a new connection with its first events (`LabelTaken` when the label is used).
     pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), PgError> {
         let node = self.node();
-        self.tx(Insert(rec, events, node)).await
+        self.tx(move |tx, keys| {
+            Box::pin(async move {
+                let taken = tx
+                    .query_opt(
+                        "SELECT id FROM connections WHERE label = $1",
+                        &[&rec.conn.label],
+                    )
+                    .await?;
+                if taken.is_some() {
+                    return Err(PgError::LabelTaken(rec.conn.label.clone()));
+                }
+                let values = record_values(&rec, keys);
+                let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v.as_sql()).collect();
+                let placeholders = (1..=values.len())
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tx.execute(
+                    &format!(
+                        "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({placeholders})"
+                    ),
+                    &params,
+                )
+                .await
+                .map_err(|e| {
+                    // A concurrent insert of the same label, between our check and this row.
+                    match e.as_db_error() {
+                        Some(db) if db.constraint() == Some("connections_label_key") => {
+                            PgError::LabelTaken(rec.conn.label.clone())
+                        }
+                        _ => refused_as("a connection row")(e),
+                    }
+                })?;
+                write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at).await?;
+                record_change(
+                    tx,
+                    &rec.conn.id,
+                    rec.conn.updated_at,
+                    &events,
+                    node.as_deref(),
+                )
+                .await
+            })
+        })
+        .await
     }
 
     /// Commits a change of a connection's chain and appends events, only while the stored
@@ -559,15 +708,8 @@ impl PgLedger {
         expect_version: u64,
         events: Vec<Event>,
     ) -> Result<(), PgError> {
-        let node = self.node();
-        self.tx(SaveChain {
-            rec,
-            expect_version,
-            fence: None,
-            events,
-            node,
-        })
-        .await
+        self.save_chain_under(rec, expect_version, None, events)
+            .await
     }
 
     /// [`PgLedger::save_chain`], and only while `fence` still holds the chain's claim,
@@ -579,13 +721,46 @@ impl PgLedger {
         fence: Fence,
         events: Vec<Event>,
     ) -> Result<(), PgError> {
+        self.save_chain_under(rec, expect_version, Some(fence), events)
+            .await
+    }
+
+    /// [`PgLedger::save_chain`], under `fence` if any.
+    async fn save_chain_under(
+        &self,
+        rec: Record,
+        expect_version: u64,
+        fence: Option<Fence>,
+        events: Vec<Event>,
+    ) -> Result<(), PgError> {
         let node = self.node();
-        self.tx(SaveChain {
-            rec,
-            expect_version,
-            fence: Some(fence),
-            events,
-            node,
+        self.tx(move |tx, keys| {
+            Box::pin(async move {
+                let id = rec.conn.id.clone();
+                if let Some(fence) = &fence {
+                    // The connection row first, then the claim, the order a delete takes them
+                    // in (its cascade reaches the claim last): two such transactions never
+                    // deadlock.
+                    tx.execute("SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", &[&id])
+                        .await?;
+                    // The claim row is locked until commit: no takeover can slip in between
+                    // this check and the write.
+                    let held = tx
+                        .query_opt(
+                            "SELECT 1 FROM claims WHERE connection_id = $1 AND holder = $2 \
+                             AND version = $3 AND expires_at > clock_timestamp() FOR UPDATE",
+                            &[&id, &fence.holder, &(fence.version as i64)],
+                        )
+                        .await?;
+                    if held.is_none() {
+                        return Err(PgError::Conflict(id));
+                    }
+                }
+                if update_row(tx, keys, &rec, expect_version).await? == 0 {
+                    return Err(PgError::Conflict(id));
+                }
+                record_change(tx, &id, rec.conn.updated_at, &events, node.as_deref()).await
+            })
         })
         .await
     }
@@ -599,12 +774,20 @@ impl PgLedger {
         events: Vec<Event>,
     ) -> Result<(), PgError> {
         let node = self.node();
-        self.tx(SetAccount {
-            id,
-            account_id,
-            now,
-            events,
-            node,
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE connections SET account_id = $1, updated_at = $2 WHERE id = $3",
+                        &[&account_id, &ms(now), &id],
+                    )
+                    .await
+                    .map_err(refused_as("account_id"))?;
+                if n == 0 {
+                    return Err(PgError::Conflict(id));
+                }
+                record_change(tx, &id, now, &events, node.as_deref()).await
+            })
         })
         .await
     }
@@ -620,13 +803,37 @@ impl PgLedger {
         events: Vec<Event>,
     ) -> Result<(), PgError> {
         let node = self.node();
-        self.tx(Merge {
-            from,
-            from_version,
-            merged,
-            expect_version,
-            events,
-            node,
+        self.tx(move |tx, keys| {
+            Box::pin(async move {
+                let deleted = tx
+                    .execute(
+                        "DELETE FROM connections WHERE id = $1 AND chain_version = $2",
+                        &[&from, &(from_version as i64)],
+                    )
+                    .await?;
+                if deleted == 0 {
+                    return Err(PgError::Conflict(from));
+                }
+                if update_row(tx, keys, &merged, expect_version).await? == 0 {
+                    return Err(PgError::Conflict(merged.conn.id.clone()));
+                }
+                let at = merged.conn.updated_at;
+                let node = node.as_deref();
+                append_events(
+                    tx,
+                    Some(&from),
+                    at,
+                    &[Event::new(
+                        EventKind::Merged,
+                        format!("chain moved into connection {}", merged.conn.id),
+                    )],
+                    node,
+                )
+                .await?;
+                append_events(tx, Some(&merged.conn.id), at, &events, node).await?;
+                announce(tx, &from, node).await?;
+                announce(tx, &merged.conn.id, node).await
+            })
         })
         .await
     }
@@ -640,11 +847,26 @@ impl PgLedger {
         now: Time,
     ) -> Result<Vec<Event>, PgError> {
         let node = self.node();
-        self.tx(SyncSites {
-            id,
-            sites,
-            now,
-            node,
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                // Two daemons syncing one connection's sites take turns, so that each change
+                // is told once.
+                tx.execute("SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", &[&id])
+                    .await?;
+                let before = load_sites(tx, &id).await?;
+                let (events, removed) = super::site_changes(&before, &sites);
+                for b in removed {
+                    tx.execute(
+                        "UPDATE sites SET removed_at = $3 WHERE connection_id = $1 AND cloud_id = $2 \
+                         AND url = $4 AND removed_at IS NULL",
+                        &[&id, &b.cloud_id, &ms(now), &b.url],
+                    )
+                    .await?;
+                }
+                write_sites(tx, &id, &sites, now).await?;
+                append_events(tx, Some(&id), now, &events, node.as_deref()).await?;
+                Ok(events)
+            })
         })
         .await
     }
@@ -652,7 +874,19 @@ impl PgLedger {
     /// Deletes a connection (its sites and claim go with it); false when there was none.
     pub async fn delete(&self, id: String, now: Time) -> Result<bool, PgError> {
         let node = self.node();
-        self.tx(Delete { id, now, node }).await
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let n = tx
+                    .execute("DELETE FROM connections WHERE id = $1", &[&id])
+                    .await?;
+                if n > 0 {
+                    let removed = Event::new(EventKind::Removed, "connection removed");
+                    record_change(tx, &id, now, &[removed], node.as_deref()).await?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
     }
 
     /// Appends events without changing any row.
@@ -662,26 +896,43 @@ impl PgLedger {
         now: Time,
         events: Vec<Event>,
     ) -> Result<(), PgError> {
-        let node = self.node();
-        self.tx(Append {
-            rows: events
+        self.append_rows(
+            events
                 .into_iter()
                 .map(|e| (connection_id.clone(), now, e))
                 .collect(),
-            node,
-        })
+        )
         .await
     }
 
     /// Appends many events of many connections in one transaction (the audit trail's flush).
     pub async fn append_batch(&self, events: Vec<(String, Time, Event)>) -> Result<(), PgError> {
-        let node = self.node();
-        self.tx(Append {
-            rows: events
+        self.append_rows(
+            events
                 .into_iter()
                 .map(|(id, at, e)| (Some(id), at, e))
                 .collect(),
-            node,
+        )
+        .await
+    }
+
+    /// Appends each `(connection, at, event)` in one transaction.
+    async fn append_rows(&self, rows: Vec<(Option<String>, Time, Event)>) -> Result<(), PgError> {
+        let node = self.node();
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                for (id, at, e) in &rows {
+                    append_events(
+                        tx,
+                        id.as_deref(),
+                        *at,
+                        std::slice::from_ref(e),
+                        node.as_deref(),
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
         })
         .await
     }
@@ -703,7 +954,23 @@ impl PgLedger {
         since: Option<Time>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, PgError> {
-        self.tx(Events { id, since, limit }).await
+        self.read(move |tx, _keys| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT at, kind, message, node, peer_uid, peer_pid, count FROM events \
+                         WHERE connection_id = $1 AND at >= $2 ORDER BY at DESC, seq DESC LIMIT $3",
+                        &[
+                            &id,
+                            &since.map_or(i64::MIN, ms),
+                            &(limit.min(i64::MAX as usize) as i64),
+                        ],
+                    )
+                    .await?;
+                rows.iter().map(|r| Ok(super::decode_event(r)?)).collect()
+            })
+        })
+        .await
     }
 
     /// Housekeeping: deletes events older than `before`, [`PRUNE_BATCH`] at a time (one
@@ -711,7 +978,20 @@ impl PgLedger {
     pub async fn maintain(&self, before: Time) -> Result<usize, PgError> {
         let mut total = 0;
         loop {
-            let n = self.tx(Maintain(before)).await?;
+            let n = self
+                .tx(move |tx, _keys| {
+                    Box::pin(async move {
+                        let n = tx
+                            .execute(
+                                "DELETE FROM events WHERE seq IN \
+                                 (SELECT seq FROM events WHERE at < $1 ORDER BY at, seq LIMIT $2)",
+                                &[&ms(before), &PRUNE_BATCH],
+                            )
+                            .await?;
+                        Ok(n as usize)
+                    })
+                })
+                .await?;
             total += n;
             if (n as i64) < PRUNE_BATCH {
                 return Ok(total);
@@ -721,7 +1001,17 @@ impl PgLedger {
 
     /// Proves the ledger takes a write now.
     pub async fn check_writable(&self) -> Result<(), PgError> {
-        self.tx(CheckWritable).await
+        self.tx(|tx, _keys| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO health (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                    &[&ms(Utc::now())],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     /// Listens for the changes other daemons commit (see [`listen`]): on a dedicated
@@ -742,7 +1032,35 @@ impl PgLedger {
         holder: String,
         lease: Duration,
     ) -> Result<Option<Fence>, PgError> {
-        self.tx(Claim { id, holder, lease }).await
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!(
+                            "INSERT INTO claims (connection_id, holder, expires_at, version) \
+                             SELECT id, $2, clock_timestamp() + make_interval(secs => $3), 1 \
+                             FROM connections WHERE id = $1 \
+                             ON CONFLICT (connection_id) DO UPDATE SET holder = excluded.holder, \
+                               expires_at = excluded.expires_at, version = claims.version + 1 \
+                             WHERE claims.holder = excluded.holder OR claims.expires_at < clock_timestamp() \
+                             RETURNING version, {LEFT_MS}"
+                        ),
+                        &[&id, &holder, &lease.as_secs_f64()],
+                    )
+                    .await?;
+                if let Some(row) = row {
+                    return Ok(Some(fence_of(&row, holder)));
+                }
+                let exists = tx
+                    .query_opt("SELECT 1 FROM connections WHERE id = $1", &[&id])
+                    .await?;
+                match exists {
+                    Some(_) => Ok(None),
+                    None => Err(PgError::Conflict(id)),
+                }
+            })
+        })
+        .await
     }
 
     /// Extends the claim `fence` to `lease` from now, while nobody else claimed the chain
@@ -754,86 +1072,68 @@ impl PgLedger {
         fence: Fence,
         lease: Duration,
     ) -> Result<Option<Fence>, PgError> {
-        self.tx(Renew { id, fence, lease }).await
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!(
+                            "UPDATE claims SET expires_at = clock_timestamp() + make_interval(secs => $4) \
+                             WHERE connection_id = $1 AND holder = $2 AND version = $3 \
+                             AND expires_at > '-infinity' \
+                             RETURNING version, {LEFT_MS}"
+                        ),
+                        &[
+                            &id,
+                            &fence.holder,
+                            &(fence.version as i64),
+                            &lease.as_secs_f64(),
+                        ],
+                    )
+                    .await?;
+                Ok(row.map(|r| fence_of(&r, fence.holder)))
+            })
+        })
+        .await
     }
 
     /// Gives the claim `fence` up, so that another holder may claim at once; false when it
     /// no longer held. The row stays, so the next claim's version still grows.
     pub async fn release(&self, id: String, fence: Fence) -> Result<bool, PgError> {
-        self.tx(Release { id, fence }).await
-    }
-}
-
-/// The body of one transaction. (A trait rather than a closure: the future borrows the
-/// transaction, which a closure's return type cannot name.)
-trait AsyncTxFn<R>: Send {
-    /// Whether the transaction writes (then its commit waits for the WAL flush, see
-    /// [`durable`]); only the read-only loads say no.
-    const WRITES: bool = true;
-
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<R, PgError>>;
-}
-
-struct Migrate;
-impl AsyncTxFn<()> for Migrate {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await?;
-            // Read before any DDL: a daemon whose schema is current needs only read and
-            // write rights on the tables, never CREATE on the schema.
-            let exists: bool = tx
-                .query_one("SELECT to_regclass('tokend_schema') IS NOT NULL", &[])
-                .await?
-                .try_get(0)?;
-            let found: i32 = if exists {
-                tx.query_opt("SELECT version FROM tokend_schema WHERE id = 1", &[])
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?
-                    .unwrap_or(0)
-            } else {
-                0
-            };
-            if found > SCHEMA_VERSION {
-                return Err(PgError::TooNew {
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
-            }
-            if found == SCHEMA_VERSION {
-                return check_key(tx, keys).await;
-            }
-            if !exists {
-                tx.batch_execute(
-                    "CREATE TABLE tokend_schema (
-                         id INTEGER PRIMARY KEY CHECK (id = 1),
-                         version INTEGER NOT NULL
-                     )",
-                )
-                .await?;
-            }
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
-                tx.batch_execute(sql).await?;
-                tracing::info!(version = i + 1, "PostgreSQL ledger migrated");
-            }
-            tx.execute(
-                "INSERT INTO tokend_schema (id, version) VALUES (1, $1) \
-                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                &[&SCHEMA_VERSION.max(found)],
-            )
-            .await?;
-            check_key(tx, keys).await
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE claims SET expires_at = '-infinity' \
+                         WHERE connection_id = $1 AND holder = $2 AND version = $3",
+                        &[&id, &fence.holder, &(fence.version as i64)],
+                    )
+                    .await?;
+                Ok(n > 0)
+            })
         })
+        .await
     }
+}
+
+/// The body of one transaction: given the transaction and the keys, a future borrowing both.
+/// (A boxed future, so that a closure can name its lifetime; `Send`, as every operation's
+/// future must be.)
+trait TxFn<R>:
+    for<'t> FnOnce(
+        &'t deadpool_postgres::Transaction<'t>,
+        &'t Keyring,
+    ) -> BoxFuture<'t, Result<R, PgError>>
+    + Send
+{
+}
+
+impl<R, F> TxFn<R> for F where
+    F: for<'t> FnOnce(
+            &'t deadpool_postgres::Transaction<'t>,
+            &'t Keyring,
+        ) -> BoxFuture<'t, Result<R, PgError>>
+        + Send
+{
 }
 
 /// Checks the key against the stored check value (recording it on a new ledger) and
@@ -863,32 +1163,23 @@ async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> R
     let mut resealed = 0;
     for row in rows {
         let id: String = row.get(0);
-        let mut stale = false;
-        let mut reseal = |column: &str, value: &str| -> Result<String, PgError> {
-            let aad = seal::aad(&id, column);
-            let o = keys.open(value, &aad).map_err(|e| {
-                PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}"))
-            })?;
-            stale |= o.stale;
-            Ok(keys.seal(&o.plaintext, &aad))
+        let Some((rt, prev, access)) = super::reseal_tokens(
+            keys,
+            &id,
+            &row.get::<_, String>(1),
+            row.get::<_, Option<String>>(2).as_deref(),
+            row.get::<_, Option<String>>(3).as_deref(),
+        )
+        .map_err(PgError::Corrupt)?
+        else {
+            continue;
         };
-        let rt = reseal("refresh_token", &row.get::<_, String>(1))?;
-        let prev = row
-            .get::<_, Option<String>>(2)
-            .map(|p| reseal("previous_refresh_token", &p))
-            .transpose()?;
-        let access = row
-            .get::<_, Option<String>>(3)
-            .map(|a| reseal("access_token", &a))
-            .transpose()?;
-        if stale {
-            tx.execute(
-                "UPDATE connections SET refresh_token = $1, previous_refresh_token = $2, access_token = $3 WHERE id = $4",
-                &[&rt, &prev, &access, &id],
-            )
-            .await?;
-            resealed += 1;
-        }
+        tx.execute(
+            "UPDATE connections SET refresh_token = $1, previous_refresh_token = $2, access_token = $3 WHERE id = $4",
+            &[&rt, &prev, &access, &id],
+        )
+        .await?;
+        resealed += 1;
     }
     tx.execute(
         "INSERT INTO keycheck (id, value) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET value = excluded.value",
@@ -905,437 +1196,6 @@ async fn check_key(tx: &deadpool_postgres::Transaction<'_>, keys: &Keyring) -> R
     Ok(())
 }
 
-struct LoadAll;
-impl AsyncTxFn<Vec<Record>> for LoadAll {
-    const WRITES: bool = false;
-
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Vec<Record>, PgError>> {
-        Box::pin(async move {
-            // One snapshot for both statements: no site of a connection inserted between them.
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .await?;
-            let rows = tx
-                .query(
-                    &format!("SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY id"),
-                    &[],
-                )
-                .await?;
-            let mut records = rows
-                .iter()
-                .map(|r| row_to_record(r, keys))
-                .collect::<Result<Vec<_>, _>>()?;
-            let sites = tx
-                .query(
-                    &format!("SELECT connection_id, {SITE_COLUMNS} FROM sites WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id"),
-                    &[],
-                )
-                .await?;
-            for s in &sites {
-                let id: &str = s.try_get(0)?;
-                if let Some(rec) = records.iter_mut().find(|r| r.conn.id == id) {
-                    rec.conn.sites.push(row_to_site(s, 1)?);
-                }
-            }
-            Ok(records)
-        })
-    }
-}
-
-struct LoadOne(String);
-impl AsyncTxFn<Option<Record>> for LoadOne {
-    const WRITES: bool = false;
-
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Option<Record>, PgError>> {
-        Box::pin(async move {
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .await?;
-            let Some(row) = tx
-                .query_opt(
-                    &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = $1"),
-                    &[&self.0],
-                )
-                .await?
-            else {
-                return Ok(None);
-            };
-            let mut rec = row_to_record(&row, keys)?;
-            rec.conn.sites = load_sites(tx, &self.0).await?;
-            Ok(Some(rec))
-        })
-    }
-}
-
-struct Insert(Record, Vec<Event>, Option<String>);
-impl AsyncTxFn<()> for Insert {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            let Insert(rec, events, node) = self;
-            let taken = tx
-                .query_opt(
-                    "SELECT id FROM connections WHERE label = $1",
-                    &[&rec.conn.label],
-                )
-                .await?;
-            if taken.is_some() {
-                return Err(PgError::LabelTaken(rec.conn.label.clone()));
-            }
-            let values = record_values(&rec, keys);
-            let params: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v.as_sql()).collect();
-            let placeholders = (1..=values.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            tx.execute(
-                &format!("INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({placeholders})"),
-                &params,
-            )
-            .await
-            .map_err(|e| {
-                // A concurrent insert of the same label, between our check and this row.
-                match e.as_db_error() {
-                    Some(db) if db.constraint() == Some("connections_label_key") => {
-                        PgError::LabelTaken(rec.conn.label.clone())
-                    }
-                    _ => refused_as("a connection row")(e),
-                }
-            })?;
-            write_sites(tx, &rec.conn.id, &rec.conn.sites, rec.conn.updated_at).await?;
-            append_events(
-                tx,
-                Some(&rec.conn.id),
-                rec.conn.updated_at,
-                &events,
-                node.as_deref(),
-            )
-            .await?;
-            announce(tx, &rec.conn.id, node.as_deref()).await
-        })
-    }
-}
-
-struct SaveChain {
-    rec: Record,
-    expect_version: u64,
-    fence: Option<Fence>,
-    events: Vec<Event>,
-    node: Option<String>,
-}
-impl AsyncTxFn<()> for SaveChain {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            let id = self.rec.conn.id.clone();
-            if let Some(fence) = &self.fence {
-                // The connection row first, then the claim, the order a delete takes them in
-                // (its cascade reaches the claim last): two such transactions never deadlock.
-                tx.execute("SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", &[&id])
-                    .await?;
-                // The claim row is locked until commit: no takeover can slip in between this
-                // check and the write.
-                let held = tx
-                    .query_opt(
-                        "SELECT 1 FROM claims WHERE connection_id = $1 AND holder = $2 \
-                         AND version = $3 AND expires_at > clock_timestamp() FOR UPDATE",
-                        &[&id, &fence.holder, &(fence.version as i64)],
-                    )
-                    .await?;
-                if held.is_none() {
-                    return Err(PgError::Conflict(id));
-                }
-            }
-            if update_row(tx, keys, &self.rec, self.expect_version).await? == 0 {
-                return Err(PgError::Conflict(id));
-            }
-            append_events(
-                tx,
-                Some(&id),
-                self.rec.conn.updated_at,
-                &self.events,
-                self.node.as_deref(),
-            )
-            .await?;
-            announce(tx, &id, self.node.as_deref()).await
-        })
-    }
-}
-
-struct SetAccount {
-    id: String,
-    account_id: String,
-    now: Time,
-    events: Vec<Event>,
-    node: Option<String>,
-}
-impl AsyncTxFn<()> for SetAccount {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            let n = tx
-                .execute(
-                    "UPDATE connections SET account_id = $1, updated_at = $2 WHERE id = $3",
-                    &[&self.account_id, &ms(self.now), &self.id],
-                )
-                .await
-                .map_err(refused_as("account_id"))?;
-            if n == 0 {
-                return Err(PgError::Conflict(self.id));
-            }
-            append_events(
-                tx,
-                Some(&self.id),
-                self.now,
-                &self.events,
-                self.node.as_deref(),
-            )
-            .await?;
-            announce(tx, &self.id, self.node.as_deref()).await
-        })
-    }
-}
-
-struct Merge {
-    from: String,
-    from_version: u64,
-    merged: Record,
-    expect_version: u64,
-    events: Vec<Event>,
-    node: Option<String>,
-}
-impl AsyncTxFn<()> for Merge {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            let deleted = tx
-                .execute(
-                    "DELETE FROM connections WHERE id = $1 AND chain_version = $2",
-                    &[&self.from, &(self.from_version as i64)],
-                )
-                .await?;
-            if deleted == 0 {
-                return Err(PgError::Conflict(self.from));
-            }
-            if update_row(tx, keys, &self.merged, self.expect_version).await? == 0 {
-                return Err(PgError::Conflict(self.merged.conn.id.clone()));
-            }
-            let at = self.merged.conn.updated_at;
-            let node = self.node.as_deref();
-            append_events(
-                tx,
-                Some(&self.from),
-                at,
-                &[Event::new(
-                    EventKind::Merged,
-                    format!("chain moved into connection {}", self.merged.conn.id),
-                )],
-                node,
-            )
-            .await?;
-            append_events(tx, Some(&self.merged.conn.id), at, &self.events, node).await?;
-            announce(tx, &self.from, node).await?;
-            announce(tx, &self.merged.conn.id, node).await
-        })
-    }
-}
-
-struct SyncSites {
-    id: String,
-    sites: Vec<Site>,
-    now: Time,
-    node: Option<String>,
-}
-impl AsyncTxFn<Vec<Event>> for SyncSites {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Vec<Event>, PgError>> {
-        Box::pin(async move {
-            // Two daemons syncing one connection's sites take turns, so that each change is
-            // told once.
-            tx.execute(
-                "SELECT 1 FROM connections WHERE id = $1 FOR UPDATE",
-                &[&self.id],
-            )
-            .await?;
-            let before = load_sites(tx, &self.id).await?;
-            let (events, removed) = super::site_changes(&before, &self.sites);
-            for b in removed {
-                tx.execute(
-                    "UPDATE sites SET removed_at = $3 WHERE connection_id = $1 AND cloud_id = $2 \
-                     AND url = $4 AND removed_at IS NULL",
-                    &[&self.id, &b.cloud_id, &ms(self.now), &b.url],
-                )
-                .await?;
-            }
-            write_sites(tx, &self.id, &self.sites, self.now).await?;
-            append_events(tx, Some(&self.id), self.now, &events, self.node.as_deref()).await?;
-            Ok(events)
-        })
-    }
-}
-
-struct Delete {
-    id: String,
-    now: Time,
-    node: Option<String>,
-}
-impl AsyncTxFn<bool> for Delete {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<bool, PgError>> {
-        Box::pin(async move {
-            let n = tx
-                .execute("DELETE FROM connections WHERE id = $1", &[&self.id])
-                .await?;
-            if n > 0 {
-                append_events(
-                    tx,
-                    Some(&self.id),
-                    self.now,
-                    &[Event::new(EventKind::Removed, "connection removed")],
-                    self.node.as_deref(),
-                )
-                .await?;
-                announce(tx, &self.id, self.node.as_deref()).await?;
-            }
-            Ok(n > 0)
-        })
-    }
-}
-
-struct Append {
-    rows: Vec<(Option<String>, Time, Event)>,
-    node: Option<String>,
-}
-impl AsyncTxFn<()> for Append {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            for (id, at, e) in &self.rows {
-                append_events(
-                    tx,
-                    id.as_deref(),
-                    *at,
-                    std::slice::from_ref(e),
-                    self.node.as_deref(),
-                )
-                .await?;
-            }
-            Ok(())
-        })
-    }
-}
-
-struct Events {
-    id: String,
-    since: Option<Time>,
-    limit: usize,
-}
-impl AsyncTxFn<Vec<StoredEvent>> for Events {
-    const WRITES: bool = false;
-
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Vec<StoredEvent>, PgError>> {
-        Box::pin(async move {
-            let rows = tx
-                .query(
-                    "SELECT at, kind, message, node, peer_uid, peer_pid, count FROM events \
-                     WHERE connection_id = $1 AND at >= $2 ORDER BY at DESC, seq DESC LIMIT $3",
-                    &[
-                        &self.id,
-                        &self.since.map_or(i64::MIN, ms),
-                        &(self.limit.min(i64::MAX as usize) as i64),
-                    ],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    let uid: Option<i64> = r.try_get(4)?;
-                    let pid: Option<i64> = r.try_get(5)?;
-                    Ok(StoredEvent {
-                        at: from_ms(r.try_get(0)?),
-                        kind: EventKind::parse(&r.try_get::<_, String>(1)?),
-                        message: r.try_get(2)?,
-                        node: r.try_get(3)?,
-                        peer: uid.map(|u| EventPeer {
-                            uid: u as u32,
-                            pid: pid.map(|p| p as u32),
-                        }),
-                        count: r.try_get::<_, i64>(6)?.clamp(0, u32::MAX as i64) as u32,
-                    })
-                })
-                .collect()
-        })
-    }
-}
-
-struct Maintain(Time);
-impl AsyncTxFn<usize> for Maintain {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<usize, PgError>> {
-        Box::pin(async move {
-            let n = tx
-                .execute(
-                    "DELETE FROM events WHERE seq IN \
-                     (SELECT seq FROM events WHERE at < $1 ORDER BY at, seq LIMIT $2)",
-                    &[&ms(self.0), &PRUNE_BATCH],
-                )
-                .await?;
-            Ok(n as usize)
-        })
-    }
-}
-
-struct CheckWritable;
-impl AsyncTxFn<()> for CheckWritable {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<(), PgError>> {
-        Box::pin(async move {
-            tx.execute(
-                "INSERT INTO health (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                &[&ms(Utc::now())],
-            )
-            .await?;
-            Ok(())
-        })
-    }
-}
-
 /// `expires_at - clock_timestamp()` in milliseconds, as the claim statements return it.
 const LEFT_MS: &str = "(extract(epoch FROM (expires_at - clock_timestamp())) * 1000)::bigint";
 
@@ -1347,100 +1207,17 @@ fn fence_of(row: &tokio_postgres::Row, holder: String) -> Fence {
     }
 }
 
-struct Claim {
-    id: String,
-    holder: String,
-    lease: Duration,
-}
-impl AsyncTxFn<Option<Fence>> for Claim {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Option<Fence>, PgError>> {
-        Box::pin(async move {
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "INSERT INTO claims (connection_id, holder, expires_at, version) \
-                         SELECT id, $2, clock_timestamp() + make_interval(secs => $3), 1 \
-                         FROM connections WHERE id = $1 \
-                         ON CONFLICT (connection_id) DO UPDATE SET holder = excluded.holder, \
-                           expires_at = excluded.expires_at, version = claims.version + 1 \
-                         WHERE claims.holder = excluded.holder OR claims.expires_at < clock_timestamp() \
-                         RETURNING version, {LEFT_MS}"
-                    ),
-                    &[&self.id, &self.holder, &self.lease.as_secs_f64()],
-                )
-                .await?;
-            if let Some(row) = row {
-                return Ok(Some(fence_of(&row, self.holder)));
-            }
-            let exists = tx
-                .query_opt("SELECT 1 FROM connections WHERE id = $1", &[&self.id])
-                .await?;
-            match exists {
-                Some(_) => Ok(None),
-                None => Err(PgError::Conflict(self.id)),
-            }
-        })
-    }
-}
-
-struct Renew {
-    id: String,
-    fence: Fence,
-    lease: Duration,
-}
-impl AsyncTxFn<Option<Fence>> for Renew {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Option<Fence>, PgError>> {
-        Box::pin(async move {
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE claims SET expires_at = clock_timestamp() + make_interval(secs => $4) \
-                         WHERE connection_id = $1 AND holder = $2 AND version = $3 \
-                         AND expires_at > '-infinity' \
-                         RETURNING version, {LEFT_MS}"
-                    ),
-                    &[
-                        &self.id,
-                        &self.fence.holder,
-                        &(self.fence.version as i64),
-                        &self.lease.as_secs_f64(),
-                    ],
-                )
-                .await?;
-            Ok(row.map(|r| fence_of(&r, self.fence.holder)))
-        })
-    }
-}
-
-struct Release {
-    id: String,
-    fence: Fence,
-}
-impl AsyncTxFn<bool> for Release {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<bool, PgError>> {
-        Box::pin(async move {
-            let n = tx
-                .execute(
-                    "UPDATE claims SET expires_at = '-infinity' \
-                     WHERE connection_id = $1 AND holder = $2 AND version = $3",
-                    &[&self.id, &self.fence.holder, &(self.fence.version as i64)],
-                )
-                .await?;
-            Ok(n > 0)
-        })
-    }
+/// Appends `events` to connection `id` and tells the other daemons it changed: the end of
+/// every write of a connection's row.
+async fn record_change(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+    at: Time,
+    events: &[Event],
+    node: Option<&str>,
+) -> Result<(), PgError> {
+    append_events(tx, Some(id), at, events, node).await?;
+    announce(tx, id, node).await
 }
 
 /// Makes this transaction's commit wait for the server's WAL flush whatever the server's
@@ -1551,95 +1328,17 @@ async fn update_row(
     rec: &Record,
     expect_version: u64,
 ) -> Result<u64, PgError> {
-    let all: Vec<&str> = CONNECTION_COLUMNS.split(", ").map(str::trim).collect();
     let values = record_values(rec, keys);
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(CHAIN_COLUMNS.len() + 2);
-    let mut assignments = Vec::with_capacity(CHAIN_COLUMNS.len());
-    for c in CHAIN_COLUMNS {
-        let i = all
-            .iter()
-            .position(|a| a == c)
-            .ok_or_else(|| PgError::Corrupt(format!("unknown column {c}")))?;
-        params.push(values[i].as_sql());
-        assignments.push(format!("{c} = ${}", params.len()));
-    }
+    let (sql, bound) = super::chain_update(CHAIN_COLUMNS, '$').map_err(PgError::Corrupt)?;
     let expect = expect_version as i64;
+    let mut params: Vec<&(dyn ToSql + Sync)> = bound.iter().map(|&i| values[i].as_sql()).collect();
     params.push(&rec.conn.id);
     params.push(&expect);
-    Ok(tx
-        .execute(
-            &format!(
-                "UPDATE connections SET {} WHERE id = ${} AND chain_version = ${}",
-                assignments.join(", "),
-                params.len() - 1,
-                params.len()
-            ),
-            &params,
-        )
-        .await?)
+    Ok(tx.execute(&sql, &params).await?)
 }
 
 fn row_to_record(r: &tokio_postgres::Row, keys: &Keyring) -> Result<Record, PgError> {
-    let id: String = r.try_get(0)?;
-    let open = |column: &str, value: &str| -> Result<Secret, PgError> {
-        keys.open(value, &seal::aad(&id, column))
-            .map(|o| Secret::new(o.plaintext.as_str()))
-            .map_err(|e| PgError::Corrupt(format!("cannot open {column} of connection {id}: {e}")))
-    };
-    let status: String = r.try_get(5)?;
-    let status = Status::parse(&status)
-        .ok_or_else(|| PgError::Corrupt(format!("unknown status {status:?}")))?;
-    let opt_time = |i: usize| -> Result<Option<Time>, PgError> {
-        Ok(r.try_get::<_, Option<i64>>(i)?.map(from_ms))
-    };
-    let previous = match (r.try_get::<_, Option<String>>(9)?, opt_time(10)?) {
-        (Some(t), Some(at)) => Some((open("previous_refresh_token", &t)?, at)),
-        _ => None,
-    };
-    let access = match (r.try_get::<_, Option<String>>(12)?, opt_time(13)?) {
-        (Some(t), Some(at)) => Some(AccessToken {
-            token: open("access_token", &t)?,
-            expires_at: at,
-        }),
-        _ => None,
-    };
-    let refresh_token = open("refresh_token", &r.try_get::<_, String>(7)?)?;
-    let last_error = match (
-        r.try_get::<_, Option<String>>(16)?,
-        r.try_get::<_, Option<String>>(17)?,
-        opt_time(18)?,
-    ) {
-        (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
-        _ => None,
-    };
-    let rotated_at = from_ms(r.try_get(8)?);
-    Ok(Record {
-        conn: Connection {
-            label: r.try_get(1)?,
-            provider: r.try_get(2)?,
-            client_id: r.try_get(3)?,
-            account_id: r.try_get(4)?,
-            status,
-            scopes: split_scopes(&r.try_get::<_, String>(6)?),
-            sites: Vec::new(),
-            consented_at: from_ms(r.try_get(14)?),
-            last_refresh_at: opt_time(15)?,
-            last_error,
-            consecutive_failures: r.try_get::<_, i64>(19)?.clamp(0, u32::MAX as i64) as u32,
-            created_at: from_ms(r.try_get(20)?),
-            updated_at: from_ms(r.try_get(21)?),
-            id,
-        },
-        chain: Chain {
-            refresh_token,
-            rotated_at,
-            used_at: opt_time(23)?.unwrap_or(rotated_at),
-            version: r.try_get::<_, i64>(22)?.max(0) as u64,
-            previous,
-            attempt_started_at: opt_time(11)?,
-            access,
-        },
-    })
+    super::decode_record(r, keys)?.map_err(PgError::Corrupt)
 }
 
 const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
@@ -1647,13 +1346,7 @@ const SITE_COLUMNS: &str = "cloud_id, url, name, scopes, last_seen_at";
 /// A site from [`SITE_COLUMNS`] starting at column `at` (a column of another type is an
 /// error, not a panic).
 fn row_to_site(r: &tokio_postgres::Row, at: usize) -> Result<Site, PgError> {
-    Ok(Site {
-        cloud_id: r.try_get(at)?,
-        url: r.try_get(at + 1)?,
-        name: r.try_get(at + 2)?,
-        scopes: split_scopes(r.try_get(at + 3)?),
-        last_seen_at: from_ms(r.try_get(at + 4)?),
-    })
+    Ok(super::decode_site(r, at)?)
 }
 
 async fn load_sites(

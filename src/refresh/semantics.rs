@@ -8,7 +8,7 @@
 //! the test process's throw-away cluster (`crate::testpg`; skipped with a notice where no
 //! server is installed, a failure under `TOKEND_REQUIRE_POSTGRES`).
 
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, delegate_store};
 use crate::ledger::seal::KeySource;
 use crate::ledger::{Ledger, PgLedger};
 use crate::model::{
@@ -16,6 +16,7 @@ use crate::model::{
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
+use futures_util::future::BoxFuture;
 
 fn from_ms(v: i64) -> Time {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
@@ -81,76 +82,7 @@ fn test_key(dir: &Path) -> KeySource {
     }
 }
 
-impl Store for Sqlite {
-    fn load_all(&self) -> futures_util::future::BoxFuture<'_, Result<Vec<Record>, StoreError>> {
-        Store::load_all(&self.ledger)
-    }
-    fn load(
-        &self,
-        id: String,
-    ) -> futures_util::future::BoxFuture<'_, Result<Option<Record>, StoreError>> {
-        Store::load(&self.ledger, id)
-    }
-    fn insert(
-        &self,
-        rec: Record,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::insert(&self.ledger, rec, events)
-    }
-    fn save_chain(
-        &self,
-        rec: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::save_chain(&self.ledger, rec, expect_version, events)
-    }
-    fn set_account(
-        &self,
-        id: String,
-        account_id: String,
-        now: Time,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::set_account(&self.ledger, id, account_id, now, events)
-    }
-    fn merge(
-        &self,
-        from: String,
-        from_version: u64,
-        merged: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::merge(
-            &self.ledger,
-            from,
-            from_version,
-            merged,
-            expect_version,
-            events,
-        )
-    }
-    fn sync_sites(
-        &self,
-        id: String,
-        sites: Vec<Site>,
-        now: Time,
-    ) -> futures_util::future::BoxFuture<'_, Result<Vec<Event>, StoreError>> {
-        Store::sync_sites(&self.ledger, id, sites, now)
-    }
-    fn delete(
-        &self,
-        id: String,
-        now: Time,
-    ) -> futures_util::future::BoxFuture<'_, Result<bool, StoreError>> {
-        Store::delete(&self.ledger, id, now)
-    }
-    fn check_writable(&self) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::check_writable(&self.ledger)
-    }
-}
+delegate_store!(Sqlite => |harness| &harness.ledger, via Store, load: load);
 
 impl Harness for Sqlite {
     async fn events_of(&self, id: &str, since: Option<Time>, limit: usize) -> Vec<StoredEvent> {
@@ -170,76 +102,7 @@ impl Harness for Sqlite {
     }
 }
 
-impl Store for Postgres {
-    fn load_all(&self) -> futures_util::future::BoxFuture<'_, Result<Vec<Record>, StoreError>> {
-        Store::load_all(&self.ledger)
-    }
-    fn load(
-        &self,
-        id: String,
-    ) -> futures_util::future::BoxFuture<'_, Result<Option<Record>, StoreError>> {
-        Store::load(&self.ledger, id)
-    }
-    fn insert(
-        &self,
-        rec: Record,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::insert(&self.ledger, rec, events)
-    }
-    fn save_chain(
-        &self,
-        rec: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::save_chain(&self.ledger, rec, expect_version, events)
-    }
-    fn set_account(
-        &self,
-        id: String,
-        account_id: String,
-        now: Time,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::set_account(&self.ledger, id, account_id, now, events)
-    }
-    fn merge(
-        &self,
-        from: String,
-        from_version: u64,
-        merged: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::merge(
-            &self.ledger,
-            from,
-            from_version,
-            merged,
-            expect_version,
-            events,
-        )
-    }
-    fn sync_sites(
-        &self,
-        id: String,
-        sites: Vec<Site>,
-        now: Time,
-    ) -> futures_util::future::BoxFuture<'_, Result<Vec<Event>, StoreError>> {
-        Store::sync_sites(&self.ledger, id, sites, now)
-    }
-    fn delete(
-        &self,
-        id: String,
-        now: Time,
-    ) -> futures_util::future::BoxFuture<'_, Result<bool, StoreError>> {
-        Store::delete(&self.ledger, id, now)
-    }
-    fn check_writable(&self) -> futures_util::future::BoxFuture<'_, Result<(), StoreError>> {
-        Store::check_writable(&self.ledger)
-    }
-}
+delegate_store!(Postgres => |harness| &harness.ledger, via Store, load: load);
 
 impl Harness for Postgres {
     async fn events_of(&self, id: &str, since: Option<Time>, limit: usize) -> Vec<StoredEvent> {

@@ -159,148 +159,133 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-impl Store for Ledger {
-    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
-        Box::pin(async move { Ok(Ledger::load_all(self).await?) })
-    }
-    fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
-        Box::pin(async move { Ok(Ledger::load_one(self, id).await?) })
-    }
-    fn insert(&self, rec: Record, events: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(Ledger::insert(self, rec, events).await?) })
-    }
-    fn save_chain(
-        &self,
-        rec: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(Ledger::save_chain(self, rec, expect_version, events).await?) })
-    }
-    fn set_account(
-        &self,
-        id: String,
-        account_id: String,
-        now: Time,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(Ledger::set_account(self, id, account_id, now, events).await?) })
-    }
-    fn merge(
-        &self,
-        from: String,
-        from_version: u64,
-        merged: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            Ok(Ledger::merge(self, from, from_version, merged, expect_version, events).await?)
-        })
-    }
-    fn sync_sites(
-        &self,
-        id: String,
-        sites: Vec<Site>,
-        now: Time,
-    ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
-        Box::pin(async move { Ok(Ledger::sync_sites(self, id, sites, now).await?) })
-    }
-    fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(async move { Ok(Ledger::delete(self, id, now).await?) })
-    }
-    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(Ledger::check_writable(self).await?) })
-    }
+/// Writes `impl Store for $ty`, every method delegated to the method of the same name of
+/// `$via` (`load` to `$load`) on `$target`, an expression of `$this` (the `&self`), its error
+/// converted into a [`StoreError`]. With `shared`, the claims too (and [`Store::shared`]);
+/// without, their defaults (one daemon per ledger).
+macro_rules! delegate_store {
+    ($ty:ty => |$this:ident| $target:expr, via $via:ident, load: $load:ident $(, $shared:ident)?) => {
+        // `?` converts the target's error (none to convert when `$via` is `Store`).
+        #[allow(clippy::needless_question_mark)]
+        impl Store for $ty {
+            $crate::refresh::store::delegate_store!(@$($shared)? |$this| $target, $via);
+            fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::load_all($target).await?) })
+            }
+            fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::$load($target, id).await?) })
+            }
+            fn insert(
+                &self,
+                rec: Record,
+                events: Vec<Event>,
+            ) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::insert($target, rec, events).await?) })
+            }
+            fn save_chain(
+                &self,
+                rec: Record,
+                expect_version: u64,
+                events: Vec<Event>,
+            ) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move {
+                    Ok($via::save_chain($target, rec, expect_version, events).await?)
+                })
+            }
+            fn set_account(
+                &self,
+                id: String,
+                account_id: String,
+                now: Time,
+                events: Vec<Event>,
+            ) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move {
+                    Ok($via::set_account($target, id, account_id, now, events).await?)
+                })
+            }
+            fn merge(
+                &self,
+                from: String,
+                from_version: u64,
+                merged: Record,
+                expect_version: u64,
+                events: Vec<Event>,
+            ) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move {
+                    Ok($via::merge($target, from, from_version, merged, expect_version, events)
+                        .await?)
+                })
+            }
+            fn sync_sites(
+                &self,
+                id: String,
+                sites: Vec<Site>,
+                now: Time,
+            ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::sync_sites($target, id, sites, now).await?) })
+            }
+            fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::delete($target, id, now).await?) })
+            }
+            fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::check_writable($target).await?) })
+            }
+        }
+    };
+    (@ |$this:ident| $target:expr, $via:ident) => {};
+    (@shared |$this:ident| $target:expr, $via:ident) => {
+        fn shared(&self) -> bool {
+            true
+        }
+        fn claim(
+            &self,
+            id: String,
+            holder: String,
+            lease: Duration,
+        ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+            let $this = self;
+            Box::pin(async move { Ok($via::claim($target, id, holder, lease).await?) })
+        }
+        fn renew(
+            &self,
+            id: String,
+            fence: Fence,
+            lease: Duration,
+        ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
+            let $this = self;
+            Box::pin(async move { Ok($via::renew($target, id, fence, lease).await?) })
+        }
+        fn release(&self, id: String, fence: Fence) -> BoxFuture<'_, Result<bool, StoreError>> {
+            let $this = self;
+            Box::pin(async move { Ok($via::release($target, id, fence).await?) })
+        }
+        fn save_chain_fenced(
+            &self,
+            rec: Record,
+            expect_version: u64,
+            fence: Fence,
+            events: Vec<Event>,
+        ) -> BoxFuture<'_, Result<(), StoreError>> {
+            let $this = self;
+            Box::pin(async move {
+                Ok($via::save_chain_fenced($target, rec, expect_version, fence, events).await?)
+            })
+        }
+    };
 }
+pub(crate) use delegate_store;
 
-impl Store for PgLedger {
-    fn shared(&self) -> bool {
-        true
-    }
-    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::load_all(self).await?) })
-    }
-    fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::load_one(self, id).await?) })
-    }
-    fn insert(&self, rec: Record, events: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(PgLedger::insert(self, rec, events).await?) })
-    }
-    fn save_chain(
-        &self,
-        rec: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(PgLedger::save_chain(self, rec, expect_version, events).await?) })
-    }
-    fn set_account(
-        &self,
-        id: String,
-        account_id: String,
-        now: Time,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(PgLedger::set_account(self, id, account_id, now, events).await?) })
-    }
-    fn merge(
-        &self,
-        from: String,
-        from_version: u64,
-        merged: Record,
-        expect_version: u64,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            Ok(PgLedger::merge(self, from, from_version, merged, expect_version, events).await?)
-        })
-    }
-    fn sync_sites(
-        &self,
-        id: String,
-        sites: Vec<Site>,
-        now: Time,
-    ) -> BoxFuture<'_, Result<Vec<Event>, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::sync_sites(self, id, sites, now).await?) })
-    }
-    fn delete(&self, id: String, now: Time) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::delete(self, id, now).await?) })
-    }
-    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move { Ok(PgLedger::check_writable(self).await?) })
-    }
-    fn claim(
-        &self,
-        id: String,
-        holder: String,
-        lease: Duration,
-    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::claim(self, id, holder, lease).await?) })
-    }
-    fn renew(
-        &self,
-        id: String,
-        fence: Fence,
-        lease: Duration,
-    ) -> BoxFuture<'_, Result<Option<Fence>, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::renew(self, id, fence, lease).await?) })
-    }
-    fn release(&self, id: String, fence: Fence) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(async move { Ok(PgLedger::release(self, id, fence).await?) })
-    }
-    fn save_chain_fenced(
-        &self,
-        rec: Record,
-        expect_version: u64,
-        fence: Fence,
-        events: Vec<Event>,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            Ok(PgLedger::save_chain_fenced(self, rec, expect_version, fence, events).await?)
-        })
-    }
-}
+delegate_store!(Ledger => |ledger| ledger, via Ledger, load: load_one);
+delegate_store!(PgLedger => |ledger| ledger, via PgLedger, load: load_one, shared);
 
 /// The provider, as the engine uses it. Every failure arrives classified
 /// ([`ProviderError`]): the engine never looks at HTTP.

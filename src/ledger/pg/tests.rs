@@ -3,6 +3,8 @@
 //! ledgers share is tested on both in `refresh::semantics`.
 
 use super::*;
+use crate::ledger::from_ms;
+use crate::model::AccessToken;
 use crate::testpg;
 use std::path::PathBuf;
 
@@ -444,39 +446,32 @@ async fn a_value_the_server_refuses_is_not_unavailable() {
     assert!(!err.to_string().contains("unavailable"), "{err}");
 }
 
-/// Reads, inside a ledger transaction, the settings `tx()` gave it.
-struct ShowSettings;
-impl AsyncTxFn<Vec<String>> for ShowSettings {
-    fn call<'t>(
-        self,
-        tx: &'t deadpool_postgres::Transaction<'t>,
-        _keys: &'t Keyring,
-    ) -> BoxFuture<'t, Result<Vec<String>, PgError>> {
-        Box::pin(async move {
-            let mut out = Vec::new();
-            for name in [
-                "lock_timeout",
-                "statement_timeout",
-                "idle_in_transaction_session_timeout",
-                "synchronous_commit",
-            ] {
-                out.push(
-                    tx.query_one(&format!("SHOW {name}"), &[])
-                        .await?
-                        .try_get(0)?,
-                );
-            }
-            Ok(out)
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_lock_holder_blocks_nobody_for_long() {
     let Some(db) = Db::new() else { return };
     let ledger = db.ledger().await;
     // Every transaction is bounded by the server, and every write is durable.
-    let settings = ledger.tx(ShowSettings).await.unwrap();
+    let settings = ledger
+        .tx(|tx, _keys| {
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for name in [
+                    "lock_timeout",
+                    "statement_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "synchronous_commit",
+                ] {
+                    out.push(
+                        tx.query_one(&format!("SHOW {name}"), &[])
+                            .await?
+                            .try_get::<_, String>(0)?,
+                    );
+                }
+                Ok(out)
+            })
+        })
+        .await
+        .unwrap();
     assert_eq!(settings, ["3s", "8s", "10s", "on"]);
     let rec = record("c1", "conf", "rt-1");
     ledger.insert(rec.clone(), vec![]).await.unwrap();
