@@ -25,6 +25,11 @@ const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
 impl Engine {
     /// Takes connection `id` as the store holds it now, when that is newer than memory.
     pub async fn reload(&self, id: &str) -> Result<(), StoreError> {
+        // Under the onboarding lock, like this daemon's own imports, consents, merges and
+        // removals: a snapshot read before one of them committed must not be applied after
+        // it (it would uninstall a connection just added, with its first rotated token, or
+        // install a second slot beside the one the import is about to install).
+        let _onboarding = self.onboarding.lock().await;
         let stored = self.store.load(id.to_owned()).await?;
         self.take_stored(id, stored);
         Ok(())
@@ -33,6 +38,8 @@ impl Engine {
     /// Compares every connection with the store, as [`Engine::reload`] does for one.
     /// Returns how many changed in memory.
     pub async fn reload_all(&self) -> Result<usize, StoreError> {
+        // See `reload`: the snapshot and its application are one step w.r.t. onboarding.
+        let _onboarding = self.onboarding.lock().await;
         let stored = self.store.load_all().await?;
         let mut seen = HashSet::with_capacity(stored.len());
         let mut changed = 0;
