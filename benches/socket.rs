@@ -105,10 +105,12 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
         engine: engine.clone(),
         metrics: metrics.clone(),
         jobs: Arc::new(tokend::jobs::JobMonitor::default()),
-        access: Arc::new(parking_lot::RwLock::new(tokend::api::AccessPolicy {
-            own_uid: 0,
-            config: config.access.clone(),
-        })),
+        access: Arc::new(parking_lot::RwLock::new(Arc::new(
+            tokend::api::AccessPolicy {
+                own_uid: 0,
+                config: config.access.clone(),
+            },
+        ))),
         audit: tokend::audit::Audit::new(ledger.clone(), metrics.clone()),
     };
     tokio::spawn(tokend::api::server::serve(

@@ -114,7 +114,7 @@ async fn watchdog(
 async fn reload_on_sighup(
     mut running: Config,
     engine: Arc<Engine>,
-    access: Arc<RwLock<AccessPolicy>>,
+    access: Arc<RwLock<Arc<AccessPolicy>>>,
     monitor: Arc<JobMonitor>,
     sd: Arc<SdNotify>,
     shutdown: impl Future<Output = ()>,
@@ -139,10 +139,10 @@ async fn reload_on_sighup(
             Ok(Ok(new)) => {
                 let restart_needed = needs_restart(&running, &new);
                 engine.set_settings(new.refresh.clone());
-                *access.write() = AccessPolicy {
+                *access.write() = Arc::new(AccessPolicy {
                     own_uid: rustix::process::geteuid().as_raw(),
                     config: new.access.clone(),
-                };
+                });
                 engine.set_notifier(crate::notify::Notifier::start(
                     new.notify.command.clone(),
                     new.notify.timeout,
@@ -574,10 +574,10 @@ pub async fn run(
         engine: engine.clone(),
         metrics: metrics.clone(),
         jobs: monitor.clone(),
-        access: Arc::new(RwLock::new(AccessPolicy {
+        access: Arc::new(RwLock::new(Arc::new(AccessPolicy {
             own_uid: rustix::process::geteuid().as_raw(),
             config: config.access.clone(),
-        })),
+        }))),
         audit: audit.clone(),
     };
     // Stops after the socket: the last reads are folded in, then written.

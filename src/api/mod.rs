@@ -83,8 +83,9 @@ pub struct ApiState {
     /// Which periodic jobs are late: a stalled job makes `/v1/health` degraded. A view,
     /// not the job monitor itself, so that `api` does not depend on `jobs`.
     pub jobs: Arc<dyn JobsView>,
-    /// Access rules; behind a lock so that a reload can replace them.
-    pub access: Arc<RwLock<AccessPolicy>>,
+    /// Access rules; behind a lock so that a reload can replace them, and shared (`Arc`) so
+    /// that a request takes a snapshot by one reference count, not a copy of every rule.
+    pub access: Arc<RwLock<Arc<AccessPolicy>>>,
     /// Records who read which token.
     pub audit: crate::audit::Audit,
 }
@@ -97,7 +98,7 @@ pub trait JobsView: Send + Sync {
 }
 
 impl ApiState {
-    fn policy(&self) -> AccessPolicy {
+    fn policy(&self) -> Arc<AccessPolicy> {
         self.access.read().clone()
     }
 }
@@ -1035,10 +1036,10 @@ mod tests {
             engine,
             metrics: metrics.clone(),
             jobs: Arc::new(NoneStalled),
-            access: Arc::new(RwLock::new(AccessPolicy {
+            access: Arc::new(RwLock::new(Arc::new(AccessPolicy {
                 own_uid: 0,
                 config: config.access.clone(),
-            })),
+            }))),
             audit: crate::audit::Audit::new(ledger, metrics.clone()),
         };
         let app = router(state);
