@@ -363,7 +363,10 @@ pub(crate) async fn run(
         started.elapsed(),
     );
     match result {
-        Ok(grant) => commit_grant(engine, slot, base, grant.into(), true).await,
+        Ok(grant) => {
+            let stored = base.chain.refresh_token.clone();
+            commit_grant(engine, slot, base, grant.into(), true, stored).await
+        }
         Err(ProviderError::Partial {
             refresh_token,
             message,
@@ -375,7 +378,8 @@ pub(crate) async fn run(
                 expires_in: None,
                 scopes: None,
             };
-            commit_grant(engine, slot, base, answer, true).await
+            let stored = base.chain.refresh_token.clone();
+            commit_grant(engine, slot, base, answer, true, stored).await
         }
         Err(ProviderError::Rejected { code, description }) => {
             if let Some(outcome) = try_previous(engine, slot, &base).await {
@@ -789,7 +793,18 @@ async fn try_previous(engine: &Engine, slot: &Slot, base: &Record) -> Option<Out
     }
     match present(engine, &from.chain.refresh_token).await {
         // Its leeway counts from its rotation, not from now: never keep it as `previous`.
-        Ok(grant) => Some(commit_grant(engine, slot, from, grant.into(), false).await),
+        // A conflict is judged against what the store holds: the rejected current token.
+        Ok(grant) => Some(
+            commit_grant(
+                engine,
+                slot,
+                from,
+                grant.into(),
+                false,
+                base.chain.refresh_token.clone(),
+            )
+            .await,
+        ),
         Err(ProviderError::Rejected { .. }) => None,
         Err(e) => {
             // The provider may have rotated it: keep it with a marker dated from its
@@ -825,12 +840,16 @@ impl From<Grant> for Answer {
 
 /// Commits a successful answer. `previous_ok` says whether the token presented may be kept
 /// as `previous` (for a later reuse inside the leeway): not when it was itself a previous.
+/// `stored` is the refresh token the store held when the attempt began: the one a conflict
+/// is judged against (for a retry of the previous token it is the rejected current one, not
+/// the token presented).
 async fn commit_grant(
     engine: &Engine,
     slot: &Slot,
     base: Record,
     grant: Answer,
     previous_ok: bool,
+    stored: Secret,
 ) -> Outcome {
     let now = engine.now();
     let old_rt = base.chain.refresh_token.clone();
@@ -885,7 +904,7 @@ async fn commit_grant(
     }
     let mut saved = save(engine, slot, next.clone(), expect, events.clone()).await;
     if let Err(StoreError::Conflict(_)) = &saved {
-        match after_conflict(engine, slot, &next, Some(&base.chain.refresh_token), expect).await {
+        match after_conflict(engine, slot, &next, Some(&stored), expect).await {
             Behind::Retry(version) => {
                 expect = version;
                 next.chain.version = expect + 1;
@@ -905,7 +924,7 @@ async fn commit_grant(
                 rec: next,
                 expect_version: expect,
                 insert: false,
-                presented: Some(base.chain.refresh_token.clone()),
+                presented: Some(stored),
             },
             error: e.to_string(),
         },
