@@ -93,7 +93,7 @@ async fn start(dir: &Path, n: usize) -> (PathBuf, Arc<tokend::refresh::Engine>) 
         Arc::new(ledger.clone()),
         Arc::new(provider),
         Arc::new(tokend::refresh::SystemClock),
-        config.refresh.clone(),
+        config.refresh,
         tokend::notify::Notifier::disabled(),
         metrics.clone(),
     )

@@ -138,7 +138,7 @@ async fn reload_on_sighup(
         match tokio::task::spawn_blocking(move || Config::load(&path)).await {
             Ok(Ok(new)) => {
                 let restart_needed = needs_restart(&running, &new);
-                engine.set_settings(new.refresh.clone());
+                engine.set_settings(new.refresh);
                 *access.write() = Arc::new(AccessPolicy {
                     own_uid: rustix::process::geteuid().as_raw(),
                     config: new.access.clone(),
@@ -532,7 +532,7 @@ pub async fn run(
         store,
         Arc::new(provider),
         Arc::new(crate::refresh::SystemClock),
-        config.refresh.clone(),
+        config.refresh,
         notifier,
         metrics.clone(),
     )

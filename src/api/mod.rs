@@ -1026,7 +1026,7 @@ mod tests {
             Arc::new(ledger.clone()),
             Arc::new(provider),
             Arc::new(crate::refresh::SystemClock),
-            config.refresh.clone(),
+            config.refresh,
             crate::notify::Notifier::disabled(),
             metrics.clone(),
         )

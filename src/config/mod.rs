@@ -123,7 +123,7 @@ pub enum LogFormat {
 }
 
 /// `[refresh]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct RefreshConfig {
     /// Renew an access token this long before it expires (> 0).
     pub access_token_margin: Duration,

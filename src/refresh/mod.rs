@@ -425,7 +425,7 @@ impl Engine {
 
     /// The refresh settings in force.
     pub fn settings(&self) -> RefreshConfig {
-        self.settings.read().clone()
+        *self.settings.read()
     }
 
     /// Why the provider cannot be used, if it cannot.
@@ -871,7 +871,7 @@ mod tests {
             Arc::new(ledger),
             Arc::new(provider),
             Arc::new(SystemClock),
-            config.refresh.clone(),
+            config.refresh,
             crate::notify::Notifier::disabled(),
             Arc::new(Metrics::new(true)),
         )
@@ -966,7 +966,7 @@ mod tests {
             Arc::new(ledger),
             Arc::new(provider),
             Arc::new(SystemClock),
-            config.refresh.clone(),
+            config.refresh,
             crate::notify::Notifier::disabled(),
             Arc::new(Metrics::new(true)),
         )
