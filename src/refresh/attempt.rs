@@ -1176,6 +1176,20 @@ pub(crate) fn settle(
             message,
             newly,
         } => {
+            if !committed && st.rec.chain.version >= next.chain.version {
+                // Memory moved past the chain this attempt presented while it ran (a reload
+                // took another daemon's newer chain) and the rejection was not recorded: it
+                // was of an older token. Keep the newer chain; the caller tries again.
+                tracing::warn!(connection = %id, "a rejected token was already superseded by a newer chain; keeping the newer one");
+                st.stale = true;
+                return (
+                    Err(Failure::Unavailable {
+                        retry_after: backoff_min,
+                        message: "the chain changed while this refresh ran; try again".into(),
+                    }),
+                    effects,
+                );
+            }
             tracing::warn!(connection = %id, "chain rejected by the provider; needs re-consent");
             let version = st.rec.chain.version;
             engine.adopt(st, &next);
