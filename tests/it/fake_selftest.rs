@@ -848,3 +848,37 @@ fn the_fake_serves_plain_tests_and_unguessable_tokens() {
     let res = rt.block_on(client().post(url).send());
     assert!(res.is_err());
 }
+
+#[tokio::test]
+async fn issue_grants_registers_many_chains_at_once() {
+    let fake = FakeAtlassian::start();
+    let grants: Vec<(String, Vec<FakeSite>)> = (0..3)
+        .map(|i| {
+            (
+                format!("acc-bulk-{i}"),
+                vec![FakeSite::confluence(&format!("bulk{i}"))],
+            )
+        })
+        .collect();
+    let tokens = fake.issue_grants(&grants);
+    assert_eq!(tokens.len(), 3);
+    for ((account, _), rt) in grants.iter().zip(&tokens) {
+        assert_eq!(fake.current_refresh_token(account).as_deref(), Some(&**rt));
+    }
+    assert_eq!(fake.total_rotations(), 0);
+    let (_, rt1) = refresh_ok(&fake, &tokens[1]).await;
+    refresh_ok(&fake, &rt1).await;
+    refresh_ok(&fake, &tokens[2]).await;
+    assert_eq!(fake.total_rotations(), 3);
+    assert_eq!(fake.rotations("acc-bulk-1"), 2);
+    // Ordinals still count per kind and account.
+    let detailed = fake.issued_secrets_detailed();
+    let bulk1: Vec<usize> = detailed
+        .iter()
+        .filter(|s| {
+            s.kind == SecretKind::RefreshToken && s.account.as_deref() == Some("acc-bulk-1")
+        })
+        .map(|s| s.ordinal)
+        .collect();
+    assert_eq!(bulk1, vec![1, 2, 3]);
+}

@@ -417,6 +417,16 @@ impl FakeAtlassian {
         self.inner().rules.new_family(account_id, sites.to_vec())
     }
 
+    /// [`FakeAtlassian::issue_grant`] for many accounts under one lock (a benchmark seeds
+    /// thousands of chains); returns the first refresh tokens in the order given.
+    pub fn issue_grants(&self, grants: &[(String, Vec<FakeSite>)]) -> Vec<String> {
+        let mut inner = self.inner();
+        grants
+            .iter()
+            .map(|(account, sites)| inner.rules.new_family(account, sites.clone()))
+            .collect()
+    }
+
     /// Mints a single-use authorization code (valid [`CODE_LIFETIME`]) for `redirect_uri`.
     /// Exchanging it creates (or replaces) the family of `account_id` and returns its first
     /// pair.
@@ -577,6 +587,12 @@ impl FakeAtlassian {
             .stats
             .get(account_id)
             .map_or(0, |s| s.rotations)
+    }
+
+    /// Refresh tokens replaced through the refresh grant, over every account (the sum of
+    /// [`FakeAtlassian::rotations`]).
+    pub fn total_rotations(&self) -> usize {
+        self.inner().rules.stats.values().map(|s| s.rotations).sum()
     }
 
     pub fn leeway_reuses(&self) -> usize {
