@@ -202,8 +202,11 @@ pub fn fmt_rate(v: f64) -> String {
     out
 }
 
-/// Microseconds, as µs below 10 ms and as ms above.
-pub fn fmt_us(us: u32) -> String {
+/// Microseconds, as µs below 10 ms and as ms above; `None` as "n/a".
+pub fn fmt_us(us: Option<u32>) -> String {
+    let Some(us) = us else {
+        return "n/a".into();
+    };
     if us < 10_000 {
         format!("{us} µs")
     } else {

@@ -49,7 +49,24 @@ pub fn tokend_binary() -> Result<PathBuf> {
         eprintln!(
             "bench: cargo build --release --bin tokend (the bench profile builds only the bench)"
         );
-        let status = Command::new(&cargo)
+        let mut build = Command::new(&cargo);
+        // `cargo bench` gives the bench its package's variables (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, ...); build scripts (ring's) watch some of them, so the
+        // nested build would see a changed environment and rebuild half the graph, and the
+        // next `cargo bench` again. The nested cargo gets the user's environment instead.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    &*k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+                )
+            {
+                build.env_remove(&key);
+            }
+        }
+        let status = build
             .args(["build", "--release", "--locked", "--bin", "tokend"])
             .arg("--manifest-path")
             .arg(&manifest)

@@ -196,7 +196,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
             fmt_bytes(m.list_bytes as u64),
             m.scrape.as_secs_f64(),
             fmt_bytes(m.scrape_bytes as u64),
-            fmt_us(m.health_us),
+            fmt_us(Some(m.health_us)),
             fmt_rate(m.by_label),
             fmt_rate(m.by_site),
             m.by_label / m.by_site,

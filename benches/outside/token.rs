@@ -114,7 +114,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
 
 fn table_row(route: &str, clients: usize, t: &Stats, b: &Stats) -> String {
     format!(
-        "| {route} | {clients} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+        "| {route} | {clients} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
         fmt_rate(t.per_sec),
         fmt_us(t.p50_us),
         fmt_us(t.p99_us),
@@ -122,6 +122,9 @@ fn table_row(route: &str, clients: usize, t: &Stats, b: &Stats) -> String {
         fmt_us(b.p50_us),
         fmt_us(b.p99_us),
         t.per_sec / b.per_sec,
-        f64::from(t.p99_us) / f64::from(b.p99_us.max(1)),
+        match (t.p99_us, b.p99_us) {
+            (Some(t), Some(b)) => format!("{:.2}", f64::from(t) / f64::from(b.max(1))),
+            _ => "n/a".into(),
+        },
     )
 }
