@@ -7,9 +7,11 @@
 //! TOKEND_BENCH_QUICK=1 cargo bench --bench outside   # a smoke run: short and small
 //! ```
 //!
-//! The bench runs `cargo build --release --bin tokend` first (the bench profile builds only
-//! the bench) and uses `<target dir>/release/tokend`; `TOKEND_BENCH_BIN=PATH` runs another
-//! binary instead (to compare two builds), `TOKEND_BENCH_NO_BUILD=1` skips the build.
+//! `cargo bench` builds the package's binary beside the bench, in the bench profile (which
+//! inherits every setting of the release profile: opt-level "s", fat LTO, one codegen
+//! unit), and the bench runs that `<target dir>/release/tokend` (`CARGO_BIN_EXE_tokend`);
+//! `TOKEND_BENCH_BIN=PATH` runs another binary instead (a copy of an older build, to
+//! compare two builds in one sitting).
 //! Results are markdown tables on stdout (progress on stderr); BENCHMARKS.md records them.
 //!
 //! - `token` (goal 1, [`token`]): cached-token round trips of `GET

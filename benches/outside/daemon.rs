@@ -24,63 +24,18 @@ const READY_POLL: Duration = Duration::from_millis(5);
 /// job would otherwise ask the fake about chains it does not know (the scale ledgers).
 const NEVER: &str = "0 0 0 1 1 *";
 
-/// The release `tokend` binary: `TOKEND_BENCH_BIN` if set, else `cargo build --release
-/// --bin tokend` (a no-op when it is up to date; `TOKEND_BENCH_NO_BUILD=1` skips it) and
-/// `<target dir>/release/tokend`, the target dir being the one this bench was built in.
+/// The `tokend` binary: `TOKEND_BENCH_BIN` if set (another build, to compare), else the one
+/// `cargo bench` built beside this bench (`<target dir>/release/tokend`, cargo builds a
+/// package's binaries for its benches, in the bench profile, which inherits every release
+/// setting).
 pub fn tokend_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("TOKEND_BENCH_BIN") {
-        let bin = PathBuf::from(bin);
-        if !bin.is_file() {
-            bail!("TOKEND_BENCH_BIN={} is not a file", bin.display());
-        }
-        return Ok(bin);
-    }
-    let exe = std::env::current_exe().context("locate the bench's own executable")?;
-    // <target>/<profile>/deps/outside-HASH
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .context("the bench is not inside a cargo target directory")?;
-    let bin = target.join("release").join("tokend");
-    if std::env::var_os("TOKEND_BENCH_NO_BUILD").is_none() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        eprintln!(
-            "bench: cargo build --release --bin tokend (the bench profile builds only the bench)"
-        );
-        let mut build = Command::new(&cargo);
-        // `cargo bench` gives the bench its package's variables (CARGO_PKG_NAME,
-        // CARGO_MANIFEST_DIR, ...); build scripts (ring's) watch some of them, so the
-        // nested build would see a changed environment and rebuild half the graph, and the
-        // next `cargo bench` again. The nested cargo gets the user's environment instead.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_MANIFEST_")
-                || matches!(
-                    &*k,
-                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
-                )
-            {
-                build.env_remove(&key);
-            }
-        }
-        let status = build
-            .args(["build", "--release", "--locked", "--bin", "tokend"])
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(target)
-            .status()
-            .with_context(|| format!("run {}", PathBuf::from(&cargo).display()))?;
-        if !status.success() {
-            bail!("cargo build --release --bin tokend failed ({status})");
-        }
-    }
+    let bin = match std::env::var_os("TOKEND_BENCH_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_tokend")),
+    };
     if !bin.is_file() {
         bail!(
-            "{} is missing: run `cargo build --release --bin tokend` or set TOKEND_BENCH_BIN",
+            "{} is missing: run the bench through `cargo bench --bench outside`, or set TOKEND_BENCH_BIN",
             bin.display()
         );
     }
