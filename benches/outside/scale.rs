@@ -205,12 +205,14 @@ pub async fn run(cfg: &Config) -> Result<()> {
     if let (Some(small), Some(large)) = (results.first(), results.last())
         && large.size > small.size
     {
-        let per = large.rss_after.saturating_sub(small.rss_after) as f64
-            / (large.size - small.size) as f64;
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / (large.size - small.size) as f64;
         println!();
         println!(
-            "RSS per connection (after list + scrape, {} → {} connections): {per:.0} bytes.",
-            small.size, large.size
+            "RSS per connection ({} → {} connections): {:.0} bytes at start, {:.0} bytes after list + scrape.",
+            small.size,
+            large.size,
+            per(large.rss_start, small.rss_start),
+            per(large.rss_after, small.rss_after)
         );
     }
     let called: usize = results.iter().map(|m| m.provider_requests).sum();
