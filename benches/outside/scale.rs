@@ -174,7 +174,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
     }
     println!();
     println!(
-        "## scale: ledgers by size (token routes at {CLIENTS} clients, {} s after {} s warm-up, median of {} rounds)",
+        "## scale: ledgers by size (token routes at {CLIENTS} clients, {} s after {} s warm-up, median of {} round(s))",
         cfg.measure.as_secs_f64(),
         cfg.warmup.as_secs_f64(),
         cfg.rounds

@@ -94,7 +94,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
 
     println!();
     println!(
-        "## token: cached token vs bare hyper ({size}-byte body; {} s after {} s warm-up, median of {} rounds)",
+        "## token: cached token vs bare hyper ({size}-byte body; {} s after {} s warm-up, median of {} round(s))",
         cfg.measure.as_secs_f64(),
         cfg.warmup.as_secs_f64(),
         cfg.rounds
