@@ -1,4 +1,4 @@
-//! The real `tokend` under test: locating (and building) the release binary, a temp
+//! The real `tokend` under test: locating the binary `cargo bench` built, a temp
 //! directory with a generated `daemon.toml` pointing at the fake provider, and a
 //! [`Daemon`] guard that starts it, waits for its socket, stops it, and kills it on every
 //! exit path (its `Drop`).
@@ -164,8 +164,8 @@ impl Daemon {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// Spawns `tokend run` (`spawned` is taken just before) and waits for the first 200 of
-    /// `GET /v1/health`; returns the time from spawn to that answer.
+    /// Spawns `tokend run` and waits for the first 200 of `GET /v1/health`; returns the
+    /// instant just before the spawn and the time from it to that answer.
     pub async fn start(&mut self) -> Result<(Instant, Duration)> {
         if self.child.is_some() {
             bail!("the daemon is already running");

@@ -177,6 +177,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
     drop(ro);
     let alive = grants.iter().filter(|(a, _)| fake.family_alive(a)).count();
     let violations = fake.reuse_violations();
+    let rotations = fake.total_rotations();
     daemon.stop().await?;
 
     let commits = commit_rate(&copy, &rows, &keys)?;
@@ -223,6 +224,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
         "| rotations/s ÷ (commits/s ÷ 2) (marker + result per rotation) | {:.2} |",
         rate / (commits / 2.0)
     );
+    println!("| rotations at the fake (one per chain expected) | {rotations} |");
     println!("| reuse violations at the fake | {violations} |");
     println!("| families alive | {alive}/{n} |");
     println!("| rows active, holding the fake's current token | {active}/{n}, {current}/{n} |");
