@@ -28,6 +28,7 @@ use chrono::Utc;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde::Serialize;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +97,11 @@ pub trait JobsView: Send + Sync {
     /// The names of the jobs that have not succeeded within their allowed time, sorted.
     fn stalled(&self) -> Vec<&'static str>;
 }
+
+/// The state the router hands each handler: the [`ApiState`] behind one `Arc`, so that a
+/// request takes it by one reference count instead of cloning (and later dropping) each of
+/// its handles.
+type Shared = Arc<ApiState>;
 
 impl ApiState {
     fn policy(&self) -> Arc<AccessPolicy> {
@@ -221,7 +227,7 @@ impl Endpoint {
     }
 
     /// The handler, answering `method` only.
-    fn handler(self, method: &Method) -> MethodRouter<ApiState> {
+    fn handler(self, method: &Method) -> MethodRouter<Shared> {
         let filter = MethodFilter::try_from(method.clone())
             .unwrap_or_else(|_| panic!("{method} is not a routable method"));
         match self {
@@ -329,7 +335,17 @@ fn route_label(matched: Option<&str>) -> &'static str {
 /// The router, built from [`ROUTES`]. Requests must carry a [`Peer`] extension (the server
 /// inserts it).
 pub fn router(state: ApiState) -> Router {
-    state.metrics.declare_api_routes(&route_templates());
+    let templates = route_templates();
+    state.metrics.declare_api_routes(&templates);
+    let finish = Finish {
+        routes: Arc::new(RouteSeries {
+            by_template: templates
+                .iter()
+                .map(|t| (*t, state.metrics.api_route(t)))
+                .collect(),
+            other: state.metrics.api_route(crate::metrics::OTHER_ROUTE),
+        }),
+    };
     let mut router = Router::new();
     for r in ROUTES {
         router = router.route(r.template, r.endpoint.handler(&r.method));
@@ -337,29 +353,88 @@ pub fn router(state: ApiState) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::map_response(standard_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .layer(finish)
+        .with_state(Arc::new(state))
 }
 
-/// Records each request's latency under its route template (bounded label values).
-async fn track(
-    State(state): State<ApiState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = route_label(
-        req.extensions()
-            .get::<axum::extract::MatchedPath>()
-            .map(|m| m.as_str()),
-    );
-    let started = tokio::time::Instant::now();
-    let resp = next.run(req).await;
-    state
-        .metrics
-        .api_request(route, resp.status().as_u16(), started.elapsed());
-    resp
+/// The metrics series of every route label, resolved once when the router is built.
+struct RouteSeries {
+    /// Each template of [`ROUTES`] with its series.
+    by_template: Vec<(&'static str, crate::metrics::ApiRoute)>,
+    /// [`crate::metrics::OTHER_ROUTE`]'s series: a request no template matched.
+    other: crate::metrics::ApiRoute,
+}
+
+impl RouteSeries {
+    /// The series of the label [`route_label`] gives a matched template: a scan of the few
+    /// templates, no hashing, no lock.
+    fn of(&self, matched: Option<&str>) -> &crate::metrics::ApiRoute {
+        let label = route_label(matched);
+        self.by_template
+            .iter()
+            .find(|(t, _)| *t == label)
+            .map_or(&self.other, |(_, series)| series)
+    }
+}
+
+/// The last step of every route: one layer doing what two middleware functions did, without
+/// a copy of the state or a boxed clone of the rest of the stack per request. It turns an
+/// error response that is not already ours into the standard shape ([`standard_errors`]),
+/// then counts and times the request under its route template (bounded label values).
+#[derive(Clone)]
+struct Finish {
+    /// Every route's series.
+    routes: Arc<RouteSeries>,
+}
+
+impl<S> tower::Layer<S> for Finish {
+    type Service = FinishService<S>;
+
+    fn layer(&self, inner: S) -> FinishService<S> {
+        FinishService {
+            inner,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+/// [`Finish`] around one route.
+#[derive(Clone)]
+struct FinishService<S> {
+    /// The route (or fallback) it finishes.
+    inner: S,
+    /// Every route's series (shared by all routes).
+    routes: Arc<RouteSeries>,
+}
+
+impl<S> tower::Service<axum::extract::Request> for FinishService<S>
+where
+    S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        let matched = req.extensions().get::<axum::extract::MatchedPath>();
+        let series = self.routes.of(matched.map(|m| m.as_str())).clone();
+        let started = tokio::time::Instant::now();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let resp = standard_errors(answer.await?);
+            series.record(resp.status().as_u16(), started.elapsed());
+            Ok(resp)
+        })
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -372,7 +447,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 /// Turns an error response that is not already ours (an extractor rejection, a body-limit
 /// hit) into the standard shape, without its original text (which could echo input).
-async fn standard_errors(resp: Response) -> Response {
+fn standard_errors(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -402,10 +477,10 @@ fn payload_too_large() -> ApiError {
 /// 403 at once and its body never read: it cannot hold a connection by sending one slowly.
 pub struct Admin(pub Peer);
 
-impl FromRequestParts<ApiState> for Admin {
+impl FromRequestParts<Shared> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
         let peer = parts
             .extensions
             .get::<Peer>()
@@ -416,7 +491,7 @@ impl FromRequestParts<ApiState> for Admin {
     }
 }
 
-fn require_admin(state: &ApiState, peer: Peer) -> Result<(), ApiError> {
+fn require_admin(state: &Shared, peer: Peer) -> Result<(), ApiError> {
     if state.policy().is_admin(peer) {
         Ok(())
     } else {
@@ -489,7 +564,7 @@ fn ok_json(status: StatusCode, v: impl Serialize) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
-async fn health(State(state): State<ApiState>) -> Response {
+async fn health(State(state): State<Shared>) -> Response {
     let ledger = tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.store_writable()).await;
     let (active, needs_reauth) = state.engine.status_counts();
     let (mut status, ledger_state) = match ledger {
@@ -531,7 +606,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     ok_json(code, body)
 }
 
-async fn list(State(state): State<ApiState>) -> Response {
+async fn list(State(state): State<Shared>) -> Response {
     let engine = &state.engine;
     let all: Vec<wire::Connection> = engine
         .list()
@@ -541,7 +616,7 @@ async fn list(State(state): State<ApiState>) -> Response {
     ok_json(StatusCode::OK, all)
 }
 
-async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+async fn show(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
     let info = state
         .engine
         .get(&id)
@@ -624,7 +699,7 @@ fn known_provider(provider: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
+async fn add(State(state): State<Shared>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
     let req: wire::NewConnection = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let added = match (req.refresh_token, req.code, req.state) {
@@ -644,12 +719,12 @@ async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: 
     Ok(ok_json(status, connection_wire(&state.engine, &added.info)))
 }
 
-async fn remove(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
+async fn remove(State(state): State<Shared>, _: Admin, Path(id): Path<String>) -> ApiResult {
     state.engine.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
+async fn refresh(State(state): State<Shared>, _: Admin, Path(id): Path<String>) -> ApiResult {
     let info = state.engine.refresh_now(&id).await?;
     Ok(ok_json(
         StatusCode::OK,
@@ -658,7 +733,7 @@ async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>
 }
 
 async fn authorize(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     _: Admin,
     headers: HeaderMap,
     body: Body,
@@ -721,7 +796,7 @@ const EVENTS_DEFAULT_LIMIT: usize = 100;
 const EVENTS_MAX_LIMIT: usize = 1000;
 
 async fn events(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     _: Admin,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -775,7 +850,7 @@ async fn events(
 }
 
 async fn connection_token(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -806,7 +881,7 @@ async fn connection_token(
 }
 
 async fn site_token(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
@@ -874,7 +949,7 @@ async fn site_token(
 }
 
 async fn hand_out(
-    state: &ApiState,
+    state: &Shared,
     peer: Peer,
     endpoint: Endpoint,
     id: &str,
