@@ -15,7 +15,7 @@ use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::{Metrics, TokenOutcome};
 use crate::model::Site;
-use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, Served, TokenGrant};
+use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, NotHanded, Served, TokenGrant};
 use crate::wire::{self, ErrorCode};
 use axum::Router;
 use axum::body::Body;
@@ -550,13 +550,13 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
 
 fn token_wire(engine: &Engine, g: &TokenGrant) -> wire::Token {
     wire::Token {
-        connection_id: g.conn.id.clone(),
+        connection_id: g.face.id.clone(),
         access_token: g.access_token.clone(),
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
         expires_in: (g.expires_at - Utc::now()).num_seconds().max(0),
-        scopes: g.conn.scopes.clone(),
-        sites: sites_wire(engine, &g.conn.sites),
+        scopes: g.face.scopes.clone(),
+        sites: sites_wire(engine, &g.face.sites),
     }
 }
 
@@ -859,25 +859,37 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let Some(Identity { id: conn_id, label }) = state.engine.identity(&id) else {
-        state.metrics.token_request(TokenOutcome::NotFound);
-        return Err(ApiError::not_found(format!("no connection {id:?}")));
+    let policy = state.policy();
+    // One look-up finds the connection, checks the peer against it and reads its token.
+    let result = state
+        .engine
+        .token_for(&id, min_valid, |conn_id, label| {
+            policy.may_read(peer, conn_id, label)
+        })
+        .await;
+    let result = match result {
+        Ok(grant) => Ok(grant),
+        Err(NotHanded::Failed(Failure::NotFound)) => {
+            state.metrics.token_request(TokenOutcome::NotFound);
+            return Err(ApiError::not_found(format!("no connection {id:?}")));
+        }
+        Err(NotHanded::Failed(f)) => Err(f),
+        Err(NotHanded::Refused(who)) => {
+            state.audit.record(
+                &who.id,
+                peer.uid,
+                peer.pid,
+                Endpoint::ConnectionToken.name(),
+                ReadOutcome::Refused,
+            );
+            state.metrics.token_request(TokenOutcome::Forbidden);
+            return Err(ApiError::forbidden(format!(
+                "uid {} may not read the tokens of {}",
+                peer.uid, who.label
+            )));
+        }
     };
-    if !state.policy().may_read(peer, &conn_id, &label) {
-        state.audit.record(
-            &conn_id,
-            peer.uid,
-            peer.pid,
-            Endpoint::ConnectionToken.name(),
-            ReadOutcome::Refused,
-        );
-        state.metrics.token_request(TokenOutcome::Forbidden);
-        return Err(ApiError::forbidden(format!(
-            "uid {} may not read the tokens of {}",
-            peer.uid, label
-        )));
-    }
-    hand_out(&state, peer, Endpoint::ConnectionToken, &conn_id, min_valid).await
+    answer_token(&state, peer, Endpoint::ConnectionToken, result)
 }
 
 async fn site_token(
@@ -956,10 +968,25 @@ async fn hand_out(
     min_valid: Duration,
 ) -> ApiResult {
     let result = state.engine.token(id, min_valid).await;
-    if result.is_ok() {
-        state
-            .audit
-            .record(id, peer.uid, peer.pid, endpoint.name(), ReadOutcome::Served);
+    answer_token(state, peer, endpoint, result)
+}
+
+/// The answer to a token request the engine has decided: audited (a served read), counted
+/// by outcome, and the token (`Cache-Control: no-store`) or the error.
+fn answer_token(
+    state: &Shared,
+    peer: Peer,
+    endpoint: Endpoint,
+    result: Result<TokenGrant, Failure>,
+) -> ApiResult {
+    if let Ok(grant) = &result {
+        state.audit.record(
+            &grant.face.id,
+            peer.uid,
+            peer.pid,
+            endpoint.name(),
+            ReadOutcome::Served,
+        );
     }
     let outcome = match &result {
         Ok(g) if g.served == Served::Cached => TokenOutcome::Cached,
