@@ -548,16 +548,43 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
     }
 }
 
-fn token_wire(engine: &Engine, g: &TokenGrant) -> wire::Token {
+/// The seconds a token has left at `now` (`expires_in`).
+fn expires_in(g: &TokenGrant, now: chrono::DateTime<Utc>) -> i64 {
+    (g.expires_at - now).num_seconds().max(0)
+}
+
+/// The `Token` answer as a [`wire::Token`]: what [`token_body`] must write (the tests hold
+/// it to that).
+#[cfg(test)]
+fn token_wire(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> wire::Token {
     wire::Token {
         connection_id: g.face.id.clone(),
         access_token: g.access_token.clone(),
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
-        expires_in: (g.expires_at - Utc::now()).num_seconds().max(0),
+        expires_in: expires_in(g, now),
         scopes: g.face.scopes.clone(),
         sites: sites_wire(engine, &g.face.sites),
     }
+}
+
+/// The `Token` answer's body, written without building a [`wire::Token`]: the
+/// connection's scopes and sites (with their API base URLs) are rendered once per change of
+/// the connection ([`crate::refresh::Face`]) and shared by every answer after it; only the
+/// token and its times are written per request. (The base URLs come from the engine's
+/// provider, which an engine keeps for its lifetime, so a rendering never goes stale.)
+fn token_body(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> Vec<u8> {
+    let face = &g.face;
+    let tail = face
+        .rendered
+        .get_or_init(|| wire::token_tail(&face.scopes, &sites_wire(engine, &face.sites)));
+    wire::token_json(
+        &face.id,
+        &g.access_token,
+        &g.expires_at,
+        expires_in(g, now),
+        tail,
+    )
 }
 
 fn ok_json(status: StatusCode, v: impl Serialize) -> Response {
@@ -997,9 +1024,14 @@ fn answer_token(
     };
     state.metrics.token_request(outcome);
     let grant = result?;
-    let mut resp = ok_json(StatusCode::OK, token_wire(&state.engine, &grant));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = token_body(&state.engine, &grant, Utc::now());
+    let mut resp = Response::new(Body::from(body));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 
@@ -1106,6 +1138,35 @@ mod tests {
     /// Every (method, template) of [`ROUTES`] reaches its handler through the real router
     /// (neither the router's 404 nor its 405), and is counted under its own template, whose
     /// series exist from the start.
+    /// An engine on an empty ledger in a temp dir, with the default configuration.
+    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        let provider = crate::provider::Atlassian::new(
+            config.providers.atlassian.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(provider),
+            Arc::new(crate::refresh::SystemClock),
+            config.refresh,
+            crate::notify::Notifier::disabled(),
+            Arc::new(Metrics::new(true)),
+        )
+        .await
+        .unwrap();
+        (engine, dir)
+    }
+
     #[tokio::test]
     async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
         use tower::ServiceExt;
@@ -1201,6 +1262,62 @@ mod tests {
         assert!(
             !after.contains("unknown-connection"),
             "a raw path became a label"
+        );
+    }
+
+    /// The token answer written without a `wire::Token` parses as one, equals the one built
+    /// field by field, and is byte for byte its serde form; a second answer sharing the
+    /// rendered connection fields says the same of a new token.
+    #[tokio::test]
+    async fn the_written_token_answer_is_the_wire_token() {
+        let (engine, _dir) = test_engine().await;
+        let now = Utc::now();
+        let site = |cloud_id: &str, scopes: &[&str]| crate::model::Site {
+            cloud_id: cloud_id.into(),
+            url: format!("https://{cloud_id}.atlassian.net"),
+            name: format!("Site \"{cloud_id}\""),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            last_seen_at: now - chrono::Duration::days(1),
+        };
+        let face = Arc::new(crate::refresh::Face {
+            id: "c0123456789ab".into(),
+            scopes: vec!["offline_access".into(), "read:jira-work".into()],
+            sites: vec![
+                site("acme", &["read:page:confluence"]),
+                site("both", &["read:jira-work", "read:page:confluence"]),
+                site("none", &[]),
+            ],
+            rendered: Default::default(),
+        });
+        for (token, expires_at) in [
+            ("at-first", now + chrono::Duration::seconds(3599)),
+            ("at-second\"\\", now - chrono::Duration::seconds(5)),
+        ] {
+            let grant = TokenGrant {
+                face: face.clone(),
+                access_token: crate::secret::Secret::new(token),
+                expires_at,
+                served: Served::Cached,
+            };
+            let body = token_body(&engine, &grant, now);
+            // The slow answer as the CLI reads it (the wire keeps times to the second).
+            let slow = serde_json::to_string(&token_wire(&engine, &grant, now)).unwrap();
+            let want: wire::Token = serde_json::from_str(&slow).unwrap();
+            let got: wire::Token = serde_json::from_slice(&body).unwrap();
+            assert_eq!(got.connection_id, want.connection_id);
+            assert_eq!(got.access_token.expose(), want.access_token.expose());
+            assert_eq!(got.token_type, want.token_type);
+            assert_eq!(got.expires_at, want.expires_at);
+            assert_eq!(got.expires_in, want.expires_in);
+            assert_eq!(got.scopes, want.scopes);
+            assert_eq!(got.sites, want.sites);
+            assert_eq!(got.sites.len(), 3);
+            assert_eq!(got.sites[1].api_base_urls.len(), 2, "{:?}", got.sites[1]);
+            assert_eq!(String::from_utf8(body).unwrap(), slow);
+        }
+        assert!(
+            face.rendered.get().is_some(),
+            "the sites were rendered once"
         );
     }
 
