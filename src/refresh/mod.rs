@@ -1067,6 +1067,104 @@ mod tests {
         (engine, dir)
     }
 
+    /// A cached token is served under the shared lock with the connection's face as the
+    /// record says it now (shared between answers, replaced when a field it shows
+    /// changes); a refusing check hands out nothing and records no request; a
+    /// `needs_reauth` or removed connection serves nothing from cache.
+    #[tokio::test]
+    async fn a_cached_token_shows_the_connection_as_it_is_now() {
+        let (engine, _dir) = engine_with(1, 1).await;
+        let id = "c000000000000";
+        let slot = engine.find(id).unwrap();
+        let now = chrono::Utc::now();
+        {
+            let mut st = slot.lock();
+            st.rec.conn.last_refresh_at = Some(now);
+            st.rec.chain.access = Some(AccessToken {
+                token: Secret::new("at-cached"),
+                expires_at: now + chrono::Duration::hours(1),
+            });
+        }
+        let min_valid = Duration::from_secs(60);
+        let first = engine.token("l0", min_valid).await.unwrap();
+        assert_eq!(first.served, Served::Cached);
+        assert_eq!(first.access_token.expose(), "at-cached");
+        assert_eq!(first.face.id, id);
+        assert_eq!(first.face.scopes, slot.read().rec.conn.scopes);
+        assert!(first.face.sites.is_empty());
+        let again = engine.token(id, min_valid).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&first.face, &again.face),
+            "answers share the face"
+        );
+        assert!(slot.read().last_requested.get().is_some());
+
+        let site = Site {
+            cloud_id: "1111".into(),
+            url: "https://acme.atlassian.net".into(),
+            name: "Acme".into(),
+            scopes: vec!["read:page:confluence".into()],
+            last_seen_at: now,
+        };
+        slot.lock().rec.conn.sites = vec![site.clone()];
+        let third = engine.token(id, min_valid).await.unwrap();
+        assert!(!Arc::ptr_eq(&first.face, &third.face), "a stale face");
+        assert_eq!(third.face.sites, [site]);
+        assert!(third.face.rendered.get().is_none());
+
+        let before = slot.read().last_requested.get();
+        let refused = engine
+            .token_for(id, min_valid, |i, l| {
+                assert_eq!((i, l), (id, "l0"));
+                false
+            })
+            .await;
+        assert_eq!(
+            refused.unwrap_err(),
+            NotHanded::Refused(Identity {
+                id: id.into(),
+                label: "l0".into()
+            })
+        );
+        assert_eq!(slot.read().last_requested.get(), before);
+        let allowed = engine.token_for("l0", min_valid, |_, _| true).await;
+        assert_eq!(allowed.unwrap().face.id, id);
+
+        let rec = slot.read().rec.clone();
+        let held = Held {
+            rec,
+            expect_version: 0,
+            insert: false,
+            presented: None,
+        };
+        engine.set_held(&mut slot.lock(), Some(held));
+        // A change held uncommitted is never served from cache: the caller's attempt commits
+        // it first, then serves what was committed.
+        let committed = engine.token(id, min_valid).await.unwrap();
+        assert_eq!(committed.served, Served::Refreshed);
+        assert!(slot.read().held.is_none());
+        assert_eq!(engine.commit_pending(), 0);
+
+        slot.lock().rec.conn.status = Status::NeedsReauth;
+        assert!(matches!(
+            engine.token(id, min_valid).await,
+            Err(Failure::NeedsReauth(_))
+        ));
+        slot.lock().rec.conn.status = Status::Active;
+        slot.lock().removed = true;
+        assert_eq!(
+            engine.token(id, min_valid).await.unwrap_err(),
+            Failure::NotFound
+        );
+        assert_eq!(
+            engine
+                .token_for(id, min_valid, |_, _| true)
+                .await
+                .unwrap_err(),
+            NotHanded::Failed(Failure::NotFound)
+        );
+    }
+
     /// A provider whose refresh panics, after letting the test lock the chain's slot from
     /// another thread, so that the attempt's clean-up runs while the slot is held.
     struct PanicsWhileLocked {
