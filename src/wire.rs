@@ -254,7 +254,6 @@ pub fn token_json(
     expires_in: i64,
     tail: &[u8],
 ) -> Vec<u8> {
-    use std::io::Write;
     let token = access_token.expose();
     let mut out =
         Vec::with_capacity(TOKEN_JSON_FIXED + connection_id.len() + token.len() + tail.len());
@@ -266,10 +265,31 @@ pub fn token_json(
     json_str(&mut out, BEARER);
     out.extend_from_slice(b",\"expires_at\":\"");
     time::write(expires_at, &mut out);
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "\",\"expires_in\":{expires_in},");
+    out.extend_from_slice(b"\",\"expires_in\":");
+    if expires_in < 0 {
+        out.push(b'-');
+    }
+    push_decimal(&mut out, expires_in.unsigned_abs(), 1);
+    out.push(b',');
     out.extend_from_slice(tail);
     out
+}
+
+/// Appends `n` in decimal with at least `width` (at most 20) digits, zero-padded: what
+/// `format!("{n:0width$}")` gives, without the formatting machinery.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = start.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// Room for [`token_json`]'s names, punctuation, time and number, with some to spare.
@@ -433,26 +453,31 @@ pub mod time {
         t.to_rfc3339_opts(SecondsFormat::Secs, true)
     }
 
-    /// Appends [`format`] of `t` to `out`, without a `String` in between for the common
-    /// case (years 0 to 9999, no leap second; anything else goes through [`format`]).
+    /// Appends [`format`] of `t` to `out`, without a `String` or the formatting machinery
+    /// for the common case (years 0 to 9999, no leap second; anything else goes through
+    /// [`format`]).
     pub fn write(t: &Time, out: &mut Vec<u8>) {
         use chrono::{Datelike, Timelike};
-        use std::io::Write;
-        let year = t.year();
-        if !(0..=9999).contains(&year) || t.nanosecond() >= 1_000_000_000 {
+        let Ok(year) = u32::try_from(t.year()) else {
+            out.extend_from_slice(format(t).as_bytes());
+            return;
+        };
+        if year > 9999 || t.nanosecond() >= 1_000_000_000 {
             out.extend_from_slice(format(t).as_bytes());
             return;
         }
-        // Writing into a Vec cannot fail.
-        let _ = write!(
-            out,
-            "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        );
+        let fields = [
+            (year, b'-'),
+            (t.month(), b'-'),
+            (t.day(), b'T'),
+            (t.hour(), b':'),
+            (t.minute(), b':'),
+            (t.second(), b'Z'),
+        ];
+        for (i, (n, after)) in fields.into_iter().enumerate() {
+            super::push_decimal(out, u64::from(n), if i == 0 { 4 } else { 2 });
+            out.push(after);
+        }
     }
 
     /// Parses any RFC 3339 time (offset, fractions) into UTC.
@@ -558,6 +583,18 @@ mod tests {
                 (t(3600), 3600),
                 (t(0), 0),
                 (chrono::Utc.timestamp_opt(-62_000_000_000, 0).unwrap(), 0),
+                // Year 0, the first and last second of the 4-digit years, a year with
+                // fewer digits, and the extreme numbers.
+                (
+                    chrono::Utc.timestamp_opt(-62_167_219_200, 0).unwrap(),
+                    i64::MIN,
+                ),
+                (
+                    chrono::Utc.timestamp_opt(-62_135_596_800, 0).unwrap(),
+                    -1_000_001,
+                ),
+                (chrono::Utc.timestamp_opt(253_402_300_799, 0).unwrap(), 10),
+                (chrono::Utc.timestamp_opt(-59_000_000_000, 0).unwrap(), 9),
                 (
                     chrono::Utc.timestamp_opt(300_000_000_000, 7).unwrap(),
                     i64::MAX,
