@@ -589,7 +589,7 @@ fn expires_in(g: &TokenGrant, now: chrono::DateTime<Utc>) -> i64 {
 fn token_wire(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> wire::Token {
     wire::Token {
         connection_id: g.face.id.clone(),
-        access_token: g.access_token.clone(),
+        access_token: crate::secret::Secret::clone(&g.access_token),
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
         expires_in: expires_in(g, now),
@@ -1325,7 +1325,7 @@ mod tests {
         ] {
             let grant = TokenGrant {
                 face: face.clone(),
-                access_token: crate::secret::Secret::new(token),
+                access_token: Arc::new(crate::secret::Secret::new(token)),
                 expires_at,
                 served: Served::Cached,
             };

@@ -201,8 +201,9 @@ impl From<Failure> for NotHanded {
 pub struct TokenGrant {
     /// What the answer says about the connection it belongs to (its public face only).
     pub face: Arc<Face>,
-    /// The bearer token.
-    pub access_token: Secret,
+    /// The bearer token: shared with the slot and every other answer of the same token (one
+    /// reference count per answer: no copy of it to allocate and wipe per request).
+    pub access_token: Arc<Secret>,
     /// When it expires.
     pub expires_at: Time,
     /// Cached or refreshed.
@@ -289,6 +290,9 @@ pub(crate) struct SlotState {
     last_requested: LastRequested,
     /// What a token answer shows of `rec.conn`, kept equal to it by [`SlotGuard`].
     face: Arc<Face>,
+    /// `rec.chain.access`'s token, shared with the answers that hand it out; kept equal to
+    /// it by [`SlotGuard`].
+    access_shared: Option<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
     flight: Option<flight::Flight>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
@@ -373,6 +377,22 @@ impl Drop for SlotGuard<'_> {
         if !st.face.shows(&st.rec.conn) {
             st.face = Arc::new(Face::of(&st.rec.conn));
         }
+        if !st.access_shared_current() {
+            st.access_shared = shared_access(&st.rec);
+        }
+    }
+}
+
+/// `rec`'s access token, to share with the answers ([`SlotState::access_shared`]).
+fn shared_access(rec: &Record) -> Option<Arc<Secret>> {
+    rec.chain.access.as_ref().map(|a| Arc::new(a.token.clone()))
+}
+
+impl SlotState {
+    /// Whether [`SlotState::access_shared`] is the record's access token.
+    pub(crate) fn access_shared_current(&self) -> bool {
+        let shared = self.access_shared.as_deref().map(Secret::expose);
+        shared == self.rec.chain.access.as_ref().map(|a| a.token.expose())
     }
 }
 
@@ -579,10 +599,12 @@ impl Engine {
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
         let face = Arc::new(Face::of(&rec.conn));
+        let access_shared = shared_access(&rec);
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: RwLock::new(SlotState {
                 face,
+                access_shared,
                 rec,
                 held,
                 not_before: None,
@@ -780,9 +802,7 @@ impl Engine {
         let now = self.now();
         match outcome {
             Ok(()) => match (&st.rec.chain.access, &st.held) {
-                (Some(a), None) if a.expires_at > now => {
-                    Ok(grant_of(&st, a.clone(), Served::Refreshed))
-                }
+                (Some(a), None) if a.expires_at > now => Ok(grant_of(&st, a, Served::Refreshed)),
                 (_, Some(_)) => Err(Failure::Internal(
                     "the refreshed token is not committed to the ledger yet".into(),
                 )),
@@ -801,7 +821,7 @@ impl Engine {
                     && let Some(a) = &st.rec.chain.access
                     && a.expires_at > now
                 {
-                    return Ok(grant_of(&st, a.clone(), Served::Cached));
+                    return Ok(grant_of(&st, a, Served::Cached));
                 }
                 Err(Failure::Unavailable {
                     retry_after,
@@ -832,7 +852,7 @@ impl Engine {
             && satisfies(&st.rec, min_valid, self.now())
             && let Some(a) = &st.rec.chain.access
         {
-            return Some(Ok(grant_of(st, a.clone(), Served::Cached)));
+            return Some(Ok(grant_of(st, a, Served::Cached)));
         }
         None
     }
@@ -988,10 +1008,15 @@ impl Engine {
     }
 }
 
-fn grant_of(st: &SlotState, a: AccessToken, served: Served) -> TokenGrant {
+fn grant_of(st: &SlotState, a: &AccessToken, served: Served) -> TokenGrant {
+    // `access_shared` is `a`'s token (the slot's guard keeps it so); a copy only if not.
+    let access_token = match &st.access_shared {
+        Some(shared) if shared.expose() == a.token.expose() => shared.clone(),
+        _ => Arc::new(a.token.clone()),
+    };
     TokenGrant {
         face: st.face.clone(),
-        access_token: a.token,
+        access_token,
         expires_at: a.expires_at,
         served,
     }
@@ -1096,6 +1121,10 @@ mod tests {
         assert!(
             Arc::ptr_eq(&first.face, &again.face),
             "answers share the face"
+        );
+        assert!(
+            Arc::ptr_eq(&first.access_token, &again.access_token),
+            "answers share the token"
         );
         assert!(slot.read().last_requested.get().is_some());
 

@@ -934,6 +934,12 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                         st.rec.conn.id, st.face
                     ));
                 }
+                if !st.access_shared_current() {
+                    return Err(format!(
+                        "{step}: {}: the shared access token is not the record's",
+                        st.rec.conn.id
+                    ));
+                }
             }
             let st = slot.lock();
             let id = &st.rec.conn.id;
