@@ -6,6 +6,11 @@
 //! transaction, and everything at shutdown. So 10,000 reads cost a handful of writes, not
 //! 10,000 fsyncs. Until written, folded reads are shown from memory by [`Audit::events`].
 //!
+//! A read folded into an existing event takes the folds' lock for reading only (its count is
+//! an atomic) and allocates nothing: concurrent token reads never wait for each other here.
+//! Only the first read of a fold, the flush's removal of written folds and the bound take
+//! it for writing.
+//!
 //! **Architecture Invariant:** an audit event never holds a token: only ids, uids, pids,
 //! routes and counts.
 
@@ -13,10 +18,11 @@ use crate::ledger::AnyLedger;
 use crate::metrics::Metrics;
 use crate::model::{Event, EventKind, EventPeer, StoredEvent, Time};
 use chrono::{DurationRound, Utc};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use parking_lot::RwLock;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How often finished minutes are written. Short enough that an admin sees a read within
@@ -45,19 +51,20 @@ impl ReadOutcome {
     }
 }
 
-/// The fold key: one event per connection, uid, minute and outcome.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Key {
-    minute: Time,
-    connection: String,
-    uid: u32,
-    outcome: ReadOutcome,
-}
+/// The fold key, with the connection id: one event per connection, uid, minute and
+/// outcome. The minute, uid and outcome order the folds (oldest minute first, which the
+/// bound drops first); a copy, so that looking a fold up allocates nothing.
+type Group = (Time, u32, ReadOutcome);
+
+/// Every fold not yet written: by minute, uid and outcome, then by connection id (looked up
+/// by `&str`).
+type Folds = BTreeMap<Group, HashMap<Box<str>, Fold>>;
 
 /// What a fold has gathered so far.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Fold {
-    count: u32,
+    /// Reads folded: an atomic, so that a read of an existing fold needs only the read lock.
+    count: AtomicU64,
     first_at: Time,
     /// The pid of the first read in the minute.
     pid: Option<u32>,
@@ -65,10 +72,32 @@ struct Fold {
     route: &'static str,
 }
 
+/// A fold as read at one instant (what a flush writes, or what [`Audit::events`] shows).
+#[derive(Clone, Debug)]
+struct Seen {
+    count: u32,
+    first_at: Time,
+    pid: Option<u32>,
+    route: &'static str,
+}
+
+impl Fold {
+    fn seen(&self) -> Seen {
+        Seen {
+            count: u32::try_from(self.count.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+            first_at: self.first_at,
+            pid: self.pid,
+            route: self.route,
+        }
+    }
+}
+
 /// The audit trail. Cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
-    pending: Arc<Mutex<BTreeMap<Key, Fold>>>,
+    pending: Arc<RwLock<Folds>>,
+    /// How many folds `pending` holds (for [`MAX_PENDING`]), kept as they come and go.
+    len: Arc<AtomicUsize>,
     /// Folds dropped because the ledger could not take them and memory was full: logged
     /// once per flush, not once per read.
     dropped: Arc<std::sync::atomic::AtomicU64>,
@@ -80,18 +109,21 @@ impl Audit {
     /// An audit trail that writes into `ledger`.
     pub fn new(ledger: impl Into<AnyLedger>, metrics: Arc<Metrics>) -> Audit {
         Audit {
-            pending: Arc::new(Mutex::new(BTreeMap::new())),
+            pending: Arc::new(RwLock::new(BTreeMap::new())),
+            len: Arc::default(),
             dropped: Arc::default(),
             ledger: ledger.into(),
             metrics,
         }
     }
 
-    fn lock(&self) -> parking_lot::MutexGuard<'_, BTreeMap<Key, Fold>> {
-        self.pending.lock()
+    fn lock(&self) -> parking_lot::RwLockReadGuard<'_, Folds> {
+        self.pending.read()
     }
 
-    /// Records one read. O(log n) in memory; never waits for I/O.
+    /// Records one read. O(log n) in memory; never waits for I/O; a read of a fold that
+    /// exists already (every read of a minute but the first) shares the lock with the others
+    /// and allocates nothing.
     pub fn record(
         &self,
         connection: &str,
@@ -104,34 +136,48 @@ impl Audit {
         let minute = now
             .duration_trunc(chrono::Duration::minutes(1))
             .unwrap_or(now);
-        let key = Key {
-            minute,
-            connection: connection.to_owned(),
-            uid,
-            outcome,
-        };
-        let mut pending = self.lock();
-        pending
-            .entry(key)
-            .and_modify(|f| f.count = f.count.saturating_add(1))
-            .or_insert(Fold {
-                count: 1,
+        let group = (minute, uid, outcome);
+        if let Some(fold) = self.lock().get(&group).and_then(|g| g.get(connection)) {
+            fold.count.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut pending = self.pending.write();
+        let folds = pending.entry(group).or_default();
+        if let Some(fold) = folds.get(connection) {
+            // Another read made it meanwhile.
+            fold.count.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        folds.insert(
+            connection.into(),
+            Fold {
+                count: AtomicU64::new(1),
                 first_at: now,
                 pid,
                 route,
-            });
-        if pending.len() > MAX_PENDING {
-            pending.pop_first();
+            },
+        );
+        if self.len.fetch_add(1, Ordering::Relaxed) + 1 > MAX_PENDING {
+            // Drop one fold of the oldest group.
+            if let Some(mut oldest) = pending.first_entry() {
+                let victim = oldest.get().keys().next().cloned();
+                if let Some(victim) = victim {
+                    oldest.get_mut().remove(&victim);
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                }
+                if oldest.get().is_empty() {
+                    oldest.remove();
+                }
+            }
             drop(pending);
-            self.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Writes folds of minutes that are over (or all of them, `all`), in one transaction.
     /// On failure they stay in memory for the next try.
     pub async fn flush(&self, all: bool) {
-        let dropped = self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             tracing::warn!(
                 dropped,
@@ -142,30 +188,39 @@ impl Audit {
         let this_minute = now
             .duration_trunc(chrono::Duration::minutes(1))
             .unwrap_or(now);
-        let due: Vec<(Key, Fold)> = self
+        let due: Vec<(Group, Box<str>, Seen)> = self
             .lock()
             .iter()
-            .filter(|(k, _)| all || k.minute < this_minute)
-            .map(|(k, f)| (k.clone(), f.clone()))
+            .filter(|(g, _)| all || g.0 < this_minute)
+            .flat_map(|(g, folds)| folds.iter().map(|(c, f)| (*g, c.clone(), f.seen())))
             .collect();
         if due.is_empty() {
             return;
         }
         let batch = due
             .iter()
-            .map(|(k, f)| (k.connection.clone(), f.first_at, event_of(k, f)))
+            .map(|(g, c, f)| (c.to_string(), f.first_at, event_of(g, f)))
             .collect();
         match self.ledger.append_batch(batch).await {
             Ok(()) => {
                 self.metrics.audit_write(true);
-                let mut pending = self.lock();
-                for (k, f) in due {
-                    // Reads that arrived meanwhile in the same fold stay pending.
-                    if let Some(now) = pending.get_mut(&k) {
-                        now.count -= f.count.min(now.count);
-                        if now.count == 0 {
-                            pending.remove(&k);
+                let mut pending = self.pending.write();
+                for (g, c, f) in due {
+                    // Reads that arrived meanwhile in the same fold stay pending. (Under the
+                    // write lock no read is counting.)
+                    let Some(folds) = pending.get_mut(&g) else {
+                        continue;
+                    };
+                    if let Some(now) = folds.get_mut(&c) {
+                        let left = now.count.get_mut();
+                        *left -= u64::from(f.count).min(*left);
+                        if *left == 0 {
+                            folds.remove(&c);
+                            self.len.fetch_sub(1, Ordering::Relaxed);
                         }
+                    }
+                    if folds.is_empty() {
+                        pending.remove(&g);
                     }
                 }
             }
@@ -203,9 +258,10 @@ impl Audit {
         let pending: Vec<StoredEvent> = self
             .lock()
             .iter()
-            .filter(|(k, f)| k.connection == connection && since.is_none_or(|s| f.first_at >= s))
-            .map(|(k, f)| {
-                let e = event_of(k, f);
+            .filter_map(|(g, folds)| Some((g, folds.get(connection)?.seen())))
+            .filter(|(_, f)| since.is_none_or(|s| f.first_at >= s))
+            .map(|(g, f)| {
+                let e = event_of(g, &f);
                 StoredEvent {
                     at: f.first_at,
                     kind: e.kind,
@@ -223,27 +279,24 @@ impl Audit {
     }
 }
 
-fn event_of(k: &Key, f: &Fold) -> Event {
+fn event_of(&(minute, uid, outcome): &Group, f: &Seen) -> Event {
     let pid = f.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
-    let what = match k.outcome {
+    let what = match outcome {
         ReadOutcome::Served => "token read",
         ReadOutcome::Refused => "token read refused",
     };
     let plural = if f.count == 1 { "" } else { "s" };
     let mut e = Event::new(
-        k.outcome.kind(),
+        outcome.kind(),
         format!(
             "{} {what}{plural} by uid {}{pid} through {} in the minute from {}",
             f.count,
-            k.uid,
+            uid,
             f.route,
-            k.minute.format("%H:%M")
+            minute.format("%H:%M")
         ),
     );
-    e.peer = Some(EventPeer {
-        uid: k.uid,
-        pid: f.pid,
-    });
+    e.peer = Some(EventPeer { uid, pid: f.pid });
     e.count = f.count;
     e
 }
@@ -252,6 +305,46 @@ fn event_of(k: &Key, f: &Fold) -> Event {
 mod tests {
     use super::*;
     use crate::ledger::Ledger;
+
+    /// Reads from many threads at once all count, in one fold per connection, uid and
+    /// minute; past [`MAX_PENDING`] folds the oldest are dropped and counted.
+    #[tokio::test]
+    async fn concurrent_reads_all_count_and_the_folds_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &Default::default()).unwrap();
+        let audit = Audit::new(ledger, Arc::new(Metrics::new(false)));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..10_000 {
+                        audit.record("c1", 1001, Some(7), "connection_token", ReadOutcome::Served);
+                    }
+                });
+            }
+        });
+        let shown = audit.events("c1", None, 10).await.unwrap();
+        // One fold, or two if a minute ended meanwhile.
+        assert!(shown.len() <= 2, "{shown:?}");
+        assert_eq!(
+            shown.iter().map(|e| u64::from(e.count)).sum::<u64>(),
+            40_000
+        );
+        let folds = |a: &Audit| a.lock().values().map(HashMap::len).sum::<usize>();
+        let before = folds(&audit);
+        let extra = MAX_PENDING - before + 5;
+        for i in 0..extra {
+            audit.record(
+                &format!("c{i}x"),
+                1001,
+                None,
+                "site_token",
+                ReadOutcome::Refused,
+            );
+        }
+        assert_eq!(folds(&audit), MAX_PENDING);
+        assert_eq!(audit.len.load(Ordering::Relaxed), MAX_PENDING);
+        assert_eq!(audit.dropped.load(Ordering::Relaxed), 5);
+    }
 
     #[tokio::test]
     async fn reads_fold_per_uid_and_minute_and_flush_in_one_write() {

@@ -156,6 +156,11 @@ impl TokenOutcome {
         TokenOutcome::Forbidden,
     ];
 
+    /// Where the outcome sits in [`TokenOutcome::ALL`] (its declaration order).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -349,7 +354,10 @@ pub struct Metrics {
     connections: Arc<ConnectionGauges>,
     refreshes: IntCounterVec,
     refresh_duration: Histogram,
-    token_requests: IntCounterVec,
+    /// `tokend_token_requests_total` by outcome, each child resolved once (indexed by
+    /// [`TokenOutcome::index`]): the token path counts every request, and a
+    /// `with_label_values` look-up hashes the label values each time.
+    token_requests: [IntCounter; TokenOutcome::ALL.len()],
     api_duration: HistogramVec,
     api_requests: IntCounterVec,
     api_connections_open: IntGauge,
@@ -406,15 +414,57 @@ fn preinit_routes(duration: &HistogramVec, requests: &IntCounterVec, templates: 
     }
 }
 
+/// The `status` label values of `tokend_api_requests_total`, by [`status_class_index`].
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "unknown"];
+
+/// Where a status falls in [`STATUS_CLASSES`].
+fn status_class_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        500..=599 => 4,
+        _ => 5,
+    }
+}
+
 /// The `status` label of `tokend_api_requests_total`: the status class.
 fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "unknown",
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+/// The series of one `route` label value ([`Metrics::api_route`]).
+struct RouteSeries {
+    /// `tokend_api_request_duration_seconds{route}`, resolved when the handle was made.
+    duration: Histogram,
+    /// `tokend_api_requests_total`, to resolve a status class's child at its first request:
+    /// resolving all of them up front would export series (`1xx`, `3xx`, `unknown`) that
+    /// never had a request, which the exported text does not show today.
+    requests: IntCounterVec,
+    /// `tokend_api_requests_total{route, status}` by [`STATUS_CLASSES`], once resolved.
+    by_class: [std::sync::OnceLock<IntCounter>; STATUS_CLASSES.len()],
+    /// The label value.
+    route: &'static str,
+}
+
+/// Counts and times the requests of one socket API route without a label look-up: made once
+/// per route by [`Metrics::api_route`], cheap to clone (one reference count).
+#[derive(Clone)]
+pub struct ApiRoute(Arc<RouteSeries>);
+
+impl ApiRoute {
+    /// Counts and times one request: as [`Metrics::api_request`] for this route.
+    pub fn record(&self, status: u16, duration: Duration) {
+        let s = &self.0;
+        s.duration.observe(duration.as_secs_f64());
+        let class = status_class_index(status);
+        s.by_class[class]
+            .get_or_init(|| {
+                s.requests
+                    .with_label_values(&[s.route, STATUS_CLASSES[class]])
+            })
+            .inc();
     }
 }
 
@@ -485,6 +535,8 @@ impl Metrics {
         )
         .expect(VALID);
         preinit(&token_requests, TokenOutcome::ALL.map(TokenOutcome::as_str));
+        let token_requests =
+            TokenOutcome::ALL.map(|o| token_requests.with_label_values(&[o.as_str()]));
 
         let api_duration = register_histogram_vec_with_registry!(
             "tokend_api_request_duration_seconds",
@@ -658,9 +710,19 @@ impl Metrics {
 
     /// Counts a token request on the socket API.
     pub fn token_request(&self, outcome: TokenOutcome) {
-        self.token_requests
-            .with_label_values(&[outcome.as_str()])
-            .inc();
+        self.token_requests[outcome.index()].inc();
+    }
+
+    /// The series of one `route` label value, resolved once: what the socket API keeps per
+    /// route so that counting a request costs no label look-up. `route` is bounded as for
+    /// [`Metrics::api_request`] (a template of `api`'s route table, or [`OTHER_ROUTE`]).
+    pub fn api_route(&self, route: &'static str) -> ApiRoute {
+        ApiRoute(Arc::new(RouteSeries {
+            duration: self.api_duration.with_label_values(&[route]),
+            requests: self.api_requests.clone(),
+            by_class: Default::default(),
+            route,
+        }))
     }
 
     /// Creates the series of every route template of the socket API (from `api`'s route
@@ -1027,6 +1089,57 @@ mod tests {
         );
         #[cfg(target_os = "linux")]
         assert!(t.contains("process_resident_memory_bytes "), "{t}");
+    }
+
+    #[test]
+    fn resolved_children_count_as_the_label_look_ups_do() {
+        for (i, o) in TokenOutcome::ALL.into_iter().enumerate() {
+            assert_eq!(o.index(), i, "{o:?}");
+        }
+        let requests: &[(&'static str, u16)] = &[
+            ("/v1/connections/{id}/token", 200),
+            ("/v1/connections/{id}/token", 200),
+            ("/v1/connections/{id}/token", 503),
+            ("/v1/connections/{id}/token", 302),
+            (OTHER_ROUTE, 404),
+            (OTHER_ROUTE, 99),
+        ];
+        let api_lines = |m: &Metrics| -> Vec<String> {
+            m.render()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tokend_api_request") || l.starts_with("tokend_token_requests")
+                })
+                .filter(|l| !l.contains("_sum"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let by_label = Metrics::new(false);
+        by_label.declare_api_routes(DECLARED_ROUTES);
+        let by_handle = Metrics::new(false);
+        by_handle.declare_api_routes(DECLARED_ROUTES);
+        for (route, status) in requests {
+            by_label.api_request(route, *status, Duration::from_micros(40));
+            by_handle
+                .api_route(route)
+                .record(*status, Duration::from_micros(40));
+        }
+        for o in TokenOutcome::ALL {
+            by_label.token_request(o);
+            by_handle.token_request(o);
+        }
+        let t = api_lines(&by_handle);
+        assert_eq!(api_lines(&by_label), t);
+        assert!(
+            t.iter().any(|l| l
+                == "tokend_api_requests_total{route=\"/v1/connections/{id}/token\",status=\"2xx\"} 2"),
+            "{t:#?}"
+        );
+        assert!(
+            t.iter()
+                .any(|l| l == "tokend_token_requests_total{outcome=\"forbidden\"} 1"),
+            "{t:#?}"
+        );
     }
 
     #[test]

@@ -328,15 +328,18 @@ pub async fn serve_http<L: Accept>(
                         }
                     });
                     let router = router.clone();
+                    // What the request's log line needs, kept only when it is logged: an
+                    // answer that is not logged costs no copy of its path.
+                    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+                        let path: String = req.uri().path().chars().take(200).collect();
+                        (Instant::now(), req.method().clone(), path)
+                    });
                     async move {
-                        let started = Instant::now();
-                        let method = req.method().clone();
-                        let path = req.uri().path().to_owned();
                         let resp = router.oneshot(req).await;
-                        if let Ok(r) = &resp {
+                        if let (Ok(r), Some((started, method, path))) = (&resp, logged) {
                             tracing::debug!(
                                 %method,
-                                path = %path.chars().take(200).collect::<String>(),
+                                %path,
                                 status = r.status().as_u16(),
                                 uid = peer.map(|p| p.uid),
                                 micros = started.elapsed().as_micros() as u64,

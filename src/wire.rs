@@ -225,6 +225,82 @@ pub struct Token {
 /// The `token_type` of every [`Token`].
 pub const BEARER: &str = "Bearer";
 
+/// The fields of a [`Token`] answer that come from its connection (`scopes`, `sites`), in
+/// its wire form with the closing brace: what [`token_json`] writes after the per-request
+/// fields. The daemon renders it once per change of the connection and shares it across
+/// answers, so that a cached token's answer builds no site list and formats no URL.
+pub fn token_tail(scopes: &[String], sites: &[Site]) -> Box<[u8]> {
+    /// [`Token`]'s last fields, in its order.
+    #[derive(Serialize)]
+    struct Tail<'a> {
+        scopes: &'a [String],
+        sites: &'a [Site],
+    }
+    let mut out = serde_json::to_vec(&Tail { scopes, sites }).unwrap_or_default();
+    // `{"scopes":…}` without its opening brace: the rest of a Token object.
+    if out.first() == Some(&b'{') {
+        out.remove(0);
+    }
+    out.into_boxed_slice()
+}
+
+/// A [`Token`] answer, written field by field in [`Token`]'s order: byte for byte what
+/// serializing the [`Token`] with these fields gives (a test holds it to that), without
+/// building one. `tail` is [`token_tail`] of the connection's scopes and sites.
+pub fn token_json(
+    connection_id: &str,
+    access_token: &Secret,
+    expires_at: &Time,
+    expires_in: i64,
+    tail: &[u8],
+) -> Vec<u8> {
+    let token = access_token.expose();
+    let mut out =
+        Vec::with_capacity(TOKEN_JSON_FIXED + connection_id.len() + token.len() + tail.len());
+    out.extend_from_slice(b"{\"connection_id\":");
+    json_str(&mut out, connection_id);
+    out.extend_from_slice(b",\"access_token\":");
+    json_str(&mut out, token);
+    out.extend_from_slice(b",\"token_type\":");
+    json_str(&mut out, BEARER);
+    out.extend_from_slice(b",\"expires_at\":\"");
+    time::write(expires_at, &mut out);
+    out.extend_from_slice(b"\",\"expires_in\":");
+    if expires_in < 0 {
+        out.push(b'-');
+    }
+    push_decimal(&mut out, expires_in.unsigned_abs(), 1);
+    out.push(b',');
+    out.extend_from_slice(tail);
+    out
+}
+
+/// Appends `n` in decimal with at least `width` (at most 20) digits, zero-padded: what
+/// `format!("{n:0width$}")` gives, without the formatting machinery.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let start = start.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Room for [`token_json`]'s names, punctuation, time and number, with some to spare.
+const TOKEN_JSON_FIXED: usize = 128;
+
+/// Appends `s` as a JSON string (quoted, escaped as serde_json escapes).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
 /// `Event` of INTERFACE.md: a line of a connection's history. Never a token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -377,6 +453,33 @@ pub mod time {
         t.to_rfc3339_opts(SecondsFormat::Secs, true)
     }
 
+    /// Appends [`format`] of `t` to `out`, without a `String` or the formatting machinery
+    /// for the common case (years 0 to 9999, no leap second; anything else goes through
+    /// [`format`]).
+    pub fn write(t: &Time, out: &mut Vec<u8>) {
+        use chrono::{Datelike, Timelike};
+        let Ok(year) = u32::try_from(t.year()) else {
+            out.extend_from_slice(format(t).as_bytes());
+            return;
+        };
+        if year > 9999 || t.nanosecond() >= 1_000_000_000 {
+            out.extend_from_slice(format(t).as_bytes());
+            return;
+        }
+        let fields = [
+            (year, b'-'),
+            (t.month(), b'-'),
+            (t.day(), b'T'),
+            (t.hour(), b':'),
+            (t.minute(), b':'),
+            (t.second(), b'Z'),
+        ];
+        for (i, (n, after)) in fields.into_iter().enumerate() {
+            super::push_decimal(out, u64::from(n), if i == 0 { 4 } else { 2 });
+            out.push(after);
+        }
+    }
+
     /// Parses any RFC 3339 time (offset, fractions) into UTC.
     pub fn parse(s: &str) -> Option<Time> {
         chrono::DateTime::parse_from_rfc3339(s.trim())
@@ -453,6 +556,80 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use serde_json::{Value, json};
+
+    #[test]
+    fn the_token_writer_writes_what_serde_writes() {
+        let mut jira = site();
+        jira.cloud_id = "2222\"quoted\\".into();
+        jira.scopes = vec!["read:jira-work".into(), "write:jira-work".into()];
+        jira.api_base_urls = [
+            (
+                "jira".to_owned(),
+                "https://api.atlassian.com/ex/jira/2222".to_owned(),
+            ),
+            ("x\u{1}".to_owned(), "é\n".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        for (sites, scopes) in [
+            (vec![], vec![]),
+            (vec![site()], vec!["offline_access".to_owned()]),
+            (
+                vec![site(), jira],
+                vec!["offline_access".to_owned(), "read:jira-work".to_owned()],
+            ),
+        ] {
+            for (expires_at, expires_in) in [
+                (t(3600), 3600),
+                (t(0), 0),
+                (chrono::Utc.timestamp_opt(-62_000_000_000, 0).unwrap(), 0),
+                // Year 0, the first and last second of the 4-digit years, a year with
+                // fewer digits, and the extreme numbers.
+                (
+                    chrono::Utc.timestamp_opt(-62_167_219_200, 0).unwrap(),
+                    i64::MIN,
+                ),
+                (
+                    chrono::Utc.timestamp_opt(-62_135_596_800, 0).unwrap(),
+                    -1_000_001,
+                ),
+                (chrono::Utc.timestamp_opt(253_402_300_799, 0).unwrap(), 10),
+                (chrono::Utc.timestamp_opt(-59_000_000_000, 0).unwrap(), 9),
+                (
+                    chrono::Utc.timestamp_opt(300_000_000_000, 7).unwrap(),
+                    i64::MAX,
+                ),
+                (
+                    chrono::Utc
+                        .timestamp_opt(1_767_323_099, 1_500_000_000)
+                        .unwrap(),
+                    -1,
+                ),
+            ] {
+                let token = Token {
+                    connection_id: "c0123456789ab\u{7f}\"".into(),
+                    access_token: Secret::new("at-\\/\u{2028}"),
+                    token_type: BEARER.to_owned(),
+                    expires_at,
+                    expires_in,
+                    scopes: scopes.clone(),
+                    sites: sites.clone(),
+                };
+                let fast = token_json(
+                    &token.connection_id,
+                    &token.access_token,
+                    &token.expires_at,
+                    token.expires_in,
+                    &token_tail(&token.scopes, &token.sites),
+                );
+                let slow = serde_json::to_vec(&token).unwrap();
+                assert_eq!(
+                    String::from_utf8(fast).unwrap(),
+                    String::from_utf8(slow).unwrap()
+                );
+            }
+        }
+    }
 
     fn t(s: i64) -> Time {
         chrono::Utc.timestamp_opt(1_767_323_045 + s, 0).unwrap()

@@ -15,7 +15,7 @@ use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::{Metrics, TokenOutcome};
 use crate::model::Site;
-use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, Served, TokenGrant};
+use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, NotHanded, Served, TokenGrant};
 use crate::wire::{self, ErrorCode};
 use axum::Router;
 use axum::body::Body;
@@ -28,6 +28,7 @@ use chrono::Utc;
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde::Serialize;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +97,11 @@ pub trait JobsView: Send + Sync {
     /// The names of the jobs that have not succeeded within their allowed time, sorted.
     fn stalled(&self) -> Vec<&'static str>;
 }
+
+/// The state the router hands each handler: the [`ApiState`] behind one `Arc`, so that a
+/// request takes it by one reference count instead of cloning (and later dropping) each of
+/// its handles.
+type Shared = Arc<ApiState>;
 
 impl ApiState {
     fn policy(&self) -> Arc<AccessPolicy> {
@@ -221,7 +227,7 @@ impl Endpoint {
     }
 
     /// The handler, answering `method` only.
-    fn handler(self, method: &Method) -> MethodRouter<ApiState> {
+    fn handler(self, method: &Method) -> MethodRouter<Shared> {
         let filter = MethodFilter::try_from(method.clone())
             .unwrap_or_else(|_| panic!("{method} is not a routable method"));
         match self {
@@ -329,7 +335,17 @@ fn route_label(matched: Option<&str>) -> &'static str {
 /// The router, built from [`ROUTES`]. Requests must carry a [`Peer`] extension (the server
 /// inserts it).
 pub fn router(state: ApiState) -> Router {
-    state.metrics.declare_api_routes(&route_templates());
+    let templates = route_templates();
+    state.metrics.declare_api_routes(&templates);
+    let finish = Finish {
+        routes: Arc::new(RouteSeries {
+            by_template: templates
+                .iter()
+                .map(|t| (*t, state.metrics.api_route(t)))
+                .collect(),
+            other: state.metrics.api_route(crate::metrics::OTHER_ROUTE),
+        }),
+    };
     let mut router = Router::new();
     for r in ROUTES {
         router = router.route(r.template, r.endpoint.handler(&r.method));
@@ -337,29 +353,118 @@ pub fn router(state: ApiState) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::map_response(standard_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .layer(finish)
+        .with_state(Arc::new(state))
 }
 
-/// Records each request's latency under its route template (bounded label values).
-async fn track(
-    State(state): State<ApiState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = route_label(
-        req.extensions()
-            .get::<axum::extract::MatchedPath>()
-            .map(|m| m.as_str()),
-    );
-    let started = tokio::time::Instant::now();
-    let resp = next.run(req).await;
-    state
-        .metrics
-        .api_request(route, resp.status().as_u16(), started.elapsed());
-    resp
+/// The metrics series of every route label, resolved once when the router is built.
+struct RouteSeries {
+    /// Each template of [`ROUTES`] with its series.
+    by_template: Vec<(&'static str, crate::metrics::ApiRoute)>,
+    /// [`crate::metrics::OTHER_ROUTE`]'s series: a request no template matched.
+    other: crate::metrics::ApiRoute,
+}
+
+impl RouteSeries {
+    /// The series of the label [`route_label`] gives a matched template: a scan of the few
+    /// templates, no hashing, no lock.
+    fn of(&self, matched: Option<&str>) -> &crate::metrics::ApiRoute {
+        let label = route_label(matched);
+        self.by_template
+            .iter()
+            .find(|(t, _)| *t == label)
+            .map_or(&self.other, |(_, series)| series)
+    }
+}
+
+/// The last step of every route: one layer doing what two middleware functions did, without
+/// a copy of the state or a boxed clone of the rest of the stack per request. It turns an
+/// error response that is not already ours into the standard shape ([`standard_errors`]),
+/// then counts and times the request under its route template (bounded label values).
+#[derive(Clone)]
+struct Finish {
+    /// Every route's series.
+    routes: Arc<RouteSeries>,
+}
+
+impl<S> tower::Layer<S> for Finish {
+    type Service = FinishService<S>;
+
+    fn layer(&self, inner: S) -> FinishService<S> {
+        FinishService {
+            inner,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+/// [`Finish`] around one route.
+#[derive(Clone)]
+struct FinishService<S> {
+    /// The route (or fallback) it finishes.
+    inner: S,
+    /// Every route's series (shared by all routes).
+    routes: Arc<RouteSeries>,
+}
+
+impl<S> tower::Service<axum::extract::Request> for FinishService<S>
+where
+    S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>,
+    S::Future: Unpin,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Finishing<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        let matched = req.extensions().get::<axum::extract::MatchedPath>();
+        let series = self.routes.of(matched.map(|m| m.as_str())).clone();
+        Finishing {
+            started: tokio::time::Instant::now(),
+            answer: self.inner.call(req),
+            series,
+        }
+    }
+}
+
+/// A request [`FinishService`] is finishing: the route's answer, then the error shaping and
+/// the metrics. A plain struct (the route's future is `Unpin`), so that finishing a request
+/// costs no allocation of its own.
+struct Finishing<F> {
+    /// When the request reached the route.
+    started: tokio::time::Instant,
+    /// The route's answer.
+    answer: F,
+    /// The route's metrics series.
+    series: crate::metrics::ApiRoute,
+}
+
+impl<F> std::future::Future for Finishing<F>
+where
+    F: std::future::Future<Output = Result<Response, Infallible>> + Unpin,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let resp = match std::pin::Pin::new(&mut self.answer).poll(cx) {
+            std::task::Poll::Ready(Ok(resp)) => standard_errors(resp),
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+        };
+        self.series
+            .record(resp.status().as_u16(), self.started.elapsed());
+        std::task::Poll::Ready(Ok(resp))
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -372,7 +477,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 /// Turns an error response that is not already ours (an extractor rejection, a body-limit
 /// hit) into the standard shape, without its original text (which could echo input).
-async fn standard_errors(resp: Response) -> Response {
+fn standard_errors(resp: Response) -> Response {
     let status = resp.status();
     let is_json = resp
         .headers()
@@ -402,10 +507,10 @@ fn payload_too_large() -> ApiError {
 /// 403 at once and its body never read: it cannot hold a connection by sending one slowly.
 pub struct Admin(pub Peer);
 
-impl FromRequestParts<ApiState> for Admin {
+impl FromRequestParts<Shared> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
         let peer = parts
             .extensions
             .get::<Peer>()
@@ -416,7 +521,7 @@ impl FromRequestParts<ApiState> for Admin {
     }
 }
 
-fn require_admin(state: &ApiState, peer: Peer) -> Result<(), ApiError> {
+fn require_admin(state: &Shared, peer: Peer) -> Result<(), ApiError> {
     if state.policy().is_admin(peer) {
         Ok(())
     } else {
@@ -473,23 +578,50 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
     }
 }
 
-fn token_wire(engine: &Engine, g: &TokenGrant) -> wire::Token {
+/// The seconds a token has left at `now` (`expires_in`).
+fn expires_in(g: &TokenGrant, now: chrono::DateTime<Utc>) -> i64 {
+    (g.expires_at - now).num_seconds().max(0)
+}
+
+/// The `Token` answer as a [`wire::Token`]: what [`token_body`] must write (the tests hold
+/// it to that).
+#[cfg(test)]
+fn token_wire(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> wire::Token {
     wire::Token {
-        connection_id: g.conn.id.clone(),
-        access_token: g.access_token.clone(),
+        connection_id: g.face.id.clone(),
+        access_token: crate::secret::Secret::clone(&g.access_token),
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
-        expires_in: (g.expires_at - Utc::now()).num_seconds().max(0),
-        scopes: g.conn.scopes.clone(),
-        sites: sites_wire(engine, &g.conn.sites),
+        expires_in: expires_in(g, now),
+        scopes: g.face.scopes.clone(),
+        sites: sites_wire(engine, &g.face.sites),
     }
+}
+
+/// The `Token` answer's body, written without building a [`wire::Token`]: the
+/// connection's scopes and sites (with their API base URLs) are rendered once per change of
+/// the connection ([`crate::refresh::Face`]) and shared by every answer after it; only the
+/// token and its times are written per request. (The base URLs come from the engine's
+/// provider, which an engine keeps for its lifetime, so a rendering never goes stale.)
+fn token_body(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> Vec<u8> {
+    let face = &g.face;
+    let tail = face
+        .rendered
+        .get_or_init(|| wire::token_tail(&face.scopes, &sites_wire(engine, &face.sites)));
+    wire::token_json(
+        &face.id,
+        &g.access_token,
+        &g.expires_at,
+        expires_in(g, now),
+        tail,
+    )
 }
 
 fn ok_json(status: StatusCode, v: impl Serialize) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
-async fn health(State(state): State<ApiState>) -> Response {
+async fn health(State(state): State<Shared>) -> Response {
     let ledger = tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.engine.store_writable()).await;
     let (active, needs_reauth) = state.engine.status_counts();
     let (mut status, ledger_state) = match ledger {
@@ -531,7 +663,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     ok_json(code, body)
 }
 
-async fn list(State(state): State<ApiState>) -> Response {
+async fn list(State(state): State<Shared>) -> Response {
     let engine = &state.engine;
     let all: Vec<wire::Connection> = engine
         .list()
@@ -541,7 +673,7 @@ async fn list(State(state): State<ApiState>) -> Response {
     ok_json(StatusCode::OK, all)
 }
 
-async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult {
+async fn show(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
     let info = state
         .engine
         .get(&id)
@@ -624,7 +756,7 @@ fn known_provider(provider: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
+async fn add(State(state): State<Shared>, _: Admin, headers: HeaderMap, body: Body) -> ApiResult {
     let req: wire::NewConnection = read_json(&headers, body).await?;
     known_provider(&req.provider)?;
     let added = match (req.refresh_token, req.code, req.state) {
@@ -644,12 +776,12 @@ async fn add(State(state): State<ApiState>, _: Admin, headers: HeaderMap, body: 
     Ok(ok_json(status, connection_wire(&state.engine, &added.info)))
 }
 
-async fn remove(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
+async fn remove(State(state): State<Shared>, _: Admin, Path(id): Path<String>) -> ApiResult {
     state.engine.remove(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>) -> ApiResult {
+async fn refresh(State(state): State<Shared>, _: Admin, Path(id): Path<String>) -> ApiResult {
     let info = state.engine.refresh_now(&id).await?;
     Ok(ok_json(
         StatusCode::OK,
@@ -658,7 +790,7 @@ async fn refresh(State(state): State<ApiState>, _: Admin, Path(id): Path<String>
 }
 
 async fn authorize(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     _: Admin,
     headers: HeaderMap,
     body: Body,
@@ -721,7 +853,7 @@ const EVENTS_DEFAULT_LIMIT: usize = 100;
 const EVENTS_MAX_LIMIT: usize = 1000;
 
 async fn events(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     _: Admin,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -775,7 +907,7 @@ async fn events(
 }
 
 async fn connection_token(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
@@ -784,29 +916,41 @@ async fn connection_token(
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
     }
-    let Some(Identity { id: conn_id, label }) = state.engine.identity(&id) else {
-        state.metrics.token_request(TokenOutcome::NotFound);
-        return Err(ApiError::not_found(format!("no connection {id:?}")));
+    let policy = state.policy();
+    // One look-up finds the connection, checks the peer against it and reads its token.
+    let result = state
+        .engine
+        .token_for(&id, min_valid, |conn_id, label| {
+            policy.may_read(peer, conn_id, label)
+        })
+        .await;
+    let result = match result {
+        Ok(grant) => Ok(grant),
+        Err(NotHanded::Failed(Failure::NotFound)) => {
+            state.metrics.token_request(TokenOutcome::NotFound);
+            return Err(ApiError::not_found(format!("no connection {id:?}")));
+        }
+        Err(NotHanded::Failed(f)) => Err(f),
+        Err(NotHanded::Refused(who)) => {
+            state.audit.record(
+                &who.id,
+                peer.uid,
+                peer.pid,
+                Endpoint::ConnectionToken.name(),
+                ReadOutcome::Refused,
+            );
+            state.metrics.token_request(TokenOutcome::Forbidden);
+            return Err(ApiError::forbidden(format!(
+                "uid {} may not read the tokens of {}",
+                peer.uid, who.label
+            )));
+        }
     };
-    if !state.policy().may_read(peer, &conn_id, &label) {
-        state.audit.record(
-            &conn_id,
-            peer.uid,
-            peer.pid,
-            Endpoint::ConnectionToken.name(),
-            ReadOutcome::Refused,
-        );
-        state.metrics.token_request(TokenOutcome::Forbidden);
-        return Err(ApiError::forbidden(format!(
-            "uid {} may not read the tokens of {}",
-            peer.uid, label
-        )));
-    }
-    hand_out(&state, peer, Endpoint::ConnectionToken, &conn_id, min_valid).await
+    answer_token(&state, peer, Endpoint::ConnectionToken, result)
 }
 
 async fn site_token(
-    State(state): State<ApiState>,
+    State(state): State<Shared>,
     Extension(peer): Extension<Peer>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
@@ -874,17 +1018,32 @@ async fn site_token(
 }
 
 async fn hand_out(
-    state: &ApiState,
+    state: &Shared,
     peer: Peer,
     endpoint: Endpoint,
     id: &str,
     min_valid: Duration,
 ) -> ApiResult {
     let result = state.engine.token(id, min_valid).await;
-    if result.is_ok() {
-        state
-            .audit
-            .record(id, peer.uid, peer.pid, endpoint.name(), ReadOutcome::Served);
+    answer_token(state, peer, endpoint, result)
+}
+
+/// The answer to a token request the engine has decided: audited (a served read), counted
+/// by outcome, and the token (`Cache-Control: no-store`) or the error.
+fn answer_token(
+    state: &Shared,
+    peer: Peer,
+    endpoint: Endpoint,
+    result: Result<TokenGrant, Failure>,
+) -> ApiResult {
+    if let Ok(grant) = &result {
+        state.audit.record(
+            &grant.face.id,
+            peer.uid,
+            peer.pid,
+            endpoint.name(),
+            ReadOutcome::Served,
+        );
     }
     let outcome = match &result {
         Ok(g) if g.served == Served::Cached => TokenOutcome::Cached,
@@ -895,9 +1054,14 @@ async fn hand_out(
     };
     state.metrics.token_request(outcome);
     let grant = result?;
-    let mut resp = ok_json(StatusCode::OK, token_wire(&state.engine, &grant));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = token_body(&state.engine, &grant, Utc::now());
+    let mut resp = Response::new(Body::from(body));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 
@@ -1004,6 +1168,35 @@ mod tests {
     /// Every (method, template) of [`ROUTES`] reaches its handler through the real router
     /// (neither the router's 404 nor its 405), and is counted under its own template, whose
     /// series exist from the start.
+    /// An engine on an empty ledger in a temp dir, with the default configuration.
+    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        let provider = crate::provider::Atlassian::new(
+            config.providers.atlassian.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger),
+            Arc::new(provider),
+            Arc::new(crate::refresh::SystemClock),
+            config.refresh,
+            crate::notify::Notifier::disabled(),
+            Arc::new(Metrics::new(true)),
+        )
+        .await
+        .unwrap();
+        (engine, dir)
+    }
+
     #[tokio::test]
     async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
         use tower::ServiceExt;
@@ -1099,6 +1292,62 @@ mod tests {
         assert!(
             !after.contains("unknown-connection"),
             "a raw path became a label"
+        );
+    }
+
+    /// The token answer written without a `wire::Token` parses as one, equals the one built
+    /// field by field, and is byte for byte its serde form; a second answer sharing the
+    /// rendered connection fields says the same of a new token.
+    #[tokio::test]
+    async fn the_written_token_answer_is_the_wire_token() {
+        let (engine, _dir) = test_engine().await;
+        let now = Utc::now();
+        let site = |cloud_id: &str, scopes: &[&str]| crate::model::Site {
+            cloud_id: cloud_id.into(),
+            url: format!("https://{cloud_id}.atlassian.net"),
+            name: format!("Site \"{cloud_id}\""),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            last_seen_at: now - chrono::Duration::days(1),
+        };
+        let face = Arc::new(crate::refresh::Face {
+            id: "c0123456789ab".into(),
+            scopes: vec!["offline_access".into(), "read:jira-work".into()],
+            sites: vec![
+                site("acme", &["read:page:confluence"]),
+                site("both", &["read:jira-work", "read:page:confluence"]),
+                site("none", &[]),
+            ],
+            rendered: Default::default(),
+        });
+        for (token, expires_at) in [
+            ("at-first", now + chrono::Duration::seconds(3599)),
+            ("at-second\"\\", now - chrono::Duration::seconds(5)),
+        ] {
+            let grant = TokenGrant {
+                face: face.clone(),
+                access_token: Arc::new(crate::secret::Secret::new(token)),
+                expires_at,
+                served: Served::Cached,
+            };
+            let body = token_body(&engine, &grant, now);
+            // The slow answer as the CLI reads it (the wire keeps times to the second).
+            let slow = serde_json::to_string(&token_wire(&engine, &grant, now)).unwrap();
+            let want: wire::Token = serde_json::from_str(&slow).unwrap();
+            let got: wire::Token = serde_json::from_slice(&body).unwrap();
+            assert_eq!(got.connection_id, want.connection_id);
+            assert_eq!(got.access_token.expose(), want.access_token.expose());
+            assert_eq!(got.token_type, want.token_type);
+            assert_eq!(got.expires_at, want.expires_at);
+            assert_eq!(got.expires_in, want.expires_in);
+            assert_eq!(got.scopes, want.scopes);
+            assert_eq!(got.sites, want.sites);
+            assert_eq!(got.sites.len(), 3);
+            assert_eq!(got.sites[1].api_base_urls.len(), 2, "{:?}", got.sites[1]);
+            assert_eq!(String::from_utf8(body).unwrap(), slow);
+        }
+        assert!(
+            face.rendered.get().is_some(),
+            "the sites were rendered once"
         );
     }
 

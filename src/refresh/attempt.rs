@@ -565,7 +565,7 @@ fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
                 rec,
                 not_before: None,
                 held: false,
-                last_requested: st.last_requested,
+                last_requested: st.last_requested.get(),
             };
             let planned = super::plan::next_action(
                 &input,

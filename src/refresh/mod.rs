@@ -147,13 +147,63 @@ pub struct ConnectionInfo {
     pub absolute_expires_at: Option<Time>,
 }
 
+/// What the answer to a token request says about its connection: shared by every answer
+/// (one reference count each, no copy of the connection), and replaced only when one of its
+/// fields changes (see [`SlotGuard`]).
+#[derive(Debug)]
+pub struct Face {
+    /// The connection id.
+    pub id: String,
+    /// The connection's scopes.
+    pub scopes: Vec<String>,
+    /// The connection's sites.
+    pub sites: Vec<crate::model::Site>,
+    /// What the API made of the fields above, once, for every answer that shares this face
+    /// (its wire form of them): opaque to the engine, which never reads it. A change of the
+    /// fields makes a new face, so this never describes fields other than its own.
+    pub rendered: std::sync::OnceLock<Box<[u8]>>,
+}
+
+impl Face {
+    fn of(conn: &Connection) -> Face {
+        Face {
+            id: conn.id.clone(),
+            scopes: conn.scopes.clone(),
+            sites: conn.sites.clone(),
+            rendered: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether this face still shows `conn`.
+    fn shows(&self, conn: &Connection) -> bool {
+        self.id == conn.id && self.scopes == conn.scopes && self.sites == conn.sites
+    }
+}
+
+/// Why [`Engine::token_for`] handed out no token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotHanded {
+    /// The caller's check refused this connection (who it is, for the refusal's message and
+    /// audit record).
+    Refused(Identity),
+    /// As for [`Engine::token`].
+    Failed(Failure),
+}
+
+impl From<Failure> for NotHanded {
+    fn from(f: Failure) -> Self {
+        NotHanded::Failed(f)
+    }
+}
+
 /// A token handed to a caller.
 #[derive(Debug)]
 pub struct TokenGrant {
-    /// The connection it belongs to (its public face only).
-    pub conn: Connection,
-    /// The bearer token.
-    pub access_token: Secret,
+    /// What the answer says about the connection it belongs to (its public face only).
+    pub face: Arc<Face>,
+    /// The bearer token: shared with the slot and every other answer of the same token (one
+    /// reference count per answer: no copy of it to allocate and wipe per request).
+    pub access_token: Arc<Secret>,
     /// When it expires.
     pub expires_at: Time,
     /// Cached or refreshed.
@@ -234,8 +284,15 @@ pub(crate) struct SlotState {
     /// it spaces the scheduler's looks, but a caller who needs a token may still look (and
     /// wait for what that daemon commits).
     claim_wait: bool,
-    /// The last time a caller asked for a token (hot connections are renewed ahead).
-    last_requested: Option<Instant>,
+    /// The last time a caller asked for a token (hot connections are renewed ahead): an
+    /// atomic, so that a cached answer, which takes the state's lock for reading only, can
+    /// record it.
+    last_requested: LastRequested,
+    /// What a token answer shows of `rec.conn`, kept equal to it by [`SlotGuard`].
+    face: Arc<Face>,
+    /// `rec.chain.access`'s token, shared with the answers that hand it out; kept equal to
+    /// it by [`SlotGuard`].
+    access_shared: Option<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
     flight: Option<flight::Flight>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
@@ -259,20 +316,107 @@ pub(crate) struct SlotState {
     claim: Option<attempt::Claim>,
 }
 
+/// When a caller last asked for a connection's token, as an atomic (nanoseconds after
+/// `base`, 0 for never): readers of the slot's state update it under a shared lock.
+pub(crate) struct LastRequested {
+    /// An instant no request of this slot precedes (the slot's creation).
+    base: Instant,
+    /// Nanoseconds from `base` to the last request, plus one; 0 when never asked.
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl LastRequested {
+    fn new() -> LastRequested {
+        LastRequested {
+            base: Instant::now(),
+            nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The last request, if any.
+    pub(crate) fn get(&self) -> Option<Instant> {
+        match self.nanos.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Records a request at `at`; returns the one before. Never moves back (two callers
+    /// racing keep the later instant).
+    fn set(&self, at: Instant) -> Option<Instant> {
+        let since = at.saturating_duration_since(self.base).as_nanos();
+        let n = u64::try_from(since).unwrap_or(u64::MAX - 1) + 1;
+        match self.nanos.fetch_max(n, Ordering::Relaxed) {
+            0 => None,
+            old => Some(self.base + Duration::from_nanos(old - 1)),
+        }
+    }
+}
+
+/// The slot's state locked for writing. On release it makes [`SlotState::face`] show the
+/// connection again if a field it shows changed: every change goes through this guard, so
+/// the face is never behind what a reader of the state sees.
+pub(crate) struct SlotGuard<'a>(parking_lot::RwLockWriteGuard<'a, SlotState>);
+
+impl std::ops::Deref for SlotGuard<'_> {
+    type Target = SlotState;
+    fn deref(&self) -> &SlotState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SlotState {
+        &mut self.0
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let st = &mut *self.0;
+        if !st.face.shows(&st.rec.conn) {
+            st.face = Arc::new(Face::of(&st.rec.conn));
+        }
+        if !st.access_shared_current() {
+            st.access_shared = shared_access(&st.rec);
+        }
+    }
+}
+
+/// `rec`'s access token, to share with the answers ([`SlotState::access_shared`]).
+fn shared_access(rec: &Record) -> Option<Arc<Secret>> {
+    rec.chain.access.as_ref().map(|a| Arc::new(a.token.clone()))
+}
+
+impl SlotState {
+    /// Whether [`SlotState::access_shared`] is the record's access token.
+    pub(crate) fn access_shared_current(&self) -> bool {
+        let shared = self.access_shared.as_deref().map(Secret::expose);
+        shared == self.rec.chain.access.as_ref().map(|a| a.token.expose())
+    }
+}
+
 /// One connection in memory.
 pub(crate) struct Slot {
     /// The chain lock: held by the engine task that runs an attempt, a merge or a removal,
     /// for its whole duration, provider call included.
     chain: Arc<tokio::sync::Mutex<()>>,
-    /// Everything else about the connection, behind a plain mutex held only for short,
+    /// Everything else about the connection, behind a lock held only for short,
     /// non-awaiting reads and writes: a token served from cache needs only this, never the
-    /// chain lock, so a slow provider call does not delay cached answers.
-    state: Mutex<SlotState>,
+    /// chain lock, so a slow provider call does not delay cached answers; and only for
+    /// reading, so that the readers of a hot connection never wait for each other.
+    state: RwLock<SlotState>,
 }
 
 impl Slot {
-    fn lock(&self) -> parking_lot::MutexGuard<'_, SlotState> {
-        self.state.lock()
+    /// The state, for writing (or for a read that must not interleave with a write).
+    fn lock(&self) -> SlotGuard<'_> {
+        SlotGuard(self.state.write())
+    }
+
+    /// The state, for reading only: shared with other readers.
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, SlotState> {
+        self.state.read()
     }
 }
 
@@ -454,15 +598,19 @@ impl Engine {
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
+        let face = Arc::new(Face::of(&rec.conn));
+        let access_shared = shared_access(&rec);
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
-            state: Mutex::new(SlotState {
+            state: RwLock::new(SlotState {
+                face,
+                access_shared,
                 rec,
                 held,
                 not_before: None,
                 provider_asked: false,
                 claim_wait: false,
-                last_requested: None,
+                last_requested: LastRequested::new(),
                 flight: None,
                 removed: false,
                 sites_wanted: false,
@@ -588,39 +736,73 @@ impl Engine {
         min_valid: Duration,
     ) -> Result<TokenGrant, Failure> {
         let slot = self.find(id_or_label).ok_or(Failure::NotFound)?;
-        let flight = {
-            let mut st = slot.lock();
+        self.token_of(&slot, min_valid).await
+    }
+
+    /// [`Engine::token`] for a caller that may read only some connections: `may_read` is
+    /// asked with the connection's id and label (by the one look-up that finds its token),
+    /// and a refusal hands out nothing, asks for nothing and records no request.
+    pub async fn token_for(
+        self: &Arc<Self>,
+        id_or_label: &str,
+        min_valid: Duration,
+        may_read: impl FnOnce(&str, &str) -> bool,
+    ) -> Result<TokenGrant, NotHanded> {
+        let slot = self.find(id_or_label).ok_or(Failure::NotFound)?;
+        {
+            let st = slot.read();
+            if st.removed {
+                return Err(Failure::NotFound.into());
+            }
+            let conn = &st.rec.conn;
+            if !may_read(&conn.id, &conn.label) {
+                return Err(NotHanded::Refused(Identity {
+                    id: conn.id.clone(),
+                    label: conn.label.clone(),
+                }));
+            }
+        }
+        Ok(self.token_of(&slot, min_valid).await?)
+    }
+
+    async fn token_of(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        min_valid: Duration,
+    ) -> Result<TokenGrant, Failure> {
+        // The cached answer, under a shared lock: readers of a hot connection never wait
+        // for each other, only (briefly) for a change of the state.
+        {
+            let st = slot.read();
             if st.removed {
                 return Err(Failure::NotFound);
             }
-            let was_hot = plan::is_hot(&st.rec, st.last_requested);
-            st.last_requested = Some(Instant::now());
-            if !was_hot && plan::is_hot(&st.rec, st.last_requested) {
-                // Became hot: plan its access renewal ahead of expiry from now on.
-                self.replan_locked(&st);
+            self.requested(&st);
+            if let Some(answer) = self.cached(&st, min_valid) {
+                return answer;
             }
-            if st.rec.conn.status == Status::NeedsReauth {
-                return Err(needs_reauth_failure(&st.rec.conn));
+        }
+        let flight = {
+            let mut st = slot.lock();
+            // The state may have changed since it was read: decide again, under the write
+            // lock, so that two callers cannot both start an attempt.
+            if st.removed {
+                return Err(Failure::NotFound);
             }
-            if st.held.is_none()
-                && satisfies(&st.rec, min_valid, self.now())
-                && let Some(a) = &st.rec.chain.access
-            {
-                return Ok(grant_of(&st, a.clone(), Served::Cached));
+            if let Some(answer) = self.cached(&st, min_valid) {
+                return answer;
             }
-            self.join_or_start(&slot, &mut st, Need::Lifetime(min_valid))
+            self.join_or_start(slot, &mut st, Need::Lifetime(min_valid))
         };
         let outcome = flight.result().await;
-        let st = slot.lock();
+        let st = slot.read();
         if st.removed {
             return Err(Failure::NotFound);
         }
         let now = self.now();
         match outcome {
             Ok(()) => match (&st.rec.chain.access, &st.held) {
-                (Some(a), None) if a.expires_at > now => {
-                    Ok(grant_of(&st, a.clone(), Served::Refreshed))
-                }
+                (Some(a), None) if a.expires_at > now => Ok(grant_of(&st, a, Served::Refreshed)),
                 (_, Some(_)) => Err(Failure::Internal(
                     "the refreshed token is not committed to the ledger yet".into(),
                 )),
@@ -639,7 +821,7 @@ impl Engine {
                     && let Some(a) = &st.rec.chain.access
                     && a.expires_at > now
                 {
-                    return Ok(grant_of(&st, a.clone(), Served::Cached));
+                    return Ok(grant_of(&st, a, Served::Cached));
                 }
                 Err(Failure::Unavailable {
                     retry_after,
@@ -648,6 +830,31 @@ impl Engine {
             }
             Err(other) => Err(other),
         }
+    }
+
+    /// Records a caller's request for a token; a connection that becomes hot by it is
+    /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
+    fn requested(&self, st: &SlotState) {
+        let before = st.last_requested.set(Instant::now());
+        if !plan::is_hot(&st.rec, before) && plan::is_hot(&st.rec, st.last_requested.get()) {
+            self.replan_locked(st);
+        }
+    }
+
+    /// The answer from memory, if memory decides it: `needs_reauth`, or a cached token
+    /// that satisfies `min_valid` while no change is held uncommitted. `None`: a refresh is
+    /// needed.
+    fn cached(&self, st: &SlotState, min_valid: Duration) -> Option<Result<TokenGrant, Failure>> {
+        if st.rec.conn.status == Status::NeedsReauth {
+            return Some(Err(needs_reauth_failure(&st.rec.conn)));
+        }
+        if st.held.is_none()
+            && satisfies(&st.rec, min_valid, self.now())
+            && let Some(a) = &st.rec.chain.access
+        {
+            return Some(Ok(grant_of(st, a, Served::Cached)));
+        }
+        None
     }
 
     /// Rotates a connection's chain now (an operator's request). Honours a provider's
@@ -709,7 +916,7 @@ impl Engine {
             rec: &st.rec,
             not_before: st.not_before,
             held: st.held.is_some(),
-            last_requested: st.last_requested,
+            last_requested: st.last_requested.get(),
         };
         match plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY) {
             Some(planned) => self.plan.schedule(id, planned.at, planned.urgency),
@@ -801,10 +1008,15 @@ impl Engine {
     }
 }
 
-fn grant_of(st: &SlotState, a: AccessToken, served: Served) -> TokenGrant {
+fn grant_of(st: &SlotState, a: &AccessToken, served: Served) -> TokenGrant {
+    // `access_shared` is `a`'s token (the slot's guard keeps it so); a copy only if not.
+    let access_token = match &st.access_shared {
+        Some(shared) if shared.expose() == a.token.expose() => shared.clone(),
+        _ => Arc::new(a.token.clone()),
+    };
     TokenGrant {
-        conn: st.rec.conn.clone(),
-        access_token: a.token,
+        face: st.face.clone(),
+        access_token,
         expires_at: a.expires_at,
         served,
     }
@@ -878,6 +1090,108 @@ mod tests {
         .await
         .unwrap();
         (engine, dir)
+    }
+
+    /// A cached token is served under the shared lock with the connection's face as the
+    /// record says it now (shared between answers, replaced when a field it shows
+    /// changes); a refusing check hands out nothing and records no request; a
+    /// `needs_reauth` or removed connection serves nothing from cache.
+    #[tokio::test]
+    async fn a_cached_token_shows_the_connection_as_it_is_now() {
+        let (engine, _dir) = engine_with(1, 1).await;
+        let id = "c000000000000";
+        let slot = engine.find(id).unwrap();
+        let now = chrono::Utc::now();
+        {
+            let mut st = slot.lock();
+            st.rec.conn.last_refresh_at = Some(now);
+            st.rec.chain.access = Some(AccessToken {
+                token: Secret::new("at-cached"),
+                expires_at: now + chrono::Duration::hours(1),
+            });
+        }
+        let min_valid = Duration::from_secs(60);
+        let first = engine.token("l0", min_valid).await.unwrap();
+        assert_eq!(first.served, Served::Cached);
+        assert_eq!(first.access_token.expose(), "at-cached");
+        assert_eq!(first.face.id, id);
+        assert_eq!(first.face.scopes, slot.read().rec.conn.scopes);
+        assert!(first.face.sites.is_empty());
+        let again = engine.token(id, min_valid).await.unwrap();
+        assert!(
+            Arc::ptr_eq(&first.face, &again.face),
+            "answers share the face"
+        );
+        assert!(
+            Arc::ptr_eq(&first.access_token, &again.access_token),
+            "answers share the token"
+        );
+        assert!(slot.read().last_requested.get().is_some());
+
+        let site = Site {
+            cloud_id: "1111".into(),
+            url: "https://acme.atlassian.net".into(),
+            name: "Acme".into(),
+            scopes: vec!["read:page:confluence".into()],
+            last_seen_at: now,
+        };
+        slot.lock().rec.conn.sites = vec![site.clone()];
+        let third = engine.token(id, min_valid).await.unwrap();
+        assert!(!Arc::ptr_eq(&first.face, &third.face), "a stale face");
+        assert_eq!(third.face.sites, [site]);
+        assert!(third.face.rendered.get().is_none());
+
+        let before = slot.read().last_requested.get();
+        let refused = engine
+            .token_for(id, min_valid, |i, l| {
+                assert_eq!((i, l), (id, "l0"));
+                false
+            })
+            .await;
+        assert_eq!(
+            refused.unwrap_err(),
+            NotHanded::Refused(Identity {
+                id: id.into(),
+                label: "l0".into()
+            })
+        );
+        assert_eq!(slot.read().last_requested.get(), before);
+        let allowed = engine.token_for("l0", min_valid, |_, _| true).await;
+        assert_eq!(allowed.unwrap().face.id, id);
+
+        let rec = slot.read().rec.clone();
+        let held = Held {
+            rec,
+            expect_version: 0,
+            insert: false,
+            presented: None,
+        };
+        engine.set_held(&mut slot.lock(), Some(held));
+        // A change held uncommitted is never served from cache: the caller's attempt commits
+        // it first, then serves what was committed.
+        let committed = engine.token(id, min_valid).await.unwrap();
+        assert_eq!(committed.served, Served::Refreshed);
+        assert!(slot.read().held.is_none());
+        assert_eq!(engine.commit_pending(), 0);
+
+        slot.lock().rec.conn.status = Status::NeedsReauth;
+        assert!(matches!(
+            engine.token(id, min_valid).await,
+            Err(Failure::NeedsReauth(_))
+        ));
+        slot.lock().rec.conn.status = Status::Active;
+        slot.lock().removed = true;
+        assert_eq!(
+            engine.token(id, min_valid).await.unwrap_err(),
+            Failure::NotFound
+        );
+        assert_eq!(
+            engine
+                .token_for(id, min_valid, |_, _| true)
+                .await
+                .unwrap_err(),
+            NotHanded::Failed(Failure::NotFound)
+        );
     }
 
     /// A provider whose refresh panics, after letting the test lock the chain's slot from

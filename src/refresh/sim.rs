@@ -924,6 +924,23 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
             ));
         }
         for slot in e.slots() {
+            // What a cached token's answer shows of its connection is what the record says,
+            // as a reader (sharing the lock with the token path) sees it.
+            {
+                let st = slot.read();
+                if !st.face.shows(&st.rec.conn) {
+                    return Err(format!(
+                        "{step}: {}: the token answer's face {:?} is behind the record",
+                        st.rec.conn.id, st.face
+                    ));
+                }
+                if !st.access_shared_current() {
+                    return Err(format!(
+                        "{step}: {}: the shared access token is not the record's",
+                        st.rec.conn.id
+                    ));
+                }
+            }
             let st = slot.lock();
             let id = &st.rec.conn.id;
             let unknown = st.rec.chain.attempt_started_at.is_some();

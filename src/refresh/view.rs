@@ -19,7 +19,7 @@ impl Engine {
     /// token path.
     pub fn identity(&self, id_or_label: &str) -> Option<Identity> {
         let slot = self.find(id_or_label)?;
-        let st = slot.lock();
+        let st = slot.read();
         (!st.removed).then(|| Identity {
             id: st.rec.conn.id.clone(),
             label: st.rec.conn.label.clone(),
