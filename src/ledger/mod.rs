@@ -432,7 +432,7 @@ impl Ledger {
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
         self.write(move |tx, keys| {
-            if update_row(tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &rec, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
             append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
@@ -483,7 +483,7 @@ impl Ledger {
             if deleted == 0 {
                 return Err(LedgerError::Conflict(from));
             }
-            if update_row(tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &merged, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
@@ -828,21 +828,33 @@ const CHAIN_COLUMNS: &[&str] = &[
     "refresh_token_used_at",
 ];
 
-/// Overwrites the columns `columns` of the row `rec.conn.id`, but only while its stored
+/// Overwrites the [`CHAIN_COLUMNS`] of the row `rec.conn.id`, but only while its stored
 /// `chain_version` is `expect_version` (compare-and-swap); returns the number of rows changed.
+/// The statement is built once and stays prepared on the connection: under a refresh storm
+/// every write of a batch is one of these, and preparing it each time was a good part of
+/// what a write cost the writer.
 fn update_row(
     tx: &rusqlite::Connection,
     keys: &Keyring,
     rec: &Record,
-    columns: &[&str],
     expect_version: u64,
 ) -> Result<usize, LedgerError> {
-    let values = record_values(rec, keys);
-    let (sql, bound) = chain_update(columns, '?').map_err(LedgerError::Corrupt)?;
-    let mut params: Vec<_> = bound.iter().map(|&i| values[i].clone()).collect();
+    static STATEMENT: std::sync::OnceLock<Result<(String, Vec<usize>), String>> =
+        std::sync::OnceLock::new();
+    let (sql, bound) = STATEMENT
+        .get_or_init(|| chain_update(CHAIN_COLUMNS, '?'))
+        .as_ref()
+        .map_err(|e| LedgerError::Corrupt(e.clone()))?;
+    let mut values = record_values(rec, keys);
+    let mut params: Vec<_> = bound
+        .iter()
+        .map(|&i| std::mem::replace(&mut values[i], rusqlite::types::Value::Null))
+        .collect();
     params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
     params.push(rusqlite::types::Value::Integer(expect_version as i64));
-    Ok(tx.execute(&sql, rusqlite::params_from_iter(params))?)
+    Ok(tx
+        .prepare_cached(sql)?
+        .execute(rusqlite::params_from_iter(params))?)
 }
 
 /// Both ledgers' compare-and-swap of `columns` of one connection row, `p` marking each
@@ -1169,20 +1181,23 @@ fn append_events(
     now: Time,
     events: &[Event],
 ) -> Result<(), LedgerError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
+         VALUES (?1, ?2, ?3, ?4, (SELECT name FROM temp.node), ?5, ?6, ?7)",
+    )?;
     for e in events {
-        tx.execute(
-            "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
-             VALUES (?1, ?2, ?3, ?4, (SELECT name FROM temp.node), ?5, ?6, ?7)",
-            params![
-                ms(now),
-                connection_id,
-                e.kind.as_str(),
-                e.message,
-                e.peer.map(|p| p.uid),
-                e.peer.and_then(|p| p.pid),
-                e.count
-            ],
-        )?;
+        insert.execute(params![
+            ms(now),
+            connection_id,
+            e.kind.as_str(),
+            e.message,
+            e.peer.map(|p| p.uid),
+            e.peer.and_then(|p| p.pid),
+            e.count
+        ])?;
     }
     Ok(())
 }
