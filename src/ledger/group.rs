@@ -141,38 +141,46 @@ where
         !std::mem::replace(&mut st.running, true)
     };
     if start {
-        let inner = inner.clone();
-        tokio::task::spawn_blocking(move || drain(inner));
+        spawn_writer(inner.clone());
     }
     answer
         .await
         .map_err(|_| LedgerError::Task("the ledger writer stopped before answering".into()))?
 }
 
+/// Starts a writer on the blocking pool (the queue's `running` already set).
+fn spawn_writer(inner: Arc<Inner>) {
+    let guard = Running {
+        inner,
+        started: false,
+    };
+    tokio::task::spawn_blocking(move || drain(guard));
+}
+
 /// The writer: batches until the queue is empty. It holds the ledger only while writes are
 /// queued (a closed ledger's lock file goes with its last handle, as before).
-fn drain(inner: Arc<Inner>) {
-    let guard = Running(inner);
+fn drain(mut guard: Running) {
+    guard.started = true;
     loop {
         let answers = {
             // The database first: writes queue while another user of the connection (a
             // read of the maintenance job, `set_node`) holds it, and go in one batch.
-            let mut db = guard.0.db.lock();
+            let mut db = guard.inner.db.lock();
             let batch: VecDeque<Box<dyn Job>> = {
-                let mut st = guard.0.queue.state.lock();
+                let mut st = guard.inner.queue.state.lock();
                 let n = st.jobs.len().min(MAX_BATCH);
                 st.jobs.drain(..n).collect()
             };
-            let answers = run_batch(&mut db, &guard.0.keys, batch);
+            let answers = run_batch(&mut db, &guard.inner.keys, batch);
             #[cfg(test)]
             guard
-                .0
+                .inner
                 .transactions
                 .fetch_add(answers.len() as u64, std::sync::atomic::Ordering::Relaxed);
             answers
         };
         let more = {
-            let mut st = guard.0.queue.state.lock();
+            let mut st = guard.inner.queue.state.lock();
             st.running = !st.jobs.is_empty();
             st.running
         };
@@ -187,31 +195,45 @@ fn drain(inner: Arc<Inner>) {
     }
 }
 
-/// The writer's hold on the ledger. Should the writer itself panic (a write cannot: each is
-/// caught), the callers of its batch get `Task` errors (their senders are dropped), the
-/// transaction is rolled back, and the queue goes to a new writer rather than waiting for a
-/// dead one.
-struct Running(Arc<Inner>);
+/// The writer's hold on the ledger, and what happens when a writer ends other than by finding
+/// the queue empty. Should the writer itself panic (a write cannot: each is caught), the
+/// callers of its batch get `Task` errors (their senders are dropped), the transaction is
+/// rolled back, and the queue goes to a new writer rather than waiting for a dead one. Should
+/// it never run (the runtime is shutting down), the queued writes are dropped unrun, so that
+/// their callers get `Task` errors instead of waiting forever.
+struct Running {
+    inner: Arc<Inner>,
+    /// The writer began: from here on a drop without a panic is its normal end.
+    started: bool,
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if !self.started {
+            let unrun = {
+                let mut st = self.inner.queue.state.lock();
+                st.running = false;
+                std::mem::take(&mut st.jobs)
+            };
+            drop(unrun);
+            return;
+        }
         if !std::thread::panicking() {
             return;
         }
         {
-            let db = self.0.db.lock();
+            let db = self.inner.db.lock();
             if !db.is_autocommit() {
                 let _ = db.execute_batch("ROLLBACK");
             }
         }
         let restart = {
-            let mut st = self.0.queue.state.lock();
+            let mut st = self.inner.queue.state.lock();
             st.running = !st.jobs.is_empty();
             st.running
         };
         if restart {
-            let inner = self.0.clone();
-            tokio::task::spawn_blocking(move || drain(inner));
+            spawn_writer(self.inner.clone());
         }
     }
 }
@@ -408,6 +430,34 @@ mod tests {
             let events = ledger.events(format!("c{i}"), None, 10).await.unwrap();
             let messages: Vec<_> = events.iter().map(|e| e.message.clone()).collect();
             assert_eq!(messages, vec![format!("writer {r}")], "c{i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_at_most_max_batch_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = super::MAX_BATCH + 10;
+        let ledger = ledger_with(dir.path(), n).await;
+        let before = transactions(&ledger);
+        let held = hold(&ledger);
+        let writes: Vec<_> = (0..n)
+            .map(|i| {
+                let (l, rec) = (ledger.clone(), rotated(&record(i), "rt-1"));
+                tokio::spawn(async move { l.save_chain(rec, 0, vec![]).await })
+            })
+            .collect();
+        held.release_after(&ledger, n).await;
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            transactions(&ledger) - before,
+            2,
+            "{} and then 10",
+            super::MAX_BATCH
+        );
+        for i in [0, n - 1] {
+            assert_eq!(stored_token(&ledger, i).await, ("rt-1".into(), 1));
         }
     }
 
