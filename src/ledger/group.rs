@@ -29,8 +29,9 @@ use tokio::sync::oneshot;
 /// `refresh.max_concurrent` attempts has at most one write in flight, so a batch of 128 holds
 /// a whole wave at the default and at the 64 (one fsync instead of 64); the bound
 /// caps what the first caller of a batch waits for beyond its own write (every statement of
-/// the batch runs before the `COMMIT`: about a millisecond for 128 chain writes, the order of
-/// one fsync) and how much one commit appends to the WAL (a few pages per chain write).
+/// the batch runs before the `COMMIT`: a few milliseconds for a full batch, fsync included,
+/// measured on a shared 2-core machine) and how much one commit appends to the WAL (a few
+/// pages per chain write).
 pub(super) const MAX_BATCH: usize = 128;
 
 /// The writes waiting for the writer, and whether a writer is running.
