@@ -3,7 +3,10 @@
 //! This is the only module that knows SQL. It owns the schema and its migrations, opens the
 //! database with WAL and `synchronous=FULL` (a committed rotation survives power loss), holds
 //! an exclusive lock file so that only one daemon writes a state directory, and exposes a
-//! handful of operations that each run in one transaction.
+//! handful of operations that each run in one transaction. Writes are group-committed
+//! (`group`): one writer commits whatever queued meanwhile in one transaction, each write in
+//! its own savepoint, and answers each caller after that commit. Reads have a connection of
+//! their own, so that they do not wait behind a commit (WAL: a reader sees the last commit).
 //!
 //! **Architecture Invariant:** a rotated refresh token is committed here, and the commit has
 //! returned, before any caller is handed the access token that came with it.
@@ -12,6 +15,7 @@
 //! and never holds a secret; only housekeeping deletes its oldest rows.
 
 mod any;
+mod group;
 pub(crate) mod migrate;
 pub(crate) mod pg;
 pub mod seal;
@@ -186,7 +190,20 @@ pub struct Ledger {
 }
 
 struct Inner {
+    /// The connection that writes: the group-commit writer's (`group`), and maintenance's.
+    /// It holds the `temp.node` table that names this daemon in the events it writes.
     db: Mutex<rusqlite::Connection>,
+    /// The connection that reads (`query_only`). Its own, so that a read never waits behind
+    /// a batch's statements and fsync: under a refresh storm the writer holds `db` almost
+    /// all the time, and a read (a stale chain's reload, `events`) waited up to a whole
+    /// batch for it. A reader sees the last commit, which every write's caller has seen
+    /// return before it reads.
+    reader: Mutex<rusqlite::Connection>,
+    /// Writes waiting for the writer (`group`).
+    queue: group::Queue,
+    /// Tests only: transactions the writer ran, to tell a batch from one-by-one commits.
+    #[cfg(test)]
+    transactions: std::sync::atomic::AtomicU64,
     /// Seals and opens every token column.
     keys: Keyring,
     path: PathBuf,
@@ -235,9 +252,16 @@ impl Ledger {
         seal_at_rest(&mut db, &keys, &path)?;
         // This daemon's name for the events it records (see `set_node`).
         db.execute_batch("CREATE TEMP TABLE node (name TEXT NOT NULL);")?;
+        let reader = rusqlite::Connection::open(&path)?;
+        reader.busy_timeout(BUSY_TIMEOUT)?;
+        reader.pragma_update(None, "query_only", "ON")?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db: Mutex::new(db),
+                reader: Mutex::new(reader),
+                queue: group::Queue::default(),
+                #[cfg(test)]
+                transactions: std::sync::atomic::AtomicU64::new(0),
                 keys,
                 path,
                 _lock: lock,
@@ -280,7 +304,8 @@ impl Ledger {
         .unwrap();
     }
 
-    /// Runs `f` with the database on the blocking pool.
+    /// Runs `f` with the writing connection on the blocking pool, outside the writer's
+    /// batches (maintenance, tests).
     async fn call<R, F>(&self, f: F) -> Result<R, LedgerError>
     where
         R: Send + 'static,
@@ -289,7 +314,7 @@ impl Ledger {
         self.call_keys(move |db, _| f(db)).await
     }
 
-    /// Runs `f` with the database and the keys on the blocking pool.
+    /// Runs `f` with the writing connection and the keys on the blocking pool.
     async fn call_keys<R, F>(&self, f: F) -> Result<R, LedgerError>
     where
         R: Send + 'static,
@@ -304,25 +329,35 @@ impl Ledger {
         .map_err(|e| LedgerError::Task(e.to_string()))?
     }
 
-    /// Runs `f` in one write transaction (`IMMEDIATE`) on the blocking pool, committed when
-    /// it returns `Ok` (rolled back otherwise).
+    /// Runs `f` with the reading connection and the keys on the blocking pool.
+    async fn read<R, F>(&self, f: F) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Connection, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = inner.reader.lock();
+            f(&db, &inner.keys)
+        })
+        .await
+        .map_err(|e| LedgerError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` as one write: inside a savepoint of the writer's next transaction
+    /// (`IMMEDIATE`), rolled back to it when `f` fails; returns once that transaction's
+    /// `COMMIT` has (`group`).
     async fn write<R, F>(&self, f: F) -> Result<R, LedgerError>
     where
         R: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+        F: FnOnce(&rusqlite::Connection, &Keyring) -> Result<R, LedgerError> + Send + 'static,
     {
-        self.call_keys(move |db, keys| {
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx, keys)?;
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+        group::write(&self.inner, f).await
     }
 
     /// Every connection with its chain and sites (removed sites excluded).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
-        self.call_keys(|db, keys| {
+        self.read(|db, keys| {
             let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
             let mut records = stmt
                 .query_map([], |r| row_to_record(r, keys))?
@@ -339,7 +374,7 @@ impl Ledger {
 
     /// One connection with its chain and sites, or `None`.
     pub async fn load_one(&self, id: String) -> Result<Option<Record>, LedgerError> {
-        self.call_keys(move |db, keys| {
+        self.read(move |db, keys| {
             let rec = db
                 .query_row(
                     &format!("SELECT {CONNECTION_COLUMNS} FROM connections WHERE id = ?1"),
@@ -397,7 +432,7 @@ impl Ledger {
         events: Vec<Event>,
     ) -> Result<(), LedgerError> {
         self.write(move |tx, keys| {
-            if update_row(tx, keys, &rec, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &rec, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(rec.conn.id.clone()));
             }
             append_events(tx, Some(&rec.conn.id), rec.conn.updated_at, &events)?;
@@ -448,7 +483,7 @@ impl Ledger {
             if deleted == 0 {
                 return Err(LedgerError::Conflict(from));
             }
-            if update_row(tx, keys, &merged, CHAIN_COLUMNS, expect_version)? == 0 {
+            if update_row(tx, keys, &merged, expect_version)? == 0 {
                 return Err(LedgerError::Conflict(merged.conn.id.clone()));
             }
             append_events(
@@ -554,7 +589,7 @@ impl Ledger {
         since: Option<Time>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, LedgerError> {
-        self.call(move |db| {
+        self.read(move |db, _| {
             let mut stmt = db.prepare(
                 "SELECT at, kind, message, node, peer_uid, peer_pid, count FROM events \
                  WHERE connection_id = ?1 AND at >= ?2 ORDER BY at DESC, seq DESC LIMIT ?3",
@@ -793,21 +828,33 @@ const CHAIN_COLUMNS: &[&str] = &[
     "refresh_token_used_at",
 ];
 
-/// Overwrites the columns `columns` of the row `rec.conn.id`, but only while its stored
+/// Overwrites the [`CHAIN_COLUMNS`] of the row `rec.conn.id`, but only while its stored
 /// `chain_version` is `expect_version` (compare-and-swap); returns the number of rows changed.
+/// The statement is built once and stays prepared on the connection: under a refresh storm
+/// every write of a batch is one of these, and preparing it each time was a good part of
+/// what a write cost the writer.
 fn update_row(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     keys: &Keyring,
     rec: &Record,
-    columns: &[&str],
     expect_version: u64,
 ) -> Result<usize, LedgerError> {
-    let values = record_values(rec, keys);
-    let (sql, bound) = chain_update(columns, '?').map_err(LedgerError::Corrupt)?;
-    let mut params: Vec<_> = bound.iter().map(|&i| values[i].clone()).collect();
+    static STATEMENT: std::sync::OnceLock<Result<(String, Vec<usize>), String>> =
+        std::sync::OnceLock::new();
+    let (sql, bound) = STATEMENT
+        .get_or_init(|| chain_update(CHAIN_COLUMNS, '?'))
+        .as_ref()
+        .map_err(|e| LedgerError::Corrupt(e.clone()))?;
+    let mut values = record_values(rec, keys);
+    let mut params: Vec<_> = bound
+        .iter()
+        .map(|&i| std::mem::replace(&mut values[i], rusqlite::types::Value::Null))
+        .collect();
     params.push(rusqlite::types::Value::Text(rec.conn.id.clone()));
     params.push(rusqlite::types::Value::Integer(expect_version as i64));
-    Ok(tx.execute(&sql, rusqlite::params_from_iter(params))?)
+    Ok(tx
+        .prepare_cached(sql)?
+        .execute(rusqlite::params_from_iter(params))?)
 }
 
 /// Both ledgers' compare-and-swap of `columns` of one connection row, `p` marking each
@@ -1102,7 +1149,7 @@ fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site
 }
 
 fn write_sites(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     connection_id: &str,
     sites: &[Site],
     now: Time,
@@ -1129,25 +1176,28 @@ fn write_sites(
 }
 
 fn append_events(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     connection_id: Option<&str>,
     now: Time,
     events: &[Event],
 ) -> Result<(), LedgerError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
+         VALUES (?1, ?2, ?3, ?4, (SELECT name FROM temp.node), ?5, ?6, ?7)",
+    )?;
     for e in events {
-        tx.execute(
-            "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, peer_pid, count) \
-             VALUES (?1, ?2, ?3, ?4, (SELECT name FROM temp.node), ?5, ?6, ?7)",
-            params![
-                ms(now),
-                connection_id,
-                e.kind.as_str(),
-                e.message,
-                e.peer.map(|p| p.uid),
-                e.peer.and_then(|p| p.pid),
-                e.count
-            ],
-        )?;
+        insert.execute(params![
+            ms(now),
+            connection_id,
+            e.kind.as_str(),
+            e.message,
+            e.peer.map(|p| p.uid),
+            e.peer.and_then(|p| p.pid),
+            e.count
+        ])?;
     }
     Ok(())
 }

@@ -364,6 +364,8 @@ pub(crate) async fn run(
     );
     match result {
         Ok(grant) => {
+            // The commit needs no request: the next attempt may have the permit meanwhile.
+            let _committing = _permit.committing();
             let stored = base.chain.refresh_token.clone();
             commit_grant(engine, slot, base, grant.into(), true, stored).await
         }
@@ -371,6 +373,7 @@ pub(crate) async fn run(
             refresh_token,
             message,
         }) => {
+            let _committing = _permit.committing();
             tracing::warn!(connection = %base.conn.id, "{message}");
             let answer = Answer {
                 refresh_token: Some(refresh_token),

@@ -968,7 +968,8 @@ impl Engine {
     }
 
     /// Stops starting attempts and waits, up to `grace`, for those holding a permit (the
-    /// ones that may be talking to the provider) to commit; then tries once more to commit
+    /// ones that may be talking to the provider) or committing what it answered
+    /// (`Permit::committing`) to commit; then tries once more to commit
     /// every chain change still held. Returns whether nothing is left uncommitted.
     pub async fn drain(self: &Arc<Self>, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;

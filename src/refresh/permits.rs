@@ -5,6 +5,11 @@
 //! unknown (it must be retried inside the reuse leeway) would wait behind every bulk
 //! rotation queued before it. Here a waiter can also be raised (a caller joined a queued
 //! rotation), and the limit can change at run time (a reload).
+//!
+//! A permit covers the provider: an attempt whose request has been answered hands its permit
+//! to the next waiter while it commits the answer ([`Permit::committing`]), so that a storm's
+//! `max_concurrent` requests are not kept waiting for the ledger's commits as well. Shutdown
+//! ([`Permits::idle`]) still waits for those commits.
 
 use super::plan::Urgency;
 use parking_lot::Mutex;
@@ -19,6 +24,9 @@ pub type Priority = (Urgency, i64);
 struct State {
     limit: usize,
     in_use: usize,
+    /// Attempts that gave their permit back once the provider answered and are committing
+    /// that answer ([`Committing`]): not counted against `limit`, but waited for by `idle`.
+    committing: usize,
     closed: bool,
     seq: u64,
     waiters: BTreeMap<(Priority, u64), oneshot::Sender<Permit>>,
@@ -34,12 +42,19 @@ pub struct Permits {
 
 /// A held permit; dropping it hands it to the most urgent waiter.
 pub struct Permit {
-    permits: Permits,
+    /// `None` once handed on by [`Permit::committing`] (its drop then releases nothing).
+    permits: Option<Permits>,
 }
 
 /// A place in the queue, used to raise its priority while it waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket(u64);
+
+/// An attempt committing its provider's answer after handing its permit on
+/// ([`Permit::committing`]); dropped when the commit is over.
+pub struct Committing {
+    permits: Permits,
+}
 
 /// A reserved place in the queue.
 pub struct Waiting {
@@ -107,7 +122,7 @@ impl Permits {
                 st.keys.remove(&ticket.0);
                 st.in_use += 1;
                 return Ok(Permit {
-                    permits: self.clone(),
+                    permits: Some(self.clone()),
                 });
             }
         }
@@ -186,16 +201,17 @@ impl Permits {
         st.waiters.clear();
     }
 
-    /// Permits in use now.
+    /// Permits in use now (tests: leak checks and diagnostics).
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
         self.lock().in_use
     }
 
-    /// Resolves once no permit is in use.
+    /// Resolves once no permit is in use and no attempt that held one is still committing.
     pub async fn idle(&self) {
         loop {
             let notified = self.idle.notified();
-            if self.in_use() == 0 {
+            if self.lock().is_idle() {
                 return;
             }
             notified.await;
@@ -219,23 +235,62 @@ impl Permits {
             };
             st.in_use += 1;
             drop(st);
-            if let Err(p) = tx.send(Permit {
-                permits: self.clone(),
+            if let Err(mut p) = tx.send(Permit {
+                permits: Some(self.clone()),
             }) {
                 // The waiter is gone: take the permit back without re-entering.
-                std::mem::forget(p);
+                p.permits = None;
                 self.lock().in_use -= 1;
             }
         }
-        if self.lock().in_use == 0 {
+        if self.lock().is_idle() {
             self.idle.notify_waiters();
         }
     }
 }
 
+impl State {
+    fn is_idle(&self) -> bool {
+        self.in_use == 0 && self.committing == 0
+    }
+}
+
+impl Permit {
+    /// Hands the permit to the next waiter now and keeps the attempt counted until the
+    /// returned guard is dropped: for the commit of a provider's answer, which needs no
+    /// request (the attempt still holds its chain's lock; only the provider's concurrency is
+    /// given back early).
+    pub fn committing(mut self) -> Committing {
+        // The permit's own release happens here, with the count moved to `committing`.
+        let permits = self.permits.take().expect("a permit is handed on once");
+        {
+            let mut st = permits.lock();
+            st.in_use -= 1;
+            st.committing += 1;
+        }
+        permits.hand_over();
+        Committing { permits }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.permits.release();
+        if let Some(permits) = self.permits.take() {
+            permits.release();
+        }
+    }
+}
+
+impl Drop for Committing {
+    fn drop(&mut self) {
+        let idle = {
+            let mut st = self.permits.lock();
+            st.committing -= 1;
+            st.is_idle()
+        };
+        if idle {
+            self.permits.idle.notify_waiters();
+        }
     }
 }
 
@@ -321,6 +376,28 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock(), vec!["early", "mid", "late"]);
+    }
+
+    #[tokio::test]
+    async fn a_committing_attempt_lets_the_next_in_and_idle_waits_for_its_commit() {
+        let p = Permits::new(1);
+        let held = p.acquire(p.ticket(), (Urgency::Rotate, 0)).await.unwrap();
+        let p2 = p.clone();
+        let next = tokio::spawn(async move {
+            let permit = p2.acquire(p2.ticket(), (Urgency::Rotate, 0)).await;
+            permit.map(drop)
+        });
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished(), "the only permit is taken");
+        let committing = held.committing();
+        next.await.unwrap().unwrap();
+        assert_eq!(p.in_use(), 0);
+        let p3 = p.clone();
+        let idle = tokio::spawn(async move { p3.idle().await });
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished(), "an attempt is still committing");
+        drop(committing);
+        idle.await.unwrap();
     }
 
     #[tokio::test]
