@@ -38,12 +38,12 @@ mod sim;
 
 use crate::config::RefreshConfig;
 use crate::metrics::{ConnectionSource, Metrics};
-use crate::model::{AccessToken, Connection, Record, Status, Time};
+use crate::model::{AccessToken, Connection, Record, Site, Status, Time};
 use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -276,6 +276,13 @@ impl Slot {
     }
 }
 
+impl SlotState {
+    /// Whether this connection belongs in the [`SiteIndex`]: installed and active.
+    fn filed(&self) -> bool {
+        !self.removed && self.rec.conn.status == Status::Active
+    }
+}
+
 /// How connections are found: callers name them by id or by label.
 #[derive(Default)]
 struct Index {
@@ -284,6 +291,115 @@ struct Index {
     by_id: HashMap<String, Arc<Slot>>,
     /// Label to id: labels are unique in the ledger, and the API accepts either.
     by_label: HashMap<String, String>,
+}
+
+/// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),
+/// not a scan of every connection.
+///
+/// Kept exact: a connection is filed under the keys of its sites exactly while it is
+/// installed, not removed and `Active` ([`Engine::install`], [`Engine::uninstall`],
+/// [`Engine::adopt`] for status, [`Engine::set_sites`] for sites: the only writers of a
+/// slot's status and sites). The simulation checks it against [`SiteIndex::recount`] after
+/// every step. Cloud ids and hosts are kept apart, as the lookup always compared them.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub(crate) struct SiteIndex {
+    /// Lowercased cloud id to the ids of the active connections listing it.
+    by_cloud_id: HashMap<String, HashSet<String>>,
+    /// Lowercased site host (`acme.atlassian.net`) to the same.
+    by_host: HashMap<String, HashSet<String>>,
+}
+
+/// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL
+/// parses) before the index's lock is taken.
+pub(crate) struct SiteKeys {
+    /// Every site's cloud id, lowercased.
+    cloud_ids: Vec<String>,
+    /// Every site's host, lowercased (sites whose URL has none are not reachable by host).
+    hosts: Vec<String>,
+}
+
+impl SiteKeys {
+    /// The keys of `sites`.
+    pub(crate) fn of(sites: &[Site]) -> SiteKeys {
+        SiteKeys {
+            cloud_ids: sites
+                .iter()
+                .map(|s| s.cloud_id.to_ascii_lowercase())
+                .collect(),
+            hosts: sites.iter().filter_map(Site::host).collect(),
+        }
+    }
+}
+
+impl SiteIndex {
+    /// Files connection `id` under `keys` (a key listed twice is filed once).
+    fn file(&mut self, id: &str, keys: &SiteKeys) {
+        for key in &keys.cloud_ids {
+            file_one(&mut self.by_cloud_id, key, id);
+        }
+        for key in &keys.hosts {
+            file_one(&mut self.by_host, key, id);
+        }
+    }
+
+    /// Takes connection `id` out from under `keys`, dropping keys nobody reaches any more.
+    fn unfile(&mut self, id: &str, keys: &SiteKeys) {
+        for key in &keys.cloud_ids {
+            unfile_one(&mut self.by_cloud_id, key, id);
+        }
+        for key in &keys.hosts {
+            unfile_one(&mut self.by_host, key, id);
+        }
+    }
+
+    /// The ids filed under cloud id `cloud_id` or host `host` (both already normalised),
+    /// sorted, each once.
+    pub(crate) fn lookup(&self, cloud_id: &str, host: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .by_cloud_id
+            .get(cloud_id)
+            .into_iter()
+            .chain(self.by_host.get(host))
+            .flatten()
+            .cloned()
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The index built from scratch over `slots`: what the kept one must always equal.
+    #[cfg(test)]
+    pub(crate) fn recount(slots: &[Arc<Slot>]) -> SiteIndex {
+        let mut index = SiteIndex::default();
+        for slot in slots {
+            let st = slot.lock();
+            if st.filed() {
+                index.file(&st.rec.conn.id, &SiteKeys::of(&st.rec.conn.sites));
+            }
+        }
+        index
+    }
+}
+
+fn file_one(map: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
+    match map.get_mut(key) {
+        Some(ids) => {
+            ids.insert(id.to_owned());
+        }
+        None => {
+            map.insert(key.to_owned(), HashSet::from([id.to_owned()]));
+        }
+    }
+}
+
+fn unfile_one(map: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
+    if let Some(ids) = map.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            map.remove(key);
+        }
+    }
 }
 
 /// The refresh engine. Shared behind an `Arc`.
@@ -303,6 +419,9 @@ pub struct Engine {
     /// Every connection in memory, by id and label: the token path reads it on every request,
     /// so a read lock; only install, uninstall and relabel write.
     index: RwLock<Index>,
+    /// Which active connections reach each site (`/v1/token?site=`). Its own lock, taken
+    /// last (after `index` and a slot's): a status changes under the slot's lock alone.
+    sites: Mutex<SiteIndex>,
     /// `refresh.max_concurrent` as a priority gate: bounds provider calls across chains, and
     /// lets the most urgent attempt go first.
     permits: permits::Permits,
@@ -326,6 +445,9 @@ pub struct Engine {
     authorizations: Mutex<HashMap<String, Instant>>,
     /// Every task the engine started (attempts, onboarding, resolutions).
     tasks: flight::Tasks,
+    /// The `?site=` miss re-resolution sweep: one at a time, rate-limited
+    /// ([`sites::SITE_SWEEP_GAP`]), so a stream of misses never costs a scan each.
+    site_sweep: Mutex<sites::SiteSweep>,
     /// How many slots hold a change the store has not committed: health and readiness read
     /// it on every probe, so it is kept, not counted over every connection.
     held: AtomicUsize,
@@ -361,6 +483,7 @@ impl Engine {
             permits: permits::Permits::new(settings.max_concurrent),
             settings: RwLock::new(settings),
             index: RwLock::new(Index::default()),
+            sites: Mutex::new(SiteIndex::default()),
             plan: plan::Planner::new(),
             notifier: RwLock::new(notifier),
             metrics,
@@ -368,6 +491,7 @@ impl Engine {
             onboarding: tokio::sync::Mutex::new(()),
             authorizations: Mutex::new(HashMap::new()),
             tasks: flight::Tasks::default(),
+            site_sweep: Mutex::new(sites::SiteSweep::default()),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             holder: RwLock::new(format!(
@@ -454,6 +578,7 @@ impl Engine {
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
+        let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState {
@@ -479,13 +604,17 @@ impl Engine {
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(old) = index.by_id.insert(id, slot.clone()) {
-            // Never happens (ids are new, or were uninstalled first); keep the count right.
+        if let Some(old) = index.by_id.insert(id.clone(), slot.clone()) {
+            // Never happens (ids are new, or were uninstalled first); keep the counts right.
             let mut old = old.lock();
-            if !old.removed && old.rec.conn.status == Status::Active {
+            if old.filed() {
                 self.one_fewer_active();
+                self.unfile_sites(&old);
             }
             old.removed = true;
+        }
+        if let Some(keys) = keys {
+            self.sites.lock().file(&id, &keys);
         }
         slot
     }
@@ -494,8 +623,9 @@ impl Engine {
         let mut index = self.index.write();
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
-            if !st.removed && st.rec.conn.status == Status::Active {
+            if st.filed() {
                 self.one_fewer_active();
+                self.unfile_sites(&st);
             }
             st.removed = true;
             self.set_held(&mut st, None);
@@ -526,7 +656,8 @@ impl Engine {
     }
 
     /// Takes `from`'s chain and status into a slot (`Record::adopt_chain`), keeping
-    /// [`Engine::status_counts`]'s count: the only way a slot's status changes.
+    /// [`Engine::status_counts`]'s count and the [`SiteIndex`]: the only way a slot's status
+    /// changes.
     pub(crate) fn adopt(&self, st: &mut SlotState, from: &Record) {
         let was = st.rec.conn.status == Status::Active;
         st.rec.adopt_chain(from);
@@ -534,11 +665,34 @@ impl Engine {
         if st.removed || was == is {
             return;
         }
+        let keys = SiteKeys::of(&st.rec.conn.sites);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
+            self.sites.lock().file(&st.rec.conn.id, &keys);
         } else {
             self.one_fewer_active();
+            self.sites.lock().unfile(&st.rec.conn.id, &keys);
         }
+    }
+
+    /// Replaces a slot's sites, keeping the [`SiteIndex`]: the only way a slot's sites
+    /// change after it is installed.
+    pub(crate) fn set_sites(&self, st: &mut SlotState, sites: Vec<Site>) {
+        if !st.filed() {
+            st.rec.conn.sites = sites;
+            return;
+        }
+        let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
+        st.rec.conn.sites = sites;
+        let mut index = self.sites.lock();
+        index.unfile(&st.rec.conn.id, &old);
+        index.file(&st.rec.conn.id, &new);
+    }
+
+    /// Takes a slot that is leaving the [`SiteIndex`] out of it.
+    fn unfile_sites(&self, st: &SlotState) {
+        let keys = SiteKeys::of(&st.rec.conn.sites);
+        self.sites.lock().unfile(&st.rec.conn.id, &keys);
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
@@ -1002,6 +1156,102 @@ mod tests {
         assert!(
             st.stale,
             "memory may be behind the store: reload before the next attempt"
+        );
+    }
+
+    fn site(cloud_id: &str, url: &str) -> Site {
+        Site {
+            cloud_id: cloud_id.into(),
+            url: url.into(),
+            name: "site".into(),
+            scopes: vec!["read:page:confluence".into()],
+            last_seen_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The site index answers what a scan over every connection would, after each kind of
+    /// change: install, site change, status change both ways, removal.
+    #[tokio::test]
+    async fn the_site_index_follows_installs_sites_statuses_and_removals() {
+        let (engine, _dir) = engine_with(2, 1).await;
+        let check = |what: &str| {
+            engine
+                .site_index_matches_recount()
+                .unwrap_or_else(|m| panic!("after {what}: {m}"));
+        };
+        check("load");
+        assert!(engine.connections_for_site("acme.atlassian.net").is_empty());
+
+        let now = chrono::Utc::now();
+        let mut rec = crate::model::sample_record("c-new", "new", "rt-new", now);
+        rec.conn.sites = vec![
+            site("Cloud-A", "https://Acme.atlassian.net"),
+            site("cloud-b", "https://beta.atlassian.net/"),
+        ];
+        engine.install(rec, None);
+        check("install");
+        for query in [
+            "acme.atlassian.net",
+            "ACME.atlassian.net",
+            "https://acme.atlassian.net/",
+            "cloud-a",
+            " CLOUD-A ",
+        ] {
+            assert_eq!(engine.connections_for_site(query), ["c-new"], "{query}");
+        }
+
+        let slot = engine.find("c-new").unwrap();
+        engine.set_sites(
+            &mut slot.lock(),
+            vec![site("cloud-b", "https://beta.atlassian.net")],
+        );
+        check("a site change");
+        assert!(engine.connections_for_site("acme.atlassian.net").is_empty());
+        assert!(engine.connections_for_site("cloud-a").is_empty());
+        assert_eq!(engine.connections_for_site("beta.atlassian.net"), ["c-new"]);
+
+        // A second connection reaching the same site: both are found, sorted.
+        let other = engine.find("c000000000000").unwrap();
+        engine.set_sites(
+            &mut other.lock(),
+            vec![site("cloud-b", "https://beta.atlassian.net")],
+        );
+        check("a second connection's sites");
+        assert_eq!(
+            engine.connections_for_site("cloud-b"),
+            ["c-new", "c000000000000"]
+        );
+
+        let mut rejected = slot.lock().rec.clone();
+        rejected.conn.status = Status::NeedsReauth;
+        engine.adopt(&mut slot.lock(), &rejected);
+        check("a status change to needs_reauth");
+        assert_eq!(engine.connections_for_site("cloud-b"), ["c000000000000"]);
+        // Sites change while not active: filed again, with them, when active again.
+        engine.set_sites(
+            &mut slot.lock(),
+            vec![site("cloud-c", "https://gamma.atlassian.net")],
+        );
+        check("a site change while needs_reauth");
+        assert!(engine.connections_for_site("cloud-c").is_empty());
+        let mut revived = slot.lock().rec.clone();
+        revived.conn.status = Status::Active;
+        engine.adopt(&mut slot.lock(), &revived);
+        check("a status change back to active");
+        assert_eq!(
+            engine.connections_for_site("gamma.atlassian.net"),
+            ["c-new"]
+        );
+
+        engine.uninstall("c-new");
+        check("a removal");
+        assert!(engine.connections_for_site("cloud-c").is_empty());
+        engine.uninstall("c000000000000");
+        check("the last removal");
+        assert_eq!(
+            *engine.sites.lock(),
+            SiteIndex::default(),
+            "no key left behind"
         );
     }
 

@@ -100,28 +100,27 @@ impl Engine {
         (active, slots.len() - active)
     }
 
-    /// The ids of active connections that reach a site (by host or cloud id).
+    /// The ids of active connections that reach a site (by host or cloud id), sorted.
+    /// O(matches): the query is normalised before any lock, then looked up in the
+    /// [`super::SiteIndex`].
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
-        let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
-        let wanted_host = url::Url::parse(&wanted)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_else(|| wanted.clone());
-        let index = self.index.read();
-        index
-            .by_id
-            .iter()
-            .filter(|(_, slot)| {
-                let st = slot.lock();
-                !st.removed
-                    && st.rec.conn.status == Status::Active
-                    && st.rec.conn.sites.iter().any(|s| {
-                        s.cloud_id.eq_ignore_ascii_case(&wanted)
-                            || s.host().as_deref() == Some(wanted_host.as_str())
-                    })
-            })
-            .map(|(id, _)| id.clone())
-            .collect()
+        let (cloud_id, host) = site_query(site);
+        self.sites.lock().lookup(&cloud_id, &host)
+    }
+
+    /// The site index built again over every connection: what the kept one must equal
+    /// (unit tests and the simulation check it).
+    #[cfg(test)]
+    pub(crate) fn site_index_matches_recount(&self) -> Result<(), String> {
+        let recount = super::SiteIndex::recount(&self.slots());
+        let kept = self.sites.lock();
+        if *kept == recount {
+            Ok(())
+        } else {
+            Err(format!(
+                "the site index is {kept:?} but a recount gives {recount:?}"
+            ))
+        }
     }
 
     /// Warns about every active connection whose absolute (consent) expiry is within
@@ -156,6 +155,17 @@ impl Engine {
         }
         warned
     }
+}
+
+/// A `?site=` query's keys: `(cloud id, host)`, lowercased; the host is the URL's when the
+/// query is a URL, else the query itself (a bare host or a cloud id).
+fn site_query(site: &str) -> (String, String) {
+    let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
+    let host = url::Url::parse(&wanted)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| wanted.clone());
+    (wanted, host)
 }
 
 /// What `/metrics` shows of the connections, read when it is scraped.
