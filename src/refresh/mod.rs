@@ -43,7 +43,7 @@ use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -53,6 +53,7 @@ use flight::Joined;
 
 pub use sites::SiteOutcome;
 pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint, TokioClock};
+pub use view::Page;
 
 /// How long a `state` handed out by `POST /v1/authorizations` stays valid. The consent screen
 /// plus Atlassian's 10-minute code lifetime fit inside it.
@@ -289,8 +290,10 @@ struct Index {
     /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
     /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
     by_id: HashMap<String, Arc<Slot>>,
-    /// Label to id: labels are unique in the ledger, and the API accepts either.
-    by_label: HashMap<String, String>,
+    /// Label to id: labels are unique in the ledger, and the API accepts either. Ordered,
+    /// so that listings come in label order without sorting every connection each call,
+    /// and a page (`?after=LABEL`) starts with a range lookup.
+    by_label: BTreeMap<String, String>,
 }
 
 /// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),

@@ -9,6 +9,15 @@ use crate::notify::Kind;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// One page of a listing ([`Engine::list_page`]).
+#[derive(Debug)]
+pub struct Page {
+    /// The connections, in label order.
+    pub items: Vec<ConnectionInfo>,
+    /// The label to continue after, when more connections follow.
+    pub next: Option<String>,
+}
+
 impl Engine {
     /// Whether some chain holds a rotated token its commit is still waiting for.
     pub fn commit_pending(&self) -> usize {
@@ -49,13 +58,38 @@ impl Engine {
 
     /// Every connection, sorted by label.
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        let mut out: Vec<ConnectionInfo> = self
-            .slots()
+        self.list_page(None, None).items
+    }
+
+    /// Connections in label order with labels after `after` (exclusive; all when `None`),
+    /// at most `limit` of them (all when `None`). Reads the label-ordered index: a page costs
+    /// O(log n + limit), never a sort of every connection.
+    pub fn list_page(&self, after: Option<&str>, limit: Option<usize>) -> Page {
+        use std::ops::Bound;
+        let limit = limit.unwrap_or(usize::MAX);
+        let (slots, next) = {
+            let index = self.index.read();
+            let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let mut range = index
+                .by_label
+                .range::<str, _>((start, Bound::Unbounded))
+                .filter_map(|(label, id)| Some((label, index.by_id.get(id)?.clone())));
+            let slots: Vec<_> = range.by_ref().take(limit).collect();
+            let more = range.next().is_some();
+            let next = more
+                .then(|| slots.last().map(|(label, _)| (*label).clone()))
+                .flatten();
+            let slots: Vec<_> = slots.into_iter().map(|(_, slot)| slot).collect();
+            (slots, next)
+        };
+        let items = slots
             .iter()
-            .map(|s| self.info_of(&s.lock()))
+            .filter_map(|slot| {
+                let st = slot.lock();
+                (!st.removed).then(|| self.info_of(&st))
+            })
             .collect();
-        out.sort_by(|a, b| a.conn.label.cmp(&b.conn.label));
-        out
+        Page { items, next }
     }
 
     /// One connection by id or label.
