@@ -224,8 +224,9 @@ pub(crate) struct SlotState {
     /// What the store has committed (plus the in-memory-only failure counters). Only
     /// [`attempt`] and [`onboard`] replace its chain, and only after a commit returned.
     rec: Record,
-    /// A committed-elsewhere-pending change: see [`Held`].
-    held: Option<Held>,
+    /// A committed-elsewhere-pending change: see [`Held`]. Boxed: rare, and a whole record
+    /// inline would double every connection's resident size.
+    held: Option<Box<Held>>,
     /// No provider call before this instant (backoff or `Retry-After`).
     not_before: Option<Instant>,
     /// The provider itself asked for this wait (`Retry-After`): even a forced refresh
@@ -307,9 +308,33 @@ struct Index {
 #[derive(Default, Debug, PartialEq, Eq)]
 pub(crate) struct SiteIndex {
     /// Lowercased cloud id to the ids of the active connections listing it.
-    by_cloud_id: HashMap<String, HashSet<String>>,
+    by_cloud_id: KeyMap,
     /// Lowercased site host (`acme.atlassian.net`) to the same.
-    by_host: HashMap<String, HashSet<String>>,
+    by_host: KeyMap,
+}
+
+/// One of the [`SiteIndex`]'s maps.
+type KeyMap = HashMap<Box<str>, Ids>;
+
+/// The ids filed under one key: nearly always one connection, kept without a set of its
+/// own (a set per key was most of the index's memory). Canonical, so that two indexes
+/// holding the same ids compare equal: `One` for one id, `Many` for two or more.
+#[derive(Debug, PartialEq, Eq)]
+enum Ids {
+    /// The only connection reaching the site.
+    One(Box<str>),
+    /// Several connections reach it (two or more).
+    Many(HashSet<Box<str>>),
+}
+
+impl Ids {
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let (one, many) = match self {
+            Ids::One(id) => (Some(&**id), None),
+            Ids::Many(ids) => (None, Some(ids.iter().map(|id| &**id))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
 }
 
 /// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL
@@ -363,8 +388,8 @@ impl SiteIndex {
             .get(cloud_id)
             .into_iter()
             .chain(self.by_host.get(host))
-            .flatten()
-            .cloned()
+            .flat_map(Ids::iter)
+            .map(str::to_owned)
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -385,23 +410,40 @@ impl SiteIndex {
     }
 }
 
-fn file_one(map: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
+fn file_one(map: &mut KeyMap, key: &str, id: &str) {
     match map.get_mut(key) {
-        Some(ids) => {
-            ids.insert(id.to_owned());
-        }
         None => {
-            map.insert(key.to_owned(), HashSet::from([id.to_owned()]));
+            map.insert(key.into(), Ids::One(id.into()));
+        }
+        Some(Ids::One(have)) if &**have == id => {}
+        Some(ids @ Ids::One(_)) => {
+            let Ids::One(have) = std::mem::replace(ids, Ids::Many(HashSet::new())) else {
+                unreachable!("matched One")
+            };
+            *ids = Ids::Many(HashSet::from([have, id.into()]));
+        }
+        Some(Ids::Many(set)) => {
+            set.insert(id.into());
         }
     }
 }
 
-fn unfile_one(map: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
-    if let Some(ids) = map.get_mut(key) {
-        ids.remove(id);
-        if ids.is_empty() {
+fn unfile_one(map: &mut KeyMap, key: &str, id: &str) {
+    match map.get_mut(key) {
+        Some(Ids::One(have)) if &**have == id => {
             map.remove(key);
         }
+        Some(ids @ Ids::Many(_)) => {
+            let Ids::Many(set) = ids else {
+                unreachable!("matched Many")
+            };
+            set.remove(id);
+            if set.len() == 1 {
+                let only = set.drain().next().expect("one left");
+                *ids = Ids::One(only);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -586,7 +628,7 @@ impl Engine {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(SlotState {
                 rec,
-                held,
+                held: held.map(Box::new),
                 not_before: None,
                 provider_asked: false,
                 claim_wait: false,
@@ -709,7 +751,7 @@ impl Engine {
             }
             _ => {}
         }
-        std::mem::replace(&mut st.held, held)
+        std::mem::replace(&mut st.held, held.map(Box::new)).map(|b| *b)
     }
 
     /// A connection's label changed (a held insert committed under a generated label).

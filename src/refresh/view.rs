@@ -162,29 +162,41 @@ impl Engine {
     pub fn warn_absolute_expiry(&self) -> usize {
         let window = chrono_dur(ABSOLUTE_WARNING_WINDOW);
         let now = self.now();
+        let Some(absolute) = self.settings().absolute_expiry.map(chrono_dur) else {
+            return 0;
+        };
         let mut warned = 0;
-        for info in self.list() {
-            let Some(deadline) = info.absolute_expires_at else {
-                continue;
-            };
-            if info.conn.status != Status::Active || deadline - now > window {
-                continue;
-            }
+        // Decided under each slot's lock; only a connection warned about is copied (this
+        // runs at start and daily: a copy of every connection would be its whole cost).
+        let mut due: Vec<_> = self
+            .slots()
+            .into_iter()
+            .filter_map(|slot| {
+                let st = slot.lock();
+                let conn = &st.rec.conn;
+                let deadline = conn.consented_at + absolute;
+                (!st.removed && conn.status == Status::Active && deadline - now <= window)
+                    .then(|| (conn.clone(), deadline))
+            })
+            .collect();
+        // In label order, as the listing shows them.
+        due.sort_by(|a, b| a.0.label.cmp(&b.0.label));
+        for (conn, deadline) in due {
             let days = (deadline - now).num_hours() as f64 / 24.0;
             let at = deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let message = if deadline <= now {
                 format!(
                     "consent for {} reached its absolute expiry on {at}; a person must consent again (tokend connect)",
-                    info.conn.label
+                    conn.label
                 )
             } else {
                 format!(
                     "consent for {} expires in {days:.1} days ({at}); a person must consent again before then (tokend connect)",
-                    info.conn.label
+                    conn.label
                 )
             };
-            tracing::warn!(connection = %info.conn.id, "{message}");
-            self.notify(Kind::AbsoluteExpirySoon, &info.conn, &message);
+            tracing::warn!(connection = %conn.id, "{message}");
+            self.notify(Kind::AbsoluteExpirySoon, &conn, &message);
             warned += 1;
         }
         warned
