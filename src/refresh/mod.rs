@@ -1300,6 +1300,42 @@ mod tests {
         );
     }
 
+    /// A stream of `?site=` misses costs one look over the connections per
+    /// `SITE_SWEEP_GAP`, not one per miss: the access check each look asks of every
+    /// connection is asked once for the first miss, not at all for the next ones within the
+    /// gap, and again after it.
+    #[tokio::test(start_paused = true)]
+    async fn site_misses_sweep_the_connections_at_most_once_per_gap() {
+        let (engine, _dir) = engine_with(3, 1).await;
+        let asked = AtomicUsize::new(0);
+        let may_read = |_: &str, _: &str| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            true
+        };
+        let wait = Duration::from_secs(1);
+        engine.site_miss(may_read, wait).await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            3,
+            "the first miss looks at each"
+        );
+        for _ in 0..10 {
+            engine.site_miss(may_read, wait).await;
+        }
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            3,
+            "misses within the gap do not"
+        );
+        tokio::time::advance(sites::SITE_SWEEP_GAP).await;
+        engine.site_miss(may_read, wait).await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            6,
+            "one after the gap looks again"
+        );
+    }
+
     #[tokio::test]
     async fn the_scheduler_beats_while_every_permit_is_taken() {
         let (engine, _dir) = engine_with(3, 1).await;
