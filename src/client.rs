@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
+use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, LINK, RETRY_AFTER, USER_AGENT};
 use hyper::{HeaderMap, Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -120,6 +120,25 @@ impl ApiResponse {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// The path of the next page of a paged listing: the target of a
+    /// `Link: <PATH>; rel="next"` header, when it is a path on this socket (starts with `/`).
+    pub fn next_link(&self) -> Option<String> {
+        self.headers
+            .get_all(LINK)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|link| {
+                let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+                let next = params.split(';').any(|p| {
+                    p.trim()
+                        .strip_prefix("rel=")
+                        .is_some_and(|rel| rel.trim_matches('"') == "next")
+                });
+                (next && target.starts_with('/')).then(|| target.to_owned())
+            })
     }
 
     /// `Ok(self)` for a 2xx status, else the error body turned into [`ClientError::Api`].

@@ -24,6 +24,12 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 /// 365-day consent lifetime, so a chain's whole life stays explainable.
 pub const EVENT_RETENTION: Duration = Duration::from_secs(400 * 86_400);
 
+/// `maintenance` keeps at most this many events per connection, the newest: ten times the
+/// events route's largest page. Years of a quiet connection's lifecycle, about a week of one
+/// client reading a hot connection every minute (reads fold per uid and minute); what
+/// bounds the table at `EVENTS_PER_CONNECTION` rows per connection whatever the read rate.
+pub const EVENTS_PER_CONNECTION: usize = 10_000;
+
 /// How often the watch compares each job's last success with its period.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -325,7 +331,7 @@ pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &AnyLedger) ->
         JobKind::Maintenance => {
             let before = Utc::now()
                 - chrono::Duration::from_std(EVENT_RETENTION).unwrap_or(chrono::Duration::MAX);
-            match ledger.maintain(before).await {
+            match ledger.maintain(before, EVENTS_PER_CONNECTION).await {
                 Ok(pruned) => {
                     tracing::info!(pruned_events = pruned, "maintenance ran");
                     true

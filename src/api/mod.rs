@@ -663,14 +663,125 @@ async fn health(State(state): State<Shared>) -> Response {
     ok_json(code, body)
 }
 
-async fn list(State(state): State<Shared>) -> Response {
-    let engine = &state.engine;
-    let all: Vec<wire::Connection> = engine
-        .list()
+/// The most connections one page of `GET /v1/connections?limit=` may ask for.
+pub const CONNECTIONS_MAX_LIMIT: usize = 1000;
+
+/// An unpaged `GET /v1/connections` is serialized and sent this many connections at a time,
+/// so that the daemon never holds the whole JSON (100 MB at 100,000 connections).
+const LIST_CHUNK: usize = 256;
+
+/// `GET /v1/connections[?limit=N][&after=LABEL]`: every connection in label order, as
+/// always, or one page of at most `limit` after the label `after` (exclusive). A page with
+/// more behind it carries `Link: </v1/connections?limit=N&after=LAST>; rel="next"`: the body
+/// stays the `[Connection]` array INTERFACE.md fixes.
+async fn list(State(state): State<Shared>, RawQuery(query): RawQuery) -> ApiResult {
+    let (mut limit, mut after) = (None, None);
+    for_each_param(query, |k, v| {
+        match k {
+            "limit" => {
+                limit = Some(
+                    v.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=CONNECTIONS_MAX_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!("limit is 1 to {CONNECTIONS_MAX_LIMIT}"))
+                        })?,
+                );
+            }
+            "after" => {
+                if v.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "after is the label of the last connection of the previous page",
+                    ));
+                }
+                after = Some(v.into_owned());
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    let engine = state.engine.clone();
+    let Some(limit) = limit else {
+        return Ok(list_streamed(engine, after));
+    };
+    let page = engine.list_page(after.as_deref(), Some(limit));
+    let body: Vec<wire::Connection> = page
+        .items
         .iter()
-        .map(|c| connection_wire(engine, c))
+        .map(|c| connection_wire(&engine, c))
         .collect();
-    ok_json(StatusCode::OK, all)
+    let mut resp = ok_json(StatusCode::OK, body);
+    if let Some(last) = page.next {
+        let after: String = url::form_urlencoded::byte_serialize(last.as_bytes()).collect();
+        let link = format!("</v1/connections?limit={limit}&after={after}>; rel=\"next\"");
+        // Percent-encoded: always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(resp)
+}
+
+/// Every connection after `after` as one JSON array, serialized [`LIST_CHUNK`] connections
+/// at a time as the body is sent. Each chunk is read from the label-ordered index where the
+/// last one ended: a connection added, removed or relabelled meanwhile may or may not be
+/// in the answer, as with pages.
+fn list_streamed(engine: Arc<Engine>, after: Option<String>) -> Response {
+    /// Where the answer is: the label to continue after, whether the array was opened and
+    /// whether an element was written.
+    struct At {
+        after: Option<String>,
+        opened: bool,
+        wrote: bool,
+    }
+    let start = At {
+        after,
+        opened: false,
+        wrote: false,
+    };
+    let chunks = futures_util::stream::unfold(Some(start), move |at| {
+        let engine = engine.clone();
+        async move {
+            let At {
+                after,
+                opened,
+                mut wrote,
+            } = at?;
+            let page = engine.list_page(after.as_deref(), Some(LIST_CHUNK));
+            let mut buf = Vec::with_capacity(page.items.len() * 1024 + 2);
+            if !opened {
+                buf.push(b'[');
+            }
+            for info in &page.items {
+                if wrote {
+                    buf.push(b',');
+                }
+                if let Err(e) = serde_json::to_writer(&mut buf, &connection_wire(&engine, info)) {
+                    return Some((Err(std::io::Error::other(e)), None));
+                }
+                wrote = true;
+            }
+            let rest = match page.next {
+                Some(next) => Some(At {
+                    after: Some(next),
+                    opened: true,
+                    wrote,
+                }),
+                None => {
+                    buf.push(b']');
+                    None
+                }
+            };
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), rest))
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(chunks));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 async fn show(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {

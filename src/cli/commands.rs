@@ -8,7 +8,8 @@ use hyper::Method;
 use serde_json::Value;
 
 use super::output::{
-    added_summary, emit, format_events, format_show, format_table, pretty, refreshed_summary,
+    added_summary, emit, format_events, format_show, pretty, pretty_element, refreshed_summary,
+    render_table, table_row,
 };
 use super::{Failure, MAX_STDIN_BYTES};
 use crate::client::{Client, ClientError, encode_component, json_body};
@@ -18,6 +19,11 @@ use crate::wire::{Connection, Event, NewConnection, Token};
 
 /// The most events `tokend events` asks for (the API's own maximum).
 const EVENTS_LIMIT: usize = 1000;
+
+/// How many connections `tokend list` asks for per page (the API's own maximum): it follows
+/// the pages' `Link: rel="next"`, so its memory is a page (plus the table's cells), never
+/// every connection's JSON at once.
+const LIST_PAGE: usize = 1000;
 
 /// A command that talks to the running daemon (every command but `run` and `check-config`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +75,40 @@ pub enum ClientCommand {
     },
 }
 
+/// `tokend list`: every connection, page by page. `--json` prints the same array as a
+/// single answer would be printed, element by element as the pages come.
+async fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), Failure> {
+    let mut path = format!("/v1/connections?limit={LIST_PAGE}");
+    let mut rows = Vec::new();
+    let mut wrote = false;
+    loop {
+        let resp = client.request(Method::GET, &path, None).await?;
+        let next = resp.next_link();
+        if json {
+            let page: Vec<Value> = resp.json()?;
+            let mut text = String::new();
+            for conn in &page {
+                text.push_str(if wrote { ",\n  " } else { "[\n  " });
+                text.push_str(&pretty_element(conn));
+                wrote = true;
+            }
+            emit(out, &text)?;
+        } else {
+            let page: Vec<Connection> = resp.json()?;
+            rows.extend(page.iter().map(table_row));
+        }
+        match next {
+            // A daemon that does not page answers everything at once, without a link.
+            Some(next) if next != path => path = next,
+            _ => break,
+        }
+    }
+    if json {
+        return emit(out, if wrote { "\n]\n" } else { "[]\n" });
+    }
+    emit(out, &render_table(rows))
+}
+
 /// Whose token `tokend token` prints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenTarget {
@@ -104,14 +144,7 @@ pub async fn client_command(
             };
             add_connection(client, &body, "imported", out).await
         }
-        ClientCommand::List { json } => {
-            let resp = client.request(Method::GET, "/v1/connections", None).await?;
-            if json {
-                return emit(out, &format!("{}\n", pretty(&resp.json::<Value>()?)));
-            }
-            let conns: Vec<Connection> = resp.json()?;
-            emit(out, &format_table(&conns))
-        }
+        ClientCommand::List { json } => list(client, json, out).await,
         ClientCommand::Show { id, json } => {
             let path = format!("/v1/connections/{}", encode_component(&id));
             let resp = client.request(Method::GET, &path, None).await?;
@@ -243,10 +276,34 @@ mod tests {
 
     type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
 
+    /// A fake daemon's route: method, path (with query), status, headers, body.
+    type Route = (
+        &'static str,
+        &'static str,
+        u16,
+        Vec<(&'static str, String)>,
+        Value,
+    );
+
     /// A fake daemon answering `(method, path) -> (status, retry_after, body)`.
     async fn fake_daemon(
         routes: Vec<(&'static str, &'static str, u16, Option<u64>, Value)>,
     ) -> (tempfile::TempDir, Client, Seen) {
+        let routes = routes
+            .into_iter()
+            .map(|(m, p, s, retry, body)| {
+                let headers = retry
+                    .map(|secs| ("retry-after", secs.to_string()))
+                    .into_iter()
+                    .collect();
+                (m, p, s, headers, body)
+            })
+            .collect();
+        fake_daemon_with_headers(routes).await
+    }
+
+    /// A fake daemon answering `(method, path) -> (status, headers, body)`.
+    async fn fake_daemon_with_headers(routes: Vec<Route>) -> (tempfile::TempDir, Client, Seen) {
         use http_body_util::{BodyExt, Full};
         use hyper::body::{Bytes, Incoming};
         use hyper::{Request, Response};
@@ -270,17 +327,17 @@ mod tests {
                         let body = String::from_utf8_lossy(&body).to_string();
                         seen.lock().push((method.clone(), path.clone(), body));
                         let route = routes.iter().find(|r| r.0 == method && r.1 == path);
-                        let (status, retry, json) = match route {
-                            Some((_, _, s, r, j)) => (*s, *r, j.to_string()),
+                        let (status, headers, json) = match route {
+                            Some((_, _, s, h, j)) => (*s, h.clone(), j.to_string()),
                             None => (
                                 404,
-                                None,
+                                Vec::new(),
                                 r#"{"error":{"code":"not_found","message":"no route"}}"#.into(),
                             ),
                         };
                         let mut resp = Response::builder().status(status);
-                        if let Some(secs) = retry {
-                            resp = resp.header("retry-after", secs);
+                        for (name, value) in headers {
+                            resp = resp.header(name, value);
                         }
                         let body = if status == 204 { String::new() } else { json };
                         Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(body))).unwrap())
@@ -359,7 +416,7 @@ mod tests {
         let (_dir, client, seen) = fake_daemon(vec![
             (
                 "GET",
-                "/v1/connections",
+                "/v1/connections?limit=1000",
                 200,
                 None,
                 json!([sample_connection()]),
@@ -420,5 +477,77 @@ mod tests {
         assert_eq!(failure.message, "not_found: no route");
         let methods: Vec<String> = seen.lock().iter().map(|s| s.0.clone()).collect();
         assert_eq!(methods, ["GET", "GET", "GET", "POST", "DELETE", "DELETE"]);
+    }
+
+    /// `tokend list` follows `Link: rel="next"` through every page, and `--json` prints
+    /// exactly what one unpaged answer would have printed.
+    #[tokio::test]
+    async fn list_follows_the_pages() {
+        let mut second = sample_connection();
+        second["id"] = json!("c_02");
+        second["label"] = json!("jira prod");
+        second["extra"] = json!({"a newer daemon's": ["field"]});
+        let next = |after: &str| {
+            vec![(
+                "link",
+                format!("</v1/connections?limit=1000&after={after}>; rel=\"next\""),
+            )]
+        };
+        let (_dir, client, seen) = fake_daemon_with_headers(vec![
+            (
+                "GET",
+                "/v1/connections?limit=1000",
+                200,
+                next("confluence-prod"),
+                json!([sample_connection()]),
+            ),
+            (
+                "GET",
+                "/v1/connections?limit=1000&after=confluence-prod",
+                200,
+                next("jira+prod"),
+                json!([second.clone()]),
+            ),
+            (
+                "GET",
+                "/v1/connections?limit=1000&after=jira+prod",
+                200,
+                Vec::new(),
+                json!([]),
+            ),
+        ])
+        .await;
+        let listed = output(ClientCommand::List { json: true }, &client)
+            .await
+            .unwrap();
+        let whole = json!([sample_connection(), second]);
+        assert_eq!(listed, format!("{}\n", pretty(&whole)));
+        let table = output(ClientCommand::List { json: false }, &client)
+            .await
+            .unwrap();
+        assert_eq!(table.lines().count(), 3, "a header and two rows: {table}");
+        assert!(table.contains("c_02"), "{table}");
+        assert_eq!(seen.lock().len(), 6, "three pages, twice");
+    }
+
+    /// An empty listing prints what it always printed.
+    #[tokio::test]
+    async fn an_empty_list_prints_an_empty_array() {
+        let (_dir, client, _seen) = fake_daemon(vec![(
+            "GET",
+            "/v1/connections?limit=1000",
+            200,
+            None,
+            json!([]),
+        )])
+        .await;
+        let listed = output(ClientCommand::List { json: true }, &client)
+            .await
+            .unwrap();
+        assert_eq!(listed, "[]\n");
+        let table = output(ClientCommand::List { json: false }, &client)
+            .await
+            .unwrap();
+        assert_eq!(table, "no connections\n");
     }
 }

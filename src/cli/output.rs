@@ -22,6 +22,13 @@ pub(super) fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 
+/// One element of a `--json` array, pretty-printed as [`pretty`] prints it inside the array:
+/// `tokend list --json` writes its pages element by element, and the whole is what
+/// `pretty` of the whole array would print.
+pub(super) fn pretty_element(value: &Value) -> String {
+    pretty(value).replace('\n', "\n  ")
+}
+
 /// `tokend events`: one line per event, newest first.
 pub(super) fn format_events(events: &[Event]) -> String {
     let mut s = String::new();
@@ -98,8 +105,29 @@ pub(super) fn refreshed_summary(conn: &Connection) -> String {
 }
 
 /// `list`'s table: columns padded to their widest cell, two spaces apart, no trailing blanks.
+#[cfg(test)]
 pub(super) fn format_table(conns: &[Connection]) -> String {
-    if conns.is_empty() {
+    render_table(conns.iter().map(table_row).collect())
+}
+
+/// One connection's cells in `list`'s table: what `tokend list` keeps of each page, so
+/// that its memory holds a few short strings per connection, not every connection's JSON.
+pub(super) fn table_row(c: &Connection) -> Vec<String> {
+    let hosts = site_hosts(&c.sites).join(",");
+    vec![
+        c.id.clone(),
+        or_dash(&c.label).to_string(),
+        c.status.to_string(),
+        c.account_id.clone().unwrap_or_else(|| "-".into()),
+        or_dash(&hosts).to_string(),
+        time(c.next_rotation_at),
+        time(Some(c.inactivity_expires_at)),
+    ]
+}
+
+/// `list`'s table from the rows of [`table_row`].
+pub(super) fn render_table(body: Vec<Vec<String>>) -> String {
+    if body.is_empty() {
         return "no connections\n".to_string();
     }
     let header = [
@@ -114,18 +142,7 @@ pub(super) fn format_table(conns: &[Connection]) -> String {
     .map(String::from)
     .to_vec();
     let mut rows = vec![header];
-    for c in conns {
-        let hosts = site_hosts(&c.sites).join(",");
-        rows.push(vec![
-            c.id.clone(),
-            or_dash(&c.label).to_string(),
-            c.status.to_string(),
-            c.account_id.clone().unwrap_or_else(|| "-".into()),
-            or_dash(&hosts).to_string(),
-            time(c.next_rotation_at),
-            time(Some(c.inactivity_expires_at)),
-        ]);
-    }
+    rows.extend(body);
     let columns = rows[0].len();
     let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))

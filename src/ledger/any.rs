@@ -45,11 +45,12 @@ impl AnyLedger {
         }
     }
 
-    /// Housekeeping: deletes events older than `before`; returns how many.
-    pub async fn maintain(&self, before: Time) -> Result<usize, AnyError> {
+    /// Housekeeping: deletes events older than `before` and each connection's beyond its
+    /// newest `keep`, in small transactions; returns how many.
+    pub async fn maintain(&self, before: Time, keep: usize) -> Result<usize, AnyError> {
         match self {
-            AnyLedger::Sqlite(l) => Ok(l.maintain(before).await?),
-            AnyLedger::Postgres(l) => Ok(l.maintain(before).await?),
+            AnyLedger::Sqlite(l) => Ok(l.maintain(before, keep).await?),
+            AnyLedger::Postgres(l) => Ok(l.maintain(before, keep).await?),
         }
     }
 

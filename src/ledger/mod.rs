@@ -43,6 +43,18 @@ use std::time::Duration;
 /// stuck disk.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Events deleted per transaction by housekeeping (both ledgers' `maintain`): a backlog of
+/// millions is pruned in many short transactions, so that the ledger is never held for
+/// longer than one small batch and the engine's commits get in between.
+pub(crate) const PRUNE_BATCH: usize = 500;
+
+/// How many connections' event counts one housekeeping transaction checks, at most.
+pub(crate) const COUNT_CHECKS_PER_TX: usize = 64;
+
+/// One housekeeping transaction stops checking counts once it has run this long (and
+/// commits what it deleted): checking a connection steps through up to its kept events.
+pub(crate) const MAINTENANCE_TX_BUDGET: Duration = Duration::from_millis(2);
+
 /// The schema, one entry per version. Entry `i` takes a ledger from `user_version = i` to
 /// `i + 1`. Never edit a released entry: append a new one.
 #[doc(hidden)] // Public for the integration tests, which build ledgers of older versions.
@@ -119,6 +131,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE events ADD COLUMN peer_pid INTEGER;
     ALTER TABLE events ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
     CREATE INDEX events_by_connection_time ON events (connection_id, at);
+    "#,
+    // 5: events by time alone (with the rowid, `seq`), for housekeeping's pruning by age in
+    // small batches, oldest first.
+    r#"
+    CREATE INDEX events_by_time ON events (at);
     "#,
 ];
 
@@ -355,17 +372,21 @@ impl Ledger {
         group::write(&self.inner, f).await
     }
 
-    /// Every connection with its chain and sites (removed sites excluded).
+    /// Every connection with its chain and sites (removed sites excluded). Two scans, not
+    /// one site query per connection: at 100,000 connections, start-up's largest cost was
+    /// preparing and running that query 100,000 times.
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.read(|db, keys| {
+            let mut sites = all_sites(db)?;
             let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
-            let mut records = stmt
-                .query_map([], |r| row_to_record(r, keys))?
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
-            for rec in &mut records {
-                rec.conn.sites = load_sites(db, &rec.conn.id)?;
+            let mut rows = stmt.query([])?;
+            let mut records = Vec::new();
+            while let Some(row) = rows.next()? {
+                let mut rec = row_to_record(row, keys)??;
+                if let Some(found) = sites.remove(rec.conn.id.as_str()) {
+                    rec.conn.sites = found;
+                }
+                records.push(rec);
             }
             Ok(records)
         })
@@ -605,16 +626,45 @@ impl Ledger {
         .await
     }
 
-    /// Housekeeping: deletes events older than `before` (the only deletion the history ever
-    /// sees) and checkpoints the WAL back into the database file. Returns the number of
-    /// events pruned.
-    pub async fn maintain(&self, before: Time) -> Result<usize, LedgerError> {
-        self.call(move |db| {
-            let n = db.execute("DELETE FROM events WHERE at < ?1", [ms(before)])?;
+    /// Housekeeping (the only deletion the history ever sees): deletes events older than
+    /// `before`, then every connection's events beyond its newest `keep`, [`PRUNE_BATCH`]
+    /// rows at most per transaction (oldest first, through `events_by_time` and
+    /// `events_by_connection_time`), and checkpoints the WAL back into the database file.
+    /// Returns the number of events pruned.
+    pub async fn maintain(&self, before: Time, keep: usize) -> Result<usize, LedgerError> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |tx, _| {
+                    Ok(tx.execute(
+                        "DELETE FROM events WHERE seq IN \
+                         (SELECT seq FROM events WHERE at < ?1 ORDER BY at, seq LIMIT ?2)",
+                        params![ms(before), PRUNE_BATCH as i64],
+                    )?)
+                })
+                .await?;
+            total += n;
+            if n < PRUNE_BATCH {
+                break;
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let (n, next) = self
+                .write(move |tx, _| compact_counts(tx, after, keep))
+                .await?;
+            total += n;
+            match next {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        self.call(|db| {
             db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-            Ok(n)
+            Ok(())
         })
-        .await
+        .await?;
+        Ok(total)
     }
 
     /// Proves the ledger is writable: a write transaction that touches the database file.
@@ -631,6 +681,60 @@ impl Ledger {
         })
         .await
     }
+}
+
+/// One transaction of housekeeping's count compaction: goes through the connections with
+/// events after `after` (in id order, each found in O(log n) by the index), deleting each
+/// one's events beyond its newest `keep`, until [`PRUNE_BATCH`] rows, [`COUNT_CHECKS_PER_TX`]
+/// connections or [`MAINTENANCE_TX_BUDGET`]. Returns the rows deleted and where to go on
+/// (`None`: done); a connection with more to delete is visited again.
+fn compact_counts(
+    tx: &rusqlite::Connection,
+    after: String,
+    keep: usize,
+) -> Result<(usize, Option<String>), LedgerError> {
+    let started = tokio::time::Instant::now();
+    let keep = keep.clamp(1, i64::MAX as usize);
+    let mut cursor = after;
+    let mut deleted = 0;
+    for _ in 0..COUNT_CHECKS_PER_TX {
+        let next: Option<String> = tx.query_row(
+            "SELECT min(connection_id) FROM events WHERE connection_id > ?1",
+            [&cursor],
+            |r| r.get(0),
+        )?;
+        let Some(id) = next else {
+            return Ok((deleted, None));
+        };
+        // The oldest event kept: the `keep`-th newest.
+        let oldest_kept: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT at, seq FROM events WHERE connection_id = ?1 \
+                 ORDER BY at DESC, seq DESC LIMIT 1 OFFSET ?2",
+                params![id, (keep - 1) as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((at, seq)) = oldest_kept {
+            let room = PRUNE_BATCH - deleted;
+            let n = tx.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
+                 WHERE connection_id = ?1 AND (at < ?2 OR (at = ?2 AND seq < ?3)) \
+                 ORDER BY at, seq LIMIT ?4)",
+                params![id, at, seq, room as i64],
+            )?;
+            deleted += n;
+            if n == room {
+                // Maybe more of this one: the next transaction looks at it again.
+                return Ok((deleted, Some(cursor)));
+            }
+        }
+        cursor = id;
+        if started.elapsed() >= MAINTENANCE_TX_BUDGET {
+            break;
+        }
+    }
+    Ok((deleted, Some(cursor)))
 }
 
 /// Takes the state directory's lock: an exclusive `flock` on `<state_dir>/tokend.lock`
@@ -903,7 +1007,10 @@ fn join_scopes(scopes: &[String]) -> String {
 }
 
 fn split_scopes(s: &str) -> Vec<String> {
-    s.split_whitespace().map(str::to_owned).collect()
+    let mut scopes: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
+    // Kept in memory for the life of the connection: no spare room.
+    scopes.shrink_to_fit();
+    scopes
 }
 
 /// The row of a record, its tokens sealed.
@@ -1137,8 +1244,30 @@ fn row_to_record(
     Ok(decode_record(r, keys)?.map_err(LedgerError::Corrupt))
 }
 
-fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {
+/// Every connection's sites (removed ones excluded), each connection's ordered by url and
+/// cloud id as [`load_sites`] orders them.
+fn all_sites(
+    db: &rusqlite::Connection,
+) -> Result<std::collections::HashMap<String, Vec<Site>>, LedgerError> {
     let mut stmt = db.prepare(
+        "SELECT connection_id, cloud_id, url, name, scopes, last_seen_at FROM sites \
+         WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out: std::collections::HashMap<String, Vec<Site>> = std::collections::HashMap::new();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        out.entry(id).or_default().push(decode_site(row, 1)?);
+    }
+    // A pushed-to `Vec` has room for four: three sites' worth of memory per connection.
+    for sites in out.values_mut() {
+        sites.shrink_to_fit();
+    }
+    Ok(out)
+}
+
+fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {
+    let mut stmt = db.prepare_cached(
         "SELECT cloud_id, url, name, scopes, last_seen_at FROM sites \
          WHERE connection_id = ?1 AND removed_at IS NULL ORDER BY url, cloud_id",
     )?;
@@ -1203,7 +1332,7 @@ fn append_events(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn record(id: &str, label: &str, rt: &str) -> Record {
@@ -1388,6 +1517,77 @@ mod tests {
         assert_eq!(sync, 2, "synchronous must be FULL");
     }
 
+    /// Housekeeping on either ledger: events older than the retention go, and each
+    /// connection keeps only its newest `keep` (ties in time broken by insertion order), in
+    /// batches that revisit a connection with more to delete; nothing else goes, and a second
+    /// run finds nothing to do.
+    pub(crate) async fn check_compaction(ledger: AnyLedger) {
+        let now = Utc::now();
+        let day_ago = now - chrono::Duration::days(1);
+        let long_ago = now - chrono::Duration::days(500);
+        let hot = 2 * PRUNE_BATCH + 203;
+        let keep = 100;
+        let mut batch = Vec::new();
+        for i in 0..hot {
+            // Two events per second: the tie-break by insertion order matters.
+            let at = day_ago + chrono::Duration::seconds((i / 2) as i64);
+            batch.push((
+                "c-hot".to_owned(),
+                at,
+                Event::new(EventKind::Other("read".into()), format!("e{i}")),
+            ));
+        }
+        for i in 0..3 {
+            batch.push((
+                "c-quiet".to_owned(),
+                day_ago,
+                Event::new(EventKind::Other("x".into()), format!("q{i}")),
+            ));
+        }
+        for i in 0..2 {
+            batch.push((
+                "c-old".to_owned(),
+                long_ago,
+                Event::new(EventKind::Other("x".into()), format!("o{i}")),
+            ));
+        }
+        ledger.append_batch(batch).await.unwrap();
+        let before = now - chrono::Duration::days(400);
+        let pruned = ledger.maintain(before, keep).await.unwrap();
+        assert_eq!(
+            pruned,
+            hot - keep + 2,
+            "the old ones and the hot one's oldest"
+        );
+        let left = ledger.events("c-hot".into(), None, 1000).await.unwrap();
+        let messages: Vec<String> = left.iter().map(|e| e.message.clone()).collect();
+        let newest: Vec<String> = (hot - keep..hot).rev().map(|i| format!("e{i}")).collect();
+        assert_eq!(messages, newest, "the newest {keep} are kept");
+        assert_eq!(
+            ledger
+                .events("c-quiet".into(), None, 1000)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert!(
+            ledger
+                .events("c-old".into(), None, 1000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(ledger.maintain(before, keep).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn maintenance_compacts_by_age_and_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        check_compaction(ledger.into()).await;
+    }
+
     #[tokio::test]
     async fn maintenance_prunes_old_events_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -1410,7 +1610,7 @@ mod tests {
             .await
             .unwrap();
         let n = ledger
-            .maintain(Utc::now() - chrono::Duration::days(365))
+            .maintain(Utc::now() - chrono::Duration::days(365), 10_000)
             .await
             .unwrap();
         assert_eq!(n, 1);
@@ -1626,7 +1826,7 @@ mod tests {
             "rt-plain-legacy"
         );
         ledger
-            .maintain(Utc::now() - chrono::Duration::days(1))
+            .maintain(Utc::now() - chrono::Duration::days(1), 10_000)
             .await
             .unwrap();
         drop(ledger);

@@ -222,7 +222,7 @@ pub(crate) async fn run(
     };
     // 1. A held change first.
     if let Some(held) = held {
-        return commit_held(engine, slot, held).await;
+        return commit_held(engine, slot, *held).await;
     }
     // 2. Gates.
     // A `needs_reauth` chain is not tried again unless forced, or unless an earlier forced

@@ -38,12 +38,12 @@ mod sim;
 
 use crate::config::RefreshConfig;
 use crate::metrics::{ConnectionSource, Metrics};
-use crate::model::{AccessToken, Connection, Record, Status, Time};
+use crate::model::{AccessToken, Connection, Record, Site, Status, Time};
 use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -53,6 +53,7 @@ use flight::Joined;
 
 pub use sites::SiteOutcome;
 pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint, TokioClock};
+pub use view::Page;
 
 /// How long a `state` handed out by `POST /v1/authorizations` stays valid. The consent screen
 /// plus Atlassian's 10-minute code lifetime fit inside it.
@@ -273,8 +274,9 @@ pub(crate) struct SlotState {
     /// What the store has committed (plus the in-memory-only failure counters). Only
     /// [`attempt`] and [`onboard`] replace its chain, and only after a commit returned.
     rec: Record,
-    /// A committed-elsewhere-pending change: see [`Held`].
-    held: Option<Held>,
+    /// A committed-elsewhere-pending change: see [`Held`]. Boxed: rare, and a whole record
+    /// inline would double every connection's resident size.
+    held: Option<Box<Held>>,
     /// No provider call before this instant (backoff or `Retry-After`).
     not_before: Option<Instant>,
     /// The provider itself asked for this wait (`Retry-After`): even a forced refresh
@@ -420,14 +422,173 @@ impl Slot {
     }
 }
 
+impl SlotState {
+    /// Whether this connection belongs in the [`SiteIndex`]: installed and active.
+    fn filed(&self) -> bool {
+        !self.removed && self.rec.conn.status == Status::Active
+    }
+}
+
 /// How connections are found: callers name them by id or by label.
 #[derive(Default)]
 struct Index {
     /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
     /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
     by_id: HashMap<String, Arc<Slot>>,
-    /// Label to id: labels are unique in the ledger, and the API accepts either.
-    by_label: HashMap<String, String>,
+    /// Label to id: labels are unique in the ledger, and the API accepts either. Ordered,
+    /// so that listings come in label order without sorting every connection each call,
+    /// and a page (`?after=LABEL`) starts with a range lookup.
+    by_label: BTreeMap<String, String>,
+}
+
+/// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),
+/// not a scan of every connection.
+///
+/// Kept exact: a connection is filed under the keys of its sites exactly while it is
+/// installed, not removed and `Active` ([`Engine::install`], [`Engine::uninstall`],
+/// [`Engine::adopt`] for status, [`Engine::set_sites`] for sites: the only writers of a
+/// slot's status and sites). The simulation checks it against [`SiteIndex::recount`] after
+/// every step. Cloud ids and hosts are kept apart, as the lookup always compared them.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub(crate) struct SiteIndex {
+    /// Lowercased cloud id to the ids of the active connections listing it.
+    by_cloud_id: KeyMap,
+    /// Lowercased site host (`acme.atlassian.net`) to the same.
+    by_host: KeyMap,
+}
+
+/// One of the [`SiteIndex`]'s maps.
+type KeyMap = HashMap<Box<str>, Ids>;
+
+/// The ids filed under one key: nearly always one connection, kept without a set of its
+/// own (a set per key was most of the index's memory). Canonical, so that two indexes
+/// holding the same ids compare equal: `One` for one id, `Many` for two or more.
+#[derive(Debug, PartialEq, Eq)]
+enum Ids {
+    /// The only connection reaching the site.
+    One(Box<str>),
+    /// Several connections reach it (two or more).
+    Many(HashSet<Box<str>>),
+}
+
+impl Ids {
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let (one, many) = match self {
+            Ids::One(id) => (Some(&**id), None),
+            Ids::Many(ids) => (None, Some(ids.iter().map(|id| &**id))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL
+/// parses) before the index's lock is taken.
+pub(crate) struct SiteKeys {
+    /// Every site's cloud id, lowercased.
+    cloud_ids: Vec<String>,
+    /// Every site's host, lowercased (sites whose URL has none are not reachable by host).
+    hosts: Vec<String>,
+}
+
+impl SiteKeys {
+    /// The keys of `sites`.
+    pub(crate) fn of(sites: &[Site]) -> SiteKeys {
+        SiteKeys {
+            cloud_ids: sites
+                .iter()
+                .map(|s| s.cloud_id.to_ascii_lowercase())
+                .collect(),
+            hosts: sites.iter().filter_map(Site::host).collect(),
+        }
+    }
+}
+
+impl SiteIndex {
+    /// Files connection `id` under `keys` (a key listed twice is filed once).
+    fn file(&mut self, id: &str, keys: &SiteKeys) {
+        for key in &keys.cloud_ids {
+            file_one(&mut self.by_cloud_id, key, id);
+        }
+        for key in &keys.hosts {
+            file_one(&mut self.by_host, key, id);
+        }
+    }
+
+    /// Takes connection `id` out from under `keys`, dropping keys nobody reaches any more.
+    fn unfile(&mut self, id: &str, keys: &SiteKeys) {
+        for key in &keys.cloud_ids {
+            unfile_one(&mut self.by_cloud_id, key, id);
+        }
+        for key in &keys.hosts {
+            unfile_one(&mut self.by_host, key, id);
+        }
+    }
+
+    /// The ids filed under cloud id `cloud_id` or host `host` (both already normalised),
+    /// sorted, each once.
+    pub(crate) fn lookup(&self, cloud_id: &str, host: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .by_cloud_id
+            .get(cloud_id)
+            .into_iter()
+            .chain(self.by_host.get(host))
+            .flat_map(Ids::iter)
+            .map(str::to_owned)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The index built from scratch over `slots`: what the kept one must always equal.
+    #[cfg(test)]
+    pub(crate) fn recount(slots: &[Arc<Slot>]) -> SiteIndex {
+        let mut index = SiteIndex::default();
+        for slot in slots {
+            let st = slot.lock();
+            if st.filed() {
+                index.file(&st.rec.conn.id, &SiteKeys::of(&st.rec.conn.sites));
+            }
+        }
+        index
+    }
+}
+
+fn file_one(map: &mut KeyMap, key: &str, id: &str) {
+    match map.get_mut(key) {
+        None => {
+            map.insert(key.into(), Ids::One(id.into()));
+        }
+        Some(Ids::One(have)) if &**have == id => {}
+        Some(ids @ Ids::One(_)) => {
+            let Ids::One(have) = std::mem::replace(ids, Ids::Many(HashSet::new())) else {
+                unreachable!("matched One")
+            };
+            *ids = Ids::Many(HashSet::from([have, id.into()]));
+        }
+        Some(Ids::Many(set)) => {
+            set.insert(id.into());
+        }
+    }
+}
+
+fn unfile_one(map: &mut KeyMap, key: &str, id: &str) {
+    match map.get_mut(key) {
+        Some(Ids::One(have)) if &**have == id => {
+            map.remove(key);
+        }
+        Some(ids @ Ids::Many(_)) => {
+            let Ids::Many(set) = ids else {
+                unreachable!("matched Many")
+            };
+            set.remove(id);
+            if set.len() == 1 {
+                let only = set.drain().next().expect("one left");
+                *ids = Ids::One(only);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The refresh engine. Shared behind an `Arc`.
@@ -447,6 +608,9 @@ pub struct Engine {
     /// Every connection in memory, by id and label: the token path reads it on every request,
     /// so a read lock; only install, uninstall and relabel write.
     index: RwLock<Index>,
+    /// Which active connections reach each site (`/v1/token?site=`). Its own lock, taken
+    /// last (after `index` and a slot's): a status changes under the slot's lock alone.
+    sites: Mutex<SiteIndex>,
     /// `refresh.max_concurrent` as a priority gate: bounds provider calls across chains, and
     /// lets the most urgent attempt go first.
     permits: permits::Permits,
@@ -470,6 +634,9 @@ pub struct Engine {
     authorizations: Mutex<HashMap<String, Instant>>,
     /// Every task the engine started (attempts, onboarding, resolutions).
     tasks: flight::Tasks,
+    /// The `?site=` miss re-resolution sweep: one at a time, rate-limited
+    /// ([`sites::SITE_SWEEP_GAP`]), so a stream of misses never costs a scan each.
+    site_sweep: Mutex<sites::SiteSweep>,
     /// How many slots hold a change the store has not committed: health and readiness read
     /// it on every probe, so it is kept, not counted over every connection.
     held: AtomicUsize,
@@ -505,6 +672,7 @@ impl Engine {
             permits: permits::Permits::new(settings.max_concurrent),
             settings: RwLock::new(settings),
             index: RwLock::new(Index::default()),
+            sites: Mutex::new(SiteIndex::default()),
             plan: plan::Planner::new(),
             notifier: RwLock::new(notifier),
             metrics,
@@ -512,6 +680,7 @@ impl Engine {
             onboarding: tokio::sync::Mutex::new(()),
             authorizations: Mutex::new(HashMap::new()),
             tasks: flight::Tasks::default(),
+            site_sweep: Mutex::new(sites::SiteSweep::default()),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             holder: RwLock::new(format!(
@@ -600,13 +769,14 @@ impl Engine {
         let active = rec.conn.status == Status::Active;
         let face = Arc::new(Face::of(&rec.conn));
         let access_shared = shared_access(&rec);
+        let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: RwLock::new(SlotState {
                 face,
                 access_shared,
                 rec,
-                held,
+                held: held.map(Box::new),
                 not_before: None,
                 provider_asked: false,
                 claim_wait: false,
@@ -627,13 +797,17 @@ impl Engine {
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(old) = index.by_id.insert(id, slot.clone()) {
-            // Never happens (ids are new, or were uninstalled first); keep the count right.
+        if let Some(old) = index.by_id.insert(id.clone(), slot.clone()) {
+            // Never happens (ids are new, or were uninstalled first); keep the counts right.
             let mut old = old.lock();
-            if !old.removed && old.rec.conn.status == Status::Active {
+            if old.filed() {
                 self.one_fewer_active();
+                self.unfile_sites(&old);
             }
             old.removed = true;
+        }
+        if let Some(keys) = keys {
+            self.sites.lock().file(&id, &keys);
         }
         slot
     }
@@ -642,8 +816,9 @@ impl Engine {
         let mut index = self.index.write();
         if let Some(slot) = index.by_id.remove(id) {
             let mut st = slot.lock();
-            if !st.removed && st.rec.conn.status == Status::Active {
+            if st.filed() {
                 self.one_fewer_active();
+                self.unfile_sites(&st);
             }
             st.removed = true;
             self.set_held(&mut st, None);
@@ -674,7 +849,8 @@ impl Engine {
     }
 
     /// Takes `from`'s chain and status into a slot (`Record::adopt_chain`), keeping
-    /// [`Engine::status_counts`]'s count: the only way a slot's status changes.
+    /// [`Engine::status_counts`]'s count and the [`SiteIndex`]: the only way a slot's status
+    /// changes.
     pub(crate) fn adopt(&self, st: &mut SlotState, from: &Record) {
         let was = st.rec.conn.status == Status::Active;
         st.rec.adopt_chain(from);
@@ -682,11 +858,34 @@ impl Engine {
         if st.removed || was == is {
             return;
         }
+        let keys = SiteKeys::of(&st.rec.conn.sites);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
+            self.sites.lock().file(&st.rec.conn.id, &keys);
         } else {
             self.one_fewer_active();
+            self.sites.lock().unfile(&st.rec.conn.id, &keys);
         }
+    }
+
+    /// Replaces a slot's sites, keeping the [`SiteIndex`]: the only way a slot's sites
+    /// change after it is installed.
+    pub(crate) fn set_sites(&self, st: &mut SlotState, sites: Vec<Site>) {
+        if !st.filed() {
+            st.rec.conn.sites = sites;
+            return;
+        }
+        let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
+        st.rec.conn.sites = sites;
+        let mut index = self.sites.lock();
+        index.unfile(&st.rec.conn.id, &old);
+        index.file(&st.rec.conn.id, &new);
+    }
+
+    /// Takes a slot that is leaving the [`SiteIndex`] out of it.
+    fn unfile_sites(&self, st: &SlotState) {
+        let keys = SiteKeys::of(&st.rec.conn.sites);
+        self.sites.lock().unfile(&st.rec.conn.id, &keys);
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
@@ -700,7 +899,7 @@ impl Engine {
             }
             _ => {}
         }
-        std::mem::replace(&mut st.held, held)
+        std::mem::replace(&mut st.held, held.map(Box::new)).map(|b| *b)
     }
 
     /// A connection's label changed (a held insert committed under a generated label).
@@ -1317,6 +1516,138 @@ mod tests {
         assert!(
             st.stale,
             "memory may be behind the store: reload before the next attempt"
+        );
+    }
+
+    fn site(cloud_id: &str, url: &str) -> Site {
+        Site {
+            cloud_id: cloud_id.into(),
+            url: url.into(),
+            name: "site".into(),
+            scopes: vec!["read:page:confluence".into()],
+            last_seen_at: chrono::Utc::now(),
+        }
+    }
+
+    /// The site index answers what a scan over every connection would, after each kind of
+    /// change: install, site change, status change both ways, removal.
+    #[tokio::test]
+    async fn the_site_index_follows_installs_sites_statuses_and_removals() {
+        let (engine, _dir) = engine_with(2, 1).await;
+        let check = |what: &str| {
+            engine
+                .site_index_matches_recount()
+                .unwrap_or_else(|m| panic!("after {what}: {m}"));
+        };
+        check("load");
+        assert!(engine.connections_for_site("acme.atlassian.net").is_empty());
+
+        let now = chrono::Utc::now();
+        let mut rec = crate::model::sample_record("c-new", "new", "rt-new", now);
+        rec.conn.sites = vec![
+            site("Cloud-A", "https://Acme.atlassian.net"),
+            site("cloud-b", "https://beta.atlassian.net/"),
+        ];
+        engine.install(rec, None);
+        check("install");
+        for query in [
+            "acme.atlassian.net",
+            "ACME.atlassian.net",
+            "https://acme.atlassian.net/",
+            "cloud-a",
+            " CLOUD-A ",
+        ] {
+            assert_eq!(engine.connections_for_site(query), ["c-new"], "{query}");
+        }
+
+        let slot = engine.find("c-new").unwrap();
+        engine.set_sites(
+            &mut slot.lock(),
+            vec![site("cloud-b", "https://beta.atlassian.net")],
+        );
+        check("a site change");
+        assert!(engine.connections_for_site("acme.atlassian.net").is_empty());
+        assert!(engine.connections_for_site("cloud-a").is_empty());
+        assert_eq!(engine.connections_for_site("beta.atlassian.net"), ["c-new"]);
+
+        // A second connection reaching the same site: both are found, sorted.
+        let other = engine.find("c000000000000").unwrap();
+        engine.set_sites(
+            &mut other.lock(),
+            vec![site("cloud-b", "https://beta.atlassian.net")],
+        );
+        check("a second connection's sites");
+        assert_eq!(
+            engine.connections_for_site("cloud-b"),
+            ["c-new", "c000000000000"]
+        );
+
+        let mut rejected = slot.lock().rec.clone();
+        rejected.conn.status = Status::NeedsReauth;
+        engine.adopt(&mut slot.lock(), &rejected);
+        check("a status change to needs_reauth");
+        assert_eq!(engine.connections_for_site("cloud-b"), ["c000000000000"]);
+        // Sites change while not active: filed again, with them, when active again.
+        engine.set_sites(
+            &mut slot.lock(),
+            vec![site("cloud-c", "https://gamma.atlassian.net")],
+        );
+        check("a site change while needs_reauth");
+        assert!(engine.connections_for_site("cloud-c").is_empty());
+        let mut revived = slot.lock().rec.clone();
+        revived.conn.status = Status::Active;
+        engine.adopt(&mut slot.lock(), &revived);
+        check("a status change back to active");
+        assert_eq!(
+            engine.connections_for_site("gamma.atlassian.net"),
+            ["c-new"]
+        );
+
+        engine.uninstall("c-new");
+        check("a removal");
+        assert!(engine.connections_for_site("cloud-c").is_empty());
+        engine.uninstall("c000000000000");
+        check("the last removal");
+        assert_eq!(
+            *engine.sites.lock(),
+            SiteIndex::default(),
+            "no key left behind"
+        );
+    }
+
+    /// A stream of `?site=` misses costs one look over the connections per
+    /// `SITE_SWEEP_GAP`, not one per miss: the access check each look asks of every
+    /// connection is asked once for the first miss, not at all for the next ones within the
+    /// gap, and again after it.
+    #[tokio::test(start_paused = true)]
+    async fn site_misses_sweep_the_connections_at_most_once_per_gap() {
+        let (engine, _dir) = engine_with(3, 1).await;
+        let asked = AtomicUsize::new(0);
+        let may_read = |_: &str, _: &str| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            true
+        };
+        let wait = Duration::from_secs(1);
+        engine.site_miss(may_read, wait).await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            3,
+            "the first miss looks at each"
+        );
+        for _ in 0..10 {
+            engine.site_miss(may_read, wait).await;
+        }
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            3,
+            "misses within the gap do not"
+        );
+        tokio::time::advance(sites::SITE_SWEEP_GAP).await;
+        engine.site_miss(may_read, wait).await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            6,
+            "one after the gap looks again"
         );
     }
 

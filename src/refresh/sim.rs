@@ -465,17 +465,30 @@ impl TokenEndpoint for SimProvider {
         now: Time,
     ) -> BoxFuture<'a, Result<Vec<Site>, ProviderError>> {
         Box::pin(async move {
-            let fail = lock(&self.0).rng.random_bool(0.2);
+            let (fail, reach) = {
+                let mut w = lock(&self.0);
+                (w.rng.random_bool(0.2), w.rng.random_range(1..4u32))
+            };
             if fail {
                 return Err(transient(TransientKind::ServerError, None));
             }
-            Ok(vec![Site {
-                cloud_id: "cloud-1".into(),
-                url: "https://acme.atlassian.net".into(),
-                name: "acme".into(),
+            // Sites come and go (one, the other or both), so that the site index sees
+            // changes as well as first resolutions.
+            let site = |cloud_id: &str, name: &str| Site {
+                cloud_id: cloud_id.into(),
+                url: format!("https://{name}.atlassian.net"),
+                name: name.into(),
                 scopes: vec!["read:page:confluence".into()],
                 last_seen_at: now,
-            }])
+            };
+            let mut sites = Vec::new();
+            if reach & 1 != 0 {
+                sites.push(site("cloud-1", "acme"));
+            }
+            if reach & 2 != 0 {
+                sites.push(site("Cloud-2", "Beta"));
+            }
+            Ok(sites)
         })
     }
     fn me<'a>(&'a self, _: &'a Secret) -> BoxFuture<'a, Result<Option<Account>, ProviderError>> {
@@ -923,6 +936,10 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                 e.recount_statuses()
             ));
         }
+        // The site index `?site=` reads is kept as sites and statuses change: it must equal
+        // one built again over every connection.
+        e.site_index_matches_recount()
+            .map_err(|m| format!("{step}: {m}"))?;
         for slot in e.slots() {
             // What a cached token's answer shows of its connection is what the record says,
             // as a reader (sharing the lock with the token path) sees it.

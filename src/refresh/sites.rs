@@ -23,6 +23,33 @@ pub const SITE_MISS_INTERVAL: Duration = Duration::from_secs(60);
 /// How many connections a `?site=` miss re-resolves at once.
 const SITE_MISS_CONCURRENCY: usize = 8;
 
+/// A `?site=` miss starts a re-resolution sweep (a look at every connection) at most this
+/// often, and only when none is running: a client asking for a site nobody reaches, as fast
+/// as it can, costs one scan per this period, not one per request. A miss during a running
+/// sweep waits for it instead; one within this period after a sweep only looks again.
+pub const SITE_SWEEP_GAP: Duration = Duration::from_secs(5);
+
+/// The `?site=` re-resolution sweep: at most one at a time, at most one per
+/// [`SITE_SWEEP_GAP`].
+#[derive(Default)]
+pub(crate) struct SiteSweep {
+    /// Closed (its sender dropped) when the running sweep's resolutions are done; `None`
+    /// or closed when no sweep runs.
+    running: Option<tokio::sync::watch::Receiver<()>>,
+    /// When the last sweep started.
+    last_started: Option<Instant>,
+}
+
+/// What a `?site=` miss does about the sweep.
+enum SweepTurn {
+    /// Start one, holding this until its resolutions are done.
+    Start(tokio::sync::watch::Sender<()>),
+    /// Wait for the running one.
+    Join(tokio::sync::watch::Receiver<()>),
+    /// Neither: one ran within [`SITE_SWEEP_GAP`].
+    Skip,
+}
+
 /// What one resolution of a connection did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SiteOutcome {
@@ -91,6 +118,11 @@ impl Engine {
     ///
     /// Only connections `may_read` (id, label) accepts are re-resolved (the caller's own
     /// access rules), and the caller waits at most `wait`; the resolutions go on regardless.
+    ///
+    /// The look over every connection (a sweep) is bounded: one at a time, at most one per
+    /// [`SITE_SWEEP_GAP`]; a miss while one runs waits for it, one just after returns at
+    /// once (the caller looks again, and a site added meanwhile is found by the next
+    /// sweep or the site job).
     pub async fn site_miss(
         self: &Arc<Self>,
         may_read: impl Fn(&str, &str) -> bool,
@@ -98,6 +130,30 @@ impl Engine {
     ) {
         use futures_util::StreamExt;
         let now = Instant::now();
+        let turn = {
+            let mut sweep = self.site_sweep.lock();
+            match &sweep.running {
+                Some(done) if done.has_changed().is_ok() => SweepTurn::Join(done.clone()),
+                _ if sweep.last_started.is_some_and(|t| now - t < SITE_SWEEP_GAP) => {
+                    SweepTurn::Skip
+                }
+                _ => {
+                    let (tx, rx) = tokio::sync::watch::channel(());
+                    sweep.running = Some(rx);
+                    sweep.last_started = Some(now);
+                    SweepTurn::Start(tx)
+                }
+            }
+        };
+        let done = match turn {
+            SweepTurn::Start(done) => done,
+            SweepTurn::Join(mut running) => {
+                // Nothing is ever sent: `changed` returns when the sweep drops its sender.
+                let _ = tokio::time::timeout(wait, running.changed()).await;
+                return;
+            }
+            SweepTurn::Skip => return,
+        };
         let due: Vec<(Arc<Slot>, Secret)> = self
             .slots()
             .into_iter()
@@ -130,7 +186,8 @@ impl Engine {
                         engine.resolve_with(&slot, access, false).await;
                     }
                 })
-                .await
+                .await;
+            drop(done);
         });
         let _ = tokio::time::timeout(wait, task).await;
     }
@@ -208,7 +265,7 @@ impl Engine {
                     for e in &events {
                         tracing::info!(connection = %target_id, event = e.kind.as_str(), "{}", e.message);
                     }
-                    target.lock().rec.conn.sites = sites;
+                    self.set_sites(&mut target.lock(), sites);
                 }
                 Err(e) => {
                     tracing::error!(connection = %target_id, error = %e, "cannot record sites in the ledger");

@@ -9,6 +9,15 @@ use crate::notify::Kind;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// One page of a listing ([`Engine::list_page`]).
+#[derive(Debug)]
+pub struct Page {
+    /// The connections, in label order.
+    pub items: Vec<ConnectionInfo>,
+    /// The label to continue after, when more connections follow.
+    pub next: Option<String>,
+}
+
 impl Engine {
     /// Whether some chain holds a rotated token its commit is still waiting for.
     pub fn commit_pending(&self) -> usize {
@@ -49,13 +58,38 @@ impl Engine {
 
     /// Every connection, sorted by label.
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        let mut out: Vec<ConnectionInfo> = self
-            .slots()
+        self.list_page(None, None).items
+    }
+
+    /// Connections in label order with labels after `after` (exclusive; all when `None`),
+    /// at most `limit` of them (all when `None`). Reads the label-ordered index: a page costs
+    /// O(log n + limit), never a sort of every connection.
+    pub fn list_page(&self, after: Option<&str>, limit: Option<usize>) -> Page {
+        use std::ops::Bound;
+        let limit = limit.unwrap_or(usize::MAX);
+        let (slots, next) = {
+            let index = self.index.read();
+            let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let mut range = index
+                .by_label
+                .range::<str, _>((start, Bound::Unbounded))
+                .filter_map(|(label, id)| Some((label, index.by_id.get(id)?.clone())));
+            let slots: Vec<_> = range.by_ref().take(limit).collect();
+            let more = range.next().is_some();
+            let next = more
+                .then(|| slots.last().map(|(label, _)| (*label).clone()))
+                .flatten();
+            let slots: Vec<_> = slots.into_iter().map(|(_, slot)| slot).collect();
+            (slots, next)
+        };
+        let items = slots
             .iter()
-            .map(|s| self.info_of(&s.lock()))
+            .filter_map(|slot| {
+                let st = slot.lock();
+                (!st.removed).then(|| self.info_of(&st))
+            })
             .collect();
-        out.sort_by(|a, b| a.conn.label.cmp(&b.conn.label));
-        out
+        Page { items, next }
     }
 
     /// One connection by id or label.
@@ -100,28 +134,27 @@ impl Engine {
         (active, slots.len() - active)
     }
 
-    /// The ids of active connections that reach a site (by host or cloud id).
+    /// The ids of active connections that reach a site (by host or cloud id), sorted.
+    /// O(matches): the query is normalised before any lock, then looked up in the
+    /// [`super::SiteIndex`].
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
-        let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
-        let wanted_host = url::Url::parse(&wanted)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_else(|| wanted.clone());
-        let index = self.index.read();
-        index
-            .by_id
-            .iter()
-            .filter(|(_, slot)| {
-                let st = slot.lock();
-                !st.removed
-                    && st.rec.conn.status == Status::Active
-                    && st.rec.conn.sites.iter().any(|s| {
-                        s.cloud_id.eq_ignore_ascii_case(&wanted)
-                            || s.host().as_deref() == Some(wanted_host.as_str())
-                    })
-            })
-            .map(|(id, _)| id.clone())
-            .collect()
+        let (cloud_id, host) = site_query(site);
+        self.sites.lock().lookup(&cloud_id, &host)
+    }
+
+    /// The site index built again over every connection: what the kept one must equal
+    /// (unit tests and the simulation check it).
+    #[cfg(test)]
+    pub(crate) fn site_index_matches_recount(&self) -> Result<(), String> {
+        let recount = super::SiteIndex::recount(&self.slots());
+        let kept = self.sites.lock();
+        if *kept == recount {
+            Ok(())
+        } else {
+            Err(format!(
+                "the site index is {kept:?} but a recount gives {recount:?}"
+            ))
+        }
     }
 
     /// Warns about every active connection whose absolute (consent) expiry is within
@@ -129,33 +162,56 @@ impl Engine {
     pub fn warn_absolute_expiry(&self) -> usize {
         let window = chrono_dur(ABSOLUTE_WARNING_WINDOW);
         let now = self.now();
+        let Some(absolute) = self.settings().absolute_expiry.map(chrono_dur) else {
+            return 0;
+        };
         let mut warned = 0;
-        for info in self.list() {
-            let Some(deadline) = info.absolute_expires_at else {
-                continue;
-            };
-            if info.conn.status != Status::Active || deadline - now > window {
-                continue;
-            }
+        // Decided under each slot's lock; only a connection warned about is copied (this
+        // runs at start and daily: a copy of every connection would be its whole cost).
+        let mut due: Vec<_> = self
+            .slots()
+            .into_iter()
+            .filter_map(|slot| {
+                let st = slot.lock();
+                let conn = &st.rec.conn;
+                let deadline = conn.consented_at + absolute;
+                (!st.removed && conn.status == Status::Active && deadline - now <= window)
+                    .then(|| (conn.clone(), deadline))
+            })
+            .collect();
+        // In label order, as the listing shows them.
+        due.sort_by(|a, b| a.0.label.cmp(&b.0.label));
+        for (conn, deadline) in due {
             let days = (deadline - now).num_hours() as f64 / 24.0;
             let at = deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let message = if deadline <= now {
                 format!(
                     "consent for {} reached its absolute expiry on {at}; a person must consent again (tokend connect)",
-                    info.conn.label
+                    conn.label
                 )
             } else {
                 format!(
                     "consent for {} expires in {days:.1} days ({at}); a person must consent again before then (tokend connect)",
-                    info.conn.label
+                    conn.label
                 )
             };
-            tracing::warn!(connection = %info.conn.id, "{message}");
-            self.notify(Kind::AbsoluteExpirySoon, &info.conn, &message);
+            tracing::warn!(connection = %conn.id, "{message}");
+            self.notify(Kind::AbsoluteExpirySoon, &conn, &message);
             warned += 1;
         }
         warned
     }
+}
+
+/// A `?site=` query's keys: `(cloud id, host)`, lowercased; the host is the URL's when the
+/// query is a URL, else the query itself (a bare host or a cloud id).
+fn site_query(site: &str) -> (String, String) {
+    let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
+    let host = url::Url::parse(&wanted)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| wanted.clone());
+    (wanted, host)
 }
 
 /// What `/metrics` shows of the connections, read when it is scraped.

@@ -521,3 +521,100 @@ fn one_uid_gets_its_share_of_connections_and_another_still_connects() {
         .try_request("GET", "/v1/health", &[], None)
         .is_ok_and(|r| r.status == 200)));
 }
+
+/// Six connections, labels given out of order. `GET /v1/connections`
+/// pages with `?limit=2`, following `Link: <...>; rel="next"` until a page has none; bad
+/// `limit` and `after` values are refused.
+///
+/// Correct: the pages together list every connection exactly once, in the label order of
+/// the unpaged answer (which is unchanged: the whole array, sorted by label); the last page
+/// has no link; `tokend list --json` (which pages internally) prints the same connections;
+/// `limit` outside 1..=1000, a non-number, an empty `after` and an unknown parameter answer
+/// 400 `bad_request`, and the daemon keeps serving.
+#[test]
+fn connections_page_in_label_order_with_a_next_link() {
+    let fake = FakeAtlassian::start();
+    let d = TestDaemon::start(&fake);
+    let labels = ["echo", "alpha", "delta", "bravo.2", "foxtrot", "charlie"];
+    for (i, label) in labels.iter().enumerate() {
+        let rt = fake.issue_grant(&format!("acct-{i}"), &[FakeSite::confluence("acme")]);
+        import(&d, label, &rt);
+    }
+    let labels_of = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not an array: {v}"))
+            .iter()
+            .map(|c| c["label"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (code, all) = d.get_json("/v1/connections");
+    assert_eq!(code, 200, "{all}");
+    let mut sorted: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+    sorted.sort();
+    assert_eq!(
+        labels_of(&all),
+        sorted,
+        "the unpaged answer is every connection by label"
+    );
+
+    let mut paged = Vec::new();
+    let mut path = "/v1/connections?limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let r = d.request("GET", &path, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let page = labels_of(&r.json());
+        assert!(page.len() <= 2, "{path}: {page:?}");
+        paged.extend(page);
+        pages += 1;
+        assert!(pages <= labels.len(), "the pages never end: {paged:?}");
+        let Some(link) = r.header("link") else { break };
+        let target = link
+            .strip_prefix('<')
+            .and_then(|l| l.split_once(">; rel=\"next\""))
+            .map(|(t, _)| t.to_owned())
+            .unwrap_or_else(|| panic!("not a next link: {link}"));
+        path = target;
+    }
+    assert_eq!(
+        paged, sorted,
+        "the pages cover every connection once, in order"
+    );
+    assert_eq!(
+        pages, 3,
+        "six connections in pages of two; the last has no link"
+    );
+
+    let (code, after) = d.get_json("/v1/connections?limit=10&after=charlie");
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(labels_of(&after), sorted[3..], "after is exclusive");
+    let (code, none) = d.get_json("/v1/connections?limit=10&after=zulu");
+    assert_eq!((code, labels_of(&none)), (200, Vec::new()));
+
+    let out = d.cli(&["list", "--json"], None);
+    assert_success("tokend list --json", &out);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        labels_of(&listed),
+        sorted,
+        "tokend list --json pages through them all"
+    );
+
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=two",
+        "limit=-1",
+        "after=",
+        "limit=2&after=",
+        "bogus=1",
+    ] {
+        assert_error(
+            &d.request("GET", &format!("/v1/connections?{bad}"), None),
+            400,
+            "bad_request",
+        );
+    }
+    healthy(&d);
+    assert_no_secrets(&d.logs(), &fake);
+}

@@ -571,11 +571,17 @@ async fn a_role_without_create_starts_on_a_current_schema() {
 }
 
 #[tokio::test]
+async fn maintenance_compacts_by_age_and_by_count() {
+    let Some(db) = Db::new() else { return };
+    crate::ledger::tests::check_compaction(db.ledger().await.into()).await;
+}
+
+#[tokio::test]
 async fn maintenance_prunes_a_backlog_in_batches() {
     let Some(db) = Db::new() else { return };
     let ledger = db.ledger().await;
     let old = ms(Utc::now() - chrono::Duration::days(400));
-    let total = 2 * PRUNE_BATCH + 7;
+    let total = (2 * PRUNE_BATCH + 7) as i64;
     db.raw()
         .await
         .execute(
@@ -593,7 +599,7 @@ async fn maintenance_prunes_a_backlog_in_batches() {
         .await
         .unwrap();
     let n = ledger
-        .maintain(Utc::now() - chrono::Duration::days(365))
+        .maintain(Utc::now() - chrono::Duration::days(365), 10_000)
         .await
         .unwrap();
     assert_eq!(n as i64, total);
@@ -648,7 +654,7 @@ async fn events_are_append_only_and_maintenance_prunes_old_ones() {
         .unwrap_err();
     assert!(describe(&err).contains("append-only"), "{}", describe(&err));
     let n = ledger
-        .maintain(Utc::now() - chrono::Duration::days(365))
+        .maintain(Utc::now() - chrono::Duration::days(365), 10_000)
         .await
         .unwrap();
     assert_eq!(n, 1);
