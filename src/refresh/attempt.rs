@@ -33,7 +33,7 @@
 //! ([`super::flight`]) then re-plans the chain.
 
 use super::backoff;
-use super::permits::{Ticket, Waiting};
+use super::permits::{Committing, Permit, Ticket, Waiting};
 use super::plan::Urgency;
 use super::{
     Engine, Failure, Held, Need, Slot, SlotState, StoreError, needs_reauth_failure, satisfies,
@@ -182,13 +182,39 @@ pub(crate) enum Skip {
     LeaseShort(Duration),
 }
 
-/// One attempt. Runs on an engine task; see the module docs for the order.
+/// What an attempt holds of the provider gate ([`super::permits`]): [`run`] leaves it with its
+/// caller, which lets it go only after the outcome is settled into the slot
+/// ([`super::flight`]). Shutdown's drain waits for the gate to go idle and then counts the
+/// changes held in slots: a permit let go before a failed commit's change was held would let
+/// it count none and stop with the rotated token only in memory.
+pub(crate) enum GateHold {
+    /// A permit: the attempt may call the provider.
+    Permit(Permit),
+    /// The provider answered; the attempt commits (the next attempt has the permit).
+    Committing(
+        #[expect(dead_code, reason = "held for its Drop, which ends the commit's count")]
+        Committing,
+    ),
+}
+
+impl GateHold {
+    /// The permit handed on to the next attempt, keeping a count of this commit.
+    fn committing(hold: &mut Option<GateHold>) {
+        if let Some(GateHold::Permit(p)) = hold.take() {
+            *hold = Some(GateHold::Committing(p.committing()));
+        }
+    }
+}
+
+/// One attempt. Runs on an engine task; see the module docs for the order. What it holds of
+/// the provider gate is left in `hold`, for the caller to drop after settling the outcome.
 pub(crate) async fn run(
     engine: &Arc<Engine>,
     slot: &Arc<Slot>,
     need: Need,
     ticket: Ticket,
     reserved: Option<Waiting>,
+    hold: &mut Option<GateHold>,
 ) -> Outcome {
     // The caller ([`super::flight`]) holds the chain lock.
     let (stale, id) = {
@@ -281,9 +307,10 @@ pub(crate) async fn run(
                 .await
         }
     };
-    let Ok(_permit) = permit else {
+    let Ok(permit) = permit else {
         return Outcome::Skipped(Skip::ShuttingDown);
     };
+    *hold = Some(GateHold::Permit(permit));
     // 3b. The claim: at most one refresh of the chain in flight across daemons.
     let shared = engine.store.shared();
     let budget = engine.settings().request_timeout;
@@ -294,7 +321,7 @@ pub(crate) async fn run(
         Ok(Some(_)) => {}
         Ok(None) => {
             // Waiting for another daemon's commit takes no permit from this one's chains.
-            drop(_permit);
+            *hold = None;
             return claimed_elsewhere(engine, &id, need).await;
         }
         Err(e) => return Outcome::Skipped(Skip::StoreDown(e.to_string())),
@@ -365,7 +392,7 @@ pub(crate) async fn run(
     match result {
         Ok(grant) => {
             // The commit needs no request: the next attempt may have the permit meanwhile.
-            let _committing = _permit.committing();
+            GateHold::committing(hold);
             let stored = base.chain.refresh_token.clone();
             commit_grant(engine, slot, base, grant.into(), true, stored).await
         }
@@ -373,7 +400,7 @@ pub(crate) async fn run(
             refresh_token,
             message,
         }) => {
-            let _committing = _permit.committing();
+            GateHold::committing(hold);
             tracing::warn!(connection = %base.conn.id, "{message}");
             let answer = Answer {
                 refresh_token: Some(refresh_token),

@@ -153,8 +153,19 @@ async fn finish_with(
     ticket: Ticket,
     reserved: Option<super::permits::Waiting>,
 ) {
-    let outcome = attempt::run(&guard.engine, &guard.slot, need, ticket, reserved).await;
+    let mut hold = None;
+    let outcome = attempt::run(
+        &guard.engine,
+        &guard.slot,
+        need,
+        ticket,
+        reserved,
+        &mut hold,
+    )
+    .await;
     guard.finish(outcome);
+    // Only now, with a failed commit's change held in the slot, may the gate go idle (drain).
+    drop(hold);
     drop(chain);
 }
 
