@@ -301,8 +301,13 @@ fn run_one(db: &Connection, keys: &Keyring, job: &mut dyn Job) {
             Err(e) => job.fail(e),
         }
     }
-    if !db.is_autocommit() {
-        let _ = db.execute_batch("ROLLBACK TO w; RELEASE w");
+    if !db.is_autocommit() && db.execute_batch("ROLLBACK TO w; RELEASE w").is_err() {
+        // The failed write's effects could not be undone alone: were the transaction
+        // committed, they would land (a merge's DELETE without its UPDATE). Roll all of it
+        // back; `run_batch` then sees autocommit and fails the writes before this one too.
+        if !db.is_autocommit() {
+            let _ = db.execute_batch("ROLLBACK");
+        }
     }
 }
 
