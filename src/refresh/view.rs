@@ -85,7 +85,7 @@ impl Engine {
         let items = slots
             .iter()
             .filter_map(|slot| {
-                let st = slot.lock();
+                let st = slot.read();
                 (!st.removed).then(|| self.info_of(&st))
             })
             .collect();
@@ -95,7 +95,7 @@ impl Engine {
     /// One connection by id or label.
     pub fn get(&self, id_or_label: &str) -> Option<ConnectionInfo> {
         let slot = self.find(id_or_label)?;
-        let st = slot.lock();
+        let st = slot.read();
         (!st.removed).then(|| self.info_of(&st))
     }
 
@@ -104,7 +104,7 @@ impl Engine {
         self.slots()
             .iter()
             .filter_map(|s| {
-                let st = s.lock();
+                let st = s.read();
                 (st.rec.conn.status == Status::Active).then(|| st.rec.conn.id.clone())
             })
             .collect()
@@ -129,7 +129,7 @@ impl Engine {
         let slots = self.slots();
         let active = slots
             .iter()
-            .filter(|s| s.lock().rec.conn.status == Status::Active)
+            .filter(|s| s.read().rec.conn.status == Status::Active)
             .count();
         (active, slots.len() - active)
     }
@@ -172,7 +172,7 @@ impl Engine {
             .slots()
             .into_iter()
             .filter_map(|slot| {
-                let st = slot.lock();
+                let st = slot.read();
                 let conn = &st.rec.conn;
                 let deadline = conn.consented_at + absolute;
                 (!st.removed && conn.status == Status::Active && deadline - now <= window)
