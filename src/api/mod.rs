@@ -1079,7 +1079,7 @@ async fn site_token(
         let wait = state.engine.settings().request_timeout;
         state
             .engine
-            .site_miss(|id, label| policy.may_read(peer, id, label), wait)
+            .site_miss(peer.uid, |id, label| policy.may_read(peer, id, label), wait)
             .await;
         candidates = state.engine.connections_for_site(&site);
     }

@@ -634,9 +634,9 @@ pub struct Engine {
     authorizations: Mutex<HashMap<String, Instant>>,
     /// Every task the engine started (attempts, onboarding, resolutions).
     tasks: flight::Tasks,
-    /// The `?site=` miss re-resolution sweep: one at a time, rate-limited
+    /// The `?site=` miss re-resolution sweeps, by peer uid: one at a time each, rate-limited
     /// ([`sites::SITE_SWEEP_GAP`]), so a stream of misses never costs a scan each.
-    site_sweep: Mutex<sites::SiteSweep>,
+    site_sweep: Mutex<HashMap<u32, sites::SiteSweep>>,
     /// How many slots hold a change the store has not committed: health and readiness read
     /// it on every probe, so it is kept, not counted over every connection.
     held: AtomicUsize,
@@ -680,7 +680,7 @@ impl Engine {
             onboarding: tokio::sync::Mutex::new(()),
             authorizations: Mutex::new(HashMap::new()),
             tasks: flight::Tasks::default(),
-            site_sweep: Mutex::new(sites::SiteSweep::default()),
+            site_sweep: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             holder: RwLock::new(format!(
@@ -1628,14 +1628,14 @@ mod tests {
             true
         };
         let wait = Duration::from_secs(1);
-        engine.site_miss(may_read, wait).await;
+        engine.site_miss(1000, may_read, wait).await;
         assert_eq!(
             asked.load(Ordering::Relaxed),
             3,
             "the first miss looks at each"
         );
         for _ in 0..10 {
-            engine.site_miss(may_read, wait).await;
+            engine.site_miss(1000, may_read, wait).await;
         }
         assert_eq!(
             asked.load(Ordering::Relaxed),
@@ -1643,11 +1643,18 @@ mod tests {
             "misses within the gap do not"
         );
         tokio::time::advance(sites::SITE_SWEEP_GAP).await;
-        engine.site_miss(may_read, wait).await;
+        engine.site_miss(1000, may_read, wait).await;
         assert_eq!(
             asked.load(Ordering::Relaxed),
             6,
             "one after the gap looks again"
+        );
+        // Another uid's misses are its own: uid 1000's sweep just ran, uid 1001's has not.
+        engine.site_miss(1001, may_read, wait).await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            9,
+            "another uid's first miss looks at each"
         );
     }
 

@@ -29,8 +29,9 @@ const SITE_MISS_CONCURRENCY: usize = 8;
 /// sweep waits for it instead; one within this period after a sweep only looks again.
 pub const SITE_SWEEP_GAP: Duration = Duration::from_secs(5);
 
-/// The `?site=` re-resolution sweep: at most one at a time, at most one per
-/// [`SITE_SWEEP_GAP`].
+/// One peer uid's `?site=` re-resolution sweep: at most one at a time, at most one per
+/// [`SITE_SWEEP_GAP`]. Kept per uid because a sweep covers only the connections its caller
+/// may read: one uid's stream of misses must not stand in for another's.
 #[derive(Default)]
 pub(crate) struct SiteSweep {
     /// Closed (its sender dropped) when the running sweep's resolutions are done; `None`
@@ -116,22 +117,32 @@ impl Engine {
     /// by a miss within [`SITE_MISS_INTERVAL`], and return when they are done. The work runs
     /// on an engine task, so a caller that hangs up stops nothing half-way.
     ///
-    /// Only connections `may_read` (id, label) accepts are re-resolved (the caller's own
-    /// access rules), and the caller waits at most `wait`; the resolutions go on regardless.
+    /// Only connections `may_read` (id, label) accepts are re-resolved (the access rules of
+    /// the caller, peer uid `uid`), and the caller waits at most `wait`; the resolutions go
+    /// on regardless.
     ///
-    /// The look over every connection (a sweep) is bounded: one at a time, at most one per
-    /// [`SITE_SWEEP_GAP`]; a miss while one runs waits for it, one just after returns at
-    /// once (the caller looks again, and a site added meanwhile is found by the next
-    /// sweep or the site job).
+    /// The look over every connection (a sweep) is bounded per uid: one at a time, at most
+    /// one per [`SITE_SWEEP_GAP`]; a miss while one runs waits for it, one just after
+    /// returns at once (the caller looks again, and a site added meanwhile is found by the
+    /// next sweep or the site job).
     pub async fn site_miss(
         self: &Arc<Self>,
+        uid: u32,
         may_read: impl Fn(&str, &str) -> bool,
         wait: Duration,
     ) {
         use futures_util::StreamExt;
         let now = Instant::now();
         let turn = {
-            let mut sweep = self.site_sweep.lock();
+            let mut sweeps = self.site_sweep.lock();
+            if !sweeps.contains_key(&uid) {
+                // Only uids whose sweep runs or ran within the gap need remembering.
+                sweeps.retain(|_, s| {
+                    s.running.as_ref().is_some_and(|r| r.has_changed().is_ok())
+                        || s.last_started.is_some_and(|t| now - t < SITE_SWEEP_GAP)
+                });
+            }
+            let sweep = sweeps.entry(uid).or_default();
             match &sweep.running {
                 Some(done) if done.has_changed().is_ok() => SweepTurn::Join(done.clone()),
                 _ if sweep.last_started.is_some_and(|t| now - t < SITE_SWEEP_GAP) => {
