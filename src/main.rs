@@ -311,7 +311,7 @@ fn completion_command() -> clap::Command {
 }
 
 /// Writes `man1/tokend.1`, `man1/tokend-<subcommand>.1` for every visible subcommand, and
-/// `man5/daemon.toml.5` (from the config's own key table, [`tokend::config::manual`]).
+/// `man5/daemon.toml.5` (from the config's own key table, [`tokend::cli::daemon_toml_page`]).
 fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
     let man1 = dir.join("man1");
     let man5 = dir.join("man5");
@@ -322,7 +322,7 @@ fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
     }
     std::fs::write(
         man5.join("daemon.toml.5"),
-        tokend::config::manual::page(env!("CARGO_PKG_VERSION")),
+        tokend::cli::daemon_toml_page(env!("CARGO_PKG_VERSION")),
     )
 }
 

@@ -113,7 +113,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// descriptors and memory under a flood of local clients.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Open connections one peer uid may hold at once: a quarter of [`MAX_CONNECTIONS`], so one
+/// Open connections one peer uid may hold at once: a quarter of `MAX_CONNECTIONS`, so one
 /// uid (a runaway script, a hostile local user) can never take the whole daemon: at least
 /// three quarters stay for everyone else, and it takes four uids working together to fill
 /// it (and then only until the timeouts above close what they do not use). 256 is far above

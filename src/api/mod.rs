@@ -1,5 +1,5 @@
 //! The socket API: routes, access checks, and the JSON answers built from the shapes of
-//! [`crate::wire`] (which the CLI's client reads too); no other module writes JSON.
+//! `crate::wire` (which the CLI's client reads too); no other module writes JSON.
 //!
 //! Every response body is JSON; every error is `{"error":{"code","message"}}` with the codes
 //! of INTERFACE.md. Handlers never use extractors whose rejections could echo request
@@ -8,6 +8,9 @@
 //!
 //! **Architecture Invariant:** no error body carries a token or secret; the only response
 //! with a token is the `Token` answer to a caller allowed to read it.
+//!
+//! Outside the library only two constants of [`server`] are public (for `tests/it/api.rs`);
+//! everything else here is `pub(crate)`.
 
 pub mod server;
 
@@ -35,16 +38,16 @@ use std::time::Duration;
 /// The largest request body accepted. Real bodies are a label and a token (a few KiB at
 /// most); anything larger is refused with 413: at once if its `Content-Length` says so, else
 /// as soon as that much has arrived.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// How long `/v1/health` waits for the ledger write probe before calling it degraded.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub use crate::serve::Peer;
+pub(crate) use crate::serve::Peer;
 
 /// Who may do what, from `[access]`.
 #[derive(Clone, Debug)]
-pub struct AccessPolicy {
+pub(crate) struct AccessPolicy {
     /// The daemon's own uid: always admin.
     pub own_uid: u32,
     /// The `[access]` section.
@@ -75,7 +78,7 @@ impl AccessPolicy {
 
 /// What the handlers share.
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     /// The refresh engine.
     pub engine: Arc<Engine>,
     /// Where request, token-request and latency counts go (the handlers record what they
@@ -93,7 +96,7 @@ pub struct ApiState {
 
 /// What `/v1/health` needs to know about the periodic jobs (implemented over
 /// `jobs::JobMonitor` by the daemon's wiring).
-pub trait JobsView: Send + Sync {
+pub(crate) trait JobsView: Send + Sync {
     /// The names of the jobs that have not succeeded within their allowed time, sorted.
     fn stalled(&self) -> Vec<&'static str>;
 }
@@ -112,7 +115,7 @@ impl ApiState {
 /// An API error: one of INTERFACE.md's codes (which decides the status), a message, and for
 /// `provider_unavailable` a `Retry-After`.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     code: ErrorCode,
     message: String,
     retry_after: Option<Duration>,
@@ -186,7 +189,7 @@ type ApiResult = Result<Response, ApiError>;
 
 /// The handlers of the socket API, each named once in [`ROUTES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     /// `GET /v1/health`.
     Health,
     /// `GET /v1/connections`.
@@ -247,7 +250,7 @@ impl Endpoint {
 
 /// One route of the socket API.
 #[derive(Clone, Debug)]
-pub struct Route {
+pub(crate) struct Route {
     /// The HTTP method.
     pub method: Method,
     /// The path template, as axum matches it; also the `route` label of the API metrics
@@ -259,7 +262,7 @@ pub struct Route {
 
 /// Every route of the socket API: the router is built from this table, and the metrics'
 /// `route` label values are its templates (plus [`crate::metrics::OTHER_ROUTE`]).
-pub const ROUTES: &[Route] = &[
+pub(crate) const ROUTES: &[Route] = &[
     Route {
         method: Method::GET,
         template: "/v1/health",
@@ -313,7 +316,7 @@ pub const ROUTES: &[Route] = &[
 ];
 
 /// The distinct templates of [`ROUTES`], in table order: the `route` label values.
-pub fn route_templates() -> Vec<&'static str> {
+pub(crate) fn route_templates() -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for r in ROUTES {
         if !out.contains(&r.template) {
@@ -334,7 +337,7 @@ fn route_label(matched: Option<&str>) -> &'static str {
 
 /// The router, built from [`ROUTES`]. Requests must carry a [`Peer`] extension (the server
 /// inserts it).
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     let templates = route_templates();
     state.metrics.declare_api_routes(&templates);
     let finish = Finish {
@@ -505,7 +508,7 @@ fn payload_too_large() -> ApiError {
 /// An admin peer: the extractor of every admin route. It is a request-*parts* extractor, and
 /// axum runs those before the body extractor, so a peer that is not an admin is answered
 /// 403 at once and its body never read: it cannot hold a connection by sending one slowly.
-pub struct Admin(pub Peer);
+pub(crate) struct Admin;
 
 impl FromRequestParts<Shared> for Admin {
     type Rejection = ApiError;
@@ -517,7 +520,7 @@ impl FromRequestParts<Shared> for Admin {
             .copied()
             .ok_or_else(|| ApiError::internal("the peer's credentials are unknown"))?;
         require_admin(state, peer)?;
-        Ok(Admin(peer))
+        Ok(Admin)
     }
 }
 
@@ -664,7 +667,7 @@ async fn health(State(state): State<Shared>) -> Response {
 }
 
 /// The most connections one page of `GET /v1/connections?limit=` may ask for.
-pub const CONNECTIONS_MAX_LIMIT: usize = 1000;
+pub(crate) const CONNECTIONS_MAX_LIMIT: usize = 1000;
 
 /// An unpaged `GET /v1/connections` is serialized and sent this many connections at a time,
 /// so that the daemon never holds the whole JSON (100 MB at 100,000 connections).

@@ -1,12 +1,12 @@
 //! The Unix socket of the API: socket creation and permissions, the open-file limit, and
-//! the socket API's limits and refusal answer for the shared accept loop ([`crate::serve`]).
+//! the socket API's limits and refusal answer for the shared accept loop (`crate::serve`).
 //!
 //! The socket is bound with a restrictive umask and then given `daemon.socket_mode`, inside a
 //! directory that no other user can write (checked, not assumed), so nobody can swap it. A
 //! stale socket file from a crashed daemon is replaced; a live daemon on the same path makes
 //! this one refuse to start.
 //!
-//! No peer can starve the others: the timeouts and per-uid shares of [`crate::serve`] apply
+//! No peer can starve the others: the timeouts and per-uid shares of `crate::serve` apply
 //! (re-exported here). Admin routes check the peer before they read a body (see
 //! `api::Admin`).
 
@@ -19,23 +19,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 
-pub use crate::serve::{
-    Accept, BODY_READ_TIMEOUT, BodyTimedOut, HEADER_READ_TIMEOUT, Limits, MAX_CONNECTIONS,
-    MAX_CONNECTIONS_PER_UID, WRITE_TIMEOUT, serve_http,
-};
+/// Public for `tests/it/api.rs`, which floods the socket from one uid: its share of the
+/// socket's connections, and how long a stalled body is waited for.
+pub use crate::serve::{BODY_READ_TIMEOUT, MAX_CONNECTIONS_PER_UID};
+pub(crate) use crate::serve::{BodyTimedOut, Limits, serve_http};
 
 /// The soft limit on open files the daemon asks for at start (never above the hard limit):
-/// [`MAX_CONNECTIONS`] sockets, the metrics port's 64, the ledger's files, the provider's
-/// HTTPS connections and the notify command's pipes, with room to spare for connections
-/// accepted only to be refused. The common default soft limit, 1024, would run out before
-/// [`MAX_CONNECTIONS`]; raising the soft limit up to the hard one is what a server is
-/// expected to do itself. The systemd unit sets `LimitNOFILE=` to this value.
-pub const OPEN_FILES_WANTED: u64 = 4096;
+/// [`crate::serve::MAX_CONNECTIONS`] sockets, the metrics port's 64, the ledger's files, the
+/// provider's HTTPS connections and the notify command's pipes, with room to spare for
+/// connections accepted only to be refused. The common default soft limit, 1024, would run out
+/// before [`crate::serve::MAX_CONNECTIONS`]; raising the soft limit up to the hard one is what
+/// a server is expected to do itself. The systemd unit sets `LimitNOFILE=` to this value.
+pub(crate) const OPEN_FILES_WANTED: u64 = 4096;
 
 /// Raises the soft `RLIMIT_NOFILE` to [`OPEN_FILES_WANTED`] if it is lower (never above the
 /// hard limit, never lowering it) and returns the soft limit in force afterwards (`None`:
 /// unlimited). A refusal (a sandbox that forbids it) leaves the limit as it was.
-pub fn raise_open_file_limit() -> Option<u64> {
+pub(crate) fn raise_open_file_limit() -> Option<u64> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let now = getrlimit(Resource::Nofile);
     let soft = now.current?;
@@ -63,7 +63,7 @@ pub fn raise_open_file_limit() -> Option<u64> {
 
 /// What can stop the socket from being served.
 #[derive(Debug, thiserror::Error)]
-pub enum BindError {
+pub(crate) enum BindError {
     /// Another process answers on the socket path.
     #[error("another tokend is already serving {0}; stop it first or use another socket_path")]
     InUse(PathBuf),
@@ -93,7 +93,7 @@ pub enum BindError {
 static UMASK: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Creates the socket at `path` with `mode`.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+pub(crate) fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     let io = |source| BindError::Io {
         path: path.to_path_buf(),
         source,
@@ -141,7 +141,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// requests in progress finish for up to `grace`, and returns. Refusals and timeouts are
 /// counted in `metrics`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: UnixListener,
     router: Router,
     metrics: Arc<Metrics>,
@@ -153,7 +153,7 @@ pub async fn serve(
 
 /// The socket API's [`Limits`]: the constants of [`crate::serve`], draining for `grace`,
 /// and the standard JSON error as the answer over a uid's share.
-pub fn limits(grace: Duration) -> Limits {
+pub(crate) fn limits(grace: Duration) -> Limits {
     Limits::standard(grace, refusal)
 }
 
@@ -161,7 +161,7 @@ pub fn limits(grace: Duration) -> Limits {
 /// `Retry-After`, then the connection is closed. INTERFACE.md has no error code for an
 /// overloaded daemon; `provider_unavailable` is its only 503, and what a client does with it
 /// (retry after `Retry-After`) is what it should do here. The message says what happened.
-pub fn refusal(uid: u32, share: usize) -> Vec<u8> {
+pub(crate) fn refusal(uid: u32, share: usize) -> Vec<u8> {
     let body = serde_json::to_string(&crate::wire::ErrorBody {
         error: crate::wire::ErrorDetail {
             code: crate::wire::ErrorCode::ProviderUnavailable,

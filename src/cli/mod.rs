@@ -18,6 +18,11 @@
 //! (`EX_CONFIG` from sysexits.h). Errors go to stderr as `tokend: ...`. stdout carries only
 //! the command's answer, so that `tokend token ID` prints the access token and nothing else;
 //! no other command ever prints a token.
+//!
+//! Public outside the library, for the binary alone: [`Action`] and the types it carries,
+//! [`DEFAULT_LABEL`] (clap's default), [`run`], [`exit`], [`env_socket`] and
+//! [`daemon_toml_page`]; [`Failure`] is public only as their result type (its fields are
+//! not). Everything else is `pub(crate)`.
 
 pub(crate) mod commands;
 mod connect;
@@ -31,16 +36,21 @@ use std::process::ExitCode;
 pub use commands::{ClientCommand, TokenTarget};
 pub use migrate::{LedgerUrl, MigrateTarget};
 
+/// `daemon.toml(5)` in roff, for the binary's hidden `man-pages` command (`src/main.rs`
+/// writes it beside the section-1 pages it renders from its clap definition): public so that
+/// the binary needs no other module than this one.
+pub use crate::config::manual::page as daemon_toml_page;
+
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 
 /// Runtime failure: the daemon refused, was unreachable, or the input was unusable.
-pub const EXIT_RUNTIME: u8 = 1;
+pub(crate) const EXIT_RUNTIME: u8 = 1;
 /// Usage error: what clap exits with for a bad command line; also a value clap cannot judge
 /// (a `migrate-ledger` URL that is not a PostgreSQL URL).
-pub const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 /// Bad configuration: `EX_CONFIG` from sysexits.h, what service managers and scripts expect.
-pub const EXIT_CONFIG: u8 = 64;
+pub(crate) const EXIT_CONFIG: u8 = 64;
 
 /// The label `connect` uses when none is given.
 pub const DEFAULT_LABEL: &str = "atlassian";
@@ -67,9 +77,9 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Failure {
     /// The process exit code ([`EXIT_RUNTIME`], [`EXIT_USAGE`] or [`EXIT_CONFIG`]).
-    pub code: u8,
+    pub(crate) code: u8,
     /// What went wrong, for a human.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl Failure {

@@ -1,6 +1,6 @@
 //! [`AnyLedger`]: the SQLite or the PostgreSQL ledger, for what the daemon does with its
-//! ledger beyond the engine's `Store` seam (the audit trail, the events route, housekeeping,
-//! the node name, the write probe). One `match` per operation, no SQL.
+//! ledger beyond the engine's `Store` seam (the audit trail, the events route, housekeeping).
+//! One `match` per operation, no SQL.
 
 use super::{Ledger, LedgerError, PgError, PgLedger};
 use crate::model::{Event, StoredEvent, Time};
@@ -52,30 +52,6 @@ impl AnyLedger {
             AnyLedger::Sqlite(l) => Ok(l.maintain(before, keep).await?),
             AnyLedger::Postgres(l) => Ok(l.maintain(before, keep).await?),
         }
-    }
-
-    /// Names the daemon in every event it records from now on.
-    pub fn set_node(&self, name: &str) -> Result<(), AnyError> {
-        match self {
-            AnyLedger::Sqlite(l) => Ok(l.set_node(name)?),
-            AnyLedger::Postgres(l) => {
-                l.set_node(name);
-                Ok(())
-            }
-        }
-    }
-
-    /// Proves the ledger takes a write now.
-    pub async fn check_writable(&self) -> Result<(), AnyError> {
-        match self {
-            AnyLedger::Sqlite(l) => Ok(l.check_writable().await?),
-            AnyLedger::Postgres(l) => Ok(l.check_writable().await?),
-        }
-    }
-
-    /// Whether several daemons share this ledger.
-    pub fn is_shared(&self) -> bool {
-        matches!(self, AnyLedger::Postgres(_))
     }
 }
 

@@ -20,8 +20,10 @@ pub(crate) mod migrate;
 pub(crate) mod pg;
 pub mod seal;
 
-pub use any::{AnyError, AnyLedger};
-pub use pg::{Fence, PgError, PgLedger};
+pub(crate) use any::{AnyError, AnyLedger};
+/// Public for `tests/it/migrate.rs`, which reads a migrated PostgreSQL ledger back.
+pub use pg::PgLedger;
+pub(crate) use pg::{Fence, PgError};
 
 use crate::model::{
     AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
@@ -140,11 +142,11 @@ pub const MIGRATIONS: &[&str] = &[
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// What can go wrong with the ledger.
 #[derive(Debug, thiserror::Error)]
-pub enum LedgerError {
+pub(crate) enum LedgerError {
     /// The state directory or database file could not be created or opened.
     #[error("cannot open ledger {path}: {source}")]
     Open {
@@ -202,7 +204,7 @@ pub enum LedgerError {
 
 /// A cheap, cloneable handle on the ledger. Statements run on tokio's blocking pool.
 #[derive(Clone)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     inner: Arc<Inner>,
 }
 
@@ -565,7 +567,9 @@ impl Ledger {
         .await
     }
 
-    /// Appends events without changing any row.
+    /// Appends events without changing any row (tests only: the daemon's events come with
+    /// the writes that caused them, or in the audit trail's `append_batch`).
+    #[cfg(test)]
     pub async fn append(
         &self,
         connection_id: Option<String>,

@@ -345,6 +345,11 @@ pub struct Fence {
 }
 
 /// A cheap, cloneable handle on the PostgreSQL ledger.
+///
+/// Public outside the library, with [`PgLedger::connect`] and [`PgLedger::load_all`] only,
+/// for `tests/it/migrate.rs`, which reads back what `migrate-ledger` wrote as a daemon would
+/// (the records it answers are public for their fields, unnameable outside); every other
+/// method is `pub(crate)`.
 #[derive(Clone)]
 pub struct PgLedger {
     inner: Arc<Inner>,
@@ -361,11 +366,11 @@ struct Inner {
 }
 
 impl PgLedger {
-    /// Connects to `url` (`sslmode` honoured, see [`tls`]), migrates the schema to
-    /// [`SCHEMA_VERSION`] and checks (or, on a new database, records) the key. `keys` are
+    /// Connects to `url` (`sslmode` honoured, see `tls`), migrates the schema to
+    /// `SCHEMA_VERSION` and checks (or, on a new database, records) the key. `keys` are
     /// the daemon's `daemon.key_file` / `old_key_files`; `state_dir` holds the default key
     /// file, created on first start as for SQLite (every daemon on one ledger needs the same
-    /// key: a second one's own new key is refused as [`PgError::WrongKey`]).
+    /// key: a second one's own new key is refused as `PgError::WrongKey`).
     pub async fn connect(
         url: &str,
         keys: &KeySource,
@@ -518,7 +523,7 @@ impl PgLedger {
     /// Tests only: a connection's `refresh_token` column as stored (sealed), for the
     /// semantics tests that check sealing at rest.
     #[cfg(test)]
-    pub async fn stored_refresh_token(&self, id: &str) -> String {
+    pub(crate) async fn stored_refresh_token(&self, id: &str) -> String {
         let client = self.inner.pool.get().await.unwrap();
         client
             .query_one(
@@ -532,7 +537,7 @@ impl PgLedger {
 
     /// Tests only: overwrites a connection's stored `refresh_token` column.
     #[cfg(test)]
-    pub async fn overwrite_stored_refresh_token(&self, id: &str, value: &str) {
+    pub(crate) async fn overwrite_stored_refresh_token(&self, id: &str, value: &str) {
         let client = self.inner.pool.get().await.unwrap();
         client
             .execute(
@@ -644,7 +649,7 @@ impl PgLedger {
     }
 
     /// One connection with its chain and sites, or `None`.
-    pub async fn load_one(&self, id: String) -> Result<Option<Record>, PgError> {
+    pub(crate) async fn load_one(&self, id: String) -> Result<Option<Record>, PgError> {
         self.read(move |tx, keys| {
             Box::pin(async move {
                 tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -667,7 +672,7 @@ impl PgLedger {
     }
 
     /// Inserts a new connection with its first events (`LabelTaken` when the label is used).
-    pub async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), PgError> {
+    pub(crate) async fn insert(&self, rec: Record, events: Vec<Event>) -> Result<(), PgError> {
         let node = self.node();
         self.tx(move |tx, keys| {
             Box::pin(async move {
@@ -718,7 +723,7 @@ impl PgLedger {
 
     /// Commits a change of a connection's chain and appends events, only while the stored
     /// chain is at `expect_version` (see the SQLite ledger's `save_chain`).
-    pub async fn save_chain(
+    pub(crate) async fn save_chain(
         &self,
         rec: Record,
         expect_version: u64,
@@ -730,7 +735,7 @@ impl PgLedger {
 
     /// [`PgLedger::save_chain`], and only while `fence` still holds the chain's claim,
     /// unexpired by the database's clock; else `Conflict`.
-    pub async fn save_chain_fenced(
+    pub(crate) async fn save_chain_fenced(
         &self,
         rec: Record,
         expect_version: u64,
@@ -782,7 +787,7 @@ impl PgLedger {
     }
 
     /// Records the account behind a connection and appends events.
-    pub async fn set_account(
+    pub(crate) async fn set_account(
         &self,
         id: String,
         account_id: String,
@@ -810,7 +815,7 @@ impl PgLedger {
 
     /// Moves the chain of `from` into `merged` and deletes `from` (see the SQLite ledger's
     /// `merge`).
-    pub async fn merge(
+    pub(crate) async fn merge(
         &self,
         from: String,
         from_version: u64,
@@ -856,7 +861,7 @@ impl PgLedger {
 
     /// Replaces the sites of a connection; returns the events describing the changes
     /// (already appended).
-    pub async fn sync_sites(
+    pub(crate) async fn sync_sites(
         &self,
         id: String,
         sites: Vec<Site>,
@@ -888,7 +893,7 @@ impl PgLedger {
     }
 
     /// Deletes a connection (its sites and claim go with it); false when there was none.
-    pub async fn delete(&self, id: String, now: Time) -> Result<bool, PgError> {
+    pub(crate) async fn delete(&self, id: String, now: Time) -> Result<bool, PgError> {
         let node = self.node();
         self.tx(move |tx, _keys| {
             Box::pin(async move {
@@ -905,8 +910,9 @@ impl PgLedger {
         .await
     }
 
-    /// Appends events without changing any row.
-    pub async fn append(
+    /// Appends events without changing any row (tests only, as `Ledger::append`).
+    #[cfg(test)]
+    pub(crate) async fn append(
         &self,
         connection_id: Option<String>,
         now: Time,
@@ -922,7 +928,10 @@ impl PgLedger {
     }
 
     /// Appends many events of many connections in one transaction (the audit trail's flush).
-    pub async fn append_batch(&self, events: Vec<(String, Time, Event)>) -> Result<(), PgError> {
+    pub(crate) async fn append_batch(
+        &self,
+        events: Vec<(String, Time, Event)>,
+    ) -> Result<(), PgError> {
         self.append_rows(
             events
                 .into_iter()
@@ -954,7 +963,7 @@ impl PgLedger {
     }
 
     /// Names the daemon in every event it records from now on (`daemon.node_name`).
-    pub fn set_node(&self, name: &str) {
+    pub(crate) fn set_node(&self, name: &str) {
         *self.inner.node.write() = Some(name.to_owned());
     }
 
@@ -964,7 +973,7 @@ impl PgLedger {
 
     /// The history of one connection, newest first: at most `limit` events, none before
     /// `since`.
-    pub async fn events(
+    pub(crate) async fn events(
         &self,
         id: String,
         since: Option<Time>,
@@ -992,7 +1001,7 @@ impl PgLedger {
     /// Housekeeping: deletes events older than `before`, then every connection's events
     /// beyond its newest `keep`, [`PRUNE_BATCH`] at a time (one short transaction each, as
     /// the SQLite ledger's `maintain`); returns how many.
-    pub async fn maintain(&self, before: Time, keep: usize) -> Result<usize, PgError> {
+    pub(crate) async fn maintain(&self, before: Time, keep: usize) -> Result<usize, PgError> {
         let mut total = 0;
         loop {
             let n = self
@@ -1029,7 +1038,7 @@ impl PgLedger {
     }
 
     /// Proves the ledger takes a write now.
-    pub async fn check_writable(&self) -> Result<(), PgError> {
+    pub(crate) async fn check_writable(&self) -> Result<(), PgError> {
         self.tx(|tx, _keys| {
             Box::pin(async move {
                 tx.execute(
@@ -1047,7 +1056,7 @@ impl PgLedger {
     /// connection outside the pool, reconnecting by itself, until the receiver is dropped.
     /// Changes this daemon's node (set with [`PgLedger::set_node`] before) wrote are left
     /// out.
-    pub fn listen(&self) -> tokio::sync::mpsc::Receiver<Change> {
+    pub(crate) fn listen(&self) -> tokio::sync::mpsc::Receiver<Change> {
         listen::start(self.inner.listen.clone(), self.node())
     }
 
@@ -1055,7 +1064,7 @@ impl PgLedger {
     /// granted when nobody holds it, its lease expired, or `holder` holds it already; the
     /// claim's version grows each time. `None` when another holder's lease runs; `Conflict`
     /// when there is no such connection.
-    pub async fn claim(
+    pub(crate) async fn claim(
         &self,
         id: String,
         holder: String,
@@ -1095,7 +1104,7 @@ impl PgLedger {
     /// Extends the claim `fence` to `lease` from now, while nobody else claimed the chain
     /// since (even past its expiry: an unchanged version proves no other holder wrote).
     /// `None` when the fence no longer holds.
-    pub async fn renew(
+    pub(crate) async fn renew(
         &self,
         id: String,
         fence: Fence,
@@ -1127,7 +1136,7 @@ impl PgLedger {
 
     /// Gives the claim `fence` up, so that another holder may claim at once; false when it
     /// no longer held. The row stays, so the next claim's version still grows.
-    pub async fn release(&self, id: String, fence: Fence) -> Result<bool, PgError> {
+    pub(crate) async fn release(&self, id: String, fence: Fence) -> Result<bool, PgError> {
         self.tx(move |tx, _keys| {
             Box::pin(async move {
                 let n = tx

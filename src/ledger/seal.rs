@@ -8,6 +8,12 @@
 //!
 //! **Architecture Invariant:** a key never leaves this module, and is wiped from memory when
 //! dropped.
+//!
+//! Public outside the library: [`KeySource`], [`Keyring::load`], [`Keyring::seal`],
+//! [`Keyring::open`] (and the [`Opened`] and [`KeyError`] they answer) and [`aad`], because
+//! the integration tests and the outside bench read and write sealed columns of a ledger
+//! beside the daemon (`tests/it/util/ledger.rs`, `tests/it/migrate.rs`,
+//! `benches/outside/seed.rs`, `benches/outside/storm.rs`); the rest is `pub(crate)`.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
@@ -23,7 +29,7 @@ use zeroize::Zeroizing;
 const PREFIX: &str = "s1:";
 
 /// The name of the key file tokend creates when `daemon.key_file` is not set.
-pub const DEFAULT_KEY_FILE: &str = "ledger.key";
+pub(crate) const DEFAULT_KEY_FILE: &str = "ledger.key";
 
 /// The nonce length of XChaCha20: large enough to draw at random for every value.
 const NONCE_LEN: usize = 24;
@@ -103,7 +109,7 @@ impl Keyring {
 
     /// A keyring of one given key (tests).
     #[cfg(test)]
-    pub fn from_bytes(bytes: [u8; 32]) -> Keyring {
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> Keyring {
         Keyring {
             current: SealKey {
                 bytes: Zeroizing::new(bytes),
@@ -114,12 +120,12 @@ impl Keyring {
     }
 
     /// The file of the key that seals.
-    pub fn key_file(&self) -> &Path {
+    pub(crate) fn key_file(&self) -> &Path {
         &self.current.path
     }
 
     /// Whether old keys were configured.
-    pub fn has_old_keys(&self) -> bool {
+    pub(crate) fn has_old_keys(&self) -> bool {
         !self.old.is_empty()
     }
 
@@ -186,13 +192,13 @@ impl Keyring {
     }
 
     /// The key check value to store: proves at the next start that the key is the same.
-    pub fn check_value(&self) -> String {
+    pub(crate) fn check_value(&self) -> String {
         self.seal(CHECK_PLAINTEXT, "tokend:keycheck")
     }
 
     /// Which key opens a stored check value: `Some(false)` the current one, `Some(true)` an
     /// old one, `None` none.
-    pub fn verify(&self, check: &str) -> Option<bool> {
+    pub(crate) fn verify(&self, check: &str) -> Option<bool> {
         let opened = self.open(check, "tokend:keycheck").ok()?;
         (opened.plaintext.as_str() == CHECK_PLAINTEXT && check.starts_with(PREFIX))
             .then_some(opened.stale)

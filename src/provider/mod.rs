@@ -32,9 +32,8 @@ mod gate;
 #[cfg(test)]
 mod props;
 
-pub use classify::{ProviderError, TransientKind, parse_retry_after};
+pub use classify::{ProviderError, TransientKind};
 pub use client::{Atlassian, new_state};
-pub use gate::Endpoint;
 
 /// What tokend assumes an access token lives when the provider does not send `expires_in`.
 /// Atlassian documents one hour; assuming exactly that would hand out tokens that expire

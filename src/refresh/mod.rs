@@ -52,8 +52,7 @@ use tokio::time::Instant;
 use flight::Joined;
 
 pub use sites::SiteOutcome;
-pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint, TokioClock};
-pub use view::Page;
+pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint};
 
 /// How long a `state` handed out by `POST /v1/authorizations` stays valid. The consent screen
 /// plus Atlassian's 10-minute code lifetime fit inside it.

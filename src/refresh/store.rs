@@ -384,12 +384,15 @@ impl Clock for SystemClock {
 }
 
 /// Wall time that moves with tokio's clock, so that paused time (unit tests, the
-/// simulation) moves it too: `start` plus the tokio time elapsed since it was made.
+/// simulation) moves it too: `start` plus the tokio time elapsed since it was made. Tests
+/// only (the daemon runs on [`SystemClock`]).
+#[cfg(test)]
 pub struct TokioClock {
     start: Time,
     origin: tokio::time::Instant,
 }
 
+#[cfg(test)]
 impl TokioClock {
     /// A clock reading `start` now.
     pub fn new(start: Time) -> TokioClock {
@@ -400,6 +403,7 @@ impl TokioClock {
     }
 }
 
+#[cfg(test)]
 impl Clock for TokioClock {
     fn now(&self) -> Time {
         self.start + chrono::Duration::from_std(self.origin.elapsed()).unwrap_or_default()

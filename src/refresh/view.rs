@@ -56,11 +56,6 @@ impl Engine {
         }
     }
 
-    /// Every connection, sorted by label.
-    pub fn list(&self) -> Vec<ConnectionInfo> {
-        self.list_page(None, None).items
-    }
-
     /// Connections in label order with labels after `after` (exclusive; all when `None`),
     /// at most `limit` of them (all when `None`). Reads the label-ordered index: a page costs
     /// O(log n + limit), never a sort of every connection.
