@@ -178,8 +178,9 @@ fn a_daemon_paused_mid_refresh_past_its_lease_is_taken_over_and_its_late_commit_
     let conflicts_before = metric_of(&nodes[0].daemon, "tokend_lease_conflicts_total");
     let refreshes = fake.refresh_calls();
     // The fake rotates the chain at once and holds its answer: A is mid-refresh, holding
-    // the claim, when it is paused; the answer waits in its socket.
-    fake.set_token_delay(Duration::from_millis(1000));
+    // the claim, when it is paused; the answer waits in its socket. The hold leaves ample
+    // room for the pause to land first, and stays below A's request timeout.
+    fake.set_token_delay(Duration::from_millis(1500));
     let (a_answer, b_token) = std::thread::scope(|s| {
         let a = &nodes[0].daemon;
         let a_thread = s.spawn(move || {
@@ -229,10 +230,12 @@ fn a_daemon_paused_mid_refresh_past_its_lease_is_taken_over_and_its_late_commit_
         Some("acct-1"),
         "B's token is valid at the fake"
     );
-    // A's late commit was refused: it serves B's token, not the one its own answer held.
+    // Continued, A finds its request's timeout passed and its answer waiting, whichever it
+    // takes first: either way its write under the lapsed claim (the rotated chain, or the
+    // record of an unknown outcome) is refused, and it serves B's token, not its own.
     assert!(
         metric_of(&nodes[0].daemon, "tokend_lease_conflicts_total") > conflicts_before,
-        "A counts the refused commit\n{all}"
+        "A counts the refused write\n{all}"
     );
     eprintln!("A's caller was answered {a_answer:?}");
     for n in &nodes {
