@@ -10,6 +10,7 @@
 mod api;
 mod audit;
 mod chain;
+mod chaos;
 mod crypt;
 mod engine;
 mod fake;
