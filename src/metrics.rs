@@ -22,8 +22,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::future::BoxFuture;
-use parking_lot::RwLock;
-use prometheus::core::Desc;
+use parking_lot::{Mutex, RwLock};
 use prometheus::proto::MetricFamily;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -175,10 +174,14 @@ impl TokenOutcome {
 }
 
 /// One connection as the scrape-time gauges see it (from [`ConnectionSource::deadlines`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ConnectionDeadline {
+///
+/// It borrows the id from the source (the engine's slot, under its read lock): a scrape of
+/// 100,000 connections copies each id once, into the scrape's reused buffer, and allocates
+/// nothing per connection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionDeadline<'a> {
     /// The connection id (the `connection` label; never a user-chosen label).
-    pub id: String,
+    pub id: &'a str,
     /// When its refresh token expires if unused (Unix seconds).
     pub inactivity_unix: f64,
     /// When its consent runs out regardless of use (Unix seconds); `None` when unknown or
@@ -194,156 +197,241 @@ pub struct ConnectionDeadline {
 pub trait ConnectionSource: Send + Sync {
     /// Connections by status, `(active, needs_reauth)`: kept as statuses change, O(1).
     fn status_counts(&self) -> (usize, usize);
-    /// Every connection's deadlines, and now (Unix seconds) to measure the headroom from.
-    fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64);
+    /// Hands every connection's deadlines to `each`, one at a time (holding no lock over all
+    /// of them), and returns now (Unix seconds) to measure the headroom from.
+    fn deadlines(&self, each: &mut dyn FnMut(ConnectionDeadline<'_>)) -> f64;
 }
 
-/// The families a [`ConnectionGauges`] collect builds afresh at every scrape.
-struct ConnectionFamilies {
-    connections: IntGaugeVec,
-    headroom: Gauge,
-    /// `None` with `daemon.metrics_per_connection = false`.
-    per_connection: Option<(GaugeVec, GaugeVec)>,
+/// `tokend_connection_absolute_deadline_timestamp_seconds{connection}`.
+const ABSOLUTE_NAME: &str = "tokend_connection_absolute_deadline_timestamp_seconds";
+const ABSOLUTE_HELP: &str = "When an active connection's consent runs out regardless of use (Unix \
+                             time); absent when unknown.";
+/// `tokend_connection_inactivity_deadline_timestamp_seconds{connection}`.
+const INACTIVITY_NAME: &str = "tokend_connection_inactivity_deadline_timestamp_seconds";
+const INACTIVITY_HELP: &str = "When an active connection's refresh token expires if unused (Unix \
+                               time).";
+/// The per-connection family that sorts first: the encoder writes families sorted by name,
+/// and [`Metrics::render`] writes the per-connection ones where they sort (just before
+/// `tokend_connections`).
+const PER_CONNECTION_FIRST: &str = ABSOLUTE_NAME;
+/// Room reserved for a sample value when a scrape sizes its answer: a deadline in Unix seconds
+/// with milliseconds is at most 18 characters as `Display` writes it; a longer one only costs
+/// the answer a reallocation.
+const VALUE_ROOM: usize = 24;
+
+/// One active connection of a scrape: where its id is in [`Scratch::ids`], and its deadlines.
+struct Series {
+    /// `Scratch::ids[start..end]` is the id: the ids share one buffer instead of a `String`
+    /// each.
+    start: usize,
+    end: usize,
+    inactivity_unix: f64,
+    /// `None` when unknown, disabled or not finite: no series then.
+    absolute_unix: Option<f64>,
 }
 
-impl ConnectionFamilies {
-    /// Unregistered metrics with the names, help texts and labels of INTERFACE.md.
-    fn new(per_connection: bool) -> ConnectionFamilies {
-        let gauge_vec = |name: &str, help: &str, label: &str| {
-            GaugeVec::new(Opts::new(name, help), &[label]).expect("valid")
-        };
-        ConnectionFamilies {
-            connections: IntGaugeVec::new(
-                Opts::new(
-                    "tokend_connections",
-                    "Connections in the ledger, by status (active, needs_reauth).",
-                ),
-                &["status"],
-            )
-            .expect("valid"),
-            headroom: Gauge::with_opts(Opts::new(
-                "tokend_inactivity_headroom_seconds",
-                "Smallest time left before an active connection's refresh token expires from \
-                 inactivity; +Inf when there is no active connection.",
-            ))
-            .expect("valid"),
-            per_connection: per_connection.then(|| {
-                (
-                    gauge_vec(
-                        "tokend_connection_inactivity_deadline_timestamp_seconds",
-                        "When an active connection's refresh token expires if unused (Unix \
-                         time).",
-                        "connection",
-                    ),
-                    gauge_vec(
-                        "tokend_connection_absolute_deadline_timestamp_seconds",
-                        "When an active connection's consent runs out regardless of use (Unix \
-                         time); absent when unknown.",
-                        "connection",
-                    ),
-                )
-            }),
-        }
-    }
-
-    fn collectors(&self) -> Vec<&dyn prometheus::core::Collector> {
-        let mut out: Vec<&dyn prometheus::core::Collector> =
-            vec![&self.connections, &self.headroom];
-        if let Some((inactivity, absolute)) = &self.per_connection {
-            out.push(inactivity);
-            out.push(absolute);
-        }
-        out
-    }
+/// The buffers a scrape collects the per-connection series in, kept between scrapes: at
+/// 100,000 connections they are a few MiB, which every scrape would otherwise allocate and
+/// grow afresh.
+#[derive(Default)]
+struct Scratch {
+    ids: String,
+    series: Vec<Series>,
 }
 
 /// `tokend_connections{status}`, `tokend_inactivity_headroom_seconds` and the
 /// per-connection deadline series, computed from the [`ConnectionSource`] at each scrape.
+///
+/// The two aggregate gauges are registered in the registry and set by [`Self::scrape`] just
+/// before it is gathered; the per-connection series are never `prometheus` objects: the
+/// scrape collects them in [`Scratch`] and writes their text itself ([`Scrape::write_series`],
+/// held byte for byte to the crate's encoder by a test).
 ///
 /// Before a source is attached (or after it is gone) the counts are 0 and the headroom +Inf,
 /// as for an empty ledger.
 struct ConnectionGauges {
     /// Weak: the engine holds the metrics, and must not be kept alive by them.
     source: RwLock<Option<Weak<dyn ConnectionSource>>>,
+    /// False with `daemon.metrics_per_connection = false`: no `{connection}` series.
     per_connection: bool,
-    /// The descriptors of the families, for registration (built once).
-    descs: Vec<Desc>,
+    connections: IntGaugeVec,
+    headroom: Gauge,
+    /// One scrape at a time uses the buffers (and sets the aggregate gauges): another waits
+    /// for it, so that each scrape shows the gauges it computed.
+    scratch: Mutex<Scratch>,
 }
 
 impl ConnectionGauges {
-    fn new(per_connection: bool) -> ConnectionGauges {
-        let families = ConnectionFamilies::new(per_connection);
-        let descs = families
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.desc().into_iter().cloned())
-            .collect();
+    /// The gauges, their aggregate families registered in `r` with the names, help texts and
+    /// labels of INTERFACE.md.
+    fn new(per_connection: bool, r: &Registry) -> ConnectionGauges {
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "tokend_connections",
+                "Connections in the ledger, by status (active, needs_reauth).",
+            ),
+            &["status"],
+        )
+        .expect(VALID);
+        let headroom = Gauge::with_opts(Opts::new(
+            "tokend_inactivity_headroom_seconds",
+            "Smallest time left before an active connection's refresh token expires from \
+             inactivity; +Inf when there is no active connection.",
+        ))
+        .expect(VALID);
+        r.register(Box::new(connections.clone())).expect(VALID);
+        r.register(Box::new(headroom.clone())).expect(VALID);
         ConnectionGauges {
             source: RwLock::new(None),
             per_connection,
-            descs,
+            connections,
+            headroom,
+            scratch: Mutex::new(Scratch::default()),
         }
     }
-}
 
-/// Registers a collector the registry shares with its owner (the registry wants a box).
-struct SharedCollector<C>(Arc<C>);
-
-impl<C: prometheus::core::Collector> prometheus::core::Collector for SharedCollector<C> {
-    fn desc(&self) -> Vec<&Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.0.collect()
-    }
-}
-
-impl prometheus::core::Collector for ConnectionGauges {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
+    /// Reads the source once: sets the aggregate gauges and collects the per-connection
+    /// series, sorted by id (as the registry sorts a family's series by label value).
+    ///
     /// Only active connections get per-connection series: a chain in `needs_reauth` is
     /// already dead, has no deadline left to watch, and is counted by
     /// `tokend_connections{status="needs_reauth"}`. The headroom is the smallest
     /// `inactivity - now` over the active connections (+Inf when there is none, so a `< 7d`
     /// alert cannot fire on an empty ledger; negative when one is overdue). Non-finite times
     /// are ignored.
-    fn collect(&self) -> Vec<MetricFamily> {
-        let f = ConnectionFamilies::new(self.per_connection);
+    fn scrape(&self) -> Scrape<'_> {
+        let mut scratch = self.scratch.lock();
         let source = self.source.read().as_ref().and_then(Weak::upgrade);
         let (active, needs_reauth) = source.as_ref().map_or((0, 0), |s| s.status_counts());
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        f.connections
+        self.connections
             .with_label_values(&["active"])
             .set(as_i64(active));
-        f.connections
+        self.connections
             .with_label_values(&["needs_reauth"])
             .set(as_i64(needs_reauth));
-        let (deadlines, now_unix) = source.map_or((Vec::new(), 0.0), |s| s.deadlines());
-        let watched = deadlines
-            .iter()
-            .filter(|d| d.active && d.inactivity_unix.is_finite());
-        f.headroom.set(
-            watched
-                .clone()
-                .map(|d| d.inactivity_unix - now_unix)
-                .fold(f64::INFINITY, f64::min),
-        );
-        if let Some((inactivity, absolute)) = &f.per_connection {
-            for d in watched {
-                let labels = [d.id.as_str()];
-                inactivity.with_label_values(&labels).set(d.inactivity_unix);
-                if let Some(a) = d.absolute_unix.filter(|a| a.is_finite()) {
-                    absolute.with_label_values(&labels).set(a);
+        let Scratch { ids, series } = &mut *scratch;
+        ids.clear();
+        series.clear();
+        let mut soonest = f64::INFINITY;
+        let per_connection = self.per_connection;
+        let now_unix = source.map_or(0.0, |s| {
+            s.deadlines(&mut |d| {
+                if !d.active || !d.inactivity_unix.is_finite() {
+                    return;
                 }
-            }
+                soonest = soonest.min(d.inactivity_unix);
+                if per_connection {
+                    let start = ids.len();
+                    ids.push_str(d.id);
+                    series.push(Series {
+                        start,
+                        end: ids.len(),
+                        inactivity_unix: d.inactivity_unix,
+                        absolute_unix: d.absolute_unix.filter(|a| a.is_finite()),
+                    });
+                }
+            })
+        });
+        // Rounding is monotonic: the smallest difference is the difference of the smallest.
+        self.headroom.set(if soonest.is_finite() {
+            soonest - now_unix
+        } else {
+            f64::INFINITY
+        });
+        series.sort_unstable_by(|a, b| ids[a.start..a.end].cmp(&ids[b.start..b.end]));
+        Scrape { scratch }
+    }
+}
+
+/// One scrape's per-connection series (holding the scratch buffers until it is written).
+struct Scrape<'a> {
+    scratch: parking_lot::MutexGuard<'a, Scratch>,
+}
+
+impl Scrape<'_> {
+    fn ids(&self, s: &Series) -> &str {
+        &self.scratch.ids[s.start..s.end]
+    }
+
+    /// An upper bound (but for unusually long values or escaped ids) of what
+    /// [`Self::write_series`] writes.
+    fn text_len(&self) -> usize {
+        let series = &self.scratch.series;
+        let headers = |name: &str, help: &str| 2 * name.len() + help.len() + 24;
+        let line = |name: &str| name.len() + "{connection=\"\"} \n".len() + VALUE_ROOM;
+        let absolute = series.iter().filter(|s| s.absolute_unix.is_some()).count();
+        self.scratch.ids.len() * 2
+            + headers(ABSOLUTE_NAME, ABSOLUTE_HELP)
+            + headers(INACTIVITY_NAME, INACTIVITY_HELP)
+            + absolute * line(ABSOLUTE_NAME)
+            + series.len() * line(INACTIVITY_NAME)
+    }
+
+    /// Appends the per-connection families as the crate's `TextEncoder` writes them (a
+    /// family without a series is left out, as the registry leaves it out).
+    fn write_series(&self, out: &mut String) {
+        let series = &self.scratch.series;
+        write_gauge_family(
+            out,
+            ABSOLUTE_NAME,
+            ABSOLUTE_HELP,
+            series
+                .iter()
+                .filter_map(|s| s.absolute_unix.map(|a| (self.ids(s), a))),
+        );
+        write_gauge_family(
+            out,
+            INACTIVITY_NAME,
+            INACTIVITY_HELP,
+            series.iter().map(|s| (self.ids(s), s.inactivity_unix)),
+        );
+    }
+}
+
+/// A gauge family with one `connection` label, in the text format as `prometheus`'
+/// `TextEncoder` writes it: `# HELP` and `# TYPE` lines, then `name{connection="id"} value`
+/// with the value as `f64`'s `Display` writes it; nothing at all without a series.
+fn write_gauge_family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    mut samples: impl Iterator<Item = (&'a str, f64)>,
+) {
+    use std::fmt::Write as _;
+    let Some(first) = samples.next() else {
+        return;
+    };
+    out.push_str("# HELP ");
+    out.push_str(name);
+    out.push(' ');
+    push_escaped(out, help, false);
+    out.push_str("\n# TYPE ");
+    out.push_str(name);
+    out.push_str(" gauge\n");
+    for (id, value) in std::iter::once(first).chain(samples) {
+        out.push_str(name);
+        out.push_str("{connection=\"");
+        push_escaped(out, id, true);
+        // Writing to a `String` cannot fail.
+        let _ = writeln!(out, "\"}} {value}");
+    }
+}
+
+/// `text` escaped as the encoder escapes it: `\` and newline always, `"` in label values.
+fn push_escaped(out: &mut String, text: &str, label_value: bool) {
+    let special = |c: char| c == '\\' || c == '\n' || (label_value && c == '"');
+    if !text.contains(special) {
+        out.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if label_value => out.push_str("\\\""),
+            c => out.push(c),
         }
-        f.collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .collect()
     }
 }
 
@@ -351,7 +439,7 @@ impl prometheus::core::Collector for ConnectionGauges {
 pub struct Metrics {
     registry: Registry,
     /// The connection gauges, computed from the engine at each scrape.
-    connections: Arc<ConnectionGauges>,
+    connections: ConnectionGauges,
     refreshes: IntCounterVec,
     refresh_duration: Histogram,
     /// `tokend_token_requests_total` by outcome, each child resolved once (indexed by
@@ -507,9 +595,7 @@ impl Metrics {
     pub fn new(per_connection: bool) -> Metrics {
         let r = Registry::new();
 
-        let connections = Arc::new(ConnectionGauges::new(per_connection));
-        r.register(Box::new(SharedCollector(connections.clone())))
-            .expect(VALID);
+        let connections = ConnectionGauges::new(per_connection, &r);
 
         let refreshes = register_int_counter_vec_with_registry!(
             "tokend_refreshes_total",
@@ -788,12 +874,32 @@ impl Metrics {
     }
 
     /// Every metric in the Prometheus text exposition format 0.0.4 ([`CONTENT_TYPE`]).
+    ///
+    /// Byte for byte what the crate's `TextEncoder` writes when the per-connection series are
+    /// gauge families of the registry (families sorted by name, series by label value; a test
+    /// holds it to that), but those series, one or two per connection, are written as text
+    /// straight from the scrape's buffers ([`ConnectionGauges::scrape`]) instead of being
+    /// built as `MetricFamily` objects first: at 100,000 connections those objects were most
+    /// of the scrape's time and memory. The answer is sized once, so the text is never
+    /// copied whole.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
-            tracing::error!(error = %e, "cannot encode the metrics");
-        }
-        canonical_infinities(out)
+        let scrape = self.connections.scrape();
+        let families = self.registry.gather();
+        let split = families.partition_point(|f| f.name() < PER_CONNECTION_FIRST);
+        let encode = |families: &[MetricFamily]| {
+            let mut text = String::new();
+            if let Err(e) = TextEncoder::new().encode_utf8(families, &mut text) {
+                tracing::error!(error = %e, "cannot encode the metrics");
+            }
+            canonical_infinities(text)
+        };
+        let head = encode(&families[..split]);
+        let tail = encode(&families[split..]);
+        let mut out = String::with_capacity(head.len() + scrape.text_len() + tail.len());
+        out.push_str(&head);
+        scrape.write_series(&mut out);
+        out.push_str(&tail);
+        out
     }
 }
 
@@ -933,13 +1039,17 @@ mod tests {
         text.lines().any(|l| l == format!("# TYPE {name} {kind}"))
     }
 
-    fn deadline(
-        id: &str,
-        inactivity: f64,
-        absolute: Option<f64>,
+    /// A [`ConnectionDeadline`] that owns its id, as a test's source keeps it.
+    #[derive(Clone, Debug)]
+    struct Owned {
+        id: String,
+        inactivity_unix: f64,
+        absolute_unix: Option<f64>,
         active: bool,
-    ) -> ConnectionDeadline {
-        ConnectionDeadline {
+    }
+
+    fn deadline(id: &str, inactivity: f64, absolute: Option<f64>, active: bool) -> Owned {
+        Owned {
             id: id.to_owned(),
             inactivity_unix: inactivity,
             absolute_unix: absolute,
@@ -951,7 +1061,7 @@ mod tests {
     #[derive(Default)]
     struct Fixed {
         counts: Mutex<(usize, usize)>,
-        deadlines: Mutex<(Vec<ConnectionDeadline>, f64)>,
+        deadlines: Mutex<(Vec<Owned>, f64)>,
     }
 
     impl ConnectionSource for Fixed {
@@ -959,8 +1069,17 @@ mod tests {
             *self.counts.lock()
         }
 
-        fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64) {
-            self.deadlines.lock().clone()
+        fn deadlines(&self, each: &mut dyn FnMut(ConnectionDeadline<'_>)) -> f64 {
+            let (deadlines, now_unix) = &*self.deadlines.lock();
+            for d in deadlines {
+                each(ConnectionDeadline {
+                    id: &d.id,
+                    inactivity_unix: d.inactivity_unix,
+                    absolute_unix: d.absolute_unix,
+                    active: d.active,
+                });
+            }
+            *now_unix
         }
     }
 
@@ -969,7 +1088,7 @@ mod tests {
             *self.counts.lock() = (active, needs_reauth);
         }
 
-        fn set_connection_deadlines(&self, snapshot: &[ConnectionDeadline], now_unix: f64) {
+        fn set_connection_deadlines(&self, snapshot: &[Owned], now_unix: f64) {
             *self.deadlines.lock() = (snapshot.to_vec(), now_unix);
         }
     }
@@ -1345,6 +1464,66 @@ mod tests {
         assert_eq!(
             value(&m.render(), "tokend_inactivity_headroom_seconds"),
             Some(-5.0)
+        );
+    }
+
+    /// The per-connection series written as text are what the crate's own encoder writes for
+    /// them as registered gauge families, byte for byte (escaping, value formatting, series
+    /// order), in the place the registry's name order gives them.
+    #[test]
+    fn per_connection_text_is_the_encoders() {
+        let m = Metrics::new(true);
+        let src = watched(&m);
+        let now = 1_700_000_000.5;
+        let snapshot = [
+            deadline("zeta", now + 0.125, Some(now + 1e9), true),
+            deadline("quote\"d", now - 3.0, None, true),
+            deadline("back\\slash\nnew line", 1.0, Some(-0.0), true),
+            deadline("ümlaut-ü", 1_776_000_000.0, Some(1_800_000_000.001), true),
+            deadline("a", now + 86_400.0 * 90.0, Some(f64::INFINITY), true),
+            deadline("dead", now, Some(now), false),
+            deadline("nan", f64::NAN, Some(now), true),
+            deadline("A-upper", 0.1 + 0.2, Some(1e-7), true),
+        ];
+        src.set_connection_deadlines(&snapshot, now);
+        let reference = Registry::new();
+        let gauge_vec = |name: &str, help: &str| {
+            register_gauge_vec_with_registry!(name, help, &["connection"], reference).unwrap()
+        };
+        let inactivity = gauge_vec(INACTIVITY_NAME, INACTIVITY_HELP);
+        let absolute = gauge_vec(ABSOLUTE_NAME, ABSOLUTE_HELP);
+        for d in snapshot
+            .iter()
+            .filter(|d| d.active && d.inactivity_unix.is_finite())
+        {
+            inactivity
+                .with_label_values(&[d.id.as_str()])
+                .set(d.inactivity_unix);
+            if let Some(a) = d.absolute_unix.filter(|a| a.is_finite()) {
+                absolute.with_label_values(&[d.id.as_str()]).set(a);
+            }
+        }
+        let expected = TextEncoder::new()
+            .encode_to_string(&reference.gather())
+            .unwrap();
+        let t = m.render();
+        assert!(expected.contains("quote\\\"d"), "{expected}");
+        assert!(
+            t.contains(&format!("{expected}# HELP tokend_connections ")),
+            "expected\n{expected}\nin\n{t}"
+        );
+        assert_eq!(t.matches("connection=\"").count(), 10, "{t}");
+
+        // No absolute deadline at all: no such family, as the registry leaves it out.
+        src.set_connection_deadlines(&[deadline("b", now + 1.0, None, true)], now);
+        let t = m.render();
+        assert!(!t.contains(ABSOLUTE_NAME), "{t}");
+        assert!(
+            t.contains(&format!(
+                "# HELP {INACTIVITY_NAME} {INACTIVITY_HELP}\n# TYPE {INACTIVITY_NAME} gauge\n\
+                 {INACTIVITY_NAME}{{connection=\"b\"}} 1700000001.5\n# HELP tokend_connections "
+            )),
+            "{t}"
         );
     }
 

@@ -215,17 +215,16 @@ impl ConnectionSource for Engine {
         Engine::status_counts(self)
     }
 
-    fn deadlines(&self) -> (Vec<ConnectionDeadline>, f64) {
+    /// Each slot under its read lock, one at a time (the index lock only to list them).
+    fn deadlines(&self, each: &mut dyn FnMut(ConnectionDeadline<'_>)) -> f64 {
         let settings = self.settings();
         let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
-        let deadlines = self
-            .slots()
-            .iter()
-            .filter_map(|s| {
-                let st = s.lock();
-                let conn = &st.rec.conn;
-                (!st.removed).then(|| ConnectionDeadline {
-                    id: conn.id.clone(),
+        for s in self.slots() {
+            let st = s.read();
+            let conn = &st.rec.conn;
+            if !st.removed {
+                each(ConnectionDeadline {
+                    id: &conn.id,
                     inactivity_unix: unix(
                         st.rec.chain.used_at + chrono_dur(settings.inactivity_expiry),
                     ),
@@ -233,9 +232,9 @@ impl ConnectionSource for Engine {
                         .absolute_expiry
                         .map(|a| unix(conn.consented_at + chrono_dur(a))),
                     active: conn.status == Status::Active,
-                })
-            })
-            .collect();
-        (deadlines, unix(self.now()))
+                });
+            }
+        }
+        unix(self.now())
     }
 }
