@@ -445,7 +445,7 @@ async fn take_claim(engine: &Engine, slot: &Slot, id: &str) -> Result<Option<Ins
             if st.claim.is_none() {
                 engine.metrics.lease_held(1);
             }
-            st.claim = Some(Claim { fence });
+            st.claim = Some(Box::new(Claim { fence }));
             Ok(Some(until))
         }
         None => {
@@ -470,7 +470,7 @@ async fn renew_claim(
     match engine.store.renew(id.to_owned(), fence, lease).await? {
         Some(fence) => {
             let until = sent + fence.valid_for;
-            slot.lock().claim = Some(Claim { fence });
+            slot.lock().claim = Some(Box::new(Claim { fence }));
             Ok(Some(until))
         }
         None => {

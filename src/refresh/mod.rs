@@ -44,8 +44,8 @@ use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -289,11 +289,16 @@ pub(crate) struct SlotState {
     /// atomic, so that a cached answer, which takes the state's lock for reading only, can
     /// record it.
     last_requested: LastRequested,
-    /// What a token answer shows of `rec.conn`, kept equal to it by [`SlotGuard`].
-    face: Arc<Face>,
-    /// `rec.chain.access`'s token, shared with the answers that hand it out; kept equal to
-    /// it by [`SlotGuard`].
-    access_shared: Option<Arc<Secret>>,
+    /// What a token answer shows of `rec.conn`, made by the first token answer after a
+    /// change (under the read lock, which no change can interleave with) and dropped by
+    /// [`SlotGuard`] when a field it shows changes. Lazy: most connections of a large ledger
+    /// are never read between two changes, and a face copies the id, scopes and sites
+    /// (about 0.9 KB a connection at the scale bench's 100,000).
+    face: OnceLock<Arc<Face>>,
+    /// `rec.chain.access`'s token, shared with the answers that hand it out: made by the
+    /// first answer of that token, dropped by [`SlotGuard`] when the token changes (lazy for
+    /// the same reason as `face`).
+    access_shared: OnceLock<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
     flight: Option<flight::Flight>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
@@ -313,8 +318,9 @@ pub(crate) struct SlotState {
     /// conflicted): the next attempt reloads the chain from the store first.
     stale: bool,
     /// The claim on this chain's refresh the running attempt holds (`attempt` takes and
-    /// renews it; the end of the attempt, `FlightGuard`, releases it).
-    claim: Option<attempt::Claim>,
+    /// renews it; the end of the attempt, `FlightGuard`, releases it). Boxed: held only
+    /// while an attempt runs on a shared ledger, and 48 bytes inline in every slot.
+    claim: Option<Box<attempt::Claim>>,
 }
 
 /// When a caller last asked for a connection's token, as an atomic (nanoseconds after
@@ -375,25 +381,35 @@ impl std::ops::DerefMut for SlotGuard<'_> {
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         let st = &mut *self.0;
-        if !st.face.shows(&st.rec.conn) {
-            st.face = Arc::new(Face::of(&st.rec.conn));
+        if !st.face_current() {
+            st.face = OnceLock::new();
         }
         if !st.access_shared_current() {
-            st.access_shared = shared_access(&st.rec);
+            st.access_shared = OnceLock::new();
         }
     }
 }
 
-/// `rec`'s access token, to share with the answers ([`SlotState::access_shared`]).
-fn shared_access(rec: &Record) -> Option<Arc<Secret>> {
-    rec.chain.access.as_ref().map(|a| Arc::new(a.token.clone()))
-}
-
 impl SlotState {
-    /// Whether [`SlotState::access_shared`] is the record's access token.
+    /// Whether [`SlotState::face`], if made, shows the record's connection.
+    pub(crate) fn face_current(&self) -> bool {
+        self.face.get().is_none_or(|f| f.shows(&self.rec.conn))
+    }
+
+    /// What a token answer shows of the connection, made now if no answer since the last
+    /// change made it: a reader holding only the read lock may make it, since the record
+    /// cannot change under that lock.
+    fn face(&self) -> Arc<Face> {
+        self.face
+            .get_or_init(|| Arc::new(Face::of(&self.rec.conn)))
+            .clone()
+    }
+
+    /// Whether [`SlotState::access_shared`], if made, is the record's access token.
     pub(crate) fn access_shared_current(&self) -> bool {
-        let shared = self.access_shared.as_deref().map(Secret::expose);
-        shared == self.rec.chain.access.as_ref().map(|a| a.token.expose())
+        self.access_shared.get().is_none_or(|shared| {
+            self.rec.chain.access.as_ref().map(|a| a.token.expose()) == Some(shared.expose())
+        })
     }
 }
 
@@ -434,10 +450,11 @@ struct Index {
     /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
     /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
     by_id: HashMap<String, Arc<Slot>>,
-    /// Label to id: labels are unique in the ledger, and the API accepts either. Ordered,
-    /// so that listings come in label order without sorting every connection each call,
-    /// and a page (`?after=LABEL`) starts with a range lookup.
-    by_label: BTreeMap<String, String>,
+    /// Label to connection: labels are unique in the ledger, and the API accepts either.
+    /// Ordered, so that listings come in label order without sorting every connection each
+    /// call, and a page (`?after=LABEL`) starts with a range lookup. The same slot as
+    /// `by_id`'s (a reference count, not another copy of the id).
+    by_label: BTreeMap<String, Arc<Slot>>,
 }
 
 /// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),
@@ -466,8 +483,14 @@ type KeyMap = HashMap<Box<str>, Ids>;
 enum Ids {
     /// The only connection reaching the site.
     One(Box<str>),
-    /// Several connections reach it (two or more).
-    Many(HashSet<Box<str>>),
+    /// Several connections reach it (two or more). Boxed: rare, and a set inline would
+    /// make every entry of both maps 24 bytes larger (48-byte `Ids` instead of 24), the
+    /// index's largest cost at 100,000 connections.
+    #[expect(
+        clippy::box_collection,
+        reason = "the box keeps the common `One` entry small; the set is rare"
+    )]
+    Many(Box<HashSet<Box<str>>>),
 }
 
 impl Ids {
@@ -560,10 +583,10 @@ fn file_one(map: &mut KeyMap, key: &str, id: &str) {
         }
         Some(Ids::One(have)) if &**have == id => {}
         Some(ids @ Ids::One(_)) => {
-            let Ids::One(have) = std::mem::replace(ids, Ids::Many(HashSet::new())) else {
+            let Ids::One(have) = std::mem::replace(ids, Ids::Many(Box::default())) else {
                 unreachable!("matched One")
             };
-            *ids = Ids::Many(HashSet::from([have, id.into()]));
+            *ids = Ids::Many(Box::new(HashSet::from([have, id.into()])));
         }
         Some(Ids::Many(set)) => {
             set.insert(id.into());
@@ -766,14 +789,12 @@ impl Engine {
         let id = rec.conn.id.clone();
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
-        let face = Arc::new(Face::of(&rec.conn));
-        let access_shared = shared_access(&rec);
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: RwLock::new(SlotState {
-                face,
-                access_shared,
+                face: OnceLock::new(),
+                access_shared: OnceLock::new(),
                 rec,
                 held: held.map(Box::new),
                 not_before: None,
@@ -792,13 +813,21 @@ impl Engine {
             }),
         });
         let mut index = self.index.write();
-        index.by_label.insert(label, id.clone());
+        index.by_label.insert(label, slot.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(old) = index.by_id.insert(id.clone(), slot.clone()) {
+        if let Some(old_slot) = index.by_id.insert(id.clone(), slot.clone()) {
             // Never happens (ids are new, or were uninstalled first); keep the counts right.
-            let mut old = old.lock();
+            let mut old = old_slot.lock();
+            let old_label = old.rec.conn.label.clone();
+            if index
+                .by_label
+                .get(&old_label)
+                .is_some_and(|s| Arc::ptr_eq(s, &old_slot))
+            {
+                index.by_label.remove(&old_label);
+            }
             if old.filed() {
                 self.one_fewer_active();
                 self.unfile_sites(&old);
@@ -823,7 +852,11 @@ impl Engine {
             self.set_held(&mut st, None);
             let label = st.rec.conn.label.clone();
             drop(st);
-            if index.by_label.get(&label).map(String::as_str) == Some(id) {
+            if index
+                .by_label
+                .get(&label)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot))
+            {
                 index.by_label.remove(&label);
             }
         }
@@ -904,10 +937,17 @@ impl Engine {
     /// A connection's label changed (a held insert committed under a generated label).
     fn relabel(&self, id: &str, old: &str, new: &str) {
         let mut index = self.index.write();
-        if index.by_label.get(old).map(String::as_str) == Some(id) {
+        let Some(slot) = index.by_id.get(id).cloned() else {
+            return;
+        };
+        if index
+            .by_label
+            .get(old)
+            .is_some_and(|s| Arc::ptr_eq(s, &slot))
+        {
             index.by_label.remove(old);
         }
-        index.by_label.insert(new.to_owned(), id.to_owned());
+        index.by_label.insert(new.to_owned(), slot);
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
@@ -921,8 +961,7 @@ impl Engine {
         if let Some(slot) = index.by_id.get(id_or_label) {
             return Some(slot.clone());
         }
-        let id = index.by_label.get(id_or_label)?;
-        index.by_id.get(id).cloned()
+        index.by_label.get(id_or_label).cloned()
     }
 
     /// A fresh access token valid for at least `min_valid` (or the freshest the provider
@@ -1208,13 +1247,20 @@ impl Engine {
 }
 
 fn grant_of(st: &SlotState, a: &AccessToken, served: Served) -> TokenGrant {
-    // `access_shared` is `a`'s token (the slot's guard keeps it so); a copy only if not.
-    let access_token = match &st.access_shared {
+    // `access_shared` is the record's token (the slot's guard keeps it so), made by the
+    // first answer that hands it out; a copy only if `a` is another token.
+    let shared = st
+        .rec
+        .chain
+        .access
+        .as_ref()
+        .map(|r| st.access_shared.get_or_init(|| Arc::new(r.token.clone())));
+    let access_token = match shared {
         Some(shared) if shared.expose() == a.token.expose() => shared.clone(),
         _ => Arc::new(a.token.clone()),
     };
     TokenGrant {
-        face: st.face.clone(),
+        face: st.face(),
         access_token,
         expires_at: a.expires_at,
         served,

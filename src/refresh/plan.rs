@@ -9,6 +9,7 @@ use crate::model::{Record, Status, Time};
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -162,12 +163,13 @@ fn jitter_factor(id: &str, used_at: Time) -> f64 {
 /// The planner's state: both views of the same entries, changed together under one lock.
 #[derive(Default)]
 struct Queue {
-    /// Ordered by instant, then urgency: exactly one entry per planned connection.
-    order: BTreeSet<(Instant, Urgency, String)>,
+    /// Ordered by instant, then urgency: exactly one entry per planned connection. Its id
+    /// is the one `current` holds (one allocation per planned connection, shared).
+    order: BTreeSet<(Instant, Urgency, Arc<str>)>,
     /// Each planned connection's entry in `order`: a re-plan finds and replaces the old
     /// entry (one per chain, however often it is re-planned), and `next_of` answers the API's
     /// `next_rotation_at` without walking the queue.
-    current: HashMap<String, (Instant, Urgency)>,
+    current: HashMap<Arc<str>, (Instant, Urgency)>,
 }
 
 /// The timer queue: one planned action per connection.
@@ -197,13 +199,17 @@ impl Planner {
     /// Plans (or re-plans) a connection, replacing its earlier entry.
     pub fn schedule(&self, id: &str, at: Instant, urgency: Urgency) {
         let mut q = self.lock();
-        if let Some((old_at, old_u)) = q.current.insert(id.to_owned(), (at, urgency)) {
+        let key = match q.current.get_key_value(id) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(id),
+        };
+        if let Some((old_at, old_u)) = q.current.insert(key.clone(), (at, urgency)) {
             if (old_at, old_u) == (at, urgency) {
                 return;
             }
-            q.order.remove(&(old_at, old_u, id.to_owned()));
+            q.order.remove(&(old_at, old_u, key.clone()));
         }
-        q.order.insert((at, urgency, id.to_owned()));
+        q.order.insert((at, urgency, key));
         drop(q);
         self.notify.notify_one();
     }
@@ -211,8 +217,8 @@ impl Planner {
     /// Forgets a connection's plan.
     pub fn cancel(&self, id: &str) {
         let mut q = self.lock();
-        if let Some((at, u)) = q.current.remove(id) {
-            q.order.remove(&(at, u, id.to_owned()));
+        if let Some((key, (at, u))) = q.current.remove_entry(id) {
+            q.order.remove(&(at, u, key));
         }
     }
 
@@ -230,8 +236,11 @@ impl Planner {
                 break;
             }
             let (_, u, id) = q.order.pop_first().expect("peeked");
-            q.current.remove(&id);
-            out.push(Due { id, urgency: u });
+            q.current.remove(&*id);
+            out.push(Due {
+                id: id.to_string(),
+                urgency: u,
+            });
         }
         out
     }

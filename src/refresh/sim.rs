@@ -945,7 +945,7 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
             // as a reader (sharing the lock with the token path) sees it.
             {
                 let st = slot.read();
-                if !st.face.shows(&st.rec.conn) {
+                if !st.face_current() {
                     return Err(format!(
                         "{step}: {}: the token answer's face {:?} is behind the record",
                         st.rec.conn.id, st.face

@@ -68,7 +68,7 @@ impl Engine {
             let mut range = index
                 .by_label
                 .range::<str, _>((start, Bound::Unbounded))
-                .filter_map(|(label, id)| Some((label, index.by_id.get(id)?.clone())));
+                .map(|(label, slot)| (label, slot.clone()));
             let slots: Vec<_> = range.by_ref().take(limit).collect();
             let more = range.next().is_some();
             let next = more
