@@ -1086,6 +1086,41 @@ async fn site_token(
             .await;
         candidates = state.engine.connections_for_site(&site);
     }
+    if let [one] = candidates.as_slice() {
+        // The usual case, one connection reaches the site: one look-up finds it, checks the
+        // peer against it and reads its token, as for a request by id.
+        let result = state
+            .engine
+            .token_for(one, min_valid, |conn_id, label| {
+                policy.may_read(peer, conn_id, label)
+            })
+            .await;
+        return match result {
+            Ok(grant) => answer_token(&state, peer, Endpoint::SiteToken, Ok(grant)),
+            Err(NotHanded::Failed(Failure::NotFound)) => {
+                // Removed since it was found.
+                state.metrics.token_request(TokenOutcome::NotFound);
+                Err(ApiError::not_found(format!(
+                    "no active connection reaches {site:?}"
+                )))
+            }
+            Err(NotHanded::Failed(f)) => answer_token(&state, peer, Endpoint::SiteToken, Err(f)),
+            Err(NotHanded::Refused(who)) => {
+                state.audit.record(
+                    &who.id,
+                    peer.uid,
+                    peer.pid,
+                    Endpoint::SiteToken.name(),
+                    ReadOutcome::Refused,
+                );
+                state.metrics.token_request(TokenOutcome::Forbidden);
+                Err(ApiError::forbidden(format!(
+                    "uid {} may not read the tokens of the connection reaching {site:?}",
+                    peer.uid
+                )))
+            }
+        };
+    }
     let readable: Vec<String> = candidates
         .iter()
         .filter(|id| {

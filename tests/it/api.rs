@@ -200,6 +200,30 @@ fn client_lists_limit_who_reads_which_token() {
         None,
     );
     assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.cli_as(
+        65534,
+        65534,
+        &["token", "--site", "acme.atlassian.net"],
+        None,
+    );
+    assert_success("the listed connection, by its site", &out);
+    let out = d.cli_as(
+        65533,
+        65533,
+        &["token", "--site", "acme.atlassian.net"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a peer matching no entry reads nothing by site either"
+    );
     assert_no_secrets(&d.logs(), &fake);
 }
 
