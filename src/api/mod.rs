@@ -1038,29 +1038,46 @@ async fn connection_token(
             policy.may_read(peer, conn_id, label)
         })
         .await;
-    let result = match result {
-        Ok(grant) => Ok(grant),
+    answer_handed(
+        &state,
+        peer,
+        Endpoint::ConnectionToken,
+        result,
+        || format!("no connection {id:?}"),
+        |who| format!("uid {} may not read the tokens of {}", peer.uid, who.label),
+    )
+}
+
+/// The answer to a [`Engine::token_for`] look-up: a missing connection is a 404 with
+/// `not_found`'s message, a refused peer an audited 403 with `forbidden`'s, anything else
+/// what [`answer_token`] makes of it.
+fn answer_handed(
+    state: &Shared,
+    peer: Peer,
+    endpoint: Endpoint,
+    result: Result<TokenGrant, NotHanded>,
+    not_found: impl FnOnce() -> String,
+    forbidden: impl FnOnce(&Identity) -> String,
+) -> ApiResult {
+    match result {
+        Ok(grant) => answer_token(state, peer, endpoint, Ok(grant)),
         Err(NotHanded::Failed(Failure::NotFound)) => {
             state.metrics.token_request(TokenOutcome::NotFound);
-            return Err(ApiError::not_found(format!("no connection {id:?}")));
+            Err(ApiError::not_found(not_found()))
         }
-        Err(NotHanded::Failed(f)) => Err(f),
+        Err(NotHanded::Failed(f)) => answer_token(state, peer, endpoint, Err(f)),
         Err(NotHanded::Refused(who)) => {
             state.audit.record(
                 &who.id,
                 peer.uid,
                 peer.pid,
-                Endpoint::ConnectionToken.name(),
+                endpoint.name(),
                 ReadOutcome::Refused,
             );
             state.metrics.token_request(TokenOutcome::Forbidden);
-            return Err(ApiError::forbidden(format!(
-                "uid {} may not read the tokens of {}",
-                peer.uid, who.label
-            )));
+            Err(ApiError::forbidden(forbidden(&who)))
         }
-    };
-    answer_token(&state, peer, Endpoint::ConnectionToken, result)
+    }
 }
 
 async fn site_token(
@@ -1095,31 +1112,20 @@ async fn site_token(
                 policy.may_read(peer, conn_id, label)
             })
             .await;
-        return match result {
-            Ok(grant) => answer_token(&state, peer, Endpoint::SiteToken, Ok(grant)),
-            Err(NotHanded::Failed(Failure::NotFound)) => {
-                // Removed since it was found.
-                state.metrics.token_request(TokenOutcome::NotFound);
-                Err(ApiError::not_found(format!(
-                    "no active connection reaches {site:?}"
-                )))
-            }
-            Err(NotHanded::Failed(f)) => answer_token(&state, peer, Endpoint::SiteToken, Err(f)),
-            Err(NotHanded::Refused(who)) => {
-                state.audit.record(
-                    &who.id,
-                    peer.uid,
-                    peer.pid,
-                    Endpoint::SiteToken.name(),
-                    ReadOutcome::Refused,
-                );
-                state.metrics.token_request(TokenOutcome::Forbidden);
-                Err(ApiError::forbidden(format!(
+        // A 404 when it was removed since it was found.
+        return answer_handed(
+            &state,
+            peer,
+            Endpoint::SiteToken,
+            result,
+            || format!("no active connection reaches {site:?}"),
+            |_| {
+                format!(
                     "uid {} may not read the tokens of the connection reaching {site:?}",
                     peer.uid
-                )))
-            }
-        };
+                )
+            },
+        );
     }
     let readable: Vec<String> = candidates
         .iter()
