@@ -536,6 +536,58 @@ mod tests {
         );
     }
 
+    /// A failed write whose savepoint cannot be rolled back alone (here it released the
+    /// savepoint itself, so `ROLLBACK TO` finds none) must not reach the `COMMIT`: the whole
+    /// transaction is rolled back, the writes before it fail, the rest run in a new one.
+    #[tokio::test]
+    async fn a_failed_write_that_cannot_be_undone_alone_rolls_back_its_whole_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger_with(dir.path(), 2).await;
+        let held = hold(&ledger);
+        let first = tokio::spawn({
+            let (l, rec) = (ledger.clone(), rotated(&record(0), "rt-0-new"));
+            async move { l.save_chain(rec, 0, vec![]).await }
+        });
+        let stuck = tokio::spawn({
+            let l = ledger.clone();
+            async move {
+                l.write(|db, _| {
+                    super::super::append_events(
+                        db,
+                        Some("c1"),
+                        Utc::now(),
+                        &[Event::new(EventKind::Other("partial".into()), "half done")],
+                    )?;
+                    db.execute_batch("RELEASE w")?;
+                    Err::<(), _>(LedgerError::Corrupt("failed halfway".into()))
+                })
+                .await
+            }
+        });
+        let after = tokio::spawn({
+            let (l, rec) = (ledger.clone(), rotated(&record(1), "rt-1-new"));
+            async move { l.save_chain(rec, 0, vec![]).await }
+        });
+        held.release_after(&ledger, 3).await;
+        assert!(
+            first.await.unwrap().is_err(),
+            "its transaction was rolled back"
+        );
+        let e = stuck.await.unwrap().unwrap_err();
+        assert!(matches!(e, LedgerError::Corrupt(_)), "{e}");
+        after.await.unwrap().unwrap();
+        assert_eq!(stored_token(&ledger, 0).await, ("rt-0".into(), 0));
+        assert_eq!(stored_token(&ledger, 1).await, ("rt-1-new".into(), 1));
+        assert!(
+            ledger
+                .events("c1".into(), None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the failed write's event did not land"
+        );
+    }
+
     #[tokio::test]
     async fn a_failing_commit_fails_every_write_of_its_batch() {
         let dir = tempfile::tempdir().unwrap();
