@@ -6,6 +6,13 @@
 //! (tokio-cron-scheduler#113), so every job records its last success, a watch task
 //! compares it with the job's period, reports a job that has not succeeded within twice its
 //! period (health turns degraded) and re-arms it by replacing the job in the scheduler.
+//!
+//! On a shared (PostgreSQL) ledger every daemon fires both jobs, but they run once across
+//! the daemons: `resolve_sites` claims due connections in small batches from the ledger's
+//! queue (`FOR UPDATE SKIP LOCKED`, leased for `ledger.lease`), so the daemons at one tick
+//! split them and each connection is resolved once per period; `maintenance` is claimed
+//! for the period by the first daemon to ask, and the others skip it (a skipped run counts
+//! as a success: the job did not stall).
 
 use crate::config::{CronExpr, JobsConfig};
 use crate::ledger::AnyLedger;
@@ -223,10 +230,15 @@ impl Jobs {
 
     /// Adds (or replaces) a job in the cron scheduler.
     async fn arm(&self, kind: JobKind) -> anyhow::Result<()> {
-        let (schedule, running, old) = {
+        let (schedule, period, running, old) = {
             let mut jobs = self.monitor.lock();
             let s = jobs.get_mut(&kind).expect("job state exists");
-            (s.schedule.clone(), s.running.clone(), s.job_id.take())
+            (
+                s.schedule.clone(),
+                s.period,
+                s.running.clone(),
+                s.job_id.take(),
+            )
         };
         if let Some(old) = old {
             let _ = self.scheduler.remove(&old).await;
@@ -248,7 +260,7 @@ impl Jobs {
                     );
                     return;
                 }
-                let ok = run_job(kind, &engine, &ledger).await;
+                let ok = run_job(kind, &engine, &ledger, period).await;
                 running.store(false, Ordering::Release);
                 if ok {
                     monitor.succeeded(kind);
@@ -311,33 +323,28 @@ impl Jobs {
     }
 }
 
-/// One run of a job; true when it completed.
-pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &AnyLedger) -> bool {
+/// One run of a job of period `period`; true when it completed (a run another daemon of a
+/// shared ledger did in this daemon's stead counts: the job did not stall).
+pub async fn run_job(
+    kind: JobKind,
+    engine: &Arc<Engine>,
+    ledger: &AnyLedger,
+    period: Duration,
+) -> bool {
     match kind {
-        JobKind::ResolveSites => {
-            // Never refreshes: a connection without a valid access token is resolved with
-            // its next planned refresh (deferred).
-            use futures_util::StreamExt;
-            let ids = engine.active_ids();
-            let connections = ids.len();
-            let (mut failed, mut deferred) = (0, 0);
-            let mut outcomes = futures_util::stream::iter(ids)
-                .map(|id| {
-                    let engine = engine.clone();
-                    async move { engine.resolve_sites(&id).await }
-                })
-                .buffer_unordered(SITE_JOB_CONCURRENCY);
-            while let Some(outcome) = outcomes.next().await {
-                match outcome {
-                    SiteOutcome::Failed => failed += 1,
-                    SiteOutcome::Deferred => deferred += 1,
-                    SiteOutcome::Resolved | SiteOutcome::Skipped => {}
+        JobKind::ResolveSites => resolve_sites(engine, ledger, period).await,
+        JobKind::Maintenance => {
+            match ledger.claim_job(kind.name(), once_gap(period)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!("maintenance ran on another daemon this period; skipping");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim this period's maintenance");
+                    return false;
                 }
             }
-            tracing::debug!(connections, failed, deferred, "resolve_sites ran");
-            true
-        }
-        JobKind::Maintenance => {
             let before = Utc::now()
                 - chrono::Duration::from_std(EVENT_RETENTION).unwrap_or(chrono::Duration::MAX);
             match ledger.maintain(before, EVENTS_PER_CONNECTION).await {
@@ -352,6 +359,124 @@ pub async fn run_job(kind: JobKind, engine: &Arc<Engine>, ledger: &AnyLedger) ->
             }
         }
     }
+}
+
+/// How long after one daemon's run of a job (or its claim of a connection's site
+/// resolution) the others of a shared ledger leave it alone: half the job's period. The
+/// daemons' runs at one cron tick start within a fraction of a second of each other (the
+/// cron crate polls every 500 ms, plus their clocks' skew), so they all fall inside it,
+/// and the next tick, a whole period later, falls outside.
+fn once_gap(period: Duration) -> Duration {
+    period / 2
+}
+
+/// The site job: on SQLite every active connection; on a shared ledger the connections due
+/// that no other daemon claimed, in batches, so that the daemons running it at the same
+/// tick split the connections and each is resolved once per period.
+async fn resolve_sites(engine: &Arc<Engine>, ledger: &AnyLedger, period: Duration) -> bool {
+    let run = match ledger.begin_site_checks().await {
+        Ok(Some(run)) => run,
+        Ok(None) => {
+            let ids = engine.active_ids();
+            let connections = ids.len();
+            let tally = resolve_each(engine, ids, SITE_JOB_CONCURRENCY).await;
+            tracing::debug!(
+                connections,
+                failed = tally.failed,
+                deferred = tally.deferred,
+                "resolve_sites ran"
+            );
+            return true;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the site job on the shared ledger");
+            return false;
+        }
+    };
+    let lease = engine.settings().lease;
+    let again = once_gap(period);
+    // `SITE_JOB_CONCURRENCY / SITE_CHECK_BATCH` claimers, each resolving one small batch at
+    // a time: at most `SITE_JOB_CONCURRENCY` resolutions in flight, and a slow connection
+    // holds back only its own batch.
+    let claimer = || async {
+        let mut tally = Tally::default();
+        loop {
+            let ids = match ledger.claim_site_checks(run, SITE_CHECK_BATCH, lease).await {
+                Ok(ids) if ids.is_empty() => return (tally, true),
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim connections for the site job");
+                    return (tally, false);
+                }
+            };
+            tally.add(resolve_each(engine, ids.clone(), SITE_CHECK_BATCH).await);
+            if let Err(e) = ledger.finish_site_checks(run, ids, again).await {
+                // Their claims lapse after the lease; a later run resolves them again.
+                tracing::warn!(error = %e, "cannot record the site job's resolutions");
+            }
+        }
+    };
+    let claimers = (SITE_JOB_CONCURRENCY / SITE_CHECK_BATCH).max(1);
+    let ends = futures_util::future::join_all((0..claimers).map(|_| claimer())).await;
+    let mut tally = Tally::default();
+    let mut ok = true;
+    for (t, done) in ends {
+        tally.add(t);
+        ok &= done;
+    }
+    tracing::debug!(
+        connections = tally.connections,
+        failed = tally.failed,
+        deferred = tally.deferred,
+        "resolve_sites ran (shared ledger)"
+    );
+    ok
+}
+
+/// How many connections a claim of the site job takes at once on a shared ledger: small,
+/// so that daemons running the job together split even a few connections, and one that
+/// dies mid-batch leaves few behind (they lapse after `ledger.lease`).
+pub const SITE_CHECK_BATCH: usize = 4;
+
+/// What a site job's resolutions came to.
+#[derive(Default)]
+struct Tally {
+    connections: usize,
+    failed: usize,
+    deferred: usize,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.connections += other.connections;
+        self.failed += other.failed;
+        self.deferred += other.deferred;
+    }
+}
+
+/// Resolves the sites of `ids`, at most `concurrency` at once. Never refreshes: a
+/// connection without a valid access token is resolved with its next planned refresh
+/// (deferred).
+async fn resolve_each(engine: &Arc<Engine>, ids: Vec<String>, concurrency: usize) -> Tally {
+    use futures_util::StreamExt;
+    let mut tally = Tally {
+        connections: ids.len(),
+        ..Tally::default()
+    };
+    let mut outcomes = futures_util::stream::iter(ids)
+        .map(|id| {
+            let engine = engine.clone();
+            async move { engine.resolve_sites(&id).await }
+        })
+        .buffer_unordered(concurrency);
+    while let Some(outcome) = outcomes.next().await {
+        match outcome {
+            SiteOutcome::Failed => tally.failed += 1,
+            SiteOutcome::Deferred => tally.deferred += 1,
+            SiteOutcome::Resolved | SiteOutcome::Skipped => {}
+        }
+    }
+    tally
 }
 
 #[cfg(test)]

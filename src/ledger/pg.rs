@@ -216,6 +216,23 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_connection_time_seq ON events (connection_id, at, seq);
     DROP INDEX events_by_connection_time;
     "#,
+    // 4: the site job's per-connection due time and lease, and the once-per-period claim of
+    // the other jobs, so that several daemons split them instead of each doing all (both by
+    // the database's clock only).
+    r#"
+    CREATE TABLE site_checks (
+        connection_id TEXT PRIMARY KEY REFERENCES connections (id) ON DELETE CASCADE,
+        next_at TIMESTAMPTZ NOT NULL,
+        holder TEXT,
+        lease_until TIMESTAMPTZ
+    );
+    CREATE INDEX site_checks_due ON site_checks (next_at);
+    CREATE TABLE job_runs (
+        job TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        last_run_at TIMESTAMPTZ NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -885,7 +902,13 @@ impl PgLedger {
                     .await?;
                 }
                 write_sites(tx, &id, &sites, now).await?;
-                append_events(tx, Some(&id), now, &events, node.as_deref()).await?;
+                if events.is_empty() {
+                    // Only `last_seen_at` moved: nothing another daemon holds in memory.
+                    return Ok(events);
+                }
+                // Every change of the sites is told by an event: the other daemons reload
+                // the connection's sites (their `?site=` index) when this commits.
+                record_change(tx, &id, now, &events, node.as_deref()).await?;
                 Ok(events)
             })
         })
@@ -1147,6 +1170,135 @@ impl PgLedger {
                     )
                     .await?;
                 Ok(n > 0)
+            })
+        })
+        .await
+    }
+}
+
+/// One run of the site job on a shared ledger ([`PgLedger::begin_site_checks`]): when it
+/// started by the database's clock, so that it claims only connections due by then (never
+/// one it resolved itself during the run) and sets the next due time from it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SiteRun {
+    /// `clock_timestamp()` at the run's start, in milliseconds since the epoch.
+    started_ms: i64,
+}
+
+impl PgLedger {
+    /// Starts a run of the site job: every active connection without a due time gets one
+    /// (due at once), and the database's clock is read. Each daemon's run at the same cron
+    /// tick then claims connections from the same queue.
+    pub(crate) async fn begin_site_checks(&self) -> Result<SiteRun, PgError> {
+        self.tx(|tx, _keys| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO site_checks (connection_id, next_at) \
+                     SELECT id, '-infinity' FROM connections WHERE status = 'active' \
+                     ON CONFLICT (connection_id) DO NOTHING",
+                    &[],
+                )
+                .await?;
+                let row = tx
+                    .query_one(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                        &[],
+                    )
+                    .await?;
+                Ok(SiteRun {
+                    started_ms: row.get(0),
+                })
+            })
+        })
+        .await
+    }
+
+    /// Claims up to `n` active connections whose site resolution was due when `run`
+    /// started and that nobody holds (or whose holder's lease lapsed: a daemon that died
+    /// mid-batch), for this daemon's node for `lease` (database clock). Rows another
+    /// daemon's claim has locked are skipped, not waited for, so daemons claiming at once
+    /// split the queue.
+    pub(crate) async fn claim_site_checks(
+        &self,
+        run: SiteRun,
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<String>, PgError> {
+        let holder = self.node().unwrap_or_default();
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "UPDATE site_checks SET holder = $1, \
+                           lease_until = clock_timestamp() + make_interval(secs => $2) \
+                         WHERE connection_id IN ( \
+                           SELECT s.connection_id FROM site_checks s \
+                           WHERE s.next_at <= to_timestamp($3::double precision / 1000) \
+                             AND (s.lease_until IS NULL OR s.lease_until < clock_timestamp()) \
+                             AND EXISTS (SELECT 1 FROM connections c \
+                                         WHERE c.id = s.connection_id AND c.status = 'active') \
+                           ORDER BY s.next_at LIMIT $4 FOR UPDATE OF s SKIP LOCKED) \
+                         RETURNING connection_id",
+                        &[
+                            &holder,
+                            &lease.as_secs_f64(),
+                            &(run.started_ms as f64),
+                            &(n.min(i64::MAX as usize) as i64),
+                        ],
+                    )
+                    .await?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+        .await
+    }
+
+    /// Marks the connections `ids` this daemon claimed in `run` as resolved: due again
+    /// `again` after the run's start, lease given up. A row whose lease lapsed and that
+    /// another daemon claimed meanwhile is left to it.
+    pub(crate) async fn finish_site_checks(
+        &self,
+        run: SiteRun,
+        ids: Vec<String>,
+        again: Duration,
+    ) -> Result<(), PgError> {
+        let holder = self.node().unwrap_or_default();
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE site_checks SET \
+                       next_at = to_timestamp($2::double precision / 1000) + make_interval(secs => $3), \
+                       holder = NULL, lease_until = NULL \
+                     WHERE connection_id = ANY($1) AND holder = $4",
+                    &[&ids, &(run.started_ms as f64), &again.as_secs_f64(), &holder],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Claims this period's run of job `job` for this daemon's node: true when no daemon
+    /// ran it within `gap` (database clock), and then it is recorded as this daemon's run.
+    /// The first daemon to ask in a period runs the job; the others, asking within `gap`,
+    /// are refused.
+    pub(crate) async fn claim_job(&self, job: &str, gap: Duration) -> Result<bool, PgError> {
+        let (job, holder) = (job.to_owned(), self.node().unwrap_or_default());
+        self.tx(move |tx, _keys| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "INSERT INTO job_runs (job, holder, last_run_at) \
+                         VALUES ($1, $2, clock_timestamp()) \
+                         ON CONFLICT (job) DO UPDATE SET holder = excluded.holder, \
+                           last_run_at = excluded.last_run_at \
+                         WHERE job_runs.last_run_at <= clock_timestamp() - make_interval(secs => $3) \
+                         RETURNING 1",
+                        &[&job, &holder, &gap.as_secs_f64()],
+                    )
+                    .await?;
+                Ok(row.is_some())
             })
         })
         .await

@@ -4,13 +4,14 @@
 //! ([`Engine::reload_all`], the periodic fallback and the catch-up after a partition), and
 //! the engine takes the stored state into memory: a newer chain is adopted (so that its
 //! access token is served without a second refresh), an unknown connection is installed, a
-//! connection the ledger no longer has is forgotten.
+//! connection the ledger no longer has is forgotten; an account or sites resolved elsewhere
+//! (written without a new chain version) are taken whatever the chain's version.
 //!
 //! Never writes, never calls the provider, never takes a chain lock: an attempt running
 //! meanwhile finds out through its own compare-and-swap, as it always did.
 
 use super::{Engine, Slot, StoreError};
-use crate::model::{Record, Status};
+use crate::model::{Record, Site, Status};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,8 +107,14 @@ impl Engine {
         if account {
             st.rec.conn.account_id = rec.conn.account_id.clone();
         }
+        // So are the sites (another daemon's site job): taken through `set_sites`, which
+        // keeps the `?site=` index exact.
+        let sites = !same_sites(&st.rec.conn.sites, &rec.conn.sites);
+        if sites {
+            self.set_sites(&mut st, rec.conn.sites.clone());
+        }
         if rec.chain.version <= st.rec.chain.version {
-            return account;
+            return account || sites;
         }
         tracing::debug!(
             connection = %rec.conn.id,
@@ -138,4 +145,14 @@ impl Engine {
         let index = self.index.read();
         index.by_id.get(id).cloned()
     }
+}
+
+/// Whether two lists hold the same sites, in whatever order (the ledger's order need not
+/// be the provider's), when last seen aside (every resolution moves it, on whichever
+/// daemon ran it: taking that alone would rewrite every slot at each re-read).
+fn same_sites(a: &[Site], b: &[Site]) -> bool {
+    let same = |x: &Site, y: &Site| {
+        x.cloud_id == y.cloud_id && x.url == y.url && x.name == y.name && x.scopes == y.scopes
+    };
+    a.len() == b.len() && a.iter().all(|x| b.iter().any(|y| same(x, y)))
 }

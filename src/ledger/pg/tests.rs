@@ -815,3 +815,218 @@ async fn daemons_racing_on_one_chain_win_once() {
     assert_eq!(events.len(), 1, "only the winner's event was appended");
     assert_eq!(events[0].message, format!("by {}", won[0]));
 }
+
+/// Ten connections (`c0`..`c9`, `c9` needing consent) on one database, and two daemons'
+/// ledgers on it named `node-a` and `node-b`.
+async fn site_check_setup(db: &Db) -> (PgLedger, PgLedger) {
+    let (a, b) = (db.ledger().await, db.ledger().await);
+    a.set_node("node-a");
+    b.set_node("node-b");
+    for i in 0..10 {
+        let mut rec = record(&format!("c{i}"), &format!("conf-{i}"), &format!("rt-{i}"));
+        if i == 9 {
+            rec.conn.status = crate::model::Status::NeedsReauth;
+        }
+        a.insert(rec, vec![]).await.unwrap();
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_split_the_site_checks_and_each_is_due_once_per_period() {
+    let Some(db) = Db::new() else { return };
+    let (a, b) = site_check_setup(&db).await;
+    let lease = Duration::from_secs(60);
+    let again = Duration::from_secs(60);
+    let (run_a, run_b) = (
+        a.begin_site_checks().await.unwrap(),
+        b.begin_site_checks().await.unwrap(),
+    );
+    // A row another daemon's claim has locked is skipped, not waited for.
+    let mut raw = db.raw().await;
+    let locker = raw.transaction().await.unwrap();
+    locker
+        .execute(
+            "SELECT 1 FROM site_checks WHERE connection_id = 'c0' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut claimed = std::collections::BTreeMap::new();
+    for (ledger, run, node) in [(&a, run_a, "a"), (&b, run_b, "b"), (&a, run_a, "a")] {
+        let ids = ledger.claim_site_checks(run, 4, lease).await.unwrap();
+        assert!(ids.len() <= 4, "{ids:?}");
+        for id in ids {
+            assert!(claimed.insert(id, node).is_none(), "claimed twice");
+        }
+    }
+    assert!(!claimed.contains_key("c0"), "a locked row is skipped");
+    locker.rollback().await.unwrap();
+    let last = b.claim_site_checks(run_b, 4, lease).await.unwrap();
+    assert_eq!(
+        last,
+        vec!["c0".to_owned()],
+        "the row is claimable once unlocked"
+    );
+    claimed.insert("c0".into(), "b");
+    let ids: Vec<&str> = claimed.keys().map(String::as_str).collect();
+    assert_eq!(
+        ids,
+        ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"],
+        "every active connection once, the one needing consent never"
+    );
+    assert!(claimed.values().any(|n| *n == "a") && claimed.values().any(|n| *n == "b"));
+    assert!(
+        b.claim_site_checks(run_b, 4, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Resolved in this run, due again only `again` after its start: not in this run, nor in
+    // another daemon's run at the same tick.
+    let of = |node: &str| -> Vec<String> {
+        claimed
+            .iter()
+            .filter(|(_, n)| **n == node)
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    a.finish_site_checks(run_a, of("a"), again).await.unwrap();
+    assert!(
+        a.claim_site_checks(run_a, 10, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let run_c = b.begin_site_checks().await.unwrap();
+    assert!(
+        b.claim_site_checks(run_c, 10, lease)
+            .await
+            .unwrap()
+            .is_empty(),
+        "b's rows are still leased, a's resolved"
+    );
+    // The next period (a minute on): a's rows are due again, b's still leased.
+    let raw = db.raw().await;
+    raw.execute(
+        "UPDATE site_checks SET next_at = next_at - interval '61 seconds' WHERE holder IS NULL",
+        &[],
+    )
+    .await
+    .unwrap();
+    let run_d = b.begin_site_checks().await.unwrap();
+    let mut again_a = b.claim_site_checks(run_d, 10, lease).await.unwrap();
+    again_a.sort();
+    assert_eq!(again_a, of("a"));
+
+    // A daemon that died mid-batch: its rows lapse with the lease and go to the next run.
+    raw.execute(
+        "UPDATE site_checks SET lease_until = clock_timestamp() - interval '1 second' \
+         WHERE connection_id = ANY($1)",
+        &[&of("b")],
+    )
+    .await
+    .unwrap();
+    let run_f = a.begin_site_checks().await.unwrap();
+    let mut taken = a.claim_site_checks(run_f, 10, lease).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, of("b"), "a takes over b's lapsed rows");
+    // b's late finish does not clear a's claim of them.
+    b.finish_site_checks(run_b, of("b"), Duration::ZERO)
+        .await
+        .unwrap();
+    let holders: Vec<String> = raw
+        .query(
+            "SELECT holder FROM site_checks WHERE connection_id = ANY($1)",
+            &[&of("b")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(holders.iter().all(|h| h == "node-a"), "{holders:?}");
+
+    // A removed connection's row goes with it.
+    assert!(a.delete("c1".into(), Utc::now()).await.unwrap());
+    let n: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM site_checks WHERE connection_id = 'c1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_job_runs_once_per_period_across_daemons() {
+    let Some(db) = Db::new() else { return };
+    let (a, b) = (db.ledger().await, db.ledger().await);
+    a.set_node("node-a");
+    b.set_node("node-b");
+    let gap = Duration::from_secs(60);
+    assert!(
+        a.claim_job("maintenance", gap).await.unwrap(),
+        "the first runs it"
+    );
+    assert!(
+        !b.claim_job("maintenance", gap).await.unwrap(),
+        "the others skip"
+    );
+    assert!(!a.claim_job("maintenance", gap).await.unwrap());
+    assert!(
+        b.claim_job("other", gap).await.unwrap(),
+        "each job has its own period"
+    );
+    // The next period (no gap left): whoever asks first runs it.
+    assert!(b.claim_job("maintenance", Duration::ZERO).await.unwrap());
+    assert!(!a.claim_job("maintenance", gap).await.unwrap());
+    let raw = db.raw().await;
+    let holder: String = raw
+        .query_one("SELECT holder FROM job_runs WHERE job = 'maintenance'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, "node-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_sites_is_announced_and_an_unchanged_list_is_not() {
+    let Some(db) = Db::new() else { return };
+    let (a, b) = (db.ledger().await, db.ledger().await);
+    a.set_node("node-a");
+    b.set_node("node-b");
+    a.insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    a.insert(record("c2", "jira", "rt-2"), vec![])
+        .await
+        .unwrap();
+    let mut changes = b.listen();
+    assert_eq!(changes.recv().await, Some(Change::Resync));
+    let now = from_ms(Utc::now().timestamp_millis());
+    let site = Site {
+        cloud_id: "cloud-9".into(),
+        url: "https://acme.atlassian.net".into(),
+        name: "acme".into(),
+        scopes: vec!["read:page:confluence".into()],
+        last_seen_at: now,
+    };
+    let events = a
+        .sync_sites("c1".into(), vec![site.clone()], now)
+        .await
+        .unwrap();
+    assert!(!events.is_empty());
+    assert_eq!(changes.recv().await, Some(Change::Connection("c1".into())));
+    // The same list again moves only `last_seen_at`: nothing to announce. (Notifications
+    // arrive in commit order, so the next one is c2's.)
+    let events = a.sync_sites("c1".into(), vec![site], now).await.unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    a.set_account("c2".into(), "acct-2".into(), now, vec![])
+        .await
+        .unwrap();
+    assert_eq!(changes.recv().await, Some(Change::Connection("c2".into())));
+}
