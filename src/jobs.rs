@@ -337,7 +337,7 @@ pub async fn run_job(
             match ledger.claim_job(kind.name(), once_gap(period)).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::debug!("maintenance ran on another daemon this period; skipping");
+                    tracing::info!("maintenance skipped: another daemon ran it this period");
                     return true;
                 }
                 Err(e) => {

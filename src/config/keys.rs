@@ -216,7 +216,7 @@ pub const KEYS: &[Key] = &[
         Restart,
         "PostgreSQL: how long a daemon's claim on one chain's refresh lasts, by the \
          database's clock; renewed while an attempt runs. Must exceed \
-         refresh.request_timeout.",
+         refresh.request_timeout. The site job's claims of a few connections last as long.",
     ),
     // [refresh]
     s(

@@ -2,11 +2,12 @@
 //! ledger"): the real binaries, a real PostgreSQL (`src/testpg.rs`), the strict fake, and a
 //! proxy per daemon that cuts it off the ledger.
 
-use crate::fake::{FakeAtlassian, FakeSite};
+use crate::fake::{Endpoint, FakeAtlassian, FakeSite, Fault};
 use crate::util::pg::{PgDaemon, SharedLedger};
-use crate::util::{TestDaemon, assert_no_secrets, eventually, import};
+use crate::util::{TestDaemon, assert_no_secrets, eventually, import, metric, toml_str};
 use serde_json::Value;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Generous bound of every wait: a condition that holds at all holds well within it.
 const WAIT: Duration = Duration::from_secs(15);
@@ -316,4 +317,267 @@ fn the_daemons_survive_a_postgresql_restart_and_reconnect_by_themselves() {
     assert_eq!(fake.reuse_violations(), 0);
     assert!(fake.family_alive("acct-1"));
     assert_no_secrets(&logs(&[&a, &b]), &fake);
+}
+
+/// The site job's schedule in the tests of its spread: every 2 s.
+const SITE_JOB_EVERY: &str = "*/2 * * * * *";
+
+/// The seconds between two runs of [`SITE_JOB_EVERY`].
+const SITE_JOB_PERIOD: f64 = 2.0;
+
+/// Daemon `node` on `ledger` with the site job on [`SITE_JOB_EVERY`].
+fn site_job_daemon(ledger: &SharedLedger, fake: &FakeAtlassian, node: &str) -> PgDaemon {
+    let (b, proxy) = ledger.builder(fake, node);
+    PgDaemon {
+        daemon: b
+            .set("jobs", "resolve_sites", &toml_str(SITE_JOB_EVERY))
+            .start(),
+        proxy,
+    }
+}
+
+/// accessible-resources requests per account among the fake's requests after the first
+/// `from`.
+fn resource_calls(fake: &FakeAtlassian, from: usize) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for r in fake.requests().into_iter().skip(from) {
+        if r.path == "/oauth/token/accessible-resources"
+            && let Some(account) = r.account
+        {
+            *out.entry(account).or_default() += 1;
+        }
+    }
+    out
+}
+
+/// How many site resolutions daemon `d` did itself (`tokend_site_resolutions_total`).
+fn site_resolutions(d: &TestDaemon) -> f64 {
+    let text = d.metrics_get("/metrics").unwrap().text();
+    metric(&text, "tokend_site_resolutions_total{outcome=\"success\"}")
+        + metric(&text, "tokend_site_resolutions_total{outcome=\"failure\"}")
+}
+
+/// The site URLs `d` shows for connection `label`.
+fn site_urls(d: &TestDaemon, label: &str) -> Vec<String> {
+    connection(d, label)["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["url"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `count` accounts `acct-<i>`, each with a Confluence site `site-<i>`, imported through
+/// `through` as `conn-<i>`, and known to every daemon of `all`.
+fn import_many(fake: &FakeAtlassian, through: &TestDaemon, all: &[&PgDaemon], count: usize) {
+    for i in 0..count {
+        let rt = fake.issue_grant(
+            &format!("acct-{i}"),
+            &[FakeSite::confluence(&format!("site-{i}"))],
+        );
+        import(through, &format!("conn-{i}"), &rt);
+    }
+    for d in all {
+        assert!(
+            eventually(WAIT, || (0..count)
+                .all(|i| knows(&d.daemon, &format!("conn-{i}")))),
+            "every daemon learns of every import"
+        );
+    }
+}
+
+#[test]
+fn the_site_job_resolves_each_connection_once_per_period_over_three_daemons() {
+    let Some(ledger) = SharedLedger::new() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    let nodes: Vec<PgDaemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| site_job_daemon(&ledger, &fake, n))
+        .collect();
+    let all: Vec<&PgDaemon> = nodes.iter().collect();
+    // More connections than one daemon resolves at once (16), each answer held a second:
+    // the daemons firing at the same tick must share the work.
+    let count = 24;
+    import_many(&fake, &nodes[0].daemon, &all, count);
+    fake.set_outage(
+        Endpoint::Resources,
+        Some(Fault::Delay(Duration::from_secs(1))),
+    );
+    let before: Vec<f64> = nodes.iter().map(|n| site_resolutions(&n.daemon)).collect();
+    let from = fake.requests().len();
+    let started = Instant::now();
+    let min_calls = 4;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let calls = resource_calls(&fake, from);
+            (0..count).all(|i| calls.get(&format!("acct-{i}")).copied().unwrap_or(0) >= min_calls)
+        }),
+        "every connection is resolved again and again: {:?}\n{}",
+        resource_calls(&fake, from),
+        logs(&all)
+    );
+    let calls = resource_calls(&fake, from);
+    // The job's ticks in that time: a connection resolved once per tick was resolved at
+    // most this often (one run per daemon per tick would be three times as often).
+    let ticks = started.elapsed().as_secs_f64() / SITE_JOB_PERIOD + 1.0;
+    for (account, n) in &calls {
+        assert!(
+            (*n as f64) <= ticks + 1.0,
+            "{account} was resolved {n} times in {ticks:.1} ticks: {calls:?}"
+        );
+    }
+    let did: Vec<f64> = nodes
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| site_resolutions(&n.daemon) - b)
+        .collect();
+    assert!(
+        did.iter().filter(|n| **n > 0.0).count() >= 2,
+        "the resolutions are spread over the daemons: {did:?}"
+    );
+    let total: usize = calls.values().sum();
+    assert!(
+        did.iter().sum::<f64>() >= total as f64 - count as f64,
+        "each daemon's metric counts its own resolutions: {did:?}, {total} calls"
+    );
+
+    // A site added at the provider reaches every daemon: the one resolving it announces it
+    // (well inside the periodic re-read's 10 s).
+    fake.set_outage(Endpoint::Resources, None);
+    let soon = Duration::from_secs(5);
+    fake.add_site("acct-0", FakeSite::jira("newco"));
+    for n in &nodes {
+        assert!(
+            eventually(soon, || site_urls(&n.daemon, "conn-0")
+                .contains(&"https://newco.atlassian.net".to_owned())),
+            "the added site shows on every daemon: {:?}\n{}",
+            site_urls(&n.daemon, "conn-0"),
+            logs(&all)
+        );
+    }
+    for n in &nodes {
+        let (code, v) = n.daemon.get_json("/v1/token?site=newco.atlassian.net");
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            fake.access_token_account(v["access_token"].as_str().unwrap())
+                .as_deref(),
+            Some("acct-0")
+        );
+        let listed = n.daemon.get_json("/v1/connections").1;
+        assert!(
+            listed.to_string().contains("https://newco.atlassian.net"),
+            "{listed}"
+        );
+    }
+    // And a removed one leaves every daemon.
+    fake.remove_site("acct-0", &FakeSite::cloud_id_for("site-0"));
+    for n in &nodes {
+        assert!(
+            eventually(soon, || !site_urls(&n.daemon, "conn-0")
+                .contains(&"https://site-0.atlassian.net".to_owned())),
+            "the removed site leaves every daemon: {:?}",
+            site_urls(&n.daemon, "conn-0")
+        );
+    }
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&logs(&all), &fake);
+}
+
+#[test]
+fn a_daemon_killed_mid_site_job_leaves_its_connections_to_the_others_after_the_lease() {
+    let Some(ledger) = SharedLedger::new() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    let mut a = site_job_daemon(&ledger, &fake, "a");
+    let count = 6;
+    import_many(&fake, &a.daemon, &[&a], count);
+    // a alone runs the job: it claims every connection and waits on the held answers.
+    fake.set_outage(
+        Endpoint::Resources,
+        Some(Fault::Delay(Duration::from_secs(60))),
+    );
+    let from = fake.requests().len();
+    assert!(
+        eventually(WAIT, || resource_calls(&fake, from).len() == count),
+        "a asks for every connection's sites: {:?}",
+        resource_calls(&fake, from)
+    );
+    let held = ledger.query_i64(
+        "SELECT count(*) FROM site_checks WHERE holder LIKE 'a#%' AND lease_until > now()",
+    );
+    assert!(held > 0, "a holds claims when it dies");
+    a.daemon.kill9();
+    fake.set_outage(Endpoint::Resources, None);
+
+    let others = [
+        site_job_daemon(&ledger, &fake, "b"),
+        site_job_daemon(&ledger, &fake, "c"),
+    ];
+    let from = fake.requests().len();
+    assert!(
+        eventually(Duration::from_secs(40), || {
+            let calls = resource_calls(&fake, from);
+            (0..count).all(|i| calls.contains_key(&format!("acct-{i}")))
+        }),
+        "the others resolve every connection, a's claims included once they lapse: {:?}\n{}",
+        resource_calls(&fake, from),
+        logs(&others.iter().collect::<Vec<_>>())
+    );
+    assert_eq!(
+        ledger.query_i64("SELECT count(*) FROM site_checks WHERE holder LIKE 'a#%'"),
+        0,
+        "nothing is left to the dead daemon"
+    );
+    assert_no_secrets(&logs(&others.iter().collect::<Vec<_>>()), &fake);
+}
+
+#[test]
+fn maintenance_runs_once_per_period_across_daemons_and_nobody_stalls() {
+    let Some(ledger) = SharedLedger::new() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    let nodes: Vec<PgDaemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let (b, proxy) = ledger.builder(&fake, n);
+            PgDaemon {
+                daemon: b
+                    .set("jobs", "maintenance", &toml_str(SITE_JOB_EVERY))
+                    .start(),
+                proxy,
+            }
+        })
+        .collect();
+    let all: Vec<&PgDaemon> = nodes.iter().collect();
+    let count_in = |text: &str, what: &str| text.matches(what).count();
+    let ran = || count_in(&logs(&all), "maintenance ran");
+    let started = Instant::now();
+    let runs = 4;
+    assert!(
+        eventually(Duration::from_secs(40), || ran() >= runs),
+        "maintenance runs\n{}",
+        logs(&all)
+    );
+    let (ran, text) = (ran(), logs(&all));
+    let ticks = started.elapsed().as_secs_f64() / SITE_JOB_PERIOD + 1.0;
+    assert!(
+        (ran as f64) <= ticks + 1.0,
+        "one run per period across the daemons: {ran} runs in {ticks:.1} ticks\n{text}"
+    );
+    assert!(
+        count_in(
+            &text,
+            "maintenance skipped: another daemon ran it this period"
+        ) >= ran,
+        "the others skip it\n{text}"
+    );
+    for n in &nodes {
+        let (code, health) = n.daemon.get_json("/v1/health");
+        assert_eq!(code, 200, "a skipped run is not a stall: {health}");
+        assert_eq!(health["stalled_jobs"], serde_json::json!([]), "{health}");
+    }
 }

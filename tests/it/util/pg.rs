@@ -22,6 +22,8 @@ pub struct SharedLedger {
     socket: PathBuf,
     /// Holds the key file.
     dir: tempfile::TempDir,
+    /// The cluster's socket directory and port, for [`SharedLedger::query_i64`].
+    direct: (PathBuf, u16),
 }
 
 /// A daemon on a [`SharedLedger`], with the proxy between it and PostgreSQL.
@@ -61,7 +63,35 @@ impl SharedLedger {
                 .socket_dir()
                 .join(format!(".s.PGSQL.{}", cluster.port())),
             dir,
+            direct: (cluster.socket_dir().to_path_buf(), cluster.port()),
         }
+    }
+
+    /// The one `bigint` a query of the ledger's database answers (straight to the cluster,
+    /// past every proxy): for a test that looks at what the daemons stored.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the query");
+        rt.block_on(async {
+            let config = format!(
+                "host={} port={} user={} dbname={}",
+                self.direct.0.display(),
+                self.direct.1,
+                testpg::SUPERUSER,
+                self.db
+            );
+            let (client, conn) = tokio_postgres::connect(&config, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test cluster");
+            tokio::spawn(conn);
+            client
+                .query_one(sql, &[])
+                .await
+                .expect("the test's query")
+                .get(0)
+        })
     }
 
     /// The key file every daemon is given.
