@@ -1192,9 +1192,15 @@ impl PgLedger {
     pub(crate) async fn begin_site_checks(&self) -> Result<SiteRun, PgError> {
         self.tx(|tx, _keys| {
             Box::pin(async move {
+                // Only the missing rows (none, once every connection has one), in id order:
+                // daemons starting their runs together insert in one order, so one waits
+                // for the other's rows instead of deadlocking with it.
                 tx.execute(
                     "INSERT INTO site_checks (connection_id, next_at) \
-                     SELECT id, '-infinity' FROM connections WHERE status = 'active' \
+                     SELECT c.id, '-infinity' FROM connections c \
+                     WHERE c.status = 'active' AND NOT EXISTS \
+                       (SELECT 1 FROM site_checks s WHERE s.connection_id = c.id) \
+                     ORDER BY c.id \
                      ON CONFLICT (connection_id) DO NOTHING",
                     &[],
                 )

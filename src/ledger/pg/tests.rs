@@ -1030,3 +1030,49 @@ async fn a_change_of_sites_is_announced_and_an_unchanged_list_is_not() {
         .unwrap();
     assert_eq!(changes.recv().await, Some(Change::Connection("c2".into())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_claiming_at_once_resolve_each_connection_once() {
+    let Some(db) = Db::new() else { return };
+    let first = db.ledger().await;
+    for i in 0..30 {
+        first
+            .insert(
+                record(&format!("c{i:02}"), &format!("l{i:02}"), &format!("rt-{i}")),
+                vec![],
+            )
+            .await
+            .unwrap();
+    }
+    let mut runs = Vec::new();
+    for n in 0..3 {
+        let ledger = db.ledger().await;
+        ledger.set_node(&format!("node-{n}"));
+        runs.push(tokio::spawn(async move {
+            // Each daemon starts its run (filling the queue) and claims until it is empty.
+            let run = ledger.begin_site_checks().await.unwrap();
+            let mut mine = Vec::new();
+            loop {
+                let ids = ledger
+                    .claim_site_checks(run, 4, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                if ids.is_empty() {
+                    return mine;
+                }
+                ledger
+                    .finish_site_checks(run, ids.clone(), Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                mine.extend(ids);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for r in runs {
+        all.extend(r.await.unwrap());
+    }
+    all.sort();
+    let expected: Vec<String> = (0..30).map(|i| format!("c{i:02}")).collect();
+    assert_eq!(all, expected, "each connection once over the three daemons");
+}
