@@ -397,13 +397,14 @@ fn the_site_job_resolves_each_connection_once_per_period_over_three_daemons() {
         .map(|n| site_job_daemon(&ledger, &fake, n))
         .collect();
     let all: Vec<&PgDaemon> = nodes.iter().collect();
-    // More connections than one daemon resolves at once (16), each answer held a second:
-    // the daemons firing at the same tick must share the work.
+    // More connections than one daemon resolves at once (16), each answer held longer than
+    // the daemons' cron polls (every 500 ms) can be apart: the daemons firing at the same
+    // tick must share the work.
     let count = 24;
     import_many(&fake, &nodes[0].daemon, &all, count);
     fake.set_outage(
         Endpoint::Resources,
-        Some(Fault::Delay(Duration::from_secs(1))),
+        Some(Fault::Delay(Duration::from_millis(1500))),
     );
     let before: Vec<f64> = nodes.iter().map(|n| site_resolutions(&n.daemon)).collect();
     let from = fake.requests().len();
