@@ -298,7 +298,17 @@ impl Cluster {
             .args(["-m", "immediate", "-w", "stop"]));
     }
 
-    /// Starts the server again on the same port after [`Cluster::crash`].
+    /// Stops the server as an orderly restart does (`pg_ctl -m fast stop`: open transactions
+    /// rolled back, every client disconnected, a shutdown checkpoint).
+    pub fn stop(&self) {
+        run(self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"]));
+    }
+
+    /// Starts the server again on the same port after [`Cluster::crash`] or [`Cluster::stop`].
     pub fn restart(&self) {
         if let Err(e) = self.pg_ctl_start() {
             panic!("PostgreSQL did not restart: {e}");
