@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo bench --bench outside            # every scenario
-//! cargo bench --bench outside -- token   # or storm, scale (several may be named)
+//! cargo bench --bench outside -- token   # or storm, scale, pg (several may be named)
 //! TOKEND_BENCH_QUICK=1 cargo bench --bench outside   # a smoke run: short and small
 //! ```
 //!
@@ -23,6 +23,10 @@
 //!   ledger's durable commit rate, and no chain lost.
 //! - `scale` (goals 3, 4, [`scale`]): ledgers of 1k, 10k and 100k connections: start-up, RSS,
 //!   `list --json`, `/metrics`, `/v1/health`, and `?site=` against by-label throughput.
+//! - `pg` (issue 14, [`pg`]): on a throw-away PostgreSQL cluster (`src/testpg.rs`), the
+//!   cached token on a PostgreSQL-backed daemon against a SQLite-backed one, and the storm on
+//!   SQLite, on PostgreSQL with one daemon and with three sharing the ledger; skipped (said
+//!   so) without a PostgreSQL server.
 //!
 //! Environment: `TOKEND_BENCH_QUICK=1` (1 s windows after 0.5 s warm-up, one round, 2,000
 //! storm chains, ledgers of 1k and 10k), `TOKEND_BENCH_SECS` (measured window, default 5),
@@ -46,6 +50,8 @@ mod bare;
 mod client;
 #[path = "outside/daemon.rs"]
 mod daemon;
+#[path = "outside/pg.rs"]
+mod pg;
 #[path = "outside/scale.rs"]
 mod scale;
 #[path = "outside/seed.rs"]
@@ -54,6 +60,9 @@ mod seed;
 mod storm;
 #[path = "outside/token.rs"]
 mod token;
+// The throw-away PostgreSQL cluster of the tests, for the `pg` scenario.
+#[path = "../src/testpg.rs"]
+mod testpg;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,7 +71,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 /// Every scenario, in the order a run without arguments takes them.
-const SCENARIOS: [&str; 3] = ["token", "storm", "scale"];
+const SCENARIOS: [&str; 4] = ["token", "storm", "scale", "pg"];
 
 /// Default measured window of one load run.
 const MEASURE: Duration = Duration::from_secs(5);
@@ -179,6 +188,7 @@ fn run(args: &[String]) -> Result<()> {
                 "token" => token::run(&cfg).await,
                 "storm" => storm::run(&cfg).await,
                 "scale" => scale::run(&cfg).await,
+                "pg" => pg::run(&cfg).await,
                 _ => unreachable!("selected() only returns known scenarios"),
             }
         })

@@ -51,22 +51,31 @@ pub struct Cluster {
     as_postgres: bool,
     /// `server.crt` and `server.key` are in the dir, and the server has `ssl=on`.
     tls: bool,
+    /// `fsync=on`: commits reach the disk, as on a production server. Off for the tests
+    /// (a throw-away cluster need not survive a power cut, and they run faster); on for the
+    /// benchmark, whose commit rates must be those of a real server.
+    durable: bool,
 }
 
 impl Cluster {
     /// Starts a new cluster, or `None` (after a notice) when no server is installed and
     /// [`REQUIRE_ENV`] is not set. Panics when one is installed but does not start.
     pub fn start() -> Option<Cluster> {
-        Cluster::start_with(None)
+        Cluster::start_with(None, false)
+    }
+
+    /// [`Cluster::start`] with `fsync=on`, for measurements (the outside bench).
+    pub fn start_durable() -> Option<Cluster> {
+        Cluster::start_with(None, true)
     }
 
     /// [`Cluster::start`] with TLS on (`ssl=on`), serving the PEM certificate (chain) and key
     /// given; TCP clients must use TLS (`hostssl` only).
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<Cluster> {
-        Cluster::start_with(Some((cert_pem, key_pem)))
+        Cluster::start_with(Some((cert_pem, key_pem)), false)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Option<Cluster> {
+    fn start_with(tls: Option<(&str, &str)>, durable: bool) -> Option<Cluster> {
         let Some(bindir) = bindir() else {
             if std::env::var_os(REQUIRE_ENV).is_some() {
                 panic!(
@@ -95,6 +104,7 @@ impl Cluster {
             port: 0,
             as_postgres,
             tls: tls.is_some(),
+            durable,
         };
         run(cluster
             .tool("initdb")
@@ -158,9 +168,10 @@ impl Cluster {
             .arg(self.dir.path().join("server.log"))
             .arg("-o")
             .arg(format!(
-                "-k {dir} -p {port} -c listen_addresses={listen} -c fsync=off -c max_connections=200{tls}",
+                "-k {dir} -p {port} -c listen_addresses={listen} -c fsync={fsync} -c max_connections=200{tls}",
                 dir = self.dir.path().display(),
                 port = self.port,
+                fsync = if self.durable { "on" } else { "off" },
                 // The socket only, unless a test needs TCP (the TLS tests do).
                 listen = if self.tls { "127.0.0.1" } else { "''" },
                 tls = if self.tls {
@@ -298,7 +309,17 @@ impl Cluster {
             .args(["-m", "immediate", "-w", "stop"]));
     }
 
-    /// Starts the server again on the same port after [`Cluster::crash`].
+    /// Stops the server as an orderly restart does (`pg_ctl -m fast stop`: open transactions
+    /// rolled back, every client disconnected, a shutdown checkpoint).
+    pub fn stop(&self) {
+        run(self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"]));
+    }
+
+    /// Starts the server again on the same port after [`Cluster::crash`] or [`Cluster::stop`].
     pub fn restart(&self) {
         if let Err(e) = self.pg_ctl_start() {
             panic!("PostgreSQL did not restart: {e}");

@@ -157,6 +157,24 @@ pub struct Connection {
     /// When its ledger row last changed.
     #[serde(with = "time")]
     pub updated_at: Time,
+    /// Which daemon holds the chain's refresh claim while a refresh is in flight on a shared
+    /// (PostgreSQL) ledger, so that an operator sees what a refresh waits on. An addition to
+    /// INTERFACE.md's `Connection`: only `GET /v1/connections/{id}` reads it (the list route
+    /// would cost a ledger query per connection), and it is absent when nobody holds a claim,
+    /// always with SQLite (one daemon, no claims) and on the list route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+}
+
+/// `claim` of a [`Connection`]: the daemon refreshing the chain now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The holder: the daemon's `node_name` with its per-process suffix, as events name it.
+    pub node: String,
+    /// When the claim lapses unless renewed (by the database's clock): past it, another
+    /// daemon may take the refresh over.
+    #[serde(with = "time")]
+    pub until: Time,
 }
 
 /// `last_error` of a [`Connection`].
@@ -673,6 +691,7 @@ mod tests {
             consecutive_failures: 3,
             created_at: t(-10),
             updated_at: t(2),
+            claim: None,
         }
     }
 
@@ -703,6 +722,19 @@ mod tests {
             assert_eq!(v.as_object().unwrap().len(), 17, "{v}");
         });
         assert_eq!(back, c);
+        let claimed = Connection {
+            claim: Some(Claim {
+                node: "b#1a2b3c4d".into(),
+                until: t(60),
+            }),
+            ..c.clone()
+        };
+        let back = round_trip(&claimed, |v| {
+            assert_eq!(v["claim"]["node"], "b#1a2b3c4d");
+            assert_eq!(v["claim"]["until"], "2026-01-02T03:05:05Z");
+            assert_eq!(v.as_object().unwrap().len(), 18, "{v}");
+        });
+        assert_eq!(back, claimed);
 
         let token = Token {
             connection_id: c.id.clone(),

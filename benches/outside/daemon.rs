@@ -44,6 +44,11 @@ pub fn tokend_binary() -> Result<PathBuf> {
 
 /// What a [`Daemon`]'s `daemon.toml` says beyond the defaults.
 pub struct Settings {
+    /// `[daemon]` keys beyond the paths, as raw TOML values (`node_name`, `key_file` of
+    /// daemons sharing a PostgreSQL ledger).
+    pub daemon: Vec<(&'static str, String)>,
+    /// `[ledger]` keys as raw TOML values (`url`, `lease`); none: SQLite in the state dir.
+    pub ledger: Vec<(&'static str, String)>,
     /// `[refresh]` keys as raw TOML values (`("rotate_after", "\"1h\"")`).
     pub refresh: Vec<(&'static str, String)>,
     /// Serve `/metrics` on a free loopback port.
@@ -92,6 +97,15 @@ impl Daemon {
             "metrics_listen = {}\n",
             q(&metrics.map(|a| a.to_string()).unwrap_or_default())
         );
+        for (k, v) in &settings.daemon {
+            toml += &format!("{k} = {v}\n");
+        }
+        if !settings.ledger.is_empty() {
+            toml += "[ledger]\n";
+            for (k, v) in &settings.ledger {
+                toml += &format!("{k} = {v}\n");
+            }
+        }
         toml += "[refresh]\n";
         for (k, v) in &settings.refresh {
             toml += &format!("{k} = {v}\n");
@@ -291,7 +305,7 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 /// A TOML basic string.
-fn toml_str(s: &str) -> String {
+pub fn toml_str(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

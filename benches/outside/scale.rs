@@ -82,6 +82,8 @@ async fn measure(cfg: &Config, n: usize) -> Result<Measured> {
         &cfg.bin,
         &fake,
         &Settings {
+            daemon: vec![],
+            ledger: vec![],
             refresh: vec![("rotate_after", "\"7d\"".into())],
             metrics: true,
         },

@@ -62,6 +62,8 @@ pub async fn run(cfg: &Config) -> Result<()> {
         &cfg.bin,
         &fake,
         &Settings {
+            daemon: vec![],
+            ledger: vec![],
             refresh: vec![
                 ("rotate_after", "\"1h\"".into()),
                 ("max_concurrent", MAX_CONCURRENT.to_string()),

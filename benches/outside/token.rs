@@ -31,6 +31,8 @@ pub async fn run(cfg: &Config) -> Result<()> {
         &cfg.bin,
         &fake,
         &Settings {
+            daemon: vec![],
+            ledger: vec![],
             refresh: vec![],
             metrics: false,
         },

@@ -578,6 +578,7 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
         consecutive_failures: c.consecutive_failures,
         created_at: c.created_at,
         updated_at: c.updated_at,
+        claim: None,
     }
 }
 
@@ -792,10 +793,16 @@ async fn show(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult 
         .engine
         .get(&id)
         .ok_or_else(|| ApiError::not_found(format!("no connection {id:?}")))?;
-    Ok(ok_json(
-        StatusCode::OK,
-        connection_wire(&state.engine, &info),
-    ))
+    let mut body = connection_wire(&state.engine, &info);
+    body.claim = state
+        .engine
+        .claim_holder(&info.conn.id)
+        .await
+        .map(|c| wire::Claim {
+            node: c.holder,
+            until: c.until,
+        });
+    Ok(ok_json(StatusCode::OK, body))
 }
 
 /// Reads and parses a JSON body, with messages that never quote it. The content type and a

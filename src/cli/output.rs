@@ -224,6 +224,14 @@ pub(super) fn format_show(c: &Connection) -> String {
             time(Some(err.at))
         ));
     }
+    // Only while a refresh is in flight on a shared ledger: which daemon it waits on.
+    if let Some(claim) = &c.claim {
+        lines.push(format!(
+            "refresh claimed by: {} (until {})",
+            claim.node,
+            time(Some(claim.until))
+        ));
+    }
     let mut out = lines.join("\n");
     out.push('\n');
     out
@@ -324,6 +332,22 @@ c_2   jira             needs_reauth  -            -                             
         let mut healthy = sample_connection();
         healthy["last_error"] = Value::Null;
         assert!(!format_show(&view(healthy)).contains("last_error"));
+        assert!(
+            !text.contains("refresh claimed by"),
+            "no claim, no line: {text}"
+        );
+    }
+
+    #[test]
+    fn show_names_the_claim_holder_while_a_refresh_is_in_flight() {
+        let mut claimed = sample_connection();
+        claimed["claim"] = json!({"node": "b#1a2b3c4d", "until": "2025-01-02T03:04:05Z"});
+        let text = format_show(&view(claimed));
+        assert!(
+            text.lines()
+                .any(|l| l == "refresh claimed by: b#1a2b3c4d (until 2025-01-02T03:04:05Z)"),
+            "{text}"
+        );
     }
 
     #[test]

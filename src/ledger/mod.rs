@@ -23,7 +23,7 @@ pub mod seal;
 pub(crate) use any::{AnyError, AnyLedger};
 /// Public for `tests/it/migrate.rs`, which reads a migrated PostgreSQL ledger back.
 pub use pg::PgLedger;
-pub(crate) use pg::{Fence, PgError, SiteRun};
+pub(crate) use pg::{ClaimHolder, Fence, PgError, SiteRun};
 
 use crate::model::{
     AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,

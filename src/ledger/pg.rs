@@ -361,6 +361,19 @@ pub struct Fence {
     pub valid_for: Duration,
 }
 
+/// Who holds a chain's refresh claim right now, as `tokend show` reports it (read from the
+/// `claims` table by [`PgLedger::claim_holder`]). Unlike a [`Fence`] it carries no version:
+/// it is for people, never for a write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimHolder {
+    /// The holder's name (a daemon's `node_name` with its per-process suffix), so that an
+    /// operator sees which daemon a refresh in flight is waiting on.
+    pub holder: String,
+    /// When the claim lapses unless its holder renews it (by the database's clock): past it
+    /// another daemon may take the chain over.
+    pub until: Time,
+}
+
 /// A cheap, cloneable handle on the PostgreSQL ledger.
 ///
 /// Public outside the library, with [`PgLedger::connect`] and [`PgLedger::load_all`] only,
@@ -1152,6 +1165,28 @@ impl PgLedger {
                     )
                     .await?;
                 Ok(row.map(|r| fence_of(&r, fence.holder)))
+            })
+        })
+        .await
+    }
+
+    /// Who holds chain `id`'s claim now (its lease not yet run out, by the database's clock),
+    /// or `None` when nobody does (no refresh in flight anywhere) or there is no such
+    /// connection. Read only, for `tokend show`.
+    pub(crate) async fn claim_holder(&self, id: String) -> Result<Option<ClaimHolder>, PgError> {
+        self.read(move |tx, _keys| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "SELECT holder, (extract(epoch FROM expires_at) * 1000)::bigint \
+                         FROM claims WHERE connection_id = $1 AND expires_at > clock_timestamp()",
+                        &[&id],
+                    )
+                    .await?;
+                Ok(row.map(|r| ClaimHolder {
+                    holder: r.get(0),
+                    until: super::from_ms(r.get(1)),
+                }))
             })
         })
         .await

@@ -7,7 +7,7 @@
 //! trait: every chain write is a compare-and-swap on the chain's version, and no SQL lives
 //! outside a store.
 
-use crate::ledger::{Fence, Ledger, LedgerError, PgError, PgLedger};
+use crate::ledger::{ClaimHolder, Fence, Ledger, LedgerError, PgError, PgLedger};
 
 use crate::model::{Event, Record, Site, Time};
 use crate::provider::{Account, Atlassian, Grant, ProviderError};
@@ -157,6 +157,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = fence;
         self.save_chain(rec, expect_version, events)
     }
+    /// Who holds chain `id`'s claim now (`tokend show`), `None` when nobody does. A store
+    /// only one daemon writes has no claims another daemon could hold: always `None`.
+    fn claim_holder(&self, id: String) -> BoxFuture<'_, Result<Option<ClaimHolder>, StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Writes `impl Store for $ty`, every method delegated to the method of the same name of
@@ -279,6 +285,13 @@ macro_rules! delegate_store {
             Box::pin(async move {
                 Ok($via::save_chain_fenced($target, rec, expect_version, fence, events).await?)
             })
+        }
+        fn claim_holder(
+            &self,
+            id: String,
+        ) -> BoxFuture<'_, Result<Option<ClaimHolder>, StoreError>> {
+            let $this = self;
+            Box::pin(async move { Ok($via::claim_holder($target, id).await?) })
         }
     };
 }

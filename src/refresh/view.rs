@@ -3,6 +3,7 @@
 //! absolute-expiry warnings. Nothing here changes a chain.
 
 use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, Identity, SlotState, chrono_dur};
+use crate::ledger::ClaimHolder;
 use crate::metrics::{ConnectionDeadline, ConnectionSource};
 use crate::model::{Status, Time};
 use crate::notify::Kind;
@@ -18,7 +19,36 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// How long `GET /v1/connections/{id}` waits for the store to say who holds the chain's
+/// claim: the rest of the answer is memory, so a ledger that does not answer (down, cut off)
+/// must not hold it long; past it the answer goes out without the claim.
+const CLAIM_LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Engine {
+    /// Who holds the refresh claim of connection `id` (an id, not a label) on a shared store
+    /// while a refresh is in flight, for `tokend show`; `None` when nobody does, on a store
+    /// only this daemon writes, and when the store does not answer within
+    /// [`CLAIM_LOOKUP_TIMEOUT`] (the claim is then unknown, and said to be nobody's rather
+    /// than holding the answer).
+    pub async fn claim_holder(&self, id: &str) -> Option<ClaimHolder> {
+        if !self.store.shared() {
+            return None;
+        }
+        match tokio::time::timeout(CLAIM_LOOKUP_TIMEOUT, self.store.claim_holder(id.to_owned()))
+            .await
+        {
+            Ok(Ok(holder)) => holder,
+            Ok(Err(e)) => {
+                tracing::debug!(connection = %id, error = %e, "cannot read the claim's holder");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(connection = %id, "the claim's holder did not come in time");
+                None
+            }
+        }
+    }
+
     /// Whether some chain holds a rotated token its commit is still waiting for.
     pub fn commit_pending(&self) -> usize {
         self.held.load(std::sync::atomic::Ordering::Relaxed)

@@ -1,7 +1,8 @@
 //! Issue 14's takeover and chaos tests: three real daemons on one PostgreSQL ledger (the
 //! tests' own cluster, `src/testpg.rs`), each behind a proxy that can cut it off
 //! (`util/proxy.rs`), against the strict fake, while daemons are paused past their lease
-//! (SIGSTOP), killed with SIGKILL and restarted, and cut off the ledger.
+//! (SIGSTOP), killed with SIGKILL and restarted, and cut off the ledger; and PostgreSQL
+//! itself restarted (stopped past the lease, started again) under load.
 //!
 //! What "every rotation happened once" means here, as the fake can check it: a refresh
 //! token is exchanged at the fake at most once, except that its parent is presented again
@@ -117,6 +118,11 @@ fn access_token_expired(d: &TestDaemon, label: &str) -> bool {
 /// The value of a metric series on `d`'s metrics listener.
 fn metric_of(d: &TestDaemon, series: &str) -> f64 {
     metric(&d.metrics_get("/metrics").unwrap().text(), series)
+}
+
+/// `d`'s `/readyz` status (0 when the metrics listener does not answer).
+fn readyz(d: &TestDaemon) -> u16 {
+    d.metrics_get("/readyz").map_or(0, |r| r.status)
 }
 
 fn logs(daemons: &[PgDaemon]) -> String {
@@ -479,4 +485,257 @@ fn chaos_over_three_daemons_loses_no_chain_and_spends_every_token_once() {
         started.elapsed()
     );
     assert_no_secrets(&all(), &fake);
+}
+
+/// The access tokens' lifetime in the restart test: far beyond the outage, so that every
+/// daemon can serve what it has in memory while PostgreSQL is down (the refresh tokens still
+/// rotate every second, `rotate_after = 1s`).
+const RESTART_ACCESS_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long the fake holds every token answer in the restart test: with three chains
+/// rotating every second, a refresh is often in flight when the server goes down.
+const RESTART_TOKEN_DELAY: Duration = Duration::from_millis(200);
+
+/// Every chain's version in the ledger, by label, read as a daemon would (the same key).
+fn chain_versions(
+    cluster: &crate::util::pg::testpg::Cluster,
+    ledger: &SharedLedger,
+) -> std::collections::BTreeMap<String, u64> {
+    let keys = tokend::ledger::seal::KeySource {
+        key_file: Some(ledger.key_file()),
+        old_key_files: vec![],
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let url = cluster.url(ledger.database());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let pg = tokend::ledger::PgLedger::connect(&url, &keys, scratch.path())
+                .await
+                .unwrap();
+            pg.load_all().await.unwrap()
+        })
+        .into_iter()
+        .map(|rec| (rec.conn.label.clone(), rec.chain.version))
+        .collect()
+}
+
+#[test]
+fn three_daemons_under_load_survive_a_postgresql_restart_lose_nothing_and_rotate_on() {
+    let Some((cluster, ledger)) = SharedLedger::own_cluster() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    fake.set_access_lifetime(Some(RESTART_ACCESS_LIFETIME));
+    fake.set_token_delay(RESTART_TOKEN_DELAY);
+    let accounts: Vec<String> = (0..CHAINS).map(|i| format!("acct-{i}")).collect();
+    let labels: Vec<String> = (0..CHAINS).map(|i| format!("conn-{i}")).collect();
+    let mut nodes: Vec<PgDaemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| start(&ledger, &fake, n, true))
+        .collect();
+    for (account, label) in accounts.iter().zip(&labels) {
+        let rt = fake.issue_grant(account, &[FakeSite::confluence(account)]);
+        import(&nodes[0].daemon, label, &rt);
+    }
+    for n in &nodes {
+        for label in &labels {
+            assert!(
+                eventually(WAIT, || status(&n.daemon, label) == "active"),
+                "every daemon learns of every import"
+            );
+        }
+    }
+
+    // Clients: one thread per daemon asking for every chain's token in turn; what they are
+    // served while the server is down is counted apart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let down = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let served_down = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let socket = n.daemon.socket_path().to_owned();
+            let (stop, down, served, served_down, labels) = (
+                stop.clone(),
+                down.clone(),
+                served.clone(),
+                served_down.clone(),
+                labels.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // Read before the request: a request counted as "while down" began after
+                    // the server had stopped.
+                    let was_down = down.load(Ordering::SeqCst);
+                    let path = format!("/v1/connections/{}/token", labels[i % labels.len()]);
+                    if client_get(&socket, &path).is_some_and(|r| r.status == 200) {
+                        served.fetch_add(1, Ordering::SeqCst);
+                        if was_down && down.load(Ordering::SeqCst) {
+                            served_down.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    let all = |nodes: &[PgDaemon]| format!("{}\n{}", logs(nodes), cluster.log());
+
+    // Under load: every chain rotates a couple of times before the restart.
+    let loaded_from: Vec<usize> = accounts.iter().map(|a| fake.rotations(a)).collect();
+    for (account, from) in accounts.iter().zip(&loaded_from) {
+        assert!(
+            eventually(WAIT, || fake.rotations(account) >= from + 2),
+            "{account} rotates under load\n{}",
+            all(&nodes)
+        );
+    }
+    let versions_before = chain_versions(&cluster, &ledger);
+    assert_eq!(versions_before.len(), CHAINS);
+
+    // Down: held until every daemon has said so and past the lease (a claim held when the
+    // server stopped has lapsed when it is back), and until a client was served meanwhile.
+    cluster.stop();
+    down.store(true, Ordering::SeqCst);
+    let stopped = Instant::now();
+    let calls_at_stop = fake.refresh_calls();
+    for n in &nodes {
+        assert!(
+            eventually(WAIT, || readyz(&n.daemon) == 503),
+            "{}: without the server a daemon is not ready\n{}",
+            n.daemon.dir().display(),
+            all(&nodes)
+        );
+        assert!(
+            eventually(WAIT, || metric_of(&n.daemon, "tokend_ledger_up") == 0.0),
+            "{}: tokend_ledger_up says so",
+            n.daemon.dir().display()
+        );
+    }
+    assert!(
+        eventually(WAIT, || served_down.load(Ordering::SeqCst) > 0),
+        "cached tokens are served while the server is down\n{}",
+        all(&nodes)
+    );
+    while stopped.elapsed() < PAST_LEASE {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No refresh starts without the ledger (its marker cannot be written): at most the one
+    // already cleared to go on each chain reaches the fake.
+    let calls_down = fake.refresh_calls() - calls_at_stop;
+    assert!(
+        calls_down <= CHAINS,
+        "{calls_down} refreshes sent while the server was down\n{}",
+        all(&nodes)
+    );
+    for n in &mut nodes {
+        assert!(
+            n.daemon.is_running(),
+            "{} died while the server was down\n{}",
+            n.daemon.dir().display(),
+            n.daemon.logs()
+        );
+    }
+    let down_for = stopped.elapsed();
+    down.store(false, Ordering::SeqCst);
+    cluster.restart();
+    for n in &nodes {
+        assert!(
+            eventually(WAIT, || readyz(&n.daemon) == 200),
+            "{}: the server back, every daemon is ready again by itself\n{}",
+            n.daemon.dir().display(),
+            all(&nodes)
+        );
+        assert!(
+            eventually(WAIT, || metric_of(&n.daemon, "tokend_ledger_up") == 1.0),
+            "{}: tokend_ledger_up says so",
+            n.daemon.dir().display()
+        );
+    }
+    assert_eq!(fake.reuse_violations(), 0, "{}", all(&nodes));
+    // Settle: every chain rotates once more, so that an answer the restart lost (a commit
+    // whose outcome was unknown) has been retried, inside the leeway, by then.
+    let settled_from: Vec<usize> = accounts.iter().map(|a| fake.rotations(a)).collect();
+    for (account, from) in accounts.iter().zip(&settled_from) {
+        assert!(
+            eventually(WAIT, || fake.rotations(account) > *from),
+            "{account} rotates after the restart\n{}",
+            all(&nodes)
+        );
+    }
+    // One disruption loses at most the one answer in flight on each chain.
+    let restart_reuses = fake.leeway_reuses();
+    assert!(
+        restart_reuses <= CHAINS,
+        "{restart_reuses} leeway reuses for one restart of {CHAINS} chains\n{}",
+        all(&nodes)
+    );
+
+    // Calm: every chain rotates at least twice more, and not one of those rotations spends
+    // a token twice.
+    let calm_from: Vec<usize> = accounts.iter().map(|a| fake.rotations(a)).collect();
+    for (account, from) in accounts.iter().zip(&calm_from) {
+        assert!(
+            eventually(WAIT, || fake.rotations(account) >= from + 2),
+            "{account} keeps rotating after the restart\n{}",
+            all(&nodes)
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(
+        fake.leeway_reuses(),
+        restart_reuses,
+        "without disruptions every token is spent once\n{}",
+        all(&nodes)
+    );
+    assert_eq!(fake.reuse_violations(), 0, "{}", all(&nodes));
+    let versions_after = chain_versions(&cluster, &ledger);
+    for (label, before) in &versions_before {
+        assert!(
+            versions_after[label] > *before,
+            "{label}'s chain version grew after the restart: {before} -> {}",
+            versions_after[label]
+        );
+    }
+    for (account, label) in accounts.iter().zip(&labels) {
+        assert!(fake.family_alive(account), "{account} lost");
+        for n in &nodes {
+            assert_eq!(
+                status(&n.daemon, label),
+                "active",
+                "{label} on {}",
+                n.daemon.dir().display()
+            );
+            assert!(
+                eventually(WAIT, || try_token(&n.daemon, label)
+                    .is_some_and(
+                        |t| fake.access_token_account(&t).as_deref() == Some(account.as_str())
+                    )),
+                "{label} on {} serves a token the fake accepts\n{}",
+                n.daemon.dir().display(),
+                all(&nodes)
+            );
+        }
+    }
+    for n in &mut nodes {
+        assert!(n.daemon.is_running(), "{}", n.daemon.dir().display());
+    }
+    eprintln!(
+        "restart: down {down_for:?} ({} refreshes sent meanwhile, {} tokens served), {} \
+         rotations, {restart_reuses} leeway reuses, {} tokens served in all",
+        calls_down,
+        served_down.load(Ordering::SeqCst),
+        fake.total_rotations(),
+        served.load(Ordering::SeqCst)
+    );
+    assert_no_secrets(&logs(&nodes), &fake);
 }

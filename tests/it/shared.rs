@@ -582,3 +582,72 @@ fn maintenance_runs_once_per_period_across_daemons_and_nobody_stalls() {
         assert_eq!(health["stalled_jobs"], serde_json::json!([]), "{health}");
     }
 }
+
+#[test]
+fn show_through_another_daemon_names_the_daemon_holding_a_refresh_in_flight() {
+    let Some(ledger) = SharedLedger::new() else {
+        return;
+    };
+    let fake = FakeAtlassian::start();
+    let rt = fake.issue_grant("acct-1", &[FakeSite::confluence("acme")]);
+    let a = ledger.start(&fake, "a");
+    let b = ledger.start(&fake, "b");
+    import(&a.daemon, "conf", &rt);
+    assert!(eventually(WAIT, || knows(&b.daemon, "conf")));
+    assert!(
+        connection(&b.daemon, "conf").get("claim").is_none(),
+        "no refresh in flight, no claim: {}",
+        connection(&b.daemon, "conf")
+    );
+    let shown = b.daemon.cli(&["show", "conf"], None);
+    assert!(shown.status.success(), "{shown:?}");
+    assert!(!String::from_utf8_lossy(&shown.stdout).contains("refresh claimed by"));
+
+    // The fake holds its answer: A's refresh is in flight, A holding the claim, for as long
+    // as the checks through B take (below A's request timeout, 3 s).
+    fake.set_token_delay(Duration::from_millis(2000));
+    let calls = fake.refresh_calls();
+    std::thread::scope(|s| {
+        let refresh = s.spawn(|| {
+            a.daemon
+                .request("POST", "/v1/connections/conf/refresh", None)
+        });
+        assert!(
+            eventually(WAIT, || fake.refresh_calls() > calls),
+            "A sends its refresh"
+        );
+        let v = connection(&b.daemon, "conf");
+        let node = v["claim"]["node"].as_str().unwrap_or_default().to_owned();
+        assert!(node.starts_with("a#"), "B names A as the holder: {v}");
+        let until = chrono::DateTime::parse_from_rfc3339(v["claim"]["until"].as_str().unwrap())
+            .expect("until is RFC 3339");
+        assert!(until > chrono::Utc::now(), "the claim runs: {v}");
+        let shown = b.daemon.cli(&["show", "conf"], None);
+        assert!(shown.status.success(), "{shown:?}");
+        let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("refresh claimed by: {node} (until "))),
+            "{text}"
+        );
+        // The list route does not carry it.
+        let (code, list) = b.daemon.get_json("/v1/connections");
+        assert_eq!(code, 200);
+        assert!(list[0].get("claim").is_none(), "{list}");
+        let r = refresh.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    });
+    fake.set_token_delay(Duration::ZERO);
+    assert!(
+        eventually(WAIT, || connection(&b.daemon, "conf")
+            .get("claim")
+            .is_none()),
+        "the refresh over, its claim is gone: {}",
+        connection(&b.daemon, "conf")
+    );
+    let shown = b.daemon.cli(&["show", "conf"], None);
+    assert!(!String::from_utf8_lossy(&shown.stdout).contains("refresh claimed by"));
+    assert_eq!(fake.refresh_calls(), calls + 1);
+    assert_eq!(fake.reuse_violations(), 0);
+    assert_no_secrets(&logs(&[&a, &b]), &fake);
+}

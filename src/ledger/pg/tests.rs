@@ -1076,3 +1076,46 @@ async fn daemons_claiming_at_once_resolve_each_connection_once() {
     let expected: Vec<String> = (0..30).map(|i| format!("c{i:02}")).collect();
     assert_eq!(all, expected, "each connection once over the three daemons");
 }
+
+#[tokio::test]
+async fn the_claim_holder_is_named_while_the_claim_runs_and_not_after_its_release() {
+    let Some(db) = Db::new() else { return };
+    let ledger = db.ledger().await;
+    ledger
+        .insert(record("c1", "conf", "rt-1"), vec![])
+        .await
+        .unwrap();
+    assert_eq!(ledger.claim_holder("c1".into()).await.unwrap(), None);
+    let before = Utc::now();
+    let a = ledger
+        .claim("c1".into(), "node-a".into(), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let held = ledger
+        .claim_holder("c1".into())
+        .await
+        .unwrap()
+        .expect("a running claim has a holder");
+    assert_eq!(held.holder, "node-a");
+    // By the database's clock, which is this machine's: about a minute from now.
+    assert!(
+        held.until > before + chrono::Duration::seconds(50)
+            && held.until < Utc::now() + chrono::Duration::seconds(70),
+        "{held:?}"
+    );
+    assert!(ledger.release("c1".into(), a).await.unwrap());
+    assert_eq!(
+        ledger.claim_holder("c1".into()).await.unwrap(),
+        None,
+        "a released claim has no holder"
+    );
+    // A lapsed claim has none either, nor a connection that does not exist.
+    ledger
+        .claim("c1".into(), "node-b".into(), Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ledger.claim_holder("c1".into()).await.unwrap(), None);
+    assert_eq!(ledger.claim_holder("nope".into()).await.unwrap(), None);
+}

@@ -94,6 +94,11 @@ impl SharedLedger {
         })
     }
 
+    /// The database's name in its cluster (for a test that reads the ledger itself).
+    pub fn database(&self) -> &str {
+        &self.db
+    }
+
     /// The key file every daemon is given.
     pub fn key_file(&self) -> PathBuf {
         self.dir.path().join("ledger.key")
