@@ -1800,3 +1800,6 @@ async fn engines_on_one_postgres_ledger_refresh_a_chain_once() {
     assert_eq!(w.calls, 1, "one refresh across both daemons");
     assert_eq!(tokens.len(), 1, "every caller gets the one new token");
 }
+
+/// Scripted scenarios of several daemons (and of `reload`).
+mod scenarios;
