@@ -9,7 +9,7 @@
 use super::*;
 use crate::model::AccessToken;
 use crate::refresh::shared::FOREIGN_ATTEMPT_GRACE;
-use crate::refresh::{Held, Served};
+use crate::refresh::{Failure, Held, Served};
 
 /// One daemon (`node0`) on a shared store holding one chain.
 struct Scene {
@@ -52,8 +52,149 @@ fn rotate_elsewhere(world: &Shared, id: &str) -> Record {
         expires_at: now + chrono::Duration::seconds(300),
     });
     rec.conn.last_refresh_at = Some(now);
+    // Its commit clears the marker (its own, or one it found and resolved).
+    rec.chain.attempt_started_at = None;
     rec.chain.version += 1;
     rec.clone()
+}
+
+/// A change another daemon makes to the shared world at a scripted instant.
+type Hook = Box<dyn FnOnce(&Shared) + Send>;
+
+/// What the provider does with one refresh call of a [`Scripted`] provider.
+enum Answer {
+    /// Processes it as the simulated provider does.
+    Process,
+    /// Answers `invalid_grant` without processing it.
+    Reject,
+}
+
+/// One refresh call of a [`Scripted`] provider: `before` runs when the request arrives,
+/// then `delay` passes, then the `answer`, then `after` (once the provider has processed
+/// it, before the daemon reads the answer).
+struct Step {
+    before: Option<Hook>,
+    delay: Duration,
+    answer: Answer,
+    after: Option<Hook>,
+}
+
+impl Step {
+    fn answer(answer: Answer) -> Step {
+        Step {
+            before: None,
+            delay: Duration::ZERO,
+            answer,
+            after: None,
+        }
+    }
+}
+
+/// The simulated provider, its refresh calls following a script (one [`Step`] per call, in
+/// order; calls past the script are processed); everything else as [`SimProvider`].
+struct Scripted {
+    inner: SimProvider,
+    script: Mutex<VecDeque<Step>>,
+}
+
+impl TokenEndpoint for Scripted {
+    fn refresh<'a>(
+        &'a self,
+        refresh_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
+        Box::pin(async move {
+            let step = self.script.lock().pop_front();
+            let Some(step) = step else {
+                return self.inner.refresh(refresh_token).await;
+            };
+            if let Some(hook) = step.before {
+                hook(&self.inner.0);
+            }
+            tokio::time::sleep(step.delay).await;
+            let result = match step.answer {
+                Answer::Process => self.inner.refresh(refresh_token).await,
+                Answer::Reject => {
+                    lock(&self.inner.0).calls += 1;
+                    Err(rejected())
+                }
+            };
+            if let Some(hook) = step.after {
+                hook(&self.inner.0);
+            }
+            result
+        })
+    }
+    fn exchange_code<'a>(
+        &'a self,
+        code: &'a Secret,
+    ) -> BoxFuture<'a, Result<Grant, ProviderError>> {
+        self.inner.exchange_code(code)
+    }
+    fn accessible_resources<'a>(
+        &'a self,
+        access_token: &'a Secret,
+        now: Time,
+    ) -> BoxFuture<'a, Result<Vec<Site>, ProviderError>> {
+        self.inner.accessible_resources(access_token, now)
+    }
+    fn me<'a>(
+        &'a self,
+        access_token: &'a Secret,
+    ) -> BoxFuture<'a, Result<Option<Account>, ProviderError>> {
+        self.inner.me(access_token)
+    }
+    fn not_configured(&self) -> Option<String> {
+        self.inner.not_configured()
+    }
+    fn client_id(&self) -> &str {
+        self.inner.client_id()
+    }
+    fn scopes(&self) -> Vec<String> {
+        self.inner.scopes()
+    }
+    fn authorize_url(&self, state: &str) -> (String, String) {
+        self.inner.authorize_url(state)
+    }
+    fn api_base_url(&self, product: &str, cloud_id: &str) -> String {
+        self.inner.api_base_url(product, cloud_id)
+    }
+}
+
+/// Daemon `node0` on the shared store, its provider following `script`.
+async fn boot_scripted(world: &Shared, script: Vec<Step>) -> Incarnation {
+    let clock = lock(world).clock.clone();
+    let engine = Engine::load(
+        Arc::new(SimStore(world.clone(), Some(0))),
+        Arc::new(Scripted {
+            inner: SimProvider(world.clone(), None),
+            script: Mutex::new(script.into()),
+        }),
+        clock,
+        settings(2),
+        crate::notify::Notifier::disabled(),
+        Arc::new(crate::metrics::Metrics::new(false)),
+    )
+    .await
+    .expect("boot");
+    engine.set_node_name("node0".into());
+    let scheduler = tokio::spawn(engine.clone().run_scheduler(std::future::pending()));
+    Incarnation { engine, scheduler }
+}
+
+/// Another daemon (`node9`) holds chain `id`'s claim from now, for `lease` (zero: it
+/// claimed and released it again, or its claim lapsed). It supersedes this daemon's claim,
+/// as a claim taken over after a lapsed lease does.
+fn claimed_by_another(world: &Shared, id: &str, lease: Duration) {
+    let mut w = lock(world);
+    let version = w.claims.get(id).map_or(0, |c| c.version) + 1;
+    w.claims.insert(
+        id.to_owned(),
+        SimClaim {
+            holder: "node9".into(),
+            version,
+            expires: tokio::time::Instant::now() + lease,
+        },
+    );
 }
 
 fn site(cloud_id: &str, name: &str, seen: Time) -> Site {
@@ -346,5 +487,129 @@ fn a_change_held_for_its_commit_is_never_overwritten_by_a_reload() {
         assert!(st.rec.conn.account_id.is_none());
         drop(st);
         crash(s.inc);
+    });
+}
+
+/// `attempt::try_previous`'s conflict path. The current token is rejected (the provider
+/// lost its rotation), the previous one, inside its leeway, is accepted and rotated; then
+/// the commit conflicts: another daemon claimed the chain while this one was stopped past
+/// its lease, and released it without writing. The store still holds the token this attempt
+/// began with (the rejected current one) at its marker's version, so the new token is the
+/// provider's current one and is committed under a fresh claim. Judged against the token
+/// presented instead (the previous one), the conflict looked like a chain moved elsewhere:
+/// memory took the store's rejected token and the chain was lost.
+#[test]
+fn a_retry_with_the_previous_token_judges_a_conflict_against_the_stored_token() {
+    paused_runtime().block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(31, clock)));
+        let id = lock(&world).add_chain(0, start);
+        // The chain as this daemon loads it: current token C, previous P rotated just now.
+        let loaded = rotate_elsewhere(&world, &id);
+        assert!(loaded.chain.previous.is_some());
+        let after: Hook = {
+            let id = id.clone();
+            Box::new(move |world| claimed_by_another(world, &id, Duration::ZERO))
+        };
+        let inc = boot_scripted(
+            &world,
+            vec![
+                Step::answer(Answer::Reject),
+                Step {
+                    after: Some(after),
+                    ..Step::answer(Answer::Process)
+                },
+            ],
+        )
+        .await;
+        let calls = lock(&world).calls;
+        let got = inc.engine.refresh_now(&id).await;
+        check_all(&world, &[&*inc.engine], "after the refresh").expect("invariants");
+        let info = got.expect("refreshed");
+        assert_eq!(info.conn.status, Status::Active);
+        assert_eq!(
+            lock(&world).calls,
+            calls + 2,
+            "the current, then the previous"
+        );
+        let (stored, current) = {
+            let w = lock(&world);
+            let rec = w.store[&id].clone();
+            let family = w.family_of(&rec).expect("issued");
+            (rec, w.families[&family].current.clone())
+        };
+        assert_eq!(
+            stored.chain.refresh_token.expose(),
+            current,
+            "the rotated token was not committed"
+        );
+        assert_eq!(memory(&inc.engine, &id).1, current);
+        check_all(&world, &[&*inc.engine], "end").expect("invariants");
+        crash(inc);
+    });
+}
+
+/// A rejection whose `needs_reauth` write failed while a reload took a newer chain: this
+/// daemon presented the chain's token; while its request ran, another daemon took the
+/// claim over (this one's lease lapsed) and rotated and committed the chain, and a
+/// notification's reload took that newer chain into memory. Then the provider rejected this
+/// daemon's (older) token, and the `needs_reauth` write conflicted. Memory keeps the newer
+/// chain, active, and the caller gets a retryable error; before the mend, memory marked the
+/// newer chain `needs_reauth` and the caller was told to consent again.
+#[test]
+fn a_rejection_not_recorded_keeps_the_newer_chain_a_reload_took() {
+    paused_runtime().block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(32, clock)));
+        let id = lock(&world).add_chain(0, start);
+        let lease = settings(2).lease;
+        let before: Hook = {
+            let id = id.clone();
+            Box::new(move |world| {
+                claimed_by_another(world, &id, lease);
+                rotate_elsewhere(world, &id);
+            })
+        };
+        let inc = boot_scripted(
+            &world,
+            vec![Step {
+                before: Some(before),
+                delay: Duration::from_secs(2),
+                ..Step::answer(Answer::Reject)
+            }],
+        )
+        .await;
+        let engine = inc.engine.clone();
+        let wanted = id.clone();
+        let caller = tokio::spawn(async move { engine.refresh_now(&wanted).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let theirs = lock(&world).store[&id].clone();
+        inc.engine.reload(&id).await.expect("store up");
+        assert_eq!(
+            memory(&inc.engine, &id).0,
+            theirs.chain.version,
+            "not reloaded"
+        );
+        let got = caller.await.expect("joined");
+        check_all(&world, &[&*inc.engine], "after the rejection").expect("invariants");
+        assert!(
+            matches!(got, Err(Failure::Unavailable { .. })),
+            "a rejection of an older token is a retry: {got:?}"
+        );
+        assert_eq!(
+            memory(&inc.engine, &id),
+            (
+                theirs.chain.version,
+                theirs.chain.refresh_token.expose().to_owned()
+            ),
+            "memory left the newer chain"
+        );
+        let slot = inc.engine.find(&id).expect("installed");
+        assert_eq!(slot.read().rec.conn.status, Status::Active);
+        assert_eq!(lock(&world).store[&id].conn.status, Status::Active);
+        assert_eq!(inc.engine.status_counts(), inc.engine.recount_statuses());
+        crash(inc);
     });
 }
