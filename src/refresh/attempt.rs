@@ -1141,7 +1141,9 @@ impl Effects {
 }
 
 /// Applies an outcome to the chain's memory and says what the caller learns. Called with
-/// the slot locked, once per attempt, by [`super::flight`], which then re-plans.
+/// the slot locked, once per attempt, by [`super::flight`], which then re-plans. A record
+/// read from the store (not one this attempt committed) is taken only when it is not older
+/// than memory's chain ([`adopt_unless_older`]).
 pub(crate) fn settle(
     engine: &Engine,
     st: &mut SlotState,
@@ -1187,7 +1189,7 @@ pub(crate) fn settle(
                 effects.relabel = Some((st.rec.conn.label.clone(), next.conn.label.clone()));
                 st.rec.conn.label = next.conn.label.clone();
             }
-            engine.adopt(st, &next);
+            adopt_unless_older(engine, st, &next);
             engine.set_held(st, None);
             effects.resolve_sites = st.sites_wanted;
             Ok(())
@@ -1278,7 +1280,7 @@ pub(crate) fn settle(
             match current {
                 Some(rec) => {
                     tracing::warn!(connection = %id, "the chain changed in the ledger; reloaded");
-                    engine.adopt(st, &rec);
+                    adopt_unless_older(engine, st, &rec);
                     Err(Failure::Conflict(
                         "the chain changed concurrently; try again".into(),
                     ))
@@ -1321,7 +1323,8 @@ pub(crate) fn settle(
                 tracing::info!(connection = %id, "another tokend daemon is refreshing this chain; serving what it commits");
                 match current {
                     Some(rec) => {
-                        engine.adopt(st, &rec);
+                        // Memory is at least as new as this read either way.
+                        adopt_unless_older(engine, st, &rec);
                         st.stale = false;
                     }
                     None => st.stale = true,
@@ -1346,6 +1349,26 @@ pub(crate) fn settle(
         },
     };
     (result, effects)
+}
+
+/// Takes a record the store held into memory, unless memory already holds a newer chain
+/// version: on a shared store a reload (`refresh::shared`) may have taken another daemon's
+/// later commit between the attempt's read of the store and its settling, and memory never
+/// goes back to an older chain (it would serve, or present, what that daemon replaced).
+/// An equal version is the same chain (versions only grow, one per write). Whether memory
+/// took it.
+fn adopt_unless_older(engine: &Engine, st: &mut SlotState, rec: &Record) -> bool {
+    if rec.chain.version < st.rec.chain.version {
+        tracing::debug!(
+            connection = %st.rec.conn.id,
+            read = rec.chain.version,
+            memory = st.rec.chain.version,
+            "memory already holds a newer chain than the one read; keeping it"
+        );
+        return false;
+    }
+    engine.adopt(st, rec);
+    true
 }
 
 /// Whatever failed without a backoff of its own must not be retried in a tight loop; a

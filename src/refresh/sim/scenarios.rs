@@ -613,3 +613,61 @@ fn a_rejection_not_recorded_keeps_the_newer_chain_a_reload_took() {
         crash(inc);
     });
 }
+
+/// `attempt::settle` never moves memory to an older chain version: a record an attempt
+/// read (a held change's commit, a conflict's reload, another daemon's claim) may be older
+/// than one a reload took meanwhile. A newer one is still taken.
+#[test]
+fn settling_never_moves_memory_to_an_older_chain() {
+    use crate::refresh::attempt::{Outcome, Skip, settle};
+    paused_runtime().block_on(async {
+        let s = scene(41).await;
+        let engine = &s.inc.engine;
+        let older = lock(&s.world).store[&s.id].clone();
+        let theirs = rotate_elsewhere(&s.world, &s.id);
+        engine.reload(&s.id).await.expect("store up");
+        let newer = (
+            theirs.chain.version,
+            theirs.chain.refresh_token.expose().to_owned(),
+        );
+        assert_eq!(memory(engine, &s.id), newer);
+        let slot = engine.find(&s.id).expect("installed");
+        let outcomes = [
+            Outcome::Committed {
+                next: older.clone(),
+            },
+            Outcome::Superseded {
+                current: Some(older.clone()),
+            },
+            Outcome::Skipped(Skip::ClaimedElsewhere {
+                current: Some(Box::new(older.clone())),
+                wait: Duration::from_secs(61),
+            }),
+        ];
+        let mut moved = Vec::new();
+        for outcome in outcomes {
+            let what: String = format!("{outcome:?}").chars().take(24).collect();
+            let _ = settle(engine, &mut slot.lock(), outcome);
+            if memory(engine, &s.id) != newer {
+                moved.push(what);
+                engine.reload_all().await.expect("store up");
+            }
+        }
+        assert!(
+            moved.is_empty(),
+            "moved memory to an older chain: {moved:?}"
+        );
+        assert_eq!(engine.status_counts(), engine.recount_statuses());
+        // A newer record than memory's is taken.
+        let newest = rotate_elsewhere(&s.world, &s.id);
+        let _ = settle(
+            engine,
+            &mut slot.lock(),
+            Outcome::Superseded {
+                current: Some(newest.clone()),
+            },
+        );
+        assert_eq!(memory(engine, &s.id).0, newest.chain.version);
+        crash(s.inc);
+    });
+}
