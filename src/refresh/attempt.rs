@@ -106,7 +106,7 @@ pub(crate) enum Outcome {
         /// What to commit.
         held: Held,
         /// Why the store refused.
-        error: String,
+        error: StoreError,
     },
     /// The provider definitely rejected the chain: it needs a person's consent.
     Rejected {
@@ -646,8 +646,8 @@ async fn commit_held(engine: &Engine, slot: &Slot, mut held: Held) -> Outcome {
         // A chain write: under the chain's claim, like any other.
         let refused = match take_claim(engine, slot, &held.rec.conn.id).await {
             Ok(Some(_)) => None,
-            Ok(None) => Some(ANOTHER_HOLDS.to_owned()),
-            Err(e) => Some(e.to_string()),
+            Ok(None) => Some(StoreError::Unavailable(ANOTHER_HOLDS.to_owned())),
+            Err(e) => Some(e),
         };
         if let Some(error) = refused {
             return Outcome::CommitPending { held, error };
@@ -699,10 +699,7 @@ async fn commit_held(engine: &Engine, slot: &Slot, mut held: Held) -> Outcome {
             Outcome::Committed { next: held.rec }
         }
         Err(StoreError::Conflict(_)) => superseded(engine, &held.rec.conn.id).await,
-        Err(e) => Outcome::CommitPending {
-            held,
-            error: e.to_string(),
-        },
+        Err(e) => Outcome::CommitPending { held, error: e },
     }
 }
 
@@ -955,8 +952,9 @@ async fn commit_grant(
                 expect_version: expect,
                 insert: false,
                 presented: Some(stored),
+                refused: false,
             },
-            error: e.to_string(),
+            error: e,
         },
     }
 }
@@ -1195,8 +1193,18 @@ pub(crate) fn settle(
             Ok(())
         }
 
-        Outcome::CommitPending { held, error } => {
-            tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
+        Outcome::CommitPending { mut held, error } => {
+            held.refused = matches!(error, StoreError::Refused { .. });
+            let told = st.held.as_ref().is_some_and(|h| h.refused);
+            if !held.refused {
+                tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
+            } else if !told {
+                // Not "unavailable": the ledger answers, and refuses this chain's values.
+                // The chain is kept (and its commit retried) all the same; said once.
+                tracing::error!(connection = %id, error = %error, "the ledger refuses to store this chain's values; holding the rotated refresh token in memory and retrying its commit, which fails the same way until the value is dealt with");
+            } else {
+                tracing::debug!(connection = %id, error = %error, "the ledger still refuses the held chain");
+            }
             engine.set_held(st, Some(held));
             Err(Failure::Internal(format!(
                 "the rotated refresh token could not be saved ({error}); tokend keeps it and retries the commit"

@@ -128,7 +128,7 @@ impl Engine {
                     // says (the held insert first checks for the row), so that no row is
                     // left that nobody refreshes.
                     let label = rec.conn.label.clone();
-                    self.hold_insert(rec);
+                    self.hold_insert(rec, false);
                     return Err(Failure::Internal(format!(
                         "the ledger failed while storing the connection ({e}); tokend holds it as connection {id} ({label}), stores it as soon as the ledger can be written, and refreshes it then"
                     )));
@@ -263,11 +263,21 @@ impl Engine {
         }
         if let Err(e) = inserted {
             let (id, label) = (rec.conn.id.clone(), rec.conn.label.clone());
+            // The code is spent: the chain exists only here, so it is held (and its insert
+            // retried) even when the store refused a value of it, which the operator must
+            // look into; the held change's retries do not log that again.
+            let refused = matches!(e, StoreError::Refused { .. });
             tracing::error!(connection = %id, error = %e, "cannot store the new chain; holding it in memory and retrying");
-            self.hold_insert(rec);
-            return Err(Failure::Internal(format!(
-                "the new chain could not be stored ({e}); tokend holds it as connection {id} ({label}) and stores it as soon as the ledger can be written"
-            )));
+            self.hold_insert(rec, refused);
+            return Err(Failure::Internal(if refused {
+                format!(
+                    "the new chain could not be stored ({e}); tokend holds it in memory as connection {id} ({label}) and retries, but the same value is refused every time: see tokend's log"
+                )
+            } else {
+                format!(
+                    "the new chain could not be stored ({e}); tokend holds it as connection {id} ({label}) and stores it as soon as the ledger can be written"
+                )
+            }));
         }
         let slot = self.install(rec, None);
         self.replan(&slot);
@@ -285,12 +295,14 @@ impl Engine {
 
     /// Installs a new connection the store did not (or may not have) taken: held, so that
     /// its insert is retried before anything else, and its sites resolved once it is in.
-    fn hold_insert(&self, rec: Record) {
+    /// `refused`: the store refused a value of it as data (already logged).
+    fn hold_insert(&self, rec: Record, refused: bool) {
         let held = Held {
             rec: rec.clone(),
             expect_version: 0,
             insert: true,
             presented: None,
+            refused,
         };
         let slot = self.install(rec, Some(held));
         slot.lock().sites_wanted = true;
@@ -461,7 +473,15 @@ impl Engine {
     }
 }
 
-fn store_failure(e: StoreError) -> Failure {
+/// What the caller of an onboarding step learns of a store failure.
+///
+/// A value the store refuses as data (`StoreError::Refused`) is answered `bad_request`
+/// (400), the closest of INTERFACE.md's codes: nothing was stored, and the same request can
+/// never be stored however often it is retried (which `internal`, 500, would invite), and
+/// provider strings are filtered before they reach the store (`provider::classify`), so
+/// what is left is the request's own input. The message names what was refused, never the
+/// value.
+pub(super) fn store_failure(e: StoreError) -> Failure {
     match e {
         StoreError::LabelTaken(l) => {
             Failure::Conflict(format!("the label {l:?} is already in use"))
@@ -472,6 +492,9 @@ fn store_failure(e: StoreError) -> Failure {
         StoreError::Unavailable(m) => {
             Failure::Internal(format!("the ledger cannot be written: {m}"))
         }
+        StoreError::Refused { what, sqlstate } => Failure::BadRequest(format!(
+            "the ledger refuses {what} of this connection as malformed data (SQLSTATE {sqlstate}); it cannot be stored as sent"
+        )),
     }
 }
 

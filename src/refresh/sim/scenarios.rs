@@ -372,6 +372,7 @@ fn connections_added_and_removed_elsewhere_are_installed_and_uninstalled() {
             expect_version: 0,
             insert: true,
             presented: None,
+            refused: false,
         };
         engine.install(rec, Some(held));
         engine.reload("c-held").await.expect("store up");
@@ -464,6 +465,7 @@ fn a_change_held_for_its_commit_is_never_overwritten_by_a_reload() {
                 rec: ours,
                 expect_version: 0,
                 insert: false,
+                refused: false,
             };
             engine.set_held(&mut st, Some(held));
         }
@@ -670,4 +672,120 @@ fn settling_never_moves_memory_to_an_older_chain() {
         assert_eq!(memory(engine, &s.id).0, newest.chain.version);
         crash(s.inc);
     });
+}
+
+/// Log lines written while a test runs (the engine's tracing, as plain text).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Runs `test` on a paused runtime with its logs captured.
+    fn capture(&self, test: impl std::future::Future<Output = ()>) {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || logs.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || paused_runtime().block_on(test));
+    }
+
+    /// The lines at `level` that contain `text`.
+    fn count(&self, level: &str, text: &str) -> usize {
+        let bytes = self.0.lock().clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(level) && l.contains(text))
+            .count()
+    }
+}
+
+/// An import whose insert the store refuses as data stores nothing and spends nothing:
+/// the caller is told what was refused as a bad request, not that the ledger is down.
+#[test]
+fn an_import_the_store_refuses_is_a_bad_request() {
+    paused_runtime().block_on(async {
+        let s = scene(51).await;
+        lock(&s.world).store_refusals = 1;
+        let calls = lock(&s.world).calls;
+        let got = s.inc.engine.import("new", Secret::new("rt-import")).await;
+        match got {
+            Err(Failure::BadRequest(m)) => {
+                assert!(
+                    m.contains("malformed") && m.contains("connection row"),
+                    "{m}"
+                )
+            }
+            other => panic!("answered as {other:?}"),
+        }
+        assert!(s.inc.engine.find("new").is_none(), "installed anyway");
+        assert_eq!(s.inc.engine.commit_pending(), 0);
+        assert_eq!(lock(&s.world).calls, calls, "the token was presented");
+        crash(s.inc);
+    });
+}
+
+/// A rotated chain whose commit the store refuses as data is held in memory and its commit
+/// retried exactly as for a store that is down (never lose a chain), but the refusal is
+/// logged once, as an error, and not as the ledger being unavailable.
+#[test]
+fn a_chain_commit_the_store_refuses_is_held_and_logged_once() {
+    let logs = Logs::default();
+    logs.capture(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(52, clock)));
+        let id = lock(&world).add_chain(0, start);
+        // Armed once the provider has rotated: the commit and two of its retries.
+        let after: Hook = Box::new(|world| lock(world).store_refusals = 3);
+        let inc = boot_scripted(
+            &world,
+            vec![Step {
+                after: Some(after),
+                ..Step::answer(Answer::Process)
+            }],
+        )
+        .await;
+        let got = inc.engine.refresh_now(&id).await;
+        match &got {
+            Err(Failure::Internal(m)) => assert!(m.contains("malformed"), "{m}"),
+            other => panic!("answered as {other:?}"),
+        }
+        assert_eq!(
+            inc.engine.commit_pending(),
+            1,
+            "the rotated token is not held"
+        );
+        check_all(&world, &[&*inc.engine], "held").expect("invariants");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        check_all(&world, &[&*inc.engine], "committed").expect("invariants");
+        assert_eq!(inc.engine.commit_pending(), 0, "never committed");
+        let (stored, current) = {
+            let w = lock(&world);
+            let family = w.family_of(&w.store[&id]).expect("issued");
+            (
+                w.store[&id].chain.refresh_token.expose().to_owned(),
+                w.families[&family].current.clone(),
+            )
+        };
+        assert_eq!(stored, current);
+        crash(inc);
+    });
+    assert_eq!(logs.count("ERROR", "refuses to store"), 1, "not said once");
+    assert_eq!(
+        logs.count("ERROR", "cannot commit the rotated refresh token"),
+        0,
+        "told as a store that is down"
+    );
+    assert_eq!(logs.count("INFO", "held chain committed"), 1);
 }
