@@ -380,6 +380,32 @@ impl Engine {
 
     /// Moves the chain of the new connection `from` into the existing `into` (same account).
     /// Holds the onboarding lock; takes both chain locks.
+    ///
+    /// **Against another daemon refreshing either chain meanwhile** (a shared ledger). The
+    /// merge takes no claim: the chain locks exclude this daemon's own attempts, and the
+    /// store's `merge` is a compare-and-swap on both chain versions, which is the fence
+    /// against the others, because every daemon writes its attempt marker (a new chain
+    /// version) before it presents a token (`attempt`, step 4):
+    ///
+    /// - another daemon's marker written before the merge, on either chain, while this
+    ///   daemon's memory is behind it: the merge conflicts and changes nothing (both
+    ///   connections stay, `into` takes the store's record, the merge is retried with the
+    ///   account's next resolution);
+    /// - a marker written after the merge: on `from` it conflicts (the row is gone) and
+    ///   that daemon forgets the connection; on `into` it is at the merged version, so that
+    ///   daemon presents the merged chain under its claim, as any refresh;
+    /// - memory already holding another daemon's marker on `into` (taken when its claim
+    ///   was seen, or after `FOREIGN_ATTEMPT_GRACE`) while its request is in flight: the
+    ///   merge lands. That daemon's commit then conflicts, and `attempt::after_conflict`
+    ///   finds a third token in the store (neither the one it presented nor its answer), so
+    ///   the store's, the merged chain, wins and is taken into its memory. What it drops is
+    ///   the rotation of the chain the merge replaced, which the merge gives up by design;
+    ///   the token it presented is never presented again, so no reuse can fall outside the
+    ///   leeway.
+    ///
+    /// So no merged chain is lost and no claim is needed (test:
+    /// `sim::scenarios::a_merge_landing_during_another_daemons_refresh_keeps_the_merged_chain`).
+    /// The import or consent insert before it is a new row no other daemon knows yet.
     pub(crate) async fn merge(
         self: &Arc<Self>,
         from: &Arc<Slot>,

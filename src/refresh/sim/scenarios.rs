@@ -95,6 +95,8 @@ impl Step {
 struct Scripted {
     inner: SimProvider,
     script: Mutex<VecDeque<Step>>,
+    /// What `/me` answers (the simulated provider will not say).
+    account: Option<String>,
 }
 
 impl TokenEndpoint for Scripted {
@@ -141,7 +143,15 @@ impl TokenEndpoint for Scripted {
         &'a self,
         access_token: &'a Secret,
     ) -> BoxFuture<'a, Result<Option<Account>, ProviderError>> {
-        self.inner.me(access_token)
+        match &self.account {
+            Some(account_id) => {
+                let account = Account {
+                    account_id: account_id.clone(),
+                };
+                Box::pin(async move { Ok(Some(account)) })
+            }
+            None => self.inner.me(access_token),
+        }
     }
     fn not_configured(&self) -> Option<String> {
         self.inner.not_configured()
@@ -162,12 +172,24 @@ impl TokenEndpoint for Scripted {
 
 /// Daemon `node0` on the shared store, its provider following `script`.
 async fn boot_scripted(world: &Shared, script: Vec<Step>) -> Incarnation {
+    boot_scripted_node(world, 0, script, None).await
+}
+
+/// Daemon `node{node}` on the shared store, its provider following `script` and answering
+/// `/me` with `account`.
+async fn boot_scripted_node(
+    world: &Shared,
+    node: usize,
+    script: Vec<Step>,
+    account: Option<&str>,
+) -> Incarnation {
     let clock = lock(world).clock.clone();
     let engine = Engine::load(
-        Arc::new(SimStore(world.clone(), Some(0))),
+        Arc::new(SimStore(world.clone(), Some(node))),
         Arc::new(Scripted {
             inner: SimProvider(world.clone(), None),
             script: Mutex::new(script.into()),
+            account: account.map(str::to_owned),
         }),
         clock,
         settings(2),
@@ -176,7 +198,7 @@ async fn boot_scripted(world: &Shared, script: Vec<Step>) -> Incarnation {
     )
     .await
     .expect("boot");
-    engine.set_node_name("node0".into());
+    engine.set_node_name(format!("node{node}"));
     let scheduler = tokio::spawn(engine.clone().run_scheduler(std::future::pending()));
     Incarnation { engine, scheduler }
 }
@@ -788,4 +810,111 @@ fn a_chain_commit_the_store_refuses_is_held_and_logged_once() {
         "told as a store that is down"
     );
     assert_eq!(logs.count("INFO", "held chain committed"), 1);
+}
+
+/// A merge (a second consent for an account that already has a connection) landing while
+/// another daemon's attempt on that connection's chain is in flight. The merge takes no
+/// claim: its compare-and-swap on both chain versions is the fence (see
+/// `Engine::merge`). Here daemon A's memory already holds B's marker (A looked while B held
+/// the claim), so the merge lands over it; B's answer then conflicts, and since the store
+/// holds a third token (the merged chain), B takes the store's chain: the merged chain is
+/// kept, nobody presents a token outside its leeway, and the old chain the merge replaced
+/// (by design) is the only one dropped.
+#[test]
+fn a_merge_landing_during_another_daemons_refresh_keeps_the_merged_chain() {
+    paused_runtime().block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(61, clock)));
+        let existing = lock(&world).add_chain(0, start);
+        lock(&world)
+            .store
+            .get_mut(&existing)
+            .expect("stored")
+            .conn
+            .account_id = Some("acct-1".into());
+        // B's refresh of the existing chain takes 5 s at the provider.
+        let b = boot_scripted_node(
+            &world,
+            1,
+            vec![Step {
+                delay: Duration::from_secs(5),
+                ..Step::answer(Answer::Process)
+            }],
+            Some("acct-1"),
+        )
+        .await;
+        let a = boot_scripted_node(&world, 0, vec![], Some("acct-1")).await;
+        let engine = b.engine.clone();
+        let wanted = existing.clone();
+        let refresh_b = tokio::spawn(async move { engine.refresh_now(&wanted).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let marked = lock(&world).store[&existing].clone();
+        assert!(
+            marked.chain.attempt_started_at.is_some(),
+            "B is not in flight"
+        );
+        // A looks while B holds the claim: its memory takes B's marked record.
+        let looked = a.engine.refresh_now(&existing).await;
+        assert!(
+            matches!(looked, Err(Failure::Unavailable { .. })),
+            "{looked:?}"
+        );
+        assert_eq!(memory(&a.engine, &existing).0, marked.chain.version);
+        // A second consent for the same account, on A: imported, refreshed, merged.
+        let (old_family, new_rt) = {
+            let mut w = lock(&world);
+            let old = w.family_of(&marked).expect("issued");
+            (old, w.new_family("f-new", start))
+        };
+        let added = a
+            .engine
+            .import("second", Secret::new(new_rt))
+            .await
+            .expect("imported");
+        assert!(!added.created, "not merged into the existing connection");
+        assert_eq!(added.info.conn.id, existing);
+        let merged = lock(&world).store[&existing].clone();
+        assert_eq!(
+            lock(&world).family_of(&merged).as_deref(),
+            Some("f-new"),
+            "the merge did not land while B was in flight"
+        );
+        assert!(!refresh_b.is_finished(), "B answered before the merge");
+        // The merge replaces the old chain by design: it is no longer the store's to keep.
+        lock(&world)
+            .families
+            .get_mut(&old_family)
+            .expect("family")
+            .removal = true;
+        let got = refresh_b.await.expect("joined");
+        assert!(got.is_err(), "B committed over the merged chain: {got:?}");
+        let live = [&*a.engine, &*b.engine];
+        check_all(&world, &live, "after B's answer").expect("invariants");
+        let stored = lock(&world).store[&existing].clone();
+        assert_eq!(lock(&world).family_of(&stored).as_deref(), Some("f-new"));
+        for engine in live {
+            let (_, token) = memory(engine, &existing);
+            assert_eq!(
+                token,
+                stored.chain.refresh_token.expose(),
+                "memory left the merged chain"
+            );
+        }
+        // Both daemons keep the merged chain from here on.
+        for minute in 0..150 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            check_all(&world, &live, &format!("minute {minute}")).expect("invariants");
+        }
+        let w = lock(&world);
+        assert!(w.broken.is_empty(), "{:?}", w.broken);
+        let f = &w.families["f-new"];
+        assert!(
+            f.alive && f.generation.len() > 2,
+            "the merged chain was not kept rotating"
+        );
+        drop(w);
+        crash(a);
+        crash(b);
+    });
 }
