@@ -918,3 +918,95 @@ fn a_merge_landing_during_another_daemons_refresh_keeps_the_merged_chain() {
         crash(b);
     });
 }
+
+/// The other order of the same race: daemon A's memory is behind B's marker when the
+/// merge is tried, so its compare-and-swap conflicts and nothing changes (the new
+/// connection keeps its chain); B commits its refresh; A's resolution retries the merge
+/// later, and it lands over B's committed chain. No chain is lost on the way.
+#[test]
+fn a_merge_behind_another_daemons_marker_conflicts_and_lands_later() {
+    paused_runtime().block_on(async {
+        let start = sim_start(0);
+        let clock = Arc::new(TokioClock::new(start));
+        let world: Shared = Arc::new(Mutex::new(World::new(62, clock)));
+        let existing = lock(&world).add_chain(0, start);
+        lock(&world)
+            .store
+            .get_mut(&existing)
+            .expect("stored")
+            .conn
+            .account_id = Some("acct-1".into());
+        let b = boot_scripted_node(
+            &world,
+            1,
+            vec![Step {
+                delay: Duration::from_secs(5),
+                ..Step::answer(Answer::Process)
+            }],
+            Some("acct-1"),
+        )
+        .await;
+        let a = boot_scripted_node(&world, 0, vec![], Some("acct-1")).await;
+        let engine = b.engine.clone();
+        let wanted = existing.clone();
+        let refresh_b = tokio::spawn(async move { engine.refresh_now(&wanted).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let marked = lock(&world).store[&existing].clone();
+        assert!(
+            marked.chain.attempt_started_at.is_some(),
+            "B is not in flight"
+        );
+        assert!(memory(&a.engine, &existing).0 < marked.chain.version);
+        let (old_family, new_rt) = {
+            let mut w = lock(&world);
+            let old = w.family_of(&marked).expect("issued");
+            (old, w.new_family("f-new", start))
+        };
+        let added = a
+            .engine
+            .import("second", Secret::new(new_rt))
+            .await
+            .expect("imported");
+        assert!(added.created, "merged over a chain in flight elsewhere");
+        let new_id = added.info.conn.id.clone();
+        {
+            let w = lock(&world);
+            assert_eq!(
+                w.family_of(&w.store[&new_id]).as_deref(),
+                Some("f-new"),
+                "the new connection does not hold its chain"
+            );
+        }
+        assert!(!refresh_b.is_finished(), "B answered before the merge");
+        refresh_b
+            .await
+            .expect("joined")
+            .expect("B's refresh commits");
+        let live = [&*a.engine, &*b.engine];
+        check_all(&world, &live, "after B's answer").expect("invariants");
+        let mut merged_at = None;
+        for minute in 0..150 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            {
+                let mut w = lock(&world);
+                if merged_at.is_none() && !w.store.contains_key(&new_id) {
+                    // The merge replaces the old chain by design.
+                    merged_at = Some(minute);
+                    w.families.get_mut(&old_family).expect("family").removal = true;
+                }
+            }
+            check_all(&world, &live, &format!("minute {minute}")).expect("invariants");
+        }
+        assert!(merged_at.is_some(), "the merge was never retried");
+        let w = lock(&world);
+        assert!(w.broken.is_empty(), "{:?}", w.broken);
+        assert_eq!(w.family_of(&w.store[&existing]).as_deref(), Some("f-new"));
+        drop(w);
+        assert!(
+            a.engine.find(&new_id).is_none(),
+            "the merged connection is still in A"
+        );
+        crash(a);
+        crash(b);
+    });
+}
