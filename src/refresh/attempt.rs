@@ -106,7 +106,7 @@ pub(crate) enum Outcome {
         /// What to commit.
         held: Held,
         /// Why the store refused.
-        error: String,
+        error: StoreError,
     },
     /// The provider definitely rejected the chain: it needs a person's consent.
     Rejected {
@@ -646,8 +646,8 @@ async fn commit_held(engine: &Engine, slot: &Slot, mut held: Held) -> Outcome {
         // A chain write: under the chain's claim, like any other.
         let refused = match take_claim(engine, slot, &held.rec.conn.id).await {
             Ok(Some(_)) => None,
-            Ok(None) => Some(ANOTHER_HOLDS.to_owned()),
-            Err(e) => Some(e.to_string()),
+            Ok(None) => Some(StoreError::Unavailable(ANOTHER_HOLDS.to_owned())),
+            Err(e) => Some(e),
         };
         if let Some(error) = refused {
             return Outcome::CommitPending { held, error };
@@ -699,10 +699,7 @@ async fn commit_held(engine: &Engine, slot: &Slot, mut held: Held) -> Outcome {
             Outcome::Committed { next: held.rec }
         }
         Err(StoreError::Conflict(_)) => superseded(engine, &held.rec.conn.id).await,
-        Err(e) => Outcome::CommitPending {
-            held,
-            error: e.to_string(),
-        },
+        Err(e) => Outcome::CommitPending { held, error: e },
     }
 }
 
@@ -955,8 +952,9 @@ async fn commit_grant(
                 expect_version: expect,
                 insert: false,
                 presented: Some(stored),
+                refused: false,
             },
-            error: e.to_string(),
+            error: e,
         },
     }
 }
@@ -1141,7 +1139,9 @@ impl Effects {
 }
 
 /// Applies an outcome to the chain's memory and says what the caller learns. Called with
-/// the slot locked, once per attempt, by [`super::flight`], which then re-plans.
+/// the slot locked, once per attempt, by [`super::flight`], which then re-plans. A record
+/// read from the store (not one this attempt committed) is taken only when it is not older
+/// than memory's chain ([`adopt_unless_older`]).
 pub(crate) fn settle(
     engine: &Engine,
     st: &mut SlotState,
@@ -1187,14 +1187,24 @@ pub(crate) fn settle(
                 effects.relabel = Some((st.rec.conn.label.clone(), next.conn.label.clone()));
                 st.rec.conn.label = next.conn.label.clone();
             }
-            engine.adopt(st, &next);
+            adopt_unless_older(engine, st, &next);
             engine.set_held(st, None);
             effects.resolve_sites = st.sites_wanted;
             Ok(())
         }
 
-        Outcome::CommitPending { held, error } => {
-            tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
+        Outcome::CommitPending { mut held, error } => {
+            held.refused = matches!(error, StoreError::Refused { .. });
+            let told = st.held.as_ref().is_some_and(|h| h.refused);
+            if !held.refused {
+                tracing::error!(connection = %id, error = %error, "cannot commit the rotated refresh token; holding it in memory and retrying");
+            } else if !told {
+                // Not "unavailable": the ledger answers, and refuses this chain's values.
+                // The chain is kept (and its commit retried) all the same; said once.
+                tracing::error!(connection = %id, error = %error, "the ledger refuses to store this chain's values; holding the rotated refresh token in memory and retrying its commit, which fails the same way until the value is dealt with");
+            } else {
+                tracing::debug!(connection = %id, error = %error, "the ledger still refuses the held chain");
+            }
             engine.set_held(st, Some(held));
             Err(Failure::Internal(format!(
                 "the rotated refresh token could not be saved ({error}); tokend keeps it and retries the commit"
@@ -1278,7 +1288,7 @@ pub(crate) fn settle(
             match current {
                 Some(rec) => {
                     tracing::warn!(connection = %id, "the chain changed in the ledger; reloaded");
-                    engine.adopt(st, &rec);
+                    adopt_unless_older(engine, st, &rec);
                     Err(Failure::Conflict(
                         "the chain changed concurrently; try again".into(),
                     ))
@@ -1321,7 +1331,8 @@ pub(crate) fn settle(
                 tracing::info!(connection = %id, "another tokend daemon is refreshing this chain; serving what it commits");
                 match current {
                     Some(rec) => {
-                        engine.adopt(st, &rec);
+                        // Memory is at least as new as this read either way.
+                        adopt_unless_older(engine, st, &rec);
                         st.stale = false;
                     }
                     None => st.stale = true,
@@ -1346,6 +1357,26 @@ pub(crate) fn settle(
         },
     };
     (result, effects)
+}
+
+/// Takes a record the store held into memory, unless memory already holds a newer chain
+/// version: on a shared store a reload (`refresh::shared`) may have taken another daemon's
+/// later commit between the attempt's read of the store and its settling, and memory never
+/// goes back to an older chain (it would serve, or present, what that daemon replaced).
+/// An equal version is the same chain (versions only grow, one per write). Whether memory
+/// took it.
+fn adopt_unless_older(engine: &Engine, st: &mut SlotState, rec: &Record) -> bool {
+    if rec.chain.version < st.rec.chain.version {
+        tracing::debug!(
+            connection = %st.rec.conn.id,
+            read = rec.chain.version,
+            memory = st.rec.chain.version,
+            "memory already holds a newer chain than the one read; keeping it"
+        );
+        return false;
+    }
+    engine.adopt(st, rec);
+    true
 }
 
 /// Whatever failed without a backoff of its own must not be retried in a tight loop; a

@@ -266,6 +266,11 @@ pub(crate) struct Held {
     /// provider); `None` for an insert. A conflicting store that still holds it is behind
     /// only by a write of this chain's own that landed, and may be written over.
     presented: Option<Secret>,
+    /// The store refused a value of this change as data (`StoreError::Refused`): said once,
+    /// as an error, when it first happened; the commit retries that follow (every
+    /// `COMMIT_RETRY`, exactly as for any held change, since the chain must not be lost)
+    /// do not say it again.
+    refused: bool,
 }
 
 /// Per-connection state, behind the slot's mutex (never held across an `.await`).
@@ -1410,6 +1415,7 @@ mod tests {
             expect_version: 0,
             insert: false,
             presented: None,
+            refused: false,
         };
         engine.set_held(&mut slot.lock(), Some(held));
         // A change held uncommitted is never served from cache: the caller's attempt commits

@@ -128,7 +128,7 @@ impl Engine {
                     // says (the held insert first checks for the row), so that no row is
                     // left that nobody refreshes.
                     let label = rec.conn.label.clone();
-                    self.hold_insert(rec);
+                    self.hold_insert(rec, false);
                     return Err(Failure::Internal(format!(
                         "the ledger failed while storing the connection ({e}); tokend holds it as connection {id} ({label}), stores it as soon as the ledger can be written, and refreshes it then"
                     )));
@@ -263,11 +263,21 @@ impl Engine {
         }
         if let Err(e) = inserted {
             let (id, label) = (rec.conn.id.clone(), rec.conn.label.clone());
+            // The code is spent: the chain exists only here, so it is held (and its insert
+            // retried) even when the store refused a value of it, which the operator must
+            // look into; the held change's retries do not log that again.
+            let refused = matches!(e, StoreError::Refused { .. });
             tracing::error!(connection = %id, error = %e, "cannot store the new chain; holding it in memory and retrying");
-            self.hold_insert(rec);
-            return Err(Failure::Internal(format!(
-                "the new chain could not be stored ({e}); tokend holds it as connection {id} ({label}) and stores it as soon as the ledger can be written"
-            )));
+            self.hold_insert(rec, refused);
+            return Err(Failure::Internal(if refused {
+                format!(
+                    "the new chain could not be stored ({e}); tokend holds it in memory as connection {id} ({label}) and retries, but the same value is refused every time: see tokend's log"
+                )
+            } else {
+                format!(
+                    "the new chain could not be stored ({e}); tokend holds it as connection {id} ({label}) and stores it as soon as the ledger can be written"
+                )
+            }));
         }
         let slot = self.install(rec, None);
         self.replan(&slot);
@@ -285,12 +295,14 @@ impl Engine {
 
     /// Installs a new connection the store did not (or may not have) taken: held, so that
     /// its insert is retried before anything else, and its sites resolved once it is in.
-    fn hold_insert(&self, rec: Record) {
+    /// `refused`: the store refused a value of it as data (already logged).
+    fn hold_insert(&self, rec: Record, refused: bool) {
         let held = Held {
             rec: rec.clone(),
             expect_version: 0,
             insert: true,
             presented: None,
+            refused,
         };
         let slot = self.install(rec, Some(held));
         slot.lock().sites_wanted = true;
@@ -368,6 +380,32 @@ impl Engine {
 
     /// Moves the chain of the new connection `from` into the existing `into` (same account).
     /// Holds the onboarding lock; takes both chain locks.
+    ///
+    /// **Against another daemon refreshing either chain meanwhile** (a shared ledger). The
+    /// merge takes no claim: the chain locks exclude this daemon's own attempts, and the
+    /// store's `merge` is a compare-and-swap on both chain versions, which is the fence
+    /// against the others, because every daemon writes its attempt marker (a new chain
+    /// version) before it presents a token (`attempt`, step 4):
+    ///
+    /// - another daemon's marker written before the merge, on either chain, while this
+    ///   daemon's memory is behind it: the merge conflicts and changes nothing (both
+    ///   connections stay, `into` takes the store's record, the merge is retried with the
+    ///   account's next resolution);
+    /// - a marker written after the merge: on `from` it conflicts (the row is gone) and
+    ///   that daemon forgets the connection; on `into` it is at the merged version, so that
+    ///   daemon presents the merged chain under its claim, as any refresh;
+    /// - memory already holding another daemon's marker on `into` (taken when its claim
+    ///   was seen, or after `FOREIGN_ATTEMPT_GRACE`) while its request is in flight: the
+    ///   merge lands. That daemon's commit then conflicts, and `attempt::after_conflict`
+    ///   finds a third token in the store (neither the one it presented nor its answer), so
+    ///   the store's, the merged chain, wins and is taken into its memory. What it drops is
+    ///   the rotation of the chain the merge replaced, which the merge gives up by design;
+    ///   the token it presented is never presented again, so no reuse can fall outside the
+    ///   leeway.
+    ///
+    /// So no merged chain is lost and no claim is needed (test:
+    /// `sim::scenarios::a_merge_landing_during_another_daemons_refresh_keeps_the_merged_chain`).
+    /// The import or consent insert before it is a new row no other daemon knows yet.
     pub(crate) async fn merge(
         self: &Arc<Self>,
         from: &Arc<Slot>,
@@ -461,7 +499,15 @@ impl Engine {
     }
 }
 
-fn store_failure(e: StoreError) -> Failure {
+/// What the caller of an onboarding step learns of a store failure.
+///
+/// A value the store refuses as data (`StoreError::Refused`) is answered `bad_request`
+/// (400), the closest of INTERFACE.md's codes: nothing was stored, and the same request can
+/// never be stored however often it is retried (which `internal`, 500, would invite), and
+/// provider strings are filtered before they reach the store (`provider::classify`), so
+/// what is left is the request's own input. The message names what was refused, never the
+/// value.
+pub(super) fn store_failure(e: StoreError) -> Failure {
     match e {
         StoreError::LabelTaken(l) => {
             Failure::Conflict(format!("the label {l:?} is already in use"))
@@ -472,6 +518,9 @@ fn store_failure(e: StoreError) -> Failure {
         StoreError::Unavailable(m) => {
             Failure::Internal(format!("the ledger cannot be written: {m}"))
         }
+        StoreError::Refused { what, sqlstate } => Failure::BadRequest(format!(
+            "the ledger refuses {what} of this connection as malformed data (SQLSTATE {sqlstate}); it cannot be stored as sent"
+        )),
     }
 }
 

@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 
 /// What the tests need of a ledger beyond the [`Store`] trait.
 trait Harness: Store {
+    /// Whether this is the PostgreSQL ledger (where the two differ on purpose).
+    const POSTGRES: bool;
     /// [`Ledger::events`].
     async fn events_of(&self, id: &str, since: Option<Time>, limit: usize) -> Vec<StoredEvent>;
     /// [`Ledger::append_batch`].
@@ -85,6 +87,7 @@ fn test_key(dir: &Path) -> KeySource {
 delegate_store!(Sqlite => |harness| &harness.ledger, via Store, load: load);
 
 impl Harness for Sqlite {
+    const POSTGRES: bool = false;
     async fn events_of(&self, id: &str, since: Option<Time>, limit: usize) -> Vec<StoredEvent> {
         self.ledger.events(id.into(), since, limit).await.unwrap()
     }
@@ -105,6 +108,7 @@ impl Harness for Sqlite {
 delegate_store!(Postgres => |harness| &harness.ledger, via Store, load: load);
 
 impl Harness for Postgres {
+    const POSTGRES: bool = true;
     async fn events_of(&self, id: &str, since: Option<Time>, limit: usize) -> Vec<StoredEvent> {
         self.ledger.events(id.into(), since, limit).await.unwrap()
     }
@@ -155,6 +159,7 @@ both_stores!(
     events_come_newest_first_with_who_and_where,
     tokens_are_sealed_and_a_moved_value_does_not_open,
     control_characters_from_the_provider_never_stop_a_write,
+    a_value_the_store_refuses_is_a_bad_request_not_unavailable,
 );
 
 fn record(id: &str, label: &str, rt: &str) -> Record {
@@ -501,5 +506,48 @@ async fn control_characters_from_the_provider_never_stop_a_write(s: &impl Harnes
     assert_eq!(
         got.conn.sites[0].scopes,
         vec!["read:page:confluence".to_owned()]
+    );
+}
+
+/// A value that did not come through the provider's parsers (an API input) with a NUL in
+/// it: PostgreSQL refuses it as data (`StoreError::Refused`, naming what, never the value),
+/// and onboarding answers that as a bad request, not as the ledger being down; SQLite
+/// stores it as it is.
+async fn a_value_the_store_refuses_is_a_bad_request_not_unavailable<H: Harness>(s: &H) {
+    let mut rec = record("c1", "conf", "rt-1");
+    rec.conn.sites[0].name = "bad\0name".into();
+    let inserted = s.insert(rec, vec![]).await;
+    if !H::POSTGRES {
+        inserted.expect("SQLite stores a NUL");
+        return;
+    }
+    let err = inserted.expect_err("PostgreSQL refuses a NUL in TEXT");
+    assert!(
+        matches!(&err, StoreError::Refused { what, sqlstate } if what.contains("site") && sqlstate.starts_with("22")),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("unavailable"), "{err}");
+    assert!(!err.to_string().contains("bad"), "{err}");
+    match super::onboard::store_failure(err) {
+        super::Failure::BadRequest(m) => {
+            assert!(m.contains("site") && m.contains("malformed"), "{m}");
+            assert!(!m.contains("bad"), "{m}");
+        }
+        other => panic!("answered as {other:?}"),
+    }
+    assert!(
+        s.load("c1".into()).await.unwrap().is_none(),
+        "nothing stored"
+    );
+    s.insert(record("c2", "other", "rt-2"), vec![])
+        .await
+        .unwrap();
+    let err = s
+        .set_account("c2".into(), "acc\0x".into(), Utc::now(), vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Refused { what, .. } if what == "account_id"),
+        "{err:?}"
     );
 }

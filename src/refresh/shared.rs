@@ -21,7 +21,7 @@ use std::time::Duration;
 /// then its daemon died or lost the ledger mid-refresh, and resolving the unknown outcome
 /// falls to whichever daemon claims the chain next. Far longer than any attempt
 /// (`refresh.request_timeout`, seconds).
-const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
+pub(super) const FOREIGN_ATTEMPT_GRACE: Duration = Duration::from_secs(120);
 
 impl Engine {
     /// Takes connection `id` as the store holds it now, when that is newer than memory.

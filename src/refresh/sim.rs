@@ -126,6 +126,9 @@ struct World {
     store_failures: u32,
     /// Store writes that land but report a failure (an fsync error after the write).
     store_lies: u32,
+    /// Chain writes and inserts the store refuses as data (PostgreSQL's SQLSTATE 22):
+    /// nothing written, `StoreError::Refused`.
+    store_refusals: u32,
     broken: Vec<String>,
     minted: u64,
     calls: u64,
@@ -150,6 +153,7 @@ impl World {
             store: HashMap::new(),
             store_failures: 0,
             store_lies: 0,
+            store_refusals: 0,
             broken: Vec::new(),
             minted: 0,
             calls: 0,
@@ -521,6 +525,7 @@ struct SimStore(Shared, Option<usize>);
 /// A chain write at `expect_version`, checking that a chain never goes back to an older
 /// token of its family (a late commit over a newer chain).
 fn save_in(w: &mut World, rec: Record, expect_version: u64) -> Result<(), StoreError> {
+    refusal(w)?;
     let Some(stored) = w.store.get(&rec.conn.id) else {
         return Err(StoreError::Conflict(rec.conn.id));
     };
@@ -558,6 +563,18 @@ fn save_in(w: &mut World, rec: Record, expect_version: u64) -> Result<(), StoreE
         .get_mut(&rec.conn.id)
         .expect("checked")
         .adopt_chain(&rec);
+    Ok(())
+}
+
+/// A refusal of the written value as data, when one is armed.
+fn refusal(w: &mut World) -> Result<(), StoreError> {
+    if w.store_refusals > 0 {
+        w.store_refusals -= 1;
+        return Err(StoreError::Refused {
+            what: "a connection row".into(),
+            sqlstate: "22021".into(),
+        });
+    }
     Ok(())
 }
 
@@ -599,6 +616,7 @@ impl Store for SimStore {
     }
     fn insert(&self, rec: Record, _: Vec<Event>) -> BoxFuture<'_, Result<(), StoreError>> {
         self.op(move |w| {
+            refusal(w)?;
             if w.store.values().any(|r| r.conn.label == rec.conn.label) {
                 return Err(StoreError::LabelTaken(rec.conn.label));
             }
@@ -1800,3 +1818,6 @@ async fn engines_on_one_postgres_ledger_refresh_a_chain_once() {
     assert_eq!(w.calls, 1, "one refresh across both daemons");
     assert_eq!(tokens.len(), 1, "every caller gets the one new token");
 }
+
+/// Scripted scenarios of several daemons (and of `reload`).
+mod scenarios;

@@ -30,6 +30,19 @@ pub enum StoreError {
     /// before its next write and retries later, never assuming either way.
     #[error("{0}")]
     Unavailable(String),
+    /// The store refused a value as data (PostgreSQL's SQLSTATE class 22, e.g. a NUL byte in
+    /// a TEXT column): nothing was written, and the same write fails the same way every
+    /// time, so it is neither "unavailable" nor worth retrying unchanged. Each caller decides
+    /// what that means for it: onboarding answers the request with it, a chain commit keeps
+    /// the rotated token held in memory (and says so once). Names what was refused and the
+    /// SQLSTATE, never the value.
+    #[error("the ledger refused {what} as malformed data (SQLSTATE {sqlstate})")]
+    Refused {
+        /// Which value (column or record kind), never the value itself.
+        what: String,
+        /// The server's SQLSTATE.
+        sqlstate: String,
+    },
 }
 
 impl From<LedgerError> for StoreError {
@@ -47,6 +60,7 @@ impl From<PgError> for StoreError {
         match e {
             PgError::Conflict(id) => StoreError::Conflict(id),
             PgError::LabelTaken(l) => StoreError::LabelTaken(l),
+            PgError::Refused { what, sqlstate } => StoreError::Refused { what, sqlstate },
             other => StoreError::Unavailable(other.to_string()),
         }
     }
