@@ -43,7 +43,7 @@ use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -303,6 +303,9 @@ pub(crate) struct SlotState {
     flight: Option<flight::Flight>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
     removed: bool,
+    /// The slot's number in [`Index::handles`], what the [`SiteIndex`] files it as: given
+    /// at install, freed at removal (only then may another slot get it).
+    handle: Handle,
     /// Sites (and an unknown account) are to be resolved with the next access token the
     /// chain gets, instead of refreshing for them.
     sites_wanted: bool,
@@ -455,6 +458,36 @@ struct Index {
     /// call, and a page (`?after=LABEL`) starts with a range lookup. The same slot as
     /// `by_id`'s (a reference count, not another copy of the id).
     by_label: BTreeMap<String, Arc<Slot>>,
+    /// Every installed slot by its [`Handle`] (`None`: a free number): where the
+    /// [`SiteIndex`]'s handles lead.
+    handles: Vec<Option<Arc<Slot>>>,
+    /// The free numbers of `handles`, given out again before `handles` grows.
+    free: Vec<Handle>,
+}
+
+impl Index {
+    /// A number for a new slot.
+    fn give_handle(&mut self) -> Handle {
+        if let Some(h) = self.free.pop() {
+            return h;
+        }
+        self.handles.push(None);
+        Handle::try_from(self.handles.len() - 1).expect("fewer than 2^32 connections")
+    }
+
+    /// Frees a slot's number.
+    fn free_handle(&mut self, h: Handle) {
+        if let Some(place) = self.handles.get_mut(h as usize)
+            && place.take().is_some()
+        {
+            self.free.push(h);
+        }
+    }
+
+    /// The slot of a number, if one holds it now.
+    fn by_handle(&self, h: Handle) -> Option<&Arc<Slot>> {
+        self.handles.get(h as usize).and_then(Option::as_ref)
+    }
 }
 
 /// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),
@@ -465,51 +498,81 @@ struct Index {
 /// [`Engine::adopt`] for status, [`Engine::set_sites`] for sites: the only writers of a
 /// slot's status and sites). The simulation checks it against [`SiteIndex::recount`] after
 /// every step. Cloud ids and hosts are kept apart, as the lookup always compared them.
+///
+/// Small: a key is a 64-bit hash of the normalised cloud id or host ([`key_hash`]), not a
+/// copy of it, and a connection is filed as its slot's [`Handle`], not a copy of its id (at
+/// the scale bench's 100,000 connections the copies were about 450 bytes a connection, the
+/// largest item after the records themselves). Two keys with the same hash share an entry;
+/// a lookup checks every candidate against its own sites ([`site_matches`]), so a collision
+/// costs a check, never a wrong answer.
 #[derive(Default, Debug, PartialEq, Eq)]
 pub(crate) struct SiteIndex {
-    /// Lowercased cloud id to the ids of the active connections listing it.
+    /// Hash of the lowercased cloud id to the active connections listing it.
     by_cloud_id: KeyMap,
-    /// Lowercased site host (`acme.atlassian.net`) to the same.
+    /// Hash of the lowercased site host (`acme.atlassian.net`) to the same.
     by_host: KeyMap,
 }
 
 /// One of the [`SiteIndex`]'s maps.
-type KeyMap = HashMap<Box<str>, Ids>;
+type KeyMap = HashMap<u64, Filed>;
 
-/// The ids filed under one key: nearly always one connection, kept without a set of its
-/// own (a set per key was most of the index's memory). Canonical, so that two indexes
-/// holding the same ids compare equal: `One` for one id, `Many` for two or more.
+/// A slot's number in [`Index::handles`]: given at install, free again at uninstall (and
+/// then given to a later slot). What the [`SiteIndex`] files a connection as: 4 bytes
+/// instead of a copy of its id.
+pub(crate) type Handle = u32;
+
+/// The handles filed under one key: nearly always one connection, kept without a set of its
+/// own. Canonical, so that two indexes holding the same handles compare equal: `One` for
+/// one, `Many` (sorted, no duplicates) for two or more.
 #[derive(Debug, PartialEq, Eq)]
-enum Ids {
+enum Filed {
     /// The only connection reaching the site.
-    One(Box<str>),
-    /// Several connections reach it (two or more). Boxed: rare, and a set inline would
-    /// make every entry of both maps 24 bytes larger (48-byte `Ids` instead of 24), the
-    /// index's largest cost at 100,000 connections.
+    One(Handle),
+    /// Several connections reach it (two or more), sorted. Boxed: rare, and a vector inline
+    /// would make every entry of both maps 16 bytes larger.
     #[expect(
         clippy::box_collection,
-        reason = "the box keeps the common `One` entry small; the set is rare"
+        reason = "the box keeps the common `One` entry small; the list is rare"
     )]
-    Many(Box<HashSet<Box<str>>>),
+    Many(Box<Vec<Handle>>),
 }
 
-impl Ids {
-    fn iter(&self) -> impl Iterator<Item = &str> {
+impl Filed {
+    fn iter(&self) -> impl Iterator<Item = Handle> + '_ {
         let (one, many) = match self {
-            Ids::One(id) => (Some(&**id), None),
-            Ids::Many(ids) => (None, Some(ids.iter().map(|id| &**id))),
+            Filed::One(h) => (Some(*h), None),
+            Filed::Many(hs) => (None, Some(hs.iter().copied())),
         };
         one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
+/// The [`SiteIndex`] key of a normalised cloud id or host: SipHash with fixed keys
+/// (`DefaultHasher::new`), so that the same text always files under the same key, in every
+/// index of the process (the kept one and a recount).
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
+/// [`SiteIndex`] files them): the check of a lookup's candidates.
+fn site_matches(sites: &[Site], cloud_id: &str, host: &str) -> bool {
+    sites
+        .iter()
+        .any(|s| s.cloud_id.eq_ignore_ascii_case(cloud_id) || s.host().is_some_and(|h| h == host))
+}
+
 /// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL
-/// parses) before the index's lock is taken.
+/// parses, hashes) before the index's lock is taken.
 pub(crate) struct SiteKeys {
-    /// Every site's cloud id, lowercased.
-    cloud_ids: Vec<String>,
-    /// Every site's host, lowercased (sites whose URL has none are not reachable by host).
-    hosts: Vec<String>,
+    /// Every site's cloud id, lowercased, hashed.
+    cloud_ids: Vec<u64>,
+    /// Every site's host, lowercased, hashed (sites whose URL has none are not reachable by
+    /// host).
+    hosts: Vec<u64>,
 }
 
 impl SiteKeys {
@@ -518,44 +581,49 @@ impl SiteKeys {
         SiteKeys {
             cloud_ids: sites
                 .iter()
-                .map(|s| s.cloud_id.to_ascii_lowercase())
+                .map(|s| key_hash(&s.cloud_id.to_ascii_lowercase()))
                 .collect(),
-            hosts: sites.iter().filter_map(Site::host).collect(),
+            hosts: sites
+                .iter()
+                .filter_map(Site::host)
+                .map(|h| key_hash(&h))
+                .collect(),
         }
     }
 }
 
 impl SiteIndex {
-    /// Files connection `id` under `keys` (a key listed twice is filed once).
-    fn file(&mut self, id: &str, keys: &SiteKeys) {
-        for key in &keys.cloud_ids {
-            file_one(&mut self.by_cloud_id, key, id);
+    /// Files connection `handle` under `keys` (a key listed twice is filed once).
+    fn file(&mut self, handle: Handle, keys: &SiteKeys) {
+        for &key in &keys.cloud_ids {
+            file_one(&mut self.by_cloud_id, key, handle);
         }
-        for key in &keys.hosts {
-            file_one(&mut self.by_host, key, id);
-        }
-    }
-
-    /// Takes connection `id` out from under `keys`, dropping keys nobody reaches any more.
-    fn unfile(&mut self, id: &str, keys: &SiteKeys) {
-        for key in &keys.cloud_ids {
-            unfile_one(&mut self.by_cloud_id, key, id);
-        }
-        for key in &keys.hosts {
-            unfile_one(&mut self.by_host, key, id);
+        for &key in &keys.hosts {
+            file_one(&mut self.by_host, key, handle);
         }
     }
 
-    /// The ids filed under cloud id `cloud_id` or host `host` (both already normalised),
-    /// sorted, each once.
-    pub(crate) fn lookup(&self, cloud_id: &str, host: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
+    /// Takes connection `handle` out from under `keys`, dropping keys nobody reaches any
+    /// more.
+    fn unfile(&mut self, handle: Handle, keys: &SiteKeys) {
+        for &key in &keys.cloud_ids {
+            unfile_one(&mut self.by_cloud_id, key, handle);
+        }
+        for &key in &keys.hosts {
+            unfile_one(&mut self.by_host, key, handle);
+        }
+    }
+
+    /// The handles filed under cloud id `cloud_id` or host `host` (both already
+    /// normalised): candidates, to be checked against their slots' sites (a hash may
+    /// collide), sorted, each once.
+    pub(crate) fn candidates(&self, cloud_id: &str, host: &str) -> Vec<Handle> {
+        let mut out: Vec<Handle> = self
             .by_cloud_id
-            .get(cloud_id)
+            .get(&key_hash(cloud_id))
             .into_iter()
-            .chain(self.by_host.get(host))
-            .flat_map(Ids::iter)
-            .map(str::to_owned)
+            .chain(self.by_host.get(&key_hash(host)))
+            .flat_map(Filed::iter)
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -569,44 +637,49 @@ impl SiteIndex {
         for slot in slots {
             let st = slot.lock();
             if st.filed() {
-                index.file(&st.rec.conn.id, &SiteKeys::of(&st.rec.conn.sites));
+                index.file(st.handle, &SiteKeys::of(&st.rec.conn.sites));
             }
         }
         index
     }
 }
 
-fn file_one(map: &mut KeyMap, key: &str, id: &str) {
-    match map.get_mut(key) {
+fn file_one(map: &mut KeyMap, key: u64, handle: Handle) {
+    match map.get_mut(&key) {
         None => {
-            map.insert(key.into(), Ids::One(id.into()));
+            map.insert(key, Filed::One(handle));
         }
-        Some(Ids::One(have)) if &**have == id => {}
-        Some(ids @ Ids::One(_)) => {
-            let Ids::One(have) = std::mem::replace(ids, Ids::Many(Box::default())) else {
+        Some(Filed::One(have)) if *have == handle => {}
+        Some(filed @ Filed::One(_)) => {
+            let &mut Filed::One(have) = filed else {
                 unreachable!("matched One")
             };
-            *ids = Ids::Many(Box::new(HashSet::from([have, id.into()])));
+            let mut both = vec![have, handle];
+            both.sort_unstable();
+            *filed = Filed::Many(Box::new(both));
         }
-        Some(Ids::Many(set)) => {
-            set.insert(id.into());
+        Some(Filed::Many(list)) => {
+            if let Err(at) = list.binary_search(&handle) {
+                list.insert(at, handle);
+            }
         }
     }
 }
 
-fn unfile_one(map: &mut KeyMap, key: &str, id: &str) {
-    match map.get_mut(key) {
-        Some(Ids::One(have)) if &**have == id => {
-            map.remove(key);
+fn unfile_one(map: &mut KeyMap, key: u64, handle: Handle) {
+    match map.get_mut(&key) {
+        Some(Filed::One(have)) if *have == handle => {
+            map.remove(&key);
         }
-        Some(ids @ Ids::Many(_)) => {
-            let Ids::Many(set) = ids else {
+        Some(filed @ Filed::Many(_)) => {
+            let Filed::Many(list) = filed else {
                 unreachable!("matched Many")
             };
-            set.remove(id);
-            if set.len() == 1 {
-                let only = set.drain().next().expect("one left");
-                *ids = Ids::One(only);
+            if let Ok(at) = list.binary_search(&handle) {
+                list.remove(at);
+            }
+            if let [only] = list[..] {
+                *filed = Filed::One(only);
             }
         }
         _ => {}
@@ -790,6 +863,8 @@ impl Engine {
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
+        let mut index = self.index.write();
+        let handle = index.give_handle();
         let slot = Arc::new(Slot {
             chain: Arc::new(tokio::sync::Mutex::new(())),
             state: RwLock::new(SlotState {
@@ -803,6 +878,7 @@ impl Engine {
                 last_requested: LastRequested::new(),
                 flight: None,
                 removed: false,
+                handle,
                 sites_wanted: false,
                 account_hidden: false,
                 resolve_failures: 0,
@@ -812,7 +888,7 @@ impl Engine {
                 claim: None,
             }),
         });
-        let mut index = self.index.write();
+        index.handles[handle as usize] = Some(slot.clone());
         index.by_label.insert(label, slot.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -833,9 +909,12 @@ impl Engine {
                 self.unfile_sites(&old);
             }
             old.removed = true;
+            let old_handle = old.handle;
+            drop(old);
+            index.free_handle(old_handle);
         }
         if let Some(keys) = keys {
-            self.sites.lock().file(&id, &keys);
+            self.sites.lock().file(handle, &keys);
         }
         slot
     }
@@ -851,7 +930,9 @@ impl Engine {
             st.removed = true;
             self.set_held(&mut st, None);
             let label = st.rec.conn.label.clone();
+            let handle = st.handle;
             drop(st);
+            index.free_handle(handle);
             if index
                 .by_label
                 .get(&label)
@@ -893,10 +974,10 @@ impl Engine {
         let keys = SiteKeys::of(&st.rec.conn.sites);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
-            self.sites.lock().file(&st.rec.conn.id, &keys);
+            self.sites.lock().file(st.handle, &keys);
         } else {
             self.one_fewer_active();
-            self.sites.lock().unfile(&st.rec.conn.id, &keys);
+            self.sites.lock().unfile(st.handle, &keys);
         }
     }
 
@@ -910,14 +991,14 @@ impl Engine {
         let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
         st.rec.conn.sites = sites;
         let mut index = self.sites.lock();
-        index.unfile(&st.rec.conn.id, &old);
-        index.file(&st.rec.conn.id, &new);
+        index.unfile(st.handle, &old);
+        index.file(st.handle, &new);
     }
 
     /// Takes a slot that is leaving the [`SiteIndex`] out of it.
     fn unfile_sites(&self, st: &SlotState) {
         let keys = SiteKeys::of(&st.rec.conn.sites);
-        self.sites.lock().unfile(&st.rec.conn.id, &keys);
+        self.sites.lock().unfile(st.handle, &keys);
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
@@ -1657,6 +1738,41 @@ mod tests {
             *engine.sites.lock(),
             SiteIndex::default(),
             "no key left behind"
+        );
+    }
+
+    /// A key is a hash: a connection filed under a key its sites do not have (what a hash
+    /// collision looks like) is a candidate that the lookup's check turns away, never an
+    /// answer; a handle freed by a removal and given to a new slot leads to that slot.
+    #[tokio::test]
+    async fn a_site_lookup_checks_its_candidates_against_their_sites() {
+        let (engine, _dir) = engine_with(2, 1).await;
+        let slot = engine.find("c000000000000").unwrap();
+        let handle = slot.read().handle;
+        let collided = SiteKeys {
+            cloud_ids: vec![key_hash("cloud-x")],
+            hosts: vec![key_hash("x.atlassian.net")],
+        };
+        engine.sites.lock().file(handle, &collided);
+        assert_eq!(
+            engine.sites.lock().candidates("cloud-x", "x.atlassian.net"),
+            [handle]
+        );
+        assert!(engine.connections_for_site("cloud-x").is_empty());
+        assert!(engine.connections_for_site("x.atlassian.net").is_empty());
+        engine.sites.lock().unfile(handle, &collided);
+        engine.site_index_matches_recount().unwrap();
+
+        engine.uninstall("c000000000000");
+        let now = chrono::Utc::now();
+        let mut rec = crate::model::sample_record("c-next", "next", "rt-next", now);
+        rec.conn.sites = vec![site("cloud-n", "https://next.atlassian.net")];
+        let next = engine.install(rec, None);
+        assert_eq!(next.read().handle, handle, "a freed handle is given again");
+        engine.site_index_matches_recount().unwrap();
+        assert_eq!(
+            engine.connections_for_site("next.atlassian.net"),
+            ["c-next"]
         );
     }
 
