@@ -540,7 +540,7 @@ fn site_wire(engine: &Engine, s: &Site) -> wire::Site {
         cloud_id: s.cloud_id.clone(),
         url: s.url.clone(),
         name: s.name.clone(),
-        scopes: s.scopes.clone(),
+        scopes: s.scopes.to_vec(),
         api_base_urls: s
             .products()
             .into_iter()
@@ -562,7 +562,7 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
         provider: c.provider.clone(),
         account_id: c.account_id.clone(),
         status: c.status,
-        scopes: c.scopes.clone(),
+        scopes: c.scopes.to_vec(),
         sites: sites_wire(engine, &c.sites),
         access_token_expires_at: info.access_token_expires_at,
         refresh_token_rotated_at: info.refresh_token_rotated_at,
@@ -596,7 +596,7 @@ fn token_wire(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> wi
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
         expires_in: expires_in(g, now),
-        scopes: g.face.scopes.clone(),
+        scopes: g.face.scopes.to_vec(),
         sites: sites_wire(engine, &g.face.sites),
     }
 }
@@ -1466,7 +1466,7 @@ mod tests {
         };
         let face = Arc::new(crate::refresh::Face {
             id: "c0123456789ab".into(),
-            scopes: vec!["offline_access".into(), "read:jira-work".into()],
+            scopes: vec!["offline_access".into(), "read:jira-work".into()].into(),
             sites: vec![
                 site("acme", &["read:page:confluence"]),
                 site("both", &["read:jira-work", "read:page:confluence"]),

@@ -26,8 +26,8 @@ pub use pg::PgLedger;
 pub(crate) use pg::{Fence, PgError};
 
 use crate::model::{
-    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
-    StoredEvent, Time,
+    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Scopes, Site,
+    Status, StoredEvent, Time,
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
@@ -1010,11 +1010,9 @@ fn join_scopes(scopes: &[String]) -> String {
     scopes.join(" ")
 }
 
-fn split_scopes(s: &str) -> Vec<String> {
-    let mut scopes: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-    // Kept in memory for the life of the connection: no spare room.
-    scopes.shrink_to_fit();
-    scopes
+fn split_scopes(s: &str) -> Scopes {
+    // The shared list of these scopes: a row's own copy only until it is found shared.
+    s.split_whitespace().map(str::to_owned).collect()
 }
 
 /// The row of a record, its tokens sealed.
@@ -1346,7 +1344,7 @@ pub(crate) mod tests {
             cloud_id: "cloud-1".into(),
             url: "https://acme.atlassian.net".into(),
             name: "acme".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: now,
         });
         rec
@@ -1655,7 +1653,7 @@ pub(crate) mod tests {
             cloud_id: "cloud-2".into(),
             url: "https://jira.atlassian.net".into(),
             name: "jira".into(),
-            scopes: vec!["read:jira-work".into()],
+            scopes: vec!["read:jira-work".into()].into(),
             last_seen_at: now,
         };
         let events = ledger

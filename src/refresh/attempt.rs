@@ -916,7 +916,7 @@ async fn commit_grant(
     next.chain.attempt_started_at = None;
     next.chain.version = base.chain.version + 1;
     if let Some(scopes) = grant.scopes {
-        next.conn.scopes = scopes;
+        next.conn.scopes = scopes.into();
     }
     let recovered = next.conn.status == Status::NeedsReauth;
     if recovered {

@@ -154,8 +154,8 @@ pub struct ConnectionInfo {
 pub struct Face {
     /// The connection id.
     pub id: String,
-    /// The connection's scopes.
-    pub scopes: Vec<String>,
+    /// The connection's scopes (the connection's shared list).
+    pub scopes: crate::model::Scopes,
     /// The connection's sites.
     pub sites: Vec<crate::model::Site>,
     /// What the API made of the fields above, once, for every answer that shares this face
@@ -1458,7 +1458,7 @@ mod tests {
             cloud_id: "1111".into(),
             url: "https://acme.atlassian.net".into(),
             name: "Acme".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: now,
         };
         slot.lock().rec.conn.sites = vec![site.clone()];
@@ -1650,7 +1650,7 @@ mod tests {
             cloud_id: cloud_id.into(),
             url: url.into(),
             name: "site".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: chrono::Utc::now(),
         }
     }

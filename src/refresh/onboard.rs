@@ -253,7 +253,7 @@ impl Engine {
             rec.conn.last_refresh_at = Some(now);
         }
         if let Some(scopes) = grant.scopes {
-            rec.conn.scopes = scopes;
+            rec.conn.scopes = scopes.into();
         }
         let events = || vec![Event::new(EventKind::Imported, "connected through consent")];
         let mut inserted = self.store.insert(rec.clone(), events()).await;
@@ -320,7 +320,7 @@ impl Engine {
                 client_id: self.provider.client_id().to_owned(),
                 account_id: None,
                 status: Status::Active,
-                scopes: self.provider.scopes(),
+                scopes: self.provider.scopes().into(),
                 sites: Vec::new(),
                 consented_at: now,
                 last_refresh_at: None,

@@ -171,7 +171,7 @@ fn site(cloud_id: &str, url: &str, at: Time) -> Site {
         cloud_id: cloud_id.into(),
         url: url.into(),
         name: cloud_id.into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: at,
     }
 }
@@ -354,7 +354,9 @@ async fn sync_sites_tells_each_change_once(s: &impl Harness) {
             .is_empty()
     );
     let mut wider = jira.clone();
-    wider.scopes.push("write:jira-work".into());
+    wider.scopes = [&wider.scopes[..], &["write:jira-work".to_owned()]]
+        .concat()
+        .into();
     let acme = site("cloud-1", "https://acme.atlassian.net", now);
     let events = s
         .sync_sites("c1".into(), vec![wider.clone(), acme.clone()], now)
@@ -482,7 +484,7 @@ async fn control_characters_from_the_provider_never_stop_a_write(s: &impl Harnes
     )
     .unwrap();
     let mut rec = record("c1", "conf", "a");
-    rec.conn.scopes = grant.scopes.unwrap();
+    rec.conn.scopes = grant.scopes.unwrap().into();
     rec.chain.refresh_token = grant.refresh_token.expect("the rotated token is kept");
     s.insert(rec, vec![]).await.unwrap();
     let now = from_ms(Utc::now().timestamp_millis());

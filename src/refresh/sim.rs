@@ -478,7 +478,7 @@ impl TokenEndpoint for SimProvider {
                 cloud_id: cloud_id.into(),
                 url: format!("https://{name}.atlassian.net"),
                 name: name.into(),
-                scopes: vec!["read:page:confluence".into()],
+                scopes: vec!["read:page:confluence".into()].into(),
                 last_seen_at: now,
             };
             let mut sites = Vec::new();

@@ -21,7 +21,7 @@ fn site(cloud_id: &str, name: &str, at: Time) -> Site {
         cloud_id: cloud_id.into(),
         url: format!("https://{name}.atlassian.net"),
         name: name.into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: at,
     }
 }
