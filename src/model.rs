@@ -109,6 +109,79 @@ impl<const N: usize> PartialEq<[&str; N]> for Scopes {
     }
 }
 
+/// How many distinct [`SharedStr`] values are shared at most (provider names and OAuth
+/// client ids: one or two per deployment); past it a new value is kept unshared.
+const SHARED_STRS_MAX: usize = 1024;
+
+/// Every [`SharedStr`] value shared so far (never shrinks: see [`SHARED_STRS_MAX`]).
+static SHARED_STRS: LazyLock<parking_lot::Mutex<HashSet<Arc<str>>>> =
+    LazyLock::new(Default::default);
+
+/// An immutable string that nearly every connection holds the same value of (the provider,
+/// the OAuth client id), shared: one allocation per distinct value, not one per connection
+/// (about 100 bytes a connection for the two). Reads as a `str`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedStr(Arc<str>);
+
+impl SharedStr {
+    /// The shared value equal to `s` (made shared if it is not yet, within
+    /// [`SHARED_STRS_MAX`]).
+    pub fn new(s: &str) -> SharedStr {
+        let mut shared = SHARED_STRS.lock();
+        if let Some(have) = shared.get(s) {
+            return SharedStr(have.clone());
+        }
+        let made: Arc<str> = s.into();
+        if shared.len() < SHARED_STRS_MAX {
+            shared.insert(made.clone());
+        }
+        SharedStr(made)
+    }
+}
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        SharedStr::new(s)
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr::new(&s)
+    }
+}
+
+impl std::fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
 /// Whether a chain can still be refreshed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -204,10 +277,11 @@ pub struct Connection {
     pub id: String,
     /// A unique human name chosen at import (`confluence-prod`).
     pub label: String,
-    /// Always [`PROVIDER_ATLASSIAN`] today.
-    pub provider: String,
-    /// The OAuth app the chain belongs to: with `account_id`, the chain's identity.
-    pub client_id: String,
+    /// Always [`PROVIDER_ATLASSIAN`] today. Shared with every connection of the provider.
+    pub provider: SharedStr,
+    /// The OAuth app the chain belongs to: with `account_id`, the chain's identity. Shared
+    /// with every connection of the app.
+    pub client_id: SharedStr,
     /// The Atlassian account behind the chain; `None` when `/me` is not granted.
     pub account_id: Option<String>,
     /// Whether the chain is alive.
@@ -222,8 +296,9 @@ pub struct Connection {
     pub consented_at: Time,
     /// When the last refresh (of any kind) succeeded.
     pub last_refresh_at: Option<Time>,
-    /// The last failure, cleared by the next success.
-    pub last_error: Option<LastError>,
+    /// The last failure, cleared by the next success. Boxed: most connections have none, and
+    /// inline it would cost every connection 64 bytes.
+    pub last_error: Option<Box<LastError>>,
     /// Failures since the last success; drives the backoff.
     pub consecutive_failures: u32,
     /// When this connection was created in the ledger.
@@ -247,8 +322,9 @@ pub struct Chain {
     pub version: u64,
     /// The token that `refresh_token` replaced and when, kept for the provider's reuse
     /// leeway: within it, the previous token may be presented again to recover from a lost
-    /// response. Never used outside the leeway.
-    pub previous: Option<(Secret, Time)>,
+    /// response. Never used outside the leeway. Boxed: held only for minutes after a
+    /// rotation, and inline it would cost every chain 40 bytes.
+    pub previous: Option<Box<(Secret, Time)>>,
     /// Set (durably) before a refresh request is sent with `refresh_token`, cleared when the
     /// outcome is known. If set at startup, the daemon died or lost the answer while the
     /// provider may already have rotated the token: retry at once, inside the leeway.

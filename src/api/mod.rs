@@ -559,7 +559,7 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
     wire::Connection {
         id: c.id.clone(),
         label: c.label.clone(),
-        provider: c.provider.clone(),
+        provider: c.provider.to_string(),
         account_id: c.account_id.clone(),
         status: c.status,
         scopes: c.scopes.to_vec(),

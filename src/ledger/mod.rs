@@ -1036,11 +1036,11 @@ fn record_values(rec: &Record, keys: &Keyring) -> Vec<rusqlite::types::Value> {
         time(ch.rotated_at),
         opt_text(
             ch.previous
-                .as_ref()
+                .as_deref()
                 .map(|(s, _)| sealed(keys, &c.id, "previous_refresh_token", s))
                 .as_deref(),
         ),
-        opt_time(ch.previous.as_ref().map(|(_, t)| *t)),
+        opt_time(ch.previous.as_deref().map(|(_, t)| *t)),
         opt_time(ch.attempt_started_at),
         opt_text(
             ch.access
@@ -1185,15 +1185,15 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
     Ok(Ok(Record {
         conn: Connection {
             label: r.text(1)?,
-            provider: r.text(2)?,
-            client_id: r.text(3)?,
+            provider: r.text(2)?.into(),
+            client_id: r.text(3)?.into(),
             account_id: r.opt_text(4)?,
             status,
             scopes: split_scopes(&r.text(6)?),
             sites: Vec::new(),
             consented_at: from_ms(r.int(14)?),
             last_refresh_at: opt_time(15)?,
-            last_error,
+            last_error: last_error.map(Box::new),
             consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
             created_at: from_ms(r.int(20)?),
             updated_at: from_ms(r.int(21)?),
@@ -1204,7 +1204,7 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
             rotated_at,
             used_at: opt_time(23)?.unwrap_or(rotated_at),
             version: r.int(22)?.max(0) as u64,
-            previous,
+            previous: previous.map(Box::new),
             attempt_started_at: opt_time(11)?,
             access,
         },
@@ -1360,15 +1360,15 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let mut next = rec.clone();
-        next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
+        next.chain.previous = Some(Box::new((Secret::new("rt-1"), next.chain.rotated_at)));
         next.chain.refresh_token = Secret::new("rt-2");
         next.chain.attempt_started_at = None;
         next.chain.version = 1;
-        next.conn.last_error = Some(LastError {
+        next.conn.last_error = Some(Box::new(LastError {
             code: "x".into(),
             message: "y".into(),
             at: next.conn.created_at,
-        });
+        }));
         ledger
             .save_chain(next, 0, vec![Event::new(EventKind::Rotated, "ok")])
             .await
@@ -1710,7 +1710,10 @@ pub(crate) mod tests {
         let state = dir.path().join("state");
         let ledger = Ledger::open(&state, &keys_a).unwrap();
         let mut rec = record("c1", "conf", "rt-very-secret-1");
-        rec.chain.previous = Some((Secret::new("rt-very-secret-0"), rec.chain.rotated_at));
+        rec.chain.previous = Some(Box::new((
+            Secret::new("rt-very-secret-0"),
+            rec.chain.rotated_at,
+        )));
         rec.chain.access = Some(AccessToken {
             token: Secret::new("at-very-secret-1"),
             expires_at: rec.chain.rotated_at,

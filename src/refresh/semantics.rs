@@ -186,7 +186,7 @@ async fn insert_save_reload_round_trip(s: &impl Harness) {
         .await
         .unwrap();
     let mut next = rec.clone();
-    next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
+    next.chain.previous = Some(Box::new((Secret::new("rt-1"), next.chain.rotated_at)));
     next.chain.refresh_token = Secret::new("rt-2");
     next.chain.attempt_started_at = Some(next.conn.created_at);
     next.chain.access = Some(AccessToken {
@@ -194,11 +194,11 @@ async fn insert_save_reload_round_trip(s: &impl Harness) {
         expires_at: next.conn.created_at + chrono::Duration::hours(1),
     });
     next.chain.version = 1;
-    next.conn.last_error = Some(LastError {
+    next.conn.last_error = Some(Box::new(LastError {
         code: "x".into(),
         message: "y".into(),
         at: next.conn.created_at,
-    });
+    }));
     next.conn.consecutive_failures = 3;
     s.save_chain(next.clone(), 0, vec![Event::new(EventKind::Rotated, "ok")])
         .await
@@ -455,7 +455,10 @@ async fn events_come_newest_first_with_who_and_where(s: &impl Harness) {
 
 async fn tokens_are_sealed_and_a_moved_value_does_not_open(s: &impl Harness) {
     let mut rec = record("c1", "conf", "rt-very-secret-1");
-    rec.chain.previous = Some((Secret::new("rt-very-secret-0"), rec.chain.rotated_at));
+    rec.chain.previous = Some(Box::new((
+        Secret::new("rt-very-secret-0"),
+        rec.chain.rotated_at,
+    )));
     s.insert(rec, vec![]).await.unwrap();
     let raw = s.raw_refresh_token("c1").await;
     assert!(raw.starts_with("s1:"), "sealed");
