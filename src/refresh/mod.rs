@@ -911,6 +911,7 @@ impl Engine {
             old.removed = true;
             let old_handle = old.handle;
             drop(old);
+            self.plan.cancel(old_handle);
             index.free_handle(old_handle);
         }
         if let Some(keys) = keys {
@@ -932,6 +933,8 @@ impl Engine {
             let label = st.rec.conn.label.clone();
             let handle = st.handle;
             drop(st);
+            // The plan goes before the handle is free: no other slot can have it yet.
+            self.plan.cancel(handle);
             index.free_handle(handle);
             if index
                 .by_label
@@ -941,8 +944,6 @@ impl Engine {
                 index.by_label.remove(&label);
             }
         }
-        drop(index);
-        self.plan.cancel(id);
     }
 
     /// The active count goes down by one. It never wraps: a decrement below zero would be a
@@ -1225,9 +1226,9 @@ impl Engine {
     }
 
     fn replan_locked(&self, st: &SlotState) {
-        let id = &st.rec.conn.id;
         if st.removed {
-            self.plan.cancel(id);
+            // Its plan was cancelled when it was removed (under the index lock, before its
+            // handle was freed); the handle may be another slot's by now.
             return;
         }
         let input = plan::PlanInput {
@@ -1237,8 +1238,8 @@ impl Engine {
             last_requested: st.last_requested.get(),
         };
         match plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY) {
-            Some(planned) => self.plan.schedule(id, planned.at, planned.urgency),
-            None => self.plan.cancel(id),
+            Some(planned) => self.plan.schedule(st.handle, planned.at, planned.urgency),
+            None => self.plan.cancel(st.handle),
         }
     }
 
@@ -1261,12 +1262,21 @@ impl Engine {
                 _ = self.plan.changed() => continue,
                 _ = sleep => {}
             }
-            for plan::Due { id, urgency } in self.plan.take_due(Instant::now()) {
-                let Some(slot) = self.find(&id) else { continue };
+            // The handles are read under the index lock, which a removal holds while it
+            // cancels a plan and frees its handle: each due handle is the slot that planned it.
+            let due: Vec<(Arc<Slot>, plan::Urgency)> = {
+                let index = self.index.read();
+                self.plan
+                    .take_due(Instant::now())
+                    .into_iter()
+                    .filter_map(|d| Some((index.by_handle(d.handle)?.clone(), d.urgency)))
+                    .collect()
+            };
+            for (slot, urgency) in due {
                 let mut st = slot.lock();
                 // One running already re-plans the chain when it ends.
                 if st.removed || st.flight.is_some() {
-                    tracing::trace!(connection = %id, "due, but an attempt is running");
+                    tracing::trace!(connection = %st.rec.conn.id, "due, but an attempt is running");
                     continue;
                 }
                 let _ = self.join_or_start(&slot, &mut st, Need::Scheduled(urgency));
@@ -1856,7 +1866,8 @@ mod tests {
             let _ = rx.await;
         }));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let at = engine.plan.next_of("c000000000000").expect("planned").at;
+        let handle = engine.find("c000000000000").unwrap().read().handle;
+        let at = engine.plan.next_of(handle).expect("planned").at;
         assert!(
             at > Instant::now() + Duration::from_secs(10),
             "an attempt that cannot start is planned again at once: the scheduler spins"

@@ -41,7 +41,7 @@ impl Engine {
     pub(crate) fn info_of(&self, st: &SlotState) -> ConnectionInfo {
         let settings = self.settings();
         let rec = &st.rec;
-        let next_rotation_at = self.plan.next_of(&rec.conn.id).map(|planned| {
+        let next_rotation_at = self.plan.next_of(st.handle).map(|planned| {
             let at = planned.at;
             let now = Instant::now();
             let delta = if at > now { at - now } else { Duration::ZERO };
