@@ -91,11 +91,11 @@ impl Engine {
         }
         let (tx, rx) = watch::channel(None);
         let ticket = self.permits.ticket();
-        st.flight = Some(Flight {
+        st.flight = Some(Box::new(Flight {
             rx: rx.clone(),
             ticket,
             forced: need == Need::Forced,
-        });
+        }));
         // A scheduled attempt reserves its place by priority now; the scheduler lets the
         // batch in once every due chain has reserved.
         let reserved = match need {

@@ -300,7 +300,9 @@ pub(crate) struct SlotState {
     /// the same reason as `face`).
     access_shared: OnceLock<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
-    flight: Option<flight::Flight>,
+    /// Boxed: a chain's attempt runs for a moment now and then, and 32 bytes inline would be
+    /// in every slot.
+    flight: Option<Box<flight::Flight>>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
     removed: bool,
     /// The slot's number in [`Index::handles`], what the [`SiteIndex`] files it as: given
