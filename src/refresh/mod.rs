@@ -45,7 +45,7 @@ use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -501,12 +501,12 @@ impl Index {
 /// slot's status and sites). The simulation checks it against [`SiteIndex::recount`] after
 /// every step. Cloud ids and hosts are kept apart, as the lookup always compared them.
 ///
-/// Small: a key is a 64-bit hash of the normalised cloud id or host ([`key_hash`]), not a
+/// Small: a key is a 32-bit hash of the normalised cloud id or host ([`key_hash`]), not a
 /// copy of it, and a connection is filed as its slot's [`Handle`], not a copy of its id (at
 /// the scale bench's 100,000 connections the copies were about 450 bytes a connection, the
-/// largest item after the records themselves). Two keys with the same hash share an entry;
-/// a lookup checks every candidate against its own sites ([`site_matches`]), so a collision
-/// costs a check, never a wrong answer.
+/// largest item after the records themselves; now an entry is 8 bytes). Two keys with the
+/// same hash share an entry; a lookup checks every candidate against its own sites
+/// ([`site_matches`]), so a collision costs a check, never a wrong answer.
 #[derive(Default, Debug, PartialEq, Eq)]
 pub(crate) struct SiteIndex {
     /// Hash of the lowercased cloud id to the active connections listing it.
@@ -515,48 +515,82 @@ pub(crate) struct SiteIndex {
     by_host: KeyMap,
 }
 
-/// One of the [`SiteIndex`]'s maps.
-type KeyMap = HashMap<u64, Filed>;
+/// One of the [`SiteIndex`]'s maps: a key is in `one` while one connection is filed under
+/// it, in `many` (sorted, no duplicates) while two or more are, never in both (canonical, so
+/// that two indexes holding the same handles compare equal). Apart, so that the common
+/// entry is two `u32`s.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct KeyMap {
+    /// Keys with one connection.
+    one: HashMap<u32, Handle>,
+    /// Keys with two or more (rare: a site several connections reach, or a collision).
+    many: HashMap<u32, Vec<Handle>>,
+}
+
+impl KeyMap {
+    /// The handles filed under `key`.
+    fn get(&self, key: u32) -> impl Iterator<Item = Handle> + '_ {
+        let one = self.one.get(&key).copied();
+        let many = self.many.get(&key).into_iter().flatten().copied();
+        one.into_iter().chain(many)
+    }
+
+    /// Files `handle` under `key` (once).
+    fn file(&mut self, key: u32, handle: Handle) {
+        if let Some(list) = self.many.get_mut(&key) {
+            if let Err(at) = list.binary_search(&handle) {
+                list.insert(at, handle);
+            }
+            return;
+        }
+        match self.one.get(&key) {
+            None => {
+                self.one.insert(key, handle);
+            }
+            Some(&have) if have == handle => {}
+            Some(&have) => {
+                self.one.remove(&key);
+                let mut both = vec![have, handle];
+                both.sort_unstable();
+                self.many.insert(key, both);
+            }
+        }
+    }
+
+    /// Takes `handle` out from under `key`, dropping the key when nobody is left.
+    fn unfile(&mut self, key: u32, handle: Handle) {
+        if self.one.get(&key) == Some(&handle) {
+            self.one.remove(&key);
+            return;
+        }
+        let Some(list) = self.many.get_mut(&key) else {
+            return;
+        };
+        if let Ok(at) = list.binary_search(&handle) {
+            list.remove(at);
+        }
+        if let [only] = list[..] {
+            self.many.remove(&key);
+            self.one.insert(key, only);
+        }
+    }
+}
 
 /// A slot's number in [`Index::handles`]: given at install, free again at uninstall (and
 /// then given to a later slot). What the [`SiteIndex`] files a connection as: 4 bytes
 /// instead of a copy of its id.
 pub(crate) type Handle = u32;
 
-/// The handles filed under one key: nearly always one connection, kept without a set of its
-/// own. Canonical, so that two indexes holding the same handles compare equal: `One` for
-/// one, `Many` (sorted, no duplicates) for two or more.
-#[derive(Debug, PartialEq, Eq)]
-enum Filed {
-    /// The only connection reaching the site.
-    One(Handle),
-    /// Several connections reach it (two or more), sorted. Boxed: rare, and a vector inline
-    /// would make every entry of both maps 16 bytes larger.
-    #[expect(
-        clippy::box_collection,
-        reason = "the box keeps the common `One` entry small; the list is rare"
-    )]
-    Many(Box<Vec<Handle>>),
-}
+/// The keys of the [`SiteIndex`]'s hash: random per process (so that nobody can choose
+/// site names that collide), the same for every index of the process (the kept one and a
+/// recount).
+static KEY_HASHER: LazyLock<std::hash::RandomState> = LazyLock::new(Default::default);
 
-impl Filed {
-    fn iter(&self) -> impl Iterator<Item = Handle> + '_ {
-        let (one, many) = match self {
-            Filed::One(h) => (Some(*h), None),
-            Filed::Many(hs) => (None, Some(hs.iter().copied())),
-        };
-        one.into_iter().chain(many.into_iter().flatten())
-    }
-}
-
-/// The [`SiteIndex`] key of a normalised cloud id or host: SipHash with fixed keys
-/// (`DefaultHasher::new`), so that the same text always files under the same key, in every
-/// index of the process (the kept one and a recount).
-fn key_hash(key: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
+/// The [`SiteIndex`] key of a normalised cloud id or host: 32 bits of a keyed SipHash.
+fn key_hash(key: &str) -> u32 {
+    use std::hash::BuildHasher;
+    let h = KEY_HASHER.hash_one(key);
+    (h ^ (h >> 32)) as u32
 }
 
 /// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
@@ -571,10 +605,10 @@ fn site_matches(sites: &[Site], cloud_id: &str, host: &str) -> bool {
 /// parses, hashes) before the index's lock is taken.
 pub(crate) struct SiteKeys {
     /// Every site's cloud id, lowercased, hashed.
-    cloud_ids: Vec<u64>,
+    cloud_ids: Vec<u32>,
     /// Every site's host, lowercased, hashed (sites whose URL has none are not reachable by
     /// host).
-    hosts: Vec<u64>,
+    hosts: Vec<u32>,
 }
 
 impl SiteKeys {
@@ -598,10 +632,10 @@ impl SiteIndex {
     /// Files connection `handle` under `keys` (a key listed twice is filed once).
     fn file(&mut self, handle: Handle, keys: &SiteKeys) {
         for &key in &keys.cloud_ids {
-            file_one(&mut self.by_cloud_id, key, handle);
+            self.by_cloud_id.file(key, handle);
         }
         for &key in &keys.hosts {
-            file_one(&mut self.by_host, key, handle);
+            self.by_host.file(key, handle);
         }
     }
 
@@ -609,10 +643,10 @@ impl SiteIndex {
     /// more.
     fn unfile(&mut self, handle: Handle, keys: &SiteKeys) {
         for &key in &keys.cloud_ids {
-            unfile_one(&mut self.by_cloud_id, key, handle);
+            self.by_cloud_id.unfile(key, handle);
         }
         for &key in &keys.hosts {
-            unfile_one(&mut self.by_host, key, handle);
+            self.by_host.unfile(key, handle);
         }
     }
 
@@ -622,10 +656,8 @@ impl SiteIndex {
     pub(crate) fn candidates(&self, cloud_id: &str, host: &str) -> Vec<Handle> {
         let mut out: Vec<Handle> = self
             .by_cloud_id
-            .get(&key_hash(cloud_id))
-            .into_iter()
-            .chain(self.by_host.get(&key_hash(host)))
-            .flat_map(Filed::iter)
+            .get(key_hash(cloud_id))
+            .chain(self.by_host.get(key_hash(host)))
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -643,48 +675,6 @@ impl SiteIndex {
             }
         }
         index
-    }
-}
-
-fn file_one(map: &mut KeyMap, key: u64, handle: Handle) {
-    match map.get_mut(&key) {
-        None => {
-            map.insert(key, Filed::One(handle));
-        }
-        Some(Filed::One(have)) if *have == handle => {}
-        Some(filed @ Filed::One(_)) => {
-            let &mut Filed::One(have) = filed else {
-                unreachable!("matched One")
-            };
-            let mut both = vec![have, handle];
-            both.sort_unstable();
-            *filed = Filed::Many(Box::new(both));
-        }
-        Some(Filed::Many(list)) => {
-            if let Err(at) = list.binary_search(&handle) {
-                list.insert(at, handle);
-            }
-        }
-    }
-}
-
-fn unfile_one(map: &mut KeyMap, key: u64, handle: Handle) {
-    match map.get_mut(&key) {
-        Some(Filed::One(have)) if *have == handle => {
-            map.remove(&key);
-        }
-        Some(filed @ Filed::Many(_)) => {
-            let Filed::Many(list) = filed else {
-                unreachable!("matched Many")
-            };
-            if let Ok(at) = list.binary_search(&handle) {
-                list.remove(at);
-            }
-            if let [only] = list[..] {
-                *filed = Filed::One(only);
-            }
-        }
-        _ => {}
     }
 }
 
