@@ -595,7 +595,7 @@ fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
                 rec,
                 not_before: None,
                 held: false,
-                last_requested: st.last_requested.get(),
+                last_requested: st.last_requested.get(engine.requests_base),
             };
             let planned = super::plan::next_action(
                 &input,
