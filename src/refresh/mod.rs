@@ -420,8 +420,10 @@ impl SlotState {
 /// One connection in memory.
 pub(crate) struct Slot {
     /// The chain lock: held by the engine task that runs an attempt, a merge or a removal,
-    /// for its whole duration, provider call included.
-    chain: Arc<tokio::sync::Mutex<()>>,
+    /// for its whole duration, provider call included. Inline, not in an `Arc` of its own:
+    /// the attempt's task holds the slot's `Arc` and borrows the lock from it (a separate
+    /// allocation was 64 bytes a connection, 32 more than inline).
+    chain: tokio::sync::Mutex<()>,
     /// Everything else about the connection, behind a lock held only for short,
     /// non-awaiting reads and writes: a token served from cache needs only this, never the
     /// chain lock, so a slow provider call does not delay cached answers; and only for
@@ -861,7 +863,7 @@ impl Engine {
         let mut index = self.index.write();
         let handle = index.give_handle();
         let slot = Arc::new(Slot {
-            chain: Arc::new(tokio::sync::Mutex::new(())),
+            chain: tokio::sync::Mutex::new(()),
             state: RwLock::new(SlotState {
                 face: OnceLock::new(),
                 access_shared: OnceLock::new(),
