@@ -30,7 +30,9 @@
 //!
 //! Environment: `TOKEND_BENCH_QUICK=1` (1 s windows after 0.5 s warm-up, one round, 2,000
 //! storm chains, ledgers of 1k and 10k), `TOKEND_BENCH_SECS` (measured window, default 5),
-//! `TOKEND_BENCH_ROUNDS` (default 3).
+//! `TOKEND_BENCH_ROUNDS` (default 3), `TOKEND_BENCH_SCALE` (the scale scenario's ledger
+//! sizes, comma-separated, e.g. `10000,100000`: one point alone, or two for a per-connection
+//! figure).
 //!
 //! The provider is the strict fake of the integration tests (`tests/it/fake/`), on
 //! loopback; nothing reaches the internet. Of tokend's library only `tokend::ledger::seal`
@@ -122,6 +124,16 @@ impl Config {
                 bail!("TOKEND_BENCH_SECS must be between 0 and 3600");
             }
             cfg.measure = Duration::from_secs_f64(secs);
+        }
+        if let Ok(v) = std::env::var("TOKEND_BENCH_SCALE") {
+            cfg.scale_sizes = v
+                .split(',')
+                .map(|n| n.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .context("TOKEND_BENCH_SCALE must be sizes separated by commas")?;
+            if cfg.scale_sizes.is_empty() || cfg.scale_sizes.contains(&0) {
+                bail!("TOKEND_BENCH_SCALE must name sizes of at least 1");
+            }
         }
         if let Ok(v) = std::env::var("TOKEND_BENCH_ROUNDS") {
             cfg.rounds = v.parse().context("TOKEND_BENCH_ROUNDS must be a number")?;

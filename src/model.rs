@@ -8,6 +8,8 @@
 
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock};
 
 /// A wall-clock instant, as stored in the ledger and shown in the API.
 pub type Time = DateTime<Utc>;
@@ -15,6 +17,170 @@ pub type Time = DateTime<Utc>;
 /// The only provider tokend knows today. Kept as a string in the ledger so that another
 /// provider can be added without a migration.
 pub const PROVIDER_ATLASSIAN: &str = "atlassian";
+
+/// How many distinct scope lists [`Scopes`] shares at most. Scope lists are few (what the
+/// app asks for, and per site what the product grants: a handful per deployment); past this
+/// bound a new list is kept unshared, so that a provider answering a new list every time
+/// cannot grow the shared set without end.
+const SHARED_SCOPE_LISTS_MAX: usize = 1024;
+
+/// Every scope list shared so far (never shrinks: see [`SHARED_SCOPE_LISTS_MAX`]).
+static SHARED_SCOPE_LISTS: LazyLock<parking_lot::Mutex<HashSet<Arc<[String]>>>> =
+    LazyLock::new(Default::default);
+
+/// A list of OAuth scopes, in the order given, shared by every connection and site that
+/// holds the same list: nearly all connections of a deployment hold the same one, and a copy
+/// of the list's strings each was about 290 bytes a connection (its scopes and its sites')
+/// at the scale bench's 100,000 connections. Immutable: a change makes a new list
+/// ([`From<Vec<String>>`]). Reads as a `[String]`.
+#[derive(Clone)]
+pub struct Scopes(Arc<[String]>);
+
+impl Scopes {
+    /// The shared list equal to `list` (made shared if it is not yet, within
+    /// [`SHARED_SCOPE_LISTS_MAX`]).
+    pub fn new(list: Vec<String>) -> Scopes {
+        let mut shared = SHARED_SCOPE_LISTS.lock();
+        if let Some(have) = shared.get(&list[..]) {
+            return Scopes(have.clone());
+        }
+        let made: Arc<[String]> = list.into();
+        if shared.len() < SHARED_SCOPE_LISTS_MAX {
+            shared.insert(made.clone());
+        }
+        Scopes(made)
+    }
+}
+
+impl Default for Scopes {
+    fn default() -> Self {
+        Scopes::new(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Scopes {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<Vec<String>> for Scopes {
+    fn from(list: Vec<String>) -> Self {
+        Scopes::new(list)
+    }
+}
+
+impl FromIterator<String> for Scopes {
+    fn from_iter<I: IntoIterator<Item = String>>(iter: I) -> Self {
+        Scopes::new(iter.into_iter().collect())
+    }
+}
+
+impl std::fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter()).finish()
+    }
+}
+
+impl PartialEq for Scopes {
+    fn eq(&self, other: &Scopes) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for Scopes {}
+
+impl PartialEq<Vec<String>> for Scopes {
+    fn eq(&self, other: &Vec<String>) -> bool {
+        *self.0 == other[..]
+    }
+}
+
+impl PartialEq<[&str]> for Scopes {
+    fn eq(&self, other: &[&str]) -> bool {
+        self.0.len() == other.len() && self.0.iter().zip(other).all(|(a, b)| a == b)
+    }
+}
+
+impl<const N: usize> PartialEq<[&str; N]> for Scopes {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        *self == other[..]
+    }
+}
+
+/// How many distinct [`SharedStr`] values are shared at most (provider names and OAuth
+/// client ids: one or two per deployment); past it a new value is kept unshared.
+const SHARED_STRS_MAX: usize = 1024;
+
+/// Every [`SharedStr`] value shared so far (never shrinks: see [`SHARED_STRS_MAX`]).
+static SHARED_STRS: LazyLock<parking_lot::Mutex<HashSet<Arc<str>>>> =
+    LazyLock::new(Default::default);
+
+/// An immutable string that nearly every connection holds the same value of (the provider,
+/// the OAuth client id), shared: one allocation per distinct value, not one per connection
+/// (about 100 bytes a connection for the two). Reads as a `str`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedStr(Arc<str>);
+
+impl SharedStr {
+    /// The shared value equal to `s` (made shared if it is not yet, within
+    /// [`SHARED_STRS_MAX`]).
+    pub fn new(s: &str) -> SharedStr {
+        let mut shared = SHARED_STRS.lock();
+        if let Some(have) = shared.get(s) {
+            return SharedStr(have.clone());
+        }
+        let made: Arc<str> = s.into();
+        if shared.len() < SHARED_STRS_MAX {
+            shared.insert(made.clone());
+        }
+        SharedStr(made)
+    }
+}
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        SharedStr::new(s)
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr::new(&s)
+    }
+}
+
+impl std::fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
 
 /// Whether a chain can still be refreshed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,8 +238,9 @@ pub struct Site {
     pub url: String,
     /// The site's display name.
     pub name: String,
-    /// The scopes granted on this site; they tell Jira from Confluence.
-    pub scopes: Vec<String>,
+    /// The scopes granted on this site; they tell Jira from Confluence. Shared with every
+    /// site of the same scopes.
+    pub scopes: Scopes,
     /// When accessible-resources last listed this site.
     pub last_seen_at: Time,
 }
@@ -110,16 +277,18 @@ pub struct Connection {
     pub id: String,
     /// A unique human name chosen at import (`confluence-prod`).
     pub label: String,
-    /// Always [`PROVIDER_ATLASSIAN`] today.
-    pub provider: String,
-    /// The OAuth app the chain belongs to: with `account_id`, the chain's identity.
-    pub client_id: String,
+    /// Always [`PROVIDER_ATLASSIAN`] today. Shared with every connection of the provider.
+    pub provider: SharedStr,
+    /// The OAuth app the chain belongs to: with `account_id`, the chain's identity. Shared
+    /// with every connection of the app.
+    pub client_id: SharedStr,
     /// The Atlassian account behind the chain; `None` when `/me` is not granted.
     pub account_id: Option<String>,
     /// Whether the chain is alive.
     pub status: Status,
-    /// Scopes granted to the chain, from the last token response that listed them.
-    pub scopes: Vec<String>,
+    /// Scopes granted to the chain, from the last token response that listed them. Shared
+    /// with every connection of the same scopes.
+    pub scopes: Scopes,
     /// Sites the chain reaches, from accessible-resources.
     pub sites: Vec<Site>,
     /// When consent was given (or, for an imported token, when it was imported): the start
@@ -127,8 +296,9 @@ pub struct Connection {
     pub consented_at: Time,
     /// When the last refresh (of any kind) succeeded.
     pub last_refresh_at: Option<Time>,
-    /// The last failure, cleared by the next success.
-    pub last_error: Option<LastError>,
+    /// The last failure, cleared by the next success. Boxed: most connections have none, and
+    /// inline it would cost every connection 64 bytes.
+    pub last_error: Option<Box<LastError>>,
     /// Failures since the last success; drives the backoff.
     pub consecutive_failures: u32,
     /// When this connection was created in the ledger.
@@ -152,8 +322,9 @@ pub struct Chain {
     pub version: u64,
     /// The token that `refresh_token` replaced and when, kept for the provider's reuse
     /// leeway: within it, the previous token may be presented again to recover from a lost
-    /// response. Never used outside the leeway.
-    pub previous: Option<(Secret, Time)>,
+    /// response. Never used outside the leeway. Boxed: held only for minutes after a
+    /// rotation, and inline it would cost every chain 40 bytes.
+    pub previous: Option<Box<(Secret, Time)>>,
     /// Set (durably) before a refresh request is sent with `refresh_token`, cleared when the
     /// outcome is known. If set at startup, the daemon died or lost the answer while the
     /// provider may already have rotated the token: retry at once, inside the leeway.
@@ -411,7 +582,7 @@ pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time
             client_id: "client".into(),
             account_id: Some(format!("acct-{id}")),
             status: Status::Active,
-            scopes: vec!["offline_access".into(), "read:page:confluence".into()],
+            scopes: vec!["offline_access".into(), "read:page:confluence".into()].into(),
             sites: Vec::new(),
             consented_at: at,
             last_refresh_at: None,
@@ -429,5 +600,29 @@ pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time
             attempt_started_at: None,
             access: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Equal scope lists made apart share one allocation; different ones do not; the order
+    /// is kept and the list compares with plain lists.
+    #[test]
+    fn equal_scope_lists_are_shared() {
+        let a = Scopes::from(vec!["offline_access".to_owned(), "read:me".to_owned()]);
+        let b: Scopes = ["offline_access", "read:me"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(Arc::ptr_eq(&a.0, &b.0), "one list for both");
+        let c = Scopes::from(vec!["read:me".to_owned(), "offline_access".to_owned()]);
+        assert!(!Arc::ptr_eq(&a.0, &c.0));
+        assert_ne!(a, c, "order is kept");
+        assert_eq!(a, ["offline_access", "read:me"]);
+        assert_eq!(a, vec!["offline_access".to_owned(), "read:me".to_owned()]);
+        assert_eq!(format!("{a:?}"), r#"["offline_access", "read:me"]"#);
+        assert!(Scopes::default().is_empty());
     }
 }

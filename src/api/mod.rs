@@ -540,7 +540,7 @@ fn site_wire(engine: &Engine, s: &Site) -> wire::Site {
         cloud_id: s.cloud_id.clone(),
         url: s.url.clone(),
         name: s.name.clone(),
-        scopes: s.scopes.clone(),
+        scopes: s.scopes.to_vec(),
         api_base_urls: s
             .products()
             .into_iter()
@@ -559,10 +559,10 @@ fn connection_wire(engine: &Engine, info: &ConnectionInfo) -> wire::Connection {
     wire::Connection {
         id: c.id.clone(),
         label: c.label.clone(),
-        provider: c.provider.clone(),
+        provider: c.provider.to_string(),
         account_id: c.account_id.clone(),
         status: c.status,
-        scopes: c.scopes.clone(),
+        scopes: c.scopes.to_vec(),
         sites: sites_wire(engine, &c.sites),
         access_token_expires_at: info.access_token_expires_at,
         refresh_token_rotated_at: info.refresh_token_rotated_at,
@@ -597,7 +597,7 @@ fn token_wire(engine: &Engine, g: &TokenGrant, now: chrono::DateTime<Utc>) -> wi
         token_type: wire::BEARER.to_owned(),
         expires_at: g.expires_at,
         expires_in: expires_in(g, now),
-        scopes: g.face.scopes.clone(),
+        scopes: g.face.scopes.to_vec(),
         sites: sites_wire(engine, &g.face.sites),
     }
 }
@@ -1473,7 +1473,7 @@ mod tests {
         };
         let face = Arc::new(crate::refresh::Face {
             id: "c0123456789ab".into(),
-            scopes: vec!["offline_access".into(), "read:jira-work".into()],
+            scopes: vec!["offline_access".into(), "read:jira-work".into()].into(),
             sites: vec![
                 site("acme", &["read:page:confluence"]),
                 site("both", &["read:jira-work", "read:page:confluence"]),

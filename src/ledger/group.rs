@@ -375,7 +375,10 @@ mod tests {
     /// `rec` rotated to `token` at the next version.
     fn rotated(rec: &Record, token: &str) -> Record {
         let mut next = rec.clone();
-        next.chain.previous = Some((rec.chain.refresh_token.clone(), rec.chain.rotated_at));
+        next.chain.previous = Some(Box::new((
+            rec.chain.refresh_token.clone(),
+            rec.chain.rotated_at,
+        )));
         next.chain.refresh_token = Secret::new(token);
         next.chain.version += 1;
         next

@@ -26,8 +26,8 @@ pub use pg::PgLedger;
 pub(crate) use pg::{ClaimHolder, Fence, PgError, SiteRun};
 
 use crate::model::{
-    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Site, Status,
-    StoredEvent, Time,
+    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Scopes, Site,
+    Status, StoredEvent, Time,
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
@@ -1010,11 +1010,9 @@ fn join_scopes(scopes: &[String]) -> String {
     scopes.join(" ")
 }
 
-fn split_scopes(s: &str) -> Vec<String> {
-    let mut scopes: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-    // Kept in memory for the life of the connection: no spare room.
-    scopes.shrink_to_fit();
-    scopes
+fn split_scopes(s: &str) -> Scopes {
+    // The shared list of these scopes: a row's own copy only until it is found shared.
+    s.split_whitespace().map(str::to_owned).collect()
 }
 
 /// The row of a record, its tokens sealed.
@@ -1038,11 +1036,11 @@ fn record_values(rec: &Record, keys: &Keyring) -> Vec<rusqlite::types::Value> {
         time(ch.rotated_at),
         opt_text(
             ch.previous
-                .as_ref()
+                .as_deref()
                 .map(|(s, _)| sealed(keys, &c.id, "previous_refresh_token", s))
                 .as_deref(),
         ),
-        opt_time(ch.previous.as_ref().map(|(_, t)| *t)),
+        opt_time(ch.previous.as_deref().map(|(_, t)| *t)),
         opt_time(ch.attempt_started_at),
         opt_text(
             ch.access
@@ -1187,15 +1185,15 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
     Ok(Ok(Record {
         conn: Connection {
             label: r.text(1)?,
-            provider: r.text(2)?,
-            client_id: r.text(3)?,
+            provider: r.text(2)?.into(),
+            client_id: r.text(3)?.into(),
             account_id: r.opt_text(4)?,
             status,
             scopes: split_scopes(&r.text(6)?),
             sites: Vec::new(),
             consented_at: from_ms(r.int(14)?),
             last_refresh_at: opt_time(15)?,
-            last_error,
+            last_error: last_error.map(Box::new),
             consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
             created_at: from_ms(r.int(20)?),
             updated_at: from_ms(r.int(21)?),
@@ -1206,7 +1204,7 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
             rotated_at,
             used_at: opt_time(23)?.unwrap_or(rotated_at),
             version: r.int(22)?.max(0) as u64,
-            previous,
+            previous: previous.map(Box::new),
             attempt_started_at: opt_time(11)?,
             access,
         },
@@ -1346,7 +1344,7 @@ pub(crate) mod tests {
             cloud_id: "cloud-1".into(),
             url: "https://acme.atlassian.net".into(),
             name: "acme".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: now,
         });
         rec
@@ -1362,15 +1360,15 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let mut next = rec.clone();
-        next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
+        next.chain.previous = Some(Box::new((Secret::new("rt-1"), next.chain.rotated_at)));
         next.chain.refresh_token = Secret::new("rt-2");
         next.chain.attempt_started_at = None;
         next.chain.version = 1;
-        next.conn.last_error = Some(LastError {
+        next.conn.last_error = Some(Box::new(LastError {
             code: "x".into(),
             message: "y".into(),
             at: next.conn.created_at,
-        });
+        }));
         ledger
             .save_chain(next, 0, vec![Event::new(EventKind::Rotated, "ok")])
             .await
@@ -1655,7 +1653,7 @@ pub(crate) mod tests {
             cloud_id: "cloud-2".into(),
             url: "https://jira.atlassian.net".into(),
             name: "jira".into(),
-            scopes: vec!["read:jira-work".into()],
+            scopes: vec!["read:jira-work".into()].into(),
             last_seen_at: now,
         };
         let events = ledger
@@ -1712,7 +1710,10 @@ pub(crate) mod tests {
         let state = dir.path().join("state");
         let ledger = Ledger::open(&state, &keys_a).unwrap();
         let mut rec = record("c1", "conf", "rt-very-secret-1");
-        rec.chain.previous = Some((Secret::new("rt-very-secret-0"), rec.chain.rotated_at));
+        rec.chain.previous = Some(Box::new((
+            Secret::new("rt-very-secret-0"),
+            rec.chain.rotated_at,
+        )));
         rec.chain.access = Some(AccessToken {
             token: Secret::new("at-very-secret-1"),
             expires_at: rec.chain.rotated_at,

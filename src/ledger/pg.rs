@@ -1578,8 +1578,8 @@ fn record_values(rec: &Record, keys: &Keyring) -> Vec<Value> {
     vec![
         Value::Text(c.id.clone()),
         Value::Text(c.label.clone()),
-        Value::Text(c.provider.clone()),
-        Value::Text(c.client_id.clone()),
+        Value::Text(c.provider.to_string()),
+        Value::Text(c.client_id.to_string()),
         Value::OptText(c.account_id.clone()),
         Value::Text(c.status.as_str().to_owned()),
         Value::Text(join_scopes(&c.scopes)),
@@ -1587,10 +1587,10 @@ fn record_values(rec: &Record, keys: &Keyring) -> Vec<Value> {
         Value::Int(ms(ch.rotated_at)),
         Value::OptText(
             ch.previous
-                .as_ref()
+                .as_deref()
                 .map(|(s, _)| sealed("previous_refresh_token", s)),
         ),
-        Value::OptInt(ch.previous.as_ref().map(|(_, t)| ms(*t))),
+        Value::OptInt(ch.previous.as_deref().map(|(_, t)| ms(*t))),
         Value::OptInt(ch.attempt_started_at.map(ms)),
         Value::OptText(ch.access.as_ref().map(|a| sealed("access_token", &a.token))),
         Value::OptInt(ch.access.as_ref().map(|a| ms(a.expires_at))),

@@ -261,7 +261,7 @@ pub(super) fn parse_resources(
             cloud_id: r.id,
             url: r.url,
             name: r.name.chars().filter(|c| !c.is_control()).collect(),
-            scopes: clean_scopes(r.scopes.iter().map(String::as_str)),
+            scopes: clean_scopes(r.scopes.iter().map(String::as_str)).into(),
             last_seen_at: now,
         })
         .collect())

@@ -595,7 +595,7 @@ fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
                 rec,
                 not_before: None,
                 held: false,
-                last_requested: st.last_requested.get(),
+                last_requested: st.last_requested.get(engine.requests_base),
             };
             let planned = super::plan::next_action(
                 &input,
@@ -799,7 +799,7 @@ async fn superseded(engine: &Engine, id: &str) -> Outcome {
 /// After a rejection of the current token, the previous one may still be accepted inside
 /// the reuse leeway (the provider lost the rotation): one try, never outside the leeway.
 async fn try_previous(engine: &Engine, slot: &Slot, base: &Record) -> Option<Outcome> {
-    let (prev, rotated_at) = base.chain.previous.clone()?;
+    let (prev, rotated_at) = *base.chain.previous.clone()?;
     let age = (engine.now() - rotated_at)
         .to_std()
         .unwrap_or(Duration::MAX);
@@ -884,7 +884,7 @@ async fn commit_grant(
     let mut events = Vec::new();
     let rotated = match grant.refresh_token {
         Some(new_rt) if new_rt.expose() != old_rt.expose() => {
-            next.chain.previous = previous_ok.then_some((old_rt, now));
+            next.chain.previous = previous_ok.then(|| Box::new((old_rt, now)));
             next.chain.refresh_token = new_rt;
             next.chain.rotated_at = now;
             events.push(Event::new(EventKind::Rotated, "refresh token rotated"));
@@ -913,7 +913,7 @@ async fn commit_grant(
     next.chain.attempt_started_at = None;
     next.chain.version = base.chain.version + 1;
     if let Some(scopes) = grant.scopes {
-        next.conn.scopes = scopes;
+        next.conn.scopes = scopes.into();
     }
     let recovered = next.conn.status == Status::NeedsReauth;
     if recovered {
@@ -971,11 +971,11 @@ async fn reject(
     let newly = base.conn.status != Status::NeedsReauth;
     let mut next = base.clone();
     next.conn.status = Status::NeedsReauth;
-    next.conn.last_error = Some(LastError {
+    next.conn.last_error = Some(Box::new(LastError {
         code,
         message: message.clone(),
         at: now,
-    });
+    }));
     next.conn.consecutive_failures = next.conn.consecutive_failures.saturating_add(1);
     next.conn.updated_at = now;
     next.chain.attempt_started_at = None;
@@ -1032,11 +1032,11 @@ async fn retry_later(
     }
     let mut next = base.clone();
     next.conn.consecutive_failures = failures;
-    next.conn.last_error = Some(LastError {
+    next.conn.last_error = Some(Box::new(LastError {
         code: e.code(),
         message: e.to_string(),
         at: now,
-    });
+    }));
     next.conn.updated_at = now;
     if !ambiguous {
         // This attempt set the marker, and the provider did not process the request.

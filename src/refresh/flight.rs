@@ -91,11 +91,11 @@ impl Engine {
         }
         let (tx, rx) = watch::channel(None);
         let ticket = self.permits.ticket();
-        st.flight = Some(Flight {
+        st.flight = Some(Box::new(Flight {
             rx: rx.clone(),
             ticket,
             forced: need == Need::Forced,
-        });
+        }));
         // A scheduled attempt reserves its place by priority now; the scheduler lets the
         // batch in once every due chain has reserved.
         let reserved = match need {
@@ -120,14 +120,15 @@ impl Engine {
         let spawned = self.tasks.spawn(async move {
             // The chain lock is held from before the attempt until its outcome is settled in
             // memory, so that a merge or a removal waiting for it sees the settled state.
-            let chain = match guard.slot.chain.clone().try_lock_owned() {
+            let slot = guard.slot.clone();
+            let chain = match slot.chain.try_lock() {
                 Ok(g) => g,
                 Err(_) => {
                     // A merge or removal holds it: give up the reserved place (a permit
                     // granted to a task that cannot run yet would starve the others).
                     let mut reserved = reserved;
                     drop(reserved.take());
-                    let g = guard.slot.chain.clone().lock_owned().await;
+                    let g = slot.chain.lock().await;
                     return finish_with(guard, g, need, ticket, None).await;
                 }
             };
@@ -148,7 +149,7 @@ impl Engine {
 
 async fn finish_with(
     guard: FlightGuard,
-    chain: tokio::sync::OwnedMutexGuard<()>,
+    chain: tokio::sync::MutexGuard<'_, ()>,
     need: Need,
     ticket: Ticket,
     reserved: Option<super::permits::Waiting>,

@@ -43,9 +43,9 @@ use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -154,8 +154,8 @@ pub struct ConnectionInfo {
 pub struct Face {
     /// The connection id.
     pub id: String,
-    /// The connection's scopes.
-    pub scopes: Vec<String>,
+    /// The connection's scopes (the connection's shared list).
+    pub scopes: crate::model::Scopes,
     /// The connection's sites.
     pub sites: Vec<crate::model::Site>,
     /// What the API made of the fields above, once, for every answer that shares this face
@@ -305,9 +305,14 @@ pub(crate) struct SlotState {
     /// the same reason as `face`).
     access_shared: OnceLock<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
-    flight: Option<flight::Flight>,
+    /// Boxed: a chain's attempt runs for a moment now and then, and 32 bytes inline would be
+    /// in every slot.
+    flight: Option<Box<flight::Flight>>,
     /// Set when the connection is removed, so that holders of the `Arc` stop.
     removed: bool,
+    /// The slot's number in [`Index::handles`], what the [`SiteIndex`] files it as: given
+    /// at install, freed at removal (only then may another slot get it).
+    handle: Handle,
     /// Sites (and an unknown account) are to be resolved with the next access token the
     /// chain gets, instead of refreshing for them.
     sites_wanted: bool,
@@ -328,39 +333,38 @@ pub(crate) struct SlotState {
     claim: Option<Box<attempt::Claim>>,
 }
 
-/// When a caller last asked for a connection's token, as an atomic (nanoseconds after
-/// `base`, 0 for never): readers of the slot's state update it under a shared lock.
+/// When a caller last asked for a connection's token, as an atomic (nanoseconds after the
+/// engine's [`Engine::requests_base`], 0 for never): readers of the slot's state update it
+/// under a shared lock. The base is the engine's, not the slot's own: 16 bytes less in every
+/// slot.
 pub(crate) struct LastRequested {
-    /// An instant no request of this slot precedes (the slot's creation).
-    base: Instant,
-    /// Nanoseconds from `base` to the last request, plus one; 0 when never asked.
+    /// Nanoseconds from the base to the last request, plus one; 0 when never asked.
     nanos: std::sync::atomic::AtomicU64,
 }
 
 impl LastRequested {
     fn new() -> LastRequested {
         LastRequested {
-            base: Instant::now(),
             nanos: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// The last request, if any.
-    pub(crate) fn get(&self) -> Option<Instant> {
+    /// The last request, if any (`base`: the engine's [`Engine::requests_base`]).
+    pub(crate) fn get(&self, base: Instant) -> Option<Instant> {
         match self.nanos.load(Ordering::Relaxed) {
             0 => None,
-            n => Some(self.base + Duration::from_nanos(n - 1)),
+            n => Some(base + Duration::from_nanos(n - 1)),
         }
     }
 
     /// Records a request at `at`; returns the one before. Never moves back (two callers
     /// racing keep the later instant).
-    fn set(&self, at: Instant) -> Option<Instant> {
-        let since = at.saturating_duration_since(self.base).as_nanos();
+    fn set(&self, base: Instant, at: Instant) -> Option<Instant> {
+        let since = at.saturating_duration_since(base).as_nanos();
         let n = u64::try_from(since).unwrap_or(u64::MAX - 1) + 1;
         match self.nanos.fetch_max(n, Ordering::Relaxed) {
             0 => None,
-            old => Some(self.base + Duration::from_nanos(old - 1)),
+            old => Some(base + Duration::from_nanos(old - 1)),
         }
     }
 }
@@ -421,8 +425,10 @@ impl SlotState {
 /// One connection in memory.
 pub(crate) struct Slot {
     /// The chain lock: held by the engine task that runs an attempt, a merge or a removal,
-    /// for its whole duration, provider call included.
-    chain: Arc<tokio::sync::Mutex<()>>,
+    /// for its whole duration, provider call included. Inline, not in an `Arc` of its own:
+    /// the attempt's task holds the slot's `Arc` and borrows the lock from it (a separate
+    /// allocation was 64 bytes a connection, 32 more than inline).
+    chain: tokio::sync::Mutex<()>,
     /// Everything else about the connection, behind a lock held only for short,
     /// non-awaiting reads and writes: a token served from cache needs only this, never the
     /// chain lock, so a slow provider call does not delay cached answers; and only for
@@ -460,6 +466,36 @@ struct Index {
     /// call, and a page (`?after=LABEL`) starts with a range lookup. The same slot as
     /// `by_id`'s (a reference count, not another copy of the id).
     by_label: BTreeMap<String, Arc<Slot>>,
+    /// Every installed slot by its [`Handle`] (`None`: a free number): where the
+    /// [`SiteIndex`]'s handles lead.
+    handles: Vec<Option<Arc<Slot>>>,
+    /// The free numbers of `handles`, given out again before `handles` grows.
+    free: Vec<Handle>,
+}
+
+impl Index {
+    /// A number for a new slot.
+    fn give_handle(&mut self) -> Handle {
+        if let Some(h) = self.free.pop() {
+            return h;
+        }
+        self.handles.push(None);
+        Handle::try_from(self.handles.len() - 1).expect("fewer than 2^32 connections")
+    }
+
+    /// Frees a slot's number.
+    fn free_handle(&mut self, h: Handle) {
+        if let Some(place) = self.handles.get_mut(h as usize)
+            && place.take().is_some()
+        {
+            self.free.push(h);
+        }
+    }
+
+    /// The slot of a number, if one holds it now.
+    fn by_handle(&self, h: Handle) -> Option<&Arc<Slot>> {
+        self.handles.get(h as usize).and_then(Option::as_ref)
+    }
 }
 
 /// Which active connections reach each site, so that `/v1/token?site=` costs O(matches),
@@ -470,51 +506,115 @@ struct Index {
 /// [`Engine::adopt`] for status, [`Engine::set_sites`] for sites: the only writers of a
 /// slot's status and sites). The simulation checks it against [`SiteIndex::recount`] after
 /// every step. Cloud ids and hosts are kept apart, as the lookup always compared them.
+///
+/// Small: a key is a 32-bit hash of the normalised cloud id or host ([`key_hash`]), not a
+/// copy of it, and a connection is filed as its slot's [`Handle`], not a copy of its id (at
+/// the scale bench's 100,000 connections the copies were about 450 bytes a connection, the
+/// largest item after the records themselves; now an entry is 8 bytes). Two keys with the
+/// same hash share an entry; a lookup checks every candidate against its own sites
+/// ([`site_matches`]), so a collision costs a check, never a wrong answer.
 #[derive(Default, Debug, PartialEq, Eq)]
 pub(crate) struct SiteIndex {
-    /// Lowercased cloud id to the ids of the active connections listing it.
+    /// Hash of the lowercased cloud id to the active connections listing it.
     by_cloud_id: KeyMap,
-    /// Lowercased site host (`acme.atlassian.net`) to the same.
+    /// Hash of the lowercased site host (`acme.atlassian.net`) to the same.
     by_host: KeyMap,
 }
 
-/// One of the [`SiteIndex`]'s maps.
-type KeyMap = HashMap<Box<str>, Ids>;
-
-/// The ids filed under one key: nearly always one connection, kept without a set of its
-/// own (a set per key was most of the index's memory). Canonical, so that two indexes
-/// holding the same ids compare equal: `One` for one id, `Many` for two or more.
-#[derive(Debug, PartialEq, Eq)]
-enum Ids {
-    /// The only connection reaching the site.
-    One(Box<str>),
-    /// Several connections reach it (two or more). Boxed: rare, and a set inline would
-    /// make every entry of both maps 24 bytes larger (48-byte `Ids` instead of 24), the
-    /// index's largest cost at 100,000 connections.
-    #[expect(
-        clippy::box_collection,
-        reason = "the box keeps the common `One` entry small; the set is rare"
-    )]
-    Many(Box<HashSet<Box<str>>>),
+/// One of the [`SiteIndex`]'s maps: a key is in `one` while one connection is filed under
+/// it, in `many` (sorted, no duplicates) while two or more are, never in both (canonical, so
+/// that two indexes holding the same handles compare equal). Apart, so that the common
+/// entry is two `u32`s.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct KeyMap {
+    /// Keys with one connection.
+    one: HashMap<u32, Handle>,
+    /// Keys with two or more (rare: a site several connections reach, or a collision).
+    many: HashMap<u32, Vec<Handle>>,
 }
 
-impl Ids {
-    fn iter(&self) -> impl Iterator<Item = &str> {
-        let (one, many) = match self {
-            Ids::One(id) => (Some(&**id), None),
-            Ids::Many(ids) => (None, Some(ids.iter().map(|id| &**id))),
+impl KeyMap {
+    /// The handles filed under `key`.
+    fn get(&self, key: u32) -> impl Iterator<Item = Handle> + '_ {
+        let one = self.one.get(&key).copied();
+        let many = self.many.get(&key).into_iter().flatten().copied();
+        one.into_iter().chain(many)
+    }
+
+    /// Files `handle` under `key` (once).
+    fn file(&mut self, key: u32, handle: Handle) {
+        if let Some(list) = self.many.get_mut(&key) {
+            if let Err(at) = list.binary_search(&handle) {
+                list.insert(at, handle);
+            }
+            return;
+        }
+        match self.one.get(&key) {
+            None => {
+                self.one.insert(key, handle);
+            }
+            Some(&have) if have == handle => {}
+            Some(&have) => {
+                self.one.remove(&key);
+                let mut both = vec![have, handle];
+                both.sort_unstable();
+                self.many.insert(key, both);
+            }
+        }
+    }
+
+    /// Takes `handle` out from under `key`, dropping the key when nobody is left.
+    fn unfile(&mut self, key: u32, handle: Handle) {
+        if self.one.get(&key) == Some(&handle) {
+            self.one.remove(&key);
+            return;
+        }
+        let Some(list) = self.many.get_mut(&key) else {
+            return;
         };
-        one.into_iter().chain(many.into_iter().flatten())
+        if let Ok(at) = list.binary_search(&handle) {
+            list.remove(at);
+        }
+        if let [only] = list[..] {
+            self.many.remove(&key);
+            self.one.insert(key, only);
+        }
     }
 }
 
+/// A slot's number in [`Index::handles`]: given at install, free again at uninstall (and
+/// then given to a later slot). What the [`SiteIndex`] files a connection as: 4 bytes
+/// instead of a copy of its id.
+pub(crate) type Handle = u32;
+
+/// The keys of the [`SiteIndex`]'s hash: random per process (so that nobody can choose
+/// site names that collide), the same for every index of the process (the kept one and a
+/// recount).
+static KEY_HASHER: LazyLock<std::hash::RandomState> = LazyLock::new(Default::default);
+
+/// The [`SiteIndex`] key of a normalised cloud id or host: 32 bits of a keyed SipHash.
+fn key_hash(key: &str) -> u32 {
+    use std::hash::BuildHasher;
+    let h = KEY_HASHER.hash_one(key);
+    (h ^ (h >> 32)) as u32
+}
+
+/// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
+/// [`SiteIndex`] files them): the check of a lookup's candidates.
+fn site_matches(sites: &[Site], cloud_id: &str, host: &str) -> bool {
+    sites
+        .iter()
+        .any(|s| s.cloud_id.eq_ignore_ascii_case(cloud_id) || s.host().is_some_and(|h| h == host))
+}
+
 /// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL
-/// parses) before the index's lock is taken.
+/// parses, hashes) before the index's lock is taken.
 pub(crate) struct SiteKeys {
-    /// Every site's cloud id, lowercased.
-    cloud_ids: Vec<String>,
-    /// Every site's host, lowercased (sites whose URL has none are not reachable by host).
-    hosts: Vec<String>,
+    /// Every site's cloud id, lowercased, hashed.
+    cloud_ids: Vec<u32>,
+    /// Every site's host, lowercased, hashed (sites whose URL has none are not reachable by
+    /// host).
+    hosts: Vec<u32>,
 }
 
 impl SiteKeys {
@@ -523,44 +623,47 @@ impl SiteKeys {
         SiteKeys {
             cloud_ids: sites
                 .iter()
-                .map(|s| s.cloud_id.to_ascii_lowercase())
+                .map(|s| key_hash(&s.cloud_id.to_ascii_lowercase()))
                 .collect(),
-            hosts: sites.iter().filter_map(Site::host).collect(),
+            hosts: sites
+                .iter()
+                .filter_map(Site::host)
+                .map(|h| key_hash(&h))
+                .collect(),
         }
     }
 }
 
 impl SiteIndex {
-    /// Files connection `id` under `keys` (a key listed twice is filed once).
-    fn file(&mut self, id: &str, keys: &SiteKeys) {
-        for key in &keys.cloud_ids {
-            file_one(&mut self.by_cloud_id, key, id);
+    /// Files connection `handle` under `keys` (a key listed twice is filed once).
+    fn file(&mut self, handle: Handle, keys: &SiteKeys) {
+        for &key in &keys.cloud_ids {
+            self.by_cloud_id.file(key, handle);
         }
-        for key in &keys.hosts {
-            file_one(&mut self.by_host, key, id);
-        }
-    }
-
-    /// Takes connection `id` out from under `keys`, dropping keys nobody reaches any more.
-    fn unfile(&mut self, id: &str, keys: &SiteKeys) {
-        for key in &keys.cloud_ids {
-            unfile_one(&mut self.by_cloud_id, key, id);
-        }
-        for key in &keys.hosts {
-            unfile_one(&mut self.by_host, key, id);
+        for &key in &keys.hosts {
+            self.by_host.file(key, handle);
         }
     }
 
-    /// The ids filed under cloud id `cloud_id` or host `host` (both already normalised),
-    /// sorted, each once.
-    pub(crate) fn lookup(&self, cloud_id: &str, host: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
+    /// Takes connection `handle` out from under `keys`, dropping keys nobody reaches any
+    /// more.
+    fn unfile(&mut self, handle: Handle, keys: &SiteKeys) {
+        for &key in &keys.cloud_ids {
+            self.by_cloud_id.unfile(key, handle);
+        }
+        for &key in &keys.hosts {
+            self.by_host.unfile(key, handle);
+        }
+    }
+
+    /// The handles filed under cloud id `cloud_id` or host `host` (both already
+    /// normalised): candidates, to be checked against their slots' sites (a hash may
+    /// collide), sorted, each once.
+    pub(crate) fn candidates(&self, cloud_id: &str, host: &str) -> Vec<Handle> {
+        let mut out: Vec<Handle> = self
             .by_cloud_id
-            .get(cloud_id)
-            .into_iter()
-            .chain(self.by_host.get(host))
-            .flat_map(Ids::iter)
-            .map(str::to_owned)
+            .get(key_hash(cloud_id))
+            .chain(self.by_host.get(key_hash(host)))
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -574,47 +677,10 @@ impl SiteIndex {
         for slot in slots {
             let st = slot.lock();
             if st.filed() {
-                index.file(&st.rec.conn.id, &SiteKeys::of(&st.rec.conn.sites));
+                index.file(st.handle, &SiteKeys::of(&st.rec.conn.sites));
             }
         }
         index
-    }
-}
-
-fn file_one(map: &mut KeyMap, key: &str, id: &str) {
-    match map.get_mut(key) {
-        None => {
-            map.insert(key.into(), Ids::One(id.into()));
-        }
-        Some(Ids::One(have)) if &**have == id => {}
-        Some(ids @ Ids::One(_)) => {
-            let Ids::One(have) = std::mem::replace(ids, Ids::Many(Box::default())) else {
-                unreachable!("matched One")
-            };
-            *ids = Ids::Many(Box::new(HashSet::from([have, id.into()])));
-        }
-        Some(Ids::Many(set)) => {
-            set.insert(id.into());
-        }
-    }
-}
-
-fn unfile_one(map: &mut KeyMap, key: &str, id: &str) {
-    match map.get_mut(key) {
-        Some(Ids::One(have)) if &**have == id => {
-            map.remove(key);
-        }
-        Some(ids @ Ids::Many(_)) => {
-            let Ids::Many(set) = ids else {
-                unreachable!("matched Many")
-            };
-            set.remove(id);
-            if set.len() == 1 {
-                let only = set.drain().next().expect("one left");
-                *ids = Ids::One(only);
-            }
-        }
-        _ => {}
     }
 }
 
@@ -676,6 +742,9 @@ pub struct Engine {
     /// process and engine, so that two engines never share a holder by accident (the store
     /// grants a holder's own claim again).
     holder: RwLock<String>,
+    /// An instant no token request of this engine precedes (its creation): what every
+    /// slot's [`LastRequested`] counts from.
+    requests_base: Instant,
 }
 
 /// Engines made in this process so far: the default holder names stay unique.
@@ -710,6 +779,7 @@ impl Engine {
             site_sweep: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            requests_base: Instant::now(),
             holder: RwLock::new(format!(
                 "tokend-{}-{}",
                 std::process::id(),
@@ -795,8 +865,10 @@ impl Engine {
         let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
+        let mut index = self.index.write();
+        let handle = index.give_handle();
         let slot = Arc::new(Slot {
-            chain: Arc::new(tokio::sync::Mutex::new(())),
+            chain: tokio::sync::Mutex::new(()),
             state: RwLock::new(SlotState {
                 face: OnceLock::new(),
                 access_shared: OnceLock::new(),
@@ -808,6 +880,7 @@ impl Engine {
                 last_requested: LastRequested::new(),
                 flight: None,
                 removed: false,
+                handle,
                 sites_wanted: false,
                 account_hidden: false,
                 resolve_failures: 0,
@@ -817,7 +890,7 @@ impl Engine {
                 claim: None,
             }),
         });
-        let mut index = self.index.write();
+        index.handles[handle as usize] = Some(slot.clone());
         index.by_label.insert(label, slot.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
@@ -838,9 +911,13 @@ impl Engine {
                 self.unfile_sites(&old);
             }
             old.removed = true;
+            let old_handle = old.handle;
+            drop(old);
+            self.plan.cancel(old_handle);
+            index.free_handle(old_handle);
         }
         if let Some(keys) = keys {
-            self.sites.lock().file(&id, &keys);
+            self.sites.lock().file(handle, &keys);
         }
         slot
     }
@@ -856,7 +933,11 @@ impl Engine {
             st.removed = true;
             self.set_held(&mut st, None);
             let label = st.rec.conn.label.clone();
+            let handle = st.handle;
             drop(st);
+            // The plan goes before the handle is free: no other slot can have it yet.
+            self.plan.cancel(handle);
+            index.free_handle(handle);
             if index
                 .by_label
                 .get(&label)
@@ -865,8 +946,6 @@ impl Engine {
                 index.by_label.remove(&label);
             }
         }
-        drop(index);
-        self.plan.cancel(id);
     }
 
     /// The active count goes down by one. It never wraps: a decrement below zero would be a
@@ -898,10 +977,10 @@ impl Engine {
         let keys = SiteKeys::of(&st.rec.conn.sites);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
-            self.sites.lock().file(&st.rec.conn.id, &keys);
+            self.sites.lock().file(st.handle, &keys);
         } else {
             self.one_fewer_active();
-            self.sites.lock().unfile(&st.rec.conn.id, &keys);
+            self.sites.lock().unfile(st.handle, &keys);
         }
     }
 
@@ -915,14 +994,14 @@ impl Engine {
         let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
         st.rec.conn.sites = sites;
         let mut index = self.sites.lock();
-        index.unfile(&st.rec.conn.id, &old);
-        index.file(&st.rec.conn.id, &new);
+        index.unfile(st.handle, &old);
+        index.file(st.handle, &new);
     }
 
     /// Takes a slot that is leaving the [`SiteIndex`] out of it.
     fn unfile_sites(&self, st: &SlotState) {
         let keys = SiteKeys::of(&st.rec.conn.sites);
-        self.sites.lock().unfile(&st.rec.conn.id, &keys);
+        self.sites.lock().unfile(st.handle, &keys);
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
@@ -1077,8 +1156,10 @@ impl Engine {
     /// Records a caller's request for a token; a connection that becomes hot by it is
     /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
     fn requested(&self, st: &SlotState) {
-        let before = st.last_requested.set(Instant::now());
-        if !plan::is_hot(&st.rec, before) && plan::is_hot(&st.rec, st.last_requested.get()) {
+        let before = st.last_requested.set(self.requests_base, Instant::now());
+        if !plan::is_hot(&st.rec, before)
+            && plan::is_hot(&st.rec, st.last_requested.get(self.requests_base))
+        {
             self.replan_locked(st);
         }
     }
@@ -1149,20 +1230,20 @@ impl Engine {
     }
 
     fn replan_locked(&self, st: &SlotState) {
-        let id = &st.rec.conn.id;
         if st.removed {
-            self.plan.cancel(id);
+            // Its plan was cancelled when it was removed (under the index lock, before its
+            // handle was freed); the handle may be another slot's by now.
             return;
         }
         let input = plan::PlanInput {
             rec: &st.rec,
             not_before: st.not_before,
             held: st.held.is_some(),
-            last_requested: st.last_requested.get(),
+            last_requested: st.last_requested.get(self.requests_base),
         };
         match plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY) {
-            Some(planned) => self.plan.schedule(id, planned.at, planned.urgency),
-            None => self.plan.cancel(id),
+            Some(planned) => self.plan.schedule(st.handle, planned.at, planned.urgency),
+            None => self.plan.cancel(st.handle),
         }
     }
 
@@ -1185,12 +1266,21 @@ impl Engine {
                 _ = self.plan.changed() => continue,
                 _ = sleep => {}
             }
-            for plan::Due { id, urgency } in self.plan.take_due(Instant::now()) {
-                let Some(slot) = self.find(&id) else { continue };
+            // The handles are read under the index lock, which a removal holds while it
+            // cancels a plan and frees its handle: each due handle is the slot that planned it.
+            let due: Vec<(Arc<Slot>, plan::Urgency)> = {
+                let index = self.index.read();
+                self.plan
+                    .take_due(Instant::now())
+                    .into_iter()
+                    .filter_map(|d| Some((index.by_handle(d.handle)?.clone(), d.urgency)))
+                    .collect()
+            };
+            for (slot, urgency) in due {
                 let mut st = slot.lock();
                 // One running already re-plans the chain when it ends.
                 if st.removed || st.flight.is_some() {
-                    tracing::trace!(connection = %id, "due, but an attempt is running");
+                    tracing::trace!(connection = %st.rec.conn.id, "due, but an attempt is running");
                     continue;
                 }
                 let _ = self.join_or_start(&slot, &mut st, Need::Scheduled(urgency));
@@ -1376,13 +1466,18 @@ mod tests {
             Arc::ptr_eq(&first.access_token, &again.access_token),
             "answers share the token"
         );
-        assert!(slot.read().last_requested.get().is_some());
+        assert!(
+            slot.read()
+                .last_requested
+                .get(engine.requests_base)
+                .is_some()
+        );
 
         let site = Site {
             cloud_id: "1111".into(),
             url: "https://acme.atlassian.net".into(),
             name: "Acme".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: now,
         };
         slot.lock().rec.conn.sites = vec![site.clone()];
@@ -1391,7 +1486,7 @@ mod tests {
         assert_eq!(third.face.sites, [site]);
         assert!(third.face.rendered.get().is_none());
 
-        let before = slot.read().last_requested.get();
+        let before = slot.read().last_requested.get(engine.requests_base);
         let refused = engine
             .token_for(id, min_valid, |i, l| {
                 assert_eq!((i, l), (id, "l0"));
@@ -1405,7 +1500,7 @@ mod tests {
                 label: "l0".into()
             })
         );
-        assert_eq!(slot.read().last_requested.get(), before);
+        assert_eq!(slot.read().last_requested.get(engine.requests_base), before);
         let allowed = engine.token_for("l0", min_valid, |_, _| true).await;
         assert_eq!(allowed.unwrap().face.id, id);
 
@@ -1575,7 +1670,7 @@ mod tests {
             cloud_id: cloud_id.into(),
             url: url.into(),
             name: "site".into(),
-            scopes: vec!["read:page:confluence".into()],
+            scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: chrono::Utc::now(),
         }
     }
@@ -1666,6 +1761,41 @@ mod tests {
         );
     }
 
+    /// A key is a hash: a connection filed under a key its sites do not have (what a hash
+    /// collision looks like) is a candidate that the lookup's check turns away, never an
+    /// answer; a handle freed by a removal and given to a new slot leads to that slot.
+    #[tokio::test]
+    async fn a_site_lookup_checks_its_candidates_against_their_sites() {
+        let (engine, _dir) = engine_with(2, 1).await;
+        let slot = engine.find("c000000000000").unwrap();
+        let handle = slot.read().handle;
+        let collided = SiteKeys {
+            cloud_ids: vec![key_hash("cloud-x")],
+            hosts: vec![key_hash("x.atlassian.net")],
+        };
+        engine.sites.lock().file(handle, &collided);
+        assert_eq!(
+            engine.sites.lock().candidates("cloud-x", "x.atlassian.net"),
+            [handle]
+        );
+        assert!(engine.connections_for_site("cloud-x").is_empty());
+        assert!(engine.connections_for_site("x.atlassian.net").is_empty());
+        engine.sites.lock().unfile(handle, &collided);
+        engine.site_index_matches_recount().unwrap();
+
+        engine.uninstall("c000000000000");
+        let now = chrono::Utc::now();
+        let mut rec = crate::model::sample_record("c-next", "next", "rt-next", now);
+        rec.conn.sites = vec![site("cloud-n", "https://next.atlassian.net")];
+        let next = engine.install(rec, None);
+        assert_eq!(next.read().handle, handle, "a freed handle is given again");
+        engine.site_index_matches_recount().unwrap();
+        assert_eq!(
+            engine.connections_for_site("next.atlassian.net"),
+            ["c-next"]
+        );
+    }
+
     /// A stream of `?site=` misses costs one look over the connections per
     /// `SITE_SWEEP_GAP`, not one per miss: the access check each look asks of every
     /// connection is asked once for the first miss, not at all for the next ones within the
@@ -1746,7 +1876,8 @@ mod tests {
             let _ = rx.await;
         }));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let at = engine.plan.next_of("c000000000000").expect("planned").at;
+        let handle = engine.find("c000000000000").unwrap().read().handle;
+        let at = engine.plan.next_of(handle).expect("planned").at;
         assert!(
             at > Instant::now() + Duration::from_secs(10),
             "an attempt that cannot start is planned again at once: the scheduler spins"

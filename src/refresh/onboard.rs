@@ -101,7 +101,7 @@ impl Engine {
             let c = &st.rec.chain;
             let same = c.refresh_token.expose() == refresh_token.expose()
                 || c.previous
-                    .as_ref()
+                    .as_deref()
                     .is_some_and(|(p, _)| p.expose() == refresh_token.expose());
             same.then(|| st.rec.conn.label.clone())
         });
@@ -253,7 +253,7 @@ impl Engine {
             rec.conn.last_refresh_at = Some(now);
         }
         if let Some(scopes) = grant.scopes {
-            rec.conn.scopes = scopes;
+            rec.conn.scopes = scopes.into();
         }
         let events = || vec![Event::new(EventKind::Imported, "connected through consent")];
         let mut inserted = self.store.insert(rec.clone(), events()).await;
@@ -328,11 +328,11 @@ impl Engine {
             conn: Connection {
                 id,
                 label,
-                provider: PROVIDER_ATLASSIAN.to_owned(),
-                client_id: self.provider.client_id().to_owned(),
+                provider: PROVIDER_ATLASSIAN.into(),
+                client_id: self.provider.client_id().into(),
                 account_id: None,
                 status: Status::Active,
-                scopes: self.provider.scopes(),
+                scopes: self.provider.scopes().into(),
                 sites: Vec::new(),
                 consented_at: now,
                 last_refresh_at: None,

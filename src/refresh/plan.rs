@@ -7,9 +7,8 @@
 use crate::config::RefreshConfig;
 use crate::model::{Record, Status, Time};
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -66,8 +65,8 @@ pub struct Planned {
 /// A connection whose planned instant has come ([`Planner::take_due`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Due {
-    /// The connection id.
-    pub id: String,
+    /// The connection's slot handle (`refresh::Handle`).
+    pub handle: u32,
     /// The urgency it was planned with.
     pub urgency: Urgency,
 }
@@ -161,15 +160,41 @@ fn jitter_factor(id: &str, used_at: Time) -> f64 {
 }
 
 /// The planner's state: both views of the same entries, changed together under one lock.
+/// A connection is named by its slot handle (`refresh::Handle`, a small number given at
+/// install), not its id: 24 bytes an entry in `order` and in `current`, no allocation (an id
+/// in each, shared, was about 220 bytes a connection with the maps' room at the scale
+/// bench's 100,000). The engine cancels a connection's plan before its handle is freed, so a
+/// handle here always names the slot that planned it.
 #[derive(Default)]
 struct Queue {
-    /// Ordered by instant, then urgency: exactly one entry per planned connection. Its id
-    /// is the one `current` holds (one allocation per planned connection, shared).
-    order: BTreeSet<(Instant, Urgency, Arc<str>)>,
-    /// Each planned connection's entry in `order`: a re-plan finds and replaces the old
-    /// entry (one per chain, however often it is re-planned), and `next_of` answers the API's
-    /// `next_rotation_at` without walking the queue.
-    current: HashMap<Arc<str>, (Instant, Urgency)>,
+    /// Ordered by instant, then urgency: exactly one entry per planned connection.
+    order: BTreeSet<(Instant, Urgency, u32)>,
+    /// Each planned connection's entry in `order`, by handle (`None`: not planned): a
+    /// re-plan finds and replaces the old entry (one per chain, however often it is
+    /// re-planned), and `next_of` answers the API's `next_rotation_at` without walking the
+    /// queue. Indexed, not hashed: handles are dense.
+    current: Vec<Option<(Instant, Urgency)>>,
+}
+
+impl Queue {
+    /// The entry of `handle`, if planned.
+    fn get(&self, handle: u32) -> Option<(Instant, Urgency)> {
+        self.current.get(handle as usize).copied().flatten()
+    }
+
+    /// Takes the entry of `handle` out, if planned.
+    fn take(&mut self, handle: u32) -> Option<(Instant, Urgency)> {
+        self.current.get_mut(handle as usize).and_then(Option::take)
+    }
+
+    /// Sets the entry of `handle`; returns the one it replaces.
+    fn put(&mut self, handle: u32, entry: (Instant, Urgency)) -> Option<(Instant, Urgency)> {
+        let at = handle as usize;
+        if self.current.len() <= at {
+            self.current.resize(at + 1, None);
+        }
+        self.current[at].replace(entry)
+    }
 }
 
 /// The timer queue: one planned action per connection.
@@ -196,29 +221,25 @@ impl Planner {
         self.queue.lock()
     }
 
-    /// Plans (or re-plans) a connection, replacing its earlier entry.
-    pub fn schedule(&self, id: &str, at: Instant, urgency: Urgency) {
+    /// Plans (or re-plans) connection `handle`, replacing its earlier entry.
+    pub fn schedule(&self, handle: u32, at: Instant, urgency: Urgency) {
         let mut q = self.lock();
-        let key = match q.current.get_key_value(id) {
-            Some((key, _)) => key.clone(),
-            None => Arc::from(id),
-        };
-        if let Some((old_at, old_u)) = q.current.insert(key.clone(), (at, urgency)) {
+        if let Some((old_at, old_u)) = q.put(handle, (at, urgency)) {
             if (old_at, old_u) == (at, urgency) {
                 return;
             }
-            q.order.remove(&(old_at, old_u, key.clone()));
+            q.order.remove(&(old_at, old_u, handle));
         }
-        q.order.insert((at, urgency, key));
+        q.order.insert((at, urgency, handle));
         drop(q);
         self.notify.notify_one();
     }
 
     /// Forgets a connection's plan.
-    pub fn cancel(&self, id: &str) {
+    pub fn cancel(&self, handle: u32) {
         let mut q = self.lock();
-        if let Some((key, (at, u))) = q.current.remove_entry(id) {
-            q.order.remove(&(at, u, key));
+        if let Some((at, u)) = q.take(handle) {
+            q.order.remove(&(at, u, handle));
         }
     }
 
@@ -235,30 +256,27 @@ impl Planner {
             if *at > now {
                 break;
             }
-            let (_, u, id) = q.order.pop_first().expect("peeked");
-            q.current.remove(&*id);
-            out.push(Due {
-                id: id.to_string(),
-                urgency: u,
-            });
+            let (_, u, handle) = q.order.pop_first().expect("peeked");
+            q.take(handle);
+            out.push(Due { handle, urgency: u });
         }
         out
     }
 
     /// The planned instant of a connection, if it has one.
-    pub fn next_of(&self, id: &str) -> Option<Planned> {
+    pub fn next_of(&self, handle: u32) -> Option<Planned> {
         self.lock()
-            .current
-            .get(id)
-            .map(|&(at, urgency)| Planned { at, urgency })
+            .get(handle)
+            .map(|(at, urgency)| Planned { at, urgency })
     }
 
     /// How many connections are planned (one entry each).
     #[cfg(test)]
     pub fn len(&self) -> usize {
         let q = self.lock();
-        debug_assert_eq!(q.order.len(), q.current.len());
-        q.current.len()
+        let planned = q.current.iter().flatten().count();
+        debug_assert_eq!(q.order.len(), planned);
+        planned
     }
 
     /// Whether nothing is planned.
@@ -288,9 +306,10 @@ mod tests {
     async fn one_entry_per_connection_and_replanning_replaces_it() {
         let p = Planner::new();
         let t0 = Instant::now();
-        p.schedule("a", t0 + Duration::from_secs(10), Urgency::Rotate);
-        p.schedule("b", t0 + Duration::from_secs(5), Urgency::Rotate);
-        p.schedule("a", t0 + Duration::from_secs(1), Urgency::Recover);
+        let (a, b, c) = (0, 1, 7);
+        p.schedule(a, t0 + Duration::from_secs(10), Urgency::Rotate);
+        p.schedule(b, t0 + Duration::from_secs(5), Urgency::Rotate);
+        p.schedule(a, t0 + Duration::from_secs(1), Urgency::Recover);
         assert_eq!(p.len(), 2, "a replan replaces, it does not add");
         assert_eq!(p.next_due(), Some(t0 + Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(6)).await;
@@ -298,18 +317,19 @@ mod tests {
             p.take_due(Instant::now()),
             vec![
                 Due {
-                    id: "a".to_string(),
+                    handle: a,
                     urgency: Urgency::Recover
                 },
                 Due {
-                    id: "b".to_string(),
+                    handle: b,
                     urgency: Urgency::Rotate
                 }
             ]
         );
         assert_eq!(p.next_due(), None, "the old 10 s entry of a is gone");
-        p.schedule("c", Instant::now(), Urgency::Renew);
-        p.cancel("c");
+        p.schedule(c, Instant::now(), Urgency::Renew);
+        assert_eq!(p.len(), 1);
+        p.cancel(c);
         assert!(p.is_empty());
         assert!(
             p.take_due(Instant::now() + Duration::from_secs(100))

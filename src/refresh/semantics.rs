@@ -176,7 +176,7 @@ fn site(cloud_id: &str, url: &str, at: Time) -> Site {
         cloud_id: cloud_id.into(),
         url: url.into(),
         name: cloud_id.into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: at,
     }
 }
@@ -191,7 +191,7 @@ async fn insert_save_reload_round_trip(s: &impl Harness) {
         .await
         .unwrap();
     let mut next = rec.clone();
-    next.chain.previous = Some((Secret::new("rt-1"), next.chain.rotated_at));
+    next.chain.previous = Some(Box::new((Secret::new("rt-1"), next.chain.rotated_at)));
     next.chain.refresh_token = Secret::new("rt-2");
     next.chain.attempt_started_at = Some(next.conn.created_at);
     next.chain.access = Some(AccessToken {
@@ -199,11 +199,11 @@ async fn insert_save_reload_round_trip(s: &impl Harness) {
         expires_at: next.conn.created_at + chrono::Duration::hours(1),
     });
     next.chain.version = 1;
-    next.conn.last_error = Some(LastError {
+    next.conn.last_error = Some(Box::new(LastError {
         code: "x".into(),
         message: "y".into(),
         at: next.conn.created_at,
-    });
+    }));
     next.conn.consecutive_failures = 3;
     s.save_chain(next.clone(), 0, vec![Event::new(EventKind::Rotated, "ok")])
         .await
@@ -359,7 +359,9 @@ async fn sync_sites_tells_each_change_once(s: &impl Harness) {
             .is_empty()
     );
     let mut wider = jira.clone();
-    wider.scopes.push("write:jira-work".into());
+    wider.scopes = [&wider.scopes[..], &["write:jira-work".to_owned()]]
+        .concat()
+        .into();
     let acme = site("cloud-1", "https://acme.atlassian.net", now);
     let events = s
         .sync_sites("c1".into(), vec![wider.clone(), acme.clone()], now)
@@ -458,7 +460,10 @@ async fn events_come_newest_first_with_who_and_where(s: &impl Harness) {
 
 async fn tokens_are_sealed_and_a_moved_value_does_not_open(s: &impl Harness) {
     let mut rec = record("c1", "conf", "rt-very-secret-1");
-    rec.chain.previous = Some((Secret::new("rt-very-secret-0"), rec.chain.rotated_at));
+    rec.chain.previous = Some(Box::new((
+        Secret::new("rt-very-secret-0"),
+        rec.chain.rotated_at,
+    )));
     s.insert(rec, vec![]).await.unwrap();
     let raw = s.raw_refresh_token("c1").await;
     assert!(raw.starts_with("s1:"), "sealed");
@@ -487,7 +492,7 @@ async fn control_characters_from_the_provider_never_stop_a_write(s: &impl Harnes
     )
     .unwrap();
     let mut rec = record("c1", "conf", "a");
-    rec.conn.scopes = grant.scopes.unwrap();
+    rec.conn.scopes = grant.scopes.unwrap().into();
     rec.chain.refresh_token = grant.refresh_token.expect("the rotated token is kept");
     s.insert(rec, vec![]).await.unwrap();
     let now = from_ms(Utc::now().timestamp_millis());

@@ -482,7 +482,7 @@ impl TokenEndpoint for SimProvider {
                 cloud_id: cloud_id.into(),
                 url: format!("https://{name}.atlassian.net"),
                 name: name.into(),
-                scopes: vec!["read:page:confluence".into()],
+                scopes: vec!["read:page:confluence".into()].into(),
                 last_seen_at: now,
             };
             let mut sites = Vec::new();
@@ -921,7 +921,7 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                 Some(format!(
                     "flight {}, plan {:?}, not_before {:?}, stale {}, held {}, marker {:?}, permits in use {}",
                     st.flight.is_some(),
-                    e.plan.next_of(id).map(|p| (p.at.saturating_duration_since(tokio::time::Instant::now()), p.urgency)),
+                    e.plan.next_of(st.handle).map(|p| (p.at.saturating_duration_since(tokio::time::Instant::now()), p.urgency)),
                     st.not_before.map(|nb| nb.saturating_duration_since(tokio::time::Instant::now())),
                     st.stale,
                     st.held.is_some(),
@@ -986,7 +986,7 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
             }
             if (st.rec.conn.status == Status::Active || unknown)
                 && st.flight.is_none()
-                && e.plan.next_of(id).is_none()
+                && e.plan.next_of(st.handle).is_none()
             {
                 return Err(format!(
                     "{step}: {id}: a chain to keep has no plan and no attempt"

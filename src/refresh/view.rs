@@ -2,11 +2,14 @@
 //! the metrics (read at each scrape through [`ConnectionSource`]), and the daily
 //! absolute-expiry warnings. Nothing here changes a chain.
 
-use super::{ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, Identity, SlotState, chrono_dur};
+use super::{
+    ABSOLUTE_WARNING_WINDOW, ConnectionInfo, Engine, Identity, Slot, SlotState, chrono_dur,
+};
 use crate::ledger::ClaimHolder;
 use crate::metrics::{ConnectionDeadline, ConnectionSource};
 use crate::model::{Status, Time};
 use crate::notify::Kind;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -68,7 +71,7 @@ impl Engine {
     pub(crate) fn info_of(&self, st: &SlotState) -> ConnectionInfo {
         let settings = self.settings();
         let rec = &st.rec;
-        let next_rotation_at = self.plan.next_of(&rec.conn.id).map(|planned| {
+        let next_rotation_at = self.plan.next_of(st.handle).map(|planned| {
             let at = planned.at;
             let now = Instant::now();
             let delta = if at > now { at - now } else { Duration::ZERO };
@@ -164,7 +167,30 @@ impl Engine {
     /// [`super::SiteIndex`].
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
         let (cloud_id, host) = site_query(site);
-        self.sites.lock().lookup(&cloud_id, &host)
+        let candidates = self.sites.lock().candidates(&cloud_id, &host);
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        // Each candidate checked against its own sites: a key is a hash, and a handle may
+        // have been freed and given to another slot since the index was read.
+        let slots: Vec<Arc<Slot>> = {
+            let index = self.index.read();
+            candidates
+                .iter()
+                .filter_map(|&h| index.by_handle(h).cloned())
+                .collect()
+        };
+        let mut out: Vec<String> = slots
+            .iter()
+            .filter_map(|slot| {
+                let st = slot.read();
+                (st.filed() && super::site_matches(&st.rec.conn.sites, &cloud_id, &host))
+                    .then(|| st.rec.conn.id.clone())
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The site index built again over every connection: what the kept one must equal

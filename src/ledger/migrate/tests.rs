@@ -21,7 +21,7 @@ fn site(cloud_id: &str, name: &str, at: Time) -> Site {
         cloud_id: cloud_id.into(),
         url: format!("https://{name}.atlassian.net"),
         name: name.into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: at,
     }
 }
@@ -76,7 +76,7 @@ fn view(rec: &Record) -> String {
         ch.used_at,
         ch.version,
         ch.previous
-            .as_ref()
+            .as_deref()
             .map(|(t, at)| (t.expose().to_owned(), *at)),
         ch.attempt_started_at,
         ch.access
@@ -110,7 +110,7 @@ async fn build_sqlite(state: &Path, keys: &KeySource) {
     ledger.insert(c2, vec![]).await.unwrap();
     // A rotation, then an attempt whose outcome is unknown: its marker is held.
     let mut next = c1.clone();
-    next.chain.previous = Some((Secret::new("rt-c1-0"), t));
+    next.chain.previous = Some(Box::new((Secret::new("rt-c1-0"), t)));
     next.chain.refresh_token = Secret::new("rt-c1-1");
     next.chain.version = 1;
     ledger

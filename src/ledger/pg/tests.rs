@@ -421,7 +421,7 @@ async fn a_value_the_server_refuses_is_not_unavailable() {
         cloud_id: "cloud-1".into(),
         url: "https://a.atlassian.net".into(),
         name: "bad\0name".into(),
-        scopes: vec![],
+        scopes: Default::default(),
         last_seen_at: rec.conn.updated_at,
     }];
     let err = ledger.insert(rec, vec![]).await.unwrap_err();
@@ -1012,7 +1012,7 @@ async fn a_change_of_sites_is_announced_and_an_unchanged_list_is_not() {
         cloud_id: "cloud-9".into(),
         url: "https://acme.atlassian.net".into(),
         name: "acme".into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: now,
     };
     let events = a

@@ -43,7 +43,7 @@ fn rotate_elsewhere(world: &Shared, id: &str) -> Record {
     w.owner.insert(new_rt.clone(), family.clone());
     w.access.insert(access.clone(), (family, generation));
     let rec = w.store.get_mut(id).expect("stored");
-    rec.chain.previous = Some((Secret::new(old_rt), now));
+    rec.chain.previous = Some(Box::new((Secret::new(old_rt), now)));
     rec.chain.refresh_token = Secret::new(new_rt);
     rec.chain.rotated_at = now;
     rec.chain.used_at = now;
@@ -224,7 +224,7 @@ fn site(cloud_id: &str, name: &str, seen: Time) -> Site {
         cloud_id: cloud_id.into(),
         url: format!("https://{name}.atlassian.net"),
         name: name.into(),
-        scopes: vec!["read:page:confluence".into()],
+        scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: seen,
     }
 }
@@ -360,14 +360,16 @@ fn connections_added_and_removed_elsewhere_are_installed_and_uninstalled() {
         assert!(engine.find(&added).is_none());
         assert_eq!(engine.reload_all().await.expect("store up"), 1);
         assert!(engine.find(&added).is_some(), "not installed");
+        let added_handle = engine.find(&added).expect("installed").read().handle;
         assert!(
-            engine.plan.next_of(&added).is_some(),
+            engine.plan.next_of(added_handle).is_some(),
             "installed but not planned"
         );
         let another = lock(&s.world).add_chain(2, now);
         engine.reload(&another).await.expect("store up");
+        let another_handle = engine.find(&another).expect("installed").read().handle;
         assert!(
-            engine.plan.next_of(&another).is_some(),
+            engine.plan.next_of(another_handle).is_some(),
             "installed but not planned"
         );
         assert_eq!(engine.status_counts(), engine.recount_statuses());
@@ -382,7 +384,7 @@ fn connections_added_and_removed_elsewhere_are_installed_and_uninstalled() {
         }
         engine.reload(&added).await.expect("store up");
         assert!(engine.find(&added).is_none(), "not uninstalled");
-        assert!(engine.plan.next_of(&added).is_none(), "still planned");
+        assert!(engine.plan.next_of(added_handle).is_none(), "still planned");
         assert_eq!(engine.reload_all().await.expect("store up"), 1);
         assert!(engine.find(&another).is_none(), "not uninstalled");
         assert_eq!(engine.status_counts(), engine.recount_statuses());
