@@ -17,6 +17,7 @@
 mod any;
 mod group;
 pub(crate) mod migrate;
+mod parallel;
 pub(crate) mod pg;
 pub mod seal;
 
@@ -374,21 +375,43 @@ impl Ledger {
         group::write(&self.inner, f).await
     }
 
-    /// Every connection with its chain and sites (removed sites excluded). Two scans, not
-    /// one site query per connection: at 100,000 connections, start-up's largest cost was
-    /// preparing and running that query 100,000 times.
+    /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
+    /// Two scans, not one site query per connection: at 100,000 connections, start-up's
+    /// largest cost was preparing and running that query 100,000 times. The rows are read
+    /// first, tokens sealed; they are opened on other threads (most of the cost: three
+    /// tokens a row) while this one reads the sites.
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.read(|db, keys| {
-            let mut sites = all_sites(db)?;
-            let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
-            let mut rows = stmt.query([])?;
-            let mut records = Vec::new();
-            while let Some(row) = rows.next()? {
-                let mut rec = row_to_record(row, keys)??;
+            // One read transaction: no site of a connection written between the scans.
+            let tx = db.unchecked_transaction()?;
+            let sealed = {
+                let mut stmt =
+                    tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
+                let mut rows = stmt.query([])?;
+                let mut sealed = Vec::new();
+                while let Some(row) = rows.next()? {
+                    sealed.push(decode_sealed(row)?);
+                }
+                sealed
+            };
+            let (records, sites) = std::thread::scope(|s| {
+                let opening = s.spawn(|| {
+                    parallel::map(sealed, |row| {
+                        row.and_then(|row| row.open(keys))
+                            .map_err(LedgerError::Corrupt)
+                    })
+                });
+                let sites = all_sites(&tx);
+                let records = opening
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (records, sites)
+            });
+            let (mut records, mut sites) = (records?, sites?);
+            for rec in &mut records {
                 if let Some(found) = sites.remove(rec.conn.id.as_str()) {
                     rec.conn.sites = found;
                 }
-                records.push(rec);
             }
             Ok(records)
         })
@@ -1151,40 +1174,80 @@ impl Columns for tokio_postgres::Row {
 /// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
 /// understood.
 fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
-    let id: String = r.text(0)?;
-    let open = |column: &str, value: String| opened(keys, &id, column, &value);
+    Ok(decode_sealed(r)?.and_then(|sealed| sealed.open(keys)))
+}
+
+/// A row of [`CONNECTION_COLUMNS`] decoded but for its tokens, still sealed. Opening them is
+/// most of a load's cost and needs only the keys: a load reads its rows on one thread and
+/// opens them on several ([`parallel::map`]).
+struct SealedRecord {
+    /// The connection, complete but for its sites.
+    conn: Connection,
+    /// The chain's fields, as in [`Chain`], with the tokens as stored.
+    refresh_token: String,
+    rotated_at: Time,
+    used_at: Time,
+    version: u64,
+    previous: Option<(String, Time)>,
+    attempt_started_at: Option<Time>,
+    access: Option<(String, Time)>,
+}
+
+impl SealedRecord {
+    /// The record, its tokens opened: the previous refresh token, the access token, then
+    /// the refresh token; the error (for `Corrupt`) names the first that does not open.
+    fn open(self, keys: &Keyring) -> Result<Record, String> {
+        let id = self.conn.id.as_str();
+        let open = |column: &str, value: &str| opened(keys, id, column, value);
+        let previous = match &self.previous {
+            Some((t, at)) => Some((open("previous_refresh_token", t)?, *at)),
+            None => None,
+        };
+        let access = match &self.access {
+            Some((t, at)) => Some(AccessToken {
+                token: open("access_token", t)?,
+                expires_at: *at,
+            }),
+            None => None,
+        };
+        let refresh_token = open("refresh_token", &self.refresh_token)?;
+        Ok(Record {
+            conn: self.conn,
+            chain: Chain {
+                refresh_token,
+                rotated_at: self.rotated_at,
+                used_at: self.used_at,
+                version: self.version,
+                previous,
+                attempt_started_at: self.attempt_started_at,
+                access,
+            },
+        })
+    }
+}
+
+/// The [`SealedRecord`] in a row of [`CONNECTION_COLUMNS`]: the outer error is the driver's,
+/// the inner one (for `Corrupt`) a row that cannot be understood.
+fn decode_sealed<R: Columns>(r: &R) -> Result<Result<SealedRecord, String>, R::Error> {
     let status: String = r.text(5)?;
     let Some(status) = Status::parse(&status) else {
         return Ok(Err(format!("unknown status {status:?}")));
     };
     let opt_time = |i: usize| -> Result<Option<Time>, R::Error> { Ok(r.opt_int(i)?.map(from_ms)) };
     let previous = match (r.opt_text(9)?, opt_time(10)?) {
-        (Some(t), Some(at)) => match open("previous_refresh_token", t) {
-            Ok(t) => Some((t, at)),
-            Err(e) => return Ok(Err(e)),
-        },
+        (Some(t), Some(at)) => Some((t, at)),
         _ => None,
     };
     let access = match (r.opt_text(12)?, opt_time(13)?) {
-        (Some(t), Some(at)) => match open("access_token", t) {
-            Ok(token) => Some(AccessToken {
-                token,
-                expires_at: at,
-            }),
-            Err(e) => return Ok(Err(e)),
-        },
+        (Some(t), Some(at)) => Some((t, at)),
         _ => None,
-    };
-    let refresh_token = match open("refresh_token", r.text(7)?) {
-        Ok(t) => t,
-        Err(e) => return Ok(Err(e)),
     };
     let last_error = match (r.opt_text(16)?, r.opt_text(17)?, opt_time(18)?) {
         (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
         _ => None,
     };
     let rotated_at = from_ms(r.int(8)?);
-    Ok(Ok(Record {
+    Ok(Ok(SealedRecord {
         conn: Connection {
             label: r.text(1)?,
             provider: r.text(2)?,
@@ -1199,17 +1262,15 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
             consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
             created_at: from_ms(r.int(20)?),
             updated_at: from_ms(r.int(21)?),
-            id,
+            id: r.text(0)?,
         },
-        chain: Chain {
-            refresh_token,
-            rotated_at,
-            used_at: opt_time(23)?.unwrap_or(rotated_at),
-            version: r.int(22)?.max(0) as u64,
-            previous,
-            attempt_started_at: opt_time(11)?,
-            access,
-        },
+        refresh_token: r.text(7)?,
+        rotated_at,
+        used_at: opt_time(23)?.unwrap_or(rotated_at),
+        version: r.int(22)?.max(0) as u64,
+        previous,
+        attempt_started_at: opt_time(11)?,
+        access,
     }))
 }
 

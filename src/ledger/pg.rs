@@ -616,10 +616,10 @@ impl PgLedger {
                         &[],
                     )
                     .await?;
-                let mut records = rows
-                    .iter()
-                    .map(|r| row_to_record(r, keys))
-                    .collect::<Result<Vec<_>, _>>()?;
+                // Opening the tokens is most of the cost: on several threads.
+                let mut records = super::parallel::map(rows.iter().collect(), |r| {
+                    row_to_record(r, keys)
+                })?;
                 let sites = tx
                     .query(
                         &format!("SELECT connection_id, {SITE_COLUMNS} FROM sites WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id"),

@@ -526,6 +526,12 @@ impl SiteKeys {
 }
 
 impl SiteIndex {
+    /// Room for `n` more connections of one site each (a load's).
+    fn reserve(&mut self, n: usize) {
+        self.by_cloud_id.reserve(n);
+        self.by_host.reserve(n);
+    }
+
     /// Files connection `id` under `keys` (a key listed twice is filed once).
     fn file(&mut self, id: &str, keys: &SiteKeys) {
         for key in &keys.cloud_ids {
@@ -714,6 +720,14 @@ impl Engine {
         engine
             .metrics
             .watch_connections(Arc::downgrade(&engine) as std::sync::Weak<dyn ConnectionSource>);
+        // Room for every connection at once: growing the maps rehashed every key about
+        // twice over, a tenth of a large ledger's start-up.
+        {
+            let mut index = engine.index.write();
+            index.by_id.reserve(records.len());
+            engine.sites.lock().reserve(records.len());
+            engine.plan.reserve(records.len());
+        }
         for rec in records {
             if rec.chain.attempt_started_at.is_some() {
                 tracing::warn!(
@@ -724,10 +738,10 @@ impl Engine {
             let wanted = rec.conn.status == Status::Active
                 && (rec.conn.sites.is_empty() || rec.conn.account_id.is_none());
             let slot = engine.install(rec, None);
-            slot.lock().sites_wanted = wanted;
-        }
-        for slot in engine.slots() {
-            engine.replan(&slot);
+            let mut st = slot.lock();
+            st.sites_wanted = wanted;
+            // Planned as installed: a plan depends on its own chain alone.
+            engine.replan_locked(&st);
         }
         Ok(engine)
     }

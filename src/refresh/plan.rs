@@ -196,6 +196,11 @@ impl Planner {
         self.queue.lock()
     }
 
+    /// Room for `n` more planned connections (a load's).
+    pub fn reserve(&self, n: usize) {
+        self.lock().current.reserve(n);
+    }
+
     /// Plans (or re-plans) a connection, replacing its earlier entry.
     pub fn schedule(&self, id: &str, at: Instant, urgency: Urgency) {
         let mut q = self.lock();
