@@ -375,45 +375,35 @@ impl Ledger {
         group::write(&self.inner, f).await
     }
 
-    /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
-    /// Two scans, not one site query per connection: at 100,000 connections, start-up's
-    /// largest cost was preparing and running that query 100,000 times. The rows are read
-    /// first, tokens sealed; they are opened on other threads (most of the cost: three
-    /// tokens a row) while this one reads the sites.
+    /// Every connection with its chain and sites (removed sites excluded), from one snapshot
+    /// ([`load_each`]).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.read(|db, keys| {
-            // One read transaction: no site of a connection written between the scans.
-            let tx = db.unchecked_transaction()?;
-            let sealed = {
-                let mut stmt =
-                    tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
-                let mut rows = stmt.query([])?;
-                let mut sealed = Vec::new();
-                while let Some(row) = rows.next()? {
-                    sealed.push(decode_sealed(row)?);
+            let mut all = Vec::new();
+            load_each(db, keys, &mut |total, batch| {
+                if all.is_empty() {
+                    all.reserve_exact(total);
                 }
-                sealed
-            };
-            let (records, sites) = std::thread::scope(|s| {
-                let opening = s.spawn(|| {
-                    parallel::map(sealed, |row| {
-                        row.and_then(|row| row.open(keys))
-                            .map_err(LedgerError::Corrupt)
-                    })
-                });
-                let sites = all_sites(&tx);
-                let records = opening
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                (records, sites)
-            });
-            let (mut records, mut sites) = (records?, sites?);
-            for rec in &mut records {
-                if let Some(found) = sites.remove(rec.conn.id.as_str()) {
-                    rec.conn.sites = found;
-                }
-            }
-            Ok(records)
+                all.extend(batch);
+                true
+            })?;
+            Ok(all)
+        })
+        .await
+    }
+
+    /// [`Ledger::load_all`] handed to `sink` in batches as they are opened, in the same
+    /// order, each with the number of connections in all: the engine installs a large ledger
+    /// while the rest is still being read and opened. After an error, what was sent is to be
+    /// thrown away; a closed `sink` ends the load early.
+    pub async fn load_batches(
+        &self,
+        sink: tokio::sync::mpsc::Sender<(usize, Vec<Record>)>,
+    ) -> Result<(), LedgerError> {
+        self.read(move |db, keys| {
+            load_each(db, keys, &mut |total, batch| {
+                sink.blocking_send((total, batch)).is_ok()
+            })
         })
         .await
     }
@@ -1309,6 +1299,84 @@ fn row_to_record(
     Ok(decode_record(r, keys)?.map_err(LedgerError::Corrupt))
 }
 
+/// Rows a load hands on at a time, from the thread that reads them to the one that opens
+/// their tokens, and from that one to its caller: large enough that a hand-over costs
+/// nothing beside the rows, small enough that the caller starts early.
+const LOAD_BATCH: usize = 2048;
+
+/// Batches read but not yet opened a load holds at most: the reading thread waits for the
+/// opening one rather than holding the ledger twice over in memory.
+const LOAD_QUEUE: usize = 4;
+
+/// Every connection with its chain and sites (removed sites excluded), from one read
+/// transaction, handed to `emit` in batches of at most [`LOAD_BATCH`] in table order with
+/// the number of connections in all; `emit` answering false ends the load early. Two scans,
+/// not one site query per connection (at 100,000 connections, start-up's largest cost was
+/// preparing and running that query 100,000 times): the sites first, then the rows, read on
+/// this thread, their tokens sealed, and opened on another (three a row, most of the cost),
+/// which hands them to `emit`. The error is the first row's in order that cannot be read or
+/// opened.
+fn load_each(
+    db: &rusqlite::Connection,
+    keys: &Keyring,
+    emit: &mut (dyn FnMut(usize, Vec<Record>) -> bool + Send),
+) -> Result<(), LedgerError> {
+    // One read transaction: no site of a connection written between the scans.
+    let tx = db.unchecked_transaction()?;
+    let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
+    let total = usize::try_from(total).unwrap_or(0);
+    let mut sites = all_sites(&tx)?;
+    let mut stmt = tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
+    let mut rows = stmt.query([])?;
+    type Sealed = Vec<Result<SealedRecord, String>>;
+    let (to_open, queued) = std::sync::mpsc::sync_channel::<Sealed>(LOAD_QUEUE);
+    std::thread::scope(|s| {
+        let opener = s.spawn(move || -> Result<(), LedgerError> {
+            for batch in queued {
+                let records = batch
+                    .into_iter()
+                    .map(|row| row.and_then(|row| row.open(keys)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(LedgerError::Corrupt)?;
+                if !emit(total, records) {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<(), LedgerError> {
+            let mut batch = Vec::with_capacity(LOAD_BATCH);
+            while let Some(row) = rows.next()? {
+                let mut sealed = decode_sealed(row)?;
+                if let Ok(rec) = &mut sealed
+                    && let Some(found) = sites.remove(rec.conn.id.as_str())
+                {
+                    rec.conn.sites = found;
+                }
+                batch.push(sealed);
+                if batch.len() == LOAD_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                    if to_open.send(full).is_err() {
+                        // The opener stopped (a row that does not open, or nobody listens):
+                        // its result says why.
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = to_open.send(batch);
+            }
+            Ok(())
+        })();
+        drop(to_open);
+        let opened = opener
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // The opener's error first: it is on a row before any the reader failed on.
+        opened.and(read)
+    })
+}
+
 /// Every connection's sites (removed ones excluded), each connection's ordered by url and
 /// cloud id as [`load_sites`] orders them.
 fn all_sites(
@@ -1486,6 +1554,95 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(later.is_empty());
+    }
+
+    /// Inserts `n` connections (`c00000`, `c00001`, ...; one site each) in one transaction.
+    async fn insert_many(ledger: &Ledger, n: usize) {
+        ledger
+            .call_keys(move |db, keys| {
+                let tx = db.transaction()?;
+                for i in 0..n {
+                    let mut rec = record(&format!("c{i:05}"), &format!("l{i}"), &format!("rt-{i}"));
+                    rec.conn.account_id = Some(format!("account-{i}"));
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
+                            placeholders(CONNECTION_COLUMN_COUNT)
+                        ),
+                        rusqlite::params_from_iter(record_values(&rec, keys)),
+                    )?;
+                    write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.created_at)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_load_comes_in_order_in_batches_and_its_first_bad_row_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let n = 2 * LOAD_BATCH + 7;
+        insert_many(&ledger, n).await;
+
+        // One batch queued at a time: the reading and opening threads wait for the caller.
+        let (sink, mut batches) = tokio::sync::mpsc::channel(1);
+        let loading = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.load_batches(sink).await }
+        });
+        let mut got = Vec::new();
+        while let Some((total, batch)) = batches.recv().await {
+            assert_eq!(total, n, "every batch says how many there are in all");
+            assert!(
+                !batch.is_empty() && batch.len() <= LOAD_BATCH,
+                "{}",
+                batch.len()
+            );
+            got.extend(batch);
+        }
+        loading.await.unwrap().unwrap();
+        let want: Vec<String> = (0..n).map(|i| format!("c{i:05}")).collect();
+        let ids: Vec<&str> = got.iter().map(|r| r.conn.id.as_str()).collect();
+        assert_eq!(ids, want, "in table order, each once");
+        for (i, rec) in got.iter().enumerate() {
+            assert_eq!(rec.chain.refresh_token.expose(), format!("rt-{i}"));
+            assert_eq!(rec.conn.label, format!("l{i}"));
+            assert_eq!(rec.conn.sites.len(), 1, "{}", rec.conn.id);
+            assert_eq!(rec.conn.sites[0].url, "https://acme.atlassian.net");
+        }
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.conn.id.as_str()).collect::<Vec<_>>(),
+            want,
+            "load_all is the batches end to end"
+        );
+
+        // A value moved from another row, in the second batch and in the last one: the load
+        // fails on the first, by name.
+        let moved = ledger.stored_refresh_token("c00000").await;
+        let first_bad = format!("c{:05}", LOAD_BATCH + 3);
+        ledger
+            .overwrite_stored_refresh_token(&first_bad, &moved)
+            .await;
+        ledger
+            .overwrite_stored_refresh_token(&format!("c{:05}", n - 2), &moved)
+            .await;
+        let err = ledger.load_all().await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("refresh_token of connection {first_bad}")),
+            "{err}"
+        );
+        let (sink, mut batches) = tokio::sync::mpsc::channel(1);
+        let loading = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.load_batches(sink).await }
+        });
+        while batches.recv().await.is_some() {}
+        let err = loading.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains(&first_bad), "{err}");
     }
 
     #[tokio::test]

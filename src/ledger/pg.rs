@@ -648,6 +648,19 @@ impl PgLedger {
         .await
     }
 
+    /// [`PgLedger::load_all`] as one batch, with the number of connections (the engine's
+    /// `Store::load_batches`: the rows arrive from the server at once, so there is nothing
+    /// to overlap).
+    pub(crate) async fn load_batches(
+        &self,
+        sink: tokio::sync::mpsc::Sender<(usize, Vec<Record>)>,
+    ) -> Result<(), PgError> {
+        let all = self.load_all().await?;
+        // A closed sink: nobody listens any more.
+        let _ = sink.send((all.len(), all)).await;
+        Ok(())
+    }
+
     /// One connection with its chain and sites, or `None`.
     pub(crate) async fn load_one(&self, id: String) -> Result<Option<Record>, PgError> {
         self.read(move |tx, keys| {
