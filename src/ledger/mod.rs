@@ -272,7 +272,9 @@ impl Ledger {
         seal_at_rest(&mut db, &keys, &path)?;
         // This daemon's name for the events it records (see `set_node`).
         db.execute_batch("CREATE TEMP TABLE node (name TEXT NOT NULL);")?;
-        let reader = open_reader(&path)?;
+        let reader = rusqlite::Connection::open(&path)?;
+        reader.busy_timeout(BUSY_TIMEOUT)?;
+        reader.pragma_update(None, "query_only", "ON")?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db: Mutex::new(db),
@@ -376,19 +378,18 @@ impl Ledger {
     /// Every connection with its chain and sites (removed sites excluded), from one snapshot
     /// ([`load_each`]).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
-        let (sink, mut batches) = tokio::sync::mpsc::channel(LOAD_QUEUE);
-        let collect = async {
+        self.read(|db, keys| {
             let mut all = Vec::new();
-            while let Some((total, batch)) = batches.recv().await {
+            load_each(db, keys, &mut |total, batch| {
                 if all.is_empty() {
                     all.reserve_exact(total);
                 }
                 all.extend(batch);
-            }
-            all
-        };
-        let (loaded, all) = tokio::join!(self.load_batches(sink), collect);
-        loaded.map(|()| all)
+                true
+            })?;
+            Ok(all)
+        })
+        .await
     }
 
     /// [`Ledger::load_all`] handed to `sink` in batches as they are opened, in the same
@@ -399,19 +400,12 @@ impl Ledger {
         &self,
         sink: tokio::sync::mpsc::Sender<(usize, Vec<Record>)>,
     ) -> Result<(), LedgerError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            // Held so that no write commits meanwhile (every write goes through it, and the
-            // state-dir lock keeps other processes out): the rows on the reading connection
-            // and the sites on one of the load's own see one state of the ledger.
-            let _writes = inner.db.lock();
-            let db = inner.reader.lock();
-            load_each(&db, &inner.path, &inner.keys, &mut |total, batch| {
+        self.read(move |db, keys| {
+            load_each(db, keys, &mut |total, batch| {
                 sink.blocking_send((total, batch)).is_ok()
             })
         })
         .await
-        .map_err(|e| LedgerError::Task(e.to_string()))?
     }
 
     /// One connection with its chain and sites, or `None`.
@@ -1314,73 +1308,52 @@ const LOAD_BATCH: usize = 2048;
 /// opening one rather than holding the ledger twice over in memory.
 const LOAD_QUEUE: usize = 4;
 
-/// Every connection with its chain and sites (removed sites excluded), handed to `emit` in
-/// batches of at most [`LOAD_BATCH`] in table order with the number of connections in all;
-/// `emit` answering false ends the load early. The caller keeps writes out meanwhile. Two
-/// scans, not one site query per connection (at 100,000 connections, start-up's largest
-/// cost was preparing and running that query 100,000 times), on three threads: this one
-/// reads the rows, their tokens sealed; another reads the sites on a connection of its own
-/// (`path`); a third opens the tokens (three a row, most of the cost), adds the sites once
-/// they are read, and hands the records to `emit`. The error is the first the opener meets
-/// (the sites', or the first row's in order that does not open), else the reader's.
+/// Every connection with its chain and sites (removed sites excluded), from one read
+/// transaction, handed to `emit` in batches of at most [`LOAD_BATCH`] in table order with
+/// the number of connections in all; `emit` answering false ends the load early. Two scans,
+/// not one site query per connection (at 100,000 connections, start-up's largest cost was
+/// preparing and running that query 100,000 times): the sites first, then the rows, read on
+/// this thread, their tokens sealed, and opened on another (three a row, most of the cost),
+/// which hands them to `emit`. The error is the first row's in order that cannot be read or
+/// opened.
 fn load_each(
     db: &rusqlite::Connection,
-    path: &Path,
     keys: &Keyring,
     emit: &mut (dyn FnMut(usize, Vec<Record>) -> bool + Send),
 ) -> Result<(), LedgerError> {
+    // One read transaction: no site of a connection written between the scans.
     let tx = db.unchecked_transaction()?;
     let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
     let total = usize::try_from(total).unwrap_or(0);
+    let mut sites = all_sites(&tx, total)?;
     let mut stmt = tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
     let mut rows = stmt.query([])?;
     type Sealed = Vec<Result<SealedRecord, String>>;
     let (to_open, queued) = std::sync::mpsc::sync_channel::<Sealed>(LOAD_QUEUE);
     std::thread::scope(|s| {
-        let sites = s.spawn(move || all_sites(&open_reader(path)?, total));
         let opener = s.spawn(move || -> Result<(), LedgerError> {
-            let mut sites = Some(sites);
-            let mut found: Option<std::collections::HashMap<String, Vec<Site>>> = None;
-            // Opened, waiting for the sites.
-            let mut pending: Vec<Vec<Record>> = Vec::new();
-            let mut batches = queued.into_iter();
-            loop {
-                let batch = batches.next();
-                let done = batch.is_none();
-                if let Some(batch) = batch {
-                    pending.push(
-                        batch
-                            .into_iter()
-                            .map(|row| row.and_then(|row| row.open(keys)))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(LedgerError::Corrupt)?,
-                    );
-                }
-                if found.is_none() && (done || sites.as_ref().is_some_and(|t| t.is_finished())) {
-                    let thread = sites.take().expect("joined once");
-                    found = Some(joined(thread)?);
-                }
-                if let Some(found) = found.as_mut() {
-                    for mut records in pending.drain(..) {
-                        for rec in &mut records {
-                            if let Some(its) = found.remove(rec.conn.id.as_str()) {
-                                rec.conn.sites = its;
-                            }
-                        }
-                        if !emit(total, records) {
-                            return Ok(());
-                        }
-                    }
-                }
-                if done {
-                    return Ok(());
+            for batch in queued {
+                let records = batch
+                    .into_iter()
+                    .map(|row| row.and_then(|row| row.open(keys)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(LedgerError::Corrupt)?;
+                if !emit(total, records) {
+                    break;
                 }
             }
+            Ok(())
         });
         let read = (|| -> Result<(), LedgerError> {
             let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next()? {
-                batch.push(decode_sealed(row)?);
+                let mut sealed = decode_sealed(row)?;
+                if let Ok(rec) = &mut sealed
+                    && let Some(found) = sites.remove(rec.conn.id.as_str())
+                {
+                    rec.conn.sites = found;
+                }
+                batch.push(sealed);
                 if batch.len() == LOAD_BATCH {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
                     if to_open.send(full).is_err() {
@@ -1396,24 +1369,12 @@ fn load_each(
             Ok(())
         })();
         drop(to_open);
-        // The opener's error first: the sites', or a row's before any the reader failed on.
-        joined(opener).and(read)
+        let opened = opener
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // The opener's error first: it is on a row before any the reader failed on.
+        opened.and(read)
     })
-}
-
-/// What a scoped thread returned; its panic goes on on this one.
-fn joined<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    thread
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
-/// A connection that only reads the ledger at `path`.
-fn open_reader(path: &Path) -> Result<rusqlite::Connection, LedgerError> {
-    let reader = rusqlite::Connection::open(path)?;
-    reader.busy_timeout(BUSY_TIMEOUT)?;
-    reader.pragma_update(None, "query_only", "ON")?;
-    Ok(reader)
 }
 
 /// Every connection's sites (removed ones excluded), each connection's ordered by url and
