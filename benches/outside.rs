@@ -26,7 +26,8 @@
 //!
 //! Environment: `TOKEND_BENCH_QUICK=1` (1 s windows after 0.5 s warm-up, one round, 2,000
 //! storm chains, ledgers of 1k and 10k), `TOKEND_BENCH_SECS` (measured window, default 5),
-//! `TOKEND_BENCH_ROUNDS` (default 3).
+//! `TOKEND_BENCH_ROUNDS` (default 3), `TOKEND_BENCH_SCALE_SIZES` (the scale scenario's ledger
+//! sizes, comma-separated: `100000` runs the 100k point alone).
 //!
 //! The provider is the strict fake of the integration tests (`tests/it/fake/`), on
 //! loopback; nothing reaches the internet. Of tokend's library only `tokend::ledger::seal`
@@ -113,6 +114,15 @@ impl Config {
                 bail!("TOKEND_BENCH_SECS must be between 0 and 3600");
             }
             cfg.measure = Duration::from_secs_f64(secs);
+        }
+        if let Ok(v) = std::env::var("TOKEND_BENCH_SCALE_SIZES") {
+            cfg.scale_sizes = v
+                .split(',')
+                .map(|n| n.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .ok()
+                .filter(|sizes: &Vec<usize>| !sizes.is_empty() && !sizes.contains(&0))
+                .context("TOKEND_BENCH_SCALE_SIZES must be sizes above 0, comma-separated")?;
         }
         if let Ok(v) = std::env::var("TOKEND_BENCH_ROUNDS") {
             cfg.rounds = v.parse().context("TOKEND_BENCH_ROUNDS must be a number")?;
