@@ -248,6 +248,9 @@ pub struct Site {
 impl Site {
     /// The host of the site URL (`acme.atlassian.net`), used by `/v1/token?site=`.
     pub fn host(&self) -> Option<String> {
+        if let Some(host) = plain_https_host(&self.url) {
+            return Some(host.to_owned());
+        }
         url::Url::parse(&self.url)
             .ok()
             .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
@@ -572,6 +575,26 @@ pub(crate) fn seeded<R>(draw: impl FnOnce(&mut rand::rngs::StdRng) -> R) -> Opti
 }
 
 /// A plain active record for unit tests: account `acct-{id}`, no sites, no access token.
+/// The host of `https://HOST` or `https://HOST/...` when HOST is a plain lowercase DNS name
+/// (letters, digits, hyphens, dots between non-empty labels, the last label starting with a
+/// letter, no `xn--` label), as every Atlassian site URL is: exactly what `url` would parse
+/// out of it, without the parse (at start-up, `url` was 5% of a 100,000-connection load).
+/// `None` for anything else, which `url` parses.
+fn plain_https_host(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://")?;
+    let host = rest.find('/').map_or(rest, |end| &rest[..end]);
+    let plain = |label: &str| {
+        !label.is_empty()
+            && !label.starts_with("xn--")
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let last = host.rsplit('.').next()?;
+    (host.split('.').all(plain) && last.starts_with(|c: char| c.is_ascii_lowercase()))
+        .then_some(host)
+}
+
 #[cfg(test)]
 pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time) -> Record {
     Record {
@@ -606,6 +629,7 @@ pub(crate) fn sample_record(id: &str, label: &str, refresh_token: &str, at: Time
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// Equal scope lists made apart share one allocation; different ones do not; the order
     /// is kept and the list compares with plain lists.
@@ -624,5 +648,72 @@ mod tests {
         assert_eq!(a, vec!["offline_access".to_owned(), "read:me".to_owned()]);
         assert_eq!(format!("{a:?}"), r#"["offline_access", "read:me"]"#);
         assert!(Scopes::default().is_empty());
+    }
+
+    fn by_url(url: &str) -> Option<String> {
+        url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
+    }
+
+    fn site(url: &str) -> Site {
+        Site {
+            cloud_id: "c".into(),
+            url: url.into(),
+            name: "n".into(),
+            scopes: Scopes::default(),
+            last_seen_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_site_host_is_what_url_parses_out_of_it() {
+        for url in [
+            "https://acme.atlassian.net",
+            "https://acme.atlassian.net/",
+            "https://acme.atlassian.net/wiki?x=1#y",
+            "https://Acme.Atlassian.NET",
+            "https://acme.atlassian.net:443/",
+            "https://acme.atlassian.net:8443",
+            "https://user@acme.atlassian.net",
+            "https://acme.atlassian.net.",
+            "https://a..b",
+            "https://127.0.0.1",
+            "https://1.2.3.4.5",
+            "https://0x7f.1",
+            "https://acme.123",
+            "https://xn--nxasmq6b.com",
+            "https://xn--zz.com",
+            "https://-acme-.net",
+            "https://acme.net?q",
+            "https://acme.net\\path",
+            "https://ac\tme.net",
+            " https://acme.net",
+            "https://acme.net ",
+            "http://acme.net",
+            "https:///acme.net",
+            "https://",
+            "https://[::1]/",
+            "acme.atlassian.net",
+            "",
+        ] {
+            assert_eq!(site(url).host(), by_url(url), "{url:?}");
+        }
+        assert_eq!(
+            plain_https_host("https://acme.atlassian.net/wiki"),
+            Some("acme.atlassian.net"),
+            "an Atlassian site URL takes the fast path"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_site_host_is_what_url_parses_out_of_it(
+            rest in "[a-zA-Z0-9.:/@%?#\\\\\t -]{0,24}",
+            scheme in prop::sample::select(vec!["https://", "http://", "HTTPS://", "https:/", ""]),
+        ) {
+            let url = format!("{scheme}{rest}");
+            prop_assert_eq!(site(&url).host(), by_url(&url), "{:?}", url);
+        }
     }
 }

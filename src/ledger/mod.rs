@@ -17,6 +17,7 @@
 mod any;
 mod group;
 pub(crate) mod migrate;
+mod parallel;
 pub(crate) mod pg;
 pub mod seal;
 
@@ -374,23 +375,35 @@ impl Ledger {
         group::write(&self.inner, f).await
     }
 
-    /// Every connection with its chain and sites (removed sites excluded). Two scans, not
-    /// one site query per connection: at 100,000 connections, start-up's largest cost was
-    /// preparing and running that query 100,000 times.
+    /// Every connection with its chain and sites (removed sites excluded), from one snapshot
+    /// ([`load_each`]).
     pub async fn load_all(&self) -> Result<Vec<Record>, LedgerError> {
         self.read(|db, keys| {
-            let mut sites = all_sites(db)?;
-            let mut stmt = db.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
-            let mut rows = stmt.query([])?;
-            let mut records = Vec::new();
-            while let Some(row) = rows.next()? {
-                let mut rec = row_to_record(row, keys)??;
-                if let Some(found) = sites.remove(rec.conn.id.as_str()) {
-                    rec.conn.sites = found;
+            let mut all = Vec::new();
+            load_each(db, keys, &mut |total, batch| {
+                if all.is_empty() {
+                    all.reserve_exact(total);
                 }
-                records.push(rec);
-            }
-            Ok(records)
+                all.extend(batch);
+                true
+            })?;
+            Ok(all)
+        })
+        .await
+    }
+
+    /// [`Ledger::load_all`] handed to `sink` in batches as they are opened, in the same
+    /// order, each with the number of connections in all: the engine installs a large ledger
+    /// while the rest is still being read and opened. After an error, what was sent is to be
+    /// thrown away; a closed `sink` ends the load early.
+    pub async fn load_batches(
+        &self,
+        sink: tokio::sync::mpsc::Sender<(usize, Vec<Record>)>,
+    ) -> Result<(), LedgerError> {
+        self.read(move |db, keys| {
+            load_each(db, keys, &mut |total, batch| {
+                sink.blocking_send((total, batch)).is_ok()
+            })
         })
         .await
     }
@@ -1149,40 +1162,80 @@ impl Columns for tokio_postgres::Row {
 /// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
 /// understood.
 fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
-    let id: String = r.text(0)?;
-    let open = |column: &str, value: String| opened(keys, &id, column, &value);
+    Ok(decode_sealed(r)?.and_then(|sealed| sealed.open(keys)))
+}
+
+/// A row of [`CONNECTION_COLUMNS`] decoded but for its tokens, still sealed. Opening them is
+/// most of a load's cost and needs only the keys: a load reads its rows on one thread and
+/// opens them on several ([`parallel::map`]).
+struct SealedRecord {
+    /// The connection, complete but for its sites.
+    conn: Connection,
+    /// The chain's fields, as in [`Chain`], with the tokens as stored.
+    refresh_token: String,
+    rotated_at: Time,
+    used_at: Time,
+    version: u64,
+    previous: Option<(String, Time)>,
+    attempt_started_at: Option<Time>,
+    access: Option<(String, Time)>,
+}
+
+impl SealedRecord {
+    /// The record, its tokens opened: the previous refresh token, the access token, then
+    /// the refresh token; the error (for `Corrupt`) names the first that does not open.
+    fn open(self, keys: &Keyring) -> Result<Record, String> {
+        let id = self.conn.id.as_str();
+        let open = |column: &str, value: &str| opened(keys, id, column, value);
+        let previous = match &self.previous {
+            Some((t, at)) => Some((open("previous_refresh_token", t)?, *at)),
+            None => None,
+        };
+        let access = match &self.access {
+            Some((t, at)) => Some(AccessToken {
+                token: open("access_token", t)?,
+                expires_at: *at,
+            }),
+            None => None,
+        };
+        let refresh_token = open("refresh_token", &self.refresh_token)?;
+        Ok(Record {
+            conn: self.conn,
+            chain: Chain {
+                refresh_token,
+                rotated_at: self.rotated_at,
+                used_at: self.used_at,
+                version: self.version,
+                previous: previous.map(Box::new),
+                attempt_started_at: self.attempt_started_at,
+                access,
+            },
+        })
+    }
+}
+
+/// The [`SealedRecord`] in a row of [`CONNECTION_COLUMNS`]: the outer error is the driver's,
+/// the inner one (for `Corrupt`) a row that cannot be understood.
+fn decode_sealed<R: Columns>(r: &R) -> Result<Result<SealedRecord, String>, R::Error> {
     let status: String = r.text(5)?;
     let Some(status) = Status::parse(&status) else {
         return Ok(Err(format!("unknown status {status:?}")));
     };
     let opt_time = |i: usize| -> Result<Option<Time>, R::Error> { Ok(r.opt_int(i)?.map(from_ms)) };
     let previous = match (r.opt_text(9)?, opt_time(10)?) {
-        (Some(t), Some(at)) => match open("previous_refresh_token", t) {
-            Ok(t) => Some((t, at)),
-            Err(e) => return Ok(Err(e)),
-        },
+        (Some(t), Some(at)) => Some((t, at)),
         _ => None,
     };
     let access = match (r.opt_text(12)?, opt_time(13)?) {
-        (Some(t), Some(at)) => match open("access_token", t) {
-            Ok(token) => Some(AccessToken {
-                token,
-                expires_at: at,
-            }),
-            Err(e) => return Ok(Err(e)),
-        },
+        (Some(t), Some(at)) => Some((t, at)),
         _ => None,
-    };
-    let refresh_token = match open("refresh_token", r.text(7)?) {
-        Ok(t) => t,
-        Err(e) => return Ok(Err(e)),
     };
     let last_error = match (r.opt_text(16)?, r.opt_text(17)?, opt_time(18)?) {
         (Some(code), Some(message), Some(at)) => Some(LastError { code, message, at }),
         _ => None,
     };
     let rotated_at = from_ms(r.int(8)?);
-    Ok(Ok(Record {
+    Ok(Ok(SealedRecord {
         conn: Connection {
             label: r.text(1)?,
             provider: r.text(2)?.into(),
@@ -1197,17 +1250,15 @@ fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, Str
             consecutive_failures: r.int(19)?.clamp(0, u32::MAX as i64) as u32,
             created_at: from_ms(r.int(20)?),
             updated_at: from_ms(r.int(21)?),
-            id,
+            id: r.text(0)?,
         },
-        chain: Chain {
-            refresh_token,
-            rotated_at,
-            used_at: opt_time(23)?.unwrap_or(rotated_at),
-            version: r.int(22)?.max(0) as u64,
-            previous: previous.map(Box::new),
-            attempt_started_at: opt_time(11)?,
-            access,
-        },
+        refresh_token: r.text(7)?,
+        rotated_at,
+        used_at: opt_time(23)?.unwrap_or(rotated_at),
+        version: r.int(22)?.max(0) as u64,
+        previous,
+        attempt_started_at: opt_time(11)?,
+        access,
     }))
 }
 
@@ -1246,23 +1297,109 @@ fn row_to_record(
     Ok(decode_record(r, keys)?.map_err(LedgerError::Corrupt))
 }
 
+/// Rows a load hands on at a time, from the thread that reads them to the one that opens
+/// their tokens, and from that one to its caller: large enough that a hand-over costs
+/// nothing beside the rows, small enough that the caller starts early and that the batches
+/// in flight stay small: their buffers are freed on other threads than the ones that made
+/// them, into glibc arenas nothing else reuses (2048-row batches cost 14 MB of RSS at
+/// 100,000 connections).
+const LOAD_BATCH: usize = 256;
+
+/// Batches read but not yet opened a load holds at most: the reading thread waits for the
+/// opening one rather than holding the ledger twice over in memory.
+const LOAD_QUEUE: usize = 4;
+
+/// Every connection with its chain and sites (removed sites excluded), from one read
+/// transaction, handed to `emit` in batches of at most [`LOAD_BATCH`] in table order with
+/// the number of connections in all; `emit` answering false ends the load early. Two scans,
+/// not one site query per connection (at 100,000 connections, start-up's largest cost was
+/// preparing and running that query 100,000 times): the sites first, then the rows, read on
+/// this thread, their tokens sealed, and opened on another (three a row, most of the cost),
+/// which hands them to `emit`. The error is the first row's in order that cannot be read or
+/// opened.
+fn load_each(
+    db: &rusqlite::Connection,
+    keys: &Keyring,
+    emit: &mut (dyn FnMut(usize, Vec<Record>) -> bool + Send),
+) -> Result<(), LedgerError> {
+    // One read transaction: no site of a connection written between the scans.
+    let tx = db.unchecked_transaction()?;
+    let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
+    let total = usize::try_from(total).unwrap_or(0);
+    let mut sites = all_sites(&tx, total)?;
+    let mut stmt = tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
+    let mut rows = stmt.query([])?;
+    type Sealed = Vec<Result<SealedRecord, String>>;
+    let (to_open, queued) = std::sync::mpsc::sync_channel::<Sealed>(LOAD_QUEUE);
+    std::thread::scope(|s| {
+        let opener = s.spawn(move || -> Result<(), LedgerError> {
+            for batch in queued {
+                let records = batch
+                    .into_iter()
+                    .map(|row| row.and_then(|row| row.open(keys)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(LedgerError::Corrupt)?;
+                if !emit(total, records) {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<(), LedgerError> {
+            let mut batch = Vec::with_capacity(LOAD_BATCH);
+            while let Some(row) = rows.next()? {
+                let mut sealed = decode_sealed(row)?;
+                if let Ok(rec) = &mut sealed
+                    && let Some(found) = sites.remove(rec.conn.id.as_str())
+                {
+                    rec.conn.sites = found;
+                }
+                batch.push(sealed);
+                if batch.len() == LOAD_BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
+                    if to_open.send(full).is_err() {
+                        // The opener stopped (a row that does not open, or nobody listens):
+                        // its result says why.
+                        return Ok(());
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = to_open.send(batch);
+            }
+            Ok(())
+        })();
+        drop(to_open);
+        let opened = opener
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // The opener's error first: it is on a row before any the reader failed on.
+        opened.and(read)
+    })
+}
+
 /// Every connection's sites (removed ones excluded), each connection's ordered by url and
-/// cloud id as [`load_sites`] orders them.
+/// cloud id as [`load_sites`] orders them; room made for `connections` of them. Read in
+/// table order and each connection's few sorted here: SQLite's sort of every site was a
+/// third of the scan (Rust's order of strings is SQLite's `BINARY` collation).
 fn all_sites(
     db: &rusqlite::Connection,
+    connections: usize,
 ) -> Result<std::collections::HashMap<String, Vec<Site>>, LedgerError> {
     let mut stmt = db.prepare(
         "SELECT connection_id, cloud_id, url, name, scopes, last_seen_at FROM sites \
-         WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id",
+         WHERE removed_at IS NULL",
     )?;
     let mut rows = stmt.query([])?;
-    let mut out: std::collections::HashMap<String, Vec<Site>> = std::collections::HashMap::new();
+    let mut out: std::collections::HashMap<String, Vec<Site>> =
+        std::collections::HashMap::with_capacity(connections);
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
         out.entry(id).or_default().push(decode_site(row, 1)?);
     }
-    // A pushed-to `Vec` has room for four: three sites' worth of memory per connection.
     for sites in out.values_mut() {
+        sites.sort_unstable_by(|a, b| (&a.url, &a.cloud_id).cmp(&(&b.url, &b.cloud_id)));
+        // A pushed-to `Vec` has room for four: three sites' worth of memory per connection.
         sites.shrink_to_fit();
     }
     Ok(out)
@@ -1423,6 +1560,95 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert!(later.is_empty());
+    }
+
+    /// Inserts `n` connections (`c00000`, `c00001`, ...; one site each) in one transaction.
+    async fn insert_many(ledger: &Ledger, n: usize) {
+        ledger
+            .call_keys(move |db, keys| {
+                let tx = db.transaction()?;
+                for i in 0..n {
+                    let mut rec = record(&format!("c{i:05}"), &format!("l{i}"), &format!("rt-{i}"));
+                    rec.conn.account_id = Some(format!("account-{i}"));
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO connections ({CONNECTION_COLUMNS}) VALUES ({})",
+                            placeholders(CONNECTION_COLUMN_COUNT)
+                        ),
+                        rusqlite::params_from_iter(record_values(&rec, keys)),
+                    )?;
+                    write_sites(&tx, &rec.conn.id, &rec.conn.sites, rec.conn.created_at)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_load_comes_in_order_in_batches_and_its_first_bad_row_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let n = 2 * LOAD_BATCH + 7;
+        insert_many(&ledger, n).await;
+
+        // One batch queued at a time: the reading and opening threads wait for the caller.
+        let (sink, mut batches) = tokio::sync::mpsc::channel(1);
+        let loading = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.load_batches(sink).await }
+        });
+        let mut got = Vec::new();
+        while let Some((total, batch)) = batches.recv().await {
+            assert_eq!(total, n, "every batch says how many there are in all");
+            assert!(
+                !batch.is_empty() && batch.len() <= LOAD_BATCH,
+                "{}",
+                batch.len()
+            );
+            got.extend(batch);
+        }
+        loading.await.unwrap().unwrap();
+        let want: Vec<String> = (0..n).map(|i| format!("c{i:05}")).collect();
+        let ids: Vec<&str> = got.iter().map(|r| r.conn.id.as_str()).collect();
+        assert_eq!(ids, want, "in table order, each once");
+        for (i, rec) in got.iter().enumerate() {
+            assert_eq!(rec.chain.refresh_token.expose(), format!("rt-{i}"));
+            assert_eq!(rec.conn.label, format!("l{i}"));
+            assert_eq!(rec.conn.sites.len(), 1, "{}", rec.conn.id);
+            assert_eq!(rec.conn.sites[0].url, "https://acme.atlassian.net");
+        }
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.conn.id.as_str()).collect::<Vec<_>>(),
+            want,
+            "load_all is the batches end to end"
+        );
+
+        // A value moved from another row, in the second batch and in the last one: the load
+        // fails on the first, by name.
+        let moved = ledger.stored_refresh_token("c00000").await;
+        let first_bad = format!("c{:05}", LOAD_BATCH + 3);
+        ledger
+            .overwrite_stored_refresh_token(&first_bad, &moved)
+            .await;
+        ledger
+            .overwrite_stored_refresh_token(&format!("c{:05}", n - 2), &moved)
+            .await;
+        let err = ledger.load_all().await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("refresh_token of connection {first_bad}")),
+            "{err}"
+        );
+        let (sink, mut batches) = tokio::sync::mpsc::channel(1);
+        let loading = tokio::spawn({
+            let ledger = ledger.clone();
+            async move { ledger.load_batches(sink).await }
+        });
+        while batches.recv().await.is_some() {}
+        let err = loading.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains(&first_bad), "{err}");
     }
 
     #[tokio::test]

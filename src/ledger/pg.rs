@@ -646,10 +646,10 @@ impl PgLedger {
                         &[],
                     )
                     .await?;
-                let mut records = rows
-                    .iter()
-                    .map(|r| row_to_record(r, keys))
-                    .collect::<Result<Vec<_>, _>>()?;
+                // Opening the tokens is most of the cost: on several threads.
+                let mut records = super::parallel::map(rows.iter().collect(), |r| {
+                    row_to_record(r, keys)
+                })?;
                 let sites = tx
                     .query(
                         &format!("SELECT connection_id, {SITE_COLUMNS} FROM sites WHERE removed_at IS NULL ORDER BY connection_id, url, cloud_id"),
@@ -676,6 +676,19 @@ impl PgLedger {
             })
         })
         .await
+    }
+
+    /// [`PgLedger::load_all`] as one batch, with the number of connections (the engine's
+    /// `Store::load_batches`: the rows arrive from the server at once, so there is nothing
+    /// to overlap).
+    pub(crate) async fn load_batches(
+        &self,
+        sink: tokio::sync::mpsc::Sender<(usize, Vec<Record>)>,
+    ) -> Result<(), PgError> {
+        let all = self.load_all().await?;
+        // A closed sink: nobody listens any more.
+        let _ = sink.send((all.len(), all)).await;
+        Ok(())
     }
 
     /// One connection with its chain and sites, or `None`.

@@ -221,6 +221,11 @@ impl Planner {
         self.queue.lock()
     }
 
+    /// Room for `n` more planned connections (a load's).
+    pub fn reserve(&self, n: usize) {
+        self.lock().current.reserve(n);
+    }
+
     /// Plans (or re-plans) connection `handle`, replacing its earlier entry.
     pub fn schedule(&self, handle: u32, at: Instant, urgency: Urgency) {
         let mut q = self.lock();

@@ -66,11 +66,27 @@ impl From<PgError> for StoreError {
     }
 }
 
+/// Where [`Store::load_batches`] hands its batches: each the number of connections in all
+/// and some of their records.
+pub type LoadSink = tokio::sync::mpsc::Sender<(usize, Vec<Record>)>;
+
 /// Durable storage of connections. Every method is one transaction; a method that returned
 /// `Ok` has committed durably.
 pub trait Store: Send + Sync + 'static {
     /// Every connection with its chain and current sites.
     fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>>;
+    /// [`Store::load_all`] handed to `sink` in batches, in the same order, each with the
+    /// number of connections in all, so that the engine installs a large ledger while the
+    /// store still reads (and opens) the rest. After an error, what was sent is to be thrown
+    /// away. By default one batch, `load_all`'s.
+    fn load_batches(&self, sink: LoadSink) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let all = self.load_all().await?;
+            // A closed sink: nobody listens any more.
+            let _ = sink.send((all.len(), all)).await;
+            Ok(())
+        })
+    }
     /// One connection, or `None` when there is none.
     fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
     /// A new connection (refused with `LabelTaken` when the label is in use).
@@ -192,6 +208,13 @@ macro_rules! delegate_store {
             fn load_all(&self) -> BoxFuture<'_, Result<Vec<Record>, StoreError>> {
                 let $this = self;
                 Box::pin(async move { Ok($via::load_all($target).await?) })
+            }
+            fn load_batches(
+                &self,
+                sink: $crate::refresh::store::LoadSink,
+            ) -> BoxFuture<'_, Result<(), StoreError>> {
+                let $this = self;
+                Box::pin(async move { Ok($via::load_batches($target, sink).await?) })
             }
             fn load(&self, id: String) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
                 let $this = self;
