@@ -537,9 +537,9 @@ fn require_admin(state: &Shared, peer: Peer) -> Result<(), ApiError> {
 
 fn site_wire(engine: &Engine, s: &Site) -> wire::Site {
     wire::Site {
-        cloud_id: s.cloud_id.clone(),
-        url: s.url.clone(),
-        name: s.name.clone(),
+        cloud_id: s.cloud_id.to_string(),
+        url: s.url.to_string(),
+        name: s.name.to_string(),
         scopes: s.scopes.to_vec(),
         api_base_urls: s
             .products()
@@ -1466,8 +1466,8 @@ mod tests {
         let now = Utc::now();
         let site = |cloud_id: &str, scopes: &[&str]| crate::model::Site {
             cloud_id: cloud_id.into(),
-            url: format!("https://{cloud_id}.atlassian.net"),
-            name: format!("Site \"{cloud_id}\""),
+            url: format!("https://{cloud_id}.atlassian.net").into(),
+            name: format!("Site \"{cloud_id}\"").into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             last_seen_at: now - chrono::Duration::days(1),
         };

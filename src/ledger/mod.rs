@@ -1265,9 +1265,9 @@ fn decode_sealed<R: Columns>(r: &R) -> Result<Result<SealedRecord, String>, R::E
 /// A site from `cloud_id, url, name, scopes, last_seen_at` starting at column `at`.
 fn decode_site<R: Columns>(r: &R, at: usize) -> Result<Site, R::Error> {
     Ok(Site {
-        cloud_id: r.text(at)?,
-        url: r.text(at + 1)?,
-        name: r.text(at + 2)?,
+        cloud_id: r.text(at)?.into(),
+        url: r.text(at + 1)?.into(),
+        name: r.text(at + 2)?.into(),
         scopes: split_scopes(&r.text(at + 3)?),
         last_seen_at: from_ms(r.int(at + 4)?),
     })
@@ -1617,7 +1617,7 @@ pub(crate) mod tests {
             assert_eq!(rec.chain.refresh_token.expose(), format!("rt-{i}"));
             assert_eq!(rec.conn.label, format!("l{i}"));
             assert_eq!(rec.conn.sites.len(), 1, "{}", rec.conn.id);
-            assert_eq!(rec.conn.sites[0].url, "https://acme.atlassian.net");
+            assert_eq!(&*rec.conn.sites[0].url, "https://acme.atlassian.net");
         }
         let all = ledger.load_all().await.unwrap();
         assert_eq!(
@@ -1890,7 +1890,7 @@ pub(crate) mod tests {
         assert_eq!(kinds, vec!["site_added", "site_removed"]);
         let all = ledger.load_all().await.unwrap();
         assert_eq!(all[0].conn.sites.len(), 1);
-        assert_eq!(all[0].conn.sites[0].cloud_id, "cloud-2");
+        assert_eq!(&*all[0].conn.sites[0].cloud_id, "cloud-2");
         let kept: i64 = ledger
             .call(|db| {
                 Ok(db.query_row(

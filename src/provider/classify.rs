@@ -258,8 +258,8 @@ pub(super) fn parse_resources(
         // A site's identity with a control character is malformed: left out.
         .filter(|r| !has_control(&r.id) && !has_control(&r.url))
         .map(|r| Site {
-            cloud_id: r.id,
-            url: r.url,
+            cloud_id: r.id.into(),
+            url: r.url.into(),
             name: r.name.chars().filter(|c| !c.is_control()).collect(),
             scopes: clean_scopes(r.scopes.iter().map(String::as_str)).into(),
             last_seen_at: now,
@@ -512,8 +512,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sites.len(), 1);
-        assert_eq!(sites[0].cloud_id, "c3");
-        assert_eq!(sites[0].name, "cc");
+        assert_eq!(&*sites[0].cloud_id, "c3");
+        assert_eq!(&*sites[0].name, "cc");
         assert_eq!(sites[0].scopes, vec!["x".to_owned()]);
         // /me: an account id with one is a malformed answer, not an identity.
         let err = parse_me(StatusCode::OK, None, br#"{"account_id":"acc\u0000-1"}"#)

@@ -576,7 +576,7 @@ proptest! {
         match parse_resources(StatusCode::OK, None, &bytes, now) {
             Ok(sites) => {
                 prop_assert!(well_formed, "{list:?}");
-                let got: Vec<String> = sites.into_iter().map(|s| s.cloud_id).collect();
+                let got: Vec<String> = sites.into_iter().map(|s| s.cloud_id.into()).collect();
                 prop_assert_eq!(got, ids);
             }
             Err(ProviderError::Transient { kind: TransientKind::Malformed, message, .. }) => {

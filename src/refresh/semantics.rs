@@ -507,7 +507,7 @@ async fn control_characters_from_the_provider_never_stop_a_write(s: &impl Harnes
     assert_eq!(got.conn.scopes, vec!["read:jira-work".to_owned()]);
     assert_eq!(got.chain.refresh_token.expose(), "rt-2");
     assert_eq!(got.conn.sites.len(), 1);
-    assert_eq!(got.conn.sites[0].name, "acme");
+    assert_eq!(&*got.conn.sites[0].name, "acme");
     assert_eq!(
         got.conn.sites[0].scopes,
         vec!["read:page:confluence".to_owned()]

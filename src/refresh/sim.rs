@@ -480,7 +480,7 @@ impl TokenEndpoint for SimProvider {
             // changes as well as first resolutions.
             let site = |cloud_id: &str, name: &str| Site {
                 cloud_id: cloud_id.into(),
-                url: format!("https://{name}.atlassian.net"),
+                url: format!("https://{name}.atlassian.net").into(),
                 name: name.into(),
                 scopes: vec!["read:page:confluence".into()].into(),
                 last_seen_at: now,

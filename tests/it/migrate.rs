@@ -204,7 +204,7 @@ fn a_daemons_sqlite_ledger_moves_to_postgresql_and_every_chain_is_current_there(
         assert!(rec.chain.access.is_some(), "the access token came along");
         versions.push((rec.conn.label.clone(), rec.chain.version as i64));
         if rec.conn.label == "conf" {
-            let urls: Vec<&str> = rec.conn.sites.iter().map(|s| s.url.as_str()).collect();
+            let urls: Vec<&str> = rec.conn.sites.iter().map(|s| &*s.url).collect();
             assert_eq!(urls, vec!["https://acme.atlassian.net"]);
         }
     }

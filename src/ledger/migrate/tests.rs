@@ -19,7 +19,7 @@ fn now() -> Time {
 fn site(cloud_id: &str, name: &str, at: Time) -> Site {
     Site {
         cloud_id: cloud_id.into(),
-        url: format!("https://{name}.atlassian.net"),
+        url: format!("https://{name}.atlassian.net").into(),
         name: name.into(),
         scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: at,

@@ -222,7 +222,7 @@ fn claimed_by_another(world: &Shared, id: &str, lease: Duration) {
 fn site(cloud_id: &str, name: &str, seen: Time) -> Site {
     Site {
         cloud_id: cloud_id.into(),
-        url: format!("https://{name}.atlassian.net"),
+        url: format!("https://{name}.atlassian.net").into(),
         name: name.into(),
         scopes: vec!["read:page:confluence".into()].into(),
         last_seen_at: seen,
