@@ -460,12 +460,14 @@ impl SlotState {
 struct Index {
     /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
     /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
-    by_id: HashMap<String, Arc<Slot>>,
+    /// Keys are `Box<str>`, as in `by_label`: a key never grows, and a `String`'s capacity
+    /// word was 8 bytes a bucket.
+    by_id: HashMap<Box<str>, Arc<Slot>>,
     /// Label to connection: labels are unique in the ledger, and the API accepts either.
     /// Ordered, so that listings come in label order without sorting every connection each
     /// call, and a page (`?after=LABEL`) starts with a range lookup. The same slot as
     /// `by_id`'s (a reference count, not another copy of the id).
-    by_label: BTreeMap<String, Arc<Slot>>,
+    by_label: BTreeMap<Box<str>, Arc<Slot>>,
     /// Every installed slot by its [`Handle`] (`None`: a free number): where the
     /// [`SiteIndex`]'s handles lead.
     handles: Vec<Option<Arc<Slot>>>,
@@ -929,20 +931,20 @@ impl Engine {
             }),
         });
         index.handles[handle as usize] = Some(slot.clone());
-        index.by_label.insert(label, slot.clone());
+        index.by_label.insert(label.into_boxed_str(), slot.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(old_slot) = index.by_id.insert(id.clone(), slot.clone()) {
+        if let Some(old_slot) = index.by_id.insert(id.into_boxed_str(), slot.clone()) {
             // Never happens (ids are new, or were uninstalled first); keep the counts right.
             let mut old = old_slot.lock();
             let old_label = old.rec.conn.label.clone();
             if index
                 .by_label
-                .get(&old_label)
+                .get(old_label.as_str())
                 .is_some_and(|s| Arc::ptr_eq(s, &old_slot))
             {
-                index.by_label.remove(&old_label);
+                index.by_label.remove(old_label.as_str());
             }
             if old.filed() {
                 self.one_fewer_active();
@@ -978,10 +980,10 @@ impl Engine {
             index.free_handle(handle);
             if index
                 .by_label
-                .get(&label)
+                .get(label.as_str())
                 .is_some_and(|s| Arc::ptr_eq(s, &slot))
             {
-                index.by_label.remove(&label);
+                index.by_label.remove(label.as_str());
             }
         }
     }
@@ -1069,7 +1071,7 @@ impl Engine {
         {
             index.by_label.remove(old);
         }
-        index.by_label.insert(new.to_owned(), slot);
+        index.by_label.insert(new.into(), slot);
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {

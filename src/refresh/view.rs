@@ -105,7 +105,7 @@ impl Engine {
             let slots: Vec<_> = range.by_ref().take(limit).collect();
             let more = range.next().is_some();
             let next = more
-                .then(|| slots.last().map(|(label, _)| (*label).clone()))
+                .then(|| slots.last().map(|(label, _)| label.to_string()))
                 .flatten();
             let slots: Vec<_> = slots.into_iter().map(|(_, slot)| slot).collect();
             (slots, next)
