@@ -1395,12 +1395,15 @@ fn all_sites(
         std::collections::HashMap::with_capacity(connections);
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
-        out.entry(id).or_default().push(decode_site(row, 1)?);
+        let sites = out.entry(id).or_default();
+        // Room for exactly one more: a pushed-to `Vec` has room for four, three sites'
+        // worth of memory per connection, and shrinking it afterwards left the rest as a
+        // hole between the load's allocations.
+        sites.reserve_exact(1);
+        sites.push(decode_site(row, 1)?);
     }
     for sites in out.values_mut() {
         sites.sort_unstable_by(|a, b| (&a.url, &a.cloud_id).cmp(&(&b.url, &b.cloud_id)));
-        // A pushed-to `Vec` has room for four: three sites' worth of memory per connection.
-        sites.shrink_to_fit();
     }
     Ok(out)
 }
