@@ -46,10 +46,29 @@ use tokio_postgres::types::ToSql;
 pub use listen::Change;
 pub use tls::{PASSWORD_PLACEHOLDER, SslMode, with_password_placeholder};
 
-/// Connections kept open to the server. A daemon's writes are few (one per refresh, batches
-/// of audit events) and each is short, so a handful serves it; the database's
-/// `max_connections` is shared by every daemon.
+/// Connections kept open to the server until the daemon sizes the pool
+/// ([`PgLedger::size_pool`]): what a tool such as `migrate-ledger` or a test needs.
 const POOL_SIZE: usize = 4;
+
+/// The fewest pooled connections a daemon keeps ([`pool_size_for`]): the audit writer, a
+/// job and a couple of refreshes never wait on each other.
+const POOL_MIN: usize = 4;
+
+/// The most pooled connections one daemon opens, whatever `refresh.max_concurrent` says.
+/// A storm of refreshes is bound by the server's WAL flushes, and PostgreSQL flushes the
+/// commits of every backend waiting when one flushes: more concurrent committers put more
+/// commits into one flush (measured on the outside bench's storm: 4 connections 171
+/// rotations/s, see BENCHMARKS.md). Capped because PostgreSQL's default `max_connections`
+/// is 100 for every daemon on the ledger: three daemons at 16 plus their `LISTEN`
+/// connections take 51, leaving room for a fourth daemon, `migrate-ledger` and an admin.
+const POOL_MAX: usize = 16;
+
+/// The pool a daemon with `max_concurrent` refresh permits needs: one connection per
+/// refresh that may be committing at once (each holds one only for one transaction), plus
+/// one for the audit writer and the jobs, within [`POOL_MIN`]..=[`POOL_MAX`].
+pub(crate) fn pool_size_for(max_concurrent: usize) -> usize {
+    max_concurrent.saturating_add(1).clamp(POOL_MIN, POOL_MAX)
+}
 
 /// How long an operation waits for a pooled connection, or to open one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -482,6 +501,12 @@ impl PgLedger {
     /// whole ledger is not bounded by [`OPERATION_TIMEOUT`]).
     pub(super) async fn pooled(&self) -> Result<deadpool_postgres::Object, PgError> {
         Ok(self.inner.pool.get().await?)
+    }
+
+    /// Sizes the pool to `size` connections (see [`pool_size_for`]); connections beyond it
+    /// are closed as they come back.
+    pub(crate) fn size_pool(&self, size: usize) {
+        self.inner.pool.resize(size.max(1));
     }
 
     /// The keys this ledger seals and opens with.
