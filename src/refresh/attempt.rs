@@ -16,10 +16,11 @@
 //! 4. the attempt marker is committed before the token leaves the process (no marker, no
 //!    request); on a shared store it is written even when already set, so that every
 //!    presentation of a token is preceded by a new chain version;
-//! 5. the claim is renewed, and the request goes out only while it has at least
-//!    `request_timeout` left (else `Skip::LeaseShort`, a retry); then the provider call,
-//!    and the commit of what it answered (compare-and-swap on the chain version, fenced by
-//!    the claim: `Store::save_chain_fenced`, after renewing it once more) before anything
+//! 5. the request goes out only while the claim has at least `request_timeout` left (it is
+//!    renewed first unless it has; else `Skip::LeaseShort`, a retry); then the provider
+//!    call, and the commit of what it answered (compare-and-swap on the chain version,
+//!    fenced by the claim: `Store::save_chain_fenced`, after renewing it once more unless
+//!    it still has `request_timeout` left) before anything
 //!    may use the new access token. A fenced commit refused after the provider answered is
 //!    resolved by `after_conflict` (its docs give the reasoning). The claim is released at
 //!    the end of the attempt (`FlightGuard`, also when the attempt panics or is aborted; a
@@ -67,6 +68,11 @@ const CLAIM_POLL: Duration = Duration::from_millis(250);
 pub(crate) struct Claim {
     /// What the store granted: every write under the claim carries it.
     fence: Fence,
+    /// By when it has lapsed at the latest (the store's `valid_for` from when the claim or
+    /// renewal was sent): while at least `request_timeout` of it is left, no renewal is
+    /// needed before a request or a commit, which saves the storm one durable transaction
+    /// each (BENCHMARKS.md, PostgreSQL).
+    until: Instant,
 }
 
 /// What one attempt did. Each variant says when it happens.
@@ -445,7 +451,7 @@ async fn take_claim(engine: &Engine, slot: &Slot, id: &str) -> Result<Option<Ins
             if st.claim.is_none() {
                 engine.metrics.lease_held(1);
             }
-            st.claim = Some(Box::new(Claim { fence }));
+            st.claim = Some(Box::new(Claim { fence, until }));
             Ok(Some(until))
         }
         None => {
@@ -470,7 +476,7 @@ async fn renew_claim(
     match engine.store.renew(id.to_owned(), fence, lease).await? {
         Some(fence) => {
             let until = sent + fence.valid_for;
-            slot.lock().claim = Some(Box::new(Claim { fence }));
+            slot.lock().claim = Some(Box::new(Claim { fence, until }));
             Ok(Some(until))
         }
         None => {
@@ -479,6 +485,17 @@ async fn renew_claim(
             Ok(None)
         }
     }
+}
+
+/// Whether the attempt holds a claim with at least `request_timeout` left (by its own
+/// conservative deadline): then a renewal before the request or the commit would only
+/// extend a claim that holds long enough anyway.
+fn claim_lasts(engine: &Engine, slot: &Slot) -> bool {
+    let budget = engine.settings().request_timeout;
+    slot.lock()
+        .claim
+        .as_ref()
+        .is_some_and(|c| left(c.until) >= budget)
 }
 
 fn fence_of(slot: &Slot) -> Option<Fence> {
@@ -509,9 +526,13 @@ pub(crate) fn release_claim(engine: &Engine, st: &mut SlotState) {
 }
 
 /// Renews the claim just before a request, which goes out only while the claim has at
-/// least `request_timeout` left; else the `Outcome` that ends the attempt instead.
+/// least `request_timeout` left; else the `Outcome` that ends the attempt instead. A claim
+/// that has that much left (just granted, the marker written quickly) is not renewed.
 async fn lease_for_request(engine: &Engine, slot: &Slot, id: &str) -> Option<Outcome> {
     let budget = engine.settings().request_timeout;
+    if claim_lasts(engine, slot) {
+        return None;
+    }
     match renew_claim(engine, slot, id).await {
         Ok(Some(until)) if left(until) >= budget => None,
         Ok(Some(until)) => Some(Outcome::Skipped(Skip::LeaseShort(left(until)))),
@@ -927,9 +948,10 @@ async fn commit_grant(
     next.conn.consecutive_failures = 0;
     next.conn.updated_at = now;
     let mut expect = base.chain.version;
-    if engine.store.shared() {
-        // The request may have taken long: renew, so that a claim nobody took over is not
-        // lost to its expiry (a renewal fails once another daemon has claimed).
+    if engine.store.shared() && !claim_lasts(engine, slot) {
+        // The request took long: renew, so that a claim nobody took over is not lost to its
+        // expiry (a renewal fails once another daemon has claimed). A claim with at least
+        // `request_timeout` left outlasts the commit without one.
         let _ = renew_claim(engine, slot, &base.conn.id).await;
     }
     let mut saved = save(engine, slot, next.clone(), expect, events.clone()).await;
