@@ -842,7 +842,16 @@ impl PgLedger {
         events: Vec<Event>,
     ) -> Result<(), PgError> {
         let node = self.node();
-        let changed = rec.conn.id.clone();
+        // A chain written with an attempt marker is not announced: the other daemons do not
+        // take a chain under another daemon's running attempt into memory anyway
+        // (`refresh::shared`), so each would read it for nothing; its commit is announced.
+        // A marker left behind (its daemon died) reaches them at the periodic re-read or
+        // when they next claim the chain, which reloads it.
+        let changed = rec
+            .chain
+            .attempt_started_at
+            .is_none()
+            .then(|| rec.conn.id.clone());
         self.tx(move |tx, keys| {
             Box::pin(async move {
                 let id = rec.conn.id.clone();
@@ -873,7 +882,9 @@ impl PgLedger {
             })
         })
         .await?;
-        self.announce_after(changed, self.node());
+        if let Some(id) = changed {
+            self.announce_after(id, self.node());
+        }
         Ok(())
     }
 

@@ -440,7 +440,7 @@ const SPREAD_WINDOW_MS: i64 = 10 * 60 * 1000;
 /// The permit order of a chain whose inactivity deadline is `deadline_ms` (after urgency):
 /// the deadline itself on a store only this daemon writes (SQLite: unchanged); on a shared
 /// one its [`SPREAD_WINDOW_MS`] window, then this daemon's hash of the chain.
-fn permit_order(engine: &Engine, id: &str, deadline_ms: i64) -> i64 {
+pub(super) fn permit_order(engine: &Engine, id: &str, deadline_ms: i64) -> i64 {
     use std::hash::{Hash, Hasher};
     if !engine.store.shared() {
         return deadline_ms;

@@ -1144,7 +1144,8 @@ async fn a_chain_write_is_announced_after_its_commit_and_a_refused_one_is_not() 
         b.claim("c1".into(), "node-b".into(), lease).await.unwrap(),
         None
     );
-    // A refused chain write (wrong version) announces nothing: the next notification is
+    // A refused chain write (wrong version) announces nothing, nor does a marker (the
+    // other daemons leave a chain under a running attempt alone): the next notification is
     // c2's account (announced in its own transaction).
     let mut next = rec.clone();
     next.chain.refresh_token = Secret::new("rt-next");
@@ -1155,13 +1156,19 @@ async fn a_chain_write_is_announced_after_its_commit_and_a_refused_one_is_not() 
         .unwrap_err();
     assert!(matches!(err, PgError::Conflict(_)), "{err}");
     let now = from_ms(Utc::now().timestamp_millis());
+    let mut marked = rec.clone();
+    marked.chain.attempt_started_at = Some(now);
+    marked.chain.version = 1;
+    a.save_chain_fenced(marked, 0, fence.clone(), vec![])
+        .await
+        .unwrap();
     a.set_account("c2".into(), "acct-2".into(), now, vec![])
         .await
         .unwrap();
     assert_eq!(changes.recv().await, Some(Change::Connection("c2".into())));
-    // A committed one is announced, and is in the ledger when the notification arrives.
-    next.chain.version = 1;
-    a.save_chain_fenced(next, 0, fence.clone(), vec![])
+    // A committed rotation is announced, and is in the ledger when the notification arrives.
+    next.chain.version = 2;
+    a.save_chain_fenced(next, 1, fence.clone(), vec![])
         .await
         .unwrap();
     assert_eq!(changes.recv().await, Some(Change::Connection("c1".into())));
