@@ -593,6 +593,15 @@ async fn claimed_elsewhere(engine: &Engine, id: &str, need: Need) -> Outcome {
     let settings = engine.settings();
     let wait = settings.lease + CLAIM_RECHECK_SLACK;
     let deadline = Instant::now() + settings.request_timeout;
+    if matches!(need, Need::Scheduled(_)) {
+        // Nobody waits for this chain: the other daemon's commit reaches memory through its
+        // notification (or the periodic re-read); a read now would mostly find its marker,
+        // which memory does not take anyway.
+        return Outcome::Skipped(Skip::ClaimedElsewhere {
+            current: None,
+            wait,
+        });
+    }
     loop {
         let current = match engine.store.load(id.to_owned()).await {
             Ok(None) => return Outcome::Superseded { current: None },
