@@ -1,7 +1,8 @@
 //! The PostgreSQL ledger: the same connections, sites, events and sealed tokens as the
 //! SQLite ledger, shared by several daemons, plus the claims that fence their refreshes.
 //!
-//! Every operation is one transaction on a connection of a small pool (`deadpool-postgres`),
+//! Every operation is one transaction on a connection of a pool (`deadpool-postgres`, sized
+//! by the daemon: [`pool_size_for`]),
 //! with the SQLite ledger's semantics: chain writes are compare-and-swaps on
 //! `chain_version` (`Conflict`), a used label is `LabelTaken`, events are appended in the
 //! write's own transaction, tokens are sealed by [`super::seal`] with the same key and
