@@ -91,12 +91,13 @@ enum Flush {
     /// site and event write).
     Wait,
     /// `synchronous_commit = off`: visible to every other session at once, durable a moment
-    /// later. Only for the claims' own bookkeeping, whose loss in a crash is harmless: a lost
-    /// release just lets the claim lapse at its expiry; a lost claim was never relied on
-    /// durably, because the attempt's next step is a fenced marker write that waits for its
-    /// flush, which (the WAL being one sequence) makes the claim durable first, and a marker
-    /// refused (the claim row reverted) means no request. A renewal is not lazy: the request
-    /// it covers goes out right after it.
+    /// later. Only for a claim's release, whose loss in a crash is harmless: the claim just
+    /// lapses at its expiry. Not for a claim itself: a claim lost in a server crash leaves
+    /// the row at the version before it, so the same holder's next claim is granted that
+    /// very version again, and the lost claim's late release (its fence now matching) would
+    /// free the new claim mid-request, letting another daemon present the same refresh token
+    /// (two refreshes of one chain). Nor for a renewal: the request it covers goes out right
+    /// after it.
     Lazy,
     /// Reads only: no commit record to flush.
     Read,
@@ -544,7 +545,7 @@ impl PgLedger {
         self.tx_within(&OPERATION_LIMITS, Flush::Wait, f).await
     }
 
-    /// [`PgLedger::tx`] for a write whose loss in a server crash is harmless (a claim, its
+    /// [`PgLedger::tx`] for a write whose loss in a server crash is harmless (a claim's
     /// release: see [`Flush::Lazy`]): its commit does not wait for the WAL flush.
     async fn lazy<R, F>(&self, f: F) -> Result<R, PgError>
     where
@@ -1212,15 +1213,15 @@ impl PgLedger {
     /// Claims the refresh of chain `id` for `holder` for `lease` (by the database's clock):
     /// granted when nobody holds it, its lease expired, or `holder` holds it already; the
     /// claim's version grows each time. `None` when another holder's lease runs; `Conflict`
-    /// when there is no such connection. Its commit does not wait for the WAL flush
-    /// ([`Flush::Lazy`]): the fenced write that follows under it does.
+    /// when there is no such connection. Durable when granted (not [`Flush::Lazy`], which
+    /// says why): a claim's version is never given out twice.
     pub(crate) async fn claim(
         &self,
         id: String,
         holder: String,
         lease: Duration,
     ) -> Result<Option<Fence>, PgError> {
-        self.lazy(move |tx, _keys| {
+        self.tx(move |tx, _keys| {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
