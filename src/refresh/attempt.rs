@@ -437,13 +437,30 @@ pub(crate) async fn run(
 /// of due chains is over well within it.
 const SPREAD_WINDOW_MS: i64 = 10 * 60 * 1000;
 
+/// A chain whose inactivity deadline is nearer than this is never spread: it goes by its
+/// deadline, before every spread chain. Within one window a hash order could put a chain
+/// a minute from expiry behind thousands with nine minutes left, and a long enough queue
+/// (after an outage) would let it expire. An hour is far more than any storm's queue takes
+/// to drain at the provider's rate, and nothing beside the inactivity expiry (days).
+const SPREAD_NEAR_MS: i64 = 60 * 60 * 1000;
+
 /// The permit order of a chain whose inactivity deadline is `deadline_ms` (after urgency):
 /// the deadline itself on a store only this daemon writes (SQLite: unchanged); on a shared
-/// one its [`SPREAD_WINDOW_MS`] window, then this daemon's hash of the chain.
+/// one, a deadline nearer than [`SPREAD_NEAR_MS`] first, by deadline, then the others by
+/// their [`SPREAD_WINDOW_MS`] window, then this daemon's hash of the chain.
 pub(super) fn permit_order(engine: &Engine, id: &str, deadline_ms: i64) -> i64 {
     use std::hash::{Hash, Hasher};
     if !engine.store.shared() {
         return deadline_ms;
+    }
+    if deadline_ms
+        < engine
+            .now()
+            .timestamp_millis()
+            .saturating_add(SPREAD_NEAR_MS)
+    {
+        // Below every spread order (those are at least 0 for deadlines after 1970).
+        return i64::MIN / 2 + deadline_ms;
     }
     let mut h = std::hash::DefaultHasher::new();
     engine.holder().hash(&mut h);
