@@ -304,6 +304,9 @@ async fn open_ledger(
             let pg = PgLedger::connect(url.expose(), &config.daemon.keys, &config.daemon.state_dir)
                 .await?;
             pg.set_node(node);
+            pg.size_pool(crate::ledger::pg::pool_size_for(
+                config.refresh.max_concurrent,
+            ));
             tracing::info!(
                 ledger = %crate::config::masked_url(url.expose()),
                 node = %node,

@@ -1,7 +1,8 @@
 //! The PostgreSQL ledger: the same connections, sites, events and sealed tokens as the
 //! SQLite ledger, shared by several daemons, plus the claims that fence their refreshes.
 //!
-//! Every operation is one transaction on a connection of a small pool (`deadpool-postgres`),
+//! Every operation is one transaction on a connection of a pool (`deadpool-postgres`, sized
+//! by the daemon: [`pool_size_for`]),
 //! with the SQLite ledger's semantics: chain writes are compare-and-swaps on
 //! `chain_version` (`Conflict`), a used label is `LabelTaken`, events are appended in the
 //! write's own transaction, tokens are sealed by [`super::seal`] with the same key and
@@ -46,10 +47,29 @@ use tokio_postgres::types::ToSql;
 pub use listen::Change;
 pub use tls::{PASSWORD_PLACEHOLDER, SslMode, with_password_placeholder};
 
-/// Connections kept open to the server. A daemon's writes are few (one per refresh, batches
-/// of audit events) and each is short, so a handful serves it; the database's
-/// `max_connections` is shared by every daemon.
+/// Connections kept open to the server until the daemon sizes the pool
+/// ([`PgLedger::size_pool`]): what a tool such as `migrate-ledger` or a test needs.
 const POOL_SIZE: usize = 4;
+
+/// The fewest pooled connections a daemon keeps ([`pool_size_for`]): the audit writer, a
+/// job and a couple of refreshes never wait on each other.
+const POOL_MIN: usize = 4;
+
+/// The most pooled connections one daemon opens, whatever `refresh.max_concurrent` says.
+/// A storm of refreshes is bound by the server's WAL flushes, and PostgreSQL flushes the
+/// commits of every backend waiting when one flushes: more concurrent committers put more
+/// commits into one flush (measured on the outside bench's storm: 4 connections 171
+/// rotations/s, see BENCHMARKS.md). Capped because PostgreSQL's default `max_connections`
+/// is 100 for every daemon on the ledger: three daemons at 16 plus their `LISTEN`
+/// connections take 51, leaving room for a fourth daemon, `migrate-ledger` and an admin.
+const POOL_MAX: usize = 16;
+
+/// The pool a daemon with `max_concurrent` refresh permits needs: one connection per
+/// refresh that may be committing at once (each holds one only for one transaction), plus
+/// one for the audit writer and the jobs, within [`POOL_MIN`]..=[`POOL_MAX`].
+pub(crate) fn pool_size_for(max_concurrent: usize) -> usize {
+    max_concurrent.saturating_add(1).clamp(POOL_MIN, POOL_MAX)
+}
 
 /// How long an operation waits for a pooled connection, or to open one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,6 +81,27 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long opening a connection may take, when the URL does not say (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a transaction's commit waits for the server's WAL flush. A refresh storm is
+/// bound by those flushes (BENCHMARKS.md, PostgreSQL), so only the writes that must survive
+/// a server crash wait for one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flush {
+    /// `synchronous_commit = on`: durable when the commit returns (every chain, connection,
+    /// site and event write).
+    Wait,
+    /// `synchronous_commit = off`: visible to every other session at once, durable a moment
+    /// later. Only for a claim's release, whose loss in a crash is harmless: the claim just
+    /// lapses at its expiry. Not for a claim itself: a claim lost in a server crash leaves
+    /// the row at the version before it, so the same holder's next claim is granted that
+    /// very version again, and the lost claim's late release (its fence now matching) would
+    /// free the new claim mid-request, letting another daemon present the same refresh token
+    /// (two refreshes of one chain). Nor for a renewal: the request it covers goes out right
+    /// after it.
+    Lazy,
+    /// Reads only: no commit record to flush.
+    Read,
+}
 
 /// The server-side bounds of one operation's transaction (`SET LOCAL`, so they end with it
 /// and never leak into a pooled session). The client's [`OPERATION_TIMEOUT`] alone cannot
@@ -484,6 +525,12 @@ impl PgLedger {
         Ok(self.inner.pool.get().await?)
     }
 
+    /// Sizes the pool to `size` connections (see [`pool_size_for`]); connections beyond it
+    /// are closed as they come back.
+    pub(crate) fn size_pool(&self, size: usize) {
+        self.inner.pool.resize(size.max(1));
+    }
+
     /// The keys this ledger seals and opens with.
     pub(super) fn keyring(&self) -> &Keyring {
         &self.inner.keys
@@ -495,7 +542,16 @@ impl PgLedger {
     where
         F: TxFn<R>,
     {
-        self.tx_within(&OPERATION_LIMITS, true, f).await
+        self.tx_within(&OPERATION_LIMITS, Flush::Wait, f).await
+    }
+
+    /// [`PgLedger::tx`] for a write whose loss in a server crash is harmless (a claim's
+    /// release: see [`Flush::Lazy`]): its commit does not wait for the WAL flush.
+    async fn lazy<R, F>(&self, f: F) -> Result<R, PgError>
+    where
+        F: TxFn<R>,
+    {
+        self.tx_within(&OPERATION_LIMITS, Flush::Lazy, f).await
     }
 
     /// [`PgLedger::tx`] for a transaction that only reads (the loads): its commit need not
@@ -504,14 +560,14 @@ impl PgLedger {
     where
         F: TxFn<R>,
     {
-        self.tx_within(&OPERATION_LIMITS, false, f).await
+        self.tx_within(&OPERATION_LIMITS, Flush::Read, f).await
     }
 
-    /// [`PgLedger::tx`] under `limits`: the server-side timeouts first, then
-    /// `synchronous_commit = on` for every transaction that `writes` (see [`durable`]).
+    /// [`PgLedger::tx`] under `limits`: the server-side timeouts first, then the commit's
+    /// `synchronous_commit` as `flush` says (see [`DURABLE`]).
     /// A connection whose transaction was cut off by the client's bound is detached from the
     /// pool (closed), never recycled: it may still be inside the wedged transaction.
-    async fn tx_within<R, F>(&self, limits: &Limits, writes: bool, f: F) -> Result<R, PgError>
+    async fn tx_within<R, F>(&self, limits: &Limits, flush: Flush, f: F) -> Result<R, PgError>
     where
         F: TxFn<R>,
     {
@@ -520,17 +576,20 @@ impl PgLedger {
             let result = async {
                 let client = held.0.as_mut().expect("held until the end");
                 let tx = client.transaction().await?;
+                // One round trip for every setting (the commit's flush too, see [`Flush`]).
                 tx.batch_execute(&format!(
                     "SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
-                     SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+                     SET LOCAL idle_in_transaction_session_timeout = '{}ms'{}",
                     limits.lock.as_millis(),
                     limits.statement.as_millis(),
-                    limits.idle.as_millis()
+                    limits.idle.as_millis(),
+                    match flush {
+                        Flush::Wait => DURABLE,
+                        Flush::Lazy => "; SET LOCAL synchronous_commit = off",
+                        Flush::Read => "",
+                    }
                 ))
                 .await?;
-                if writes {
-                    durable(&tx).await?;
-                }
                 let out = f(&tx, &self.inner.keys).await?;
                 tx.commit().await?;
                 Ok(out)
@@ -579,7 +638,7 @@ impl PgLedger {
     }
 
     pub(super) async fn migrate_and_check_key(&self) -> Result<(), PgError> {
-        self.tx_within(&MIGRATION_LIMITS, true, |tx, keys| {
+        self.tx_within(&MIGRATION_LIMITS, Flush::Wait, |tx, keys| {
             Box::pin(async move {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                     .await?;
@@ -798,6 +857,16 @@ impl PgLedger {
         events: Vec<Event>,
     ) -> Result<(), PgError> {
         let node = self.node();
+        // A chain written with an attempt marker is not announced: the other daemons do not
+        // take a chain under another daemon's running attempt into memory anyway
+        // (`refresh::shared`), so each would read it for nothing; its commit is announced.
+        // A marker left behind (its daemon died) reaches them at the periodic re-read or
+        // when they next claim the chain, which reloads it.
+        let changed = rec
+            .chain
+            .attempt_started_at
+            .is_none()
+            .then(|| rec.conn.id.clone());
         self.tx(move |tx, keys| {
             Box::pin(async move {
                 let id = rec.conn.id.clone();
@@ -823,10 +892,42 @@ impl PgLedger {
                 if update_row(tx, keys, &rec, expect_version).await? == 0 {
                     return Err(PgError::Conflict(id));
                 }
-                record_change(tx, &id, rec.conn.updated_at, &events, node.as_deref()).await
+                // No `pg_notify` in here: see `announce_after`.
+                append_events(tx, Some(&id), rec.conn.updated_at, &events, node.as_deref()).await
             })
         })
-        .await
+        .await?;
+        if let Some(id) = changed {
+            self.announce_after(id, self.node());
+        }
+        Ok(())
+    }
+
+    /// Tells the other daemons that chain `id` changed, once its write has committed, in a
+    /// transaction of its own that does not wait for the WAL flush, on a task of its own.
+    ///
+    /// A chain write (a marker, a rotation: two per refresh) does not notify inside its own
+    /// transaction, because PostgreSQL serialises the commits of notifying transactions (a
+    /// database-wide lock from before the commit record until after its WAL flush): every
+    /// durable chain write would wait for a flush of its own, one at a time, and a storm
+    /// would run at the disk's `fdatasync` rate over two (BENCHMARKS.md, PostgreSQL). A lazy
+    /// transaction holds that lock for no flush. What this gives up: a crash (or a lost
+    /// connection) between the write and its notification loses the notification, as a
+    /// listener that was not connected loses one; the periodic re-read makes it up. Other
+    /// daemons never rely on a notification for safety (an attempt reloads the chain under
+    /// its claim).
+    fn announce_after(&self, id: String, node: Option<String>) {
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            let sent = ledger
+                .lazy(move |tx, _keys| {
+                    Box::pin(async move { announce(tx, &id, node.as_deref()).await })
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cannot notify the other daemons of a chain write; their periodic re-read takes it");
+            }
+        });
     }
 
     /// Records the account behind a connection and appends events.
@@ -1112,7 +1213,8 @@ impl PgLedger {
     /// Claims the refresh of chain `id` for `holder` for `lease` (by the database's clock):
     /// granted when nobody holds it, its lease expired, or `holder` holds it already; the
     /// claim's version grows each time. `None` when another holder's lease runs; `Conflict`
-    /// when there is no such connection.
+    /// when there is no such connection. Durable when granted (not [`Flush::Lazy`], which
+    /// says why): a claim's version is never given out twice.
     pub(crate) async fn claim(
         &self,
         id: String,
@@ -1206,9 +1308,10 @@ impl PgLedger {
     }
 
     /// Gives the claim `fence` up, so that another holder may claim at once; false when it
-    /// no longer held. The row stays, so the next claim's version still grows.
+    /// no longer held. The row stays, so the next claim's version still grows. Lazy
+    /// ([`Flush::Lazy`]): a release lost in a server crash just lapses.
     pub(crate) async fn release(&self, id: String, fence: Fence) -> Result<bool, PgError> {
-        self.tx(move |tx, _keys| {
+        self.lazy(move |tx, _keys| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -1520,9 +1623,6 @@ async fn record_change(
     announce(tx, id, node).await
 }
 
-/// Makes this transaction's commit wait for the server's WAL flush whatever the server's
-/// default: a rotated token is durable when the commit returns. (`SET LOCAL`: it ends with
-/// the transaction, so nothing leaks into a pooled session.)
 /// Tells the other daemons, when this transaction commits, that connection `id` changed.
 async fn announce(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -1537,11 +1637,10 @@ async fn announce(
     Ok(())
 }
 
-async fn durable(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
-    tx.batch_execute("SET LOCAL synchronous_commit = on")
-        .await?;
-    Ok(())
-}
+/// Makes a transaction's commit wait for the server's WAL flush whatever the server's
+/// default: a rotated token is durable when the commit returns. (`SET LOCAL`: it ends with
+/// the transaction, so nothing leaks into a pooled session.)
+const DURABLE: &str = "; SET LOCAL synchronous_commit = on";
 
 /// The pooled connection of one transaction: detached from the pool (closed) when dropped
 /// without [`Detach::release`], as when the operation's timeout drops it mid-transaction.

@@ -16,10 +16,11 @@
 //! 4. the attempt marker is committed before the token leaves the process (no marker, no
 //!    request); on a shared store it is written even when already set, so that every
 //!    presentation of a token is preceded by a new chain version;
-//! 5. the claim is renewed, and the request goes out only while it has at least
-//!    `request_timeout` left (else `Skip::LeaseShort`, a retry); then the provider call,
-//!    and the commit of what it answered (compare-and-swap on the chain version, fenced by
-//!    the claim: `Store::save_chain_fenced`, after renewing it once more) before anything
+//! 5. the request goes out only while the claim has at least `request_timeout` left (it is
+//!    renewed first unless it has; else `Skip::LeaseShort`, a retry); then the provider
+//!    call, and the commit of what it answered (compare-and-swap on the chain version,
+//!    fenced by the claim: `Store::save_chain_fenced`, after renewing it once more unless
+//!    it still has `request_timeout` left) before anything
 //!    may use the new access token. A fenced commit refused after the provider answered is
 //!    resolved by `after_conflict` (its docs give the reasoning). The claim is released at
 //!    the end of the attempt (`FlightGuard`, also when the attempt panics or is aborted; a
@@ -67,6 +68,11 @@ const CLAIM_POLL: Duration = Duration::from_millis(250);
 pub(crate) struct Claim {
     /// What the store granted: every write under the claim carries it.
     fence: Fence,
+    /// By when it has lapsed at the latest (the store's `valid_for` from when the claim or
+    /// renewal was sent): while at least `request_timeout` of it is left, no renewal is
+    /// needed before a request or a commit, which saves the storm one durable transaction
+    /// each (BENCHMARKS.md, PostgreSQL).
+    until: Instant,
 }
 
 /// What one attempt did. Each variant says when it happens.
@@ -298,14 +304,10 @@ pub(crate) async fn run(
         need.urgency()
     };
     let deadline = rec.chain.used_at + super::chrono_dur(engine.settings().inactivity_expiry);
+    let order = permit_order(engine, &id, deadline.timestamp_millis());
     let permit = match reserved {
         Some(place) => place.wait().await,
-        None => {
-            engine
-                .permits
-                .acquire(ticket, (urgency, deadline.timestamp_millis()))
-                .await
-        }
+        None => engine.permits.acquire(ticket, (urgency, order)).await,
     };
     let Ok(permit) = permit else {
         return Outcome::Skipped(Skip::ShuttingDown);
@@ -314,6 +316,11 @@ pub(crate) async fn run(
     // 3b. The claim: at most one refresh of the chain in flight across daemons.
     let shared = engine.store.shared();
     let budget = engine.settings().request_timeout;
+    if shared && let Some(skip) = done_meanwhile(engine, &slot.lock(), need) {
+        // Another daemon's commit reached memory (its notification) while this attempt
+        // waited for its permit: no claim, no reload, no request.
+        return Outcome::Skipped(skip);
+    }
     match take_claim(engine, slot, &id).await {
         Ok(Some(until)) if shared && left(until) < budget => {
             return Outcome::Skipped(Skip::LeaseShort(left(until)));
@@ -421,6 +428,47 @@ pub(crate) async fn run(
     }
 }
 
+/// On a shared store, chains whose inactivity deadlines fall into the same window this long
+/// are given permits in an order of this daemon's own (a hash of its holder name and the
+/// id) rather than by deadline and arrival: daemons sharing a ledger, which plan the same
+/// due chains at the same instants, then start on different chains instead of meeting on
+/// every claim (a refused claim costs a claim and a reload, and the chain waits for the
+/// other daemon). Ten minutes is nothing beside the inactivity expiry (days), and a storm
+/// of due chains is over well within it.
+const SPREAD_WINDOW_MS: i64 = 10 * 60 * 1000;
+
+/// A chain whose inactivity deadline is nearer than this is never spread: it goes by its
+/// deadline, before every spread chain. Within one window a hash order could put a chain
+/// a minute from expiry behind thousands with nine minutes left, and a long enough queue
+/// (after an outage) would let it expire. An hour is far more than any storm's queue takes
+/// to drain at the provider's rate, and nothing beside the inactivity expiry (days).
+const SPREAD_NEAR_MS: i64 = 60 * 60 * 1000;
+
+/// The permit order of a chain whose inactivity deadline is `deadline_ms` (after urgency):
+/// the deadline itself on a store only this daemon writes (SQLite: unchanged); on a shared
+/// one, a deadline nearer than [`SPREAD_NEAR_MS`] first, by deadline, then the others by
+/// their [`SPREAD_WINDOW_MS`] window, then this daemon's hash of the chain.
+pub(super) fn permit_order(engine: &Engine, id: &str, deadline_ms: i64) -> i64 {
+    use std::hash::{Hash, Hasher};
+    if !engine.store.shared() {
+        return deadline_ms;
+    }
+    if deadline_ms
+        < engine
+            .now()
+            .timestamp_millis()
+            .saturating_add(SPREAD_NEAR_MS)
+    {
+        // Below every spread order (those are at least 0 for deadlines after 1970).
+        return i64::MIN / 2 + deadline_ms;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    engine.holder().hash(&mut h);
+    id.hash(&mut h);
+    // Windows since the epoch fit in 31 bits for millions of years, the hash in 32.
+    (deadline_ms.div_euclid(SPREAD_WINDOW_MS) << 32) | i64::from(h.finish() as u32)
+}
+
 /// How long is left until `until`.
 fn left(until: Instant) -> Duration {
     until.saturating_duration_since(Instant::now())
@@ -445,7 +493,7 @@ async fn take_claim(engine: &Engine, slot: &Slot, id: &str) -> Result<Option<Ins
             if st.claim.is_none() {
                 engine.metrics.lease_held(1);
             }
-            st.claim = Some(Box::new(Claim { fence }));
+            st.claim = Some(Box::new(Claim { fence, until }));
             Ok(Some(until))
         }
         None => {
@@ -470,7 +518,7 @@ async fn renew_claim(
     match engine.store.renew(id.to_owned(), fence, lease).await? {
         Some(fence) => {
             let until = sent + fence.valid_for;
-            slot.lock().claim = Some(Box::new(Claim { fence }));
+            slot.lock().claim = Some(Box::new(Claim { fence, until }));
             Ok(Some(until))
         }
         None => {
@@ -479,6 +527,17 @@ async fn renew_claim(
             Ok(None)
         }
     }
+}
+
+/// Whether the attempt holds a claim with at least `request_timeout` left (by its own
+/// conservative deadline): then a renewal before the request or the commit would only
+/// extend a claim that holds long enough anyway.
+fn claim_lasts(engine: &Engine, slot: &Slot) -> bool {
+    let budget = engine.settings().request_timeout;
+    slot.lock()
+        .claim
+        .as_ref()
+        .is_some_and(|c| left(c.until) >= budget)
 }
 
 fn fence_of(slot: &Slot) -> Option<Fence> {
@@ -509,9 +568,13 @@ pub(crate) fn release_claim(engine: &Engine, st: &mut SlotState) {
 }
 
 /// Renews the claim just before a request, which goes out only while the claim has at
-/// least `request_timeout` left; else the `Outcome` that ends the attempt instead.
+/// least `request_timeout` left; else the `Outcome` that ends the attempt instead. A claim
+/// that has that much left (just granted, the marker written quickly) is not renewed.
 async fn lease_for_request(engine: &Engine, slot: &Slot, id: &str) -> Option<Outcome> {
     let budget = engine.settings().request_timeout;
+    if claim_lasts(engine, slot) {
+        return None;
+    }
     match renew_claim(engine, slot, id).await {
         Ok(Some(until)) if left(until) >= budget => None,
         Ok(Some(until)) => Some(Outcome::Skipped(Skip::LeaseShort(left(until)))),
@@ -547,6 +610,15 @@ async fn claimed_elsewhere(engine: &Engine, id: &str, need: Need) -> Outcome {
     let settings = engine.settings();
     let wait = settings.lease + CLAIM_RECHECK_SLACK;
     let deadline = Instant::now() + settings.request_timeout;
+    if matches!(need, Need::Scheduled(_)) {
+        // Nobody waits for this chain: the other daemon's commit reaches memory through its
+        // notification (or the periodic re-read); a read now would mostly find its marker,
+        // which memory does not take anyway.
+        return Outcome::Skipped(Skip::ClaimedElsewhere {
+            current: None,
+            wait,
+        });
+    }
     loop {
         let current = match engine.store.load(id.to_owned()).await {
             Ok(None) => return Outcome::Superseded { current: None },
@@ -924,9 +996,10 @@ async fn commit_grant(
     next.conn.consecutive_failures = 0;
     next.conn.updated_at = now;
     let mut expect = base.chain.version;
-    if engine.store.shared() {
-        // The request may have taken long: renew, so that a claim nobody took over is not
-        // lost to its expiry (a renewal fails once another daemon has claimed).
+    if engine.store.shared() && !claim_lasts(engine, slot) {
+        // The request took long: renew, so that a claim nobody took over is not lost to its
+        // expiry (a renewal fails once another daemon has claimed). A claim with at least
+        // `request_timeout` left outlasts the commit without one.
         let _ = renew_claim(engine, slot, &base.conn.id).await;
     }
     let mut saved = save(engine, slot, next.clone(), expect, events.clone()).await;

@@ -102,10 +102,12 @@ impl Engine {
             Need::Scheduled(urgency) => {
                 let deadline =
                     st.rec.chain.used_at + super::chrono_dur(self.settings().inactivity_expiry);
-                Some(
-                    self.permits
-                        .reserve(ticket, (urgency, deadline.timestamp_millis())),
-                )
+                let order = super::attempt::permit_order(
+                    self,
+                    &st.rec.conn.id,
+                    deadline.timestamp_millis(),
+                );
+                Some(self.permits.reserve(ticket, (urgency, order)))
             }
             _ => None,
         };

@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::{Notify, oneshot};
 
-/// The order of waiters: urgency, then inactivity deadline (Unix ms), then arrival.
+/// The order of waiters: urgency, then inactivity deadline (Unix ms; on a shared ledger the
+/// `attempt::permit_order` of it: its 10-minute window, then a per-daemon hash), then arrival.
 pub type Priority = (Urgency, i64);
 
 #[derive(Default)]

@@ -1,9 +1,12 @@
 //! How a daemon learns that another daemon changed a connection: PostgreSQL `LISTEN/NOTIFY`
 //! on [`CHANNEL`], on one dedicated connection outside the pool.
 //!
-//! Every write that moves a connection (insert, chain commit, merge, delete) sends
+//! Every write that moves a connection (insert, merge, delete) sends
 //! `pg_notify(CHANNEL, '<id> <node>')` inside its own transaction, so the notification is
-//! delivered exactly when the write commits, and never for a write that rolled back.
+//! delivered exactly when the write commits, and never for a write that rolled back. A chain
+//! write (marker, rotation) sends it right after its commit, in a transaction of its own that
+//! waits for no WAL flush (`PgLedger::announce_after` says why): never for a write that
+//! failed either, lost only if the daemon or its connection dies in between.
 //! Notifications are not durable: one sent while this daemon was not listening is lost.
 //! So the listener says [`Change::Resync`] whenever it (re)connects, and the daemon also
 //! re-reads the whole ledger now and then.

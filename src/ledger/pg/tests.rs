@@ -1119,3 +1119,67 @@ async fn the_claim_holder_is_named_while_the_claim_runs_and_not_after_its_releas
     assert_eq!(ledger.claim_holder("c1".into()).await.unwrap(), None);
     assert_eq!(ledger.claim_holder("nope".into()).await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_write_is_announced_after_its_commit_and_a_refused_one_is_not() {
+    let Some(db) = Db::new() else { return };
+    let (a, b) = (db.ledger().await, db.ledger().await);
+    a.set_node("node-a");
+    b.set_node("node-b");
+    let rec = record("c1", "conf", "rt-1");
+    a.insert(rec.clone(), vec![]).await.unwrap();
+    a.insert(record("c2", "jira", "rt-2"), vec![])
+        .await
+        .unwrap();
+    let mut changes = b.listen();
+    assert_eq!(changes.recv().await, Some(Change::Resync));
+    let lease = Duration::from_secs(60);
+    let fence = a
+        .claim("c1".into(), "node-a".into(), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    // The claim (committed without waiting for a flush) holds for everybody at once.
+    assert_eq!(
+        b.claim("c1".into(), "node-b".into(), lease).await.unwrap(),
+        None
+    );
+    // A refused chain write (wrong version) announces nothing, nor does a marker (the
+    // other daemons leave a chain under a running attempt alone): the next notification is
+    // c2's account (announced in its own transaction).
+    let mut next = rec.clone();
+    next.chain.refresh_token = Secret::new("rt-next");
+    next.chain.version = 8;
+    let err = a
+        .save_chain_fenced(next.clone(), 7, fence.clone(), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PgError::Conflict(_)), "{err}");
+    let now = from_ms(Utc::now().timestamp_millis());
+    let mut marked = rec.clone();
+    marked.chain.attempt_started_at = Some(now);
+    marked.chain.version = 1;
+    a.save_chain_fenced(marked, 0, fence.clone(), vec![])
+        .await
+        .unwrap();
+    a.set_account("c2".into(), "acct-2".into(), now, vec![])
+        .await
+        .unwrap();
+    assert_eq!(changes.recv().await, Some(Change::Connection("c2".into())));
+    // A committed rotation is announced, and is in the ledger when the notification arrives.
+    next.chain.version = 2;
+    a.save_chain_fenced(next, 1, fence.clone(), vec![])
+        .await
+        .unwrap();
+    assert_eq!(changes.recv().await, Some(Change::Connection("c1".into())));
+    let stored = b.load_one("c1".into()).await.unwrap().unwrap();
+    assert_eq!(stored.chain.refresh_token.expose(), "rt-next");
+    // The release (lazy too) frees the chain for the other daemon at once.
+    assert!(a.release("c1".into(), fence).await.unwrap());
+    assert!(
+        b.claim("c1".into(), "node-b".into(), lease)
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

@@ -1012,3 +1012,41 @@ fn a_merge_behind_another_daemons_marker_conflicts_and_lands_later() {
         crash(b);
     });
 }
+
+/// On a shared store, chains an hour or less from their inactivity deadline get permits by
+/// deadline, before every chain whose order is spread by a per-daemon hash: a hash order
+/// within one window could put a chain about to expire behind thousands of others.
+#[test]
+fn chains_near_their_deadline_are_not_spread_and_go_first() {
+    paused_runtime().block_on(async {
+        let s = scene(31).await;
+        let engine = &s.inc.engine;
+        assert!(engine.store.shared(), "the scene's store is shared");
+        let now = engine.now().timestamp_millis();
+        let minute = 60_000;
+        // Near: 1..=59 minutes away, ids in an order unrelated to their deadlines.
+        let near: Vec<(String, i64)> = (1..60)
+            .map(|m| (format!("c{:012x}", (m * 7919) % 1000), now + m * minute))
+            .collect();
+        let mut by_order = near.clone();
+        by_order.sort_by_key(|(id, d)| crate::refresh::attempt::permit_order(engine, id, *d));
+        let mut by_deadline = near.clone();
+        by_deadline.sort_by_key(|(_, d)| *d);
+        assert_eq!(by_order, by_deadline, "near chains go by deadline");
+        // Far: in 2 to 3 hours; each comes after every near one, whatever its hash.
+        let last_near = near
+            .iter()
+            .map(|(id, d)| crate::refresh::attempt::permit_order(engine, id, *d))
+            .max()
+            .expect("near chains");
+        for m in 0..60 {
+            let id = format!("c{m:012x}");
+            let far = crate::refresh::attempt::permit_order(engine, &id, now + (120 + m) * minute);
+            assert!(
+                far > last_near,
+                "{id} in {} min jumps a near chain",
+                120 + m
+            );
+        }
+    });
+}
