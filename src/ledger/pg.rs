@@ -725,11 +725,12 @@ impl PgLedger {
                 for s in &sites {
                     let id: &str = s.try_get(0)?;
                     if let Some(&i) = at.get(id) {
-                        records[i].conn.sites.push(row_to_site(s, 1)?);
+                        // Room for exactly one more, as the SQLite load does: a pushed-to
+                        // `Vec` shrunk afterwards leaves its tail as a hole in the heap.
+                        let sites = &mut records[i].conn.sites;
+                        sites.reserve_exact(1);
+                        sites.push(row_to_site(s, 1)?);
                     }
-                }
-                for rec in &mut records {
-                    rec.conn.sites.shrink_to_fit();
                 }
                 Ok(records)
             })
