@@ -711,7 +711,8 @@ pub struct Engine {
     index: RwLock<Index>,
     /// Which active connections reach each site (`/v1/token?site=`). Its own lock, taken
     /// last (after `index` and a slot's): a status changes under the slot's lock alone.
-    sites: Mutex<SiteIndex>,
+    /// Read-write: every `?site=` request reads it, so lookups must not wait for each other.
+    sites: RwLock<SiteIndex>,
     /// `refresh.max_concurrent` as a priority gate: bounds provider calls across chains, and
     /// lets the most urgent attempt go first.
     permits: permits::Permits,
@@ -780,7 +781,7 @@ impl Engine {
             permits: permits::Permits::new(settings.max_concurrent),
             settings: RwLock::new(settings),
             index: RwLock::new(Index::default()),
-            sites: Mutex::new(SiteIndex::default()),
+            sites: RwLock::new(SiteIndex::default()),
             plan: plan::Planner::new(),
             notifier: RwLock::new(notifier),
             metrics,
@@ -826,7 +827,7 @@ impl Engine {
     fn reserve(&self, n: usize) {
         let mut index = self.index.write();
         index.by_id.reserve(n);
-        self.sites.lock().reserve(n);
+        self.sites.write().reserve(n);
         self.plan.reserve(n);
     }
 
@@ -957,7 +958,7 @@ impl Engine {
             index.free_handle(old_handle);
         }
         if let Some(keys) = keys {
-            self.sites.lock().file(handle, &keys);
+            self.sites.write().file(handle, &keys);
         }
         slot
     }
@@ -1017,10 +1018,10 @@ impl Engine {
         let keys = SiteKeys::of(&st.rec.conn.sites);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
-            self.sites.lock().file(st.handle, &keys);
+            self.sites.write().file(st.handle, &keys);
         } else {
             self.one_fewer_active();
-            self.sites.lock().unfile(st.handle, &keys);
+            self.sites.write().unfile(st.handle, &keys);
         }
     }
 
@@ -1033,7 +1034,7 @@ impl Engine {
         }
         let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
         st.rec.conn.sites = sites;
-        let mut index = self.sites.lock();
+        let mut index = self.sites.write();
         index.unfile(st.handle, &old);
         index.file(st.handle, &new);
     }
@@ -1041,7 +1042,7 @@ impl Engine {
     /// Takes a slot that is leaving the [`SiteIndex`] out of it.
     fn unfile_sites(&self, st: &SlotState) {
         let keys = SiteKeys::of(&st.rec.conn.sites);
-        self.sites.lock().unfile(st.handle, &keys);
+        self.sites.write().unfile(st.handle, &keys);
     }
 
     /// Replaces a slot's held change, keeping [`Engine::commit_pending`]'s count.
@@ -1795,7 +1796,7 @@ mod tests {
         engine.uninstall("c000000000000");
         check("the last removal");
         assert_eq!(
-            *engine.sites.lock(),
+            *engine.sites.write(),
             SiteIndex::default(),
             "no key left behind"
         );
@@ -1813,14 +1814,14 @@ mod tests {
             cloud_ids: vec![key_hash("cloud-x")],
             hosts: vec![key_hash("x.atlassian.net")],
         };
-        engine.sites.lock().file(handle, &collided);
+        engine.sites.write().file(handle, &collided);
         assert_eq!(
-            engine.sites.lock().candidates("cloud-x", "x.atlassian.net"),
+            engine.sites.read().candidates("cloud-x", "x.atlassian.net"),
             [handle]
         );
         assert!(engine.connections_for_site("cloud-x").is_empty());
         assert!(engine.connections_for_site("x.atlassian.net").is_empty());
-        engine.sites.lock().unfile(handle, &collided);
+        engine.sites.write().unfile(handle, &collided);
         engine.site_index_matches_recount().unwrap();
 
         engine.uninstall("c000000000000");

@@ -167,7 +167,7 @@ impl Engine {
     /// [`super::SiteIndex`].
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
         let (cloud_id, host) = site_query(site);
-        let candidates = self.sites.lock().candidates(&cloud_id, &host);
+        let candidates = self.sites.read().candidates(&cloud_id, &host);
         if candidates.is_empty() {
             return Vec::new();
         }
@@ -198,7 +198,7 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn site_index_matches_recount(&self) -> Result<(), String> {
         let recount = super::SiteIndex::recount(&self.slots());
-        let kept = self.sites.lock();
+        let kept = self.sites.read();
         if *kept == recount {
             Ok(())
         } else {
