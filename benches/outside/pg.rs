@@ -34,7 +34,7 @@ use tokend::ledger::seal::aad;
 use crate::client::{Conn, Load, Stats, closed_loop, median};
 use crate::daemon::{Daemon, Settings, toml_str};
 use crate::fake::{FakeAtlassian, FakeSite};
-use crate::seed::{self, Row};
+use crate::seed;
 use crate::testpg::{self, Cluster};
 use crate::{Config, fmt_rate, fmt_us};
 
@@ -54,8 +54,6 @@ const LEASE: &str = "60s";
 const POLL: Duration = Duration::from_millis(20);
 /// A storm that makes no progress for this long fails the bench.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Seeded rows were rotated this long ago (twice `rotate_after`, as `storm`).
-const ROTATED_AGO_MS: i64 = 2 * 3600 * 1000;
 /// How long the bench waits, after a storm's daemons stopped, before it reads the server's
 /// statistics: each server process flushes its counts as it exits, just after its client
 /// went.
@@ -373,30 +371,7 @@ async fn storm(cfg: &Config, ledger: Ledger<'_>) -> Result<Storm> {
         .await
         .context("first start (creates the ledger)")?;
     seeder.stop().await?;
-    let grants: Vec<(String, Vec<FakeSite>)> = (0..n)
-        .map(|i| {
-            (
-                format!("storm-account-{i}"),
-                vec![FakeSite::confluence(&format!("storm{i}"))],
-            )
-        })
-        .collect();
-    let tokens = fake.issue_grants(&grants);
-    let rotated_at_ms = seed::now_ms() - ROTATED_AGO_MS;
-    let rows: Vec<Row> = grants
-        .iter()
-        .zip(tokens)
-        .enumerate()
-        .map(|(i, ((account, sites), rt))| Row {
-            id: seed::id_of(i),
-            label: format!("storm-{i}"),
-            account: account.clone(),
-            refresh_token: rt,
-            access: None,
-            sites: sites.clone(),
-            rotated_at_ms,
-        })
-        .collect();
+    let (grants, rows, rotated_at_ms) = crate::storm::due_chains(&fake, n);
     seed::seed(&seeder.state_dir(), &rows)?;
     let keys = seed::keyring(&seeder.state_dir())?;
 

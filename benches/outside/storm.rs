@@ -52,6 +52,42 @@ const COMMIT_WARMUP_MAX: Duration = Duration::from_secs(15);
 /// Seeded rows were rotated this long ago (twice `rotate_after`).
 const ROTATED_AGO_MS: i64 = 2 * 3600 * 1000;
 
+/// A grant the fake issued: its account and sites.
+pub type Grant = (String, Vec<FakeSite>);
+
+/// A storm's chains: `n` grants registered with `fake` (accounts `storm-account-I`, one site
+/// each) and their ledger rows, rotated [`ROTATED_AGO_MS`] ago so that every chain is due at
+/// once. Shared with `pg`'s storms, which seed each run afresh the same way.
+/// Also returns when they were rotated (the rows' `rotated_at_ms`): a row rotated after
+/// it is one the storm rotated.
+pub fn due_chains(fake: &FakeAtlassian, n: usize) -> (Vec<Grant>, Vec<Row>, i64) {
+    let grants: Vec<Grant> = (0..n)
+        .map(|i| {
+            (
+                format!("storm-account-{i}"),
+                vec![FakeSite::confluence(&format!("storm{i}"))],
+            )
+        })
+        .collect();
+    let tokens = fake.issue_grants(&grants);
+    let rotated_at_ms = seed::now_ms() - ROTATED_AGO_MS;
+    let rows: Vec<Row> = grants
+        .iter()
+        .zip(tokens)
+        .enumerate()
+        .map(|(i, ((account, sites), rt))| Row {
+            id: seed::id_of(i),
+            label: format!("storm-{i}"),
+            account: account.clone(),
+            refresh_token: rt,
+            access: None,
+            sites: sites.clone(),
+            rotated_at_ms,
+        })
+        .collect();
+    (grants, rows, rotated_at_ms)
+}
+
 pub async fn run(cfg: &Config) -> Result<()> {
     let n = cfg.storm_chains;
     eprintln!(
@@ -78,30 +114,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
         .context("first start (creates the ledger)")?;
     daemon.stop().await?;
 
-    let grants: Vec<(String, Vec<FakeSite>)> = (0..n)
-        .map(|i| {
-            (
-                format!("storm-account-{i}"),
-                vec![FakeSite::confluence(&format!("storm{i}"))],
-            )
-        })
-        .collect();
-    let tokens = fake.issue_grants(&grants);
-    let rotated_at_ms = seed::now_ms() - ROTATED_AGO_MS;
-    let rows: Vec<Row> = grants
-        .iter()
-        .zip(tokens)
-        .enumerate()
-        .map(|(i, ((account, sites), rt))| Row {
-            id: seed::id_of(i),
-            label: format!("storm-{i}"),
-            account: account.clone(),
-            refresh_token: rt,
-            access: None,
-            sites: sites.clone(),
-            rotated_at_ms,
-        })
-        .collect();
+    let (grants, rows, rotated_at_ms) = due_chains(&fake, n);
     let seeded = seed::seed(&daemon.state_dir(), &rows)?;
     eprintln!("bench storm: seeded {n} rows in {seeded:.2?}");
     let copy = daemon.scratch("commit-baseline.db");
