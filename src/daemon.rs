@@ -114,6 +114,7 @@ async fn watchdog(
 async fn reload_on_sighup(
     mut running: Config,
     engine: Arc<Engine>,
+    shared: Option<PgLedger>,
     access: Arc<RwLock<Arc<AccessPolicy>>>,
     monitor: Arc<JobMonitor>,
     sd: Arc<SdNotify>,
@@ -139,6 +140,10 @@ async fn reload_on_sighup(
             Ok(Ok(new)) => {
                 let restart_needed = needs_restart(&running, &new);
                 engine.set_settings(new.refresh);
+                // The pool follows `refresh.max_concurrent` (see `pool_size_for`), as at start.
+                if let Some(pg) = &shared {
+                    pg.size_pool(crate::ledger::pg::pool_size_for(new.refresh.max_concurrent));
+                }
                 *access.write() = Arc::new(AccessPolicy {
                     own_uid: rustix::process::geteuid().as_raw(),
                     config: new.access.clone(),
@@ -614,6 +619,10 @@ pub async fn run(
     let reloader = tokio::spawn(reload_on_sighup(
         config.clone(),
         engine.clone(),
+        match &ledger {
+            AnyLedger::Postgres(pg) => Some(pg.clone()),
+            AnyLedger::Sqlite(_) => None,
+        },
         state.access.clone(),
         monitor.clone(),
         sd.clone(),
