@@ -25,7 +25,7 @@
 //! Without a PostgreSQL server installed the scenario says so and is skipped (with
 //! `TOKEND_REQUIRE_POSTGRES` set, `testpg` panics instead).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -50,10 +50,6 @@ const MAX_CONCURRENT: usize = 64;
 const SHARED_DAEMONS: usize = 3;
 /// `ledger.lease`: the default; above the storms' `request_timeout`, as it must be.
 const LEASE: &str = "60s";
-/// How often a storm's ledger is polled for progress.
-const POLL: Duration = Duration::from_millis(20);
-/// A storm that makes no progress for this long fails the bench.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the bench waits, after a storm's daemons stopped, before it reads the server's
 /// statistics: each server process flushes its counts as it exits, just after its client
 /// went.
@@ -416,20 +412,8 @@ async fn storm(cfg: &Config, ledger: Ledger<'_>) -> Result<Storm> {
         // All at once: none gets a head start on the storm.
         futures_util::future::try_join_all(running.iter_mut().map(|d| d.start())).await?;
     }
-    let mut last_progress = (0usize, Instant::now());
-    let done_at = loop {
-        let rotated = probe.rotated(rotated_at_ms).await?;
-        let now = Instant::now();
-        if rotated >= n {
-            break now;
-        }
-        if rotated > last_progress.0 {
-            last_progress = (rotated, now);
-        } else if now - last_progress.1 > STALL_TIMEOUT {
-            bail!("storm on {name} stalled at {rotated}/{n} rotated for {STALL_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let what = format!("storm on {name}");
+    let done_at = crate::storm::until_rotated(&what, n, || probe.rotated(rotated_at_ms)).await?;
     let log = fake.token_requests();
     let first = log
         .iter()

@@ -52,6 +52,30 @@ const COMMIT_WARMUP_MAX: Duration = Duration::from_secs(15);
 /// Seeded rows were rotated this long ago (twice `rotate_after`).
 const ROTATED_AGO_MS: i64 = 2 * 3600 * 1000;
 
+/// Polls `rotated` (how many chains the storm rotated so far) every [`POLL`] until all `n`
+/// are; fails when none more were for [`STALL_TIMEOUT`]. Returns the instant the last was
+/// seen. `what` names the storm in the failure. Shared with `pg`'s storms.
+pub async fn until_rotated<F, Fut>(what: &str, n: usize, mut rotated: F) -> Result<Instant>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize>>,
+{
+    let mut last_progress = (0usize, Instant::now());
+    loop {
+        let rotated = rotated().await?;
+        let now = Instant::now();
+        if rotated >= n {
+            return Ok(now);
+        }
+        if rotated > last_progress.0 {
+            last_progress = (rotated, now);
+        } else if now - last_progress.1 > STALL_TIMEOUT {
+            bail!("{what} stalled at {rotated}/{n} rotated for {STALL_TIMEOUT:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// A grant the fake issued: its account and sites.
 pub type Grant = (String, Vec<FakeSite>);
 
@@ -131,25 +155,18 @@ pub async fn run(cfg: &Config) -> Result<()> {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
     ro.busy_timeout(Duration::from_secs(5))?;
-    let mut last_progress = (0usize, Instant::now());
-    let done_at = loop {
-        let rotated: i64 = ro.query_row(
-            "SELECT count(*) FROM connections WHERE refresh_token_rotated_at > ?1",
-            [rotated_at_ms],
-            |r| r.get(0),
-        )?;
-        let rotated = rotated as usize;
-        let now = Instant::now();
-        if rotated >= n {
-            break now;
-        }
-        if rotated > last_progress.0 {
-            last_progress = (rotated, now);
-        } else if now - last_progress.1 > STALL_TIMEOUT {
-            bail!("storm stalled at {rotated}/{n} rotated for {STALL_TIMEOUT:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    };
+    let done_at = until_rotated("storm", n, || {
+        let rotated = ro
+            .query_row(
+                "SELECT count(*) FROM connections WHERE refresh_token_rotated_at > ?1",
+                [rotated_at_ms],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|r| r as usize)
+            .map_err(anyhow::Error::from);
+        async move { rotated }
+    })
+    .await?;
     let log = fake.token_requests();
     let first = log
         .iter()
