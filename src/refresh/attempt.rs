@@ -1187,8 +1187,10 @@ pub(crate) async fn adopt(engine: &Engine, source: &Record, base: Record) -> Out
 pub(crate) struct Effects {
     notify: Option<(Kind, crate::model::Connection, String)>,
     resolve_sites: bool,
-    /// The connection's label changed from the first to the second (a held insert).
-    relabel: Option<(String, String)>,
+    /// The connection's label is to change to this one (a held insert committed under a
+    /// generated label): made by [`Engine::relabel`] under the index's lock, which the
+    /// slot's holder may not take.
+    relabel: Option<String>,
     /// The store no longer has the connection.
     uninstall: bool,
 }
@@ -1196,8 +1198,8 @@ pub(crate) struct Effects {
 impl Effects {
     pub(crate) fn apply(self, engine: &Arc<Engine>, slot: &Arc<Slot>) {
         let id = slot.lock().rec.conn.id.clone();
-        if let Some((old, new)) = self.relabel {
-            engine.relabel(&id, &old, &new);
+        if let Some(new) = self.relabel {
+            engine.relabel(slot, new);
         }
         if self.uninstall {
             engine.uninstall(&id);
@@ -1257,8 +1259,7 @@ pub(crate) fn settle(
         Outcome::Committed { next } => {
             if next.conn.label != st.rec.conn.label {
                 tracing::warn!(connection = %id, label = %next.conn.label, "the held connection was committed under a generated label");
-                effects.relabel = Some((st.rec.conn.label.clone(), next.conn.label.clone()));
-                st.rec.conn.label = next.conn.label.clone();
+                effects.relabel = Some(next.conn.label.clone());
             }
             adopt_unless_older(engine, st, &next);
             engine.set_held(st, None);

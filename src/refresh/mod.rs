@@ -23,6 +23,8 @@
 mod attempt;
 pub(crate) mod backoff;
 mod flight;
+mod index;
+mod keymap;
 mod onboard;
 pub(crate) mod permits;
 pub(crate) mod plan;
@@ -43,13 +45,15 @@ use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
 use flight::Joined;
+use index::{Index, slot_id, slot_label};
+use keymap::{KeyMap, key_hash};
 
 pub use sites::SiteOutcome;
 pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint};
@@ -437,6 +441,34 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// A new slot for `rec`, numbered `handle`, holding `held` (boxed: see
+    /// [`SlotState::held`]).
+    fn new(rec: Record, held: Option<Held>, handle: Handle) -> Slot {
+        Slot {
+            chain: tokio::sync::Mutex::new(()),
+            state: RwLock::new(SlotState {
+                face: OnceLock::new(),
+                access_shared: OnceLock::new(),
+                rec,
+                held: held.map(Box::new),
+                not_before: None,
+                provider_asked: false,
+                claim_wait: false,
+                last_requested: LastRequested::new(),
+                flight: None,
+                removed: false,
+                handle,
+                sites_wanted: false,
+                account_hidden: false,
+                resolve_failures: 0,
+                resolving: false,
+                last_site_miss: None,
+                stale: false,
+                claim: None,
+            }),
+        }
+    }
+
     /// The state, for writing (or for a read that must not interleave with a write).
     fn lock(&self) -> SlotGuard<'_> {
         SlotGuard(self.state.write())
@@ -452,51 +484,6 @@ impl SlotState {
     /// Whether this connection belongs in the [`SiteIndex`]: installed and active.
     fn filed(&self) -> bool {
         !self.removed && self.rec.conn.status == Status::Active
-    }
-}
-
-/// How connections are found: callers name them by id or by label.
-#[derive(Default)]
-struct Index {
-    /// Every installed connection. A slot leaves it on removal (and is marked `removed`), so
-    /// its length is the number of connections, read in O(1) by [`Engine::status_counts`].
-    /// Keys are `Box<str>`, as in `by_label`: a key never grows, and a `String`'s capacity
-    /// word was 8 bytes a bucket.
-    by_id: HashMap<Box<str>, Arc<Slot>>,
-    /// Label to connection: labels are unique in the ledger, and the API accepts either.
-    /// Ordered, so that listings come in label order without sorting every connection each
-    /// call, and a page (`?after=LABEL`) starts with a range lookup. The same slot as
-    /// `by_id`'s (a reference count, not another copy of the id).
-    by_label: BTreeMap<Box<str>, Arc<Slot>>,
-    /// Every installed slot by its [`Handle`] (`None`: a free number): where the
-    /// [`SiteIndex`]'s handles lead.
-    handles: Vec<Option<Arc<Slot>>>,
-    /// The free numbers of `handles`, given out again before `handles` grows.
-    free: Vec<Handle>,
-}
-
-impl Index {
-    /// A number for a new slot.
-    fn give_handle(&mut self) -> Handle {
-        if let Some(h) = self.free.pop() {
-            return h;
-        }
-        self.handles.push(None);
-        Handle::try_from(self.handles.len() - 1).expect("fewer than 2^32 connections")
-    }
-
-    /// Frees a slot's number.
-    fn free_handle(&mut self, h: Handle) {
-        if let Some(place) = self.handles.get_mut(h as usize)
-            && place.take().is_some()
-        {
-            self.free.push(h);
-        }
-    }
-
-    /// The slot of a number, if one holds it now.
-    fn by_handle(&self, h: Handle) -> Option<&Arc<Slot>> {
-        self.handles.get(h as usize).and_then(Option::as_ref)
     }
 }
 
@@ -523,83 +510,10 @@ pub(crate) struct SiteIndex {
     by_host: KeyMap,
 }
 
-/// One of the [`SiteIndex`]'s maps: a key is in `one` while one connection is filed under
-/// it, in `many` (sorted, no duplicates) while two or more are, never in both (canonical, so
-/// that two indexes holding the same handles compare equal). Apart, so that the common
-/// entry is two `u32`s.
-#[derive(Default, Debug, PartialEq, Eq)]
-struct KeyMap {
-    /// Keys with one connection.
-    one: HashMap<u32, Handle>,
-    /// Keys with two or more (rare: a site several connections reach, or a collision).
-    many: HashMap<u32, Vec<Handle>>,
-}
-
-impl KeyMap {
-    /// The handles filed under `key`.
-    fn get(&self, key: u32) -> impl Iterator<Item = Handle> + '_ {
-        let one = self.one.get(&key).copied();
-        let many = self.many.get(&key).into_iter().flatten().copied();
-        one.into_iter().chain(many)
-    }
-
-    /// Files `handle` under `key` (once).
-    fn file(&mut self, key: u32, handle: Handle) {
-        if let Some(list) = self.many.get_mut(&key) {
-            if let Err(at) = list.binary_search(&handle) {
-                list.insert(at, handle);
-            }
-            return;
-        }
-        match self.one.get(&key) {
-            None => {
-                self.one.insert(key, handle);
-            }
-            Some(&have) if have == handle => {}
-            Some(&have) => {
-                self.one.remove(&key);
-                let mut both = vec![have, handle];
-                both.sort_unstable();
-                self.many.insert(key, both);
-            }
-        }
-    }
-
-    /// Takes `handle` out from under `key`, dropping the key when nobody is left.
-    fn unfile(&mut self, key: u32, handle: Handle) {
-        if self.one.get(&key) == Some(&handle) {
-            self.one.remove(&key);
-            return;
-        }
-        let Some(list) = self.many.get_mut(&key) else {
-            return;
-        };
-        if let Ok(at) = list.binary_search(&handle) {
-            list.remove(at);
-        }
-        if let [only] = list[..] {
-            self.many.remove(&key);
-            self.one.insert(key, only);
-        }
-    }
-}
-
 /// A slot's number in [`Index::handles`]: given at install, free again at uninstall (and
 /// then given to a later slot). What the [`SiteIndex`] files a connection as: 4 bytes
 /// instead of a copy of its id.
 pub(crate) type Handle = u32;
-
-/// The keys of the [`SiteIndex`]'s hash: random per process (so that nobody can choose
-/// site names that collide), the same for every index of the process (the kept one and a
-/// recount).
-static KEY_HASHER: LazyLock<std::hash::RandomState> = LazyLock::new(Default::default);
-
-/// The [`SiteIndex`] key of a normalised cloud id or host: 32 bits of a keyed SipHash.
-fn key_hash(key: &str) -> u32 {
-    use std::hash::BuildHasher;
-    let h = KEY_HASHER.hash_one(key);
-    (h ^ (h >> 32)) as u32
-}
 
 /// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
 /// [`SiteIndex`] files them): the check of a lookup's candidates.
@@ -639,8 +553,8 @@ impl SiteKeys {
 impl SiteIndex {
     /// Room for `n` more connections of one site each (a load's).
     fn reserve(&mut self, n: usize) {
-        self.by_cloud_id.one.reserve(n);
-        self.by_host.one.reserve(n);
+        self.by_cloud_id.reserve(n);
+        self.by_host.reserve(n);
     }
 
     /// Files connection `handle` under `keys` (a key listed twice is filed once).
@@ -706,8 +620,9 @@ pub struct Engine {
     /// `[refresh]` in force; a reload replaces it (then every chain is re-planned), so it is
     /// read fresh, cloned, at each decision.
     settings: RwLock<RefreshConfig>,
-    /// Every connection in memory, by id and label: the token path reads it on every request,
-    /// so a read lock; only install, uninstall and relabel write.
+    /// Every connection in memory, by handle, id and label and in label order: the token
+    /// path reads it on every request, so a read lock; only install, uninstall and relabel
+    /// write. Taken before a slot's lock, never while holding one (see [`Index`]).
     index: RwLock<Index>,
     /// Which active connections reach each site (`/v1/token?site=`). Its own lock, taken
     /// last (after `index` and a slot's): a status changes under the slot's lock alone.
@@ -806,6 +721,7 @@ impl Engine {
         // at 100,000 connections, installing took a third of start-up after the load.
         let (sink, mut loaded) = tokio::sync::mpsc::channel(LOAD_BATCHES_QUEUED);
         let installing = async {
+            engine.index.write().begin_load();
             let mut reserved = false;
             while let Some((total, batch)) = loaded.recv().await {
                 if !reserved {
@@ -816,6 +732,7 @@ impl Engine {
                     engine.install_loaded(rec);
                 }
             }
+            engine.index.write().end_load();
         };
         let (done, ()) = tokio::join!(engine.store.load_batches(sink), installing);
         done?;
@@ -826,7 +743,7 @@ impl Engine {
     /// every key about twice over, a tenth of a large ledger's start-up.
     fn reserve(&self, n: usize) {
         let mut index = self.index.write();
-        index.by_id.reserve(n);
+        index.reserve(n);
         self.sites.write().reserve(n);
         self.plan.reserve(n);
     }
@@ -898,64 +815,44 @@ impl Engine {
         self.clock.now()
     }
 
+    /// Installs a connection: a new slot, filed in the index (by handle, id and label) and,
+    /// when active, in the site index. An id installed already (never: ids are new, or were
+    /// uninstalled first) replaces the old slot, which is removed with its counts kept right.
     fn install(&self, rec: Record, held: Option<Held>) -> Arc<Slot> {
         if held.is_some() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
-        let id = rec.conn.id.clone();
-        let label = rec.conn.label.clone();
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
         let mut index = self.index.write();
+        let old_slot = index.by_id(&rec.conn.id).cloned();
         let handle = index.give_handle();
-        let slot = Arc::new(Slot {
-            chain: tokio::sync::Mutex::new(()),
-            state: RwLock::new(SlotState {
-                face: OnceLock::new(),
-                access_shared: OnceLock::new(),
-                rec,
-                held: held.map(Box::new),
-                not_before: None,
-                provider_asked: false,
-                claim_wait: false,
-                last_requested: LastRequested::new(),
-                flight: None,
-                removed: false,
-                handle,
-                sites_wanted: false,
-                account_hidden: false,
-                resolve_failures: 0,
-                resolving: false,
-                last_site_miss: None,
-                stale: false,
-                claim: None,
-            }),
-        });
-        index.handles[handle as usize] = Some(slot.clone());
-        index.by_label.insert(label.into_boxed_str(), slot.clone());
-        if active {
-            self.active.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(old_slot) = index.by_id.insert(id.into_boxed_str(), slot.clone()) {
-            // Never happens (ids are new, or were uninstalled first); keep the counts right.
+        let slot = Arc::new(Slot::new(rec, held, handle));
+        if let Some(old_slot) = old_slot {
+            let (old_handle, old_id, old_label) = {
+                let old = old_slot.read();
+                let (id, label) = (slot_id(&old).to_owned(), slot_label(&old).to_owned());
+                (old.handle, id, label)
+            };
+            index.remove(old_handle, &old_id, &old_label);
             let mut old = old_slot.lock();
-            let old_label = old.rec.conn.label.clone();
-            if index
-                .by_label
-                .get(old_label.as_str())
-                .is_some_and(|s| Arc::ptr_eq(s, &old_slot))
-            {
-                index.by_label.remove(old_label.as_str());
-            }
             if old.filed() {
                 self.one_fewer_active();
                 self.unfile_sites(&old);
             }
             old.removed = true;
-            let old_handle = old.handle;
             drop(old);
             self.plan.cancel(old_handle);
             index.free_handle(old_handle);
+        }
+        {
+            // Read, not copied: nobody else has the new slot yet, and filing it reads the
+            // other slots' labels only.
+            let st = slot.read();
+            index.insert(handle, slot.clone(), slot_id(&st), slot_label(&st));
+        }
+        if active {
+            self.active.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(keys) = keys {
             self.sites.write().file(handle, &keys);
@@ -965,28 +862,25 @@ impl Engine {
 
     fn uninstall(&self, id: &str) {
         let mut index = self.index.write();
-        if let Some(slot) = index.by_id.remove(id) {
-            let mut st = slot.lock();
-            if st.filed() {
-                self.one_fewer_active();
-                self.unfile_sites(&st);
-            }
-            st.removed = true;
-            self.set_held(&mut st, None);
-            let label = st.rec.conn.label.clone();
-            let handle = st.handle;
-            drop(st);
-            // The plan goes before the handle is free: no other slot can have it yet.
-            self.plan.cancel(handle);
-            index.free_handle(handle);
-            if index
-                .by_label
-                .get(label.as_str())
-                .is_some_and(|s| Arc::ptr_eq(s, &slot))
-            {
-                index.by_label.remove(label.as_str());
-            }
+        let Some(slot) = index.by_id(id).cloned() else {
+            return;
+        };
+        let (handle, label) = {
+            let st = slot.read();
+            (st.handle, slot_label(&st).to_owned())
+        };
+        index.remove(handle, id, &label);
+        let mut st = slot.lock();
+        if st.filed() {
+            self.one_fewer_active();
+            self.unfile_sites(&st);
         }
+        st.removed = true;
+        self.set_held(&mut st, None);
+        drop(st);
+        // The plan goes before the handle is free: no other slot can have it yet.
+        self.plan.cancel(handle);
+        index.free_handle(handle);
     }
 
     /// The active count goes down by one. It never wraps: a decrement below zero would be a
@@ -1059,34 +953,38 @@ impl Engine {
         std::mem::replace(&mut st.held, held.map(Box::new)).map(|b| *b)
     }
 
-    /// A connection's label changed (a held insert committed under a generated label).
-    fn relabel(&self, id: &str, old: &str, new: &str) {
+    /// A connection's label changes to `new` (a held insert committed under a generated
+    /// label): the one change of a slot's label, made under the index's write lock, between
+    /// taking the slot out of the label order and filing it again, so that no holder of the
+    /// index lock ever sees a filed label out of its place.
+    fn relabel(&self, slot: &Arc<Slot>, new: String) {
         let mut index = self.index.write();
-        let Some(slot) = index.by_id.get(id).cloned() else {
-            return;
+        let (handle, old, removed) = {
+            let st = slot.read();
+            (st.handle, slot_label(&st).to_owned(), st.removed)
         };
-        if index
-            .by_label
-            .get(old)
-            .is_some_and(|s| Arc::ptr_eq(s, &slot))
-        {
-            index.by_label.remove(old);
+        if removed {
+            // Out of the index already.
+            index::set_slot_label(&mut slot.lock(), new);
+            return;
         }
-        index.by_label.insert(new.into(), slot);
+        index.unfile_label(handle, &old);
+        index::set_slot_label(&mut slot.lock(), new.clone());
+        index.file_label(handle, &new);
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
         let index = self.index.read();
-        index.by_id.values().cloned().collect()
+        index.slots().cloned().collect()
     }
 
     /// Finds a connection by id, or else by label.
     fn find(&self, id_or_label: &str) -> Option<Arc<Slot>> {
         let index = self.index.read();
-        if let Some(slot) = index.by_id.get(id_or_label) {
-            return Some(slot.clone());
-        }
-        index.by_label.get(id_or_label).cloned()
+        index
+            .by_id(id_or_label)
+            .or_else(|| index.by_label(id_or_label))
+            .cloned()
     }
 
     /// A fresh access token valid for at least `min_valid` (or the freshest the provider
@@ -1835,6 +1733,71 @@ mod tests {
             engine.connections_for_site("next.atlassian.net"),
             ["c-next"]
         );
+    }
+
+    /// Pages of the listing walk every connection once, in label order, across installs,
+    /// a relabel (a held insert committed under a generated label) and removals; lookups by
+    /// id and label follow; an id installed twice leaves one connection, the new one.
+    #[tokio::test]
+    async fn listings_page_in_label_order_across_relabels_and_removals() {
+        let (engine, _dir) = engine_with(5, 1).await;
+        let all = |engine: &Engine| {
+            let (mut labels, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let page = engine.list_page(after.as_deref(), Some(2));
+                labels.extend(page.items.iter().map(|i| i.conn.label.clone()));
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => return labels,
+                }
+            }
+        };
+        engine.index_matches_recount().unwrap();
+        assert_eq!(all(&engine), ["l0", "l1", "l2", "l3", "l4"]);
+
+        let now = chrono::Utc::now();
+        for (id, label) in [("c-b", "l2b"), ("c-a", "a0")] {
+            engine.install(crate::model::sample_record(id, label, id, now), None);
+        }
+        engine.index_matches_recount().unwrap();
+        assert_eq!(all(&engine), ["a0", "l0", "l1", "l2", "l2b", "l3", "l4"]);
+
+        let slot = engine.find("l1").unwrap();
+        engine.relabel(&slot, "z-generated".into());
+        engine.index_matches_recount().unwrap();
+        assert_eq!(
+            all(&engine),
+            ["a0", "l0", "l2", "l2b", "l3", "l4", "z-generated"]
+        );
+        assert!(engine.find("l1").is_none(), "the old label names nobody");
+        assert!(Arc::ptr_eq(&engine.find("z-generated").unwrap(), &slot));
+        assert_eq!(
+            engine.get("c000000000001").unwrap().conn.label,
+            "z-generated"
+        );
+
+        engine.uninstall("c000000000003");
+        engine.uninstall("c-a");
+        engine.index_matches_recount().unwrap();
+        assert_eq!(all(&engine), ["l0", "l2", "l2b", "l4", "z-generated"]);
+        let page = engine.list_page(Some("l2"), Some(2));
+        let labels: Vec<_> = page.items.iter().map(|i| i.conn.label.as_str()).collect();
+        assert_eq!(labels, ["l2b", "l4"]);
+        assert_eq!(page.next.as_deref(), Some("l4"));
+        assert!(engine.find("l3").is_none());
+
+        let before = engine.status_counts();
+        let again = crate::model::sample_record("c-b", "l2c", "c-b", now);
+        let next = engine.install(again, None);
+        engine.index_matches_recount().unwrap();
+        assert_eq!(engine.status_counts(), before, "one connection, not two");
+        assert!(Arc::ptr_eq(&engine.find("c-b").unwrap(), &next));
+        assert!(
+            engine.find("l2b").is_none(),
+            "the replaced slot's label is free"
+        );
+        assert_eq!(all(&engine), ["l0", "l2", "l2c", "l4", "z-generated"]);
+        engine.site_index_matches_recount().unwrap();
     }
 
     /// A stream of `?site=` misses costs one look over the connections per

@@ -143,7 +143,7 @@ impl Engine {
     /// The slot of connection `id` (ids only, not labels).
     fn index_by_id(&self, id: &str) -> Option<Arc<Slot>> {
         let index = self.index.read();
-        index.by_id.get(id).cloned()
+        index.by_id(id).cloned()
     }
 }
 

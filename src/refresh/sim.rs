@@ -958,6 +958,9 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
         // one built again over every connection.
         e.site_index_matches_recount()
             .map_err(|m| format!("{step}: {m}"))?;
+        // So are the indexes by id and label and the label order listings page through.
+        e.index_matches_recount()
+            .map_err(|m| format!("{step}: {m}"))?;
         for slot in e.slots() {
             // What a cached token's answer shows of its connection is what the record says,
             // as a reader (sharing the lock with the token path) sees it.

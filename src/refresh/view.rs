@@ -93,21 +93,20 @@ impl Engine {
     /// at most `limit` of them (all when `None`). Reads the label-ordered index: a page costs
     /// O(log n + limit), never a sort of every connection.
     pub fn list_page(&self, after: Option<&str>, limit: Option<usize>) -> Page {
-        use std::ops::Bound;
         let limit = limit.unwrap_or(usize::MAX);
         let (slots, next) = {
             let index = self.index.read();
-            let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-            let mut range = index
-                .by_label
-                .range::<str, _>((start, Bound::Unbounded))
-                .map(|(label, slot)| (label, slot.clone()));
-            let slots: Vec<_> = range.by_ref().take(limit).collect();
+            let mut range = index.after(after).cloned();
+            let slots: Vec<Arc<Slot>> = range.by_ref().take(limit).collect();
             let more = range.next().is_some();
+            // Read under the index lock: a filed label changes only under its write lock.
             let next = more
-                .then(|| slots.last().map(|(label, _)| label.to_string()))
+                .then(|| {
+                    slots
+                        .last()
+                        .map(|slot| super::slot_label(&slot.read()).to_owned())
+                })
                 .flatten();
-            let slots: Vec<_> = slots.into_iter().map(|(_, slot)| slot).collect();
             (slots, next)
         };
         let items = slots
@@ -142,7 +141,7 @@ impl Engine {
     /// kept as statuses change ([`Engine::adopt`], install, uninstall), since any socket peer
     /// may ask for `/v1/health` as often as it likes.
     pub fn status_counts(&self) -> (usize, usize) {
-        let total = self.index.read().by_id.len();
+        let total = self.index.read().len();
         let active = self
             .active
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -206,6 +205,13 @@ impl Engine {
                 "the site index is {kept:?} but a recount gives {recount:?}"
             ))
         }
+    }
+
+    /// Whether the id and label indexes are exactly what the installed slots say
+    /// ([`super::index::Index::check`]): unit tests and the simulation check it.
+    #[cfg(test)]
+    pub(crate) fn index_matches_recount(&self) -> Result<(), String> {
+        self.index.read().check()
     }
 
     /// Warns about every active connection whose absolute (consent) expiry is within
