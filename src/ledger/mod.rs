@@ -1310,7 +1310,7 @@ const LOAD_BATCH: usize = 256;
 const LOAD_QUEUE: usize = 4;
 
 /// Every connection with its chain and sites (removed sites excluded), from one read
-/// transaction, handed to `emit` in batches of at most [`LOAD_BATCH`] in table order with
+/// transaction, handed to `emit` in batches of at most [`LOAD_BATCH`] in label order with
 /// the number of connections in all; `emit` answering false ends the load early. Two scans,
 /// not one site query per connection (at 100,000 connections, start-up's largest cost was
 /// preparing and running that query 100,000 times): the sites first, then the rows, read on
@@ -1327,7 +1327,12 @@ fn load_each(
     let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
     let total = usize::try_from(total).unwrap_or(0);
     let mut sites = all_sites(&tx, total)?;
-    let mut stmt = tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
+    // In label order (the label's unique index, no sort; Rust's order of strings is
+    // SQLite's `BINARY` collation): the engine's listing order, which it then builds by
+    // appending each row, not by inserting it in place.
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY label"
+    ))?;
     let mut rows = stmt.query([])?;
     type Sealed = Vec<Result<SealedRecord, String>>;
     let (to_open, queued) = std::sync::mpsc::sync_channel::<Sealed>(LOAD_QUEUE);
@@ -1613,10 +1618,13 @@ pub(crate) mod tests {
             got.extend(batch);
         }
         loading.await.unwrap().unwrap();
-        let want: Vec<String> = (0..n).map(|i| format!("c{i:05}")).collect();
+        // Row i is labelled `l{i}`, so label order is not table order (`l10` before `l2`).
+        let mut rows: Vec<usize> = (0..n).collect();
+        rows.sort_by_key(|i| format!("l{i}"));
+        let want: Vec<String> = rows.iter().map(|i| format!("c{i:05}")).collect();
         let ids: Vec<&str> = got.iter().map(|r| r.conn.id.as_str()).collect();
-        assert_eq!(ids, want, "in table order, each once");
-        for (i, rec) in got.iter().enumerate() {
+        assert_eq!(ids, want, "in label order, each once");
+        for (rec, &i) in got.iter().zip(&rows) {
             assert_eq!(rec.chain.refresh_token.expose(), format!("rt-{i}"));
             assert_eq!(rec.conn.label, format!("l{i}"));
             assert_eq!(rec.conn.sites.len(), 1, "{}", rec.conn.id);
@@ -1630,14 +1638,14 @@ pub(crate) mod tests {
         );
 
         // A value moved from another row, in the second batch and in the last one: the load
-        // fails on the first, by name.
+        // fails on the first, by name (the rows at those places of the load's order).
         let moved = ledger.stored_refresh_token("c00000").await;
-        let first_bad = format!("c{:05}", LOAD_BATCH + 3);
+        let first_bad = want[LOAD_BATCH + 3].clone();
         ledger
             .overwrite_stored_refresh_token(&first_bad, &moved)
             .await;
         ledger
-            .overwrite_stored_refresh_token(&format!("c{:05}", n - 2), &moved)
+            .overwrite_stored_refresh_token(&want[n - 2], &moved)
             .await;
         let err = ledger.load_all().await.unwrap_err().to_string();
         assert!(

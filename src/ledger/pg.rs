@@ -691,7 +691,8 @@ impl PgLedger {
         .await
     }
 
-    /// Every connection with its chain and sites (removed sites excluded), from one snapshot.
+    /// Every connection with its chain and sites (removed sites excluded), from one snapshot,
+    /// in label order.
     pub async fn load_all(&self) -> Result<Vec<Record>, PgError> {
         self.read(|tx, keys| {
             Box::pin(async move {
@@ -699,9 +700,14 @@ impl PgLedger {
                 // them.
                 tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     .await?;
+                // In label order as Rust orders strings (bytes: the "C" collation, not
+                // the database's), the engine's listing order, which it then builds by
+                // appending each row, not by inserting it in place.
                 let rows = tx
                     .query(
-                        &format!("SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY id"),
+                        &format!(
+                            "SELECT {CONNECTION_COLUMNS} FROM connections ORDER BY label COLLATE \"C\""
+                        ),
                         &[],
                     )
                     .await?;

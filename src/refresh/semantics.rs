@@ -160,6 +160,7 @@ both_stores!(
     tokens_are_sealed_and_a_moved_value_does_not_open,
     control_characters_from_the_provider_never_stop_a_write,
     a_value_the_store_refuses_is_a_bad_request_not_unavailable,
+    a_load_comes_in_label_order,
 );
 
 fn record(id: &str, label: &str, rt: &str) -> Record {
@@ -295,6 +296,30 @@ async fn labels_and_accounts_are_unique(s: &impl Harness) {
         1,
         "nothing half-inserted"
     );
+}
+
+/// The load hands the connections over in label order as Rust orders strings (bytes, not
+/// the database's collation): the engine builds its label order by appending each one.
+async fn a_load_comes_in_label_order(s: &impl Harness) {
+    for (id, label) in [
+        ("c1", "b-label"),
+        ("c2", "\u{e4}x"),
+        ("c3", "a"),
+        ("c4", "B"),
+    ] {
+        s.insert(record(id, label, id), vec![]).await.unwrap();
+    }
+    let labels: Vec<String> = s
+        .load_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.conn.label)
+        .collect();
+    let mut sorted = labels.clone();
+    sorted.sort_unstable();
+    assert_eq!(labels, sorted);
+    assert_eq!(labels, ["B", "a", "b-label", "\u{e4}x"]);
 }
 
 async fn merge_moves_a_chain_only_at_both_versions(s: &impl Harness) {
