@@ -124,8 +124,8 @@ impl Engine {
             // memory, so that a merge or a removal waiting for it sees the settled state.
             let slot = guard.slot.clone();
             let chain = match slot.chain.try_lock() {
-                Ok(g) => g,
-                Err(_) => {
+                Some(g) => g,
+                None => {
                     // A merge or removal holds it: give up the reserved place (a permit
                     // granted to a task that cannot run yet would starve the others).
                     let mut reserved = reserved;
@@ -151,7 +151,7 @@ impl Engine {
 
 async fn finish_with(
     guard: FlightGuard,
-    chain: tokio::sync::MutexGuard<'_, ()>,
+    chain: super::chain_lock::ChainGuard<'_>,
     need: Need,
     ticket: Ticket,
     reserved: Option<super::permits::Waiting>,

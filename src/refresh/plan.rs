@@ -7,7 +7,6 @@
 use crate::config::RefreshConfig;
 use crate::model::{Record, Status, Time};
 use parking_lot::Mutex;
-use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -159,41 +158,177 @@ fn jitter_factor(id: &str, used_at: Time) -> f64 {
     1.0 - ROTATION_JITTER + 2.0 * ROTATION_JITTER * unit
 }
 
-/// The planner's state: both views of the same entries, changed together under one lock.
+/// Instants in the queue are nanoseconds from the queue's base, shifted left by this many
+/// bits to make room for the urgency below them: one `u64` orders by instant, then urgency.
+/// 62 bits of nanoseconds are 146 years, so no planned instant is ever rounded (an instant
+/// further out is kept as base + 146 years: later than every other, and never due).
+const URGENCY_BITS: u32 = 2;
+
+/// The largest offset from the base the queue keeps, in nanoseconds.
+const MAX_OFFSET_NANOS: u64 = u64::MAX >> URGENCY_BITS;
+
+/// `pos` of a handle that is not planned.
+const NOT_PLANNED: u32 = 0;
+
+/// The planner's state: a binary min-heap of the planned connections, indexed by handle so
+/// that a re-plan or a cancellation finds its entry in O(1) and moves it in O(log n).
 /// A connection is named by its slot handle (`refresh::Handle`, a small number given at
-/// install), not its id: 24 bytes an entry in `order` and in `current`, no allocation (an id
-/// in each, shared, was about 220 bytes a connection with the maps' room at the scale
-/// bench's 100,000). The engine cancels a connection's plan before its handle is freed, so a
-/// handle here always names the slot that planned it.
-#[derive(Default)]
+/// install), not its id, and an entry is packed into 16 bytes in three dense vectors, no
+/// node or allocation of its own: the key (instant and urgency, 8 bytes), the handle (4) and
+/// the handle's place in the heap (4). A `BTreeSet<(Instant, Urgency, u32)>` of 24-byte
+/// entries in half-full nodes beside a `Vec<Option<(Instant, Urgency)>>` was about 79 bytes a
+/// connection at the scale bench's 100,000. The engine cancels a connection's plan before
+/// its handle is freed, so a handle here always names the slot that planned it.
 struct Queue {
-    /// Ordered by instant, then urgency: exactly one entry per planned connection.
-    order: BTreeSet<(Instant, Urgency, u32)>,
-    /// Each planned connection's entry in `order`, by handle (`None`: not planned): a
-    /// re-plan finds and replaces the old entry (one per chain, however often it is
-    /// re-planned), and `next_of` answers the API's `next_rotation_at` without walking the
-    /// queue. Indexed, not hashed: handles are dense.
-    current: Vec<Option<(Instant, Urgency)>>,
+    /// Instant zero of the keys: the queue's creation. Every instant the engine plans is
+    /// "now" or later (`next_action` never plans in the past), so none is before it; one
+    /// that were would be kept as the base itself, due as soon as anything.
+    base: Instant,
+    /// The heap's keys: `offset_nanos << URGENCY_BITS | urgency`, so that comparing keys
+    /// (then handles) is the order of `(Instant, Urgency, handle)`.
+    keys: Vec<u64>,
+    /// The heap's handles, beside `keys` (one vector of `(u64, u32)` would pad each entry to
+    /// 16 bytes).
+    handles: Vec<u32>,
+    /// Each handle's place in the heap plus one ([`NOT_PLANNED`]: not planned): a re-plan
+    /// finds and replaces the old entry (one per chain, however often it is re-planned), and
+    /// `next_of` answers the API's `next_rotation_at` without walking the queue. Indexed,
+    /// not hashed: handles are dense.
+    pos: Vec<u32>,
 }
 
 impl Queue {
+    fn new() -> Queue {
+        Queue {
+            base: Instant::now(),
+            keys: Vec::new(),
+            handles: Vec::new(),
+            pos: Vec::new(),
+        }
+    }
+
+    /// The key of an entry.
+    fn key(&self, at: Instant, urgency: Urgency) -> u64 {
+        let nanos = at.saturating_duration_since(self.base).as_nanos();
+        let offset = u64::try_from(nanos).map_or(MAX_OFFSET_NANOS, |n| n.min(MAX_OFFSET_NANOS));
+        (offset << URGENCY_BITS) | urgency as u64
+    }
+
+    /// The entry a key stands for.
+    fn entry(&self, key: u64) -> (Instant, Urgency) {
+        let urgency = match key & ((1 << URGENCY_BITS) - 1) {
+            0 => Urgency::Recover,
+            1 => Urgency::Renew,
+            _ => Urgency::Rotate,
+        };
+        (
+            self.base + Duration::from_nanos(key >> URGENCY_BITS),
+            urgency,
+        )
+    }
+
+    /// Where `handle` is in the heap, if planned.
+    fn place(&self, handle: u32) -> Option<usize> {
+        match self.pos.get(handle as usize) {
+            Some(&p) if p != NOT_PLANNED => Some(p as usize - 1),
+            _ => None,
+        }
+    }
+
+    /// Whether heap entry `a` comes before entry `b`.
+    fn before(&self, a: usize, b: usize) -> bool {
+        (self.keys[a], self.handles[a]) < (self.keys[b], self.handles[b])
+    }
+
+    /// Swaps two heap entries, keeping `pos` in step.
+    fn swap(&mut self, a: usize, b: usize) {
+        self.keys.swap(a, b);
+        self.handles.swap(a, b);
+        self.pos[self.handles[a] as usize] = a as u32 + 1;
+        self.pos[self.handles[b] as usize] = b as u32 + 1;
+    }
+
+    /// Moves entry `i` up or down to its place.
+    fn sift(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if !self.before(i, parent) {
+                break;
+            }
+            self.swap(i, parent);
+            i = parent;
+        }
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < self.keys.len() && self.before(l, least) {
+                least = l;
+            }
+            if r < self.keys.len() && self.before(r, least) {
+                least = r;
+            }
+            if least == i {
+                break;
+            }
+            self.swap(i, least);
+            i = least;
+        }
+    }
+
     /// The entry of `handle`, if planned.
     fn get(&self, handle: u32) -> Option<(Instant, Urgency)> {
-        self.current.get(handle as usize).copied().flatten()
+        self.place(handle).map(|i| self.entry(self.keys[i]))
+    }
+
+    /// The earliest entry's key, if any.
+    fn first(&self) -> Option<u64> {
+        self.keys.first().copied()
     }
 
     /// Takes the entry of `handle` out, if planned.
     fn take(&mut self, handle: u32) -> Option<(Instant, Urgency)> {
-        self.current.get_mut(handle as usize).and_then(Option::take)
+        let i = self.place(handle)?;
+        let last = self.keys.len() - 1;
+        if i != last {
+            self.swap(i, last);
+        }
+        let key = self.keys.pop().expect("planned");
+        self.handles.pop();
+        self.pos[handle as usize] = NOT_PLANNED;
+        if i < self.keys.len() {
+            self.sift(i);
+        }
+        Some(self.entry(key))
     }
 
-    /// Sets the entry of `handle`; returns the one it replaces.
-    fn put(&mut self, handle: u32, entry: (Instant, Urgency)) -> Option<(Instant, Urgency)> {
-        let at = handle as usize;
-        if self.current.len() <= at {
-            self.current.resize(at + 1, None);
+    /// Sets the entry of `handle`; returns whether it changed.
+    fn put(&mut self, handle: u32, at: Instant, urgency: Urgency) -> bool {
+        let key = self.key(at, urgency);
+        if let Some(i) = self.place(handle) {
+            if self.keys[i] == key {
+                return false;
+            }
+            self.keys[i] = key;
+            self.sift(i);
+            return true;
         }
-        self.current[at].replace(entry)
+        let h = handle as usize;
+        if self.pos.len() <= h {
+            self.pos.resize(h + 1, NOT_PLANNED);
+        }
+        self.keys.push(key);
+        self.handles.push(handle);
+        let i = self.keys.len() - 1;
+        self.pos[h] = i as u32 + 1;
+        self.sift(i);
+        true
+    }
+
+    /// Room for `n` more planned connections.
+    fn reserve(&mut self, n: usize) {
+        self.keys.reserve(n);
+        self.handles.reserve(n);
+        self.pos.reserve(n);
     }
 }
 
@@ -212,7 +347,7 @@ impl Planner {
     /// An empty queue.
     pub fn new() -> Planner {
         Planner {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue::new()),
             notify: Notify::new(),
         }
     }
@@ -223,47 +358,40 @@ impl Planner {
 
     /// Room for `n` more planned connections (a load's).
     pub fn reserve(&self, n: usize) {
-        self.lock().current.reserve(n);
+        self.lock().reserve(n);
     }
 
     /// Plans (or re-plans) connection `handle`, replacing its earlier entry.
     pub fn schedule(&self, handle: u32, at: Instant, urgency: Urgency) {
-        let mut q = self.lock();
-        if let Some((old_at, old_u)) = q.put(handle, (at, urgency)) {
-            if (old_at, old_u) == (at, urgency) {
-                return;
-            }
-            q.order.remove(&(old_at, old_u, handle));
+        let changed = self.lock().put(handle, at, urgency);
+        if changed {
+            self.notify.notify_one();
         }
-        q.order.insert((at, urgency, handle));
-        drop(q);
-        self.notify.notify_one();
     }
 
     /// Forgets a connection's plan.
     pub fn cancel(&self, handle: u32) {
-        let mut q = self.lock();
-        if let Some((at, u)) = q.take(handle) {
-            q.order.remove(&(at, u, handle));
-        }
+        self.lock().take(handle);
     }
 
     /// The earliest planned instant.
     pub fn next_due(&self) -> Option<Instant> {
-        self.lock().order.first().map(|(at, _, _)| *at)
+        let q = self.lock();
+        q.first().map(|key| q.entry(key).0)
     }
 
-    /// Removes and returns every connection whose instant has come, with its urgency.
+    /// Removes and returns every connection whose instant has come, with its urgency, in
+    /// the queue's order (instant, then urgency, then handle).
     pub fn take_due(&self, now: Instant) -> Vec<Due> {
         let mut q = self.lock();
         let mut out = Vec::new();
-        while let Some((at, _, _)) = q.order.first() {
-            if *at > now {
+        while let Some(key) = q.first() {
+            if q.entry(key).0 > now {
                 break;
             }
-            let (_, u, handle) = q.order.pop_first().expect("peeked");
-            q.take(handle);
-            out.push(Due { handle, urgency: u });
+            let handle = q.handles[0];
+            let (_, urgency) = q.take(handle).expect("the first entry is planned");
+            out.push(Due { handle, urgency });
         }
         out
     }
@@ -279,8 +407,8 @@ impl Planner {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         let q = self.lock();
-        let planned = q.current.iter().flatten().count();
-        debug_assert_eq!(q.order.len(), planned);
+        let planned = q.pos.iter().filter(|&&p| p != NOT_PLANNED).count();
+        debug_assert_eq!(q.keys.len(), planned);
         planned
     }
 
@@ -339,6 +467,91 @@ mod tests {
         assert!(
             p.take_due(Instant::now() + Duration::from_secs(100))
                 .is_empty()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_heap_keeps_the_order_of_instant_urgency_and_handle() {
+        // A model of the queue (the ordered set it replaced) against the heap, over a long
+        // run of seeded re-plans, cancellations and takes, with many equal instants.
+        let p = Planner::new();
+        let t0 = Instant::now();
+        let mut model: std::collections::BTreeSet<(Instant, Urgency, u32)> = Default::default();
+        let mut current: std::collections::HashMap<u32, (Instant, Urgency)> = Default::default();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let urgencies = [Urgency::Recover, Urgency::Renew, Urgency::Rotate];
+        for step in 0..20_000 {
+            let handle = (next() % 300) as u32;
+            match next() % 10 {
+                0..=5 => {
+                    let at = t0 + Duration::from_millis(next() % 50);
+                    let u = urgencies[(next() % 3) as usize];
+                    p.schedule(handle, at, u);
+                    if let Some(old) = current.insert(handle, (at, u)) {
+                        model.remove(&(old.0, old.1, handle));
+                    }
+                    model.insert((at, u, handle));
+                }
+                6 | 7 => {
+                    p.cancel(handle);
+                    if let Some(old) = current.remove(&handle) {
+                        model.remove(&(old.0, old.1, handle));
+                    }
+                }
+                _ => {
+                    let now = t0 + Duration::from_millis(next() % 60);
+                    let want: Vec<Due> = model
+                        .iter()
+                        .take_while(|(at, _, _)| *at <= now)
+                        .map(|&(_, urgency, handle)| Due { handle, urgency })
+                        .collect();
+                    for d in &want {
+                        let old = current.remove(&d.handle).expect("planned");
+                        model.remove(&(old.0, old.1, d.handle));
+                    }
+                    assert_eq!(p.take_due(now), want, "step {step}");
+                }
+            }
+            assert_eq!(p.len(), model.len());
+            assert_eq!(p.next_due(), model.first().map(|e| e.0));
+            let probe = (next() % 300) as u32;
+            assert_eq!(
+                p.next_of(probe),
+                current
+                    .get(&probe)
+                    .map(|&(at, urgency)| Planned { at, urgency })
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instants_are_kept_exactly_and_far_ones_are_never_due() {
+        let p = Planner::new();
+        let at = Instant::now() + Duration::new(86_400 * 400, 123_456_789);
+        p.schedule(3, at, Urgency::Renew);
+        assert_eq!(
+            p.next_of(3),
+            Some(Planned {
+                at,
+                urgency: Urgency::Renew
+            })
+        );
+        let far = Instant::now() + Duration::from_secs(86_400 * 365 * 200);
+        p.schedule(4, far, Urgency::Rotate);
+        assert!(
+            p.take_due(Instant::now() + Duration::from_secs(86_400 * 365 * 100))
+                .len()
+                == 1
+        );
+        assert!(
+            p.next_of(4)
+                .is_some_and(|planned| planned.at > Instant::now())
         );
     }
 
