@@ -1326,7 +1326,7 @@ fn load_each(
     let tx = db.unchecked_transaction()?;
     let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
     let total = usize::try_from(total).unwrap_or(0);
-    let mut sites = all_sites(&tx, total)?;
+    let sites = all_sites(&tx, total)?;
     let mut stmt = tx.prepare(&format!("SELECT {CONNECTION_COLUMNS} FROM connections"))?;
     let mut rows = stmt.query([])?;
     type Sealed = Vec<Result<SealedRecord, String>>;
@@ -1349,10 +1349,8 @@ fn load_each(
             let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next()? {
                 let mut sealed = decode_sealed(row)?;
-                if let Ok(rec) = &mut sealed
-                    && let Some(found) = sites.remove(rec.conn.id.as_str())
-                {
-                    rec.conn.sites = found;
+                if let Ok(rec) = &mut sealed {
+                    rec.conn.sites = sites.of(&rec.conn.id);
                 }
                 batch.push(sealed);
                 if batch.len() == LOAD_BATCH {
@@ -1378,34 +1376,106 @@ fn load_each(
     })
 }
 
-/// Every connection's sites (removed ones excluded), each connection's ordered by url and
-/// cloud id as [`load_sites`] orders them; room made for `connections` of them. Read in
-/// table order and each connection's few sorted here: SQLite's sort of every site was a
-/// third of the scan (Rust's order of strings is SQLite's `BINARY` collation).
-fn all_sites(
-    db: &rusqlite::Connection,
-    connections: usize,
-) -> Result<std::collections::HashMap<String, Vec<Site>>, LedgerError> {
+/// Every connection's sites (removed ones excluded), as a load reads them before the rows:
+/// their text in one buffer and a row each, sorted by connection id, then url and cloud id
+/// as [`load_sites`] orders them (Rust's order of strings is SQLite's `BINARY` collation;
+/// SQLite's sort of every site was a third of the scan). Two large allocations, not a map of
+/// small ones: a row's sites are made as it is read ([`SiteTable::of`]) and the table goes
+/// back to the system at the load's end, where a map of every connection's `Vec<Site>`,
+/// read first on the load's thread, left about 40 MB of that thread's glibc arena unused at
+/// 100,000 connections once the engine had kept the sites its own way.
+struct SiteTable {
+    /// Every site's connection id, cloud id, url and name, one after the other.
+    text: String,
+    /// Every site, sorted (see the type's doc).
+    rows: Vec<SiteRow>,
+}
+
+/// One site of a [`SiteTable`]: its strings one after the other in the table's text.
+struct SiteRow {
+    /// Where its strings begin in the table's text.
+    start: usize,
+    /// The lengths of its connection id, cloud id, url and name, in that order (SQLite's
+    /// strings are at most a billion bytes).
+    lens: [u32; 4],
+    /// See [`Site::scopes`].
+    scopes: Scopes,
+    /// See [`Site::last_seen_at`].
+    last_seen_at: Time,
+}
+
+impl SiteRow {
+    /// Its strings: connection id, cloud id, url, name.
+    fn texts<'t>(&self, text: &'t str) -> [&'t str; 4] {
+        let mut at = self.start;
+        self.lens.map(|len| {
+            let s = &text[at..at + len as usize];
+            at += len as usize;
+            s
+        })
+    }
+}
+
+impl SiteTable {
+    /// The sites of connection `id`, in order.
+    fn of(&self, id: &str) -> Vec<Site> {
+        let first = self
+            .rows
+            .partition_point(|row| row.texts(&self.text)[0] < id);
+        let n = self.rows[first..]
+            .iter()
+            .take_while(|row| row.texts(&self.text)[0] == id)
+            .count();
+        self.rows[first..first + n]
+            .iter()
+            .map(|row| {
+                let [_, cloud_id, url, name] = row.texts(&self.text);
+                Site {
+                    cloud_id: cloud_id.into(),
+                    url: url.into(),
+                    name: name.into(),
+                    scopes: row.scopes.clone(),
+                    last_seen_at: row.last_seen_at,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Every connection's sites (see [`SiteTable`]); room made for `connections` of them.
+fn all_sites(db: &rusqlite::Connection, connections: usize) -> Result<SiteTable, LedgerError> {
     let mut stmt = db.prepare(
         "SELECT connection_id, cloud_id, url, name, scopes, last_seen_at FROM sites \
          WHERE removed_at IS NULL",
     )?;
     let mut rows = stmt.query([])?;
-    let mut out: std::collections::HashMap<String, Vec<Site>> =
-        std::collections::HashMap::with_capacity(connections);
+    let mut table = SiteTable {
+        text: String::new(),
+        rows: Vec::with_capacity(connections),
+    };
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
-        let sites = out.entry(id).or_default();
-        // Room for exactly one more: a pushed-to `Vec` has room for four, three sites'
-        // worth of memory per connection, and shrinking it afterwards left the rest as a
-        // hole between the load's allocations.
-        sites.reserve_exact(1);
-        sites.push(decode_site(row, 1)?);
+        let start = table.text.len();
+        let mut lens = [0u32; 4];
+        for (i, len) in lens.iter_mut().enumerate() {
+            let s = row.text(i)?;
+            table.text.push_str(&s);
+            *len = u32::try_from(s.len())
+                .map_err(|_| LedgerError::Corrupt("a site's text is too long".into()))?;
+        }
+        table.rows.push(SiteRow {
+            start,
+            lens,
+            scopes: split_scopes(&row.text(4)?),
+            last_seen_at: from_ms(row.int(5)?),
+        });
     }
-    for sites in out.values_mut() {
-        sites.sort_unstable_by(|a, b| (&a.url, &a.cloud_id).cmp(&(&b.url, &b.cloud_id)));
-    }
-    Ok(out)
+    let text = &table.text;
+    let key = |row: &SiteRow| {
+        let [connection, cloud_id, url, _] = row.texts(text);
+        (connection, url, cloud_id)
+    };
+    table.rows.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    Ok(table)
 }
 
 fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {

@@ -961,10 +961,14 @@ impl Engine {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
         let packed = Packed::from(&rec);
-        let id = rec.conn.id;
-        let label = rec.conn.label;
+        // The keys copied here, not taken from `rec`: the load made `rec` on the store's
+        // threads, in glibc arenas of their own, which empty (and are given back) once no
+        // chunk of a load's record is kept in them; each kept id and label would hold a page.
+        let id: Box<str> = packed.id().into();
+        let label: Box<str> = packed.label().into();
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
+        drop(rec);
         let mut index = self.index.write();
         let handle = index.give_handle();
         let slot = Arc::new(Slot {
@@ -991,11 +995,11 @@ impl Engine {
             }),
         });
         index.handles[handle as usize] = Some(slot.clone());
-        index.by_label.insert(label.into_boxed_str(), slot.clone());
+        index.by_label.insert(label, slot.clone());
         if active {
             self.active.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(old_slot) = index.by_id.insert(id.into_boxed_str(), slot.clone()) {
+        if let Some(old_slot) = index.by_id.insert(id, slot.clone()) {
             // Never happens (ids are new, or were uninstalled first); keep the counts right.
             let mut old = old_slot.lock();
             let old_label = old.rec.label().to_owned();
