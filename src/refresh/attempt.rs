@@ -663,7 +663,14 @@ fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
         ));
     }
     match need {
-        Need::Lifetime(min) if super::satisfies_facts(&facts, min, engine.now()) => {
+        Need::Lifetime(min)
+            if super::satisfies_access(
+                facts.access_expires_at,
+                facts.last_refresh_at,
+                min,
+                engine.now(),
+            ) =>
+        {
             Some(Skip::AlreadyFresh)
         }
         Need::Scheduled(_) if !marked => {

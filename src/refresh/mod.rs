@@ -1271,9 +1271,14 @@ impl Engine {
     /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
     fn requested(&self, st: &SlotState) {
         let before = st.last_requested.set(self.requests_base, Instant::now());
-        let facts = st.rec.facts();
-        if !plan::is_hot(&facts, before)
-            && plan::is_hot(&facts, st.last_requested.get(self.requests_base))
+        let (access, refreshed) = st.rec.access_and_refresh();
+        let expires = access.map(|a| a.1);
+        if !plan::is_hot(expires, refreshed, before)
+            && plan::is_hot(
+                expires,
+                refreshed,
+                st.last_requested.get(self.requests_base),
+            )
         {
             self.replan_locked(st);
         }
@@ -1286,9 +1291,10 @@ impl Engine {
         if st.rec.status() == Status::NeedsReauth {
             return Some(Err(needs_reauth_failure(&st.rec.to_record().conn)));
         }
+        let (access, refreshed) = st.rec.access_and_refresh();
         if st.held.is_none()
-            && satisfies_facts(&st.rec.facts(), min_valid, self.now())
-            && let Some(a) = st.rec.access()
+            && let Some(a) = access
+            && satisfies_access(Some(a.1), refreshed, min_valid, self.now())
         {
             return Some(Ok(grant_of(st, a, Served::Cached)));
         }
@@ -1482,17 +1488,27 @@ fn grant_of(st: &SlotState, access: (&str, Time), served: Served) -> TokenGrant 
 /// new one would be is good enough: refreshing again could not do better, and every such
 /// caller would otherwise cost a provider call.
 fn satisfies(rec: &Record, min_valid: Duration, now: Time) -> bool {
-    satisfies_facts(&plan::ChainFacts::of(rec), min_valid, now)
+    satisfies_access(
+        rec.chain.access.as_ref().map(|a| a.expires_at),
+        rec.conn.last_refresh_at,
+        min_valid,
+        now,
+    )
 }
 
-/// [`satisfies`] for what the planner knows of a chain (the packed record's accessors).
-fn satisfies_facts(rec: &plan::ChainFacts<'_>, min_valid: Duration, now: Time) -> bool {
-    let Some(expires_at) = rec.access_expires_at else {
+/// [`satisfies`] for an access token's expiry and the last refresh (what the packed
+/// record's [`Packed::access_and_refresh`] reads).
+fn satisfies_access(
+    access_expires_at: Option<Time>,
+    last_refresh_at: Option<Time>,
+    min_valid: Duration,
+    now: Time,
+) -> bool {
+    let Some(expires_at) = access_expires_at else {
         return false;
     };
     let remaining = (expires_at - now).to_std().unwrap_or(Duration::ZERO);
-    let lifetime = rec
-        .last_refresh_at
+    let lifetime = last_refresh_at
         .and_then(|r| (expires_at - r).to_std().ok())
         .unwrap_or(ASSUMED_ACCESS_LIFETIME);
     let fresh_enough =

@@ -185,17 +185,54 @@ impl Out for Vec<u8> {
     }
 }
 
+/// How many of a record's references ([`Ref`]) the counting pass keeps for the writing
+/// pass, which would otherwise look each up in its table again (a lock and a hash each, for
+/// every record of a load): the connection's three and five sites' scopes.
+const REFS_KEPT: usize = 8;
+
+/// The references of one record in the order the writer looks them up: what the counting
+/// pass found, replayed by the writing pass (the same record asks for the same ones).
+#[derive(Clone, Copy, Default)]
+struct Refs {
+    /// The first [`REFS_KEPT`] found.
+    kept: [Ref; REFS_KEPT],
+    /// How many of `kept` are set.
+    len: usize,
+    /// Whether this pass replays `kept` (the writing one) or fills it (the counting one).
+    replay: bool,
+    /// The next reference's place in the order.
+    next: usize,
+}
+
 /// Writes one record's fields in the layout of the module's doc.
 struct Writer<'o, O: Out> {
     /// Where the bytes go.
     out: &'o mut O,
     /// Where the shared values are numbered.
     tables: &'o Tables,
+    /// The references found by the counting pass.
+    refs: Refs,
     /// The previous time written (seconds, nanoseconds): times are written as differences.
     prev: (i64, i64),
 }
 
 impl<O: Out> Writer<'_, O> {
+    /// The next reference: the counting pass's if it kept it, else `lookup`'s.
+    fn reference(&mut self, lookup: impl FnOnce(&Tables) -> Ref) -> Ref {
+        let refs = &mut self.refs;
+        let at = refs.next;
+        refs.next += 1;
+        if refs.replay && at < refs.len {
+            return refs.kept[at];
+        }
+        let r = lookup(self.tables);
+        if !refs.replay && at < REFS_KEPT {
+            refs.kept[at] = r;
+            refs.len = at + 1;
+        }
+        r
+    }
+
     fn varint(&mut self, mut v: u64) {
         let mut buf = [0u8; 10];
         let mut n = 0;
@@ -231,7 +268,7 @@ impl<O: Out> Writer<'_, O> {
     }
 
     fn shared(&mut self, s: &SharedStr) {
-        let r = self.tables.str_ref(s);
+        let r = self.reference(|t| t.str_ref(s));
         self.varint(r);
         if r == 0 {
             self.str(s);
@@ -239,7 +276,7 @@ impl<O: Out> Writer<'_, O> {
     }
 
     fn scopes(&mut self, s: &Scopes) {
-        let r = self.tables.scopes_ref(s);
+        let r = self.reference(|t| t.scopes_ref(s));
         self.varint(r);
         if r == 0 {
             self.varint(s.len() as u64);
@@ -442,21 +479,29 @@ impl Packed {
     /// `rec` packed, its shared values numbered in `tables`.
     fn with(rec: &Record, tables: &Tables) -> Packed {
         let mut count = Count(0);
-        Writer {
+        let mut counting = Writer {
             out: &mut count,
             tables,
+            refs: Refs::default(),
             prev: (0, 0),
-        }
-        .record(rec);
+        };
+        counting.record(rec);
+        let refs = Refs {
+            replay: true,
+            next: 0,
+            ..counting.refs
+        };
         let mut bytes = Vec::with_capacity(count.0);
         Writer {
             out: &mut bytes,
             tables,
+            refs,
             prev: (0, 0),
         }
         .record(rec);
-        // The numbers do not change between the two passes (a table never forgets, and a
-        // full one stays full), so the count is exact and the vector never grew: no copy of
+        // The numbers do not change between the two passes (they are the same ones, and
+        // past the kept ones a table never forgets, and a full one stays full), so the count
+        // is exact and the vector never grew: no copy of
         // a token was left behind by a reallocation.
         debug_assert_eq!(bytes.len(), count.0);
         Packed {
@@ -727,6 +772,23 @@ impl Packed {
         Some((token, r.time()))
     }
 
+    /// The access token and its expiry, if any, and the last refresh: all the cached token
+    /// path reads (the first two times: the rest is not decoded).
+    pub fn access_and_refresh(&self) -> (Option<(&str, Time)>, Option<Time>) {
+        let head = self.head();
+        let mut r = head.times;
+        let access = head.access_token.map(|token| (token, r.time()));
+        let refreshed = (head.flags & flag::LAST_REFRESH != 0).then(|| r.time());
+        (access, refreshed)
+    }
+
+    /// The id, the refresh token's last use and the consent: what a scrape reads of every
+    /// connection, in one pass.
+    pub fn id_used_consented(&self) -> (&str, Time, Time) {
+        let (head, t) = self.times();
+        (head.id, to_time(t.used), to_time(t.consented))
+    }
+
     /// What the planner and the token path need (see [`ChainFacts`]).
     pub fn facts(&self) -> ChainFacts<'_> {
         let (head, t) = self.times();
@@ -894,6 +956,24 @@ mod tests {
             rec.chain.previous.as_ref().map(|p| p.0.expose())
         );
         assert_eq!(p.used_at(), rec.chain.used_at);
+        assert_eq!(
+            p.access_and_refresh(),
+            (
+                rec.chain
+                    .access
+                    .as_ref()
+                    .map(|a| (a.token.expose(), a.expires_at)),
+                rec.conn.last_refresh_at
+            )
+        );
+        assert_eq!(
+            p.id_used_consented(),
+            (
+                rec.conn.id.as_str(),
+                rec.chain.used_at,
+                rec.conn.consented_at
+            )
+        );
         assert_eq!(p.consented_at(), rec.conn.consented_at);
         assert_eq!(p.attempt_started_at(), rec.chain.attempt_started_at);
         let facts = p.facts();

@@ -5,7 +5,7 @@
 //! sleeps until the earliest one.
 
 use crate::config::RefreshConfig;
-use crate::model::{Record, Status, Time};
+use crate::model::{Status, Time};
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -73,7 +73,8 @@ pub struct ChainFacts<'a> {
 
 impl<'a> ChainFacts<'a> {
     /// The facts of a record.
-    pub fn of(rec: &'a Record) -> ChainFacts<'a> {
+    #[cfg(test)]
+    pub fn of(rec: &'a crate::model::Record) -> ChainFacts<'a> {
         ChainFacts {
             id: &rec.conn.id,
             status: rec.conn.status,
@@ -140,7 +141,11 @@ pub fn next_action(
         Urgency::Rotate,
     );
     if let (true, Some(expires_at), Some(refreshed)) = (
-        is_hot(rec, input.last_requested),
+        is_hot(
+            rec.access_expires_at,
+            rec.last_refresh_at,
+            input.last_requested,
+        ),
         rec.access_expires_at,
         rec.last_refresh_at,
     ) {
@@ -166,10 +171,14 @@ pub fn next_action(
 }
 
 /// Whether a caller asked for this connection's token within [`HOT_LIFETIMES`] access-token
-/// lifetimes.
-pub fn is_hot(rec: &ChainFacts<'_>, last_requested: Option<Instant>) -> bool {
+/// lifetimes (the access token's lifetime: from the last refresh to its expiry).
+pub fn is_hot(
+    access_expires_at: Option<Time>,
+    last_refresh_at: Option<Time>,
+    last_requested: Option<Instant>,
+) -> bool {
     let (Some(asked), Some(expires_at), Some(refreshed)) =
-        (last_requested, rec.access_expires_at, rec.last_refresh_at)
+        (last_requested, access_expires_at, last_refresh_at)
     else {
         return false;
     };

@@ -276,15 +276,15 @@ impl ConnectionSource for Engine {
         let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
         for s in self.slots() {
             let st = s.read();
-            let rec = &st.rec;
             if !st.removed {
+                let (id, used_at, consented_at) = st.rec.id_used_consented();
                 each(ConnectionDeadline {
-                    id: rec.id(),
-                    inactivity_unix: unix(rec.used_at() + chrono_dur(settings.inactivity_expiry)),
+                    id,
+                    inactivity_unix: unix(used_at + chrono_dur(settings.inactivity_expiry)),
                     absolute_unix: settings
                         .absolute_expiry
-                        .map(|a| unix(rec.consented_at() + chrono_dur(a))),
-                    active: rec.status() == Status::Active,
+                        .map(|a| unix(consented_at + chrono_dur(a))),
+                    active: st.rec.status() == Status::Active,
                 });
             }
         }
