@@ -1405,38 +1405,35 @@ struct SiteRow {
 }
 
 impl SiteRow {
-    /// Its strings: connection id, cloud id, url, name.
-    fn texts<'t>(&self, text: &'t str) -> [&'t str; 4] {
-        let mut at = self.start;
-        self.lens.map(|len| {
-            let s = &text[at..at + len as usize];
-            at += len as usize;
-            s
-        })
+    /// Its `i`th string (0 connection id, 1 cloud id, 2 url, 3 name).
+    fn part<'t>(&self, text: &'t str, i: usize) -> &'t str {
+        let at = self.start + self.lens[..i].iter().map(|&l| l as usize).sum::<usize>();
+        &text[at..at + self.lens[i] as usize]
+    }
+
+    /// Its connection's id.
+    fn connection<'t>(&self, text: &'t str) -> &'t str {
+        &text[self.start..self.start + self.lens[0] as usize]
     }
 }
 
 impl SiteTable {
     /// The sites of connection `id`, in order.
     fn of(&self, id: &str) -> Vec<Site> {
-        let first = self
-            .rows
-            .partition_point(|row| row.texts(&self.text)[0] < id);
+        let text = self.text.as_str();
+        let first = self.rows.partition_point(|row| row.connection(text) < id);
         let n = self.rows[first..]
             .iter()
-            .take_while(|row| row.texts(&self.text)[0] == id)
+            .take_while(|row| row.connection(text) == id)
             .count();
         self.rows[first..first + n]
             .iter()
-            .map(|row| {
-                let [_, cloud_id, url, name] = row.texts(&self.text);
-                Site {
-                    cloud_id: cloud_id.into(),
-                    url: url.into(),
-                    name: name.into(),
-                    scopes: row.scopes.clone(),
-                    last_seen_at: row.last_seen_at,
-                }
+            .map(|row| Site {
+                cloud_id: row.part(text, 1).into(),
+                url: row.part(text, 2).into(),
+                name: row.part(text, 3).into(),
+                scopes: row.scopes.clone(),
+                last_seen_at: row.last_seen_at,
             })
             .collect()
     }
@@ -1469,12 +1466,13 @@ fn all_sites(db: &rusqlite::Connection, connections: usize) -> Result<SiteTable,
             last_seen_at: from_ms(row.int(5)?),
         });
     }
-    let text = &table.text;
-    let key = |row: &SiteRow| {
-        let [connection, cloud_id, url, _] = row.texts(text);
-        (connection, url, cloud_id)
-    };
-    table.rows.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    let text = table.text.as_str();
+    table.rows.sort_unstable_by(|a, b| {
+        a.connection(text)
+            .cmp(b.connection(text))
+            .then_with(|| a.part(text, 2).cmp(b.part(text, 2)))
+            .then_with(|| a.part(text, 1).cmp(b.part(text, 1)))
+    });
     Ok(table)
 }
 
@@ -1657,6 +1655,59 @@ pub(crate) mod tests {
             })
             .await
             .unwrap();
+    }
+
+    /// The load's sites (read before the rows, all at once) are each connection's own, in
+    /// the order a connection's own read gives them (url, then cloud id): ids out of order,
+    /// one a prefix of another, a connection without sites, sites inserted in no order.
+    #[tokio::test]
+    async fn a_load_gives_each_connection_its_own_sites_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let site = |cloud_id: &str, url: &str| Site {
+            cloud_id: cloud_id.into(),
+            url: url.into(),
+            name: format!("{cloud_id} at {url}").into(),
+            scopes: vec!["read:page:confluence".to_owned()].into(),
+            last_seen_at: from_ms(1_780_000_000_000),
+        };
+        let rows = [
+            (
+                "c2",
+                vec![
+                    ("k", "https://b.example"),
+                    ("j", "https://a.example"),
+                    ("i", "https://c.example"),
+                ],
+            ),
+            ("c10", vec![]),
+            ("c1", vec![("z", "https://z.example")]),
+            (
+                "c",
+                vec![("y", "https://a.example"), ("x", "https://a.example")],
+            ),
+        ];
+        for (n, (id, sites)) in rows.iter().enumerate() {
+            let mut rec = record(id, &format!("l{n}"), &format!("rt-{n}"));
+            rec.conn.sites = sites.iter().map(|(c, u)| site(c, u)).collect();
+            ledger.insert(rec, vec![]).await.unwrap();
+        }
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all.len(), rows.len());
+        for rec in &all {
+            let one = ledger.load_one(rec.conn.id.clone()).await.unwrap().unwrap();
+            assert_eq!(rec.conn.sites, one.conn.sites, "{}", rec.conn.id);
+        }
+        let c = all.iter().find(|r| r.conn.id == "c").unwrap();
+        let order: Vec<&str> = c.conn.sites.iter().map(|s| &*s.cloud_id).collect();
+        assert_eq!(order, ["x", "y"], "same url: by cloud id");
+        let c2 = all.iter().find(|r| r.conn.id == "c2").unwrap();
+        let order: Vec<&str> = c2.conn.sites.iter().map(|s| &*s.cloud_id).collect();
+        assert_eq!(order, ["j", "k", "i"], "by url");
+        assert!(
+            all.iter()
+                .any(|r| r.conn.id == "c10" && r.conn.sites.is_empty())
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
