@@ -253,12 +253,7 @@ pub struct Site {
 impl Site {
     /// The host of the site URL (`acme.atlassian.net`), used by `/v1/token?site=`.
     pub fn host(&self) -> Option<String> {
-        if let Some(host) = plain_https_host(&self.url) {
-            return Some(host.to_owned());
-        }
-        url::Url::parse(&self.url)
-            .ok()
-            .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
+        url_host(&self.url)
     }
 
     /// The products this site's scopes give access to (`jira`, `confluence`), sorted.
@@ -276,6 +271,17 @@ impl Site {
         }
         out
     }
+}
+
+/// The host of a site URL (`acme.atlassian.net`), lowercased: [`Site::host`], for a URL
+/// held elsewhere than in a [`Site`] (the engine's packed records).
+pub fn url_host(url: &str) -> Option<String> {
+    if let Some(host) = plain_https_host(url) {
+        return Some(host.to_owned());
+    }
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
 }
 
 /// The public face of a connection: everything but its tokens.

@@ -1335,7 +1335,7 @@ fn load_each(
     let tx = db.unchecked_transaction()?;
     let total: i64 = tx.query_row("SELECT count(*) FROM connections", [], |r| r.get(0))?;
     let total = usize::try_from(total).unwrap_or(0);
-    let mut sites = all_sites(&tx, total)?;
+    let sites = all_sites(&tx, total)?;
     // In label order (the label's unique index, no sort; Rust's order of strings is
     // SQLite's `BINARY` collation): the engine's listing order, which it then builds by
     // appending each row, not by inserting it in place.
@@ -1363,10 +1363,8 @@ fn load_each(
             let mut batch = Vec::with_capacity(LOAD_BATCH);
             while let Some(row) = rows.next()? {
                 let mut sealed = decode_sealed(row)?;
-                if let Ok(rec) = &mut sealed
-                    && let Some(found) = sites.remove(rec.conn.id.as_str())
-                {
-                    rec.conn.sites = found;
+                if let Ok(rec) = &mut sealed {
+                    rec.conn.sites = sites.of(&rec.conn.id);
                 }
                 batch.push(sealed);
                 if batch.len() == LOAD_BATCH {
@@ -1392,34 +1390,104 @@ fn load_each(
     })
 }
 
-/// Every connection's sites (removed ones excluded), each connection's ordered by url and
-/// cloud id as [`load_sites`] orders them; room made for `connections` of them. Read in
-/// table order and each connection's few sorted here: SQLite's sort of every site was a
-/// third of the scan (Rust's order of strings is SQLite's `BINARY` collation).
-fn all_sites(
-    db: &rusqlite::Connection,
-    connections: usize,
-) -> Result<std::collections::HashMap<String, Vec<Site>>, LedgerError> {
+/// Every connection's sites (removed ones excluded), as a load reads them before the rows:
+/// their text in one buffer and a row each, sorted by connection id, then url and cloud id
+/// as [`load_sites`] orders them (Rust's order of strings is SQLite's `BINARY` collation;
+/// SQLite's sort of every site was a third of the scan). Two large allocations, not a map of
+/// small ones: a row's sites are made as it is read ([`SiteTable::of`]) and the table goes
+/// back to the system at the load's end, where a map of every connection's `Vec<Site>`,
+/// read first on the load's thread, left about 40 MB of that thread's glibc arena unused at
+/// 100,000 connections once the engine had kept the sites its own way.
+struct SiteTable {
+    /// Every site's connection id, cloud id, url and name, one after the other.
+    text: String,
+    /// Every site, sorted (see the type's doc).
+    rows: Vec<SiteRow>,
+}
+
+/// One site of a [`SiteTable`]: its strings one after the other in the table's text.
+struct SiteRow {
+    /// Where its strings begin in the table's text.
+    start: usize,
+    /// The lengths of its connection id, cloud id, url and name, in that order (SQLite's
+    /// strings are at most a billion bytes).
+    lens: [u32; 4],
+    /// See [`Site::scopes`].
+    scopes: Scopes,
+    /// See [`Site::last_seen_at`].
+    last_seen_at: Time,
+}
+
+impl SiteRow {
+    /// Its `i`th string (0 connection id, 1 cloud id, 2 url, 3 name).
+    fn part<'t>(&self, text: &'t str, i: usize) -> &'t str {
+        let at = self.start + self.lens[..i].iter().map(|&l| l as usize).sum::<usize>();
+        &text[at..at + self.lens[i] as usize]
+    }
+
+    /// Its connection's id.
+    fn connection<'t>(&self, text: &'t str) -> &'t str {
+        &text[self.start..self.start + self.lens[0] as usize]
+    }
+}
+
+impl SiteTable {
+    /// The sites of connection `id`, in order.
+    fn of(&self, id: &str) -> Vec<Site> {
+        let text = self.text.as_str();
+        let first = self.rows.partition_point(|row| row.connection(text) < id);
+        let n = self.rows[first..]
+            .iter()
+            .take_while(|row| row.connection(text) == id)
+            .count();
+        self.rows[first..first + n]
+            .iter()
+            .map(|row| Site {
+                cloud_id: row.part(text, 1).into(),
+                url: row.part(text, 2).into(),
+                name: row.part(text, 3).into(),
+                scopes: row.scopes.clone(),
+                last_seen_at: row.last_seen_at,
+            })
+            .collect()
+    }
+}
+
+/// Every connection's sites (see [`SiteTable`]); room made for `connections` of them.
+fn all_sites(db: &rusqlite::Connection, connections: usize) -> Result<SiteTable, LedgerError> {
     let mut stmt = db.prepare(
         "SELECT connection_id, cloud_id, url, name, scopes, last_seen_at FROM sites \
          WHERE removed_at IS NULL",
     )?;
     let mut rows = stmt.query([])?;
-    let mut out: std::collections::HashMap<String, Vec<Site>> =
-        std::collections::HashMap::with_capacity(connections);
+    let mut table = SiteTable {
+        text: String::new(),
+        rows: Vec::with_capacity(connections),
+    };
     while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
-        let sites = out.entry(id).or_default();
-        // Room for exactly one more: a pushed-to `Vec` has room for four, three sites'
-        // worth of memory per connection, and shrinking it afterwards left the rest as a
-        // hole between the load's allocations.
-        sites.reserve_exact(1);
-        sites.push(decode_site(row, 1)?);
+        let start = table.text.len();
+        let mut lens = [0u32; 4];
+        for (i, len) in lens.iter_mut().enumerate() {
+            let s = row.text(i)?;
+            table.text.push_str(&s);
+            *len = u32::try_from(s.len())
+                .map_err(|_| LedgerError::Corrupt("a site's text is too long".into()))?;
+        }
+        table.rows.push(SiteRow {
+            start,
+            lens,
+            scopes: split_scopes(&row.text(4)?),
+            last_seen_at: from_ms(row.int(5)?),
+        });
     }
-    for sites in out.values_mut() {
-        sites.sort_unstable_by(|a, b| (&a.url, &a.cloud_id).cmp(&(&b.url, &b.cloud_id)));
-    }
-    Ok(out)
+    let text = table.text.as_str();
+    table.rows.sort_unstable_by(|a, b| {
+        a.connection(text)
+            .cmp(b.connection(text))
+            .then_with(|| a.part(text, 2).cmp(b.part(text, 2)))
+            .then_with(|| a.part(text, 1).cmp(b.part(text, 1)))
+    });
+    Ok(table)
 }
 
 fn load_sites(db: &rusqlite::Connection, connection_id: &str) -> Result<Vec<Site>, LedgerError> {
@@ -1601,6 +1669,59 @@ pub(crate) mod tests {
             })
             .await
             .unwrap();
+    }
+
+    /// The load's sites (read before the rows, all at once) are each connection's own, in
+    /// the order a connection's own read gives them (url, then cloud id): ids out of order,
+    /// one a prefix of another, a connection without sites, sites inserted in no order.
+    #[tokio::test]
+    async fn a_load_gives_each_connection_its_own_sites_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let site = |cloud_id: &str, url: &str| Site {
+            cloud_id: cloud_id.into(),
+            url: url.into(),
+            name: format!("{cloud_id} at {url}").into(),
+            scopes: vec!["read:page:confluence".to_owned()].into(),
+            last_seen_at: from_ms(1_780_000_000_000),
+        };
+        let rows = [
+            (
+                "c2",
+                vec![
+                    ("k", "https://b.example"),
+                    ("j", "https://a.example"),
+                    ("i", "https://c.example"),
+                ],
+            ),
+            ("c10", vec![]),
+            ("c1", vec![("z", "https://z.example")]),
+            (
+                "c",
+                vec![("y", "https://a.example"), ("x", "https://a.example")],
+            ),
+        ];
+        for (n, (id, sites)) in rows.iter().enumerate() {
+            let mut rec = record(id, &format!("l{n}"), &format!("rt-{n}"));
+            rec.conn.sites = sites.iter().map(|(c, u)| site(c, u)).collect();
+            ledger.insert(rec, vec![]).await.unwrap();
+        }
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all.len(), rows.len());
+        for rec in &all {
+            let one = ledger.load_one(rec.conn.id.clone()).await.unwrap().unwrap();
+            assert_eq!(rec.conn.sites, one.conn.sites, "{}", rec.conn.id);
+        }
+        let c = all.iter().find(|r| r.conn.id == "c").unwrap();
+        let order: Vec<&str> = c.conn.sites.iter().map(|s| &*s.cloud_id).collect();
+        assert_eq!(order, ["x", "y"], "same url: by cloud id");
+        let c2 = all.iter().find(|r| r.conn.id == "c2").unwrap();
+        let order: Vec<&str> = c2.conn.sites.iter().map(|s| &*s.cloud_id).collect();
+        assert_eq!(order, ["j", "k", "i"], "by url");
+        assert!(
+            all.iter()
+                .any(|r| r.conn.id == "c10" && r.conn.sites.is_empty())
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

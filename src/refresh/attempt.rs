@@ -228,7 +228,7 @@ pub(crate) async fn run(
         if st.removed {
             return Outcome::Skipped(Skip::Removed);
         }
-        (st.stale, st.rec.conn.id.clone())
+        (st.stale, st.rec.id().to_owned())
     };
     if stale {
         // Memory may be behind the store: take the store's chain first.
@@ -245,9 +245,9 @@ pub(crate) async fn run(
     let (mut rec, held, not_before, provider_asked, claim_wait) = {
         let st = slot.lock();
         (
-            st.rec.clone(),
+            st.rec.to_record(),
             st.held.clone(),
-            st.not_before,
+            engine.not_before(&st),
             st.provider_asked,
             st.claim_wait,
         )
@@ -340,7 +340,7 @@ pub(crate) async fn run(
                 let mut st = slot.lock();
                 engine.adopt(&mut st, &current);
                 st.stale = false;
-                rec = st.rec.clone();
+                rec = st.rec.to_record();
                 if let Some(skip) = done_meanwhile(engine, &st, need) {
                     return Outcome::Skipped(skip);
                 }
@@ -557,7 +557,7 @@ pub(crate) fn release_claim(engine: &Engine, st: &mut SlotState) {
     let Some(fence) = drop_claim(engine, st) else {
         return;
     };
-    let id = st.rec.conn.id.clone();
+    let id = st.rec.id().to_owned();
     let store = engine.store.clone();
     // Refused only when the engine stopped: the claim then lapses at its expiry.
     let _ = engine.tasks.spawn(async move {
@@ -652,19 +652,30 @@ async fn claimed_elsewhere(engine: &Engine, id: &str, need: Need) -> Outcome {
 /// After the reload under a fresh claim: whether another daemon already did what this
 /// attempt is for (or found the chain rejected), so that no request is needed.
 fn done_meanwhile(engine: &Engine, st: &SlotState, need: Need) -> Option<Skip> {
-    let rec = &st.rec;
-    let marked = rec.chain.attempt_started_at.is_some();
-    if rec.conn.status == Status::NeedsReauth && need != Need::Forced && !marked {
-        return Some(Skip::NeedsReauth(match needs_reauth_failure(&rec.conn) {
-            Failure::NeedsReauth(m) => m,
-            other => other.to_string(),
-        }));
+    let facts = st.rec.facts();
+    let marked = facts.marked;
+    if facts.status == Status::NeedsReauth && need != Need::Forced && !marked {
+        return Some(Skip::NeedsReauth(
+            match needs_reauth_failure(&st.rec.to_record().conn) {
+                Failure::NeedsReauth(m) => m,
+                other => other.to_string(),
+            },
+        ));
     }
     match need {
-        Need::Lifetime(min) if satisfies(rec, min, engine.now()) => Some(Skip::AlreadyFresh),
+        Need::Lifetime(min)
+            if super::satisfies_access(
+                facts.access_expires_at,
+                facts.last_refresh_at,
+                min,
+                engine.now(),
+            ) =>
+        {
+            Some(Skip::AlreadyFresh)
+        }
         Need::Scheduled(_) if !marked => {
             let input = super::plan::PlanInput {
-                rec,
+                facts,
                 not_before: None,
                 held: false,
                 last_requested: st.last_requested.get(engine.requests_base),
@@ -1197,7 +1208,7 @@ pub(crate) struct Effects {
 
 impl Effects {
     pub(crate) fn apply(self, engine: &Arc<Engine>, slot: &Arc<Slot>) {
-        let id = slot.lock().rec.conn.id.clone();
+        let id = slot.lock().rec.id().to_owned();
         if let Some(new) = self.relabel {
             engine.relabel(slot, new);
         }
@@ -1223,7 +1234,7 @@ pub(crate) fn settle(
     outcome: Outcome,
 ) -> (Result<(), Failure>, Effects) {
     let mut effects = Effects::default();
-    let id = st.rec.conn.id.clone();
+    let id = st.rec.id().to_owned();
     let backoff_min = engine.settings().backoff_min;
     let result = match outcome {
         Outcome::Rotated { next, recovered }
@@ -1231,12 +1242,12 @@ pub(crate) fn settle(
             tracing::info!(connection = %id, "refreshed");
             engine.adopt(st, &next);
             engine.set_held(st, None);
-            st.not_before = None;
+            engine.set_not_before(st, None);
             st.provider_asked = false;
             if recovered {
                 effects.notify = Some((
                     Kind::Recovered,
-                    st.rec.conn.clone(),
+                    st.rec.to_record().conn,
                     "the chain works again".into(),
                 ));
             }
@@ -1245,19 +1256,19 @@ pub(crate) fn settle(
         }
         Outcome::Adopted { next, revived } => {
             engine.adopt(st, &next);
-            st.not_before = None;
+            engine.set_not_before(st, None);
             st.provider_asked = false;
             if revived {
                 effects.notify = Some((
                     Kind::Recovered,
-                    st.rec.conn.clone(),
+                    st.rec.to_record().conn,
                     "revived by a new chain for the same account".into(),
                 ));
             }
             Ok(())
         }
         Outcome::Committed { next } => {
-            if next.conn.label != st.rec.conn.label {
+            if next.conn.label != st.rec.label() {
                 tracing::warn!(connection = %id, label = %next.conn.label, "the held connection was committed under a generated label");
                 effects.relabel = Some(next.conn.label.clone());
             }
@@ -1290,7 +1301,7 @@ pub(crate) fn settle(
             message,
             newly,
         } => {
-            if !committed && st.rec.chain.version >= next.chain.version {
+            if !committed && st.rec.version() >= next.chain.version {
                 // Memory moved past the chain this attempt presented while it ran (a reload
                 // took another daemon's newer chain) and the rejection was not recorded: it
                 // was of an older token. Keep the newer chain; the caller tries again.
@@ -1305,16 +1316,17 @@ pub(crate) fn settle(
                 );
             }
             tracing::warn!(connection = %id, "chain rejected by the provider; needs re-consent");
-            let version = st.rec.chain.version;
+            let version = st.rec.version();
             engine.adopt(st, &next);
             if !committed {
                 // Dead either way; keep the store's version as the compare-and-swap key, and
                 // reload before the next attempt (the write may have landed after all).
-                st.rec.chain.version = version;
+                st.update(|rec| rec.chain.version = version);
                 st.stale = true;
             }
             if newly {
-                effects.notify = Some((Kind::NeedsReauth, st.rec.conn.clone(), message.clone()));
+                effects.notify =
+                    Some((Kind::NeedsReauth, st.rec.to_record().conn, message.clone()));
             }
             Err(Failure::NeedsReauth(message))
         }
@@ -1338,16 +1350,18 @@ pub(crate) fn settle(
             } else {
                 // Memory may lead the store on failure counters, never on the chain; the
                 // write may have landed after all, so reload before the next attempt.
-                st.rec.conn.consecutive_failures = next.conn.consecutive_failures;
-                st.rec.conn.last_error = next.conn.last_error.clone();
-                if next.chain.access.is_none() {
-                    // An access token that came with a rejected refresh token is not
-                    // served, committed or not.
-                    st.rec.chain.access = None;
-                }
+                st.update(|rec| {
+                    rec.conn.consecutive_failures = next.conn.consecutive_failures;
+                    rec.conn.last_error = next.conn.last_error.clone();
+                    if next.chain.access.is_none() {
+                        // An access token that came with a rejected refresh token is not
+                        // served, committed or not.
+                        rec.chain.access = None;
+                    }
+                });
                 st.stale = true;
             }
-            st.not_before = Some(Instant::now() + delay);
+            engine.set_not_before(st, Some(Instant::now() + delay));
             st.claim_wait = false;
             st.provider_asked = provider_asked;
             Err(Failure::Unavailable {
@@ -1383,7 +1397,7 @@ pub(crate) fn settle(
             Skip::AlreadyFresh => Ok(()),
             Skip::NotConfigured(reason) => {
                 let wait = engine.settings().backoff_max;
-                hold_off(st, wait);
+                hold_off(engine, st, wait);
                 Err(Failure::Unavailable {
                     retry_after: wait,
                     message: reason,
@@ -1392,7 +1406,7 @@ pub(crate) fn settle(
             Skip::StoreDown(e) => {
                 st.stale = true;
                 tracing::error!(connection = %id, error = %e, "cannot record a refresh attempt in the ledger; not refreshing");
-                hold_off(st, backoff_min);
+                hold_off(engine, st, backoff_min);
                 Err(Failure::Internal(format!(
                     "the ledger cannot be written: {e}"
                 )))
@@ -1411,7 +1425,7 @@ pub(crate) fn settle(
                     }
                     None => st.stale = true,
                 }
-                if hold_off(st, wait) {
+                if hold_off(engine, st, wait) {
                     st.claim_wait = true;
                 }
                 Err(Failure::Unavailable {
@@ -1422,7 +1436,7 @@ pub(crate) fn settle(
             }
             Skip::LeaseShort(left) => {
                 tracing::warn!(connection = %id, left_ms = left.as_millis() as u64, "the claim on this chain has less than request_timeout left; not refreshing now");
-                hold_off(st, super::COMMIT_RETRY);
+                hold_off(engine, st, super::COMMIT_RETRY);
                 Err(Failure::Unavailable {
                     retry_after: super::COMMIT_RETRY,
                     message: "the claim on this chain's refresh ran short; retrying".into(),
@@ -1440,11 +1454,11 @@ pub(crate) fn settle(
 /// An equal version is the same chain (versions only grow, one per write). Whether memory
 /// took it.
 fn adopt_unless_older(engine: &Engine, st: &mut SlotState, rec: &Record) -> bool {
-    if rec.chain.version < st.rec.chain.version {
+    if rec.chain.version < st.rec.version() {
         tracing::debug!(
-            connection = %st.rec.conn.id,
+            connection = %st.rec.id(),
             read = rec.chain.version,
-            memory = st.rec.chain.version,
+            memory = st.rec.version(),
             "memory already holds a newer chain than the one read; keeping it"
         );
         return false;
@@ -1456,10 +1470,10 @@ fn adopt_unless_older(engine: &Engine, st: &mut SlotState, rec: &Record) -> bool
 /// Whatever failed without a backoff of its own must not be retried in a tight loop; a
 /// backoff already running is left alone (callers during it must not push it out). Whether
 /// it set a new wait.
-fn hold_off(st: &mut SlotState, wait: Duration) -> bool {
+fn hold_off(engine: &Engine, st: &mut SlotState, wait: Duration) -> bool {
     let now = Instant::now();
-    if st.not_before.is_none_or(|nb| nb <= now) {
-        st.not_before = Some(now + wait);
+    if engine.not_before(st).is_none_or(|nb| nb <= now) {
+        engine.set_not_before(st, Some(now + wait));
         st.claim_wait = false;
         return true;
     }

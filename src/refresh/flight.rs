@@ -101,12 +101,9 @@ impl Engine {
         let reserved = match need {
             Need::Scheduled(urgency) => {
                 let deadline =
-                    st.rec.chain.used_at + super::chrono_dur(self.settings().inactivity_expiry);
-                let order = super::attempt::permit_order(
-                    self,
-                    &st.rec.conn.id,
-                    deadline.timestamp_millis(),
-                );
+                    st.rec.used_at() + super::chrono_dur(self.settings().inactivity_expiry);
+                let order =
+                    super::attempt::permit_order(self, st.rec.id(), deadline.timestamp_millis());
                 Some(self.permits.reserve(ticket, (urgency, order)))
             }
             _ => None,
@@ -225,8 +222,8 @@ impl Drop for FlightGuard {
             st.flight = None;
             st.stale = true;
             let retry = tokio::time::Instant::now() + self.engine.settings().backoff_min;
-            if st.not_before.is_none_or(|nb| nb < retry) {
-                st.not_before = Some(retry);
+            if self.engine.not_before(&st).is_none_or(|nb| nb < retry) {
+                self.engine.set_not_before(&mut st, Some(retry));
                 st.claim_wait = false;
             }
             self.engine.replan_locked(&st);

@@ -22,18 +22,18 @@ use std::sync::Arc;
 
 /// A slot's connection id.
 pub(super) fn slot_id(st: &SlotState) -> &str {
-    &st.rec.conn.id
+    st.rec.id()
 }
 
 /// A slot's label.
 pub(super) fn slot_label(st: &SlotState) -> &str {
-    &st.rec.conn.label
+    st.rec.label()
 }
 
 /// Replaces a slot's label: only [`super::Engine::relabel`] calls it, under the index's
 /// write lock, between taking the slot out of the label order and filing it again.
 pub(super) fn set_slot_label(st: &mut SlotState, label: String) {
-    st.rec.conn.label = label;
+    st.update(|rec| rec.conn.label = label);
 }
 
 /// Every installed connection, by handle, id and label, and in label order.
@@ -372,7 +372,14 @@ mod tests {
     fn slot(index: &mut Index, id: &str, label: &str) -> (Handle, Arc<Slot>) {
         let rec = crate::model::sample_record(id, label, "rt", chrono::Utc::now());
         let handle = index.give_handle();
-        (handle, Arc::new(Slot::new(rec, None, handle)))
+        (
+            handle,
+            Arc::new(Slot::new(
+                crate::refresh::packed::Packed::from(&rec),
+                None,
+                handle,
+            )),
+        )
     }
 
     fn install(index: &mut Index, id: &str, label: &str) -> Handle {

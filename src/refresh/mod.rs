@@ -27,6 +27,7 @@ mod flight;
 mod index;
 mod keymap;
 mod onboard;
+mod packed;
 pub(crate) mod permits;
 pub(crate) mod plan;
 mod shared;
@@ -41,7 +42,7 @@ mod sim;
 
 use crate::config::RefreshConfig;
 use crate::metrics::{ConnectionSource, Metrics};
-use crate::model::{AccessToken, Connection, Record, Site, Status, Time};
+use crate::model::{Connection, Record, Site, Status, Time};
 use crate::notify::{Kind, Notification};
 use crate::provider::ASSUMED_ACCESS_LIFETIME;
 use crate::secret::Secret;
@@ -55,6 +56,7 @@ use tokio::time::Instant;
 use flight::Joined;
 use index::{Index, slot_id, slot_label};
 use keymap::{KeyMap, key_hash};
+use packed::Packed;
 
 pub use sites::SiteOutcome;
 pub use store::{Clock, Store, StoreError, SystemClock, TokenEndpoint};
@@ -154,7 +156,7 @@ pub struct ConnectionInfo {
 
 /// What the answer to a token request says about its connection: shared by every answer
 /// (one reference count each, no copy of the connection), and replaced only when one of its
-/// fields changes (see [`SlotGuard`]).
+/// fields changes (see [`SlotState::set_rec`]).
 #[derive(Debug)]
 pub struct Face {
     /// The connection id.
@@ -170,11 +172,11 @@ pub struct Face {
 }
 
 impl Face {
-    fn of(conn: &Connection) -> Face {
+    fn of(conn: Connection) -> Face {
         Face {
-            id: conn.id.clone(),
-            scopes: conn.scopes.clone(),
-            sites: conn.sites.clone(),
+            id: conn.id,
+            scopes: conn.scopes,
+            sites: conn.sites,
             rendered: std::sync::OnceLock::new(),
         }
     }
@@ -280,14 +282,20 @@ pub(crate) struct Held {
 
 /// Per-connection state, behind the slot's mutex (never held across an `.await`).
 pub(crate) struct SlotState {
-    /// What the store has committed (plus the in-memory-only failure counters). Only
-    /// [`attempt`] and [`onboard`] replace its chain, and only after a commit returned.
-    rec: Record,
+    /// What the store has committed (plus the in-memory-only failure counters), packed in
+    /// one allocation ([`packed`]: its string bytes and about 80 more, where a `Record` was
+    /// about 850 bytes with its allocations). Read with its accessors, or whole with
+    /// [`Packed::to_record`]; changed only by [`SlotState::set_rec`] (or
+    /// [`SlotState::update`]), which keeps `face` and `access_shared`. Only [`attempt`] and
+    /// [`onboard`] replace its chain, and only after a commit returned.
+    rec: Packed,
     /// A committed-elsewhere-pending change: see [`Held`]. Boxed: rare, and a whole record
     /// inline would double every connection's resident size.
     held: Option<Box<Held>>,
-    /// No provider call before this instant (backoff or `Retry-After`).
-    not_before: Option<Instant>,
+    /// No provider call before this instant (backoff or `Retry-After`): read and set through
+    /// [`Engine::not_before`] and [`Engine::set_not_before`] (an offset from the engine's
+    /// base, 8 bytes, not an `Option<Instant>`'s 16).
+    not_before: Since,
     /// The provider itself asked for this wait (`Retry-After`): even a forced refresh
     /// honours it.
     provider_asked: bool,
@@ -299,15 +307,15 @@ pub(crate) struct SlotState {
     /// atomic, so that a cached answer, which takes the state's lock for reading only, can
     /// record it.
     last_requested: LastRequested,
-    /// What a token answer shows of `rec.conn`, made by the first token answer after a
-    /// change (under the read lock, which no change can interleave with) and dropped by
-    /// [`SlotGuard`] when a field it shows changes. Lazy: most connections of a large ledger
+    /// What a token answer shows of the record's connection, made by the first token answer
+    /// after a change (under the read lock, which no change can interleave with) and dropped
+    /// by [`SlotState::set_rec`] when a field it shows changes. Lazy: most connections of a large ledger
     /// are never read between two changes, and a face copies the id, scopes and sites
     /// (about 0.9 KB a connection at the scale bench's 100,000).
     face: OnceLock<Arc<Face>>,
-    /// `rec.chain.access`'s token, shared with the answers that hand it out: made by the
-    /// first answer of that token, dropped by [`SlotGuard`] when the token changes (lazy for
-    /// the same reason as `face`).
+    /// The record's access token, shared with the answers that hand it out: made by the
+    /// first answer of that token, dropped by [`SlotState::set_rec`] when the token changes
+    /// (lazy for the same reason as `face`).
     access_shared: OnceLock<Arc<Secret>>,
     /// The attempt running now, if any: callers join it instead of starting another.
     /// Boxed: a chain's attempt runs for a moment now and then, and 32 bytes inline would be
@@ -327,8 +335,9 @@ pub(crate) struct SlotState {
     resolve_failures: u32,
     /// A site resolution is running or planned for this connection.
     resolving: bool,
-    /// The last re-resolution triggered by a `?site=` lookup that matched nothing.
-    last_site_miss: Option<Instant>,
+    /// The last re-resolution triggered by a `?site=` lookup that matched nothing (an offset
+    /// from the engine's base, as `not_before`).
+    last_site_miss: Since,
     /// Memory may be behind the store (an attempt ended without settling, or a write
     /// conflicted): the next attempt reloads the chain from the store first.
     stale: bool,
@@ -374,9 +383,33 @@ impl LastRequested {
     }
 }
 
-/// The slot's state locked for writing. On release it makes [`SlotState::face`] show the
-/// connection again if a field it shows changed: every change goes through this guard, so
-/// the face is never behind what a reader of the state sees.
+/// An optional instant, as nanoseconds after the engine's [`Engine::requests_base`] plus
+/// one (0 for none): 8 bytes in every slot where an `Option<Instant>` is 16. An instant
+/// before the base (none is: the slot's instants are all taken after the engine was made)
+/// would read as the base.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Since(u64);
+
+impl Since {
+    /// `at` counted from `base`.
+    fn of(base: Instant, at: Option<Instant>) -> Since {
+        Since(at.map_or(0, |at| {
+            let since = at.saturating_duration_since(base).as_nanos();
+            u64::try_from(since).unwrap_or(u64::MAX - 1) + 1
+        }))
+    }
+
+    /// The instant, counted from `base`.
+    fn get(self, base: Instant) -> Option<Instant> {
+        match self.0 {
+            0 => None,
+            n => Some(base + Duration::from_nanos(n - 1)),
+        }
+    }
+}
+
+/// The slot's state locked for writing (a change of the record goes through
+/// [`SlotState::set_rec`], which keeps the face and the shared token of token answers).
 pub(crate) struct SlotGuard<'a>(parking_lot::RwLockWriteGuard<'a, SlotState>);
 
 impl std::ops::Deref for SlotGuard<'_> {
@@ -392,22 +425,38 @@ impl std::ops::DerefMut for SlotGuard<'_> {
     }
 }
 
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        let st = &mut *self.0;
-        if !st.face_current() {
-            st.face = OnceLock::new();
-        }
-        if !st.access_shared_current() {
-            st.access_shared = OnceLock::new();
-        }
-    }
-}
-
 impl SlotState {
+    /// Replaces the record (packing `rec`; the old packing is wiped as it is dropped), and
+    /// drops [`SlotState::face`] if a field it shows changed and
+    /// [`SlotState::access_shared`] if the access token changed: every change of the record
+    /// comes here, so neither is ever behind what a reader of the state sees.
+    fn set_rec(&mut self, rec: &Record) {
+        if self.face.get().is_some_and(|f| !f.shows(&rec.conn)) {
+            self.face = OnceLock::new();
+        }
+        if let Some(shared) = self.access_shared.get()
+            && rec.chain.access.as_ref().map(|a| a.token.expose()) != Some(shared.expose())
+        {
+            self.access_shared = OnceLock::new();
+        }
+        self.rec = Packed::from(rec);
+    }
+
+    /// Changes the record: decodes it, lets `change` change it, and packs it again
+    /// ([`SlotState::set_rec`]).
+    fn update<R>(&mut self, change: impl FnOnce(&mut Record) -> R) -> R {
+        let mut rec = self.rec.to_record();
+        let out = change(&mut rec);
+        self.set_rec(&rec);
+        out
+    }
+
     /// Whether [`SlotState::face`], if made, shows the record's connection.
+    #[cfg(test)]
     pub(crate) fn face_current(&self) -> bool {
-        self.face.get().is_none_or(|f| f.shows(&self.rec.conn))
+        self.face
+            .get()
+            .is_none_or(|f| f.shows(&self.rec.to_record().conn))
     }
 
     /// What a token answer shows of the connection, made now if no answer since the last
@@ -415,15 +464,16 @@ impl SlotState {
     /// cannot change under that lock.
     fn face(&self) -> Arc<Face> {
         self.face
-            .get_or_init(|| Arc::new(Face::of(&self.rec.conn)))
+            .get_or_init(|| Arc::new(Face::of(self.rec.to_record().conn)))
             .clone()
     }
 
     /// Whether [`SlotState::access_shared`], if made, is the record's access token.
+    #[cfg(test)]
     pub(crate) fn access_shared_current(&self) -> bool {
-        self.access_shared.get().is_none_or(|shared| {
-            self.rec.chain.access.as_ref().map(|a| a.token.expose()) == Some(shared.expose())
-        })
+        self.access_shared
+            .get()
+            .is_none_or(|shared| self.rec.access().map(|a| a.0) == Some(shared.expose()))
     }
 }
 
@@ -445,7 +495,7 @@ pub(crate) struct Slot {
 impl Slot {
     /// A new slot for `rec`, numbered `handle`, holding `held` (boxed: see
     /// [`SlotState::held`]).
-    fn new(rec: Record, held: Option<Held>, handle: Handle) -> Slot {
+    fn new(rec: Packed, held: Option<Held>, handle: Handle) -> Slot {
         Slot {
             chain: chain_lock::ChainLock::new(),
             state: RwLock::new(SlotState {
@@ -453,7 +503,7 @@ impl Slot {
                 access_shared: OnceLock::new(),
                 rec,
                 held: held.map(Box::new),
-                not_before: None,
+                not_before: Since::default(),
                 provider_asked: false,
                 claim_wait: false,
                 last_requested: LastRequested::new(),
@@ -464,7 +514,7 @@ impl Slot {
                 account_hidden: false,
                 resolve_failures: 0,
                 resolving: false,
-                last_site_miss: None,
+                last_site_miss: Since::default(),
                 stale: false,
                 claim: None,
             }),
@@ -485,7 +535,7 @@ impl Slot {
 impl SlotState {
     /// Whether this connection belongs in the [`SiteIndex`]: installed and active.
     fn filed(&self) -> bool {
-        !self.removed && self.rec.conn.status == Status::Active
+        !self.removed && self.rec.status() == Status::Active
     }
 }
 
@@ -519,9 +569,8 @@ pub(crate) type Handle = u32;
 
 /// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
 /// [`SiteIndex`] files them): the check of a lookup's candidates.
-fn site_matches(sites: &[Site], cloud_id: &str, host: &str) -> bool {
-    sites
-        .iter()
+fn site_matches(rec: &Packed, cloud_id: &str, host: &str) -> bool {
+    rec.sites()
         .any(|s| s.cloud_id.eq_ignore_ascii_case(cloud_id) || s.host().is_some_and(|h| h == host))
 }
 
@@ -538,14 +587,23 @@ pub(crate) struct SiteKeys {
 impl SiteKeys {
     /// The keys of `sites`.
     pub(crate) fn of(sites: &[Site]) -> SiteKeys {
+        SiteKeys::of_urls(sites.iter().map(|s| (&*s.cloud_id, &*s.url)))
+    }
+
+    /// The keys of a packed record's sites.
+    fn of_packed(rec: &Packed) -> SiteKeys {
+        SiteKeys::of_urls(rec.sites().map(|s| (s.cloud_id, s.url)))
+    }
+
+    /// The keys of sites given as (cloud id, URL).
+    fn of_urls<'a>(sites: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> SiteKeys {
         SiteKeys {
             cloud_ids: sites
-                .iter()
-                .map(|s| key_hash(&s.cloud_id.to_ascii_lowercase()))
+                .clone()
+                .map(|(cloud_id, _)| key_hash(&cloud_id.to_ascii_lowercase()))
                 .collect(),
             hosts: sites
-                .iter()
-                .filter_map(Site::host)
+                .filter_map(|(_, url)| crate::model::url_host(url))
                 .map(|h| key_hash(&h))
                 .collect(),
         }
@@ -601,7 +659,7 @@ impl SiteIndex {
         for slot in slots {
             let st = slot.lock();
             if st.filed() {
-                index.file(st.handle, &SiteKeys::of(&st.rec.conn.sites));
+                index.file(st.handle, &SiteKeys::of_packed(&st.rec));
             }
         }
         index
@@ -824,12 +882,17 @@ impl Engine {
         if held.is_some() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
+        let packed = Packed::from(&rec);
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
+        // Dropped before the slot is made: the load made `rec` on the store's threads, in
+        // glibc arenas of their own, which empty (and are given back) once no chunk of a
+        // load's record is kept in them.
+        drop(rec);
         let mut index = self.index.write();
-        let old_slot = index.by_id(&rec.conn.id).cloned();
+        let old_slot = index.by_id(packed.id()).cloned();
         let handle = index.give_handle();
-        let slot = Arc::new(Slot::new(rec, held, handle));
+        let slot = Arc::new(Slot::new(packed, held, handle));
         if let Some(old_slot) = old_slot {
             let (old_handle, old_id, old_label) = {
                 let old = old_slot.read();
@@ -901,17 +964,27 @@ impl Engine {
         }
     }
 
+    /// A slot's `not_before`: no provider call before it.
+    pub(crate) fn not_before(&self, st: &SlotState) -> Option<Instant> {
+        st.not_before.get(self.requests_base)
+    }
+
+    /// Sets a slot's `not_before`.
+    pub(crate) fn set_not_before(&self, st: &mut SlotState, at: Option<Instant>) {
+        st.not_before = Since::of(self.requests_base, at);
+    }
+
     /// Takes `from`'s chain and status into a slot (`Record::adopt_chain`), keeping
     /// [`Engine::status_counts`]'s count and the [`SiteIndex`]: the only way a slot's status
     /// changes.
     pub(crate) fn adopt(&self, st: &mut SlotState, from: &Record) {
-        let was = st.rec.conn.status == Status::Active;
-        st.rec.adopt_chain(from);
-        let is = st.rec.conn.status == Status::Active;
+        let was = st.rec.status() == Status::Active;
+        st.update(|rec| rec.adopt_chain(from));
+        let is = st.rec.status() == Status::Active;
         if st.removed || was == is {
             return;
         }
-        let keys = SiteKeys::of(&st.rec.conn.sites);
+        let keys = SiteKeys::of_packed(&st.rec);
         if is {
             self.active.fetch_add(1, Ordering::Relaxed);
             self.sites.write().file(st.handle, &keys);
@@ -925,11 +998,11 @@ impl Engine {
     /// change after it is installed.
     pub(crate) fn set_sites(&self, st: &mut SlotState, sites: Vec<Site>) {
         if !st.filed() {
-            st.rec.conn.sites = sites;
+            st.update(|rec| rec.conn.sites = sites);
             return;
         }
-        let (old, new) = (SiteKeys::of(&st.rec.conn.sites), SiteKeys::of(&sites));
-        st.rec.conn.sites = sites;
+        let (old, new) = (SiteKeys::of_packed(&st.rec), SiteKeys::of(&sites));
+        st.update(|rec| rec.conn.sites = sites);
         let mut index = self.sites.write();
         index.unfile(st.handle, &old);
         index.file(st.handle, &new);
@@ -937,7 +1010,7 @@ impl Engine {
 
     /// Takes a slot that is leaving the [`SiteIndex`] out of it.
     fn unfile_sites(&self, st: &SlotState) {
-        let keys = SiteKeys::of(&st.rec.conn.sites);
+        let keys = SiteKeys::of_packed(&st.rec);
         self.sites.write().unfile(st.handle, &keys);
     }
 
@@ -1016,11 +1089,11 @@ impl Engine {
             if st.removed {
                 return Err(Failure::NotFound.into());
             }
-            let conn = &st.rec.conn;
-            if !may_read(&conn.id, &conn.label) {
+            let (id, label) = (st.rec.id(), st.rec.label());
+            if !may_read(id, label) {
                 return Err(NotHanded::Refused(Identity {
-                    id: conn.id.clone(),
-                    label: conn.label.clone(),
+                    id: id.to_owned(),
+                    label: label.to_owned(),
                 }));
             }
         }
@@ -1063,8 +1136,8 @@ impl Engine {
         }
         let now = self.now();
         match outcome {
-            Ok(()) => match (&st.rec.chain.access, &st.held) {
-                (Some(a), None) if a.expires_at > now => Ok(grant_of(&st, a, Served::Refreshed)),
+            Ok(()) => match (st.rec.access(), &st.held) {
+                (Some(a), None) if a.1 > now => Ok(grant_of(&st, a, Served::Refreshed)),
                 (_, Some(_)) => Err(Failure::Internal(
                     "the refreshed token is not committed to the ledger yet".into(),
                 )),
@@ -1079,9 +1152,9 @@ impl Engine {
             }) => {
                 // A transient failure: a cached token that is still valid beats a 503.
                 if st.held.is_none()
-                    && st.rec.conn.status == Status::Active
-                    && let Some(a) = &st.rec.chain.access
-                    && a.expires_at > now
+                    && st.rec.status() == Status::Active
+                    && let Some(a) = st.rec.access()
+                    && a.1 > now
                 {
                     return Ok(grant_of(&st, a, Served::Cached));
                 }
@@ -1098,8 +1171,14 @@ impl Engine {
     /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
     fn requested(&self, st: &SlotState) {
         let before = st.last_requested.set(self.requests_base, Instant::now());
-        if !plan::is_hot(&st.rec, before)
-            && plan::is_hot(&st.rec, st.last_requested.get(self.requests_base))
+        let (access, refreshed) = st.rec.access_and_refresh();
+        let expires = access.map(|a| a.1);
+        if !plan::is_hot(expires, refreshed, before)
+            && plan::is_hot(
+                expires,
+                refreshed,
+                st.last_requested.get(self.requests_base),
+            )
         {
             self.replan_locked(st);
         }
@@ -1109,12 +1188,13 @@ impl Engine {
     /// that satisfies `min_valid` while no change is held uncommitted. `None`: a refresh is
     /// needed.
     fn cached(&self, st: &SlotState, min_valid: Duration) -> Option<Result<TokenGrant, Failure>> {
-        if st.rec.conn.status == Status::NeedsReauth {
-            return Some(Err(needs_reauth_failure(&st.rec.conn)));
+        if st.rec.status() == Status::NeedsReauth {
+            return Some(Err(needs_reauth_failure(&st.rec.to_record().conn)));
         }
+        let (access, refreshed) = st.rec.access_and_refresh();
         if st.held.is_none()
-            && satisfies(&st.rec, min_valid, self.now())
-            && let Some(a) = &st.rec.chain.access
+            && let Some(a) = access
+            && satisfies_access(Some(a.1), refreshed, min_valid, self.now())
         {
             return Some(Ok(grant_of(st, a, Served::Cached)));
         }
@@ -1177,8 +1257,8 @@ impl Engine {
             return;
         }
         let input = plan::PlanInput {
-            rec: &st.rec,
-            not_before: st.not_before,
+            facts: st.rec.facts(),
+            not_before: self.not_before(st),
             held: st.held.is_some(),
             last_requested: st.last_requested.get(self.requests_base),
         };
@@ -1221,7 +1301,7 @@ impl Engine {
                 let mut st = slot.lock();
                 // One running already re-plans the chain when it ends.
                 if st.removed || st.flight.is_some() {
-                    tracing::trace!(connection = %st.rec.conn.id, "due, but an attempt is running");
+                    tracing::trace!(connection = %st.rec.id(), "due, but an attempt is running");
                     continue;
                 }
                 let _ = self.join_or_start(&slot, &mut st, Need::Scheduled(urgency));
@@ -1282,23 +1362,23 @@ impl Engine {
     }
 }
 
-fn grant_of(st: &SlotState, a: &AccessToken, served: Served) -> TokenGrant {
-    // `access_shared` is the record's token (the slot's guard keeps it so), made by the
-    // first answer that hands it out; a copy only if `a` is another token.
+/// The answer handing out `access`, the record's access token and its expiry.
+fn grant_of(st: &SlotState, access: (&str, Time), served: Served) -> TokenGrant {
+    let (token, expires_at) = access;
+    // `access_shared` is the record's token (`set_rec` keeps it so), made by the first
+    // answer that hands it out; a copy only if it is not (never: a safety net).
     let shared = st
-        .rec
-        .chain
-        .access
-        .as_ref()
-        .map(|r| st.access_shared.get_or_init(|| Arc::new(r.token.clone())));
-    let access_token = match shared {
-        Some(shared) if shared.expose() == a.token.expose() => shared.clone(),
-        _ => Arc::new(a.token.clone()),
+        .access_shared
+        .get_or_init(|| Arc::new(Secret::new(token.to_owned())));
+    let access_token = if shared.expose() == token {
+        shared.clone()
+    } else {
+        Arc::new(Secret::new(token.to_owned()))
     };
     TokenGrant {
         face: st.face(),
         access_token,
-        expires_at: a.expires_at,
+        expires_at,
         served,
     }
 }
@@ -1308,14 +1388,28 @@ fn grant_of(st: &SlotState, a: &AccessToken, served: Served) -> TokenGrant {
 /// new one would be is good enough: refreshing again could not do better, and every such
 /// caller would otherwise cost a provider call.
 fn satisfies(rec: &Record, min_valid: Duration, now: Time) -> bool {
-    let Some(a) = &rec.chain.access else {
+    satisfies_access(
+        rec.chain.access.as_ref().map(|a| a.expires_at),
+        rec.conn.last_refresh_at,
+        min_valid,
+        now,
+    )
+}
+
+/// [`satisfies`] for an access token's expiry and the last refresh (what the packed
+/// record's [`Packed::access_and_refresh`] reads).
+fn satisfies_access(
+    access_expires_at: Option<Time>,
+    last_refresh_at: Option<Time>,
+    min_valid: Duration,
+    now: Time,
+) -> bool {
+    let Some(expires_at) = access_expires_at else {
         return false;
     };
-    let remaining = (a.expires_at - now).to_std().unwrap_or(Duration::ZERO);
-    let lifetime = rec
-        .conn
-        .last_refresh_at
-        .and_then(|r| (a.expires_at - r).to_std().ok())
+    let remaining = (expires_at - now).to_std().unwrap_or(Duration::ZERO);
+    let lifetime = last_refresh_at
+        .and_then(|r| (expires_at - r).to_std().ok())
         .unwrap_or(ASSUMED_ACCESS_LIFETIME);
     let fresh_enough =
         lifetime.saturating_sub((lifetime / FRESH_SLACK_DIVISOR).min(FRESH_SLACK_MAX));
@@ -1339,6 +1433,7 @@ fn needs_reauth_failure(conn: &Connection) -> Failure {
 mod tests {
     use super::*;
     use crate::ledger::Ledger;
+    use crate::model::AccessToken;
     use crate::model::Site;
     use crate::provider::{Atlassian, ProviderError};
 
@@ -1385,10 +1480,12 @@ mod tests {
         let now = chrono::Utc::now();
         {
             let mut st = slot.lock();
-            st.rec.conn.last_refresh_at = Some(now);
-            st.rec.chain.access = Some(AccessToken {
-                token: Secret::new("at-cached"),
-                expires_at: now + chrono::Duration::hours(1),
+            st.update(|rec| {
+                rec.conn.last_refresh_at = Some(now);
+                rec.chain.access = Some(AccessToken {
+                    token: Secret::new("at-cached"),
+                    expires_at: now + chrono::Duration::hours(1),
+                });
             });
         }
         let min_valid = Duration::from_secs(60);
@@ -1396,7 +1493,7 @@ mod tests {
         assert_eq!(first.served, Served::Cached);
         assert_eq!(first.access_token.expose(), "at-cached");
         assert_eq!(first.face.id, id);
-        assert_eq!(first.face.scopes, slot.read().rec.conn.scopes);
+        assert_eq!(first.face.scopes, slot.read().rec.to_record().conn.scopes);
         assert!(first.face.sites.is_empty());
         let again = engine.token(id, min_valid).await.unwrap();
         assert!(
@@ -1421,7 +1518,8 @@ mod tests {
             scopes: vec!["read:page:confluence".into()].into(),
             last_seen_at: now,
         };
-        slot.lock().rec.conn.sites = vec![site.clone()];
+        slot.lock()
+            .update(|rec| rec.conn.sites = vec![site.clone()]);
         let third = engine.token(id, min_valid).await.unwrap();
         assert!(!Arc::ptr_eq(&first.face, &third.face), "a stale face");
         assert_eq!(third.face.sites, [site]);
@@ -1445,7 +1543,7 @@ mod tests {
         let allowed = engine.token_for("l0", min_valid, |_, _| true).await;
         assert_eq!(allowed.unwrap().face.id, id);
 
-        let rec = slot.read().rec.clone();
+        let rec = slot.read().rec.to_record();
         let held = Held {
             rec,
             expect_version: 0,
@@ -1461,12 +1559,13 @@ mod tests {
         assert!(slot.read().held.is_none());
         assert_eq!(engine.commit_pending(), 0);
 
-        slot.lock().rec.conn.status = Status::NeedsReauth;
+        slot.lock()
+            .update(|rec| rec.conn.status = Status::NeedsReauth);
         assert!(matches!(
             engine.token(id, min_valid).await,
             Err(Failure::NeedsReauth(_))
         ));
-        slot.lock().rec.conn.status = Status::Active;
+        slot.lock().update(|rec| rec.conn.status = Status::Active);
         slot.lock().removed = true;
         assert_eq!(
             engine.token(id, min_valid).await.unwrap_err(),
@@ -1669,7 +1768,7 @@ mod tests {
             ["c-new", "c000000000000"]
         );
 
-        let mut rejected = slot.lock().rec.clone();
+        let mut rejected = slot.lock().rec.to_record();
         rejected.conn.status = Status::NeedsReauth;
         engine.adopt(&mut slot.lock(), &rejected);
         check("a status change to needs_reauth");
@@ -1681,7 +1780,7 @@ mod tests {
         );
         check("a site change while needs_reauth");
         assert!(engine.connections_for_site("cloud-c").is_empty());
-        let mut revived = slot.lock().rec.clone();
+        let mut revived = slot.lock().rec.to_record();
         revived.conn.status = Status::Active;
         engine.adopt(&mut slot.lock(), &revived);
         check("a status change back to active");

@@ -98,12 +98,9 @@ impl Engine {
         // provider revokes the chain.
         let known = self.slots().into_iter().find_map(|slot| {
             let st = slot.lock();
-            let c = &st.rec.chain;
-            let same = c.refresh_token.expose() == refresh_token.expose()
-                || c.previous
-                    .as_deref()
-                    .is_some_and(|(p, _)| p.expose() == refresh_token.expose());
-            same.then(|| st.rec.conn.label.clone())
+            let same = st.rec.refresh_token() == refresh_token.expose()
+                || st.rec.previous_token() == Some(refresh_token.expose());
+            same.then(|| st.rec.label().to_owned())
         });
         if let Some(label) = known {
             return Err(Failure::Conflict(format!(
@@ -287,7 +284,7 @@ impl Engine {
                 self.join_or_start(&slot, &mut st, Need::Forced)
             };
             if let Err(e) = first.result().await {
-                tracing::warn!(connection = %slot.lock().rec.conn.id, error = %e, "the first refresh of a new chain failed; tokend keeps retrying");
+                tracing::warn!(connection = %slot.lock().rec.id(), error = %e, "the first refresh of a new chain failed; tokend keeps retrying");
             }
         }
         self.settle_new(&slot, label).await
@@ -363,7 +360,7 @@ impl Engine {
         let target = self.resolve_now(slot).await;
         let created = Arc::ptr_eq(&target, slot);
         if created {
-            let label = slot.lock().rec.conn.label.clone();
+            let label = slot.lock().rec.label().to_owned();
             if label != requested_label {
                 tracing::warn!(requested = %requested_label, label = %label, "the requested label belongs to another account's connection; the new connection got a generated label");
             }
@@ -423,7 +420,7 @@ impl Engine {
                     "a chain waits for its commit; merging later".into(),
                 ));
             }
-            (f.rec.clone(), i.rec.clone())
+            (f.rec.to_record(), i.rec.to_record())
         };
         let (from_id, into_id) = (source.conn.id.clone(), base.conn.id.clone());
         let outcome = attempt::adopt(self, &source, base).await;
@@ -460,7 +457,7 @@ impl Engine {
                 return Err(Failure::NotFound);
             }
             (
-                st.rec.conn.id.clone(),
+                st.rec.id().to_owned(),
                 !st.held.as_ref().is_some_and(|h| h.insert),
             )
         };

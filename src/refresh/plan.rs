@@ -5,7 +5,7 @@
 //! sleeps until the earliest one.
 
 use crate::config::RefreshConfig;
-use crate::model::{Record, Status, Time};
+use crate::model::{Status, Time};
 use parking_lot::Mutex;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -42,14 +42,47 @@ pub enum Urgency {
 
 /// What the planner needs to know of a chain beyond its record.
 pub struct PlanInput<'a> {
-    /// The committed record.
-    pub rec: &'a Record,
+    /// What it needs of the committed record.
+    pub facts: ChainFacts<'a>,
     /// No provider call before this (backoff or `Retry-After`).
     pub not_before: Option<Instant>,
     /// A chain change waits for its commit.
     pub held: bool,
     /// When a caller last asked for a token.
     pub last_requested: Option<Instant>,
+}
+
+/// What the planner (and the cached token path's `satisfies`) needs of a chain, read from
+/// the engine's packed record or from a [`Record`] alike: a few fields, not a record.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainFacts<'a> {
+    /// The connection id (the rotation jitter's seed).
+    pub id: &'a str,
+    /// The status.
+    pub status: Status,
+    /// When the refresh token was last used.
+    pub used_at: Time,
+    /// Whether an attempt marker is set.
+    pub marked: bool,
+    /// The access token's expiry, if there is one.
+    pub access_expires_at: Option<Time>,
+    /// When the last refresh succeeded.
+    pub last_refresh_at: Option<Time>,
+}
+
+impl<'a> ChainFacts<'a> {
+    /// The facts of a record.
+    #[cfg(test)]
+    pub fn of(rec: &'a crate::model::Record) -> ChainFacts<'a> {
+        ChainFacts {
+            id: &rec.conn.id,
+            status: rec.conn.status,
+            used_at: rec.chain.used_at,
+            marked: rec.chain.attempt_started_at.is_some(),
+            access_expires_at: rec.chain.access.as_ref().map(|a| a.expires_at),
+            last_refresh_at: rec.conn.last_refresh_at,
+        }
+    }
 }
 
 /// A connection's next planned action: when, and how urgent.
@@ -79,14 +112,14 @@ pub fn next_action(
     commit_retry: Duration,
 ) -> Option<Planned> {
     let now_i = Instant::now();
-    let rec = input.rec;
+    let rec = &input.facts;
     if input.held {
         return Some(Planned {
             at: now_i + commit_retry,
             urgency: Urgency::Recover,
         });
     }
-    if rec.chain.attempt_started_at.is_some() {
+    if rec.marked {
         // An unknown outcome is resolved first, whatever the status: the same token must be
         // presented again inside the leeway.
         return Some(Planned {
@@ -94,27 +127,28 @@ pub fn next_action(
             urgency: Urgency::Recover,
         });
     }
-    if rec.conn.status == Status::NeedsReauth {
+    if rec.status == Status::NeedsReauth {
         return None;
     }
     let at_wall = |t: Time| now_i + (t - now_w).to_std().unwrap_or(Duration::ZERO);
-    let factor = jitter_factor(&rec.conn.id, rec.chain.used_at);
+    let factor = jitter_factor(rec.id, rec.used_at);
     let rotate_in = settings.rotate_after.mul_f64(factor);
     let mut due = (
         at_wall(
-            rec.chain.used_at
-                + chrono::Duration::from_std(rotate_in).unwrap_or(chrono::Duration::MAX),
+            rec.used_at + chrono::Duration::from_std(rotate_in).unwrap_or(chrono::Duration::MAX),
         ),
         Urgency::Rotate,
     );
-    if let (true, Some(access), Some(refreshed)) = (
-        is_hot(rec, input.last_requested),
-        &rec.chain.access,
-        rec.conn.last_refresh_at,
+    if let (true, Some(expires_at), Some(refreshed)) = (
+        is_hot(
+            rec.access_expires_at,
+            rec.last_refresh_at,
+            input.last_requested,
+        ),
+        rec.access_expires_at,
+        rec.last_refresh_at,
     ) {
-        let lifetime = (access.expires_at - refreshed)
-            .to_std()
-            .unwrap_or(Duration::ZERO);
+        let lifetime = (expires_at - refreshed).to_std().unwrap_or(Duration::ZERO);
         // Renew a little before the margin is reached, so that the refresh has finished
         // (callers asking for `margin` of validity are still served from cache while it
         // runs); but with at least a third of the token's life used, so a margin longer
@@ -122,7 +156,7 @@ pub fn next_action(
         let lead = (settings.access_token_margin / 2).max(MIN_RENEW_LEAD);
         let margin = (settings.access_token_margin + lead).min(lifetime * 2 / 3);
         let renew = at_wall(
-            access.expires_at - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX),
+            expires_at - chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX),
         );
         if renew < due.0 {
             due = (renew, due.1.min(Urgency::Renew));
@@ -136,16 +170,18 @@ pub fn next_action(
 }
 
 /// Whether a caller asked for this connection's token within [`HOT_LIFETIMES`] access-token
-/// lifetimes.
-pub fn is_hot(rec: &Record, last_requested: Option<Instant>) -> bool {
-    let (Some(asked), Some(access), Some(refreshed)) =
-        (last_requested, &rec.chain.access, rec.conn.last_refresh_at)
+/// lifetimes (the access token's lifetime: from the last refresh to its expiry).
+pub fn is_hot(
+    access_expires_at: Option<Time>,
+    last_refresh_at: Option<Time>,
+    last_requested: Option<Instant>,
+) -> bool {
+    let (Some(asked), Some(expires_at), Some(refreshed)) =
+        (last_requested, access_expires_at, last_refresh_at)
     else {
         return false;
     };
-    let lifetime = (access.expires_at - refreshed)
-        .to_std()
-        .unwrap_or(Duration::ZERO);
+    let lifetime = (expires_at - refreshed).to_std().unwrap_or(Duration::ZERO);
     !lifetime.is_zero() && asked.elapsed() < lifetime * HOT_LIFETIMES
 }
 

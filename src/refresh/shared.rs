@@ -50,7 +50,7 @@ impl Engine {
             changed += usize::from(self.take_stored(&id, Some(rec)));
         }
         for slot in self.slots() {
-            let id = slot.lock().rec.conn.id.clone();
+            let id = slot.lock().rec.id().to_owned();
             if !seen.contains(&id) {
                 changed += usize::from(self.take_stored(&id, None));
             }
@@ -103,17 +103,17 @@ impl Engine {
             return false;
         }
         // The account is resolved after the insert, without a new chain version.
-        let account = st.rec.conn.account_id.is_none() && rec.conn.account_id.is_some();
+        let account = st.rec.account_id().is_none() && rec.conn.account_id.is_some();
         if account {
-            st.rec.conn.account_id = rec.conn.account_id.clone();
+            st.update(|ours| ours.conn.account_id = rec.conn.account_id.clone());
         }
         // So are the sites (another daemon's site job): taken through `set_sites`, which
         // keeps the `?site=` index exact.
-        let sites = !same_sites(&st.rec.conn.sites, &rec.conn.sites);
+        let sites = !same_sites(&st.rec.to_record().conn.sites, &rec.conn.sites);
         if sites {
             self.set_sites(&mut st, rec.conn.sites.clone());
         }
-        if rec.chain.version <= st.rec.chain.version {
+        if rec.chain.version <= st.rec.version() {
             return account || sites;
         }
         tracing::debug!(

@@ -922,10 +922,10 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                     "flight {}, plan {:?}, not_before {:?}, stale {}, held {}, marker {:?}, permits in use {}",
                     st.flight.is_some(),
                     e.plan.next_of(st.handle).map(|p| (p.at.saturating_duration_since(tokio::time::Instant::now()), p.urgency)),
-                    st.not_before.map(|nb| nb.saturating_duration_since(tokio::time::Instant::now())),
+                    e.not_before(&st).map(|nb| nb.saturating_duration_since(tokio::time::Instant::now())),
                     st.stale,
                     st.held.is_some(),
-                    st.rec.chain.attempt_started_at,
+                    st.rec.attempt_started_at(),
                     e.permits.in_use(),
                 ))
             });
@@ -969,25 +969,26 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                 if !st.face_current() {
                     return Err(format!(
                         "{step}: {}: the token answer's face {:?} is behind the record",
-                        st.rec.conn.id, st.face
+                        st.rec.id(),
+                        st.face
                     ));
                 }
                 if !st.access_shared_current() {
                     return Err(format!(
                         "{step}: {}: the shared access token is not the record's",
-                        st.rec.conn.id
+                        st.rec.id()
                     ));
                 }
             }
             let st = slot.lock();
-            let id = &st.rec.conn.id;
-            let unknown = st.rec.chain.attempt_started_at.is_some();
+            let id = st.rec.id();
+            let unknown = st.rec.attempt_started_at().is_some();
             if st.flight.is_none() && st.claim.is_some() {
                 return Err(format!(
                     "{step}: {id}: a claim is held with no attempt running"
                 ));
             }
-            if (st.rec.conn.status == Status::Active || unknown)
+            if (st.rec.status() == Status::Active || unknown)
                 && st.flight.is_none()
                 && e.plan.next_of(st.handle).is_none()
             {
@@ -1265,8 +1266,10 @@ async fn schedule(seed: u64) -> Result<(), String> {
         .iter()
         .filter_map(|slot| {
             let st = slot.lock();
-            let id = st.rec.conn.id.clone();
-            let removing = w.family_of(&st.rec).is_some_and(|f| w.families[&f].removal);
+            let id = st.rec.id().to_owned();
+            let removing = w
+                .family_of(&st.rec.to_record())
+                .is_some_and(|f| w.families[&f].removal);
             (!removing || w.store.contains_key(&id)).then_some(id)
         })
         .collect();
@@ -1299,7 +1302,7 @@ async fn schedule(seed: u64) -> Result<(), String> {
             .find(id)
             .ok_or(format!("{id}: gone from the engine"))?;
         let st = slot.lock();
-        if st.rec.conn.status != Status::Active || st.held.is_some() {
+        if st.rec.status() != Status::Active || st.held.is_some() {
             return Err(format!("{id}: not active and committed after healing"));
         }
         let age = (w.now() - f.used_at).to_std().unwrap_or_default();
@@ -1507,7 +1510,7 @@ async fn multi_schedule(seed: u64) -> Result<(), String> {
                 .find(id)
                 .ok_or(format!("node{node}: {id}: gone from the engine"))?;
             let st = slot.lock();
-            if st.rec.conn.status != Status::Active || st.held.is_some() {
+            if st.rec.status() != Status::Active || st.held.is_some() {
                 return Err(format!(
                     "node{node}: {id}: not active and committed after healing"
                 ));

@@ -171,15 +171,16 @@ impl Engine {
             .filter_map(|slot| {
                 {
                     let mut st = slot.lock();
-                    if st.rec.conn.status != Status::Active
-                        || !may_read(&st.rec.conn.id, &st.rec.conn.label)
+                    if st.rec.status() != Status::Active
+                        || !may_read(st.rec.id(), st.rec.label())
                         || st
                             .last_site_miss
+                            .get(self.requests_base)
                             .is_some_and(|t| now - t < SITE_MISS_INTERVAL)
                     {
                         return None;
                     }
-                    st.last_site_miss = Some(now);
+                    st.last_site_miss = super::Since::of(self.requests_base, Some(now));
                 }
                 let access = self.resolvable(&slot).ok()?;
                 Some((slot, access))
@@ -206,20 +207,21 @@ impl Engine {
     /// The access token to resolve with, or why not now (marking a deferred resolution).
     fn resolvable(&self, slot: &Slot) -> Result<Secret, SiteOutcome> {
         let mut st = slot.lock();
-        if st.removed || st.held.is_some() || st.rec.conn.status != Status::Active {
+        if st.removed || st.held.is_some() || st.rec.status() != Status::Active {
             return Err(SiteOutcome::Skipped);
         }
         let now = self.now();
-        let lifetime = st
-            .rec
-            .conn
+        let facts = st.rec.facts();
+        let lifetime = facts
             .last_refresh_at
-            .zip(st.rec.chain.access.as_ref())
-            .and_then(|(r, a)| (a.expires_at - r).to_std().ok())
+            .zip(facts.access_expires_at)
+            .and_then(|(r, expires_at)| (expires_at - r).to_std().ok())
             .unwrap_or(RESOLVE_MIN_VALID);
         let min_valid = RESOLVE_MIN_VALID.min(lifetime / 3);
-        match &st.rec.chain.access {
-            Some(a) if a.expires_at > now + super::chrono_dur(min_valid) => Ok(a.token.clone()),
+        match st.rec.access() {
+            Some((token, expires_at)) if expires_at > now + super::chrono_dur(min_valid) => {
+                Ok(Secret::new(token.to_owned()))
+            }
             _ => {
                 st.sites_wanted = true;
                 Err(SiteOutcome::Deferred)
@@ -241,8 +243,8 @@ impl Engine {
         let (id, unknown_account) = {
             let st = slot.lock();
             (
-                st.rec.conn.id.clone(),
-                st.rec.conn.account_id.is_none() && !st.account_hidden,
+                st.rec.id().to_owned(),
+                st.rec.account_id().is_none() && !st.account_hidden,
             )
         };
         if unknown_account {
@@ -262,7 +264,7 @@ impl Engine {
                 }
             }
         }
-        let target_id = target.lock().rec.conn.id.clone();
+        let target_id = target.lock().rec.id().to_owned();
         let now = self.now();
         let resolved = self.provider.accessible_resources(&access, now).await;
         self.metrics.site_resolution(resolved.is_ok());
@@ -323,14 +325,14 @@ impl Engine {
         };
         let (id, client_id) = {
             let st = slot.lock();
-            (st.rec.conn.id.clone(), st.rec.conn.client_id.clone())
+            (st.rec.id().to_owned(), st.rec.client_id())
         };
         let existing = self.slots().into_iter().find(|other| {
             let st = other.lock();
-            st.rec.conn.id != id
+            st.rec.id() != id
                 && !st.removed
-                && st.rec.conn.client_id == client_id
-                && st.rec.conn.account_id.as_deref() == Some(account_id)
+                && st.rec.client_id() == client_id
+                && st.rec.account_id() == Some(account_id)
         });
         if let Some(existing) = existing {
             return match self.merge(slot, &existing).await {
@@ -350,8 +352,10 @@ impl Engine {
         {
             Ok(()) => {
                 let mut st = slot.lock();
-                st.rec.conn.account_id = Some(account_id.to_owned());
-                st.rec.conn.updated_at = now;
+                st.update(|rec| {
+                    rec.conn.account_id = Some(account_id.to_owned());
+                    rec.conn.updated_at = now;
+                });
                 Ok(slot.clone())
             }
             Err(e) => {

@@ -63,14 +63,14 @@ impl Engine {
         let slot = self.find(id_or_label)?;
         let st = slot.read();
         (!st.removed).then(|| Identity {
-            id: st.rec.conn.id.clone(),
-            label: st.rec.conn.label.clone(),
+            id: st.rec.id().to_owned(),
+            label: st.rec.label().to_owned(),
         })
     }
 
     pub(crate) fn info_of(&self, st: &SlotState) -> ConnectionInfo {
         let settings = self.settings();
-        let rec = &st.rec;
+        let rec = st.rec.to_record();
         let next_rotation_at = self.plan.next_of(st.handle).map(|planned| {
             let at = planned.at;
             let now = Instant::now();
@@ -78,7 +78,6 @@ impl Engine {
             self.now() + chrono_dur(delta)
         });
         ConnectionInfo {
-            conn: rec.conn.clone(),
             access_token_expires_at: rec.chain.access.as_ref().map(|a| a.expires_at),
             refresh_token_rotated_at: rec.chain.rotated_at,
             next_rotation_at,
@@ -86,6 +85,7 @@ impl Engine {
             absolute_expires_at: settings
                 .absolute_expiry
                 .map(|a| rec.conn.consented_at + chrono_dur(a)),
+            conn: rec.conn,
         }
     }
 
@@ -132,7 +132,7 @@ impl Engine {
             .iter()
             .filter_map(|s| {
                 let st = s.read();
-                (st.rec.conn.status == Status::Active).then(|| st.rec.conn.id.clone())
+                (st.rec.status() == Status::Active).then(|| st.rec.id().to_owned())
             })
             .collect()
     }
@@ -156,7 +156,7 @@ impl Engine {
         let slots = self.slots();
         let active = slots
             .iter()
-            .filter(|s| s.read().rec.conn.status == Status::Active)
+            .filter(|s| s.read().rec.status() == Status::Active)
             .count();
         (active, slots.len() - active)
     }
@@ -183,8 +183,8 @@ impl Engine {
             .iter()
             .filter_map(|slot| {
                 let st = slot.read();
-                (st.filed() && super::site_matches(&st.rec.conn.sites, &cloud_id, &host))
-                    .then(|| st.rec.conn.id.clone())
+                (st.filed() && super::site_matches(&st.rec, &cloud_id, &host))
+                    .then(|| st.rec.id().to_owned())
             })
             .collect();
         out.sort_unstable();
@@ -230,10 +230,9 @@ impl Engine {
             .into_iter()
             .filter_map(|slot| {
                 let st = slot.read();
-                let conn = &st.rec.conn;
-                let deadline = conn.consented_at + absolute;
-                (!st.removed && conn.status == Status::Active && deadline - now <= window)
-                    .then(|| (conn.clone(), deadline))
+                let deadline = st.rec.consented_at() + absolute;
+                (!st.removed && st.rec.status() == Status::Active && deadline - now <= window)
+                    .then(|| (st.rec.to_record().conn, deadline))
             })
             .collect();
         // In label order, as the listing shows them.
@@ -283,17 +282,15 @@ impl ConnectionSource for Engine {
         let unix = |t: Time| t.timestamp_millis() as f64 / 1000.0;
         for s in self.slots() {
             let st = s.read();
-            let conn = &st.rec.conn;
             if !st.removed {
+                let (id, used_at, consented_at) = st.rec.id_used_consented();
                 each(ConnectionDeadline {
-                    id: &conn.id,
-                    inactivity_unix: unix(
-                        st.rec.chain.used_at + chrono_dur(settings.inactivity_expiry),
-                    ),
+                    id,
+                    inactivity_unix: unix(used_at + chrono_dur(settings.inactivity_expiry)),
                     absolute_unix: settings
                         .absolute_expiry
-                        .map(|a| unix(conn.consented_at + chrono_dur(a))),
-                    active: conn.status == Status::Active,
+                        .map(|a| unix(consented_at + chrono_dur(a))),
+                    active: st.rec.status() == Status::Active,
                 });
             }
         }

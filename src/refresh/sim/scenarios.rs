@@ -233,10 +233,7 @@ fn site(cloud_id: &str, name: &str, seen: Time) -> Site {
 fn memory(engine: &Engine, id: &str) -> (u64, String) {
     let slot = engine.find(id).expect("installed");
     let st = slot.read();
-    (
-        st.rec.chain.version,
-        st.rec.chain.refresh_token.expose().to_owned(),
-    )
+    (st.rec.version(), st.rec.refresh_token().to_owned())
 }
 
 #[test]
@@ -289,7 +286,7 @@ fn an_older_or_equal_chain_version_is_ignored() {
         engine.reload(&s.id).await.expect("store up");
         let slot = engine.find(&s.id).expect("installed");
         assert!(
-            slot.read().rec.chain.access.is_none(),
+            slot.read().rec.access().is_none(),
             "an equal version was taken"
         );
         // Memory moves to a newer chain; an older record read afterwards does not undo it.
@@ -345,7 +342,7 @@ fn a_chain_another_daemon_is_still_marking_is_taken_only_once_its_marker_is_old(
         assert_eq!(engine.reload_all().await.expect("store up"), 1);
         assert_eq!(memory(engine, &s.id).0, theirs.chain.version);
         let slot = engine.find(&s.id).expect("installed");
-        assert_eq!(slot.read().rec.chain.attempt_started_at, Some(old));
+        assert_eq!(slot.read().rec.attempt_started_at(), Some(old));
         crash(s.inc);
     });
 }
@@ -416,7 +413,7 @@ fn an_account_and_sites_resolved_elsewhere_are_taken_and_unchanged_sites_are_not
         let s = scene(25).await;
         let engine = &s.inc.engine;
         let slot = engine.find(&s.id).expect("installed");
-        assert!(slot.read().rec.conn.account_id.is_none());
+        assert!(slot.read().rec.account_id().is_none());
         let seen = lock(&s.world).now();
         {
             let mut w = lock(&s.world);
@@ -427,8 +424,8 @@ fn an_account_and_sites_resolved_elsewhere_are_taken_and_unchanged_sites_are_not
         engine.reload(&s.id).await.expect("store up");
         {
             let st = slot.read();
-            assert_eq!(st.rec.conn.account_id.as_deref(), Some("acct-elsewhere"));
-            assert_eq!(st.rec.chain.version, 0, "no chain version is involved");
+            assert_eq!(st.rec.account_id(), Some("acct-elsewhere"));
+            assert_eq!(st.rec.version(), 0, "no chain version is involved");
         }
         assert_eq!(
             engine.connections_for_site("acme.atlassian.net"),
@@ -465,7 +462,7 @@ fn an_account_and_sites_resolved_elsewhere_are_taken_and_unchanged_sites_are_not
         assert_eq!(engine.reload_all().await.expect("store up"), 0);
         engine.reload(&s.id).await.expect("store up");
         assert_eq!(
-            slot.read().rec.conn.sites[0].last_seen_at,
+            slot.read().rec.to_record().conn.sites[0].last_seen_at,
             seen,
             "rewritten"
         );
@@ -479,13 +476,13 @@ fn a_change_held_for_its_commit_is_never_overwritten_by_a_reload() {
         let s = scene(26).await;
         let engine = &s.inc.engine;
         let slot = engine.find(&s.id).expect("installed");
-        let mut ours = slot.read().rec.clone();
+        let mut ours = slot.read().rec.to_record();
         ours.chain.refresh_token = Secret::new("rt-held-here");
         ours.chain.version = 1;
         {
             let mut st = slot.lock();
             let held = Held {
-                presented: Some(st.rec.chain.refresh_token.clone()),
+                presented: Some(Secret::new(st.rec.refresh_token().to_owned())),
                 rec: ours,
                 expect_version: 0,
                 insert: false,
@@ -503,14 +500,11 @@ fn a_change_held_for_its_commit_is_never_overwritten_by_a_reload() {
         engine.reload(&s.id).await.expect("store up");
         assert_eq!(engine.reload_all().await.expect("store up"), 0);
         let st = slot.read();
-        assert_eq!(st.rec.chain.version, 0, "memory moved under a held change");
-        assert_ne!(
-            st.rec.chain.refresh_token.expose(),
-            theirs.chain.refresh_token.expose()
-        );
+        assert_eq!(st.rec.version(), 0, "memory moved under a held change");
+        assert_ne!(st.rec.refresh_token(), theirs.chain.refresh_token.expose());
         let held = st.held.as_ref().expect("the held change was dropped");
         assert_eq!(held.rec.chain.refresh_token.expose(), "rt-held-here");
-        assert!(st.rec.conn.account_id.is_none());
+        assert!(st.rec.account_id().is_none());
         drop(st);
         crash(s.inc);
     });
@@ -633,7 +627,7 @@ fn a_rejection_not_recorded_keeps_the_newer_chain_a_reload_took() {
             "memory left the newer chain"
         );
         let slot = inc.engine.find(&id).expect("installed");
-        assert_eq!(slot.read().rec.conn.status, Status::Active);
+        assert_eq!(slot.read().rec.status(), Status::Active);
         assert_eq!(lock(&world).store[&id].conn.status, Status::Active);
         assert_eq!(inc.engine.status_counts(), inc.engine.recount_statuses());
         crash(inc);
