@@ -180,7 +180,7 @@ impl Engine {
                     {
                         return None;
                     }
-                    st.last_site_miss = super::Since::of(self.requests_base, Some(now));
+                    st.last_site_miss = super::SecondsSince::of(self.requests_base, Some(now));
                 }
                 let access = self.resolvable(&slot).ok()?;
                 Some((slot, access))
@@ -295,7 +295,7 @@ impl Engine {
             let failures = {
                 let mut st = target.lock();
                 st.resolve_failures = st.resolve_failures.saturating_add(1);
-                st.resolve_failures
+                u32::from(st.resolve_failures)
             };
             let s = self.settings();
             let delay = backoff::delay(failures, s.backoff_min, s.backoff_max, retry_after, false);
