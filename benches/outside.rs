@@ -85,6 +85,9 @@ const ROUNDS: usize = 3;
 const STORM_CHAINS: usize = 10_000;
 /// Ledger sizes of the scale scenario (issue 15).
 const SCALE_SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+/// How long the scale scenario leaves a started daemon idle before it reads the RSS again:
+/// the issue's report saw the RSS grow by half in the first minute after start.
+const IDLE: Duration = Duration::from_secs(60);
 
 /// What every scenario needs: the binary and the run's sizes and durations.
 pub struct Config {
@@ -94,6 +97,7 @@ pub struct Config {
     pub rounds: usize,
     pub storm_chains: usize,
     pub scale_sizes: Vec<usize>,
+    pub idle: Duration,
 }
 
 impl Config {
@@ -107,6 +111,7 @@ impl Config {
                 rounds: 1,
                 storm_chains: 2_000,
                 scale_sizes: vec![1_000, 10_000],
+                idle: Duration::from_secs(5),
             }
         } else {
             Config {
@@ -116,6 +121,7 @@ impl Config {
                 rounds: ROUNDS,
                 storm_chains: STORM_CHAINS,
                 scale_sizes: SCALE_SIZES.to_vec(),
+                idle: IDLE,
             }
         };
         if let Ok(v) = std::env::var("TOKEND_BENCH_SECS") {
@@ -134,6 +140,13 @@ impl Config {
             if cfg.scale_sizes.is_empty() || cfg.scale_sizes.contains(&0) {
                 bail!("TOKEND_BENCH_SCALE must name sizes of at least 1");
             }
+        }
+        if let Ok(v) = std::env::var("TOKEND_BENCH_IDLE") {
+            let secs: f64 = v.parse().context("TOKEND_BENCH_IDLE must be a number")?;
+            if !(0.0..3600.0).contains(&secs) {
+                bail!("TOKEND_BENCH_IDLE must be between 0 and 3600");
+            }
+            cfg.idle = Duration::from_secs_f64(secs);
         }
         if let Ok(v) = std::env::var("TOKEND_BENCH_ROUNDS") {
             cfg.rounds = v.parse().context("TOKEND_BENCH_ROUNDS must be a number")?;
