@@ -273,6 +273,15 @@ impl Site {
     }
 }
 
+/// Whether the host of site URL `url` is `host` (lowercased, as [`url_host`] gives it),
+/// without allocating for a plain `https://` host: the check of every `?site=` candidate.
+pub fn url_host_is(url: &str, host: &str) -> bool {
+    match plain_https_host(url) {
+        Some(plain) => plain == host,
+        None => url_host(url).is_some_and(|h| h == host),
+    }
+}
+
 /// The host of a site URL (`acme.atlassian.net`), lowercased: [`Site::host`], for a URL
 /// held elsewhere than in a [`Site`] (the engine's packed records).
 pub fn url_host(url: &str) -> Option<String> {
@@ -725,6 +734,20 @@ mod tests {
         ) {
             let url = format!("{scheme}{rest}");
             prop_assert_eq!(site(&url).host(), by_url(&url), "{:?}", url);
+        }
+
+        #[test]
+        fn url_host_is_agrees_with_the_host(
+            rest in "[a-zA-Z0-9.:/@%?#\\	 -]{0,24}",
+            scheme in prop::sample::select(vec!["https://", "http://", "HTTPS://", ""]),
+            other in "[a-z0-9.-]{0,12}",
+        ) {
+            let url = format!("{scheme}{rest}");
+            let host = url_host(&url);
+            if let Some(h) = &host {
+                prop_assert!(url_host_is(&url, h), "{:?} is on {:?}", url, h);
+            }
+            prop_assert_eq!(url_host_is(&url, &other), host.as_deref() == Some(&*other), "{:?} against {:?}", url, other);
         }
     }
 }

@@ -599,8 +599,9 @@ pub(crate) type Handle = u32;
 /// Whether one of `sites` is cloud id `cloud_id` or on host `host` (both normalised as the
 /// [`SiteIndex`] files them): the check of a lookup's candidates.
 fn site_matches(rec: &Packed, cloud_id: &str, host: &str) -> bool {
-    rec.sites()
-        .any(|s| s.cloud_id.eq_ignore_ascii_case(cloud_id) || s.host().is_some_and(|h| h == host))
+    rec.sites().any(|s| {
+        s.cloud_id.eq_ignore_ascii_case(cloud_id) || crate::model::url_host_is(s.url, host)
+    })
 }
 
 /// The keys one connection's sites are filed under in the [`SiteIndex`]; computed (URL

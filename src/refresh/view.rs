@@ -263,6 +263,10 @@ impl Engine {
 /// query is a URL, else the query itself (a bare host or a cloud id).
 fn site_query(site: &str) -> (String, String) {
     let wanted = site.trim().trim_end_matches('/').to_ascii_lowercase();
+    // A bare host or cloud id (the usual query) is no URL: not parsed as one.
+    if !wanted.contains([':', '/']) {
+        return (wanted.clone(), wanted);
+    }
     let host = url::Url::parse(&wanted)
         .ok()
         .and_then(|u| u.host_str().map(str::to_owned))
