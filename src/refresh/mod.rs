@@ -899,11 +899,23 @@ impl Engine {
         }
         let wanted = rec.conn.status == Status::Active
             && (rec.conn.sites.is_empty() || rec.conn.account_id.is_none());
+        // Planned as installed (a plan depends on its own chain alone), from the record at
+        // hand rather than from its packing: what `replan_locked` would decide of a slot
+        // just installed (no backoff, nothing held, never requested).
+        let input = plan::PlanInput {
+            facts: plan::ChainFacts::of(&rec),
+            not_before: None,
+            held: false,
+            last_requested: None,
+        };
+        let planned = plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY);
         let slot = self.install(rec, None);
         let mut st = slot.lock();
         st.sites_wanted = wanted;
-        // Planned as installed: a plan depends on its own chain alone.
-        self.replan_locked(&st);
+        match planned {
+            Some(planned) => self.plan.schedule(st.handle, planned.at, planned.urgency),
+            None => self.plan.cancel(st.handle),
+        }
     }
 
     /// Applies new refresh settings (a reload) and re-plans every connection.
@@ -961,14 +973,11 @@ impl Engine {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
         let packed = Packed::from(&rec);
-        // The keys copied here, not taken from `rec`: the load made `rec` on the store's
-        // threads, in glibc arenas of their own, which empty (and are given back) once no
-        // chunk of a load's record is kept in them; each kept id and label would hold a page.
-        let id: Box<str> = packed.id().into();
-        let label: Box<str> = packed.label().into();
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
-        drop(rec);
+        // The keys are the record's own strings (no copy); the rest of it is dropped here.
+        let id = rec.conn.id.into_boxed_str();
+        let label = rec.conn.label.into_boxed_str();
         let mut index = self.index.write();
         let handle = index.give_handle();
         let slot = Arc::new(Slot {
