@@ -870,9 +870,15 @@ impl Engine {
                     engine.reserve(total);
                     reserved = true;
                 }
-                for rec in batch {
+                let mut batch = batch;
+                for rec in &mut batch {
                     engine.install_loaded(rec);
                 }
+                // What is left of the records (all but their id and label, which the index
+                // keeps) is freed on a thread of its own: about ten allocations a record,
+                // made on the store's threads, whose freeing was on the installing task's
+                // path.
+                tokio::task::spawn_blocking(move || drop(batch));
             }
         };
         let (done, ()) = tokio::join!(engine.store.load_batches(sink), installing);
@@ -890,7 +896,7 @@ impl Engine {
     }
 
     /// Installs and plans a connection the load read.
-    fn install_loaded(&self, rec: Record) {
+    fn install_loaded(&self, rec: &mut Record) {
         if rec.chain.attempt_started_at.is_some() {
             tracing::warn!(
                 connection = %rec.conn.id,
@@ -903,13 +909,13 @@ impl Engine {
         // hand rather than from its packing: what `replan_locked` would decide of a slot
         // just installed (no backoff, nothing held, never requested).
         let input = plan::PlanInput {
-            facts: plan::ChainFacts::of(&rec),
+            facts: plan::ChainFacts::of(rec),
             not_before: None,
             held: false,
             last_requested: None,
         };
         let planned = plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY);
-        let slot = self.install(rec, None);
+        let slot = self.install_taking(rec, None);
         let mut st = slot.lock();
         st.sites_wanted = wanted;
         match planned {
@@ -968,16 +974,21 @@ impl Engine {
         self.clock.now()
     }
 
-    fn install(&self, rec: Record, held: Option<Held>) -> Arc<Slot> {
+    fn install(&self, mut rec: Record, held: Option<Held>) -> Arc<Slot> {
+        self.install_taking(&mut rec, held)
+    }
+
+    /// [`Engine::install`], taking the record's id and label for the index's keys (no
+    /// copy) and leaving the rest of it to the caller to drop.
+    fn install_taking(&self, rec: &mut Record, held: Option<Held>) -> Arc<Slot> {
         if held.is_some() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
-        let packed = Packed::from(&rec);
+        let packed = Packed::from(&*rec);
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
-        // The keys are the record's own strings (no copy); the rest of it is dropped here.
-        let id = rec.conn.id.into_boxed_str();
-        let label = rec.conn.label.into_boxed_str();
+        let id = std::mem::take(&mut rec.conn.id).into_boxed_str();
+        let label = std::mem::take(&mut rec.conn.label).into_boxed_str();
         let mut index = self.index.write();
         let handle = index.give_handle();
         let slot = Arc::new(Slot {
@@ -1221,8 +1232,10 @@ impl Engine {
             if st.removed {
                 return Err(Failure::NotFound);
             }
-            self.requested(&st);
-            if let Some(answer) = self.cached(&st, min_valid) {
+            // One read of the packed record for both.
+            let access = st.rec.access_and_refresh();
+            self.requested(&st, access);
+            if let Some(answer) = self.cached_with(&st, access, min_valid) {
                 return answer;
             }
         }
@@ -1278,9 +1291,10 @@ impl Engine {
 
     /// Records a caller's request for a token; a connection that becomes hot by it is
     /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
-    fn requested(&self, st: &SlotState) {
+    /// `access`: the record's [`Packed::access_and_refresh`].
+    fn requested(&self, st: &SlotState, access: (Option<(&str, Time)>, Option<Time>)) {
         let before = st.last_requested.set(self.requests_base, Instant::now());
-        let (access, refreshed) = st.rec.access_and_refresh();
+        let (access, refreshed) = access;
         let expires = access.map(|a| a.1);
         if !plan::is_hot(expires, refreshed, before)
             && plan::is_hot(
@@ -1297,10 +1311,20 @@ impl Engine {
     /// that satisfies `min_valid` while no change is held uncommitted. `None`: a refresh is
     /// needed.
     fn cached(&self, st: &SlotState, min_valid: Duration) -> Option<Result<TokenGrant, Failure>> {
+        self.cached_with(st, st.rec.access_and_refresh(), min_valid)
+    }
+
+    /// [`Engine::cached`], given the record's [`Packed::access_and_refresh`].
+    fn cached_with(
+        &self,
+        st: &SlotState,
+        access: (Option<(&str, Time)>, Option<Time>),
+        min_valid: Duration,
+    ) -> Option<Result<TokenGrant, Failure>> {
         if st.rec.status() == Status::NeedsReauth {
             return Some(Err(needs_reauth_failure(&st.rec.to_record().conn)));
         }
-        let (access, refreshed) = st.rec.access_and_refresh();
+        let (access, refreshed) = access;
         if st.held.is_none()
             && let Some(a) = access
             && satisfies_access(Some(a.1), refreshed, min_valid, self.now())
