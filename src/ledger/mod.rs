@@ -1468,15 +1468,25 @@ fn all_sites(db: &rusqlite::Connection, connections: usize) -> Result<SiteTable,
         let start = table.text.len();
         let mut lens = [0u32; 4];
         for (i, len) in lens.iter_mut().enumerate() {
-            let s = row.text(i)?;
-            table.text.push_str(&s);
+            // Borrowed from the row, not copied into a `String` of its own first.
+            let value = row.get_ref(i)?;
+            let s = value.as_str().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), Box::new(e))
+            })?;
+            table.text.push_str(s);
             *len = u32::try_from(s.len())
                 .map_err(|_| LedgerError::Corrupt("a site's text is too long".into()))?;
         }
         table.rows.push(SiteRow {
             start,
             lens,
-            scopes: split_scopes(&row.text(4)?),
+            scopes: split_scopes(row.get_ref(4)?.as_str().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?),
             last_seen_at: from_ms(row.int(5)?),
         });
     }

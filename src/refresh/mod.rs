@@ -818,9 +818,13 @@ impl Engine {
                     engine.reserve(total);
                     reserved = true;
                 }
-                for rec in batch {
+                for rec in &batch {
                     engine.install_loaded(rec);
                 }
+                // The records (their slots hold packed copies) are freed on a thread of
+                // their own: about ten allocations a record, made on the store's threads,
+                // whose freeing was on the installing task's path.
+                tokio::task::spawn_blocking(move || drop(batch));
             }
             engine.index.write().end_load();
         };
@@ -839,7 +843,7 @@ impl Engine {
     }
 
     /// Installs and plans a connection the load read.
-    fn install_loaded(&self, rec: Record) {
+    fn install_loaded(&self, rec: &Record) {
         if rec.chain.attempt_started_at.is_some() {
             tracing::warn!(
                 connection = %rec.conn.id,
@@ -848,11 +852,23 @@ impl Engine {
         }
         let wanted = rec.conn.status == Status::Active
             && (rec.conn.sites.is_empty() || rec.conn.account_id.is_none());
-        let slot = self.install(rec, None);
+        // Planned as installed (a plan depends on its own chain alone), from the record at
+        // hand rather than from its packing: what `replan_locked` would decide of a slot
+        // just installed (no backoff, nothing held, never requested).
+        let input = plan::PlanInput {
+            facts: plan::ChainFacts::of(rec),
+            not_before: None,
+            held: false,
+            last_requested: None,
+        };
+        let planned = plan::next_action(&input, &self.settings(), self.now(), COMMIT_RETRY);
+        let slot = self.install_from(rec, None);
         let mut st = slot.lock();
         st.sites_wanted = wanted;
-        // Planned as installed: a plan depends on its own chain alone.
-        self.replan_locked(&st);
+        match planned {
+            Some(planned) => self.plan.schedule(st.handle, planned.at, planned.urgency),
+            None => self.plan.cancel(st.handle),
+        }
     }
 
     /// Applies new refresh settings (a reload) and re-plans every connection.
@@ -909,16 +925,20 @@ impl Engine {
     /// when active, in the site index. An id installed already (never: ids are new, or were
     /// uninstalled first) replaces the old slot, which is removed with its counts kept right.
     fn install(&self, rec: Record, held: Option<Held>) -> Arc<Slot> {
+        self.install_from(&rec, held)
+    }
+
+    /// [`Engine::install`] of a record the caller keeps (and drops): the slot holds a
+    /// packed copy, nothing of `rec` itself (the load's records were made on the store's
+    /// threads, in glibc arenas of their own, which empty, and are given back, once no chunk
+    /// of them is kept).
+    fn install_from(&self, rec: &Record, held: Option<Held>) -> Arc<Slot> {
         if held.is_some() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
-        let packed = Packed::from(&rec);
+        let packed = Packed::from(rec);
         let active = rec.conn.status == Status::Active;
         let keys = active.then(|| SiteKeys::of(&rec.conn.sites));
-        // Dropped before the slot is made: the load made `rec` on the store's threads, in
-        // glibc arenas of their own, which empty (and are given back) once no chunk of a
-        // load's record is kept in them.
-        drop(rec);
         let mut index = self.index.write();
         let old_slot = index.by_id(packed.id()).cloned();
         let handle = index.give_handle();
@@ -1142,8 +1162,10 @@ impl Engine {
             if st.removed {
                 return Err(Failure::NotFound);
             }
-            self.requested(&st);
-            if let Some(answer) = self.cached(&st, min_valid) {
+            // One read of the packed record for both.
+            let access = st.rec.access_and_refresh();
+            self.requested(&st, access);
+            if let Some(answer) = self.cached_with(&st, access, min_valid) {
                 return answer;
             }
         }
@@ -1199,9 +1221,10 @@ impl Engine {
 
     /// Records a caller's request for a token; a connection that becomes hot by it is
     /// re-planned (its access renewal ahead of expiry). Needs only a shared lock.
-    fn requested(&self, st: &SlotState) {
+    /// `access`: the record's [`Packed::access_and_refresh`].
+    fn requested(&self, st: &SlotState, access: (Option<(&str, Time)>, Option<Time>)) {
         let before = st.last_requested.set(self.requests_base, Instant::now());
-        let (access, refreshed) = st.rec.access_and_refresh();
+        let (access, refreshed) = access;
         let expires = access.map(|a| a.1);
         if !plan::is_hot(expires, refreshed, before)
             && plan::is_hot(
@@ -1218,10 +1241,20 @@ impl Engine {
     /// that satisfies `min_valid` while no change is held uncommitted. `None`: a refresh is
     /// needed.
     fn cached(&self, st: &SlotState, min_valid: Duration) -> Option<Result<TokenGrant, Failure>> {
+        self.cached_with(st, st.rec.access_and_refresh(), min_valid)
+    }
+
+    /// [`Engine::cached`], given the record's [`Packed::access_and_refresh`].
+    fn cached_with(
+        &self,
+        st: &SlotState,
+        access: (Option<(&str, Time)>, Option<Time>),
+        min_valid: Duration,
+    ) -> Option<Result<TokenGrant, Failure>> {
         if st.rec.status() == Status::NeedsReauth {
             return Some(Err(needs_reauth_failure(&st.rec.to_record().conn)));
         }
-        let (access, refreshed) = st.rec.access_and_refresh();
+        let (access, refreshed) = access;
         if st.held.is_none()
             && let Some(a) = access
             && satisfies_access(Some(a.1), refreshed, min_valid, self.now())

@@ -20,12 +20,13 @@
 //! 1. a flags byte ([`flag`]: status and which `Option`s are present);
 //! 2. the chain version;
 //! 3. the access token (if any), the id, the label: what the token path reads first;
-//! 4. the times: access expiry, last refresh, used, rotated, consented, created, updated,
+//! 4. the sites: their count, then each one's cloud id, URL, name and scopes (what a
+//!    `?site=` lookup checks, so it is reached without reading anything else);
+//! 5. the times: access expiry, last refresh, used, rotated, consented, created, updated,
 //!    the attempt marker, the previous token's rotation, the last error's (each optional one
-//!    only if present);
-//! 5. the consecutive failures; provider, client id and scopes as references ([`Ref`]);
-//! 6. the account, the refresh token, the previous token, the last error's code and message;
-//! 7. the sites: their count, then each one's cloud id, URL, name, scopes and last sight.
+//!    only if present), then each site's last sight;
+//! 6. the consecutive failures; provider, client id and scopes as references ([`Ref`]);
+//! 7. the account, the refresh token, the previous token, the last error's code and message.
 //!
 //! Provider, client id and scope lists are what nearly every connection holds the same value
 //! of ([`SharedStr`], [`Scopes`]): each is kept as its number in a process-wide table
@@ -308,6 +309,13 @@ impl<O: Out> Writer<'_, O> {
         }
         self.str(&c.id);
         self.str(&c.label);
+        self.varint(c.sites.len() as u64);
+        for s in &c.sites {
+            self.str(&s.cloud_id);
+            self.str(&s.url);
+            self.str(&s.name);
+            self.scopes(&s.scopes);
+        }
         if let Some(a) = &ch.access {
             self.time(a.expires_at);
         }
@@ -332,6 +340,9 @@ impl<O: Out> Writer<'_, O> {
         if let Some(e) = &c.last_error {
             self.time(e.at);
         }
+        for s in &c.sites {
+            self.time(s.last_seen_at);
+        }
         self.varint(u64::from(c.consecutive_failures));
         self.shared(&c.provider);
         self.shared(&c.client_id);
@@ -346,14 +357,6 @@ impl<O: Out> Writer<'_, O> {
         if let Some(e) = &c.last_error {
             self.str(&e.code);
             self.str(&e.message);
-        }
-        self.varint(c.sites.len() as u64);
-        for s in &c.sites {
-            self.str(&s.cloud_id);
-            self.str(&s.url);
-            self.str(&s.name);
-            self.scopes(&s.scopes);
-            self.time(s.last_seen_at);
         }
     }
 }
@@ -413,6 +416,14 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(s).expect(CORRUPT)
     }
 
+    /// A string's bytes, not checked as UTF-8 (see [`utf8`]).
+    fn bytes(&mut self) -> &'a [u8] {
+        let len = self.varint() as usize;
+        let (s, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        s
+    }
+
     fn skip_str(&mut self) {
         let len = self.varint() as usize;
         self.rest = &self.rest[len..];
@@ -453,6 +464,12 @@ impl<'a> Reader<'a> {
             }
         }
     }
+}
+
+/// A string read by [`Reader::bytes`], checked when it is wanted as a `str` (a head is read
+/// for one or two of its fields: the others are not checked).
+fn utf8(b: &[u8]) -> &str {
+    std::str::from_utf8(b).expect(CORRUPT)
 }
 
 /// A time read back: exactly the one written (a leap second's nanoseconds included).
@@ -522,8 +539,8 @@ impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let head = self.head();
         f.debug_struct("Packed")
-            .field("id", &head.id)
-            .field("label", &head.label)
+            .field("id", &utf8(head.id))
+            .field("label", &utf8(head.label))
             .field("status", &self.status())
             .field("version", &head.version)
             .field("bytes", &self.bytes.len())
@@ -537,14 +554,14 @@ struct Head<'a> {
     flags: u8,
     /// The chain version.
     version: u64,
-    /// The access token, if any.
-    access_token: Option<&'a str>,
+    /// The access token, if any (bytes: see [`utf8`]).
+    access_token: Option<&'a [u8]>,
     /// The connection id.
-    id: &'a str,
+    id: &'a [u8],
     /// The label.
-    label: &'a str,
-    /// Where the times begin.
-    times: Reader<'a>,
+    label: &'a [u8],
+    /// Where the sites begin (at their count).
+    sites: Reader<'a>,
 }
 
 /// The times of a packing (the optional ones present as their flags say), as (seconds,
@@ -560,6 +577,11 @@ struct Times<'a> {
     attempt: Option<(i64, i64)>,
     previous: Option<(i64, i64)>,
     error: Option<(i64, i64)>,
+    /// How many sites there are.
+    site_count: usize,
+    /// Where the sites' last sights begin (after the other times).
+    site_times: Reader<'a>,
+    /// What follows the times.
     rest: Reader<'a>,
 }
 
@@ -594,7 +616,6 @@ impl<'a> Iterator for Sites<'a> {
         };
         self.r.skip_str();
         self.r.skip_scopes();
-        self.r.raw_time();
         Some(view)
     }
 
@@ -614,17 +635,30 @@ impl Packed {
         let mut r = Reader::new(&self.bytes, tables);
         let flags = r.byte();
         let version = r.varint();
-        let access_token = (flags & flag::ACCESS != 0).then(|| r.str());
-        let id = r.str();
-        let label = r.str();
+        let access_token = (flags & flag::ACCESS != 0).then(|| r.bytes());
+        let id = r.bytes();
+        let label = r.bytes();
         Head {
             flags,
             version,
             access_token,
             id,
             label,
-            times: r,
+            sites: r,
         }
+    }
+
+    /// The reader at the times (past the sites), and how many sites there are.
+    fn at_times<'a>(head: &Head<'a>) -> (Reader<'a>, usize) {
+        let mut r = head.sites.clone();
+        let n = r.varint() as usize;
+        for _ in 0..n {
+            r.skip_str();
+            r.skip_str();
+            r.skip_str();
+            r.skip_scopes();
+        }
+        (r, n)
     }
 
     fn times(&self) -> (Head<'_>, Times<'_>) {
@@ -633,7 +667,7 @@ impl Packed {
 
     fn times_with<'a>(&'a self, tables: &'a Tables) -> (Head<'a>, Times<'a>) {
         let head = self.head_with(tables);
-        let mut r = head.times.clone();
+        let (mut r, site_count) = Packed::at_times(&head);
         let f = head.flags;
         let opt = |bit: u8, r: &mut Reader<'_>| (f & bit != 0).then(|| r.raw_time());
         let access_expires = opt(flag::ACCESS, &mut r);
@@ -646,6 +680,10 @@ impl Packed {
         let attempt = opt(flag::ATTEMPT, &mut r);
         let previous = opt(flag::PREVIOUS, &mut r);
         let error = opt(flag::LAST_ERROR, &mut r);
+        let site_times = r.clone();
+        for _ in 0..site_count {
+            r.raw_time();
+        }
         let times = Times {
             access_expires,
             last_refresh,
@@ -657,6 +695,8 @@ impl Packed {
             attempt,
             previous,
             error,
+            site_count,
+            site_times,
             rest: r,
         };
         (head, times)
@@ -688,20 +728,22 @@ impl Packed {
                 at: to_time(at),
             })
         });
-        let n = r.varint() as usize;
+        let (mut strs, mut seen) = (head.sites.clone(), t.site_times);
+        let n = strs.varint() as usize;
+        debug_assert_eq!(n, t.site_count);
         let sites = (0..n)
             .map(|_| Site {
-                cloud_id: r.str().into(),
-                url: r.str().into(),
-                name: r.str().into(),
-                scopes: r.scopes(),
-                last_seen_at: r.time(),
+                cloud_id: strs.str().into(),
+                url: strs.str().into(),
+                name: strs.str().into(),
+                scopes: strs.scopes(),
+                last_seen_at: seen.time(),
             })
             .collect();
         Record {
             conn: Connection {
-                id: head.id.to_owned(),
-                label: head.label.to_owned(),
+                id: utf8(head.id).to_owned(),
+                label: utf8(head.label).to_owned(),
                 provider,
                 client_id,
                 account_id,
@@ -726,7 +768,7 @@ impl Packed {
                     .access_token
                     .zip(t.access_expires)
                     .map(|(tok, at)| AccessToken {
-                        token: Secret::new(tok.to_owned()),
+                        token: Secret::new(utf8(tok).to_owned()),
                         expires_at: to_time(at),
                     }),
             },
@@ -749,19 +791,19 @@ impl Packed {
 
     /// The connection id.
     pub fn id(&self) -> &str {
-        self.head().id
+        utf8(self.head().id)
     }
 
     /// The label.
     pub fn label(&self) -> &str {
-        self.head().label
+        utf8(self.head().label)
     }
 
     /// The access token and its expiry, if there is one.
     pub fn access(&self) -> Option<(&str, Time)> {
         let head = self.head();
-        let token = head.access_token?;
-        let mut r = head.times;
+        let token = utf8(head.access_token?);
+        let (mut r, _) = Packed::at_times(&head);
         Some((token, r.time()))
     }
 
@@ -769,8 +811,8 @@ impl Packed {
     /// path reads (the first two times: the rest is not decoded).
     pub fn access_and_refresh(&self) -> (Option<(&str, Time)>, Option<Time>) {
         let head = self.head();
-        let mut r = head.times;
-        let access = head.access_token.map(|token| (token, r.time()));
+        let (mut r, _) = Packed::at_times(&head);
+        let access = head.access_token.map(|token| (utf8(token), r.time()));
         let refreshed = (head.flags & flag::LAST_REFRESH != 0).then(|| r.time());
         (access, refreshed)
     }
@@ -779,14 +821,14 @@ impl Packed {
     /// connection, in one pass.
     pub fn id_used_consented(&self) -> (&str, Time, Time) {
         let (head, t) = self.times();
-        (head.id, to_time(t.used), to_time(t.consented))
+        (utf8(head.id), to_time(t.used), to_time(t.consented))
     }
 
     /// What the planner and the token path need (see [`ChainFacts`]).
     pub fn facts(&self) -> ChainFacts<'_> {
         let (head, t) = self.times();
         ChainFacts {
-            id: head.id,
+            id: utf8(head.id),
             status: self.status(),
             used_at: to_time(t.used),
             marked: t.attempt.is_some(),
@@ -863,17 +905,7 @@ impl Packed {
 
     /// The sites, borrowed, in order.
     pub fn sites(&self) -> Sites<'_> {
-        let (f, mut r) = self.after_refs();
-        for bit in [flag::ACCOUNT, 0, flag::PREVIOUS] {
-            if bit == 0 || f & bit != 0 {
-                r.skip_str();
-            }
-        }
-        if f & flag::LAST_ERROR != 0 {
-            r.skip_str();
-            r.skip_str();
-        }
-        // A site's last sight counts from the time before it: the last of the times.
+        let mut r = self.head().sites;
         let left = r.varint();
         Sites { r, left }
     }

@@ -72,7 +72,6 @@ pub struct ChainFacts<'a> {
 
 impl<'a> ChainFacts<'a> {
     /// The facts of a record.
-    #[cfg(test)]
     pub fn of(rec: &'a crate::model::Record) -> ChainFacts<'a> {
         ChainFacts {
             id: &rec.conn.id,
