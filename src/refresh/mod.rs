@@ -286,7 +286,7 @@ pub(crate) struct SlotState {
     /// one allocation ([`packed`]: its string bytes and about 80 more, where a `Record` was
     /// about 850 bytes with its allocations). Read with its accessors, or whole with
     /// [`Packed::to_record`]; changed only by [`SlotState::set_rec`] (or
-    /// [`SlotState::update`]), which keeps `face` and `access_shared`. Only [`attempt`] and
+    /// [`SlotState::update`]), which keeps `answer` right. Only [`attempt`] and
     /// [`onboard`] replace its chain, and only after a commit returned.
     rec: Packed,
     /// A committed-elsewhere-pending change: see [`Held`]. Boxed: rare, and a whole record
@@ -307,16 +307,13 @@ pub(crate) struct SlotState {
     /// atomic, so that a cached answer, which takes the state's lock for reading only, can
     /// record it.
     last_requested: LastRequested,
-    /// What a token answer shows of the record's connection, made by the first token answer
-    /// after a change (under the read lock, which no change can interleave with) and dropped
-    /// by [`SlotState::set_rec`] when a field it shows changes. Lazy: most connections of a large ledger
-    /// are never read between two changes, and a face copies the id, scopes and sites
-    /// (about 0.9 KB a connection at the scale bench's 100,000).
-    face: OnceLock<Arc<Face>>,
-    /// The record's access token, shared with the answers that hand it out: made by the
-    /// first answer of that token, dropped by [`SlotState::set_rec`] when the token changes
-    /// (lazy for the same reason as `face`).
-    access_shared: OnceLock<Arc<Secret>>,
+    /// What token answers share ([`Answer`]), made by the first token answer after a change
+    /// (under the read lock, which no change can interleave with) and kept right by
+    /// [`SlotState::set_rec`]. Lazy: most connections of a large ledger are never read
+    /// between two changes, and a face copies the id, scopes and sites (about 0.9 KB a
+    /// connection at the scale bench's 100,000). One cell for both halves, boxed: 16 bytes
+    /// in every slot instead of 32, for one allocation more in a hot connection's.
+    answer: OnceLock<Box<Answer>>,
     /// The attempt running now, if any: callers join it instead of starting another.
     /// Boxed: a chain's attempt runs for a moment now and then, and 32 bytes inline would be
     /// in every slot.
@@ -334,7 +331,7 @@ pub(crate) struct SlotState {
     /// Consecutive failed resolutions of sites or account (drives their retry backoff),
     /// saturating: a byte, since the backoff reaches `backoff_max` after a few dozen, and
     /// with `last_site_miss`'s 4 bytes the slot's small fields fit in 16 bytes (the slot
-    /// in a 144-byte chunk instead of 160).
+    /// in a smaller malloc chunk: see `a_slot_fits_its_chunk`).
     resolve_failures: u8,
     /// A site resolution is running or planned for this connection.
     resolving: bool,
@@ -454,19 +451,34 @@ impl std::ops::DerefMut for SlotGuard<'_> {
     }
 }
 
+/// What every token answer of one record shares with the others (one reference count each,
+/// no copy): the connection's face and the access token.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// What the answers show of the connection.
+    face: Arc<Face>,
+    /// The record's access token.
+    access: Arc<Secret>,
+}
+
 impl SlotState {
     /// Replaces the record (packing `rec`; the old packing is wiped as it is dropped), and
-    /// drops [`SlotState::face`] if a field it shows changed and
-    /// [`SlotState::access_shared`] if the access token changed: every change of the record
-    /// comes here, so neither is ever behind what a reader of the state sees.
+    /// keeps [`SlotState::answer`] right: dropped when a field the face shows changed, its
+    /// token replaced (the face kept) when only the access token changed. Every change of
+    /// the record comes here, so the answer is never behind what a reader of the state sees.
     fn set_rec(&mut self, rec: &Record) {
-        if self.face.get().is_some_and(|f| !f.shows(&rec.conn)) {
-            self.face = OnceLock::new();
-        }
-        if let Some(shared) = self.access_shared.get()
-            && rec.chain.access.as_ref().map(|a| a.token.expose()) != Some(shared.expose())
-        {
-            self.access_shared = OnceLock::new();
+        if let Some(answer) = self.answer.get() {
+            let token = rec.chain.access.as_ref().map(|a| &a.token);
+            if !answer.face.shows(&rec.conn) {
+                self.answer = OnceLock::new();
+            } else if token.map(Secret::expose) != Some(answer.access.expose()) {
+                let face = answer.face.clone();
+                self.answer = OnceLock::new();
+                if let Some(token) = token {
+                    let access = Arc::new(token.clone());
+                    let _ = self.answer.set(Box::new(Answer { face, access }));
+                }
+            }
         }
         self.rec = Packed::from(rec);
     }
@@ -480,29 +492,32 @@ impl SlotState {
         out
     }
 
-    /// Whether [`SlotState::face`], if made, shows the record's connection.
+    /// Whether [`SlotState::answer`]'s face, if made, shows the record's connection.
     #[cfg(test)]
     pub(crate) fn face_current(&self) -> bool {
-        self.face
+        self.answer
             .get()
-            .is_none_or(|f| f.shows(&self.rec.to_record().conn))
+            .is_none_or(|a| a.face.shows(&self.rec.to_record().conn))
     }
 
-    /// What a token answer shows of the connection, made now if no answer since the last
-    /// change made it: a reader holding only the read lock may make it, since the record
-    /// cannot change under that lock.
-    fn face(&self) -> Arc<Face> {
-        self.face
-            .get_or_init(|| Arc::new(Face::of(self.rec.to_record().conn)))
-            .clone()
+    /// What the token answers of the record share, made now (for `token`, the record's
+    /// access token) if no answer since the last change made it: a reader holding only the
+    /// read lock may make it, since the record cannot change under that lock.
+    fn answer(&self, token: &str) -> &Answer {
+        self.answer.get_or_init(|| {
+            Box::new(Answer {
+                face: Arc::new(Face::of(self.rec.to_record().conn)),
+                access: Arc::new(Secret::new(token.to_owned())),
+            })
+        })
     }
 
-    /// Whether [`SlotState::access_shared`], if made, is the record's access token.
+    /// Whether [`SlotState::answer`]'s token, if made, is the record's access token.
     #[cfg(test)]
     pub(crate) fn access_shared_current(&self) -> bool {
-        self.access_shared
+        self.answer
             .get()
-            .is_none_or(|shared| self.rec.access().map(|a| a.0) == Some(shared.expose()))
+            .is_none_or(|a| self.rec.access().map(|a| a.0) == Some(a.access.expose()))
     }
 }
 
@@ -528,8 +543,7 @@ impl Slot {
         Slot {
             chain: chain_lock::ChainLock::new(),
             state: RwLock::new(SlotState {
-                face: OnceLock::new(),
-                access_shared: OnceLock::new(),
+                answer: OnceLock::new(),
                 rec,
                 held: held.map(Box::new),
                 not_before: Since::default(),
@@ -1428,18 +1442,16 @@ impl Engine {
 /// The answer handing out `access`, the record's access token and its expiry.
 fn grant_of(st: &SlotState, access: (&str, Time), served: Served) -> TokenGrant {
     let (token, expires_at) = access;
-    // `access_shared` is the record's token (`set_rec` keeps it so), made by the first
-    // answer that hands it out; a copy only if it is not (never: a safety net).
-    let shared = st
-        .access_shared
-        .get_or_init(|| Arc::new(Secret::new(token.to_owned())));
-    let access_token = if shared.expose() == token {
-        shared.clone()
+    // The answer's token is the record's (`set_rec` keeps it so), made by the first answer
+    // that hands it out; a copy only if it is not (never: a safety net).
+    let answer = st.answer(token);
+    let access_token = if answer.access.expose() == token {
+        answer.access.clone()
     } else {
         Arc::new(Secret::new(token.to_owned()))
     };
     TokenGrant {
-        face: st.face(),
+        face: answer.face.clone(),
         access_token,
         expires_at,
         served,
@@ -1496,13 +1508,13 @@ fn needs_reauth_failure(conn: &Connection) -> Failure {
 mod tests {
     use super::*;
 
-    /// A slot with its `Arc`'s two counts stays within a 144-byte malloc chunk (136 bytes
+    /// A slot with its `Arc`'s two counts stays within a 128-byte malloc chunk (120 bytes
     /// of request plus glibc's 8-byte header): at 100,000 connections, each 16 bytes more
     /// is 1.6 MB of the RSS goal.
     #[test]
     fn a_slot_fits_its_chunk() {
         assert!(
-            std::mem::size_of::<Slot>() + 16 <= 136,
+            std::mem::size_of::<Slot>() + 16 <= 120,
             "Slot is {} bytes",
             std::mem::size_of::<Slot>()
         );

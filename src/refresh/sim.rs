@@ -970,7 +970,7 @@ fn check_all(world: &Shared, live: &[&Engine], step: &str) -> Result<(), String>
                     return Err(format!(
                         "{step}: {}: the token answer's face {:?} is behind the record",
                         st.rec.id(),
-                        st.face
+                        st.answer.get().map(|a| &a.face)
                     ));
                 }
                 if !st.access_shared_current() {
