@@ -636,15 +636,15 @@ impl SiteKeys {
 
     /// The keys of a packed record's sites.
     fn of_packed(rec: &Packed) -> SiteKeys {
-        SiteKeys::of_urls(rec.sites().map(|s| (s.cloud_id, s.url)))
+        SiteKeys::of_urls(rec.sites().map(|s| (s.cloud_id.to_string(), s.url)))
     }
 
     /// The keys of sites given as (cloud id, URL).
-    fn of_urls<'a>(sites: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> SiteKeys {
+    fn of_urls<'a, C: AsRef<str>>(sites: impl Iterator<Item = (C, &'a str)> + Clone) -> SiteKeys {
         SiteKeys {
             cloud_ids: sites
                 .clone()
-                .map(|(cloud_id, _)| key_hash(&cloud_id.to_ascii_lowercase()))
+                .map(|(cloud_id, _)| key_hash(&cloud_id.as_ref().to_ascii_lowercase()))
                 .collect(),
             hosts: sites
                 .filter_map(|(_, url)| crate::model::url_host(url))

@@ -256,8 +256,20 @@ impl<O: Out> Writer<'_, O> {
     }
 
     fn str(&mut self, s: &str) {
-        self.varint(s.len() as u64);
+        self.varint((s.len() as u64) << 1);
         self.out.put(s.as_bytes());
+    }
+
+    /// A cloud id: a canonical UUID ([`uuid_bytes`]) as its 16 bytes, anything else as a
+    /// string.
+    fn cloud_id(&mut self, s: &str) {
+        match uuid_bytes(s) {
+            Some(b) => {
+                self.varint((UUID_BYTES as u64) << 1 | 1);
+                self.out.put(&b);
+            }
+            None => self.str(s),
+        }
     }
 
     fn time(&mut self, t: Time) {
@@ -311,7 +323,7 @@ impl<O: Out> Writer<'_, O> {
         self.str(&c.label);
         self.varint(c.sites.len() as u64);
         for s in &c.sites {
-            self.str(&s.cloud_id);
+            self.cloud_id(&s.cloud_id);
             self.str(&s.url);
             self.str(&s.name);
             self.scopes(&s.scopes);
@@ -410,23 +422,35 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> &'a str {
-        let len = self.varint() as usize;
-        let (s, rest) = self.rest.split_at(len);
-        self.rest = rest;
-        std::str::from_utf8(s).expect(CORRUPT)
+        std::str::from_utf8(self.bytes()).expect(CORRUPT)
     }
 
     /// A string's bytes, not checked as UTF-8 (see [`utf8`]).
     fn bytes(&mut self) -> &'a [u8] {
-        let len = self.varint() as usize;
-        let (s, rest) = self.rest.split_at(len);
-        self.rest = rest;
+        let (s, uuid) = self.coded();
+        assert!(!uuid, "{CORRUPT}");
         s
     }
 
+    /// A string's stored bytes, and whether they are a UUID's 16 (written by
+    /// [`Writer::cloud_id`]).
+    fn coded(&mut self) -> (&'a [u8], bool) {
+        let v = self.varint();
+        let (s, rest) = self.rest.split_at((v >> 1) as usize);
+        self.rest = rest;
+        (s, v & 1 == 1)
+    }
+
+    /// A cloud id (see [`Writer::cloud_id`]).
+    fn cloud_id(&mut self) -> CloudId<'a> {
+        match self.coded() {
+            (b, true) => CloudId::Uuid(b.try_into().expect(CORRUPT)),
+            (s, false) => CloudId::Text(std::str::from_utf8(s).expect(CORRUPT)),
+        }
+    }
+
     fn skip_str(&mut self) {
-        let len = self.varint() as usize;
-        self.rest = &self.rest[len..];
+        self.coded();
     }
 
     /// The next time, as (seconds, nanoseconds), not yet made a [`Time`].
@@ -585,11 +609,101 @@ struct Times<'a> {
     rest: Reader<'a>,
 }
 
+/// How many bytes a canonical UUID is stored in.
+const UUID_BYTES: usize = 16;
+
+/// How long a UUID's text is: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+const UUID_TEXT: usize = 36;
+
+/// Where a UUID's text has its dashes.
+const UUID_DASHES: [usize; 4] = [8, 13, 18, 23];
+
+/// The 16 bytes of `s` if it is a UUID in its canonical text (lowercase hex digits, dashes
+/// at [`UUID_DASHES`]), as Atlassian's cloud ids are: stored in 16 bytes instead of 36 (about
+/// 30 bytes a connection at the scale bench's 1.5 sites each). Anything else (uppercase
+/// included, so that the text comes back exactly) is `None`.
+fn uuid_bytes(s: &str) -> Option<[u8; UUID_BYTES]> {
+    let t = s.as_bytes();
+    if t.len() != UUID_TEXT {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut digits = [0u8; 2 * UUID_BYTES];
+    let mut n = 0;
+    for (i, &c) in t.iter().enumerate() {
+        if UUID_DASHES.contains(&i) {
+            if c != b'-' {
+                return None;
+            }
+        } else {
+            digits[n] = nibble(c)?;
+            n += 1;
+        }
+    }
+    let mut out = [0u8; UUID_BYTES];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = digits[2 * i] << 4 | digits[2 * i + 1];
+    }
+    Some(out)
+}
+
+/// A site's cloud id as a packing holds it: its text, or a canonical UUID's 16 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloudId<'a> {
+    /// Stored as written.
+    Text(&'a str),
+    /// A canonical UUID ([`uuid_bytes`]).
+    Uuid(&'a [u8; UUID_BYTES]),
+}
+
+impl CloudId<'_> {
+    /// The UUID's text, on the stack.
+    fn uuid_text(b: &[u8; UUID_BYTES]) -> [u8; UUID_TEXT] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; UUID_TEXT];
+        let mut at = 0;
+        for (i, &byte) in b.iter().enumerate() {
+            // A dash before bytes 4, 6, 8 and 10.
+            if matches!(i, 4 | 6 | 8 | 10) {
+                at += 1;
+            }
+            out[at] = HEX[usize::from(byte >> 4)];
+            out[at + 1] = HEX[usize::from(byte & 0xf)];
+            at += 2;
+        }
+        out
+    }
+
+    /// Whether this is `other`, ASCII case ignored (as a `?site=` lookup compares).
+    pub fn eq_ignore_ascii_case(&self, other: &str) -> bool {
+        match self {
+            CloudId::Text(s) => s.eq_ignore_ascii_case(other),
+            CloudId::Uuid(b) => Self::uuid_text(b).eq_ignore_ascii_case(other.as_bytes()),
+        }
+    }
+}
+
+impl std::fmt::Display for CloudId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloudId::Text(s) => f.write_str(s),
+            CloudId::Uuid(b) => {
+                let text = Self::uuid_text(b);
+                f.write_str(std::str::from_utf8(&text).expect("hex digits and dashes"))
+            }
+        }
+    }
+}
+
 /// One site of a packing, borrowed.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SiteView<'a> {
     /// See [`Site::cloud_id`].
-    pub cloud_id: &'a str,
+    pub cloud_id: CloudId<'a>,
     /// See [`Site::url`].
     pub url: &'a str,
 }
@@ -611,7 +725,7 @@ impl<'a> Iterator for Sites<'a> {
         }
         self.left -= 1;
         let view = SiteView {
-            cloud_id: self.r.str(),
+            cloud_id: self.r.cloud_id(),
             url: self.r.str(),
         };
         self.r.skip_str();
@@ -733,7 +847,7 @@ impl Packed {
         debug_assert_eq!(n, t.site_count);
         let sites = (0..n)
             .map(|_| Site {
-                cloud_id: strs.str().into(),
+                cloud_id: strs.cloud_id().to_string().into(),
                 url: strs.str().into(),
                 name: strs.str().into(),
                 scopes: strs.scopes(),
@@ -1021,12 +1135,12 @@ mod tests {
                 want.last_refresh_at
             )
         );
-        let views: Vec<_> = p.sites().map(|s| (s.cloud_id, s.url)).collect();
+        let views: Vec<_> = p.sites().map(|s| (s.cloud_id.to_string(), s.url)).collect();
         let sites: Vec<_> = rec
             .conn
             .sites
             .iter()
-            .map(|s| (&*s.cloud_id, &*s.url))
+            .map(|s| (s.cloud_id.to_string(), &*s.url))
             .collect();
         assert_eq!(views, sites);
         assert_eq!(p.sites().len(), rec.conn.sites.len());
@@ -1128,6 +1242,41 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A canonical UUID cloud id is kept in 16 bytes and comes back as its text; any
+        /// other 36-character text (an uppercase digit, a moved dash) is kept as text.
+        #[test]
+        fn uuid_cloud_ids_are_kept_in_16_bytes(bytes in any::<[u8; 16]>(), at in 0usize..36, upper in any::<bool>()) {
+            let text = CloudId::Uuid(&bytes).to_string();
+            prop_assert_eq!(text.len(), 36);
+            prop_assert_eq!(uuid_bytes(&text), Some(bytes));
+            let mut odd = text.clone().into_bytes();
+            odd[at] = if upper { b'A' } else if odd[at] == b'-' { b'0' } else { b'-' };
+            let odd = String::from_utf8(odd).unwrap();
+            prop_assert_eq!(uuid_bytes(&odd), None, "{:?}", odd);
+            prop_assert!(CloudId::Uuid(&bytes).eq_ignore_ascii_case(&text.to_ascii_uppercase()));
+            prop_assert!(!CloudId::Uuid(&bytes).eq_ignore_ascii_case(&odd) || upper);
+
+            let mut rec = crate::model::sample_record("c1", "l1", "rt", chrono::Utc::now());
+            let site = |cloud_id: &str| Site {
+                cloud_id: cloud_id.into(),
+                url: "https://acme.atlassian.net".into(),
+                name: "acme".into(),
+                scopes: rec.conn.scopes.clone(),
+                last_seen_at: rec.conn.created_at,
+            };
+            rec.conn.sites = vec![site(&text), site(&odd), site(&text[..35])];
+            let packed = Packed::from(&rec);
+            assert_same(&packed.to_record(), &rec);
+            let views: Vec<String> = packed.sites().map(|s| s.cloud_id.to_string()).collect();
+            prop_assert_eq!(views, [text.clone(), odd.clone(), text[..35].to_owned()]);
+            prop_assert_eq!(packed.sites().next().map(|s| s.cloud_id), Some(CloudId::Uuid(&bytes)));
+            let mut as_text = rec.clone();
+            as_text.conn.sites = vec![site(&odd), site(&odd), site(&text[..35])];
+            prop_assert_eq!(Packed::from(&as_text).heap_len(), packed.heap_len() + 20);
+        }
+    }
+
     /// A typical record (the scale bench's shape: a 32-digit id, 40-byte tokens, one
     /// site) costs its string bytes and a few dozen more in its one allocation, and the
     /// shared values come back as the same shared allocations.
@@ -1224,7 +1373,7 @@ mod tests {
         assert_eq!(tables.strs.read().items.len(), 1);
         assert_eq!(tables.scopes.read().items.len(), 1);
         assert_same(&packed.to_record_with(&tables), &rec);
-        let views: Vec<_> = packed.sites().map(|s| s.cloud_id).collect();
+        let views: Vec<_> = packed.sites().map(|s| s.cloud_id.to_string()).collect();
         assert_eq!(views, ["cloud"]);
         let full = Tables {
             strs: Default::default(),
