@@ -18,7 +18,9 @@ use crate::audit::ReadOutcome;
 use crate::config::AccessConfig;
 use crate::metrics::{Metrics, TokenOutcome};
 use crate::model::Site;
-use crate::refresh::{ConnectionInfo, Engine, Failure, Identity, NotHanded, Served, TokenGrant};
+use crate::refresh::{
+    ConnectionInfo, Engine, Failure, ForSite, Identity, NotHanded, Served, TokenGrant,
+};
 use crate::wire::{self, ErrorCode};
 use axum::Router;
 use axum::body::Body;
@@ -1097,43 +1099,44 @@ async fn site_token(
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("give ?site=HOST_OR_CLOUD_ID"))?;
     let policy = state.policy();
-    let mut candidates = state.engine.connections_for_site(&site);
-    if candidates.is_empty() {
+    // The usual case, one connection reaches the site: one look-up finds it, checks the
+    // peer against it and reads its token, as for a request by id.
+    let may_read = |conn_id: &str, label: &str| policy.may_read(peer, conn_id, label);
+    let mut found = state
+        .engine
+        .token_for_site(&site, min_valid, may_read)
+        .await;
+    if matches!(&found, ForSite::NotOne(none) if none.is_empty()) {
         // Maybe a site added since the last resolution: re-resolve (at most once per
         // connection per minute) and look again.
         // Only connections this peer may read are re-resolved, and it waits at most one
         // request timeout.
         let wait = state.engine.settings().request_timeout;
-        state
+        state.engine.site_miss(peer.uid, may_read, wait).await;
+        found = state
             .engine
-            .site_miss(peer.uid, |id, label| policy.may_read(peer, id, label), wait)
+            .token_for_site(&site, min_valid, may_read)
             .await;
-        candidates = state.engine.connections_for_site(&site);
     }
-    if let [one] = candidates.as_slice() {
-        // The usual case, one connection reaches the site: one look-up finds it, checks the
-        // peer against it and reads its token, as for a request by id.
-        let result = state
-            .engine
-            .token_for(one, min_valid, |conn_id, label| {
-                policy.may_read(peer, conn_id, label)
-            })
-            .await;
-        // A 404 when it was removed since it was found.
-        return answer_handed(
-            &state,
-            peer,
-            Endpoint::SiteToken,
-            result,
-            || format!("no active connection reaches {site:?}"),
-            |_| {
-                format!(
-                    "uid {} may not read the tokens of the connection reaching {site:?}",
-                    peer.uid
-                )
-            },
-        );
-    }
+    let candidates = match found {
+        ForSite::NotOne(candidates) => candidates,
+        ForSite::Handed(result) => {
+            // A 404 when it was removed since it was found.
+            return answer_handed(
+                &state,
+                peer,
+                Endpoint::SiteToken,
+                result,
+                || format!("no active connection reaches {site:?}"),
+                |_| {
+                    format!(
+                        "uid {} may not read the tokens of the connection reaching {site:?}",
+                        peer.uid
+                    )
+                },
+            );
+        }
+    };
     let readable: Vec<String> = candidates
         .iter()
         .filter(|id| {

@@ -187,6 +187,16 @@ impl Face {
     }
 }
 
+/// What [`Engine::token_for_site`] found.
+#[derive(Debug)]
+pub enum ForSite {
+    /// Exactly one active connection reaches the site: its token, or why it was not handed
+    /// out (as for [`Engine::token_for`]; `NotFound` when it was removed meanwhile).
+    Handed(Result<TokenGrant, NotHanded>),
+    /// None or several reach it: their ids, sorted (empty for none).
+    NotOne(Vec<String>),
+}
+
 /// Why [`Engine::token_for`] handed out no token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NotHanded {
@@ -1148,6 +1158,39 @@ impl Engine {
         may_read: impl FnOnce(&str, &str) -> bool,
     ) -> Result<TokenGrant, NotHanded> {
         let slot = self.find(id_or_label).ok_or(Failure::NotFound)?;
+        self.token_checked(&slot, min_valid, may_read).await
+    }
+
+    /// [`Engine::token_for`] of the one active connection that reaches `site` (a host or a
+    /// cloud id, as `?site=` takes it), found once: no id to copy
+    /// and look up again. When not exactly one reaches it, the ids of those that do
+    /// ([`ForSite::NotOne`], sorted; empty when none does).
+    pub async fn token_for_site(
+        self: &Arc<Self>,
+        site: &str,
+        min_valid: Duration,
+        may_read: impl FnOnce(&str, &str) -> bool,
+    ) -> ForSite {
+        let mut slots = self.site_slots(site);
+        if slots.len() != 1 {
+            let mut ids: Vec<String> = slots.iter().map(|s| s.read().rec.id().to_owned()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            return ForSite::NotOne(ids);
+        }
+        let slot = slots.pop().expect("one slot");
+        ForSite::Handed(self.token_checked(&slot, min_valid, may_read).await)
+    }
+
+    /// `slot`'s token, if `may_read` lets the caller read it (see [`Engine::token_for`]).
+    async fn token_checked(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        min_valid: Duration,
+        may_read: impl FnOnce(&str, &str) -> bool,
+    ) -> Result<TokenGrant, NotHanded> {
+        // The check and the cached answer under one shared lock: a hot connection's lock is
+        // the cache line its readers share, and each taking of it one more transfer of it.
         {
             let st = slot.read();
             if st.removed {
@@ -1160,8 +1203,11 @@ impl Engine {
                     label: label.to_owned(),
                 }));
             }
+            if let Some(answer) = self.cached_read(&st, min_valid) {
+                return Ok(answer?);
+            }
         }
-        Ok(self.token_of(&slot, min_valid).await?)
+        Ok(self.token_uncached(slot, min_valid).await?)
     }
 
     async fn token_of(
@@ -1176,13 +1222,33 @@ impl Engine {
             if st.removed {
                 return Err(Failure::NotFound);
             }
-            // One read of the packed record for both.
-            let access = st.rec.access_and_refresh();
-            self.requested(&st, access);
-            if let Some(answer) = self.cached_with(&st, access, min_valid) {
+            if let Some(answer) = self.cached_read(&st, min_valid) {
                 return answer;
             }
         }
+        self.token_uncached(slot, min_valid).await
+    }
+
+    /// The cached answer for a reader of the state (recording the request), if the cached
+    /// token will do.
+    fn cached_read(
+        &self,
+        st: &SlotState,
+        min_valid: Duration,
+    ) -> Option<Result<TokenGrant, Failure>> {
+        // One read of the packed record for both.
+        let access = st.rec.access_and_refresh();
+        self.requested(st, access);
+        self.cached_with(st, access, min_valid)
+    }
+
+    /// [`Engine::token_of`] once the cached token would not do: decided again under the
+    /// write lock, then an attempt joined or started and its outcome awaited.
+    async fn token_uncached(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        min_valid: Duration,
+    ) -> Result<TokenGrant, Failure> {
         let flight = {
             let mut st = slot.lock();
             // The state may have changed since it was read: decide again, under the write

@@ -161,17 +161,32 @@ impl Engine {
         (active, slots.len() - active)
     }
 
-    /// The ids of active connections that reach a site (by host or cloud id), sorted.
-    /// O(matches): the query is normalised before any lock, then looked up in the
-    /// [`super::SiteIndex`].
+    /// The ids of active connections that reach a site (by host or cloud id), sorted: what
+    /// [`Engine::token_for_site`] finds, for the tests to check.
+    #[cfg(test)]
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .site_slots(site)
+            .iter()
+            .map(|slot| slot.read().rec.id().to_owned())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The slots of the active connections that reach a site (by host or cloud id), each
+    /// once, in no particular order. O(matches): the query is normalised before any lock,
+    /// then looked up in the [`super::SiteIndex`].
+    pub(crate) fn site_slots(&self, site: &str) -> Vec<Arc<Slot>> {
         let (cloud_id, host) = site_query(site);
         let candidates = self.sites.read().candidates(&cloud_id, &host);
         if candidates.is_empty() {
             return Vec::new();
         }
         // Each candidate checked against its own sites: a key is a hash, and a handle may
-        // have been freed and given to another slot since the index was read.
+        // have been freed and given to another slot since the index was read. Candidates
+        // are distinct handles, so each slot comes once.
         let slots: Vec<Arc<Slot>> = {
             let index = self.index.read();
             candidates
@@ -179,17 +194,13 @@ impl Engine {
                 .filter_map(|&h| index.by_handle(h).cloned())
                 .collect()
         };
-        let mut out: Vec<String> = slots
-            .iter()
-            .filter_map(|slot| {
+        slots
+            .into_iter()
+            .filter(|slot| {
                 let st = slot.read();
-                (st.filed() && super::site_matches(&st.rec, &cloud_id, &host))
-                    .then(|| st.rec.id().to_owned())
+                st.filed() && super::site_matches(&st.rec, &cloud_id, &host)
             })
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+            .collect()
     }
 
     /// The site index built again over every connection: what the kept one must equal
