@@ -1173,10 +1173,7 @@ impl Engine {
     ) -> ForSite {
         let mut slots = self.site_slots(site);
         if slots.len() != 1 {
-            let mut ids: Vec<String> = slots.iter().map(|s| s.read().rec.id().to_owned()).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            return ForSite::NotOne(ids);
+            return ForSite::NotOne(view::sorted_ids(&slots));
         }
         let slot = slots.pop().expect("one slot");
         ForSite::Handed(self.token_checked(&slot, min_valid, may_read).await)

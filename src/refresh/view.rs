@@ -165,14 +165,7 @@ impl Engine {
     /// [`Engine::token_for_site`] finds, for the tests to check.
     #[cfg(test)]
     pub fn connections_for_site(&self, site: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .site_slots(site)
-            .iter()
-            .map(|slot| slot.read().rec.id().to_owned())
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        sorted_ids(&self.site_slots(site))
     }
 
     /// The slots of the active connections that reach a site (by host or cloud id), each
@@ -283,6 +276,14 @@ fn site_query(site: &str) -> (String, String) {
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_else(|| wanted.clone());
     (wanted, host)
+}
+
+/// The ids of `slots` (distinct slots, so distinct ids), sorted: how a site look-up names
+/// the connections it found.
+pub(super) fn sorted_ids(slots: &[Arc<Slot>]) -> Vec<String> {
+    let mut ids: Vec<String> = slots.iter().map(|s| s.read().rec.id().to_owned()).collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// What `/metrics` shows of the connections, read when it is scraped.
