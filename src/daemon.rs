@@ -638,7 +638,7 @@ pub async fn run(
     };
     api::server::serve(
         listener,
-        api::router(state),
+        api::app(state),
         metrics.clone(),
         stopping,
         REQUEST_GRACE,

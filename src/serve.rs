@@ -19,6 +19,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -126,6 +127,38 @@ pub const MAX_CONNECTIONS_PER_UID: usize = MAX_CONNECTIONS / 4;
 /// Refusals at the per-uid limit are logged at most this often (they are all counted in
 /// `tokend_api_connections_refused_total`): a flood must not flood the journal too.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What answers the requests of one server: the accept loop hands it each request with the
+/// peer's credentials. A plain [`Router`] gets the credentials as a [`Peer`] request
+/// extension; the socket API (`api::Api`) answers its hot token routes itself first and hands
+/// the rest to its router the same way.
+pub trait App: Clone + Send + Sync + 'static {
+    /// The answer to `req` from `peer`.
+    fn answer(
+        &self,
+        req: axum::extract::Request,
+        peer: Option<Peer>,
+    ) -> impl Future<Output = axum::response::Response> + Send + 'static + use<Self>;
+}
+
+impl App for Router {
+    fn answer(
+        &self,
+        mut req: axum::extract::Request,
+        peer: Option<Peer>,
+    ) -> impl Future<Output = axum::response::Response> + Send + 'static + use<> {
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(peer);
+        }
+        let answer = self.clone().oneshot(req);
+        async move {
+            match answer.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
 
 /// A listener the HTTP loop can accept from: the API's Unix socket (with the peer's
 /// credentials) or the metrics TCP port (no credentials).
@@ -236,9 +269,9 @@ pub fn plain_refusal(uid: u32, share: usize) -> Vec<u8> {
 /// read timeouts and a write timeout, a connection limit in total and per peer uid, the
 /// peer's credentials as a request extension (when the listener has them), and a graceful
 /// drain. `metrics`, if given, is told of open connections, refusals and timeouts.
-pub async fn serve_http<L: Accept>(
+pub async fn serve_http<L: Accept, A: App>(
     listener: L,
-    router: Router,
+    app: A,
     shutdown: impl Future<Output = ()>,
     limits: Limits,
     metrics: Option<Arc<dyn Observer>>,
@@ -297,7 +330,7 @@ pub async fn serve_http<L: Accept>(
             },
         };
         let held = Held::new(permit, share, metrics.clone());
-        let router = router.clone();
+        let app = app.clone();
         let mut stop = stop_rx.clone();
         let metrics = metrics.clone();
         while conns.try_join_next().is_some() {}
@@ -309,44 +342,42 @@ pub async fn serve_http<L: Accept>(
             let service = {
                 let had_request = had_request.clone();
                 let metrics = metrics.clone();
-                hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     had_request.store(true, Ordering::Relaxed);
-                    if let Some(peer) = peer {
-                        req.extensions_mut().insert(peer);
-                    }
-                    let deadline = Instant::now() + limits.body_read_timeout;
+                    // A body that has already ended (every GET) is not waited for: no timer,
+                    // no clock read, and no boxed copy of hyper's empty body.
                     let req = req.map(|body| {
                         if hyper::body::Body::is_end_stream(&body) {
-                            axum::body::Body::new(body)
+                            axum::body::Body::empty()
                         } else {
                             axum::body::Body::new(DeadlineBody::new(
                                 body,
-                                deadline,
+                                Instant::now() + limits.body_read_timeout,
                                 limits.body_read_timeout,
                                 metrics.clone(),
                             ))
                         }
                     });
-                    let router = router.clone();
                     // What the request's log line needs, kept only when it is logged: an
                     // answer that is not logged costs no copy of its path.
                     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
                         let path: String = req.uri().path().chars().take(200).collect();
                         (Instant::now(), req.method().clone(), path)
                     });
+                    let answer = app.answer(req, peer);
                     async move {
-                        let resp = router.oneshot(req).await;
-                        if let (Ok(r), Some((started, method, path))) = (&resp, logged) {
+                        let resp = answer.await;
+                        if let Some((started, method, path)) = logged {
                             tracing::debug!(
                                 %method,
                                 %path,
-                                status = r.status().as_u16(),
+                                status = resp.status().as_u16(),
                                 uid = peer.map(|p| p.uid),
                                 micros = started.elapsed().as_micros() as u64,
                                 "http request"
                             );
                         }
-                        resp
+                        Ok::<_, Infallible>(resp)
                     }
                 })
             };

@@ -337,9 +337,134 @@ fn route_label(matched: Option<&str>) -> &'static str {
         .map_or(crate::metrics::OTHER_ROUTE, |r| r.template)
 }
 
+/// The socket API as the accept loop serves it ([`crate::serve::App`]): the two token
+/// routes answered at once, everything else by the [`router`].
+///
+/// A cached token is the request services make most, and on it axum's routing was most of
+/// what tokend adds over a bare HTTP server: a route match, a boxed clone of the route's
+/// service, the matched template and the path parameters in request extensions (a small
+/// map allocated per request), extractors that copy the id and the query. So
+/// `GET /v1/connections/{id}/token` and `GET /v1/token` are recognised here by their
+/// paths and go straight to the same handler code the router runs
+/// ([`connection_token_of`], [`site_token_of`]), counted and timed under the same route
+/// series. Whatever this does not recognise exactly (another method, an id with a `%`
+/// escape or a `/`, a path without a peer) goes to the router, which answers it as
+/// before: the answers are the same either way (tested).
+#[derive(Clone)]
+pub(crate) struct Api {
+    /// Shared by every connection: one reference count per request.
+    inner: Arc<ApiInner>,
+}
+
+/// What [`Api`] holds.
+struct ApiInner {
+    /// Every route but the two token routes' usual requests.
+    router: Router,
+    /// The handlers' state, as the router hands it to them.
+    state: Shared,
+    /// `GET /v1/connections/{id}/token`'s series.
+    connection_token: crate::metrics::ApiRoute,
+    /// `GET /v1/token`'s series.
+    site_token: crate::metrics::ApiRoute,
+}
+
+/// A request [`Api`] answers without the router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direct<'a> {
+    /// `GET /v1/connections/{id}/token` with an id that needs no decoding.
+    ConnectionToken(&'a str),
+    /// `GET /v1/token`.
+    SiteToken,
+}
+
+impl<'a> Direct<'a> {
+    /// The direct route of a request, if it has one: only `GET`, only the exact paths, and
+    /// only an id the router would hand its handler unchanged (no percent escape to decode,
+    /// not empty, one path segment).
+    fn of(method: &Method, path: &'a str) -> Option<Direct<'a>> {
+        if method != Method::GET {
+            return None;
+        }
+        if path == "/v1/token" {
+            return Some(Direct::SiteToken);
+        }
+        let id = path
+            .strip_prefix("/v1/connections/")?
+            .strip_suffix("/token")?;
+        (!id.is_empty() && !id.contains(['/', '%'])).then_some(Direct::ConnectionToken(id))
+    }
+}
+
+/// The socket API: the [`router`] behind the direct token routes (see [`Api`]).
+pub(crate) fn app(state: ApiState) -> Api {
+    let state = Arc::new(state);
+    let router = router_of(state.clone());
+    let connection_token = state
+        .metrics
+        .api_route(template_of(Endpoint::ConnectionToken));
+    let site_token = state.metrics.api_route(template_of(Endpoint::SiteToken));
+    Api {
+        inner: Arc::new(ApiInner {
+            router,
+            state,
+            connection_token,
+            site_token,
+        }),
+    }
+}
+
+/// The template of `endpoint`'s route in [`ROUTES`].
+fn template_of(endpoint: Endpoint) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|r| r.endpoint == endpoint)
+        .map(|r| r.template)
+        .expect("every endpoint has a route")
+}
+
+impl crate::serve::App for Api {
+    fn answer(
+        &self,
+        req: axum::extract::Request,
+        peer: Option<Peer>,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static + use<> {
+        let inner = self.inner.clone();
+        async move {
+            let direct = peer.and_then(|peer| {
+                Direct::of(req.method(), req.uri().path()).map(|route| (peer, route))
+            });
+            let Some((peer, route)) = direct else {
+                return crate::serve::App::answer(&inner.router, req, peer).await;
+            };
+            let started = tokio::time::Instant::now();
+            let query = req.uri().query();
+            let (result, series) = match route {
+                Direct::ConnectionToken(id) => (
+                    connection_token_of(&inner.state, peer, id, query).await,
+                    &inner.connection_token,
+                ),
+                Direct::SiteToken => (
+                    site_token_of(&inner.state, peer, query).await,
+                    &inner.site_token,
+                ),
+            };
+            let resp = standard_errors(result.into_response());
+            series.record(resp.status().as_u16(), started.elapsed());
+            resp
+        }
+    }
+}
+
 /// The router, built from [`ROUTES`]. Requests must carry a [`Peer`] extension (the server
-/// inserts it).
+/// inserts it). The daemon serves it behind [`app`]'s direct routes; the tests drive it
+/// alone too, to hold the two to the same answers.
+#[cfg(test)]
 pub(crate) fn router(state: ApiState) -> Router {
+    router_of(Arc::new(state))
+}
+
+/// [`router`] over state already shared.
+fn router_of(state: Shared) -> Router {
     let templates = route_templates();
     state.metrics.declare_api_routes(&templates);
     let finish = Finish {
@@ -360,7 +485,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(finish)
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 /// The metrics series of every route label, resolved once when the router is built.
@@ -484,11 +609,14 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 /// hit) into the standard shape, without its original text (which could echo input).
 fn standard_errors(resp: Response) -> Response {
     let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+    if is_json {
         return resp;
     }
     let err = match status {
@@ -682,7 +810,7 @@ const LIST_CHUNK: usize = 256;
 /// stays the `[Connection]` array INTERFACE.md fixes.
 async fn list(State(state): State<Shared>, RawQuery(query): RawQuery) -> ApiResult {
     let (mut limit, mut after) = (None, None);
-    for_each_param(query, |k, v| {
+    for_each_param(query.as_deref(), |k, v| {
         match k {
             "limit" => {
                 limit = Some(
@@ -934,7 +1062,7 @@ async fn authorize(
 /// Walks a query string's parameters: `take` returns `Ok(false)` for a name it does not
 /// know, which is refused with the name (shortened), never its value.
 fn for_each_param(
-    raw: Option<String>,
+    raw: Option<&str>,
     mut take: impl FnMut(&str, std::borrow::Cow<'_, str>) -> Result<bool, ApiError>,
 ) -> Result<(), ApiError> {
     for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
@@ -950,7 +1078,7 @@ fn for_each_param(
 
 /// Parses the query string: `min_valid` (seconds) and optionally `site`.
 fn parse_query(
-    raw: Option<String>,
+    raw: Option<&str>,
     default_min_valid: Duration,
 ) -> Result<(Duration, Option<String>), ApiError> {
     let mut min_valid = default_min_valid;
@@ -985,7 +1113,7 @@ async fn events(
         return Err(ApiError::not_found(format!("no connection {id:?}")));
     };
     let (mut since, mut limit) = (None, EVENTS_DEFAULT_LIMIT);
-    for_each_param(query, |k, v| {
+    for_each_param(query.as_deref(), |k, v| {
         match k {
             "since" => {
                 let t = chrono::DateTime::parse_from_rfc3339(v.trim()).map_err(|_| {
@@ -1035,6 +1163,17 @@ async fn connection_token(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
+    connection_token_of(&state, peer, &id, query.as_deref()).await
+}
+
+/// `GET /v1/connections/{id}/token` for the connection `id` (already percent-decoded):
+/// what the router's handler and [`Api`]'s own dispatch both answer with.
+async fn connection_token_of(
+    state: &Shared,
+    peer: Peer,
+    id: &str,
+    query: Option<&str>,
+) -> ApiResult {
     let (min_valid, site) = parse_query(query, state.engine.settings().access_token_margin)?;
     if site.is_some() {
         return Err(ApiError::bad_request("site is a parameter of /v1/token"));
@@ -1043,12 +1182,12 @@ async fn connection_token(
     // One look-up finds the connection, checks the peer against it and reads its token.
     let result = state
         .engine
-        .token_for(&id, min_valid, |conn_id, label| {
+        .token_for(id, min_valid, |conn_id, label| {
             policy.may_read(peer, conn_id, label)
         })
         .await;
     answer_handed(
-        &state,
+        state,
         peer,
         Endpoint::ConnectionToken,
         result,
@@ -1094,6 +1233,12 @@ async fn site_token(
     Extension(peer): Extension<Peer>,
     RawQuery(query): RawQuery,
 ) -> ApiResult {
+    site_token_of(&state, peer, query.as_deref()).await
+}
+
+/// `GET /v1/token?site=`: what the router's handler and [`Api`]'s own dispatch both answer
+/// with.
+async fn site_token_of(state: &Shared, peer: Peer, query: Option<&str>) -> ApiResult {
     let (min_valid, site) = parse_query(query, state.engine.settings().access_token_margin)?;
     let site = site
         .filter(|s| !s.trim().is_empty())
@@ -1123,7 +1268,7 @@ async fn site_token(
         ForSite::Handed(result) => {
             // A 404 when it was removed since it was found.
             return answer_handed(
-                &state,
+                state,
                 peer,
                 Endpoint::SiteToken,
                 result,
@@ -1171,7 +1316,7 @@ async fn site_token(
                 peer.uid
             )))
         }
-        (_, [one]) => hand_out(&state, peer, Endpoint::SiteToken, one, min_valid).await,
+        (_, [one]) => hand_out(state, peer, Endpoint::SiteToken, one, min_valid).await,
         (_, many) => Err(ApiError::new(
             ErrorCode::Conflict,
             format!(
@@ -1460,6 +1605,169 @@ mod tests {
         );
     }
 
+    #[test]
+    fn only_the_plain_token_requests_take_the_direct_route() {
+        let get = Method::GET;
+        for (method, path, want) in [
+            (&get, "/v1/token", Some(Direct::SiteToken)),
+            (
+                &get,
+                "/v1/connections/conf/token",
+                Some(Direct::ConnectionToken("conf")),
+            ),
+            (
+                &get,
+                "/v1/connections/c0123456789ab/token",
+                Some(Direct::ConnectionToken("c0123456789ab")),
+            ),
+            (&get, "/v1/connections/co%6Ef/token", None),
+            (&get, "/v1/connections//token", None),
+            (&get, "/v1/connections/a/b/token", None),
+            (&get, "/v1/connections/conf/token/", None),
+            (&get, "/v1/token/", None),
+            (&get, "/v1/connections/conf", None),
+            (&get, "/v1/connections/token", None),
+            (&Method::HEAD, "/v1/token", None),
+            (&Method::POST, "/v1/connections/conf/token", None),
+        ] {
+            assert_eq!(Direct::of(method, path), want, "{method} {path}");
+        }
+    }
+
+    /// [`app`]'s direct token routes answer every request exactly as the router does (status,
+    /// headers that matter, body but for `expires_in`, which may tick between the two), and
+    /// count them under the same route series.
+    #[tokio::test]
+    async fn the_direct_token_routes_answer_as_the_router_does() {
+        use crate::serve::App;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            "",
+            std::path::Path::new("/etc/tokend/daemon.toml"),
+            &|_| None,
+            &|_| Err(std::io::Error::other("none")),
+        )
+        .unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        // The ledger keeps milliseconds.
+        let now = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
+        for (id, label, host) in [("c1", "conf", "acme"), ("c2", "jira", "other")] {
+            let mut rec = crate::model::sample_record(id, label, &format!("rt-{id}"), now);
+            rec.conn.sites.push(crate::model::Site {
+                cloud_id: format!("cloud-{host}").into(),
+                url: format!("https://{host}.atlassian.net").into(),
+                name: host.into(),
+                scopes: vec!["read:page:confluence".into()].into(),
+                last_seen_at: now,
+            });
+            rec.chain.access = Some(crate::model::AccessToken {
+                token: crate::secret::Secret::new(format!("at-{id}")),
+                expires_at: now + chrono::Duration::hours(1),
+            });
+            ledger.insert(rec, Vec::new()).await.unwrap();
+        }
+        let metrics = Arc::new(Metrics::new(true));
+        let provider = crate::provider::Atlassian::new(
+            config.providers.atlassian.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let engine = Engine::load(
+            Arc::new(ledger.clone()),
+            Arc::new(provider),
+            Arc::new(crate::refresh::SystemClock),
+            config.refresh,
+            crate::notify::Notifier::disabled(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let state = ApiState {
+            engine,
+            metrics: metrics.clone(),
+            jobs: Arc::new(NoneStalled),
+            access: Arc::new(RwLock::new(Arc::new(policy(vec![ClientAccess {
+                uid: Some(1001),
+                gid: None,
+                connections: vec!["conf".into()],
+            }])))),
+            audit: crate::audit::Audit::new(ledger, metrics.clone()),
+        };
+        let direct = app(state.clone());
+        let routed = router(state);
+        let client = Peer {
+            uid: 1001,
+            gid: 1001,
+            pid: Some(4242),
+        };
+        let requests = [
+            (Method::GET, "/v1/connections/conf/token", 200),
+            (Method::GET, "/v1/connections/c1/token?min_valid=60", 200),
+            (Method::GET, "/v1/connections/co%6Ef/token", 200),
+            (Method::GET, "/v1/connections/jira/token", 403),
+            (Method::GET, "/v1/connections/nope/token", 404),
+            (Method::GET, "/v1/connections/conf/token?min_valid=abc", 400),
+            (Method::GET, "/v1/connections/conf/token?site=acme", 400),
+            (Method::GET, "/v1/connections/conf/token?bogus=1", 400),
+            (Method::GET, "/v1/token?site=acme.atlassian.net", 200),
+            (Method::GET, "/v1/token?site=cloud-acme&min_valid=5", 200),
+            (Method::GET, "/v1/token?site=other.atlassian.net", 403),
+            (Method::GET, "/v1/token", 400),
+            (Method::GET, "/v1/token?site=%20", 400),
+            (Method::HEAD, "/v1/connections/conf/token", 200),
+        ];
+        for (method, path, status) in &requests {
+            let mut answers = Vec::new();
+            for via_router in [false, true] {
+                let req = axum::http::Request::builder()
+                    .method(method.clone())
+                    .uri(*path)
+                    .body(Body::empty())
+                    .unwrap();
+                let resp = if via_router {
+                    routed.answer(req, Some(client)).await
+                } else {
+                    direct.answer(req, Some(client)).await
+                };
+                let head = (
+                    resp.status().as_u16(),
+                    [
+                        header::CONTENT_TYPE,
+                        header::CACHE_CONTROL,
+                        header::RETRY_AFTER,
+                    ]
+                    .map(|h| resp.headers().get(&h).cloned()),
+                );
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                let mut json: serde_json::Value = if body.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::from_slice(&body).unwrap()
+                };
+                if let Some(o) = json.as_object_mut() {
+                    o.remove("expires_in");
+                }
+                answers.push((head, json));
+            }
+            assert_eq!(answers[0], answers[1], "{method} {path}");
+            assert_eq!(answers[0].0.0, *status, "{method} {path}: {:?}", answers[0]);
+        }
+        let text = metrics.render();
+        for (template, answered) in [("/v1/connections/{id}/token", 2 * 9), ("/v1/token", 2 * 5)] {
+            let count: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tokend_api_requests_total{")
+                        && l.contains(&format!("route=\"{template}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                .sum();
+            assert_eq!(count, answered as f64, "{template}");
+        }
+    }
+
     /// The token answer written without a `wire::Token` parses as one, equals the one built
     /// field by field, and is byte for byte its serde form; a second answer sharing the
     /// rendered connection fields says the same of a new token.
@@ -1552,12 +1860,12 @@ mod tests {
         let d = Duration::from_secs(900);
         assert_eq!(parse_query(None, d).unwrap(), (d, None));
         assert_eq!(
-            parse_query(Some("min_valid=60&site=acme.atlassian.net".into()), d).unwrap(),
+            parse_query(Some("min_valid=60&site=acme.atlassian.net"), d).unwrap(),
             (Duration::from_secs(60), Some("acme.atlassian.net".into()))
         );
-        assert!(parse_query(Some("min_valid=-1".into()), d).is_err());
-        assert!(parse_query(Some("min_valid=abc".into()), d).is_err());
-        assert!(parse_query(Some("bogus=1".into()), d).is_err());
+        assert!(parse_query(Some("min_valid=-1"), d).is_err());
+        assert!(parse_query(Some("min_valid=abc"), d).is_err());
+        assert!(parse_query(Some("bogus=1"), d).is_err());
     }
 }
 
@@ -1574,7 +1882,7 @@ mod props {
     fn check(
         raw: Option<String>,
     ) -> Result<Result<(Duration, Option<String>), ApiError>, TestCaseError> {
-        let result = parse_query(raw, DEFAULT);
+        let result = parse_query(raw.as_deref(), DEFAULT);
         match &result {
             Ok((min_valid, _)) => prop_assert!(*min_valid <= MAX_MIN_VALID.max(DEFAULT)),
             Err(e) => {

@@ -11,7 +11,6 @@
 //! `api::Admin`).
 
 use crate::metrics::Metrics;
-use axum::Router;
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -143,12 +142,12 @@ pub(crate) fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// counted in `metrics`.
 pub(crate) async fn serve(
     listener: UnixListener,
-    router: Router,
+    app: super::Api,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    serve_http(listener, router, shutdown, limits(grace), Some(metrics)).await
+    serve_http(listener, app, shutdown, limits(grace), Some(metrics)).await
 }
 
 /// The socket API's [`Limits`]: the constants of [`crate::serve`], draining for `grace`,
@@ -184,6 +183,7 @@ pub(crate) fn refusal(uid: u32, share: usize) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::serve::DeadlineBody;
+    use axum::Router;
     use axum::body::Bytes;
     use axum::http::StatusCode;
     use axum::routing::{get, post};
