@@ -58,6 +58,8 @@ mod pg;
 mod scale;
 #[path = "outside/seed.rs"]
 mod seed;
+#[path = "outside/sites.rs"]
+mod sites;
 #[path = "outside/storm.rs"]
 mod storm;
 #[path = "outside/token.rs"]
@@ -73,7 +75,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 /// Every scenario, in the order a run without arguments takes them.
-const SCENARIOS: [&str; 4] = ["token", "storm", "scale", "pg"];
+const SCENARIOS: [&str; 5] = ["token", "storm", "scale", "sites", "pg"];
 
 /// Default measured window of one load run.
 const MEASURE: Duration = Duration::from_secs(5);
@@ -213,6 +215,7 @@ fn run(args: &[String]) -> Result<()> {
                 "token" => token::run(&cfg).await,
                 "storm" => storm::run(&cfg).await,
                 "scale" => scale::run(&cfg).await,
+                "sites" => sites::run(&cfg).await,
                 "pg" => pg::run(&cfg).await,
                 _ => unreachable!("selected() only returns known scenarios"),
             }

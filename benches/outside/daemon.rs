@@ -131,6 +131,18 @@ impl Daemon {
         })
     }
 
+    /// Gives the job `name` (`resolve_sites`, `maintenance`) the cron `schedule` instead of
+    /// never, from the next start on.
+    pub fn set_job(&self, name: &str, schedule: &str) -> Result<()> {
+        let toml = std::fs::read_to_string(&self.config).context("read daemon.toml")?;
+        let from = format!("{name} = {}\n", toml_str(NEVER));
+        if !toml.contains(&from) {
+            bail!("daemon.toml has no {from:?}");
+        }
+        let toml = toml.replace(&from, &format!("{name} = {}\n", toml_str(schedule)));
+        std::fs::write(&self.config, toml).context("write daemon.toml")
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

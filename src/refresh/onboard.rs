@@ -376,7 +376,9 @@ impl Engine {
     }
 
     /// Moves the chain of the new connection `from` into the existing `into` (same account).
-    /// Holds the onboarding lock; takes both chain locks.
+    /// Holds the onboarding lock; takes both chain locks, `from`'s first. Merges are
+    /// serialised by the onboarding lock, and nothing else holds two chain locks, so two
+    /// merges can never take them in opposite orders.
     ///
     /// **Against another daemon refreshing either chain meanwhile** (a shared ledger). The
     /// merge takes no claim: the chain locks exclude this daemon's own attempts, and the

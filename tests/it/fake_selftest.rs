@@ -882,3 +882,29 @@ async fn issue_grants_registers_many_chains_at_once() {
         .collect();
     assert_eq!(bulk1, vec![1, 2, 3]);
 }
+
+#[tokio::test]
+async fn issue_grants_with_access_hands_out_tokens_the_resource_endpoints_accept() {
+    let fake = FakeAtlassian::start();
+    let grants: Vec<(String, Vec<FakeSite>)> = (0..2)
+        .map(|i| {
+            (
+                format!("acc-bulk-at-{i}"),
+                vec![FakeSite::confluence(&format!("bulkat{i}"))],
+            )
+        })
+        .collect();
+    let pairs = fake.issue_grants_with_access(&grants);
+    assert_eq!(pairs.len(), 2);
+    for ((account, sites), (rt, at)) in grants.iter().zip(&pairs) {
+        assert_eq!(fake.current_refresh_token(account).as_deref(), Some(&**rt));
+        assert_eq!(fake.access_token_account(at).as_deref(), Some(&**account));
+        let (status, body) = get_bearer(&fake, "/oauth/token/accessible-resources", Some(at)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body[0]["id"], sites[0].cloud_id.as_str(), "{body}");
+    }
+    assert_eq!(fake.total_rotations(), 0, "no refresh was needed");
+    // The refresh token is still the family's first: it rotates as usual.
+    refresh_ok(&fake, &pairs[0].0).await;
+    assert_eq!(fake.rotations("acc-bulk-at-0"), 1);
+}

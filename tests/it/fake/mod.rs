@@ -427,6 +427,26 @@ impl FakeAtlassian {
             .collect()
     }
 
+    /// [`FakeAtlassian::issue_grants`] with an access token for each family too, as the
+    /// answer to its first grant would carry: a benchmark seeds connections whose cached
+    /// tokens the resource endpoints accept without a refresh. Returns (refresh token,
+    /// access token) pairs in the order given.
+    pub fn issue_grants_with_access(
+        &self,
+        grants: &[(String, Vec<FakeSite>)],
+    ) -> Vec<(String, String)> {
+        let mut inner = self.inner();
+        grants
+            .iter()
+            .map(|(account, sites)| {
+                let rt = inner.rules.new_family(account, sites.clone());
+                let epoch = inner.rules.families[account].epoch;
+                let at = inner.rules.mint_access(account, epoch, &rt);
+                (rt, at)
+            })
+            .collect()
+    }
+
     /// Mints a single-use authorization code (valid [`CODE_LIFETIME`]) for `redirect_uri`.
     /// Exchanging it creates (or replaces) the family of `account_id` and returns its first
     /// pair.
