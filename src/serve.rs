@@ -267,8 +267,8 @@ pub fn plain_refusal(uid: u32, share: usize) -> Vec<u8> {
 
 /// The HTTP/1.1 accept loop shared by the socket API and the metrics port: header and body
 /// read timeouts and a write timeout, a connection limit in total and per peer uid, the
-/// peer's credentials as a request extension (when the listener has them), and a graceful
-/// drain. `metrics`, if given, is told of open connections, refusals and timeouts.
+/// peer's credentials handed to `app` with each request (when the listener has them), and a
+/// graceful drain. `metrics`, if given, is told of open connections, refusals and timeouts.
 pub async fn serve_http<L: Accept, A: App>(
     listener: L,
     app: A,
