@@ -52,6 +52,8 @@ mod bare;
 mod client;
 #[path = "outside/daemon.rs"]
 mod daemon;
+#[path = "outside/maint.rs"]
+mod maint;
 #[path = "outside/pg.rs"]
 mod pg;
 #[path = "outside/scale.rs"]
@@ -75,7 +77,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 /// Every scenario, in the order a run without arguments takes them.
-const SCENARIOS: [&str; 5] = ["token", "storm", "scale", "sites", "pg"];
+const SCENARIOS: [&str; 6] = ["token", "storm", "scale", "sites", "maint", "pg"];
 
 /// Default measured window of one load run.
 const MEASURE: Duration = Duration::from_secs(5);
@@ -216,6 +218,7 @@ fn run(args: &[String]) -> Result<()> {
                 "storm" => storm::run(&cfg).await,
                 "scale" => scale::run(&cfg).await,
                 "sites" => sites::run(&cfg).await,
+                "maint" => maint::run(&cfg).await,
                 "pg" => pg::run(&cfg).await,
                 _ => unreachable!("selected() only returns known scenarios"),
             }

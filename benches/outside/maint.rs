@@ -1,0 +1,244 @@
+//! `maint`: maintenance over a large ledger with a long history (issue 15, goal 3: "the
+//! events table bounded ... so that maintenance never holds the ledger for more than a few
+//! milliseconds").
+//!
+//! The largest `TOKEND_BENCH_SCALE` size of connections (100,000 by default), nothing due,
+//! and an events table seeded with [`OLD_EVENTS`] events older than the retention (spread
+//! over the connections) and [`HOT`] connections of [`HOT_EVENTS`] recent events each,
+//! over the per-connection bound. The daemon starts with `maintenance` set to fire once, a
+//! few seconds later. Meanwhile the bench asks the daemon to refresh one connection (a chain
+//! the fake knows), one request after another (`POST /v1/connections/maint-0/refresh`): each
+//! is a provider call and two commits (the attempt's marker and its result) through the
+//! ledger's one writer, which maintenance's transactions share, so a request waits for
+//! whatever maintenance transaction holds the ledger when it commits. Its latencies while
+//! maintenance runs are reported beside its latencies before it started (the baseline: the
+//! same requests on an idle daemon); the difference is what maintenance held the ledger for.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Config;
+use crate::client::Conn;
+use crate::daemon::{Daemon, Settings};
+use crate::fake::FakeAtlassian;
+use crate::seed::{self, Row};
+
+/// Events older than the retention (400 days), spread over the connections.
+const OLD_EVENTS: usize = 500_000;
+/// Connections with more recent events than the per-connection bound (10,000).
+const HOT: usize = 10;
+/// Recent events of each hot connection: 2,000 over the bound.
+const HOT_EVENTS: usize = 12_000;
+/// The connection the probe refreshes (row 0, its chain registered with the fake).
+const PROBE: &str = "/v1/connections/maint-0/refresh";
+/// How long the probe runs before maintenance fires: the baseline.
+const BASELINE: Duration = Duration::from_secs(2);
+/// How long maintenance may take before the bench gives up.
+const GIVE_UP: Duration = Duration::from_secs(600);
+const DAY_MS: i64 = 86_400 * 1000;
+
+fn rows(n: usize, probe_rt: &str) -> Vec<Row> {
+    let now = seed::now_ms();
+    (0..n)
+        .map(|i| Row {
+            id: seed::id_of(i),
+            label: format!("maint-{i}"),
+            account: format!("maint-account-{i}"),
+            refresh_token: if i == 0 {
+                probe_rt.to_owned()
+            } else {
+                format!("rt-maint-{i:031x}")
+            },
+            access: None,
+            sites: Vec::new(),
+            rotated_at_ms: now - 60 * 1000,
+        })
+        .collect()
+}
+
+/// Inserts the old and the hot events in one transaction.
+fn seed_events(db: &mut rusqlite::Connection, n: usize) -> Result<usize> {
+    let now = seed::now_ms();
+    let tx = db.transaction()?;
+    {
+        let mut ins = tx
+            .prepare(
+                "INSERT INTO events (at, connection_id, kind, message, node, peer_uid, \
+                 peer_pid, count) VALUES (?1, ?2, 'token_read', '', 'bench', 1000, NULL, 1)",
+            )
+            .context("prepare the event insert (did the schema in src/ledger/mod.rs change?)")?;
+        for k in 0..OLD_EVENTS {
+            let at = now - 500 * DAY_MS + (k as i64) * 1000;
+            ins.execute(rusqlite::params![at, seed::id_of(k % n)])?;
+        }
+        for h in 0..HOT {
+            let id = seed::id_of(h * (n / HOT));
+            for k in 0..HOT_EVENTS {
+                let at = now - DAY_MS + (k as i64) * 1000;
+                ins.execute(rusqlite::params![at, id])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(OLD_EVENTS + HOT * HOT_EVENTS)
+}
+
+fn count_events(db: &rusqlite::Connection) -> Result<i64> {
+    Ok(db.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?)
+}
+
+/// A percentile of sorted waits.
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(cfg: &Config) -> Result<()> {
+    let n = *cfg.scale_sizes.iter().max().context("no scale size")?;
+    eprintln!("bench maint: {n} connections");
+    let fake = FakeAtlassian::start();
+    let mut daemon = Daemon::new(
+        &cfg.bin,
+        &fake,
+        &Settings {
+            daemon: vec![],
+            ledger: vec![],
+            refresh: vec![("rotate_after", "\"7d\"".into())],
+            metrics: true,
+        },
+    )?;
+    daemon
+        .start()
+        .await
+        .context("first start (creates the ledger)")?;
+    daemon.stop().await?;
+    let probe_rt = fake.issue_grant("maint-account-0", &[]);
+    seed::seed(&daemon.state_dir(), &rows(n, &probe_rt))?;
+    let path = daemon.ledger_path();
+    let mut db = seed::open_like_daemon(&path)?;
+    let seeded = seed_events(&mut db, n)?;
+    let before = count_events(&db)?;
+    eprintln!("bench maint: {seeded} events seeded");
+    let at = chrono::Utc::now() + chrono::Duration::from_std(BASELINE + Duration::from_secs(4))?;
+    daemon.set_job("maintenance", &at.format("%S %M %H %d %m *").to_string())?;
+    daemon.start().await?;
+    let fire = Instant::now()
+        + (at - chrono::Utc::now())
+            .to_std()
+            .context("maintenance fires in the past: start-up took too long")?;
+
+    // The probe: refreshes of one connection, one after another, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = stop.clone();
+        let socket = daemon.socket().to_path_buf();
+        tokio::spawn(async move {
+            let mut c = Conn::unix(&socket).await?;
+            let mut waits = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let a = c.request(hyper::Method::POST, PROBE, None).await?;
+                if a.status != 200 {
+                    bail!("POST {PROBE} answered {}: {}", a.status, a.text());
+                }
+                waits.push((t, t.elapsed()));
+            }
+            anyhow::Ok(waits)
+        })
+    };
+    let addr = daemon.metrics_addr().context("metrics listener")?;
+    let last_success = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("tokend_job_last_success_timestamp_seconds{")
+                    && l.contains("cron_job=\"maintenance\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let scrape = || async {
+        let mut m = Conn::tcp(addr).await?;
+        anyhow::Ok(m.get_ok("/metrics").await?.text())
+    };
+    let at_start = last_success(&scrape().await?);
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if last_success(&scrape().await?) > at_start {
+            break;
+        }
+        if started.elapsed() > GIVE_UP {
+            bail!("maintenance did not finish within {GIVE_UP:?}");
+        }
+    }
+    let done = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let waits = probe.await.context("the probe panicked")??;
+    daemon.stop().await?;
+    let after = count_events(&db)?;
+    // Maintenance ran from the cron's second (the scheduler polls every 500 ms) to the scrape
+    // that saw its success.
+    let split = |from: Instant, to: Instant| {
+        let mut w: Vec<Duration> = waits
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(_, d)| *d)
+            .collect();
+        w.sort();
+        w
+    };
+    let base = split(fire - BASELINE, fire);
+    let during = split(fire, done);
+    println!(
+        "\n## maint: maintenance over {n} connections and {before} events (the probe: `POST {PROBE}`, one after another)\n"
+    );
+    println!("| measure | before maintenance (baseline) | while maintenance runs |");
+    println!("|---|---:|---:|");
+    println!("| refreshes | {} | {} |", base.len(), during.len());
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        println!(
+            "| {name} latency | {} | {} |",
+            ms(pct(&base, p)),
+            ms(pct(&during, p))
+        );
+    }
+    println!(
+        "| longest | {} | {} |",
+        ms(base.last().copied().unwrap_or_default()),
+        ms(during.last().copied().unwrap_or_default())
+    );
+    println!(
+        "\nEvents {before} → {after} ({} pruned); maintenance took at most {:.2} s (cron second to the scrape that saw it done).",
+        before - after,
+        (done - fire).as_secs_f64()
+    );
+    // What maintenance must have done: no event older than the retention is left, and every
+    // hot connection but the probe's (which gains events from the refreshes) keeps exactly
+    // its bound. (`after` includes the events the probe's refreshes added.)
+    let old: i64 = db.query_row(
+        "SELECT count(*) FROM events WHERE at < ?1",
+        [seed::now_ms() - 400 * DAY_MS],
+        |r| r.get(0),
+    )?;
+    if old != 0 {
+        bail!("{old} events older than the retention are left");
+    }
+    for h in 1..HOT {
+        let kept: i64 = db.query_row(
+            "SELECT count(*) FROM events WHERE connection_id = ?1",
+            [seed::id_of(h * (n / HOT))],
+            |r| r.get(0),
+        )?;
+        if kept != 10_000 {
+            bail!("a hot connection kept {kept} events, not 10000");
+        }
+    }
+    Ok(())
+}
