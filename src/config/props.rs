@@ -36,10 +36,16 @@ fn check(text: &str) -> Result<Result<Config, ConfigError>, TestCaseError> {
             prop_assert!(!shown.contains(SECRET), "{shown}");
         }
     }
-    // The client's parse (which never reads the secret) agrees.
+    // The client's parse (which never reads the secret) agrees, except on what only a read
+    // file can tell: the client does not read `ledger.url_file` (`LedgerBackend::Postgres`
+    // with no `url`), and this test's files all hold the client secret, which is no URL.
     let client = parse_inner(text, Path::new(FILE), None);
+    let url_file_content = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.key.as_deref() == Some("ledger.url_file") && client.is_ok());
     prop_assert_eq!(
-        result.is_ok(),
+        result.is_ok() || url_file_content,
         client.is_ok(),
         "{:?} vs {:?}",
         result.as_ref().err(),
