@@ -55,6 +55,19 @@ pub struct Settings {
     pub metrics: bool,
 }
 
+impl Settings {
+    /// A SQLite daemon with `/metrics` and nothing due for a week: what the scenarios that
+    /// seed a large ledger and watch it (`scale`, `sites`, `maint`) run.
+    pub fn nothing_due() -> Settings {
+        Settings {
+            daemon: vec![],
+            ledger: vec![],
+            refresh: vec![("rotate_after", "\"7d\"".into())],
+            metrics: true,
+        }
+    }
+}
+
 /// One daemon on its own temp directory.
 pub struct Daemon {
     bin: PathBuf,
@@ -67,6 +80,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// [`Daemon::new`], started once and stopped: its state dir then holds an empty ledger
+    /// and its key, ready for `seed::seed`.
+    pub async fn created(bin: &Path, fake: &FakeAtlassian, settings: &Settings) -> Result<Daemon> {
+        let mut daemon = Daemon::new(bin, fake, settings)?;
+        daemon
+            .start()
+            .await
+            .context("first start (creates the ledger)")?;
+        daemon.stop().await?;
+        Ok(daemon)
+    }
+
     /// Writes `daemon.toml` and the client secret file (0600) into a new temp directory.
     pub fn new(bin: &Path, fake: &FakeAtlassian, settings: &Settings) -> Result<Daemon> {
         let dir = tempfile::Builder::new()
@@ -131,16 +156,63 @@ impl Daemon {
         })
     }
 
-    /// Gives the job `name` (`resolve_sites`, `maintenance`) the cron `schedule` instead of
-    /// never, from the next start on.
-    pub fn set_job(&self, name: &str, schedule: &str) -> Result<()> {
+    /// Gives the job `name` (`resolve_sites`, `maintenance`) a cron that fires once, at the
+    /// first whole second at least `lead` from now (UTC, as the daemon reads it) instead of
+    /// never, from the next start on; returns that second.
+    pub fn fire_job_once(
+        &self,
+        name: &str,
+        lead: Duration,
+    ) -> Result<chrono::DateTime<chrono::Utc>> {
+        let at = chrono::Utc::now() + chrono::Duration::from_std(lead + Duration::from_secs(1))?;
         let toml = std::fs::read_to_string(&self.config).context("read daemon.toml")?;
         let from = format!("{name} = {}\n", toml_str(NEVER));
         if !toml.contains(&from) {
             bail!("daemon.toml has no {from:?}");
         }
-        let toml = toml.replace(&from, &format!("{name} = {}\n", toml_str(schedule)));
-        std::fs::write(&self.config, toml).context("write daemon.toml")
+        let schedule = at.format("%S %M %H %d %m *").to_string();
+        let toml = toml.replace(&from, &format!("{name} = {}\n", toml_str(&schedule)));
+        std::fs::write(&self.config, toml).context("write daemon.toml")?;
+        Ok(at)
+    }
+
+    /// Waits (scraping `/metrics` every `poll`, at most `give_up`) until the running daemon's
+    /// `tokend_job_last_success_timestamp_seconds` of job `name` grows past what the first
+    /// scrape shows (the daemon's start time until the job first succeeds); returns the
+    /// scrape that showed it. Call it before the job can have run.
+    pub async fn job_succeeded(
+        &self,
+        name: &str,
+        poll: Duration,
+        give_up: Duration,
+    ) -> Result<String> {
+        let addr = self.metrics_addr().context("metrics listener")?;
+        let label = format!("cron_job=\"{name}\"");
+        let last_success = |text: &str| -> f64 {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("tokend_job_last_success_timestamp_seconds{")
+                        && l.contains(&label)
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let scrape = || async {
+            let mut m = Conn::tcp(addr).await?;
+            anyhow::Ok(m.get_ok("/metrics").await?.text())
+        };
+        let at_start = last_success(&scrape().await?);
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(poll).await;
+            let text = scrape().await?;
+            if last_success(&text) > at_start {
+                return Ok(text);
+            }
+            if started.elapsed() > give_up {
+                bail!("the {name} job did not succeed within {give_up:?}");
+            }
+        }
     }
 
     pub fn socket(&self) -> &Path {

@@ -104,21 +104,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
     let n = *cfg.scale_sizes.iter().max().context("no scale size")?;
     eprintln!("bench maint: {n} connections");
     let fake = FakeAtlassian::start();
-    let mut daemon = Daemon::new(
-        &cfg.bin,
-        &fake,
-        &Settings {
-            daemon: vec![],
-            ledger: vec![],
-            refresh: vec![("rotate_after", "\"7d\"".into())],
-            metrics: true,
-        },
-    )?;
-    daemon
-        .start()
-        .await
-        .context("first start (creates the ledger)")?;
-    daemon.stop().await?;
+    let mut daemon = Daemon::created(&cfg.bin, &fake, &Settings::nothing_due()).await?;
     let probe_rt = fake.issue_grant("maint-account-0", &[]);
     seed::seed(&daemon.state_dir(), &rows(n, &probe_rt))?;
     let path = daemon.ledger_path();
@@ -126,8 +112,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
     let seeded = seed_events(&mut db, n)?;
     let before = count_events(&db)?;
     eprintln!("bench maint: {seeded} events seeded");
-    let at = chrono::Utc::now() + chrono::Duration::from_std(BASELINE + Duration::from_secs(4))?;
-    daemon.set_job("maintenance", &at.format("%S %M %H %d %m *").to_string())?;
+    let at = daemon.fire_job_once("maintenance", BASELINE + Duration::from_secs(3))?;
     daemon.start().await?;
     let fire = Instant::now()
         + (at - chrono::Utc::now())
@@ -153,31 +138,9 @@ pub async fn run(cfg: &Config) -> Result<()> {
             anyhow::Ok(waits)
         })
     };
-    let addr = daemon.metrics_addr().context("metrics listener")?;
-    let last_success = |text: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("tokend_job_last_success_timestamp_seconds{")
-                    && l.contains("cron_job=\"maintenance\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let scrape = || async {
-        let mut m = Conn::tcp(addr).await?;
-        anyhow::Ok(m.get_ok("/metrics").await?.text())
-    };
-    let at_start = last_success(&scrape().await?);
-    let started = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if last_success(&scrape().await?) > at_start {
-            break;
-        }
-        if started.elapsed() > GIVE_UP {
-            bail!("maintenance did not finish within {GIVE_UP:?}");
-        }
-    }
+    daemon
+        .job_succeeded("maintenance", Duration::from_millis(100), GIVE_UP)
+        .await?;
     let done = Instant::now();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let waits = probe.await.context("the probe panicked")??;

@@ -352,7 +352,7 @@ async fn storm(cfg: &Config, ledger: Ledger<'_>) -> Result<Storm> {
         ("request_timeout", "\"30s\"".to_string()),
     ];
     let fake = FakeAtlassian::start();
-    let mut seeder = Daemon::new(
+    let mut seeder = Daemon::created(
         &cfg.bin,
         &fake,
         &Settings {
@@ -361,12 +361,8 @@ async fn storm(cfg: &Config, ledger: Ledger<'_>) -> Result<Storm> {
             refresh: refresh.clone(),
             metrics: false,
         },
-    )?;
-    seeder
-        .start()
-        .await
-        .context("first start (creates the ledger)")?;
-    seeder.stop().await?;
+    )
+    .await?;
     let (grants, rows, rotated_at_ms) = crate::storm::due_chains(&fake, n);
     seed::seed(&seeder.state_dir(), &rows)?;
     let keys = seed::keyring(&seeder.state_dir())?;

@@ -87,21 +87,7 @@ fn rows(n: usize) -> Vec<Row> {
 async fn measure(cfg: &Config, n: usize) -> Result<Measured> {
     eprintln!("bench scale: {n} connections");
     let fake = FakeAtlassian::start();
-    let mut daemon = Daemon::new(
-        &cfg.bin,
-        &fake,
-        &Settings {
-            daemon: vec![],
-            ledger: vec![],
-            refresh: vec![("rotate_after", "\"7d\"".into())],
-            metrics: true,
-        },
-    )?;
-    daemon
-        .start()
-        .await
-        .context("first start (creates the ledger)")?;
-    daemon.stop().await?;
+    let mut daemon = Daemon::created(&cfg.bin, &fake, &Settings::nothing_due()).await?;
     let rows = rows(n);
     let token_bytes: u64 = rows
         .iter()

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::Config;
-use crate::client::Conn;
 use crate::daemon::{Daemon, Settings};
 use crate::fake::{FakeAtlassian, FakeSite};
 use crate::seed::{self, Row};
@@ -63,67 +62,21 @@ fn rows(fake: &FakeAtlassian, n: usize) -> Vec<Row> {
         .collect()
 }
 
-/// The sum of a counter family's samples whose line contains `with`, from `/metrics`.
-fn sum_of(text: &str, family: &str, with: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(family) && l.contains(with))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 pub async fn run(cfg: &Config) -> Result<()> {
     let n = *cfg.scale_sizes.iter().max().context("no scale size")?;
     eprintln!("bench sites: {n} connections");
     let fake = FakeAtlassian::start();
-    let mut daemon = Daemon::new(
-        &cfg.bin,
-        &fake,
-        &Settings {
-            daemon: vec![],
-            ledger: vec![],
-            refresh: vec![("rotate_after", "\"7d\"".into())],
-            metrics: true,
-        },
-    )?;
-    daemon
-        .start()
-        .await
-        .context("first start (creates the ledger)")?;
-    daemon.stop().await?;
+    let mut daemon = Daemon::created(&cfg.bin, &fake, &Settings::nothing_due()).await?;
     let rows = rows(&fake, n);
     seed::seed(&daemon.state_dir(), &rows)?;
     drop(rows);
-    // The job fires at a whole second at least LEAD after now plus a start-up's time.
-    let at = chrono::Utc::now() + chrono::Duration::from_std(LEAD + Duration::from_secs(2))?;
-    let cron = at.format("%S %M %H %d %m *").to_string();
-    daemon.set_job("resolve_sites", &cron)?;
+    // A start-up's time on top of LEAD.
+    daemon.fire_job_once("resolve_sites", LEAD + Duration::from_secs(1))?;
     daemon.start().await?;
     let before = fake.requests().len();
-    let addr = daemon.metrics_addr().context("metrics listener")?;
-    let started = Instant::now();
-    // The job's last success: the daemon's start time until the job first succeeds.
-    let last_success = |text: &str| {
-        sum_of(
-            text,
-            "tokend_job_last_success_timestamp_seconds{",
-            "cron_job=\"resolve_sites\"",
-        )
-    };
-    let scrape = || async {
-        let mut m = Conn::tcp(addr).await?;
-        anyhow::Ok(m.get_ok("/metrics").await?.text())
-    };
-    let at_start = last_success(&scrape().await?);
-    let text = loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let text = scrape().await?;
-        if last_success(&text) > at_start {
-            break text;
-        }
-        if started.elapsed() > GIVE_UP {
-            bail!("the site job did not finish within {GIVE_UP:?}");
-        }
-    };
+    let text = daemon
+        .job_succeeded("resolve_sites", Duration::from_millis(500), GIVE_UP)
+        .await?;
     daemon.stop().await?;
     let log = fake.requests();
     let asked: Vec<Instant> = log[before..]

@@ -118,7 +118,7 @@ pub async fn run(cfg: &Config) -> Result<()> {
         "bench storm: {n} chains, token endpoint {TOKEN_DELAY:?}, max_concurrent {MAX_CONCURRENT}"
     );
     let fake = FakeAtlassian::start();
-    let mut daemon = Daemon::new(
+    let mut daemon = Daemon::created(
         &cfg.bin,
         &fake,
         &Settings {
@@ -131,12 +131,8 @@ pub async fn run(cfg: &Config) -> Result<()> {
             ],
             metrics: false,
         },
-    )?;
-    daemon
-        .start()
-        .await
-        .context("first start (creates the ledger)")?;
-    daemon.stop().await?;
+    )
+    .await?;
 
     let (grants, rows, rotated_at_ms) = due_chains(&fake, n);
     let seeded = seed::seed(&daemon.state_dir(), &rows)?;

@@ -398,11 +398,12 @@ impl<'a> Direct<'a> {
 /// The socket API: the [`router`] behind the direct token routes (see [`Api`]).
 pub(crate) fn app(state: ApiState) -> Api {
     let state = Arc::new(state);
-    let router = router_of(state.clone());
-    let connection_token = state
-        .metrics
-        .api_route(template_of(Endpoint::ConnectionToken));
-    let site_token = state.metrics.api_route(template_of(Endpoint::SiteToken));
+    let (router, routes) = router_of(state.clone());
+    // The router's own series of the two templates, resolved here once.
+    let connection_token = routes
+        .of(Some(template_of(Endpoint::ConnectionToken)))
+        .clone();
+    let site_token = routes.of(Some(template_of(Endpoint::SiteToken))).clone();
     Api {
         inner: Arc::new(ApiInner {
             router,
@@ -460,32 +461,34 @@ impl crate::serve::App for Api {
 /// alone too, to hold the two to the same answers.
 #[cfg(test)]
 pub(crate) fn router(state: ApiState) -> Router {
-    router_of(Arc::new(state))
+    router_of(Arc::new(state)).0
 }
 
-/// [`router`] over state already shared.
-fn router_of(state: Shared) -> Router {
+/// [`router`] over state already shared, with the series it counts each route under.
+fn router_of(state: Shared) -> (Router, Arc<RouteSeries>) {
     let templates = route_templates();
     state.metrics.declare_api_routes(&templates);
+    let routes = Arc::new(RouteSeries {
+        by_template: templates
+            .iter()
+            .map(|t| (*t, state.metrics.api_route(t)))
+            .collect(),
+        other: state.metrics.api_route(crate::metrics::OTHER_ROUTE),
+    });
     let finish = Finish {
-        routes: Arc::new(RouteSeries {
-            by_template: templates
-                .iter()
-                .map(|t| (*t, state.metrics.api_route(t)))
-                .collect(),
-            other: state.metrics.api_route(crate::metrics::OTHER_ROUTE),
-        }),
+        routes: routes.clone(),
     };
     let mut router = Router::new();
     for r in ROUTES {
         router = router.route(r.template, r.endpoint.handler(&r.method));
     }
-    router
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(finish)
-        .with_state(state)
+        .with_state(state);
+    (router, routes)
 }
 
 /// The metrics series of every route label, resolved once when the router is built.
@@ -1479,8 +1482,11 @@ mod tests {
     /// (neither the router's 404 nor its 405), and is counted under its own template, whose
     /// series exist from the start.
     /// An engine on an empty ledger in a temp dir, with the default configuration.
-    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
+    /// The API's state over `ledger` (loaded as it is), the default config, and `access`.
+    async fn test_state(
+        ledger: crate::ledger::Ledger,
+        access: impl FnOnce(&crate::config::Config) -> AccessPolicy,
+    ) -> ApiState {
         let config = crate::config::Config::parse(
             "",
             std::path::Path::new("/etc/tokend/daemon.toml"),
@@ -1488,37 +1494,6 @@ mod tests {
             &|_| Err(std::io::Error::other("none")),
         )
         .unwrap();
-        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
-        let provider = crate::provider::Atlassian::new(
-            config.providers.atlassian.clone(),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let engine = Engine::load(
-            Arc::new(ledger),
-            Arc::new(provider),
-            Arc::new(crate::refresh::SystemClock),
-            config.refresh,
-            crate::notify::Notifier::disabled(),
-            Arc::new(Metrics::new(true)),
-        )
-        .await
-        .unwrap();
-        (engine, dir)
-    }
-
-    #[tokio::test]
-    async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
-        use tower::ServiceExt;
-        let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::parse(
-            "",
-            std::path::Path::new("/etc/tokend/daemon.toml"),
-            &|_| None,
-            &|_| Err(std::io::Error::other("none")),
-        )
-        .unwrap();
-        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
         let metrics = Arc::new(Metrics::new(true));
         let provider = crate::provider::Atlassian::new(
             config.providers.atlassian.clone(),
@@ -1535,16 +1510,37 @@ mod tests {
         )
         .await
         .unwrap();
-        let state = ApiState {
+        ApiState {
             engine,
             metrics: metrics.clone(),
             jobs: Arc::new(NoneStalled),
-            access: Arc::new(RwLock::new(Arc::new(AccessPolicy {
-                own_uid: 0,
-                config: config.access.clone(),
-            }))),
-            audit: crate::audit::Audit::new(ledger, metrics.clone()),
-        };
+            access: Arc::new(RwLock::new(Arc::new(access(&config)))),
+            audit: crate::audit::Audit::new(ledger, metrics),
+        }
+    }
+
+    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        let state = test_state(ledger, |c| AccessPolicy {
+            own_uid: 0,
+            config: c.access.clone(),
+        })
+        .await;
+        (state.engine, dir)
+    }
+
+    #[tokio::test]
+    async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
+        let state = test_state(ledger, |c| AccessPolicy {
+            own_uid: 0,
+            config: c.access.clone(),
+        })
+        .await;
+        let metrics = state.metrics.clone();
         let app = router(state);
         let before = metrics.render();
         for r in ROUTES {
@@ -1641,13 +1637,6 @@ mod tests {
     async fn the_direct_token_routes_answer_as_the_router_does() {
         use crate::serve::App;
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::config::Config::parse(
-            "",
-            std::path::Path::new("/etc/tokend/daemon.toml"),
-            &|_| None,
-            &|_| Err(std::io::Error::other("none")),
-        )
-        .unwrap();
         let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
         // The ledger keeps milliseconds.
         let now = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
@@ -1666,33 +1655,15 @@ mod tests {
             });
             ledger.insert(rec, Vec::new()).await.unwrap();
         }
-        let metrics = Arc::new(Metrics::new(true));
-        let provider = crate::provider::Atlassian::new(
-            config.providers.atlassian.clone(),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let engine = Engine::load(
-            Arc::new(ledger.clone()),
-            Arc::new(provider),
-            Arc::new(crate::refresh::SystemClock),
-            config.refresh,
-            crate::notify::Notifier::disabled(),
-            metrics.clone(),
-        )
-        .await
-        .unwrap();
-        let state = ApiState {
-            engine,
-            metrics: metrics.clone(),
-            jobs: Arc::new(NoneStalled),
-            access: Arc::new(RwLock::new(Arc::new(policy(vec![ClientAccess {
+        let state = test_state(ledger, |_| {
+            policy(vec![ClientAccess {
                 uid: Some(1001),
                 gid: None,
                 connections: vec!["conf".into()],
-            }])))),
-            audit: crate::audit::Audit::new(ledger, metrics.clone()),
-        };
+            }])
+        })
+        .await;
+        let metrics = state.metrics.clone();
         let direct = app(state.clone());
         let routed = router(state);
         let client = Peer {
