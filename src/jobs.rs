@@ -348,8 +348,17 @@ pub async fn run_job(
             let before = Utc::now()
                 - chrono::Duration::from_std(EVENT_RETENTION).unwrap_or(chrono::Duration::MAX);
             match ledger.maintain(before, EVENTS_PER_CONNECTION).await {
-                Ok(pruned) => {
-                    tracing::info!(pruned_events = pruned, "maintenance ran");
+                Ok(done) => {
+                    tracing::info!(
+                        pruned_events = done.pruned,
+                        transactions = done.transactions,
+                        p99_hold_ms = ms(done.p99_hold),
+                        longest_hold_ms = ms(done.longest_hold),
+                        checkpoint_ms = ms(done.checkpoint),
+                        checkpoint_tries = done.checkpoint_tries,
+                        wal_truncated = done.truncated,
+                        "maintenance ran"
+                    );
                     true
                 }
                 Err(e) => {
@@ -359,6 +368,11 @@ pub async fn run_job(
             }
         }
     }
+}
+
+/// A duration in milliseconds, to a hundredth, for a log field.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
 /// How long after one daemon's run of a job (or its claim of a connection's site

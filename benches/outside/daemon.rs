@@ -255,6 +255,11 @@ impl Daemon {
         self.dir.path().join("daemon.log")
     }
 
+    /// Everything the daemon printed so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The last lines the daemon printed, for error messages.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();

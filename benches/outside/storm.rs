@@ -301,7 +301,7 @@ enum Issuer {
 
 /// One durable single-row `UPDATE` transaction, as a chain commit writes it: a freshly
 /// sealed refresh token, its times, a new chain version.
-fn commit_one(db: &mut rusqlite::Connection, keys: &Keyring, id: &str, n: usize) -> Result<()> {
+pub fn commit_one(db: &mut rusqlite::Connection, keys: &Keyring, id: &str, n: usize) -> Result<()> {
     let now = seed::now_ms();
     let sealed = keys.seal(&format!("rt-commit-{n:026}"), &aad(id, "refresh_token"));
     let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -3,7 +3,7 @@
 //! and which daemon of a shared ledger runs which part of a cron job).
 //! One `match` per operation, no SQL.
 
-use super::{Ledger, LedgerError, PgError, PgLedger, SiteRun};
+use super::{Ledger, LedgerError, Maintained, PgError, PgLedger, SiteRun};
 use crate::model::{Event, StoredEvent, Time};
 use std::time::Duration;
 
@@ -48,8 +48,8 @@ impl AnyLedger {
     }
 
     /// Housekeeping: deletes events older than `before` and each connection's beyond its
-    /// newest `keep`, in small transactions; returns how many.
-    pub async fn maintain(&self, before: Time, keep: usize) -> Result<usize, AnyError> {
+    /// newest `keep`, in small transactions; returns what it did.
+    pub async fn maintain(&self, before: Time, keep: usize) -> Result<Maintained, AnyError> {
         match self {
             AnyLedger::Sqlite(l) => Ok(l.maintain(before, keep).await?),
             AnyLedger::Postgres(l) => Ok(l.maintain(before, keep).await?),

@@ -23,7 +23,9 @@ use rusqlite::Connection;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// The most writes one transaction takes. Under a refresh storm each of the
 /// `refresh.max_concurrent` attempts has at most one write in flight, so a batch of 128 holds
@@ -68,8 +70,9 @@ trait Job: Send {
     /// SQLite rolled back because of it).
     fn sqlite_error(&self) -> Option<rusqlite::Error>;
     /// Answers the caller, `commit` being the outcome of its transaction's `COMMIT` (or of
-    /// its `BEGIN`, when the write never ran).
-    fn answer(self: Box<Self>, commit: Result<(), &rusqlite::Error>);
+    /// its `BEGIN`, when the write never ran) and `held` how long that transaction held the
+    /// ledger (from its `BEGIN` to its `COMMIT`'s return).
+    fn answer(self: Box<Self>, commit: Result<(), &rusqlite::Error>, held: Duration);
 }
 
 /// A write `f` and where its answer goes.
@@ -78,7 +81,7 @@ struct Write<R, F> {
     f: Option<F>,
     /// Its own outcome, once run (a write that never ran gets its transaction's error).
     out: Option<Result<R, LedgerError>>,
-    reply: oneshot::Sender<Result<R, LedgerError>>,
+    reply: oneshot::Sender<(Result<R, LedgerError>, Duration)>,
 }
 
 impl<R, F> Job for Write<R, F>
@@ -109,7 +112,7 @@ where
         }
     }
 
-    fn answer(self: Box<Self>, commit: Result<(), &rusqlite::Error>) {
+    fn answer(self: Box<Self>, commit: Result<(), &rusqlite::Error>, held: Duration) {
         let result = match (self.out, commit) {
             // Its savepoint was rolled back: it did not land, whatever the commit did.
             (Some(Err(e)), _) => Err(e),
@@ -120,12 +123,23 @@ where
         };
         // A caller that went away (its future dropped) needs no answer: the write ran anyway,
         // as a write on the blocking pool always did.
-        let _ = self.reply.send(result);
+        let _ = self.reply.send((result, held));
     }
 }
 
 /// Queues `f` for the writer and waits for the outcome of the commit it was part of.
 pub(super) async fn write<R, F>(inner: &Arc<Inner>, f: F) -> Result<R, LedgerError>
+where
+    R: Send + 'static,
+    F: FnOnce(&Connection, &Keyring) -> Result<R, LedgerError> + Send + 'static,
+{
+    write_held(inner, f).await.0
+}
+
+/// [`write`], and how long the transaction it was part of held the ledger (from its
+/// `BEGIN` to its `COMMIT`'s return, the other writes of its batch and the commit's sync
+/// included): what housekeeping reports of its transactions.
+pub(super) async fn write_held<R, F>(inner: &Arc<Inner>, f: F) -> (Result<R, LedgerError>, Duration)
 where
     R: Send + 'static,
     F: FnOnce(&Connection, &Keyring) -> Result<R, LedgerError> + Send + 'static,
@@ -144,9 +158,14 @@ where
     if start {
         spawn_writer(inner.clone());
     }
-    answer
-        .await
-        .map_err(|_| LedgerError::Task("the ledger writer stopped before answering".into()))?
+    answer.await.unwrap_or_else(|_| {
+        (
+            Err(LedgerError::Task(
+                "the ledger writer stopped before answering".into(),
+            )),
+            Duration::ZERO,
+        )
+    })
 }
 
 /// Starts a writer on the blocking pool (the queue's `running` already set).
@@ -239,13 +258,13 @@ impl Drop for Running {
     }
 }
 
-/// Writes of one transaction and the outcome of its `COMMIT`.
-type Answers = Vec<(Vec<Box<dyn Job>>, Result<(), rusqlite::Error>)>;
+/// Writes of one transaction, the outcome of its `COMMIT` and how long it held the ledger.
+type Answers = Vec<(Vec<Box<dyn Job>>, Result<(), rusqlite::Error>, Duration)>;
 
 fn answer(answers: Answers) {
-    for (jobs, commit) in answers {
+    for (jobs, commit, held) in answers {
         for job in jobs {
-            job.answer(commit.as_ref().map(|_| ()));
+            job.answer(commit.as_ref().map(|_| ()), held);
         }
     }
 }
@@ -254,8 +273,9 @@ fn answer(answers: Answers) {
 fn run_batch(db: &mut Connection, keys: &Keyring, mut batch: VecDeque<Box<dyn Job>>) -> Answers {
     let mut answers = Answers::new();
     while !batch.is_empty() {
+        let began = Instant::now();
         if let Err(e) = db.execute_batch("BEGIN IMMEDIATE") {
-            answers.push((batch.drain(..).collect(), Err(e)));
+            answers.push((batch.drain(..).collect(), Err(e), began.elapsed()));
             break;
         }
         let mut ran: Vec<Box<dyn Job>> = Vec::with_capacity(batch.len());
@@ -284,7 +304,7 @@ fn run_batch(db: &mut Connection, keys: &Keyring, mut batch: VecDeque<Box<dyn Jo
                 }
             }),
         };
-        answers.push((ran, commit));
+        answers.push((ran, commit, began.elapsed()));
     }
     answers
 }

@@ -40,23 +40,92 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a statement waits for a lock held by another connection (a backup tool, say)
 /// before failing. Long enough to ride out `sqlite3 .backup`, short enough to surface a
 /// stuck disk.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The WAL file is cut back to this size whenever the writer starts it over (after a
+/// checkpoint that copied all of it): SQLite keeps a WAL file at its largest otherwise, and
+/// one grown large (a migration's `VACUUM`, a bulk import) cost housekeeping's final
+/// truncation 50 ms of holding the writer for 120 MB at 100k connections. Twice the WAL's
+/// usual peak (SQLite checkpoints it at 1,000 pages of 4 KiB), so that a normal WAL is not
+/// cut and grown again.
+const JOURNAL_SIZE_LIMIT: i64 = 8 * 1024 * 1024;
+
 /// Events deleted per transaction by housekeeping (both ledgers' `maintain`): a backlog of
 /// millions is pruned in many short transactions, so that the ledger is never held for
 /// longer than one small batch and the engine's commits get in between.
 pub(crate) const PRUNE_BATCH: usize = 500;
 
+/// Events one housekeeping statement deletes, at most: a transaction checks its
+/// [`MAINTENANCE_TX_BUDGET`] between statements, so one statement is what it can overrun by
+/// (with `secure_delete` and three indexes, some 10 µs a row on a shared 2-core machine).
+pub(crate) const PRUNE_CHUNK: usize = 25;
+
 /// How many connections' event counts one housekeeping transaction checks, at most.
 pub(crate) const COUNT_CHECKS_PER_TX: usize = 64;
 
-/// One housekeeping transaction stops checking counts once it has run this long (and
-/// commits what it deleted): checking a connection steps through up to its kept events.
-pub(crate) const MAINTENANCE_TX_BUDGET: Duration = Duration::from_millis(2);
+/// One housekeeping transaction stops once its statements have run this long (and commits
+/// what it deleted): the engine's commits that queue meanwhile wait for it, so this (plus
+/// one statement and the commit) is about what housekeeping holds the ledger for. At 2 ms
+/// (and 50-row statements) the `maint` bench saw holds of 5–6.5 ms at p99 and up to 14 ms
+/// on a shared 2-core machine, at 1 ms (and 25) 3.7–4.3 ms and up to 8 ms, in twice the
+/// transactions and the same time overall.
+pub(crate) const MAINTENANCE_TX_BUDGET: Duration = Duration::from_millis(1);
+
+/// How many times housekeeping tries to truncate the WAL when a reader is in the way, and
+/// how long it pauses (without holding the ledger) between tries: readers are one short
+/// statement each, so a few tries over a second find a moment with none. A WAL left
+/// untruncated is no fault (it is checkpointed, and reused from its start).
+const TRUNCATE_TRIES: usize = 20;
+const TRUNCATE_RETRY: Duration = Duration::from_millis(50);
+
+/// What one run of housekeeping did: its log line, and what the `maint` bench reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Maintained {
+    /// Events deleted.
+    pub pruned: usize,
+    /// Transactions it took.
+    pub transactions: usize,
+    /// The longest one of them held the ledger: on SQLite from its `BEGIN` to its
+    /// `COMMIT`'s return (with whatever else the group writer's batch held, and the sync),
+    /// on PostgreSQL its call, from taking a pooled connection to the `COMMIT`'s return.
+    pub longest_hold: Duration,
+    /// The 99th percentile of those holds.
+    pub p99_hold: Duration,
+    /// How long the final checkpoint held the SQLite ledger's writer, its longest try (zero
+    /// on PostgreSQL, which checkpoints on its own).
+    pub checkpoint: Duration,
+    /// The final checkpoint's tries (SQLite).
+    pub checkpoint_tries: usize,
+    /// One of them truncated the WAL (SQLite; false when a reader was in the way of all).
+    pub truncated: bool,
+    /// Every transaction's hold, for the percentile.
+    holds: Vec<Duration>,
+}
+
+impl Maintained {
+    /// Counts one transaction that deleted `n` events and held the ledger for `held`.
+    fn transaction(&mut self, n: usize, held: Duration) {
+        self.pruned += n;
+        self.transactions += 1;
+        self.longest_hold = self.longest_hold.max(held);
+        self.holds.push(held);
+    }
+
+    /// Done: the percentile from the holds.
+    fn finish(mut self) -> Maintained {
+        self.holds.sort_unstable();
+        if let Some(last) = self.holds.len().checked_sub(1) {
+            self.p99_hold = self.holds[last * 99 / 100];
+        }
+        self.holds = Vec::new();
+        self
+    }
+}
 
 /// The schema, one entry per version. Entry `i` takes a ledger from `user_version = i` to
 /// `i + 1`. Never edit a released entry: append a new one.
@@ -268,6 +337,7 @@ impl Ledger {
         // Freed pages are zeroed: a rotated-away (or, before sealing, clear-text) token does
         // not linger in the file.
         db.pragma_update(None, "secure_delete", "ON")?;
+        db.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
         migrate(&mut db, &path)?;
         seal_at_rest(&mut db, &keys, &path)?;
         // This daemon's name for the events it records (see `set_node`).
@@ -645,44 +715,78 @@ impl Ledger {
     }
 
     /// Housekeeping (the only deletion the history ever sees): deletes events older than
-    /// `before`, then every connection's events beyond its newest `keep`, [`PRUNE_BATCH`]
-    /// rows at most per transaction (oldest first, through `events_by_time` and
-    /// `events_by_connection_time`), and checkpoints the WAL back into the database file.
-    /// Returns the number of events pruned.
-    pub async fn maintain(&self, before: Time, keep: usize) -> Result<usize, LedgerError> {
-        let mut total = 0;
+    /// `before`, then every connection's events beyond its newest `keep`, in transactions of
+    /// at most [`PRUNE_BATCH`] rows and [`MAINTENANCE_TX_BUDGET`] of statements (oldest
+    /// first, through `events_by_time` and `events_by_connection_time`), and checkpoints the
+    /// WAL back into the database file.
+    ///
+    /// Its transactions go through the group writer like any write, so the engine's commits
+    /// get in between. After each one a passive checkpoint on a connection of its own copies
+    /// what it appended into the database file without holding the writer; so the WAL stays
+    /// short, the writer's own checkpoint (SQLite's after a commit that leaves the WAL over
+    /// 1,000 pages) does not fall on an engine's commit, and the final `TRUNCATE` (which
+    /// holds the writer) has next to nothing left to copy.
+    pub async fn maintain(&self, before: Time, keep: usize) -> Result<Maintained, LedgerError> {
+        let mut done = Maintained::default();
+        let checkpointer = self.checkpointer().await?;
         loop {
-            let n = self
-                .write(move |tx, _| {
-                    Ok(tx.execute(
-                        "DELETE FROM events WHERE seq IN \
-                         (SELECT seq FROM events WHERE at < ?1 ORDER BY at, seq LIMIT ?2)",
-                        params![ms(before), PRUNE_BATCH as i64],
-                    )?)
-                })
-                .await?;
-            total += n;
-            if n < PRUNE_BATCH {
+            let (out, held) = group::write_held(&self.inner, move |tx, _| {
+                prune_old(tx, ms(before), MAINTENANCE_TX_BUDGET)
+            })
+            .await;
+            let (n, more) = out?;
+            done.transaction(n, held);
+            checkpointer.passive().await?;
+            if !more {
                 break;
             }
         }
         let mut after = String::new();
         loop {
-            let (n, next) = self
-                .write(move |tx, _| compact_counts(tx, after, keep))
-                .await?;
-            total += n;
+            let (out, held) = group::write_held(&self.inner, move |tx, _| {
+                compact_counts(tx, after, keep, MAINTENANCE_TX_BUDGET)
+            })
+            .await;
+            let (n, next) = out?;
+            done.transaction(n, held);
+            if n > 0 {
+                checkpointer.passive().await?;
+            }
             match next {
                 Some(next) => after = next,
                 None => break,
             }
         }
-        self.call(|db| {
-            db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-            Ok(())
+        // What is left in the WAL goes into the file without holding the writer; then the
+        // WAL is truncated, which needs the writer and no reader in the WAL. A reader (a
+        // chain's reload) is waited for by a retry after a pause, not by the busy handler
+        // while holding the writer (its sleeps of 1, 2, 5, 10 ... ms held the writer for
+        // 50 ms at 100k connections).
+        checkpointer.passive().await?;
+        for _ in 0..TRUNCATE_TRIES {
+            done.checkpoint_tries += 1;
+            let (busy, held) = self.call(truncate_wal).await?;
+            done.checkpoint = done.checkpoint.max(held);
+            if !busy {
+                done.truncated = true;
+                break;
+            }
+            tokio::time::sleep(TRUNCATE_RETRY).await;
+        }
+        Ok(done.finish())
+    }
+
+    /// A connection of housekeeping's own for its passive checkpoints.
+    async fn checkpointer(&self) -> Result<Checkpointer, LedgerError> {
+        let path = self.inner.path.clone();
+        let db = tokio::task::spawn_blocking(move || {
+            let db = rusqlite::Connection::open(&path)?;
+            db.busy_timeout(BUSY_TIMEOUT)?;
+            Ok::<_, LedgerError>(db)
         })
-        .await?;
-        Ok(total)
+        .await
+        .map_err(|e| LedgerError::Task(e.to_string()))??;
+        Ok(Checkpointer(Arc::new(Mutex::new(db))))
     }
 
     /// Proves the ledger is writable: a write transaction that touches the database file.
@@ -701,17 +805,48 @@ impl Ledger {
     }
 }
 
+/// One transaction of housekeeping's age pruning: the oldest events before `before`
+/// (`ms`), [`PRUNE_CHUNK`] a statement, until [`PRUNE_BATCH`] rows or `budget`
+/// ([`MAINTENANCE_TX_BUDGET`]) of statements. Returns the rows deleted and whether there
+/// may be more.
+fn prune_old(
+    tx: &rusqlite::Connection,
+    before: i64,
+    budget: Duration,
+) -> Result<(usize, bool), LedgerError> {
+    let started = Instant::now();
+    let mut deleted = 0;
+    while deleted < PRUNE_BATCH {
+        let room = PRUNE_CHUNK.min(PRUNE_BATCH - deleted);
+        let n = tx.execute(
+            "DELETE FROM events WHERE seq IN \
+             (SELECT seq FROM events WHERE at < ?1 ORDER BY at, seq LIMIT ?2)",
+            params![before, room as i64],
+        )?;
+        deleted += n;
+        if n < room {
+            return Ok((deleted, false));
+        }
+        if started.elapsed() >= budget {
+            break;
+        }
+    }
+    Ok((deleted, true))
+}
+
 /// One transaction of housekeeping's count compaction: goes through the connections with
 /// events after `after` (in id order, each found in O(log n) by the index), deleting each
-/// one's events beyond its newest `keep`, until [`PRUNE_BATCH`] rows, [`COUNT_CHECKS_PER_TX`]
-/// connections or [`MAINTENANCE_TX_BUDGET`]. Returns the rows deleted and where to go on
-/// (`None`: done); a connection with more to delete is visited again.
+/// one's events beyond its newest `keep` ([`PRUNE_CHUNK`] a statement), until
+/// [`PRUNE_BATCH`] rows, [`COUNT_CHECKS_PER_TX`] connections or `budget`
+/// ([`MAINTENANCE_TX_BUDGET`]). Returns the rows deleted and where to go on (`None`: done);
+/// a connection with more to delete is visited again.
 fn compact_counts(
     tx: &rusqlite::Connection,
     after: String,
     keep: usize,
+    budget: Duration,
 ) -> Result<(usize, Option<String>), LedgerError> {
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     let keep = keep.clamp(1, i64::MAX as usize);
     let mut cursor = after;
     let mut deleted = 0;
@@ -734,25 +869,63 @@ fn compact_counts(
             )
             .optional()?;
         if let Some((at, seq)) = oldest_kept {
-            let room = PRUNE_BATCH - deleted;
-            let n = tx.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
-                 WHERE connection_id = ?1 AND (at < ?2 OR (at = ?2 AND seq < ?3)) \
-                 ORDER BY at, seq LIMIT ?4)",
-                params![id, at, seq, room as i64],
-            )?;
-            deleted += n;
-            if n == room {
-                // Maybe more of this one: the next transaction looks at it again.
-                return Ok((deleted, Some(cursor)));
+            loop {
+                let room = PRUNE_CHUNK.min(PRUNE_BATCH - deleted);
+                let n = tx.execute(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
+                     WHERE connection_id = ?1 AND (at < ?2 OR (at = ?2 AND seq < ?3)) \
+                     ORDER BY at, seq LIMIT ?4)",
+                    params![id, at, seq, room as i64],
+                )?;
+                deleted += n;
+                if n < room {
+                    break;
+                }
+                if deleted == PRUNE_BATCH || started.elapsed() >= budget {
+                    // Maybe more of this one: the next transaction looks at it again.
+                    return Ok((deleted, Some(cursor)));
+                }
             }
         }
         cursor = id;
-        if started.elapsed() >= MAINTENANCE_TX_BUDGET {
+        if started.elapsed() >= budget {
             break;
         }
     }
     Ok((deleted, Some(cursor)))
+}
+
+/// Checkpoints the whole WAL into the database file and truncates it, unless a reader or
+/// another checkpoint is in the way (then it copies what it can and says busy): it does not
+/// wait for them. Returns busy and how long it held the writing connection `db`.
+fn truncate_wal(db: &mut rusqlite::Connection) -> Result<(bool, Duration), LedgerError> {
+    db.busy_timeout(Duration::ZERO)?;
+    let started = Instant::now();
+    let busy = db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    let held = started.elapsed();
+    db.busy_timeout(BUSY_TIMEOUT)?;
+    Ok((busy? != 0, held))
+}
+
+/// Housekeeping's own connection, for passive checkpoints: they copy the WAL into the
+/// database file while the writer goes on (a passive checkpoint takes no writer lock and
+/// waits for nobody; a busy one just copies less).
+#[derive(Clone)]
+struct Checkpointer(Arc<Mutex<rusqlite::Connection>>);
+
+impl Checkpointer {
+    async fn passive(&self) -> Result<(), LedgerError> {
+        let db = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            db.lock()
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| LedgerError::Task(e.to_string()))?
+    }
 }
 
 /// Takes the state directory's lock: an exclusive `flock` on `<state_dir>/tokend.lock`
@@ -1932,11 +2105,15 @@ pub(crate) mod tests {
         }
         ledger.append_batch(batch).await.unwrap();
         let before = now - chrono::Duration::days(400);
-        let pruned = ledger.maintain(before, keep).await.unwrap();
+        let done = ledger.maintain(before, keep).await.unwrap();
         assert_eq!(
-            pruned,
+            done.pruned,
             hot - keep + 2,
             "the old ones and the hot one's oldest"
+        );
+        assert!(
+            done.transactions > done.pruned.div_ceil(PRUNE_BATCH),
+            "at most PRUNE_BATCH events a transaction, the age pruning apart: {done:?}"
         );
         let left = ledger.events("c-hot".into(), None, 1000).await.unwrap();
         let messages: Vec<String> = left.iter().map(|e| e.message.clone()).collect();
@@ -1957,7 +2134,7 @@ pub(crate) mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(ledger.maintain(before, keep).await.unwrap(), 0);
+        assert_eq!(ledger.maintain(before, keep).await.unwrap().pruned, 0);
     }
 
     #[tokio::test]
@@ -1992,12 +2169,131 @@ pub(crate) mod tests {
             .maintain(Utc::now() - chrono::Duration::days(365), 10_000)
             .await
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n.pruned, 1);
         let left: i64 = ledger
             .call(|db| Ok(db.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?))
             .await
             .unwrap();
         assert_eq!(left, 1);
+    }
+
+    /// Old events `0..n`, one a second, of connection `c0`.
+    async fn old_events(ledger: &Ledger, n: usize) {
+        let long_ago = Utc::now() - chrono::Duration::days(500);
+        let batch = (0..n)
+            .map(|i| {
+                (
+                    "c0".to_owned(),
+                    long_ago + chrono::Duration::seconds(i as i64),
+                    Event::new(EventKind::Other("old".into()), format!("o{i}")),
+                )
+            })
+            .collect();
+        ledger.append_batch(batch).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_housekeeping_transaction_stops_at_its_budget_after_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        old_events(&ledger, 3 * PRUNE_CHUNK).await;
+        let before = ms(Utc::now() - chrono::Duration::days(400));
+        let spent = ledger
+            .write(move |tx, _| prune_old(tx, before, Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(spent, (PRUNE_CHUNK, true), "one chunk, then the budget");
+        let ample = ledger
+            .write(move |tx, _| prune_old(tx, before, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(
+            ample,
+            (2 * PRUNE_CHUNK, false),
+            "the rest, and no more left"
+        );
+        // The count compaction: a connection over its bound is cut one chunk at a time
+        // and visited again.
+        old_events(&ledger, 3 * PRUNE_CHUNK).await;
+        let first = ledger
+            .write(|tx, _| compact_counts(tx, String::new(), 1, Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            (PRUNE_CHUNK, Some(String::new())),
+            "c0 again next time"
+        );
+        let rest = ledger
+            .write(|tx, _| compact_counts(tx, String::new(), 1, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(rest.0, 2 * PRUNE_CHUNK - 1, "all but the newest");
+    }
+
+    #[tokio::test]
+    async fn housekeeping_leaves_the_wal_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        old_events(&ledger, 2 * PRUNE_BATCH + 1).await;
+        let done = ledger
+            .maintain(Utc::now() - chrono::Duration::days(400), 10_000)
+            .await
+            .unwrap();
+        assert_eq!(done.pruned, 2 * PRUNE_BATCH + 1);
+        assert!(done.longest_hold > Duration::ZERO, "{done:?}");
+        assert!(done.p99_hold <= done.longest_hold, "{done:?}");
+        assert!(done.truncated, "{done:?}");
+        let wal = std::fs::metadata(dir.path().join("ledger.db-wal")).unwrap();
+        assert_eq!(wal.len(), 0, "the final checkpoint truncates the WAL");
+    }
+
+    #[tokio::test]
+    async fn a_wal_grown_large_is_cut_back_when_the_writer_starts_it_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let wal = || {
+            std::fs::metadata(dir.path().join("ledger.db-wal"))
+                .unwrap()
+                .len()
+        };
+        // One transaction far over the limit (a bulk import, say).
+        let big = "x".repeat(1000);
+        let batch = (0..3 * JOURNAL_SIZE_LIMIT as usize / 1000)
+            .map(|i| {
+                let e = Event::new(EventKind::Other("bulk".into()), big.clone());
+                (format!("c{}", i % 7), Utc::now(), e)
+            })
+            .collect();
+        ledger.append_batch(batch).await.unwrap();
+        assert!(wal() > JOURNAL_SIZE_LIMIT as u64, "{}", wal());
+        // Its commit checkpointed it (more than 1,000 pages); the next write starts it over.
+        old_events(&ledger, 1).await;
+        assert!(wal() <= JOURNAL_SIZE_LIMIT as u64, "{}", wal());
+    }
+
+    #[tokio::test]
+    async fn housekeeping_does_not_wait_for_a_reader_while_it_holds_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        old_events(&ledger, 10).await;
+        // A reader in the middle of a read transaction, for the whole of housekeeping.
+        let reader = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let seen: i64 = reader
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 10);
+        let before = Utc::now() - chrono::Duration::days(400);
+        let done = ledger.maintain(before, 10_000).await.unwrap();
+        assert_eq!(done.pruned, 10);
+        assert!(!done.truncated, "the reader was in the way: {done:?}");
+        assert_eq!(done.checkpoint_tries, TRUNCATE_TRIES, "{done:?}");
+        // Meanwhile the ledger took writes, and a later run truncates.
+        old_events(&ledger, 1).await;
+        reader.execute_batch("COMMIT").unwrap();
+        let done = ledger.maintain(before, 10_000).await.unwrap();
+        assert_eq!((done.pruned, done.truncated), (1, true), "{done:?}");
     }
 
     #[tokio::test]

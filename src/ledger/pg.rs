@@ -30,8 +30,8 @@ mod tls;
 
 use super::seal::{self, KeySource, Keyring};
 use super::{
-    CHAIN_COLUMNS, CONNECTION_COLUMNS, COUNT_CHECKS_PER_TX, MAINTENANCE_TX_BUDGET, PRUNE_BATCH,
-    join_scopes, ms,
+    CHAIN_COLUMNS, CONNECTION_COLUMNS, COUNT_CHECKS_PER_TX, MAINTENANCE_TX_BUDGET, Maintained,
+    PRUNE_BATCH, join_scopes, ms,
 };
 use crate::model::{Event, EventKind, Record, Site, StoredEvent, Time};
 use crate::secret::Secret;
@@ -1157,10 +1157,12 @@ impl PgLedger {
 
     /// Housekeeping: deletes events older than `before`, then every connection's events
     /// beyond its newest `keep`, [`PRUNE_BATCH`] at a time (one short transaction each, as
-    /// the SQLite ledger's `maintain`); returns how many.
-    pub(crate) async fn maintain(&self, before: Time, keep: usize) -> Result<usize, PgError> {
-        let mut total = 0;
+    /// the SQLite ledger's `maintain`); returns what it did. (Its row locks are on events
+    /// nobody else writes: the engine's transactions do not wait for them.)
+    pub(crate) async fn maintain(&self, before: Time, keep: usize) -> Result<Maintained, PgError> {
+        let mut done = Maintained::default();
         loop {
+            let started = tokio::time::Instant::now();
             let n = self
                 .tx(move |tx, _keys| {
                     Box::pin(async move {
@@ -1175,7 +1177,7 @@ impl PgLedger {
                     })
                 })
                 .await?;
-            total += n;
+            done.transaction(n, started.elapsed());
             if n < PRUNE_BATCH {
                 break;
             }
@@ -1183,13 +1185,14 @@ impl PgLedger {
         let keep = keep.clamp(1, i64::MAX as usize) as i64;
         let mut after = String::new();
         loop {
+            let started = tokio::time::Instant::now();
             let (n, next) = self
                 .tx(move |tx, _keys| Box::pin(compact_counts(tx, after, keep)))
                 .await?;
-            total += n;
+            done.transaction(n, started.elapsed());
             match next {
                 Some(next) => after = next,
-                None => return Ok(total),
+                None => return Ok(done.finish()),
             }
         }
     }
