@@ -1253,14 +1253,6 @@ fn sealed(keys: &Keyring, id: &str, column: &str, token: &Secret) -> String {
     keys.seal(token.expose(), &seal::aad(id, column))
 }
 
-/// Opens a sealed token column of connection `id`; the error (for `Corrupt`) names the
-/// column.
-fn opened(keys: &Keyring, id: &str, column: &str, value: &str) -> Result<Secret, String> {
-    keys.open(value, &seal::aad(id, column))
-        .map(|o| Secret::new(o.plaintext.as_str()))
-        .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))
-}
-
 /// The token columns of connection `id` (`refresh_token`, `previous_refresh_token`,
 /// `access_token`) sealed under the current key, or `None` when every one already was; the
 /// error (for `Corrupt`) names the column that does not open. The key check and re-seal of
@@ -1336,7 +1328,7 @@ impl Columns for tokio_postgres::Row {
 /// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
 /// understood.
 fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
-    Ok(decode_sealed(r)?.and_then(|sealed| sealed.open(keys)))
+    Ok(decode_sealed(r)?.and_then(|sealed| sealed.open(&mut keys.opener())))
 }
 
 /// A row of [`CONNECTION_COLUMNS`] decoded but for its tokens, still sealed. Opening them is
@@ -1358,9 +1350,14 @@ struct SealedRecord {
 impl SealedRecord {
     /// The record, its tokens opened: the previous refresh token, the access token, then
     /// the refresh token; the error (for `Corrupt`) names the first that does not open.
-    fn open(self, keys: &Keyring) -> Result<Record, String> {
+    fn open(self, opener: &mut seal::Opener<'_>) -> Result<Record, String> {
         let id = self.conn.id.as_str();
-        let open = |column: &str, value: &str| opened(keys, id, column, value);
+        let mut open = |column: &str, value: &str| {
+            opener
+                .open(value, id, column)
+                .map(|(secret, _stale)| secret)
+                .map_err(|e| format!("cannot open {column} of connection {id}: {e}"))
+        };
         let previous = match &self.previous {
             Some((t, at)) => Some((open("previous_refresh_token", t)?, *at)),
             None => None,
@@ -1520,10 +1517,11 @@ fn load_each(
     let (to_open, queued) = std::sync::mpsc::sync_channel::<Sealed>(LOAD_QUEUE);
     std::thread::scope(|s| {
         let opener = s.spawn(move || -> Result<(), LedgerError> {
+            let mut opener = keys.opener();
             for batch in queued {
                 let records = batch
                     .into_iter()
-                    .map(|row| row.and_then(|row| row.open(keys)))
+                    .map(|row| row.and_then(|row| row.open(&mut opener)))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(LedgerError::Corrupt)?;
                 if !emit(total, records) {
