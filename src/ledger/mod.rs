@@ -27,8 +27,8 @@ pub use pg::PgLedger;
 pub(crate) use pg::{ClaimHolder, Fence, PgError, SiteRun};
 
 use crate::model::{
-    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Scopes, Site,
-    Status, StoredEvent, Time,
+    AccessToken, Chain, Connection, Event, EventKind, EventPeer, LastError, Record, Scopes,
+    SharedStr, Site, Status, StoredEvent, Time,
 };
 use crate::secret::Secret;
 use chrono::{TimeZone, Utc};
@@ -1286,6 +1286,8 @@ fn reseal_tokens(
 /// column of another type.
 trait Columns {
     type Error;
+    /// `f` of column `i`'s text, borrowed from the row (no `String` made for it).
+    fn with_str<T>(&self, i: usize, f: impl FnOnce(&str) -> T) -> Result<T, Self::Error>;
     fn text(&self, i: usize) -> Result<String, Self::Error>;
     fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
     fn int(&self, i: usize) -> Result<i64, Self::Error>;
@@ -1294,6 +1296,13 @@ trait Columns {
 
 impl Columns for rusqlite::Row<'_> {
     type Error = rusqlite::Error;
+    fn with_str<T>(&self, i: usize, f: impl FnOnce(&str) -> T) -> rusqlite::Result<T> {
+        let value = self.get_ref(i)?;
+        let s = value.as_str().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), Box::new(e))
+        })?;
+        Ok(f(s))
+    }
     fn text(&self, i: usize) -> rusqlite::Result<String> {
         self.get(i)
     }
@@ -1310,6 +1319,9 @@ impl Columns for rusqlite::Row<'_> {
 
 impl Columns for tokio_postgres::Row {
     type Error = tokio_postgres::Error;
+    fn with_str<T>(&self, i: usize, f: impl FnOnce(&str) -> T) -> Result<T, tokio_postgres::Error> {
+        Ok(f(self.try_get::<_, &str>(i)?))
+    }
     fn text(&self, i: usize) -> Result<String, tokio_postgres::Error> {
         self.try_get(i)
     }
@@ -1328,7 +1340,8 @@ impl Columns for tokio_postgres::Row {
 /// the outer error is the driver's, the inner one (for `Corrupt`) a row that cannot be
 /// understood.
 fn decode_record<R: Columns>(r: &R, keys: &Keyring) -> Result<Result<Record, String>, R::Error> {
-    Ok(decode_sealed(r)?.and_then(|sealed| sealed.open(&mut keys.opener())))
+    Ok(decode_sealed(r, &mut Interned::default())?
+        .and_then(|sealed| sealed.open(&mut keys.opener())))
 }
 
 /// A row of [`CONNECTION_COLUMNS`] decoded but for its tokens, still sealed. Opening them is
@@ -1385,11 +1398,46 @@ impl SealedRecord {
     }
 }
 
+/// The values a load's rows share, as the last row had them: a row with the same provider,
+/// client id or scopes takes the shared value from here, without a `String` made and a
+/// process-wide table locked for it (every connection of a ledger has one provider and
+/// client id, and nearly all the same scopes).
+#[derive(Default)]
+struct Interned {
+    provider: Option<SharedStr>,
+    client_id: Option<SharedStr>,
+    /// The scopes' text as stored, and the list it made.
+    scopes: Option<(String, Scopes)>,
+}
+
+impl Interned {
+    fn shared(slot: &mut Option<SharedStr>, s: &str) -> SharedStr {
+        match slot {
+            Some(have) if &**have == s => have.clone(),
+            _ => slot.insert(SharedStr::new(s)).clone(),
+        }
+    }
+
+    fn scopes(&mut self, s: &str) -> Scopes {
+        match &self.scopes {
+            Some((text, have)) if text == s => have.clone(),
+            _ => {
+                let made = split_scopes(s);
+                self.scopes = Some((s.to_owned(), made.clone()));
+                made
+            }
+        }
+    }
+}
+
 /// The [`SealedRecord`] in a row of [`CONNECTION_COLUMNS`]: the outer error is the driver's,
 /// the inner one (for `Corrupt`) a row that cannot be understood.
-fn decode_sealed<R: Columns>(r: &R) -> Result<Result<SealedRecord, String>, R::Error> {
-    let status: String = r.text(5)?;
-    let Some(status) = Status::parse(&status) else {
+fn decode_sealed<R: Columns>(
+    r: &R,
+    interned: &mut Interned,
+) -> Result<Result<SealedRecord, String>, R::Error> {
+    let Some(status) = r.with_str(5, Status::parse)? else {
+        let status = r.text(5)?;
         return Ok(Err(format!("unknown status {status:?}")));
     };
     let opt_time = |i: usize| -> Result<Option<Time>, R::Error> { Ok(r.opt_int(i)?.map(from_ms)) };
@@ -1409,11 +1457,11 @@ fn decode_sealed<R: Columns>(r: &R) -> Result<Result<SealedRecord, String>, R::E
     Ok(Ok(SealedRecord {
         conn: Connection {
             label: r.text(1)?,
-            provider: r.text(2)?.into(),
-            client_id: r.text(3)?.into(),
+            provider: r.with_str(2, |s| Interned::shared(&mut interned.provider, s))?,
+            client_id: r.with_str(3, |s| Interned::shared(&mut interned.client_id, s))?,
             account_id: r.opt_text(4)?,
             status,
-            scopes: split_scopes(&r.text(6)?),
+            scopes: r.with_str(6, |s| interned.scopes(s))?,
             sites: Vec::new(),
             consented_at: from_ms(r.int(14)?),
             last_refresh_at: opt_time(15)?,
@@ -1532,8 +1580,9 @@ fn load_each(
         });
         let read = (|| -> Result<(), LedgerError> {
             let mut batch = Vec::with_capacity(LOAD_BATCH);
+            let mut interned = Interned::default();
             while let Some(row) = rows.next()? {
-                let mut sealed = decode_sealed(row)?;
+                let mut sealed = decode_sealed(row, &mut interned)?;
                 if let Ok(rec) = &mut sealed {
                     rec.conn.sites = sites.of(&rec.conn.id);
                 }
@@ -1751,6 +1800,45 @@ pub(crate) mod tests {
             last_seen_at: now,
         });
         rec
+    }
+
+    /// A load shares the provider, client id and scopes of consecutive rows (`Interned`):
+    /// rows that differ, in any order, each load as stored.
+    #[tokio::test]
+    async fn a_load_gives_each_row_its_own_client_and_scopes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), &seal::KeySource::default()).unwrap();
+        let kinds = [
+            ("app-1", "a b"),
+            ("app-1", "a b"),
+            ("app-2", "a b"),
+            ("app-2", "c"),
+            ("app-1", "a b"),
+            ("app-1", ""),
+        ];
+        for (i, (client, scopes)) in kinds.iter().enumerate() {
+            let mut rec = crate::model::sample_record(
+                &format!("c{i}"),
+                &format!("conn-{i}"),
+                "rt",
+                Utc::now(),
+            );
+            rec.conn.client_id = (*client).into();
+            rec.conn.scopes = split_scopes(scopes);
+            ledger.insert(rec, vec![]).await.unwrap();
+        }
+        let all = ledger.load_all().await.unwrap();
+        assert_eq!(all.len(), kinds.len());
+        for rec in &all {
+            let i: usize = rec.conn.label["conn-".len()..].parse().unwrap();
+            assert_eq!(&*rec.conn.client_id, kinds[i].0, "{}", rec.conn.label);
+            assert_eq!(
+                rec.conn.scopes,
+                split_scopes(kinds[i].1),
+                "{}",
+                rec.conn.label
+            );
+        }
     }
 
     #[tokio::test]
