@@ -98,16 +98,19 @@ impl ApiResponse {
 
     /// The body parsed as JSON into `T`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body).map_err(|e| self.invalid_json(&e))
+    }
+
+    /// The error for a body that `e` found not to be the JSON expected.
+    pub fn invalid_json(&self, e: &serde_json::Error) -> ClientError {
         // By category and position only: serde's own text can quote the offending value.
-        serde_json::from_slice(&self.body).map_err(|e| {
-            ClientError::Protocol(format!(
-                "invalid JSON body (HTTP {}): {} at line {} column {}",
-                self.status,
-                json_category(&e),
-                e.line(),
-                e.column()
-            ))
-        })
+        ClientError::Protocol(format!(
+            "invalid JSON body (HTTP {}): {} at line {} column {}",
+            self.status,
+            json_category(e),
+            e.line(),
+            e.column()
+        ))
     }
 
     /// `Retry-After` as seconds, when present in the delta-seconds form (the form the

@@ -8,7 +8,7 @@ use hyper::Method;
 use serde_json::Value;
 
 use super::output::{
-    added_summary, emit, format_events, format_show, pretty, pretty_element, refreshed_summary,
+    added_summary, emit, format_events, format_show, pretty, pretty_page, refreshed_summary,
     render_table, table_row,
 };
 use super::{Failure, MAX_STDIN_BYTES};
@@ -85,13 +85,8 @@ async fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), Fa
         let resp = client.request(Method::GET, &path, None).await?;
         let next = resp.next_link();
         if json {
-            let page: Vec<Value> = resp.json()?;
             let mut text = String::new();
-            for conn in &page {
-                text.push_str(if wrote { ",\n  " } else { "[\n  " });
-                text.push_str(&pretty_element(conn));
-                wrote = true;
-            }
+            pretty_page(&resp.body, &mut wrote, &mut text).map_err(|e| resp.invalid_json(&e))?;
             emit(out, &text)?;
         } else {
             let page: Vec<Connection> = resp.json()?;
