@@ -1478,10 +1478,6 @@ mod tests {
         }
     }
 
-    /// Every (method, template) of [`ROUTES`] reaches its handler through the real router
-    /// (neither the router's 404 nor its 405), and is counted under its own template, whose
-    /// series exist from the start.
-    /// An engine on an empty ledger in a temp dir, with the default configuration.
     /// The API's state over `ledger` (loaded as it is), the default config, and `access`.
     async fn test_state(
         ledger: crate::ledger::Ledger,
@@ -1519,7 +1515,9 @@ mod tests {
         }
     }
 
-    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
+    /// The API's state over an empty ledger in a temp dir, with the default configuration
+    /// and access policy (owner uid 0).
+    async fn empty_state() -> (ApiState, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
         let state = test_state(ledger, |c| AccessPolicy {
@@ -1527,19 +1525,22 @@ mod tests {
             config: c.access.clone(),
         })
         .await;
+        (state, dir)
+    }
+
+    /// An engine on an empty ledger in a temp dir, with the default configuration.
+    async fn test_engine() -> (Arc<Engine>, tempfile::TempDir) {
+        let (state, dir) = empty_state().await;
         (state.engine, dir)
     }
 
+    /// Every (method, template) of [`ROUTES`] reaches its handler through the real router
+    /// (neither the router's 404 nor its 405), and is counted under its own template, whose
+    /// series exist from the start.
     #[tokio::test]
     async fn every_route_of_the_table_is_routed_and_counted_under_its_template() {
         use tower::ServiceExt;
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = crate::ledger::Ledger::open(dir.path(), &Default::default()).unwrap();
-        let state = test_state(ledger, |c| AccessPolicy {
-            own_uid: 0,
-            config: c.access.clone(),
-        })
-        .await;
+        let (state, _dir) = empty_state().await;
         let metrics = state.metrics.clone();
         let app = router(state);
         let before = metrics.render();

@@ -78,7 +78,15 @@ fn pretty_raw(raw: &str, depth: usize, out: &mut String) -> Result<(), serde_jso
             for (i, (key, value)) in members.iter().enumerate() {
                 out.push_str(if i == 0 { "\n" } else { ",\n" });
                 indent(out, depth + 1);
-                out.push_str(&serde_json::to_string(key)?);
+                match key {
+                    // Borrowed: no escapes, so its text is already serde_json's own.
+                    std::borrow::Cow::Borrowed(k) => {
+                        out.push('"');
+                        out.push_str(k);
+                        out.push('"');
+                    }
+                    std::borrow::Cow::Owned(k) => out.push_str(&serde_json::to_string(k)?),
+                }
                 out.push_str(": ");
                 pretty_raw(value.get(), depth + 1, out)?;
             }

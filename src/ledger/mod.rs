@@ -721,7 +721,7 @@ impl Ledger {
     /// WAL back into the database file.
     ///
     /// Its transactions go through the group writer like any write, so the engine's commits
-    /// get in between. After each one a passive checkpoint on a connection of its own copies
+    /// get in between. After each that deleted events a passive checkpoint on a connection of its own copies
     /// what it appended into the database file without holding the writer; so the WAL stays
     /// short, the writer's own checkpoint (SQLite's after a commit that leaves the WAL over
     /// 1,000 pages) does not fall on an engine's commit, and the final `TRUNCATE` (which
@@ -729,33 +729,20 @@ impl Ledger {
     pub async fn maintain(&self, before: Time, keep: usize) -> Result<Maintained, LedgerError> {
         let mut done = Maintained::default();
         let checkpointer = self.checkpointer().await?;
-        loop {
-            let (out, held) = group::write_held(&self.inner, move |tx, _| {
+        while self
+            .housekeeping_tx(&mut done, &checkpointer, move |tx| {
                 prune_old(tx, ms(before), MAINTENANCE_TX_BUDGET)
             })
-            .await;
-            let (n, more) = out?;
-            done.transaction(n, held);
-            checkpointer.passive().await?;
-            if !more {
-                break;
-            }
-        }
+            .await?
+        {}
         let mut after = String::new();
-        loop {
-            let (out, held) = group::write_held(&self.inner, move |tx, _| {
+        while let Some(next) = self
+            .housekeeping_tx(&mut done, &checkpointer, move |tx| {
                 compact_counts(tx, after, keep, MAINTENANCE_TX_BUDGET)
             })
-            .await;
-            let (n, next) = out?;
-            done.transaction(n, held);
-            if n > 0 {
-                checkpointer.passive().await?;
-            }
-            match next {
-                Some(next) => after = next,
-                None => break,
-            }
+            .await?
+        {
+            after = next;
         }
         // What is left in the WAL goes into the file without holding the writer; then the
         // WAL is truncated, which needs the writer and no reader in the WAL. A reader (a
@@ -774,6 +761,27 @@ impl Ledger {
             tokio::time::sleep(TRUNCATE_RETRY).await;
         }
         Ok(done.finish())
+    }
+
+    /// One housekeeping transaction `f` (the events it deleted, and where to go on),
+    /// counted in `done`, and the WAL it appended copied into the file by `checkpointer`.
+    async fn housekeeping_tx<R, F>(
+        &self,
+        done: &mut Maintained,
+        checkpointer: &Checkpointer,
+        f: F,
+    ) -> Result<R, LedgerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<(usize, R), LedgerError> + Send + 'static,
+    {
+        let (out, held) = group::write_held(&self.inner, move |tx, _| f(tx)).await;
+        let (n, next) = out?;
+        done.transaction(n, held);
+        if n > 0 {
+            checkpointer.passive().await?;
+        }
+        Ok(next)
     }
 
     /// A connection of housekeeping's own for its passive checkpoints.
@@ -912,7 +920,6 @@ fn truncate_wal(db: &mut rusqlite::Connection) -> Result<(bool, Duration), Ledge
 /// Housekeeping's own connection, for passive checkpoints: they copy the WAL into the
 /// database file while the writer goes on (a passive checkpoint takes no writer lock and
 /// waits for nobody; a busy one just copies less).
-#[derive(Clone)]
 struct Checkpointer(Arc<Mutex<rusqlite::Connection>>);
 
 impl Checkpointer {
@@ -1689,24 +1696,17 @@ fn all_sites(db: &rusqlite::Connection, connections: usize) -> Result<SiteTable,
         let mut lens = [0u32; 4];
         for (i, len) in lens.iter_mut().enumerate() {
             // Borrowed from the row, not copied into a `String` of its own first.
-            let value = row.get_ref(i)?;
-            let s = value.as_str().map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(i, value.data_type(), Box::new(e))
+            let n = row.with_str(i, |s| {
+                table.text.push_str(s);
+                s.len()
             })?;
-            table.text.push_str(s);
-            *len = u32::try_from(s.len())
+            *len = u32::try_from(n)
                 .map_err(|_| LedgerError::Corrupt("a site's text is too long".into()))?;
         }
         table.rows.push(SiteRow {
             start,
             lens,
-            scopes: split_scopes(row.get_ref(4)?.as_str().map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    4,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?),
+            scopes: row.with_str(4, split_scopes)?,
             last_seen_at: from_ms(row.int(5)?),
         });
     }

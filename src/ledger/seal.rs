@@ -136,6 +136,11 @@ impl Keyring {
 
     /// Seals `plaintext` for `aad` under the current key.
     pub fn seal(&self, plaintext: &str, aad: &str) -> String {
+        self.seal_bytes(plaintext.as_bytes(), aad)
+    }
+
+    /// [`Keyring::seal`] of any bytes (a test seals bytes that are not text).
+    fn seal_bytes(&self, plaintext: &[u8], aad: &str) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let sealed = self
@@ -144,7 +149,7 @@ impl Keyring {
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: plaintext.as_bytes(),
+                    msg: plaintext,
                     aad: aad.as_bytes(),
                 },
             )
@@ -164,36 +169,55 @@ impl Keyring {
                 stale: true,
             });
         };
-        let bytes = B64
-            .decode(encoded)
+        let mut buf = Zeroizing::new(Vec::new());
+        let (plain, stale) = self.open_in(encoded, aad.as_bytes(), &mut buf)?;
+        Ok(Opened {
+            plaintext: Zeroizing::new(plain.to_owned()),
+            stale,
+        })
+    }
+
+    /// Both opens' work: the sealed value `encoded` (without its prefix) decoded into
+    /// `buf` and opened there in place for `aad` with any known key; the plaintext (in
+    /// `buf`, which the caller wipes) and whether an old key opened it.
+    fn open_in<'b>(
+        &self,
+        encoded: &str,
+        aad: &[u8],
+        buf: &'b mut Vec<u8>,
+    ) -> Result<(&'b mut str, bool), String> {
+        buf.clear();
+        B64.decode_vec(encoded, buf)
             .map_err(|_| "a sealed value is not valid base64".to_owned())?;
-        if bytes.len() < NONCE_LEN {
+        if buf.len() < NONCE_LEN {
             return Err("a sealed value is too short".to_owned());
         }
-        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+        let no_key = || {
+            "no configured key opens it (a wrong key, or a value moved from another row)".to_owned()
+        };
+        // Shorter than a tag: no key opens it.
+        let at = rest.len().checked_sub(TAG_LEN).ok_or_else(no_key)?;
+        let (sealed, tag) = rest.split_at_mut(at);
         let keys = std::iter::once(&self.current).chain(self.old.iter());
         for (i, key) in keys.enumerate() {
-            if let Ok(plain) = key.cipher().decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: sealed,
-                    aad: aad.as_bytes(),
-                },
-            ) {
-                let plaintext = Zeroizing::new(
-                    String::from_utf8(plain)
-                        .map_err(|_| "a sealed value is not text".to_owned())?,
-                );
-                return Ok(Opened {
-                    plaintext,
-                    stale: i > 0,
-                });
+            // A wrong key leaves `sealed` as it was: the tag is checked before decrypting.
+            if key
+                .cipher()
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(nonce),
+                    aad,
+                    sealed,
+                    Tag::from_slice(tag),
+                )
+                .is_ok()
+            {
+                let text = std::str::from_utf8_mut(sealed)
+                    .map_err(|_| "a sealed value is not text".to_owned())?;
+                return Ok((text, i > 0));
             }
         }
-        Err(
-            "no configured key opens it (a wrong key, or a value moved from another row)"
-                .to_owned(),
-        )
+        Err(no_key())
     }
 
     /// An opener of many values on one thread (a load's): see [`Opener`].
@@ -243,48 +267,31 @@ impl Opener<'_> {
         let Some(encoded) = value.strip_prefix(PREFIX) else {
             return Ok((Secret::new(value), true));
         };
-        self.buf.clear();
-        B64.decode_vec(encoded, &mut self.buf)
-            .map_err(|_| "a sealed value is not valid base64".to_owned())?;
-        if self.buf.len() < NONCE_LEN + TAG_LEN {
-            return Err("a sealed value is too short".to_owned());
-        }
         self.aad.clear();
-        self.aad.push_str("tokend:");
-        self.aad.push_str(connection_id);
-        self.aad.push(':');
-        self.aad.push_str(column);
-        let (nonce, rest) = self.buf.split_at_mut(NONCE_LEN);
-        let (sealed, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-        let keys = std::iter::once(&self.keys.current).chain(self.keys.old.iter());
-        for (i, key) in keys.enumerate() {
-            // A wrong key leaves `sealed` as it was: the tag is checked before decrypting.
-            if key
-                .cipher()
-                .decrypt_in_place_detached(
-                    XNonce::from_slice(nonce),
-                    self.aad.as_bytes(),
-                    sealed,
-                    Tag::from_slice(tag),
-                )
-                .is_ok()
-            {
-                let text = std::str::from_utf8(sealed).map(Secret::new);
-                zeroize::Zeroize::zeroize(sealed);
-                let secret = text.map_err(|_| "a sealed value is not text".to_owned())?;
-                return Ok((secret, i > 0));
-            }
-        }
-        Err(
-            "no configured key opens it (a wrong key, or a value moved from another row)"
-                .to_owned(),
-        )
+        write_aad(&mut self.aad, connection_id, column);
+        let (plain, stale) = self
+            .keys
+            .open_in(encoded, self.aad.as_bytes(), &mut self.buf)?;
+        let secret = Secret::new(&*plain);
+        // Wiped now, not when the buffer is next reused or dropped.
+        zeroize::Zeroize::zeroize(plain);
+        Ok((secret, stale))
     }
 }
 
 /// The associated data of a token column of a connection.
 pub fn aad(connection_id: &str, column: &str) -> String {
-    format!("tokend:{connection_id}:{column}")
+    let mut out = String::new();
+    write_aad(&mut out, connection_id, column);
+    out
+}
+
+/// [`aad`], appended to `out`.
+fn write_aad(out: &mut String, connection_id: &str, column: &str) {
+    out.push_str("tokend:");
+    out.push_str(connection_id);
+    out.push(':');
+    out.push_str(column);
 }
 
 fn read_key(path: &Path) -> Result<SealKey, KeyError> {
@@ -403,76 +410,33 @@ mod tests {
             bytes: Zeroizing::new([1; 32]),
             path: PathBuf::from("old.key"),
         });
-        let raw = |ring: &Keyring, bytes: &[u8], aad: &str| {
-            let mut nonce = [0u8; NONCE_LEN];
-            rand::rng().fill_bytes(&mut nonce);
-            let mut out = nonce.to_vec();
-            out.extend(
-                ring.current
-                    .cipher()
-                    .encrypt(
-                        XNonce::from_slice(&nonce),
-                        Payload {
-                            msg: bytes,
-                            aad: aad.as_bytes(),
-                        },
-                    )
-                    .unwrap(),
-            );
-            format!("{PREFIX}{}", B64.encode(out))
+        // `plain` sealed by `ring` for `at` (connection id, column), to be opened there.
+        let sealed = |ring: &Keyring, plain: &str, at: (&'static str, &'static str)| {
+            (ring.seal(plain, &aad(at.0, at.1)), at)
         };
-        let mut tampered = ring.seal("rt-tampered", &aad("c1", "refresh_token"));
+        let rt = ("c1", "refresh_token");
+        let mut tampered = ring.seal("rt-tampered", &aad(rt.0, rt.1));
         let last = tampered.pop().unwrap();
         tampered.push(if last == 'A' { 'B' } else { 'A' });
-        let values: Vec<(String, &str, &str)> = vec![
-            (
-                ring.seal("rt-1", &aad("c1", "refresh_token")),
-                "c1",
-                "refresh_token",
-            ),
-            (
-                old.seal("rt-old", &aad("c1", "refresh_token")),
-                "c1",
-                "refresh_token",
-            ),
-            (
-                ring.seal(&"long".repeat(100), &aad("c2", "access_token")),
-                "c2",
-                "access_token",
-            ),
-            (
-                ring.seal("", &aad("c2", "refresh_token")),
-                "c2",
-                "refresh_token",
-            ),
-            (
-                ring.seal("rt-moved", &aad("c1", "refresh_token")),
-                "c3",
-                "refresh_token",
-            ),
-            (
-                ring.seal("rt-col", &aad("c1", "refresh_token")),
-                "c1",
-                "access_token",
-            ),
-            (tampered, "c1", "refresh_token"),
-            (format!("{PREFIX}AAAA"), "c1", "refresh_token"),
-            (format!("{PREFIX}not base64!"), "c1", "refresh_token"),
-            (
-                raw(&ring, &[0xff, 0xfe], &aad("c1", "refresh_token")),
-                "c1",
-                "refresh_token",
-            ),
-            ("legacy-plaintext".into(), "c1", "refresh_token"),
-            (
-                ring.seal("rt-after", &aad("c4", "previous_refresh_token")),
-                "c4",
-                "previous_refresh_token",
-            ),
+        let moved = |(value, _), to| (value, to);
+        let values: Vec<(String, (&str, &str))> = vec![
+            sealed(&ring, "rt-1", rt),
+            sealed(&old, "rt-old", rt),
+            sealed(&ring, &"long".repeat(100), ("c2", "access_token")),
+            sealed(&ring, "", ("c2", "refresh_token")),
+            moved(sealed(&ring, "rt-moved", rt), ("c3", "refresh_token")),
+            moved(sealed(&ring, "rt-col", rt), ("c1", "access_token")),
+            (tampered, rt),
+            (format!("{PREFIX}AAAA"), rt),
+            (format!("{PREFIX}{}", B64.encode([7u8; NONCE_LEN + 3])), rt),
+            (format!("{PREFIX}not base64!"), rt),
+            (ring.seal_bytes(&[0xff, 0xfe], &aad(rt.0, rt.1)), rt),
+            ("legacy-plaintext".into(), rt),
+            sealed(&ring, "rt-after", ("c4", "previous_refresh_token")),
         ];
         let mut opener = ring.opener();
         let mut opened = 0;
-        for (value, id, column) in &values {
+        for (value, (id, column)) in &values {
             let want = ring
                 .open(value, &aad(id, column))
                 .map(|o| (o.plaintext.as_str().to_owned(), o.stale));
